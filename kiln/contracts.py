@@ -1,0 +1,149 @@
+"""Value types shared by curation and training: the sample schema and the dataset manifest.
+
+`kiln.data_curation` and `kiln.training` never import each other; what crosses between them
+is a file on an fsspec URL whose shape is fixed here: curation writes WebDataset shards plus a
+`manifest.json`, training reads the manifest (never a glob). Keeping both sides of that
+contract in one small module is what lets them evolve independently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "DROP_REASONS",
+    "MANIFEST_NAME",
+    "SAMPLE_SCHEMA",
+    "DatasetManifest",
+    "ShardInfo",
+    "StrictModel",
+    "make_uid",
+    "read_manifest",
+    "sha256_hex",
+    "write_manifest",
+]
+
+
+class StrictModel(BaseModel):
+    """Base of every kiln config: unknown fields are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+#: Columns every reader produces. Stages add typed columns (`entry_ids: list<int32>`,
+#: `sha256`, scores, embeddings) and a dropped row carries `drop_reason`.
+SAMPLE_SCHEMA = pa.schema(
+    [
+        pa.field("uid", pa.string(), nullable=False),
+        pa.field("text", pa.string()),
+        pa.field("url", pa.string()),
+        pa.field("image", pa.binary()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("source", pa.string()),
+    ]
+)
+
+#: Every reason a row may be dropped, so reports and tests can name them exactly.
+DROP_REASONS: tuple[str, ...] = (
+    "empty_text",
+    "text_too_short",
+    "text_too_long",
+    "junk_text",
+    "duplicate_text",
+    "no_metadata_match",
+    "not_sampled",
+    "missing_image",
+    "bad_image",
+    "image_too_small",
+    "bad_aspect_ratio",
+    "duplicate_image",
+)
+
+MANIFEST_NAME = "manifest.json"
+
+
+def sha256_hex(data: bytes) -> str:
+    """Hex sha256 of `data`."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def make_uid(url: str | None, text: str | None) -> str:
+    """Stable 32-hex-char sample id from (url, text), used when the source has none.
+
+    The two fields are joined with a NUL so ("ab", "c") and ("a", "bc") differ.
+    """
+    key = f"{url or ''}\x00{text or ''}".encode()
+    return hashlib.sha256(key).hexdigest()[:32]
+
+
+class ShardInfo(StrictModel):
+    """One WebDataset tar of a dataset, as listed in its manifest."""
+
+    path: str = Field(description="shard path relative to the manifest's folder")
+    num_samples: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+    sha256: str
+
+
+class DatasetManifest(StrictModel):
+    """`manifest.json` beside the shards: what the loader reads instead of globbing."""
+
+    format_version: int = 1
+    name: str = ""
+    num_samples: int = Field(ge=0)
+    shards: list[ShardInfo]
+    recipe: dict[str, Any] = Field(default_factory=dict)
+    recipe_hash: str = ""
+    inputs: list[str] = Field(default_factory=list)
+    stats: dict[str, Any] = Field(default_factory=dict)
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    def shard_url(self, root: str, shard: ShardInfo) -> str:
+        """Absolute URL of `shard` given the folder holding the manifest."""
+        return root.rstrip("/") + "/" + shard.path
+
+
+def _manifest_url(dataset_dir: str) -> str:
+    return dataset_dir if dataset_dir.endswith(".json") else dataset_dir.rstrip("/") + "/" + MANIFEST_NAME
+
+
+def read_manifest(dataset_dir: str) -> DatasetManifest:
+    """Read `{dataset_dir}/manifest.json` (or a path to the json itself); errors name the path."""
+    url = _manifest_url(dataset_dir)
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        raise FileNotFoundError(
+            f"no dataset manifest at {url!r}: point at a folder written by `kiln curate` "
+            f"(it holds {MANIFEST_NAME} and shards/)"
+        )
+    with fs.open(path, "rt") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{url!r} is not valid JSON: {e}") from e
+    manifest = DatasetManifest.model_validate(data)
+    total = sum(s.num_samples for s in manifest.shards)
+    if total != manifest.num_samples:
+        raise ValueError(
+            f"{url!r} is inconsistent: num_samples={manifest.num_samples} but shards sum to {total}"
+        )
+    return manifest
+
+
+def write_manifest(dataset_dir: str, manifest: DatasetManifest) -> str:
+    """Write the manifest atomically (temp file + rename on local disk); returns its URL."""
+    url = _manifest_url(dataset_dir)
+    fs, path = fsspec.core.url_to_fs(url)
+    text = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+    tmp = path + ".tmp"
+    with fs.open(tmp, "wt") as f:
+        f.write(text)
+    fs.mv(tmp, path)
+    return url

@@ -1,0 +1,128 @@
+"""Typed configuration of a training run, one section per component.
+
+The model section knows nothing of DeepSpeed; `zero`, `optim` and `precision` are turned
+into a DeepSpeed config by `kiln.training.engine`. A train recipe is these sections plus
+the job fields that `kiln.platform.recipes` adds.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from kiln.contracts import StrictModel
+
+__all__ = [
+    "CheckpointConfig",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "ZeroConfig",
+]
+
+
+class DataConfig(StrictModel):
+    """The WebDataset loader: what it reads and how it orders samples."""
+
+    dataset: str = Field(description="folder holding manifest.json (output of `kiln curate`)")
+    batch_size: int = Field(default=32, ge=1, description="samples per rank per micro-step")
+    num_workers: int = Field(default=1, ge=0, description="DataLoader worker processes per rank")
+    shuffle_buffer: int = Field(default=256, ge=1)
+    augment: bool = Field(default=True, description="random resized crop + flip, seeded by uid")
+
+
+class ModelConfig(StrictModel):
+    """A CLIP: ViT image tower + causal text transformer over UTF-8 bytes."""
+
+    arch: Literal["clip"] = "clip"
+    image_size: int = Field(default=32, ge=8)
+    patch_size: int = Field(default=8, ge=1)
+    vision_width: int = Field(default=64, ge=8)
+    vision_layers: int = Field(default=2, ge=1)
+    vision_heads: int = Field(default=4, ge=1)
+    text_width: int = Field(default=64, ge=8)
+    text_layers: int = Field(default=2, ge=1)
+    text_heads: int = Field(default=4, ge=1)
+    context_length: int = Field(default=48, ge=4)
+    embed_dim: int = Field(default=64, ge=8)
+    init_logit_scale: float = 2.6593  # log(1/0.07), as in CLIP
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"model.image_size={self.image_size} is not a multiple of "
+                f"model.patch_size={self.patch_size}: pick sizes that divide"
+            )
+        for tower in ("vision", "text"):
+            width, heads = getattr(self, f"{tower}_width"), getattr(self, f"{tower}_heads")
+            if width % heads:
+                raise ValueError(
+                    f"model.{tower}_width={width} is not divisible by model.{tower}_heads={heads}"
+                )
+        return self
+
+
+class OptimConfig(StrictModel):
+    """AdamW with linear warmup then cosine decay; clipping and accumulation."""
+
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(default=1e-6, gt=0)
+    warmup_steps: int = Field(default=10, ge=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    grad_clip: float = Field(default=1.0, ge=0, description="0 disables clipping")
+    grad_accum: int = Field(default=1, ge=1)
+
+
+class ZeroConfig(StrictModel):
+    """DeepSpeed ZeRO sharding and precision."""
+
+    stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="auto: bf16 on GPU, fp32 on CPU"
+    )
+
+
+class CheckpointConfig(StrictModel):
+    """When to checkpoint and how many to keep."""
+
+    every_steps: int = Field(default=20, ge=1)
+    keep_last: int = Field(default=3, ge=1)
+
+
+class EvalConfig(StrictModel):
+    """Evaluation after training (and with `kiln eval`)."""
+
+    zero_shot: str | None = Field(
+        default=None, description="folder of a labelled eval set (manifest.json + zero_shot.json)"
+    )
+    retrieval: str | None = Field(
+        default=None, description="dataset folder for image-text retrieval recall@k"
+    )
+    recall_k: list[int] = Field(default_factory=lambda: [1, 5, 10])
+    batch_size: int = Field(default=128, ge=1)
+
+
+class TrainConfig(StrictModel):
+    """Every section of a training run."""
+
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    zero: ZeroConfig = Field(default_factory=ZeroConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    max_steps: int = Field(default=100, ge=1, description="optimizer steps in the whole run")
+    log_every: int = Field(default=5, ge=1)
+    seed: int = 0
+    stop_after_step: int | None = Field(
+        default=None,
+        ge=1,
+        description="end this invocation after this step (a checkpoint is written first); "
+        "`kiln resume` continues to max_steps",
+    )
