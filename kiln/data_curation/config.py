@@ -15,6 +15,7 @@ from kiln.contracts import StrictModel
 __all__ = [
     "BalanceConfig",
     "CurationConfig",
+    "ExecutionConfig",
     "ImageConfig",
     "InputConfig",
     "MatchConfig",
@@ -119,6 +120,32 @@ class ShardConfig(StrictModel):
     )
 
 
+class ExecutionConfig(StrictModel):
+    """How the pipeline runs on Ray. None of these change the result, only speed and memory."""
+
+    num_blocks: int | None = Field(
+        default=None,
+        ge=1,
+        description="blocks each step reads its input as (None: Ray Data decides)",
+    )
+    batch_size: int = Field(default=256, ge=1, description="rows per stage batch")
+    match_actors: int = Field(
+        default=1, ge=1, description="actors in the MetaCLIP matcher pool (each builds it once)"
+    )
+    actor_num_cpus: float = Field(
+        default=0.5,
+        gt=0,
+        description="CPUs each matcher actor reserves; keep it fractional so the actor pool "
+        "never takes every CPU (Ray Data's other tasks would wait forever)",
+    )
+    dedup_buckets: int = Field(
+        default=8,
+        ge=1,
+        description="hash partitions of the exact-dedup keys; a dedup task holds one "
+        "partition's keys in memory, so raise it for very large pools",
+    )
+
+
 class CurationConfig(StrictModel):
     """Every section of a curation pipeline."""
 
@@ -129,3 +156,7 @@ class CurationConfig(StrictModel):
     image: ImageConfig = Field(default_factory=ImageConfig)
     shard: ShardConfig = Field(default_factory=ShardConfig)
     write_rejects: bool = Field(default=True, description="keep dropped rows with drop_reason")
+    execution: ExecutionConfig = Field(
+        default_factory=ExecutionConfig,
+        description="Ray parallelism knobs; results never depend on them",
+    )

@@ -86,6 +86,12 @@ class ZeroConfig(StrictModel):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto", description="auto: bf16 on GPU, fp32 on CPU"
     )
+    param_persistence_threshold: int | None = Field(
+        default=None,
+        ge=0,
+        description="ZeRO-3: parameters with fewer elements stay whole on every rank "
+        "(DeepSpeed's stage3_param_persistence_threshold); None keeps DeepSpeed's default",
+    )
 
 
 class CheckpointConfig(StrictModel):

@@ -1,0 +1,46 @@
+# kiln: `make demo` (install + quickstart) and `make test` (install + test suite).
+# The venv is created on first use; the install re-runs only when pyproject/constraints change.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.kiln-installed
+CONSTRAINTS := constraints/cpu.txt
+
+# DeepSpeed on CPU; its small C++ op is compiled once into the venv.
+export DS_ACCELERATOR ?= cpu
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
+export PIP_DISABLE_PIP_VERSION_CHECK = 1
+
+.PHONY: install demo test lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first, from the pinned CPU build, so nothing can pull a CUDA build in its place
+	$(PY) -m pip install -q -c $(CONSTRAINTS) "torch==2.13.0"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[dev]"
+	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/kiln quickstart
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy kiln benchmarks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_matching.py
+
+clean:
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

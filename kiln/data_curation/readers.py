@@ -1,0 +1,579 @@
+"""Readers: a raw image-text pool on any fsspec URL -> a Ray Dataset of sample rows.
+
+Every format lands in the same row shape, `READ_SCHEMA`: the columns of
+`kiln.contracts.SAMPLE_SCHEMA` plus `source_row` (the row's position in its file), so a row can
+always be traced back to where it came from and ties between identical rows break on a total
+order that does not depend on execution. Reading never drops a row: a caption that is not a
+string becomes null (the text stage counts it as `empty_text`), an image file that is missing
+becomes a null image (the image stage counts it as `missing_image`).
+
+Reading is deterministic: input files are expanded and sorted once in the driver, each file is
+read by one task in file order, and the dataset preserves that order, so `limit` always keeps
+the same first rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import logging
+import re
+import tarfile
+from collections.abc import Iterable, Iterator, Sequence
+from typing import IO, Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kiln.contracts import SAMPLE_SCHEMA, make_uid
+from kiln.data_curation.config import InputConfig
+
+__all__ = [
+    "FORMAT_SUFFIXES",
+    "READ_SCHEMA",
+    "WDS_IMAGE_EXTENSIONS",
+    "WDS_KEY_COLUMN",
+    "expand_paths",
+    "input_files",
+    "read_file",
+    "read_pool",
+]
+
+logger = logging.getLogger(__name__)
+
+#: What every reader yields: the sample schema plus the row's index inside its source file.
+READ_SCHEMA = SAMPLE_SCHEMA.append(pa.field("source_row", pa.int64(), nullable=False))
+
+#: File name endings a folder is searched for, per input format (a file named explicitly is
+#: read whatever its name).
+FORMAT_SUFFIXES: dict[str, tuple[str, ...]] = {
+    "parquet": (".parquet",),
+    "jsonl": (".jsonl", ".jsonl.gz", ".json", ".ndjson"),
+    "csv": (".csv", ".csv.gz", ".tsv"),
+    "webdataset": (".tar", ".tgz", ".tar.gz"),
+    "synthetic": (".parquet",),
+}
+
+#: WebDataset members taken as the sample's image, by extension (first one found wins).
+WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+#: `input.uid_column` value that makes a WebDataset reader use the tar member key as uid.
+WDS_KEY_COLUMN = "__key__"
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+#: WebDataset's own key/extension split: the key is everything up to the first dot of the
+#: file name (directories included), the extension everything after it.
+_WDS_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+_CHUNK_ROWS = 256
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+def _display(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A path as the user would write it: plain for local files, a full URL otherwise."""
+    return path if _is_local(fs) else str(fs.unstrip_protocol(path))
+
+
+def _is_hidden(path: str) -> bool:
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return name.startswith((".", "_"))
+
+
+def expand_paths(paths: Sequence[str], suffixes: Sequence[str]) -> list[str]:
+    """Input files named by `paths`: files as given, folders searched recursively, globs.
+
+    A folder contributes its files ending in one of `suffixes` (hidden and `_`-prefixed names,
+    such as `_SUCCESS`, are skipped), sorted; a glob contributes its sorted matches (folders
+    it matches are searched too). The result keeps the order of `paths` and lists a file
+    once. Any fsspec URL works; local paths come back plain. A path that matches nothing is a
+    `FileNotFoundError` naming it.
+    """
+    out: list[str] = []
+    seen: set[str] = set()
+
+    def add(fs: fsspec.AbstractFileSystem, path: str) -> None:
+        name = _display(fs, path)
+        if name not in seen:
+            seen.add(name)
+            out.append(name)
+
+    def add_folder(fs: fsspec.AbstractFileSystem, folder: str, original: str) -> int:
+        found = sorted(
+            p
+            for p in fs.find(folder)
+            if p.endswith(tuple(suffixes)) and not _is_hidden(p) and not fs.isdir(p)
+        )
+        for p in found:
+            add(fs, p)
+        return len(found)
+
+    for original in paths:
+        fs, path = fsspec.core.url_to_fs(original)
+        if _GLOB_CHARS.search(path):
+            matches = sorted(fs.glob(path))
+            n = 0
+            for m in matches:
+                if fs.isdir(m):
+                    n += add_folder(fs, m, original)
+                else:
+                    add(fs, m)
+                    n += 1
+            if n == 0:
+                raise FileNotFoundError(
+                    f"input path {original!r} matches no files: check the glob in input.paths"
+                )
+        elif fs.isdir(path):
+            if add_folder(fs, path, original) == 0:
+                raise FileNotFoundError(
+                    f"input folder {original!r} holds no files ending in "
+                    f"{', '.join(suffixes)}: check input.paths and input.format"
+                )
+        elif fs.exists(path):
+            add(fs, path)
+        else:
+            raise FileNotFoundError(
+                f"input path {original!r} does not exist: fix input.paths (files, folders or "
+                "globs on any fsspec URL)"
+            )
+    return out
+
+
+# --------------------------------------------------------------------------- values
+
+
+def _as_text(value: Any) -> str | None:
+    """A caption value as str, or None when it is not text (numbers, lists, null)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", errors="replace")
+    return None
+
+
+def _as_id(value: Any) -> str | None:
+    if value is None or isinstance(value, bool | list | dict):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _missing_column(column: str, field: str, path: str, have: Iterable[str]) -> ValueError:
+    return ValueError(
+        f"input.{field}={column!r} is not a column of {path!r} (it has: "
+        f"{', '.join(sorted(map(str, have)))}): set input.{field} to one of those"
+        + (" or null" if field != "text_column" else "")
+    )
+
+
+class _ImageFolder:
+    """Reads image files named by a path column, relative to `input.image_dir`.
+
+    A missing file gives None (the image stage drops it as `missing_image`); the last few
+    reads are cached because caption tables list one image several times in a row.
+    """
+
+    def __init__(self, image_dir: str) -> None:
+        self.fs, self.root = fsspec.core.url_to_fs(image_dir)
+        self._cache: dict[str, bytes | None] = {}
+
+    def read(self, rel: str | None) -> bytes | None:
+        if not rel:
+            return None
+        if rel in self._cache:
+            return self._cache[rel]
+        if "://" in rel:
+            fs, path = fsspec.core.url_to_fs(rel)
+        else:
+            fs, path = self.fs, rel if rel.startswith("/") else self.root.rstrip("/") + "/" + rel
+        try:
+            with fs.open(path, "rb") as f:
+                data: bytes | None = f.read()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            data = None
+        if len(self._cache) >= 64:
+            self._cache.clear()
+        self._cache[rel] = data
+        return data
+
+
+class _Rows:
+    """Accumulates sample rows of one file and emits them as `READ_SCHEMA` tables."""
+
+    def __init__(self, source: str, start: int = 0) -> None:
+        self.source = source
+        self.next_row = start
+        self._clear()
+
+    def _clear(self) -> None:
+        self.uid: list[str] = []
+        self.text: list[str | None] = []
+        self.url: list[str | None] = []
+        self.image: list[bytes | None] = []
+
+    def add(self, uid: str | None, text: str | None, url: str | None, image: bytes | None) -> None:
+        self.uid.append(uid or make_uid(url, text))
+        self.text.append(text)
+        self.url.append(url)
+        self.image.append(image)
+
+    def __len__(self) -> int:
+        return len(self.uid)
+
+    def flush(self) -> pa.Table:
+        n = len(self.uid)
+        table = pa.table(
+            {
+                "uid": pa.array(self.uid, pa.string()),
+                "text": pa.array(self.text, pa.string()),
+                "url": pa.array(self.url, pa.string()),
+                "image": pa.array(self.image, pa.binary()),
+                "width": pa.nulls(n, pa.int32()),
+                "height": pa.nulls(n, pa.int32()),
+                "source": pa.array([self.source] * n, pa.string()),
+                "source_row": pa.array(range(self.next_row, self.next_row + n), pa.int64()),
+            },
+            schema=READ_SCHEMA,
+        )
+        self.next_row += n
+        self._clear()
+        return table
+
+
+# --------------------------------------------------------------------------- formats
+
+
+def _open(path: str, mode: str = "rb") -> IO[Any]:
+    return fsspec.open(path, mode, compression="infer").open()  # type: ignore[no-any-return]
+
+
+def _check_columns(cfg: InputConfig, path: str, have: Sequence[str]) -> None:
+    wanted = [
+        ("text_column", cfg.text_column),
+        ("url_column", cfg.url_column),
+        ("uid_column", cfg.uid_column),
+        ("image_column", cfg.image_column),
+        ("image_path_column", cfg.image_path_column),
+    ]
+    for field, column in wanted:
+        if column is not None and column not in have:
+            raise _missing_column(column, field, path, have)
+
+
+def _records_to_rows(
+    records: Iterable[dict[str, Any]],
+    cfg: InputConfig,
+    path: str,
+    images: _ImageFolder | None,
+    max_rows: int | None,
+) -> Iterator[pa.Table]:
+    """Rows of a record-per-line file (csv, jsonl), `_CHUNK_ROWS` at a time."""
+    rows = _Rows(path)
+    for i, rec in enumerate(records):
+        if max_rows is not None and i >= max_rows:
+            break
+        text = _as_text(rec.get(cfg.text_column))
+        url = _as_text(rec.get(cfg.url_column)) if cfg.url_column else None
+        image = None
+        if cfg.image_path_column and images is not None:
+            rel = _as_text(rec.get(cfg.image_path_column))
+            image = images.read(rel)
+            if url is None and not cfg.url_column:
+                url = rel  # a local image's locator is its path relative to image_dir
+        uid = _as_id(rec.get(cfg.uid_column)) if cfg.uid_column else None
+        rows.add(uid, text, url, image)
+        if len(rows) >= _CHUNK_ROWS:
+            yield rows.flush()
+    if len(rows):
+        yield rows.flush()
+
+
+def _read_csv(
+    path: str, cfg: InputConfig, images: _ImageFolder | None, max_rows: int | None
+) -> Iterator[pa.Table]:
+    delimiter = "\t" if path.endswith((".tsv", ".tsv.gz")) else ","
+    with fsspec.open(path, "rt", compression="infer", newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        _check_columns(cfg, path, reader.fieldnames or [])
+        yield from _records_to_rows(reader, cfg, path, images, max_rows)
+
+
+def _jsonl_records(f: IO[str], path: str) -> Iterator[dict[str, Any]]:
+    for lineno, line in enumerate(f, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{path!r} line {lineno} is not valid JSON ({e}): input.format jsonl expects "
+                "one JSON object per line"
+            ) from e
+        if not isinstance(rec, dict):
+            raise ValueError(
+                f"{path!r} line {lineno} is a JSON {type(rec).__name__}, not an object: "
+                "input.format jsonl expects one JSON object per line"
+            )
+        yield rec
+
+
+def _read_jsonl(
+    path: str, cfg: InputConfig, images: _ImageFolder | None, max_rows: int | None
+) -> Iterator[pa.Table]:
+    with fsspec.open(path, "rt", compression="infer", encoding="utf-8") as f:
+        records = _jsonl_records(f, path)
+        first = next(records, None)
+        if first is None:
+            return
+        _check_columns(cfg, path, list(first))
+
+        def chained() -> Iterator[dict[str, Any]]:
+            yield first
+            yield from records
+
+        yield from _records_to_rows(chained(), cfg, path, images, max_rows)
+
+
+def _text_values(column: pa.ChunkedArray | pa.Array, name: str, path: str) -> list[str | None]:
+    t = column.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return column.cast(pa.string()).to_pylist()  # type: ignore[no-any-return]
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return [_as_text(v) for v in column.to_pylist()]
+    if pa.types.is_dictionary(t):
+        return [_as_text(v) for v in column.to_pylist()]
+    logger.warning(
+        "%s: column %r has type %s, not text: its values are read as null", path, name, t
+    )
+    return [None] * len(column)
+
+
+def _image_values(column: pa.ChunkedArray | pa.Array, name: str, path: str) -> list[bytes | None]:
+    t = column.type
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t):
+        return column.cast(pa.binary()).to_pylist()  # type: ignore[no-any-return]
+    if pa.types.is_struct(t) and t.get_field_index("bytes") >= 0:  # Hugging Face Image feature
+        values = column.to_pylist()
+        return [v.get("bytes") if isinstance(v, dict) else None for v in values]
+    raise ValueError(
+        f"input.image_column={name!r} in {path!r} has type {t}: expected encoded image bytes "
+        "(binary) or a struct with a 'bytes' field; for paths use input.image_path_column"
+    )
+
+
+def _read_parquet(
+    path: str, cfg: InputConfig, images: _ImageFolder | None, max_rows: int | None
+) -> Iterator[pa.Table]:
+    with fsspec.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        names = pf.schema_arrow.names
+        _check_columns(cfg, path, names)
+        columns = [
+            c
+            for c in (
+                cfg.text_column,
+                cfg.url_column,
+                cfg.uid_column,
+                cfg.image_column,
+                cfg.image_path_column,
+            )
+            if c is not None
+        ]
+        rows = _Rows(path)
+        remaining = max_rows
+        for batch in pf.iter_batches(batch_size=_CHUNK_ROWS, columns=sorted(set(columns))):
+            if remaining is not None:
+                if remaining <= 0:
+                    break
+                batch = batch.slice(0, remaining)
+                remaining -= batch.num_rows
+            n = batch.num_rows
+            texts = _text_values(batch.column(cfg.text_column), cfg.text_column, path)
+            urls = (
+                _text_values(batch.column(cfg.url_column), cfg.url_column, path)
+                if cfg.url_column
+                else [None] * n
+            )
+            uids = (
+                [_as_id(v) for v in batch.column(cfg.uid_column).to_pylist()]
+                if cfg.uid_column
+                else [None] * n
+            )
+            if cfg.image_column:
+                imgs = _image_values(batch.column(cfg.image_column), cfg.image_column, path)
+            elif cfg.image_path_column and images is not None:
+                rels = _text_values(batch.column(cfg.image_path_column), "image_path", path)
+                imgs = [images.read(r) for r in rels]
+                if not cfg.url_column:
+                    urls = rels
+            else:
+                imgs = [None] * n
+            for uid, text, url, image in zip(uids, texts, urls, imgs, strict=True):
+                rows.add(uid, text, url, image)
+            yield rows.flush()
+
+
+def _wds_samples(f: IO[bytes], path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per sample: consecutive members sharing a key, like webdataset.
+
+    Directories, members without an extension and non-files are skipped; `.gz` members are
+    decompressed and their extension shortened (`txt.gz` -> `txt`).
+    """
+    key: str | None = None
+    members: dict[str, bytes] = {}
+    try:
+        tar = tarfile.open(fileobj=f, mode="r|*")
+    except tarfile.TarError as e:
+        raise ValueError(f"{path!r} is not a tar archive ({e}): input.format webdataset") from e
+    with tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            m = _WDS_KEY.match(info.name)
+            if not m:
+                continue
+            member_key, ext = m.group(1), m.group(2).lower()
+            extracted = tar.extractfile(info)
+            data = extracted.read() if extracted is not None else b""
+            if ext.endswith(".gz"):
+                try:
+                    data = gzip.decompress(data)
+                    ext = ext[: -len(".gz")]
+                except (OSError, EOFError):
+                    pass  # leave it as an unknown member
+            if member_key != key:
+                if key is not None:
+                    yield key, members
+                key, members = member_key, {}
+            members.setdefault(ext, data)
+    if key is not None:
+        yield key, members
+
+
+def _read_webdataset(
+    path: str, cfg: InputConfig, images: _ImageFolder | None, max_rows: int | None
+) -> Iterator[pa.Table]:
+    rows = _Rows(path)
+    with fsspec.open(path, "rb") as f:
+        for i, (key, members) in enumerate(_wds_samples(f, path)):
+            if max_rows is not None and i >= max_rows:
+                break
+            meta: dict[str, Any] = {}
+            if "json" in members:
+                try:
+                    loaded = json.loads(members["json"])
+                    meta = loaded if isinstance(loaded, dict) else {}
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    meta = {}
+            text = (
+                _as_text(members["txt"])
+                if "txt" in members
+                else _as_text(meta.get(cfg.text_column))
+            )
+            url = _as_text(meta.get(cfg.url_column)) if cfg.url_column else None
+            image = next((members[e] for e in WDS_IMAGE_EXTENSIONS if e in members), None)
+            if cfg.uid_column == WDS_KEY_COLUMN:
+                uid = key
+            elif cfg.uid_column:
+                uid = _as_id(meta.get(cfg.uid_column))
+            else:
+                uid = None
+            rows.add(uid, text, url, image)
+            if len(rows) >= _CHUNK_ROWS:
+                yield rows.flush()
+    if len(rows):
+        yield rows.flush()
+
+
+_READERS = {
+    "parquet": _read_parquet,
+    "synthetic": _read_parquet,
+    "jsonl": _read_jsonl,
+    "csv": _read_csv,
+    "webdataset": _read_webdataset,
+}
+
+
+def _check_config(cfg: InputConfig) -> None:
+    if cfg.format in ("csv", "jsonl") and cfg.image_column:
+        raise ValueError(
+            f"input.image_column={cfg.image_column!r} is for parquet pools (encoded bytes): "
+            f"for {cfg.format}, set input.image_path_column and input.image_dir instead"
+        )
+
+
+def read_file(path: str, cfg: InputConfig, max_rows: int | None = None) -> Iterator[pa.Table]:
+    """Sample tables (`READ_SCHEMA`) of one input file, in file order, at most `max_rows` rows.
+
+    Pure and runnable without Ray: this is what each read task of `read_pool` runs.
+    """
+    _check_config(cfg)
+    images = _ImageFolder(cfg.image_dir) if cfg.image_dir and cfg.image_path_column else None
+    yield from _READERS[cfg.format](path, cfg, images, max_rows)
+
+
+def _effective(cfg: InputConfig) -> InputConfig:
+    """The synthetic pool has fixed column names; other formats use the config as given."""
+    if cfg.format != "synthetic":
+        return cfg
+    return cfg.model_copy(
+        update={
+            "text_column": "text",
+            "url_column": "url",
+            "uid_column": None,
+            "image_column": "image",
+            "image_dir": None,
+            "image_path_column": None,
+        }
+    )
+
+
+def input_files(cfg: InputConfig) -> list[str]:
+    """The sorted input files of `cfg` (generating the synthetic pool first if needed)."""
+    if cfg.format == "synthetic":
+        from kiln.data_curation.synthetic import generate_pool
+
+        root = cfg.paths[0]
+        generate_pool(cfg.synthetic, root)
+        return expand_paths([root.rstrip("/") + "/pool-*.parquet"], FORMAT_SUFFIXES["parquet"])
+    return expand_paths(cfg.paths, FORMAT_SUFFIXES[cfg.format])
+
+
+def _read_files(batch: pa.Table, cfg: InputConfig, max_rows: int | None) -> Iterator[pa.Table]:
+    """Ray Data UDF: a batch of `path` rows in, the sample tables of those files out."""
+    for path in batch.column("path").to_pylist():
+        yield from read_file(path, cfg, max_rows)
+
+
+def read_pool(cfg: InputConfig, *, files: Sequence[str] | None = None) -> Any:
+    """The pool named by `cfg` as a `ray.data.Dataset` of `READ_SCHEMA` rows (file order).
+
+    `files` (from `input_files`) skips expanding the paths again. Needs Ray initialised;
+    column names are checked per file as it is read (a missing one is a `ValueError` naming
+    the column, the file and the columns it has).
+    """
+    import ray.data
+
+    cfg = _effective(cfg)
+    _check_config(cfg)
+    paths = list(files) if files is not None else input_files(cfg)
+    items = [{"path": p} for p in paths]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    # Rows come out in file order, so `limit` (and anything else) sees a stable sequence.
+    ds.context.execution_options.preserve_order = True
+    ds = ds.map_batches(
+        _read_files,
+        fn_kwargs={"cfg": cfg, "max_rows": cfg.limit},
+        batch_size=1,
+        batch_format="pyarrow",
+    )
+    if cfg.limit is not None:
+        ds = ds.limit(cfg.limit)
+    return ds

@@ -1,0 +1,181 @@
+"""Text stage: caption normalization, length filters, junk alt-text detection, dedup keys.
+
+Web alt-texts are noisy: whitespace runs, file names the CMS put in place of a caption
+("IMG_2041.jpg"), and boilerplate ("click here"). These rows carry no description of the
+image, so they are dropped before matching (they would only add noise to the metadata
+counts). Filters judge the normalized text whatever `TextConfig.normalize` says; the flag
+only decides whether the stored `text` column is replaced by its normalized form.
+
+Drop reasons, in order: `empty_text` (null, non-string or blank), `text_too_short`,
+`text_too_long`, `junk_text`.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+import numpy as np
+import pyarrow as pa
+
+from kiln.contracts import make_uid
+from kiln.data_curation.config import TextConfig
+from kiln.data_curation.stages import alive_mask, mark_dropped, replace_column
+
+__all__ = [
+    "BOILERPLATE_PHRASES",
+    "apply_text_filters",
+    "is_junk",
+    "normalize_text",
+    "text_dedup_key",
+]
+
+_WHITESPACE = re.compile(r"\s+")
+
+#: Whole alt-texts that describe nothing (compared lower-cased, ignoring surrounding
+#: punctuation and a trailing number such as "image 3"). Only exact matches of the whole
+#: text count, so "a photo of a dog on the beach" is a caption, "photo" is junk.
+BOILERPLATE_PHRASES: frozenset[str] = frozenset(
+    {
+        "click here",
+        "click to enlarge",
+        "read more",
+        "more info",
+        "download",
+        "image",
+        "images",
+        "img",
+        "pic",
+        "picture",
+        "photo",
+        "photos",
+        "untitled",
+        "untitled design",
+        "thumbnail",
+        "thumb",
+        "placeholder",
+        "logo",
+        "icon",
+        "banner",
+        "spacer",
+        "no image",
+        "no image available",
+        "image not found",
+        "image unavailable",
+        "default",
+        "null",
+        "none",
+        "n/a",
+        "undefined",
+        "loading",
+        "advertisement",
+    }
+)
+
+_IMAGE_EXTENSIONS = r"(?:jpe?g|png|gif|webp|bmp|tiff?|heic|svg|avif)"
+#: A bare file name ("IMG_2041.jpg", "image.png", "my holiday photo.JPG").
+_FILENAME = re.compile(rf"^[\w\-.() ]+\.{_IMAGE_EXTENSIONS}$", re.IGNORECASE)
+#: Camera / scanner default names without an extension ("DSC00012", "DSC_0042", "P1010203").
+_CAMERA_NAME = re.compile(
+    r"^(?:img|dsc|dscn|dscf|dcim|pict?|pxl|mvc|sam|gopr|dji|p|screenshot|photo|image)"
+    r"[\s_\-]?\d{3,}[\w\-]*$",
+    re.IGNORECASE,
+)
+#: A bare URL or path.
+_URL = re.compile(r"^(?:(?:https?|ftp)://|www\.)\S+$|^/\S+/\S+$", re.IGNORECASE)
+#: Only digits / hex / separators: ids and hashes ("1234567", "548c06b07fa745ec").
+_ID_LIKE = re.compile(r"^(?:\d+|[0-9a-f]{16,}|[0-9a-f\-]{32,})$", re.IGNORECASE)
+#: Boilerplate with a trailing counter ("image 3", "photo #12").
+_NUMBERED = re.compile(r"^(?P<word>[a-z /]+?)\s*[#\-_]?\s*\d*$")
+
+
+def normalize_text(s: str) -> str:
+    """Unicode NFC, strip, and collapse every whitespace run (tabs, newlines too) to a space."""
+    return _WHITESPACE.sub(" ", unicodedata.normalize("NFC", s)).strip()
+
+
+def is_junk(s: str) -> bool:
+    """True for alt-texts that are not captions: file names, camera ids, URLs, boilerplate.
+
+    Checked on the normalized text: a bare image file name, a camera default name
+    (`_CAMERA_NAME`), a bare URL, a numeric/hex id, or one of `BOILERPLATE_PHRASES` (whole
+    text, case-insensitive, surrounding punctuation and a trailing counter ignored).
+    Blank text is not junk here; `apply_text_filters` reports it as `empty_text`.
+    """
+    text = normalize_text(s)
+    if not text:
+        return False
+    if _FILENAME.match(text) or _CAMERA_NAME.match(text) or _URL.match(text):
+        return True
+    if _ID_LIKE.match(text):
+        return True
+    bare = text.lower().strip(" .,:;!?-_*\"'()[]|")
+    if bare in BOILERPLATE_PHRASES:
+        return True
+    numbered = _NUMBERED.match(bare)
+    return bool(numbered and numbered.group("word").strip() in BOILERPLATE_PHRASES)
+
+
+def _text_column(table: pa.Table) -> list[object]:
+    if "text" not in table.column_names:
+        raise ValueError(
+            f"table has no 'text' column (columns: {table.column_names}): map the caption "
+            "column with input.text_column"
+        )
+    return table.column("text").to_pylist()
+
+
+def apply_text_filters(table: pa.Table, cfg: TextConfig) -> pa.Table:
+    """Mark rows with empty, too short, too long or junk captions; normalize `text` if asked.
+
+    Rows already dropped are left untouched (text included). The `text` column comes back as
+    Arrow `string`; a non-string value becomes null (its row is dropped as `empty_text`).
+    """
+    values = _text_column(table)
+    alive = alive_mask(table)
+    n = table.num_rows
+    empty = np.zeros(n, dtype=bool)
+    short = np.zeros(n, dtype=bool)
+    long_ = np.zeros(n, dtype=bool)
+    junk = np.zeros(n, dtype=bool)
+    out: list[str | None] = []
+    for i, value in enumerate(values):
+        if not isinstance(value, str):
+            out.append(None)
+            empty[i] = alive[i]
+            continue
+        if not alive[i]:
+            out.append(value)
+            continue
+        norm = normalize_text(value)
+        out.append(norm if cfg.normalize else value)
+        if not norm:
+            empty[i] = True
+        elif len(norm) < cfg.min_chars or len(norm.split(" ")) < cfg.min_words:
+            short[i] = True
+        elif len(norm) > cfg.max_chars:
+            long_[i] = True
+        elif cfg.drop_junk and is_junk(norm):
+            junk[i] = True
+    table = replace_column(table, "text", pa.array(out, type=pa.string()))
+    table = mark_dropped(table, empty, "empty_text")
+    table = mark_dropped(table, short, "text_too_short")
+    table = mark_dropped(table, long_, "text_too_long")
+    return mark_dropped(table, junk, "junk_text")
+
+
+def text_dedup_key(table: pa.Table) -> pa.Array:
+    """Per-row key `make_uid(url, text)` for exact (url, text) dedup; url may be absent.
+
+    The runner drops every row but the one with the smallest uid per key
+    (`duplicate_text`), which does not depend on block order.
+    """
+    texts = _text_column(table)
+    urls = (
+        table.column("url").to_pylist() if "url" in table.column_names else [None] * len(texts)
+    )
+    keys = [
+        make_uid(u if isinstance(u, str) else None, t if isinstance(t, str) else None)
+        for u, t in zip(urls, texts, strict=True)
+    ]
+    return pa.array(keys, type=pa.string())

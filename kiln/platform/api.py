@@ -1,0 +1,224 @@
+"""Python API behind the CLI: run a recipe as a job in its run directory.
+
+Each job writes its resolved recipe and a `status.json` (running -> completed / stopped /
+failed, with the error) so `kiln runs` can tell what happened, and starts or joins Ray as
+the recipe's `ray` section says.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+from kiln.data_curation.config import CurationConfig
+from kiln.platform.ray_cluster import ray_session
+from kiln.platform.recipes import (
+    CurateRecipe,
+    EvalRecipe,
+    RecipeError,
+    TrainRecipe,
+    apply_overrides,
+    dump_recipe,
+    load_recipe,
+    parse_recipe,
+    recipe_hash,
+)
+from kiln.platform.runs import latest_checkpoint_tag, write_status
+from kiln.training.config import TrainConfig
+
+M = TypeVar("M", bound=BaseModel)
+
+__all__ = [
+    "eval_run_dir",
+    "resolve_model_file",
+    "resume_run",
+    "run_curate",
+    "run_eval",
+    "run_job",
+    "run_recipe",
+    "run_train",
+]
+
+
+def _as(model: BaseModel, cls: type[M]) -> M:
+    """The `cls` part of a recipe (a recipe is its job fields plus a config), as a plain `cls`."""
+    return cls.model_validate(model.model_dump(include=set(cls.model_fields)))
+
+
+def _start(recipe: CurateRecipe | TrainRecipe | EvalRecipe, **fields: Any) -> Path:
+    run = Path(recipe.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    dump_recipe(recipe, run / "recipe.yaml")
+    write_status(
+        run,
+        "running",
+        kind=recipe.kind,
+        name=recipe.name,
+        recipe_hash=recipe_hash(recipe),
+        started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        error=None,
+        **fields,
+    )
+    return run
+
+
+def _failed(run: Path, exc: BaseException) -> None:
+    write_status(
+        run,
+        "failed",
+        error=f"{type(exc).__name__}: {exc}",
+        traceback=traceback.format_exc(limit=20),
+    )
+
+
+def run_curate(recipe: CurateRecipe) -> Any:
+    """Curate the recipe's pool into WebDataset shards; returns the CurationResult."""
+    from kiln.data_curation import run_curation
+
+    run = _start(recipe)
+    try:
+        with ray_session(recipe.ray.address, num_cpus=recipe.ray.num_cpus):
+            result = run_curation(
+                _as(recipe, CurationConfig),
+                str(run),
+                name=recipe.name,
+                recipe=recipe.model_dump(mode="json"),
+            )
+    except BaseException as e:
+        _failed(run, e)
+        raise
+    write_status(run, "completed", **result.model_dump(mode="json"))
+    return result
+
+
+def resolve_model_file(checkpoint: str) -> Path:
+    """A model.pt path from a train run dir (its latest complete checkpoint) or a file."""
+    p = Path(checkpoint)
+    if p.is_file():
+        return p
+    if p.is_dir():
+        tag = latest_checkpoint_tag(p)
+        if tag is None and (p / "latest").is_file():  # the checkpoints/ folder itself
+            tag = latest_checkpoint_tag(p.parent)
+            p = p.parent
+        if tag is None:
+            raise FileNotFoundError(
+                f"{checkpoint!r} has no complete checkpoint (no checkpoints/latest naming a "
+                "COMPLETE tag): train it first, or point at a model.pt"
+            )
+        return p / "checkpoints" / tag / "model.pt"
+    raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist: give a run dir or model.pt")
+
+
+def _evaluate_into(model_file: Path, cfg: Any, out_dir: Path) -> dict[str, Any]:
+    from kiln.training.evaluate import evaluate
+
+    return evaluate(str(model_file), cfg, str(out_dir / "eval.json"))
+
+
+def run_train(recipe: TrainRecipe, *, resume: bool = False) -> Any:
+    """Train (or resume) the recipe's model; evaluates at the end when `eval` names data."""
+    from kiln.training import train
+
+    run = _start(recipe, max_steps=recipe.max_steps, resumed=resume)
+    res = recipe.resources
+    try:
+        with ray_session(recipe.ray.address, num_cpus=recipe.ray.num_cpus):
+            summary = train(
+                _as(recipe, TrainConfig),
+                str(run),
+                num_workers=res.workers,
+                cpus_per_worker=res.cpus_per_worker,
+                gpus_per_worker=res.gpus_per_worker,
+                launcher=res.launcher,
+                resume=resume,
+                recipe_hash=recipe_hash(recipe),
+            )
+        finished = summary.last_step >= recipe.max_steps
+        eval_result = None
+        if finished and (recipe.eval.zero_shot or recipe.eval.retrieval):
+            eval_result = _evaluate_into(resolve_model_file(str(run)), recipe.eval, run)
+    except BaseException as e:
+        _failed(run, e)
+        raise
+    write_status(
+        run,
+        "completed" if finished else "stopped",
+        last_step=summary.last_step,
+        eval=eval_result,
+    )
+    return summary
+
+
+def resume_run(run_dir: str, overrides: list[str] | None = None) -> Any:
+    """Continue a train run from its latest complete checkpoint to `max_steps`.
+
+    `stop_after_step` of the original invocation is cleared unless an override sets it again.
+    """
+    recipe_file = Path(run_dir) / "recipe.yaml"
+    if not recipe_file.is_file():
+        raise RecipeError(
+            f"{run_dir!r} is not a kiln run dir (no recipe.yaml): give the folder a "
+            "`kiln train` run wrote"
+        )
+    import yaml
+
+    data = yaml.safe_load(recipe_file.read_text())
+    if not isinstance(data, dict) or data.get("kind") != "train":
+        raise RecipeError(f"{recipe_file}: only train runs can be resumed")
+    data["stop_after_step"] = None
+    data["run_dir"] = str(run_dir)
+    recipe = parse_recipe(apply_overrides(data, overrides or []), source=str(recipe_file))
+    assert isinstance(recipe, TrainRecipe)
+    return run_train(recipe, resume=True)
+
+
+def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
+    """Evaluate a checkpoint; writes `eval.json` into the eval run dir."""
+    run = _start(recipe)
+    try:
+        result = _evaluate_into(resolve_model_file(recipe.checkpoint), recipe.eval, run)
+    except BaseException as e:
+        _failed(run, e)
+        raise
+    write_status(run, "completed")
+    return result
+
+
+def eval_run_dir(run_dir: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Evaluate a train run's latest checkpoint with the `eval` section of its recipe."""
+    recipe_file = Path(run_dir) / "recipe.yaml"
+    if not recipe_file.is_file():
+        raise RecipeError(f"{run_dir!r} is not a kiln run dir (no recipe.yaml)")
+    import yaml
+
+    data = yaml.safe_load(recipe_file.read_text())
+    if not isinstance(data, dict) or data.get("kind") != "train":
+        raise RecipeError(f"{recipe_file}: `kiln eval RUN_DIR` takes a train run")
+    train = parse_recipe(apply_overrides(data, overrides or []), source=str(recipe_file))
+    assert isinstance(train, TrainRecipe)
+    if not (train.eval.zero_shot or train.eval.retrieval):
+        raise RecipeError(
+            f"{recipe_file}: its eval section names no data: pass "
+            "--set eval.zero_shot=EVAL_DIR or --set eval.retrieval=DATASET_DIR"
+        )
+    result = _evaluate_into(resolve_model_file(run_dir), train.eval, Path(run_dir))
+    return result
+
+
+def run_job(recipe: CurateRecipe | TrainRecipe | EvalRecipe, *, resume: bool = False) -> Any:
+    """Run a loaded recipe as its `kind` says."""
+    if isinstance(recipe, CurateRecipe):
+        return run_curate(recipe)
+    if isinstance(recipe, TrainRecipe):
+        return run_train(recipe, resume=resume)
+    return run_eval(recipe)
+
+
+def run_recipe(path: str, overrides: list[str] | None = None, *, resume: bool = False) -> Any:
+    """Load a recipe file and run it."""
+    return run_job(load_recipe(path, overrides), resume=resume)

@@ -1,0 +1,150 @@
+"""`kiln` command line: a thin layer over `kiln.platform.api`.
+
+Errors a user can fix (a bad recipe, a missing path) print one clear message and exit 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["build_parser", "main"]
+
+_USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError, PermissionError)
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field, e.g. --set balance.t=50 (repeatable)",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address (default: start Ray in-process on 127.0.0.1)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree of every verb."""
+    parser = argparse.ArgumentParser(
+        prog="kiln",
+        description="Curate image-text data and train vision(-language) models on it.",
+    )
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    q = sub.add_parser(
+        "quickstart",
+        help="generate a pool, curate, train, stop, resume, evaluate: the whole path on CPU",
+    )
+    q.add_argument("--root", default="runs/quickstart", help="folder for all quickstart runs")
+    q.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the train recipe, e.g. --set max_steps=40",
+    )
+
+    _add_recipe_args(sub.add_parser("curate", help="curate a raw pool into WebDataset shards"))
+    t = sub.add_parser("train", help="train a model from a train recipe")
+    _add_recipe_args(t)
+
+    r = sub.add_parser("resume", help="resume a train run from its latest checkpoint")
+    r.add_argument("run_dir", help="the run folder a `kiln train` wrote")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    r.add_argument("--address", default=None, help="Ray cluster address")
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint (eval recipe, or a train run dir)")
+    e.add_argument("target", help="eval recipe YAML, or a train run dir to evaluate as configured")
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    ru = sub.add_parser("runs", help="list runs under a folder with status and checkpoints")
+    ru.add_argument("root", nargs="?", default="runs")
+
+    i = sub.add_parser("inspect", help="summarise a curated dataset and show a few samples")
+    i.add_argument("dataset_dir", help="folder holding manifest.json")
+    i.add_argument("-n", "--samples", type=int, default=3)
+    i.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return parser
+
+
+def _print_result(result: Any) -> None:
+    from kiln.platform.summary import format_result
+
+    print(format_result(result))
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from kiln.platform import api
+    from kiln.platform.recipes import RecipeError, load_recipe
+
+    if args.verb == "quickstart":
+        from kiln.platform.quickstart import run_quickstart
+
+        return run_quickstart(args.root, overrides=args.overrides)
+    if args.verb in ("curate", "train"):
+        overrides = list(args.overrides)
+        if args.address:
+            overrides.append(f"ray.address={args.address}")
+        recipe = load_recipe(args.recipe, overrides)
+        if recipe.kind != args.verb:
+            raise RecipeError(
+                f"{args.recipe} is a `kind: {recipe.kind}` recipe: run it with "
+                f"`kiln {recipe.kind} {args.recipe}`"
+            )
+        _print_result(api.run_job(recipe))
+        return 0
+    if args.verb == "resume":
+        overrides = list(args.overrides)
+        if args.address:
+            overrides.append(f"ray.address={args.address}")
+        _print_result(api.resume_run(args.run_dir, overrides))
+        return 0
+    if args.verb == "eval":
+        if os.path.isdir(args.target):
+            result = api.eval_run_dir(args.target, args.overrides)
+        else:
+            result = api.run_job(load_recipe(args.target, args.overrides))
+        _print_result(result)
+        return 0
+    if args.verb == "runs":
+        from kiln.platform.runs import format_runs, list_runs
+
+        print(format_runs(list_runs(args.root)))
+        return 0
+    if args.verb == "inspect":
+        from kiln.data_curation import format_dataset_info, inspect_dataset
+
+        info = inspect_dataset(args.dataset_dir, num_samples=args.samples)
+        print(json.dumps(info, indent=2, default=str) if args.json else format_dataset_info(info))
+        return 0
+    raise AssertionError(args.verb)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `kiln` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except _USER_ERRORS as e:
+        print(f"kiln {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"kiln {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

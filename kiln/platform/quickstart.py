@@ -1,0 +1,177 @@
+"""`kiln quickstart`: the whole path from raw pool to an evaluated, resumed model, on CPU.
+
+It runs the recipes in `recipes/quickstart/` as a user would, under one root folder:
+curate the procedural pool; train an uninterrupted reference; train again, stop part-way on
+purpose, resume from the latest checkpoint; check that the resumed losses equal the
+reference's; evaluate; print a summary and write `report.html`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kiln.platform import api
+from kiln.platform.ray_cluster import ray_session
+from kiln.platform.recipes import (
+    CurateRecipe,
+    TrainRecipe,
+    apply_overrides,
+    parse_recipe,
+)
+from kiln.platform.report import write_report
+from kiln.platform.summary import eval_rows, format_curation
+from kiln.platform.tables import format_kv, format_table
+
+__all__ = ["compare_losses", "find_recipes_dir", "read_losses", "run_quickstart"]
+
+_DEFAULT_ROOT = "runs/quickstart"
+
+
+def find_recipes_dir() -> Path:
+    """`recipes/` of the source checkout kiln is installed from (editable install)."""
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        cand = parent / "recipes" / "quickstart"
+        if cand.is_dir():
+            return cand.parent
+    raise FileNotFoundError(
+        "recipes/quickstart/ not found beside the kiln package: run kiln from its source "
+        "checkout (`make demo` installs it editable)"
+    )
+
+
+def _rebase(node: Any, new_root: str) -> Any:
+    """Replace the recipes' default root `runs/quickstart` by `new_root` in every string."""
+    if isinstance(node, dict):
+        return {k: _rebase(v, new_root) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_rebase(v, new_root) for v in node]
+    if isinstance(node, str) and node.startswith(_DEFAULT_ROOT):
+        return new_root + node[len(_DEFAULT_ROOT) :]
+    return node
+
+
+def _load(name: str, root: str, overrides: list[str]) -> Any:
+    path = find_recipes_dir() / "quickstart" / f"{name}.yaml"
+    data = _rebase(yaml.safe_load(path.read_text()), root)
+    return parse_recipe(apply_overrides(data, overrides), source=str(path))
+
+
+def read_losses(run_dir: str | Path) -> dict[int, float]:
+    """step -> loss from `metrics.jsonl`; a step logged twice (redone after a resume) keeps
+    its last value, which is the one the finished run is built on."""
+    losses: dict[int, float] = {}
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return losses
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "step" in rec and "loss" in rec:
+            losses[int(rec["step"])] = float(rec["loss"])
+    return losses
+
+
+def compare_losses(
+    reference: dict[int, float], resumed: dict[int, float], after_step: int
+) -> tuple[list[tuple[int, float, float | None, bool]], bool]:
+    """Per-step (step, reference, resumed, bitwise equal) after `after_step`; all equal?"""
+    rows = []
+    for step in sorted(s for s in reference if s > after_step):
+        other = resumed.get(step)
+        rows.append((step, reference[step], other, other == reference[step]))
+    return rows, bool(rows) and all(r[3] for r in rows)
+
+
+def run_quickstart(root: str = _DEFAULT_ROOT, overrides: list[str] | None = None) -> int:
+    """Run the demo under `root`; returns the process exit code (0: resume was exact)."""
+    t0 = time.time()
+    overrides = list(overrides or [])
+    root = root.rstrip("/") or "."
+    curate = _load("curate", root, [])
+    reference = _load(
+        "train",
+        root,
+        [f"run_dir={root}/train-reference", "eval.zero_shot=null", "eval.retrieval=null"]
+        + overrides,
+    )
+    assert isinstance(curate, CurateRecipe) and isinstance(reference, TrainRecipe)
+    stop_at = max(1, reference.max_steps // 2)
+    interrupted = _load("train", root, [f"stop_after_step={stop_at}", *overrides])
+    assert isinstance(interrupted, TrainRecipe)
+
+    with ray_session(curate.ray.address, num_cpus=curate.ray.num_cpus):
+        print(f"[1/5] curating the procedural pool into {curate.run_dir}", flush=True)
+        cur = api.run_curate(curate)
+        print(format_curation(cur.model_dump(mode="json")), flush=True)
+
+        print(f"\n[2/5] training the uninterrupted reference in {reference.run_dir}", flush=True)
+        ref_summary = api.run_train(reference)
+
+        print(
+            f"\n[3/5] training again in {interrupted.run_dir}, stopping on purpose after "
+            f"step {stop_at}",
+            flush=True,
+        )
+        api.run_train(interrupted)
+        print(f"\n[4/5] resuming {interrupted.run_dir} from its latest checkpoint", flush=True)
+        resumed_summary = api.resume_run(interrupted.run_dir)
+
+    print("\n[5/5] comparing losses after the resume point", flush=True)
+    ref_losses = read_losses(reference.run_dir)
+    res_losses = read_losses(interrupted.run_dir)
+    resume_from = int(resumed_summary.first_step) - 1
+    rows, exact = compare_losses(ref_losses, res_losses, resume_from)
+    shown = rows if len(rows) <= 8 else rows[:4] + rows[-4:]
+    print(
+        format_table(
+            ("step", "reference loss", "resumed loss", "equal"),
+            [(s, repr(a), repr(b), "yes" if eq else "NO") for s, a, b, eq in shown],
+        )
+    )
+    n_equal = sum(r[3] for r in rows)
+    verdict = (
+        f"resume is exact: {n_equal}/{len(rows)} steps after step {resume_from} bitwise equal"
+        if exact
+        else f"RESUME MISMATCH: only {n_equal}/{len(rows)} steps equal"
+    )
+    print(verdict)
+
+    eval_result = json.loads((Path(interrupted.run_dir) / "eval.json").read_text())
+    elapsed = time.time() - t0
+    summary_pairs: list[tuple[str, object]] = [
+        ("samples in (raw pool)", cur.samples_in),
+        ("matched metadata", cur.matched),
+        ("kept after balancing", cur.kept_after_balance),
+        ("removed as exact duplicates", cur.deduped),
+        ("samples out", cur.samples_out),
+        ("shards", cur.num_shards),
+        ("training steps", f"{resumed_summary.last_step} (stopped at {stop_at}, resumed)"),
+        ("throughput (samples/s)", f"{ref_summary.samples_per_s:.1f}"),
+        ("resume vs reference", "exact" if exact else "MISMATCH"),
+    ]
+    summary_pairs += [(metric, f"{value} ({base})" if base else value) for metric, value, base in eval_rows(eval_result)]
+    summary_pairs += [
+        ("run dir", root),
+        ("report", f"{root}/report.html"),
+        ("wall time", f"{elapsed:.0f} s"),
+    ]
+    report = write_report(
+        Path(root) / "report.html",
+        title="kiln quickstart",
+        summary=summary_pairs,
+        curation=cur.model_dump(mode="json"),
+        loss_curves={"reference": ref_losses, "stopped + resumed": res_losses},
+        resume_rows=rows,
+        eval_result=eval_result,
+    )
+    print("\n" + format_kv(summary_pairs, "kiln quickstart summary"))
+    print(f"\nreport: {report}")
+    return 0 if exact else 1

@@ -1,0 +1,70 @@
+"""Connect to Ray: an explicit cluster address, or an embedded Ray bound to 127.0.0.1.
+
+Ray binds its services to the host's routable address by default; an embedded kiln run must
+never listen beyond loopback, so with no address we pin the node IP to 127.0.0.1 and set
+`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` (which makes Ray's own IP detection answer loopback).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+__all__ = ["LOOPBACK", "ray_session", "start_ray"]
+
+LOOPBACK = "127.0.0.1"
+
+
+def start_ray(address: str | None = None, *, num_cpus: int | None = None) -> bool:
+    """Initialise Ray unless it already is; returns True when this call started it.
+
+    `address=None` starts an embedded single-node Ray on loopback; any other value connects
+    to that cluster (kiln never guesses an address).
+    """
+    if address is None:
+        # Read by Ray at import time, so also patch the constant in case Ray is imported already;
+        # the env var reaches the raylet and workers Ray spawns.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray
+    from ray._private import ray_constants
+
+    if ray.is_initialized():
+        return False
+    if address is None:
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    kwargs: dict[str, object] = {
+        "include_dashboard": False,
+        "logging_level": logging.WARNING,
+        "configure_logging": True,
+    }
+    if address is None:
+        ray.init(
+            num_cpus=num_cpus,
+            _node_ip_address=LOOPBACK,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        node_ip = ray.util.get_node_ip_address()
+        if node_ip != LOOPBACK:
+            ray.shutdown()
+            raise RuntimeError(
+                f"embedded Ray came up on {node_ip}, not {LOOPBACK}: refusing to run with "
+                "services reachable from the network; unset RAY_ADDRESS / check Ray's version"
+            )
+    else:
+        ray.init(address=address, **kwargs)  # type: ignore[arg-type]
+    return True
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> Iterator[None]:
+    """Ray for the duration of a block; shuts down only a Ray this block started."""
+    import ray
+
+    started = start_ray(address, num_cpus=num_cpus)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()

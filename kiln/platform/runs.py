@@ -1,0 +1,155 @@
+"""Run directories: the resolved recipe, a status file, and a listing of runs under a root.
+
+Layout of a run dir: `recipe.yaml` (resolved), `status.json`, and what the job writes:
+`metrics.jsonl` + `checkpoints/` for training, `steps/` + `dataset/` for curation,
+`eval.json`, `report.html`, `logs/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from kiln.platform.tables import format_table
+
+__all__ = [
+    "RunInfo",
+    "format_runs",
+    "last_metrics",
+    "latest_checkpoint_tag",
+    "list_runs",
+    "read_status",
+    "write_status",
+]
+
+RunState = Literal["running", "completed", "stopped", "failed"]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def read_status(run_dir: str | Path) -> dict[str, Any]:
+    """`status.json` of a run ({} if there is none yet)."""
+    p = Path(run_dir) / "status.json"
+    if not p.is_file():
+        return {}
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return {"state": "unknown", "error": f"unreadable {p}"}
+    return data if isinstance(data, dict) else {}
+
+
+def write_status(run_dir: str | Path, state: RunState, **fields: Any) -> dict[str, Any]:
+    """Merge `fields` into `status.json` with the new state and a timestamp (atomic write)."""
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    status = read_status(run)
+    status.update(fields)
+    status["state"] = state
+    status["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    status.setdefault("host", socket.gethostname())
+    _atomic_write(run / "status.json", json.dumps(status, indent=2, sort_keys=True) + "\n")
+    return status
+
+
+def latest_checkpoint_tag(run_dir: str | Path) -> str | None:
+    """Tag named by `checkpoints/latest`, if that checkpoint is complete."""
+    ckpt = Path(run_dir) / "checkpoints"
+    latest = ckpt / "latest"
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    return tag if (ckpt / tag / "COMPLETE").is_file() else None
+
+
+def last_metrics(run_dir: str | Path) -> dict[str, Any] | None:
+    """Last record of `metrics.jsonl` (reads only the file's tail)."""
+    p = Path(run_dir) / "metrics.jsonl"
+    if not p.is_file():
+        return None
+    with p.open("rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - 65536))
+        lines = f.read().decode(errors="replace").splitlines()
+    for line in reversed(lines):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            return rec
+    return None
+
+
+class RunInfo(BaseModel):
+    """One row of `kiln runs`."""
+
+    path: str
+    name: str
+    kind: str
+    state: str
+    last_step: int | None = None
+    max_steps: int | None = None
+    latest_checkpoint: str | None = None
+    updated: str | None = None
+    summary: str = ""
+
+
+def _run_info(run: Path) -> RunInfo:
+    status = read_status(run)
+    kind = str(status.get("kind", "?"))
+    name = str(status.get("name", run.name))
+    metrics = last_metrics(run)
+    last_step = metrics.get("step") if metrics else status.get("last_step")
+    summary = ""
+    if kind == "curate" and "samples_out" in status:
+        summary = f"{status.get('samples_in')} in -> {status['samples_out']} kept"
+    elif kind == "eval" and status.get("headline"):
+        summary = str(status["headline"])
+    return RunInfo(
+        path=str(run),
+        name=name,
+        kind=kind,
+        state=str(status.get("state", "unknown")),
+        last_step=last_step if isinstance(last_step, int) else None,
+        max_steps=status.get("max_steps"),
+        latest_checkpoint=latest_checkpoint_tag(run),
+        updated=status.get("updated"),
+        summary=summary,
+    )
+
+
+def list_runs(root: str | Path) -> list[RunInfo]:
+    """Every run dir (a folder with `status.json`) under `root`, newest first."""
+    base = Path(root)
+    if not base.is_dir():
+        raise FileNotFoundError(f"runs root {str(base)!r} is not a folder")
+    found = sorted({p.parent for p in base.rglob("status.json")})
+    infos = [_run_info(run) for run in found]
+    infos.sort(key=lambda r: r.updated or "", reverse=True)
+    return infos
+
+
+def format_runs(runs: list[RunInfo]) -> str:
+    """A plain-text table of runs for the terminal."""
+    if not runs:
+        return "no runs found"
+    rows = []
+    for r in runs:
+        step = None
+        if r.last_step is not None:
+            step = f"{r.last_step}/{r.max_steps}" if r.max_steps else str(r.last_step)
+        rows.append((r.path, r.kind, r.state, step, r.latest_checkpoint, r.updated, r.summary))
+    header = ("RUN", "KIND", "STATE", "STEP", "LATEST CKPT", "UPDATED", "NOTE")
+    return format_table(header, rows)

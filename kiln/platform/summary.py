@@ -1,0 +1,93 @@
+"""Terminal summaries of job results: curation funnel, training run, evaluation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from kiln.platform.tables import format_kv, format_table
+
+__all__ = ["eval_rows", "format_curation", "format_eval", "format_result", "format_train"]
+
+
+def _as_dict(result: Any) -> dict[str, Any]:
+    if isinstance(result, BaseModel):
+        return result.model_dump(mode="json")
+    return dict(result) if isinstance(result, dict) else {"result": result}
+
+
+def format_curation(r: dict[str, Any]) -> str:
+    """The curation funnel: rows in, matched, kept, deduped, out; drops by reason."""
+    pairs: list[tuple[str, object]] = [
+        ("samples in", r.get("samples_in")),
+        ("matched metadata", r.get("matched")),
+        ("kept after balancing", r.get("kept_after_balance")),
+        ("removed as exact duplicates", r.get("deduped")),
+        ("samples out", r.get("samples_out")),
+        ("shards", r.get("num_shards")),
+        ("dataset", r.get("dataset_dir")),
+        ("seconds", _num(r.get("seconds"))),
+    ]
+    out = format_kv(pairs, "curation")
+    reasons = r.get("dropped_by_reason") or {}
+    if reasons:
+        rows = sorted(reasons.items(), key=lambda kv: -int(kv[1]))
+        out += "\n\n" + format_table(("drop reason", "rows"), rows)
+    return out
+
+
+def format_train(r: dict[str, Any]) -> str:
+    """Steps, losses, throughput and the checkpoint of a training invocation."""
+    losses = r.get("losses") or {}
+    values = list(losses.values()) if isinstance(losses, dict) else list(losses)
+    pairs: list[tuple[str, object]] = [
+        ("steps (this invocation)", f"{r.get('first_step')} -> {r.get('last_step')}"),
+        ("first loss", _num(values[0]) if values else None),
+        ("last loss", _num(values[-1]) if values else None),
+        ("samples/s", _num(r.get("samples_per_s"))),
+        ("latest checkpoint", r.get("latest_checkpoint")),
+    ]
+    return format_kv(pairs, "training")
+
+
+def eval_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(metric, value, baseline) rows for zero-shot accuracy and retrieval recall."""
+    rows: list[tuple[str, str, str]] = []
+    for task, t in (r.get("zero_shot") or {}).items():
+        if isinstance(t, dict) and "accuracy" in t:
+            rows.append(
+                (f"zero-shot {task} top-1", f"{t['accuracy']:.3f}", f"chance {t['chance']:.3f}")
+            )
+    ret = r.get("retrieval") or {}
+    for key in sorted(ret):
+        val = ret[key]
+        if isinstance(val, int | float) and "recall" in key:
+            rows.append((f"retrieval {key}", f"{val:.3f}", ""))
+    return rows
+
+
+def format_eval(r: dict[str, Any]) -> str:
+    """Zero-shot accuracy against chance, retrieval recall@k."""
+    rows = eval_rows(r)
+    return format_table(("eval", "value", "baseline"), rows) if rows else "eval: nothing evaluated"
+
+
+def format_result(result: Any) -> str:
+    """Pick the summary that fits what a job returned."""
+    r = _as_dict(result)
+    if "samples_out" in r:
+        return format_curation(r)
+    if "last_step" in r:
+        return format_train(r)
+    if "zero_shot" in r or "retrieval" in r:
+        return format_eval(r)
+    return "\n".join(f"{k}: {v}" for k, v in r.items())
+
+
+def _num(x: Any) -> str | None:
+    if x is None:
+        return None
+    if isinstance(x, float):
+        return f"{x:.4g}" if abs(x) < 1e5 else f"{x:,.0f}"
+    return str(x)

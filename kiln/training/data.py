@@ -1,0 +1,454 @@
+"""Deterministic, resumable WebDataset loader for training.
+
+The order of samples is a pure function of (seed, epoch, rank, logical worker) and of the
+dataset manifest; the loader's position is two integers (epoch, batches consumed in the epoch).
+That is what makes a resumed run see exactly the batches an uninterrupted run would have seen.
+
+Plan of one epoch (all index arithmetic, no I/O):
+
+1. The shards listed in the manifest are permuted with an rng seeded by (seed, epoch) and
+   concatenated into one global sequence of N sample positions.
+2. ``steps_per_epoch = N // (world_size * batch_size)``: the tail is dropped so every rank
+   gets the same number of batches (unequal counts would hang a collective).
+3. Rank r owns the contiguous positions ``[r*S*B, (r+1)*S*B)``.
+4. The rank's batches j = 0..S-1 are split among W *logical* workers: logical worker v makes
+   the batches with ``j % W == v`` from its own contiguous sub-range of the rank's positions,
+   shuffled by a shuffle buffer whose rng is seeded by (seed, epoch, rank, v). The buffer
+   is simulated on integer positions, so the emit order is known before any byte is read.
+5. torch's DataLoader takes IterableDataset batches from its workers round-robin, in order.
+   When an epoch starts at batch s0 (a resume), physical worker w plays logical worker
+   ``(w + s0) % W`` and skips that worker's batches below s0; the k-th batch out of the
+   DataLoader is then batch ``s0 + k`` of the epoch. Skipped samples are never decoded and
+   their bytes never read: a worker walks tar headers up to the first sample it needs.
+
+``num_workers=0`` reads in-process and yields the same batches as ``num_workers=1``. The
+loader state records the (world size, workers, batch size, seed, shuffle buffer, manifest
+hash) it is valid for; loading it into a loader that differs in any of them is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from kiln.contracts import DatasetManifest, read_manifest
+
+__all__ = [
+    "LOADER_STATE_VERSION",
+    "Batch",
+    "EpochPlan",
+    "WebDatasetLoader",
+    "WorkerSlice",
+    "buffer_shuffle",
+    "derive_rng",
+    "manifest_hash",
+    "plan_epoch",
+    "sample_key",
+]
+
+LOADER_STATE_VERSION = 1
+
+
+def derive_rng(*parts: object) -> np.random.Generator:
+    """A numpy Generator seeded from a tuple of values (negative seeds are fine).
+
+    The parts are hashed, so (0, 1) and (1, 0) and ("0", 1) give unrelated streams.
+    """
+    key = "kiln-loader/" + "/".join(repr(p) for p in parts)
+    digest = hashlib.sha256(key.encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:16], "little"))
+
+
+def manifest_hash(manifest: DatasetManifest) -> str:
+    """Hash of what defines the sample sequence: the shard list and their sizes/checksums."""
+    shards = [[s.path, s.num_samples, s.sha256] for s in manifest.shards]
+    return hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16]
+
+
+def buffer_shuffle(n: int, buffer_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Emit order of positions 0..n-1 passed through a shuffle buffer of `buffer_size`.
+
+    Classic streaming shuffle: fill the buffer, then for each new input emit a random buffer
+    slot and put the input there; drain the rest in random order. Output t is always among
+    inputs 0..t+buffer_size, so a reader streaming its inputs holds at most about
+    `buffer_size` samples. Pure: the result depends only on (n, buffer_size, rng state).
+    """
+    if n <= 0:
+        return np.zeros(0, dtype=np.int64)
+    size = max(1, min(buffer_size, n))
+    out = np.empty(n, dtype=np.int64)
+    buf = list(range(size))
+    slots = rng.integers(0, size, n - size) if n > size else np.zeros(0, dtype=np.int64)
+    for t, x in enumerate(range(size, n)):
+        i = int(slots[t])
+        out[t] = buf[i]
+        buf[i] = x
+    tail = np.asarray(buf, dtype=np.int64)
+    rng.shuffle(tail)
+    out[n - size :] = tail
+    return out
+
+
+@dataclass(frozen=True)
+class WorkerSlice:
+    """Positions [start, start+num_batches*batch_size) of the epoch's global sequence."""
+
+    logical_worker: int
+    start: int
+    num_batches: int
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Where every sample of one epoch goes: shard order and per-rank/worker slices."""
+
+    epoch: int
+    shard_order: tuple[int, ...]
+    shard_starts: tuple[int, ...]  # global position of each shard in shard_order
+    steps_per_epoch: int
+
+    def worker_slice(
+        self, rank: int, logical_worker: int, num_workers: int, batch_size: int
+    ) -> WorkerSlice:
+        """The contiguous sub-range logical worker `logical_worker` of `rank` reads."""
+        s = self.steps_per_epoch
+        counts = [len(range(v, s, num_workers)) for v in range(num_workers)]
+        start = rank * s * batch_size + batch_size * sum(counts[:logical_worker])
+        return WorkerSlice(logical_worker, start, counts[logical_worker])
+
+
+def plan_epoch(
+    shard_sizes: Sequence[int], *, seed: int, epoch: int, world_size: int, batch_size: int
+) -> EpochPlan:
+    """Shard order and steps per epoch; a pure function of its arguments."""
+    order = derive_rng("shards", seed, epoch).permutation(len(shard_sizes))
+    starts, pos = [], 0
+    for i in order:
+        starts.append(pos)
+        pos += int(shard_sizes[i])
+    steps = pos // (world_size * batch_size)
+    return EpochPlan(epoch, tuple(int(i) for i in order), tuple(starts), steps)
+
+
+def sample_key(member_name: str) -> tuple[str, str]:
+    """(key, extension) of a tar member: key = path up to the first dot of the basename."""
+    head, _, base = member_name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext
+
+
+@dataclass
+class Batch:
+    """One micro-batch of one rank: images [B,3,S,S] float32, tokens [B,L] int64, uids."""
+
+    images: torch.Tensor
+    tokens: torch.Tensor
+    uids: list[str]
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+class _EpochStream(IterableDataset):
+    """One epoch of one rank, from batch `start_step` on; each DataLoader worker reads one
+    logical worker's slice (see the module docstring)."""
+
+    def __init__(self, loader: WebDatasetLoader, epoch: int, start_step: int) -> None:
+        self.root = loader.dataset
+        self.manifest = loader.manifest
+        self.plan = loader.plan(epoch)
+        self.start_step = start_step
+        self.rank = loader.rank
+        self.num_workers = loader.effective_workers
+        self.batch_size = loader.batch_size
+        self.shuffle_buffer = loader.shuffle_buffer
+        self.seed = loader.seed
+        self.augment = loader.augment
+        self.image_size = loader.image_size
+        self.context_length = loader.context_length
+
+    # -- reading ---------------------------------------------------------------------------
+    def _shard_url(self, order_index: int) -> str:
+        shard = self.manifest.shards[self.plan.shard_order[order_index]]
+        return self.manifest.shard_url(self.root, shard)
+
+    def _read_positions(
+        self, lo: int, hi: int, needed: Callable[[int], bool]
+    ) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+        """(global position, uid, {ext: bytes}) for needed positions in [lo, hi), in order.
+
+        Positions not needed are walked over by tar header only.
+        """
+        plan, shards = self.plan, self.manifest.shards
+        for k, g0 in enumerate(plan.shard_starts):
+            shard = shards[plan.shard_order[k]]
+            a, b = max(lo, g0) - g0, min(hi, g0 + shard.num_samples) - g0
+            if a >= b:
+                continue
+            url = self._shard_url(k)
+            yield from self._read_shard(url, g0, a, b, shard.num_samples, needed)
+
+    def _read_shard(
+        self,
+        url: str,
+        g0: int,
+        a: int,
+        b: int,
+        expected: int,
+        needed: Callable[[int], bool],
+    ) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+        idx, key, want = -1, "\x00", False
+        members: dict[str, bytes] = {}
+        with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                k, ext = sample_key(m.name)
+                if k != key:
+                    if want:
+                        yield g0 + idx, key.rpartition("/")[2], members
+                    idx, key, members = idx + 1, k, {}
+                    if idx >= b:
+                        break
+                    want = idx >= a and needed(g0 + idx)
+                if want:
+                    fh = tar.extractfile(m)
+                    assert fh is not None
+                    members[ext] = fh.read()
+            else:
+                if want:
+                    yield g0 + idx, key.rpartition("/")[2], members
+                if idx + 1 != expected:
+                    raise ValueError(
+                        f"shard {url!r} holds {idx + 1} samples but the manifest says "
+                        f"{expected}: the dataset changed after its manifest was written; "
+                        "re-run `kiln curate` or fix manifest.json"
+                    )
+
+    # -- decoding --------------------------------------------------------------------------
+    def _decode(self, uid: str, members: dict[str, bytes], url_hint: str) -> tuple[Any, str]:
+        from kiln.training.transforms import decode_rgb, image_to_tensor, sample_rng
+
+        for ext in ("jpg", "txt"):
+            if ext not in members:
+                raise ValueError(
+                    f"sample {uid!r} in {url_hint} has no .{ext} member (has "
+                    f"{sorted(members)}): shards must hold {{uid}}.jpg and {{uid}}.txt"
+                )
+        try:
+            img = decode_rgb(members["jpg"])
+        except Exception as e:
+            raise ValueError(f"sample {uid!r} in {url_hint}: image does not decode: {e}") from e
+        rng = sample_rng(self.seed, self.plan.epoch, uid)
+        tensor = image_to_tensor(img, self.image_size, augment=self.augment, rng=rng)
+        return tensor, members["txt"].decode("utf-8", errors="replace")
+
+    def _batch(self, samples: list[tuple[str, dict[str, bytes]]]) -> Batch:
+        from kiln.training.tokenizer import tokenize
+
+        images, texts, uids = [], [], []
+        for uid, members in samples:
+            img, text = self._decode(uid, members, f"dataset {self.root!r}")
+            images.append(img)
+            texts.append(text)
+            uids.append(uid)
+        return Batch(torch.stack(images), tokenize(texts, self.context_length), uids)
+
+    # -- one logical worker ----------------------------------------------------------------
+    def logical_stream(self, logical_worker: int) -> Iterator[Batch]:
+        """Batches of `logical_worker` with epoch index >= start_step, in order."""
+        w, bsz = self.num_workers, self.batch_size
+        sl = self.plan.worker_slice(self.rank, logical_worker, w, bsz)
+        n = sl.num_batches * bsz
+        rng = derive_rng("buffer", self.seed, self.plan.epoch, self.rank, logical_worker)
+        order = buffer_shuffle(n, self.shuffle_buffer, rng)
+        skip = len(range(logical_worker, self.start_step, w)) * bsz
+        if skip >= n:
+            return
+        rest = order[skip:]
+        needed_set = {int(p) for p in rest}
+        cache: dict[int, tuple[str, dict[str, bytes]]] = {}
+        ptr, batch = 0, []
+        for pos, uid, members in self._read_positions(
+            sl.start, sl.start + n, lambda p: (p - sl.start) in needed_set
+        ):
+            cache[pos - sl.start] = (uid, members)
+            while ptr < len(rest) and int(rest[ptr]) in cache:
+                batch.append(cache.pop(int(rest[ptr])))
+                ptr += 1
+                if len(batch) == bsz:
+                    yield self._batch(batch)
+                    batch = []
+        if ptr != len(rest) or batch:  # pragma: no cover - a bug, not bad input
+            raise RuntimeError(
+                f"loader emitted {ptr} of {len(rest)} samples for worker {logical_worker}"
+            )
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        physical, count = (info.id, info.num_workers) if info is not None else (0, 1)
+        if count != self.num_workers:  # pragma: no cover - guarded by WebDatasetLoader
+            raise RuntimeError(f"expected {self.num_workers} workers, DataLoader has {count}")
+        yield from self.logical_stream((physical + self.start_step) % self.num_workers)
+
+
+class WebDatasetLoader:
+    """Endless iterator of one rank's batches, epoch after epoch, with a resumable position.
+
+    `state_dict()` is the position after the batches handed out so far; a loader built with
+    the same arguments and given that state continues with exactly the next batch.
+    """
+
+    def __init__(
+        self,
+        dataset: str,
+        *,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        shuffle_buffer: int = 256,
+        augment: bool = True,
+        image_size: int = 32,
+        context_length: int = 48,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} is outside world_size={world_size}")
+        self.dataset = dataset
+        self.manifest = read_manifest(dataset)
+        self.manifest_hash = manifest_hash(self.manifest)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.num_workers = num_workers
+        self.effective_workers = max(1, num_workers)
+        self.shuffle_buffer = shuffle_buffer
+        self.augment = augment
+        self.image_size = image_size
+        self.context_length = context_length
+        self._sizes = [s.num_samples for s in self.manifest.shards]
+        self.steps_per_epoch = self.plan(0).steps_per_epoch
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"dataset {dataset!r} has {self.manifest.num_samples} samples, fewer than one "
+                f"global batch (world_size={world_size} x data.batch_size={batch_size}): "
+                "lower data.batch_size or use a bigger dataset"
+            )
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self._iterating = False
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """The index plan of `epoch` (pure; see `plan_epoch`)."""
+        return plan_epoch(
+            self._sizes,
+            seed=self.seed,
+            epoch=epoch,
+            world_size=self.world_size,
+            batch_size=self.batch_size,
+        )
+
+    # -- state ---------------------------------------------------------------------------
+    def _identity_fields(self) -> dict[str, Any]:
+        return {
+            "world_size": self.world_size,
+            "num_workers": self.effective_workers,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "shuffle_buffer": self.shuffle_buffer,
+            "augment": self.augment,
+            "manifest_hash": self.manifest_hash,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position (epoch, batches consumed in it) plus what the position is valid for."""
+        return {
+            "version": LOADER_STATE_VERSION,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "steps_per_epoch": self.steps_per_epoch,
+            **self._identity_fields(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state`; errors if it was written by a differently shaped loader."""
+        if self._iterating:
+            raise RuntimeError("load_state_dict() must be called before iterating the loader")
+        if state.get("version") != LOADER_STATE_VERSION:
+            raise ValueError(
+                f"loader state version {state.get('version')!r} is not "
+                f"{LOADER_STATE_VERSION}: this checkpoint was written by another kiln version"
+            )
+        fixes = {
+            "world_size": "resume with the same number of training workers",
+            "num_workers": "set data.num_workers to the value the run started with",
+            "batch_size": "set data.batch_size to the value the run started with",
+            "seed": "set seed to the value the run started with",
+            "shuffle_buffer": "set data.shuffle_buffer to the value the run started with",
+            "augment": "set data.augment to the value the run started with",
+            "manifest_hash": "the dataset's shards changed since the checkpoint: point "
+            "data.dataset at the original dataset or start a new run",
+        }
+        for name, mine in self._identity_fields().items():
+            if state.get(name) != mine:
+                raise ValueError(
+                    f"cannot resume the data loader: checkpoint has {name}={state.get(name)!r} "
+                    f"but this run has {name}={mine!r}; {fixes[name]}"
+                )
+        epoch, step = int(state["epoch"]), int(state["step_in_epoch"])
+        if not 0 <= step < self.steps_per_epoch or epoch < 0:
+            raise ValueError(
+                f"loader state epoch={epoch} step_in_epoch={step} is out of range "
+                f"(steps_per_epoch={self.steps_per_epoch})"
+            )
+        self.epoch, self.step_in_epoch = epoch, step
+
+    # -- iteration -----------------------------------------------------------------------
+    def _dataloader(self, epoch: int, start: int) -> DataLoader:
+        stream = _EpochStream(self, epoch, start)
+        # An explicit generator keeps DataLoader from drawing its worker base seed from the
+        # global torch RNG, which would make the training RNG depend on when epochs start.
+        gen = torch.Generator().manual_seed(int(derive_rng("dl", self.seed).integers(2**62)))
+        return DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            collate_fn=_identity,
+            generator=gen,
+            in_order=True,
+            persistent_workers=False,
+            prefetch_factor=2 if self.num_workers else None,
+        )
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self._iterating:
+            raise RuntimeError("WebDatasetLoader supports one active iterator at a time")
+        self._iterating = True
+        try:
+            while True:
+                epoch, start = self.epoch, self.step_in_epoch
+                expected = self.steps_per_epoch - start
+                got = 0
+                for batch in self._dataloader(epoch, start):
+                    got += 1
+                    # The position counts batches handed to the consumer, not prefetched ones.
+                    self.step_in_epoch += 1
+                    if self.step_in_epoch == self.steps_per_epoch:
+                        self.epoch, self.step_in_epoch = epoch + 1, 0
+                    yield batch
+                if got != expected:  # pragma: no cover - a bug, not bad input
+                    raise RuntimeError(f"epoch {epoch} gave {got} batches, expected {expected}")
+        finally:
+            self._iterating = False

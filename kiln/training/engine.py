@@ -1,0 +1,228 @@
+"""DeepSpeed engine: config translation, LR schedule, process-group setup.
+
+`kiln.training.config` is DeepSpeed-agnostic; this module is the one place that knows the
+DeepSpeed config format. Import DeepSpeed through `import_deepspeed()`: DeepSpeed picks its
+accelerator when first imported, so ``DS_ACCELERATOR=cpu`` must be in the environment before
+that on machines without CUDA (otherwise it probes for GPUs and may pick a wrong one).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from kiln.training.config import TrainConfig
+
+__all__ = [
+    "WarmupCosine",
+    "build_ds_config",
+    "build_engine",
+    "default_extensions_dir",
+    "import_deepspeed",
+    "init_distributed",
+    "param_groups",
+    "prebuild_comm_ops",
+    "set_runtime_env",
+    "use_bf16",
+]
+
+_REQUIRED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def default_extensions_dir() -> str:
+    """Where DeepSpeed's JIT-built ops are cached: inside the active environment."""
+    return str(Path(sys.prefix) / "torch_extensions")
+
+
+def set_runtime_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Put DS_ACCELERATOR (cpu when no CUDA) and TORCH_EXTENSIONS_DIR into `env` (default
+    os.environ) unless already set; returns `env`."""
+    target: Any = os.environ if env is None else env
+    if not torch.cuda.is_available():
+        target.setdefault("DS_ACCELERATOR", "cpu")
+    target.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())
+    return target  # type: ignore[no-any-return]
+
+
+def import_deepspeed() -> ModuleType:
+    """`import deepspeed` after setting the environment it reads at import time."""
+    set_runtime_env()
+    import deepspeed
+
+    _patch_scalar_broadcast(deepspeed)
+    return deepspeed
+
+
+def _patch_scalar_broadcast(deepspeed: ModuleType) -> None:
+    """Let DeepSpeed's initial weight broadcast handle 0-dim parameters (CLIP's logit_scale).
+
+    DeepSpeed 0.19's ``DeepSpeedEngine._broadcast_model`` broadcasts ``p.data.view(uint8)``,
+    which raises for 0-dim tensors. While it runs, each 0-dim parameter's ``.data`` is a
+    1-element view of the same storage (so the broadcast still lands in the parameter),
+    then the original tensor is put back. Idempotent; a no-op once DeepSpeed fixes it.
+    """
+    engine_cls = deepspeed.runtime.engine.DeepSpeedEngine
+    original = engine_cls._broadcast_model
+    if getattr(original, "_kiln_scalar_safe", False):
+        return
+
+    def _broadcast_model(self: Any) -> None:
+        scalars = [p for p in self.module.parameters() if p.dim() == 0]
+        saved = [p.data for p in scalars]
+        for p in scalars:
+            p.data = p.data.view(1)
+        try:
+            original(self)
+        finally:
+            for p, data in zip(scalars, saved, strict=True):
+                p.data = data
+
+    _broadcast_model._kiln_scalar_safe = True  # type: ignore[attr-defined]
+    engine_cls._broadcast_model = _broadcast_model
+
+
+def use_bf16(cfg: TrainConfig) -> bool:
+    """bf16 when asked for, or with precision=auto on a CUDA machine; fp32 otherwise."""
+    if cfg.zero.precision == "bf16":
+        return True
+    return cfg.zero.precision == "auto" and torch.cuda.is_available()
+
+
+def build_ds_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config dict for `cfg` on `world_size` ranks."""
+    o, z = cfg.optim, cfg.zero
+    zero: dict[str, Any] = {"stage": z.stage}
+    if z.stage == 3 and z.param_persistence_threshold is not None:
+        zero["stage3_param_persistence_threshold"] = z.param_persistence_threshold
+    bf16 = use_bf16(cfg)
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": o.grad_accum,
+        "train_batch_size": cfg.data.batch_size * o.grad_accum * world_size,
+        "zero_optimization": zero,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": o.lr,
+                "betas": list(o.betas),
+                "eps": o.eps,
+                "weight_decay": o.weight_decay,
+                "torch_adam": True,
+            },
+        },
+        "gradient_clipping": o.grad_clip,
+        "bf16": {"enabled": bf16},
+        "fp16": {"enabled": False},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+class WarmupCosine:
+    """LR multiplier: linear warmup to 1 over `warmup_steps`, cosine to `min_ratio` at
+    `max_steps` (then flat). A callable object (not a closure) so LambdaLR can pickle it.
+
+    ``factor(s)`` is the multiplier for optimizer step ``s + 1`` (LambdaLR's count starts at 0).
+    """
+
+    def __init__(self, warmup_steps: int, max_steps: int, min_ratio: float) -> None:
+        self.warmup_steps = warmup_steps
+        self.max_steps = max_steps
+        self.min_ratio = min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        span = max(1, self.max_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: biases, norms, embeddings' scalars and logit_scale
+    (every parameter with fewer than 2 dims) are not decayed, as in CLIP."""
+    decay, no_decay = [], []
+    for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def init_distributed() -> bool:
+    """Make sure torch.distributed and DeepSpeed's comm layer are up; True if we created the
+    process group (then the caller destroys it at the end).
+
+    Reuses a group someone else made (Ray Train does); otherwise reads RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR, MASTER_PORT from the environment (gloo on CPU, nccl on GPU).
+    """
+    deepspeed = import_deepspeed()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    created = False
+    if not dist.is_initialized():
+        missing = [k for k in _REQUIRED_ENV if k not in os.environ]
+        if missing:
+            raise RuntimeError(
+                f"torch.distributed is not initialized and {missing} are not set: start "
+                "training with kiln.training.train(...) (or `kiln train`), which sets them"
+            )
+        # Made here rather than by DeepSpeed so a process that trained before (and left
+        # DeepSpeed's comm object behind) still gets a fresh group.
+        dist.init_process_group(backend=backend, init_method="env://")
+        created = True
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    return created
+
+
+def build_engine(model: nn.Module, cfg: TrainConfig, world_size: int) -> Any:
+    """`deepspeed.initialize` with kiln's config, parameter groups and LR schedule.
+
+    The schedule is a torch LambdaLR handed to DeepSpeed, so DeepSpeed steps it once per
+    optimizer step and saves/loads its state with every checkpoint.
+    """
+    deepspeed = import_deepspeed()
+    schedule = WarmupCosine(cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.min_lr_ratio)
+
+    def make_scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, cfg.optim.weight_decay),
+        config=build_ds_config(cfg, world_size),
+        lr_scheduler=make_scheduler,
+        dist_init_required=False,
+    )
+    return engine
+
+
+def prebuild_comm_ops() -> None:
+    """Build (or load from cache) DeepSpeed's CPU shared-memory comm op once, here.
+
+    Every rank loads it when DeepSpeed's comm layer starts; building it first in the
+    launcher means ranks only load the cached library instead of racing to compile it.
+    No-op on GPU machines and where the op does not apply.
+    """
+    deepspeed = import_deepspeed()
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return
+    builder.load(verbose=False)

@@ -1,0 +1,516 @@
+"""Evaluation of a trained CLIP: zero-shot classification and image-text retrieval.
+
+Checkpoint weights file (``checkpoints/{tag}/model.pt``, written at every complete
+checkpoint) is a plain ``torch.save`` of::
+
+    {"model_config": ModelConfig.model_dump(), "state_dict": {name: fp32 tensor}, "step": int}
+
+so evaluation, embedding for curation and export need neither DeepSpeed nor its sharded
+optimizer files. `save_model_file` writes it atomically; `load_model_file` rebuilds the model.
+
+Eval sets are kiln datasets: ``manifest.json`` + ``shards/*.tar`` with ``{uid}.jpg``,
+``{uid}.txt``, ``{uid}.json`` members. A zero-shot set adds ``zero_shot.json``::
+
+    {"tasks": [{"name": "color", "label_key": "color", "classnames": ["red", ...],
+                "templates": ["a photo of a {} shape.", ...]}]}
+
+and each sample's json holds ``{"labels": {"color": "red", ...}}``. Shards are read member
+by member with `tarfile` through fsspec (any URL), grouped by key the way webdataset does.
+Samples that cannot be used are counted by reason (``skipped``), never silently lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import tarfile
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+from kiln.contracts import read_manifest
+from kiln.training.config import EvalConfig, ModelConfig
+from kiln.training.models import CLIP, build_model
+from kiln.training.tokenizer import tokenize
+from kiln.training.transforms import decode_rgb, image_to_tensor
+
+__all__ = [
+    "ZERO_SHOT_NAME",
+    "ZeroShotSpec",
+    "ZeroShotTask",
+    "evaluate",
+    "iter_samples",
+    "load_model_file",
+    "recall_at_k",
+    "retrieval",
+    "save_model_file",
+    "zero_shot",
+    "zero_shot_classifier",
+]
+
+ZERO_SHOT_NAME = "zero_shot.json"
+_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+# --------------------------------------------------------------------------- weights file
+
+
+def save_model_file(
+    path: str, model: nn.Module | Mapping[str, torch.Tensor], cfg: ModelConfig, step: int
+) -> str:
+    """Write the weights file atomically (temp file, then rename); returns `path`.
+
+    `model` is the plain model or an already consolidated state dict (with ZeRO-3, gather
+    the parameters first, e.g. ``engine._zero3_consolidated_16bit_state_dict()``, or pass
+    the module inside ``deepspeed.zero.GatheredParameters``). Tensors are stored as fp32
+    CPU copies. A crash mid-write leaves at most a stray ``.tmp`` file, never a torn file.
+    """
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    payload = {
+        "model_config": cfg.model_dump(mode="json"),
+        "state_dict": {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()},
+        "step": int(step),
+    }
+    fs, fspath = fsspec.core.url_to_fs(path)
+    parent = posixpath.dirname(fspath)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = f"{fspath}.tmp{os.getpid()}"
+    if isinstance(fs, LocalFileSystem):
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, fspath)
+    else:
+        with fs.open(tmp, "wb") as f:
+            torch.save(payload, f)
+        fs.mv(tmp, fspath)
+    return path
+
+
+def load_model_file(path: str) -> tuple[CLIP, ModelConfig, int]:
+    """``(model in eval mode on CPU, its config, the step it was saved at)``."""
+    fs, fspath = fsspec.core.url_to_fs(path)
+    if not fs.exists(fspath):
+        raise FileNotFoundError(
+            f"no model weights file at {path!r}: pass a run's checkpoints/<tag>/model.pt "
+            "(written at every complete checkpoint)"
+        )
+    with fs.open(fspath, "rb") as f:
+        payload = torch.load(f, map_location="cpu", weights_only=True)
+    missing = {"model_config", "state_dict", "step"} - set(payload)
+    if missing:
+        raise ValueError(
+            f"{path!r} is not a kiln model file: missing keys {sorted(missing)} "
+            "(expected model_config, state_dict, step; see save_model_file)"
+        )
+    cfg = ModelConfig.model_validate(payload["model_config"])
+    model = build_model(cfg)
+    model.load_state_dict(payload["state_dict"], strict=True)
+    model.eval()
+    return model, cfg, int(payload["step"])
+
+
+# --------------------------------------------------------------------------- reading sets
+
+
+class ZeroShotTask(BaseModel):
+    """One classification task of ``zero_shot.json``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    label_key: str = Field(description="key in each sample's json 'labels' object")
+    classnames: list[str] = Field(min_length=2)
+    templates: list[str] = Field(min_length=1)
+
+    @field_validator("templates")
+    @classmethod
+    def _has_slot(cls, templates: list[str]) -> list[str]:
+        for t in templates:
+            if "{}" not in t:
+                raise ValueError(f"template {t!r} has no '{{}}' slot for the class name")
+        return templates
+
+    @field_validator("classnames")
+    @classmethod
+    def _unique(cls, names: list[str]) -> list[str]:
+        dup = sorted(n for n, c in Counter(names).items() if c > 1)
+        if dup:
+            raise ValueError(f"classnames repeat {dup}: each class must be listed once")
+        return names
+
+
+class ZeroShotSpec(BaseModel):
+    """The whole ``zero_shot.json``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    tasks: list[ZeroShotTask] = Field(min_length=1)
+
+
+def _read_zero_shot_spec(eval_dir: str) -> ZeroShotSpec:
+    url = eval_dir.rstrip("/") + "/" + ZERO_SHOT_NAME
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        raise FileNotFoundError(
+            f"no {ZERO_SHOT_NAME} at {url!r}: a zero-shot eval set needs it beside "
+            "manifest.json (tasks with name, label_key, classnames, templates)"
+        )
+    with fs.open(path, "rt") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{url!r} is not valid JSON: {e}") from e
+    try:
+        return ZeroShotSpec.model_validate(data)
+    except Exception as e:
+        raise ValueError(f"{url!r} is not a valid zero-shot spec: {e}") from e
+
+
+@dataclass
+class _Sample:
+    key: str
+    members: dict[str, bytes] = field(default_factory=dict)
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    """webdataset's rule: key = path up to the first dot of the basename, ext = the rest."""
+    folder, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return posixpath.join(folder, stem), ext.lower()
+
+
+def iter_samples(dataset_dir: str) -> Iterator[tuple[str, str, dict[str, bytes]]]:
+    """``(shard url, key, {ext: bytes})`` for every sample of the manifest's shards, in order."""
+    manifest = read_manifest(dataset_dir)
+    for shard in manifest.shards:
+        url = manifest.shard_url(dataset_dir, shard)
+        current: _Sample | None = None
+        try:
+            with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, ext = _split_member(member.name)
+                    if not ext or posixpath.basename(key).startswith("__"):
+                        continue
+                    if current is None or current.key != key:
+                        if current is not None:
+                            yield url, current.key, current.members
+                        current = _Sample(key)
+                    fobj = tar.extractfile(member)
+                    if fobj is not None:
+                        current.members[ext] = fobj.read()
+        except (tarfile.TarError, OSError) as e:
+            raise ValueError(f"cannot read shard {url!r} listed in the manifest: {e}") from e
+        if current is not None:
+            yield url, current.key, current.members
+
+
+def _image_bytes(members: Mapping[str, bytes]) -> bytes | None:
+    for ext in _IMAGE_EXTS:
+        if ext in members:
+            return members[ext]
+    return None
+
+
+@dataclass
+class _Embedded:
+    """Per-sample outputs of one pass over a dataset."""
+
+    image: torch.Tensor
+    text: torch.Tensor | None
+    meta: list[dict[str, Any]]
+    skipped: Counter[str]
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def _encode_texts(
+    model: CLIP, texts: Sequence[str], context_length: int, batch_size: int
+) -> torch.Tensor:
+    device = _model_device(model)
+    chunks = [
+        model.encode_text(tokenize(texts[i : i + batch_size], context_length).to(device)).float()
+        for i in range(0, len(texts), batch_size)
+    ]
+    return torch.cat(chunks).cpu()
+
+
+@torch.no_grad()
+def _embed_dataset(
+    model: CLIP,
+    dataset_dir: str,
+    *,
+    image_size: int,
+    context_length: int,
+    batch_size: int,
+    with_text: bool,
+    with_meta: bool,
+) -> _Embedded:
+    """Image (and caption) embeddings of every usable sample, in dataset order."""
+    device = _model_device(model)
+    images: list[torch.Tensor] = []
+    texts: list[str] = []
+    metas: list[dict[str, Any]] = []
+    out_img: list[torch.Tensor] = []
+    skipped: Counter[str] = Counter()
+
+    def flush() -> None:
+        if images:
+            out_img.append(model.encode_image(torch.stack(images).to(device)).float().cpu())
+            images.clear()
+
+    for _url, key, members in iter_samples(dataset_dir):
+        data = _image_bytes(members)
+        if data is None:
+            skipped["missing_image"] += 1
+            continue
+        if with_text and "txt" not in members:
+            skipped["missing_text"] += 1
+            continue
+        meta: dict[str, Any] = {}
+        if with_meta:
+            try:
+                meta = json.loads(members["json"]) if "json" in members else {}
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                skipped["bad_json"] += 1
+                continue
+            if not isinstance(meta, dict):
+                skipped["bad_json"] += 1
+                continue
+        try:
+            pixels = image_to_tensor(decode_rgb(data), image_size, augment=False, rng=None)
+        except ValueError:
+            skipped["bad_image"] += 1
+            continue
+        meta.setdefault("uid", key)
+        images.append(pixels)
+        metas.append(meta)
+        if with_text:
+            texts.append(members["txt"].decode("utf-8", errors="replace").strip())
+        if len(images) == batch_size:
+            flush()
+    flush()
+    if not metas:
+        raise ValueError(
+            f"dataset {dataset_dir!r} has no usable samples (skipped: {dict(skipped)}): "
+            "check that its shards hold image + txt members"
+        )
+    text_emb = _encode_texts(model, texts, context_length, batch_size) if with_text else None
+    return _Embedded(torch.cat(out_img), text_emb, metas, skipped)
+
+
+class _EvalMode:
+    """Put a model in eval mode for a block and restore its previous mode after."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self) -> None:
+        self.model.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.train(self.was_training)
+
+
+# --------------------------------------------------------------------------- zero-shot
+
+
+@torch.no_grad()
+def zero_shot_classifier(
+    model: CLIP, task: ZeroShotTask, *, context_length: int, batch_size: int
+) -> torch.Tensor:
+    """``[num_classes, D]``: per class, the renormalized mean of its template embeddings."""
+    prompts = [t.format(c) for c in task.classnames for t in task.templates]
+    emb = _encode_texts(model, prompts, context_length, batch_size)
+    emb = emb.reshape(len(task.classnames), len(task.templates), -1).mean(dim=1)
+    return torch.nn.functional.normalize(emb, dim=-1)
+
+
+def zero_shot(
+    model: CLIP, eval_dir: str, *, image_size: int, context_length: int, batch_size: int
+) -> dict[str, Any]:
+    """Zero-shot accuracy per task of ``{eval_dir}/zero_shot.json``.
+
+    Returns ``{task name: {"top1", "top5" (when more than 5 classes), "chance",
+    "num_classes", "num_samples", "per_class": {class: accuracy or None}, "skipped":
+    {reason: count}}}``. Samples whose label is missing or not a listed class are counted
+    in ``skipped`` and left out of the accuracy.
+    """
+    spec = _read_zero_shot_spec(eval_dir)
+    with _EvalMode(model):
+        data = _embed_dataset(
+            model,
+            eval_dir,
+            image_size=image_size,
+            context_length=context_length,
+            batch_size=batch_size,
+            with_text=False,
+            with_meta=True,
+        )
+        results: dict[str, Any] = {}
+        for task in spec.tasks:
+            classifier = zero_shot_classifier(
+                model, task, context_length=context_length, batch_size=batch_size
+            )
+            results[task.name] = _score_task(task, classifier, data)
+    return results
+
+
+def _score_task(task: ZeroShotTask, classifier: torch.Tensor, data: _Embedded) -> dict[str, Any]:
+    index = {c: i for i, c in enumerate(task.classnames)}
+    skipped = Counter(data.skipped)
+    rows, targets = [], []
+    for row, meta in enumerate(data.meta):
+        labels = meta.get("labels")
+        label = labels.get(task.label_key) if isinstance(labels, dict) else None
+        if label is None:
+            skipped["missing_label"] += 1
+        elif label not in index:
+            skipped["unknown_label"] += 1
+        else:
+            rows.append(row)
+            targets.append(index[label])
+    k = len(task.classnames)
+    result: dict[str, Any] = {
+        "num_classes": k,
+        "num_samples": len(rows),
+        "chance": 1.0 / k,
+        "skipped": dict(sorted(skipped.items())),
+    }
+    if not rows:
+        result.update(top1=None, per_class=dict.fromkeys(task.classnames))
+        if k > 5:
+            result["top5"] = None
+        return result
+    target = torch.tensor(targets)
+    logits = data.image[rows] @ classifier.T
+    ranked = logits.argsort(dim=1, descending=True, stable=True)
+    correct1 = ranked[:, 0] == target
+    result["top1"] = correct1.float().mean().item()
+    if k > 5:
+        result["top5"] = (ranked[:, :5] == target[:, None]).any(dim=1).float().mean().item()
+    per_class: dict[str, float | None] = {}
+    for i, name in enumerate(task.classnames):
+        mask = target == i
+        per_class[name] = correct1[mask].float().mean().item() if mask.any() else None
+    result["per_class"] = per_class
+    return result
+
+
+# --------------------------------------------------------------------------- retrieval
+
+
+def recall_at_k(
+    sim: torch.Tensor, gt: Sequence[int | Sequence[int]] | torch.Tensor, ks: Sequence[int]
+) -> dict[str, float]:
+    """Recall@k of each query row of `sim` ``[N_query, N_candidates]``.
+
+    ``gt[i]`` is the correct candidate index of row ``i`` (or a list of them; a hit on any
+    counts). A row's rank is the number of wrong candidates scoring at least its best
+    correct one, so ties count against the model: a constant similarity matrix scores 0,
+    not 1. Returns ``{"recall@k": fraction of rows whose rank < k}``.
+    """
+    if sim.ndim != 2:
+        raise ValueError(f"recall_at_k: sim must be 2-D [queries, candidates], got {sim.shape}")
+    n_q, n_c = sim.shape
+    if len(gt) != n_q:
+        raise ValueError(f"recall_at_k: {len(gt)} ground-truth entries for {n_q} query rows")
+    correct = torch.zeros(n_q, n_c, dtype=torch.bool)
+    for i, g in enumerate(gt.tolist() if isinstance(gt, torch.Tensor) else gt):
+        idx = [g] if isinstance(g, int) else list(g)
+        if not idx or any(not 0 <= j < n_c for j in idx):
+            raise ValueError(f"recall_at_k: gt[{i}]={g!r} is not a valid index in [0, {n_c})")
+        correct[i, idx] = True
+    sim = sim.detach().float().cpu()
+    best = sim.masked_fill(~correct, float("-inf")).max(dim=1).values
+    rank = ((sim >= best[:, None]) & ~correct).sum(dim=1)
+    return {f"recall@{k}": (rank < k).float().mean().item() for k in ks}
+
+
+def retrieval(
+    model: CLIP,
+    dataset_dir: str,
+    ks: Sequence[int],
+    *,
+    image_size: int,
+    context_length: int,
+    batch_size: int,
+) -> dict[str, Any]:
+    """Image->text and text->image recall@k, each sample being one image and its caption."""
+    bad = [k for k in ks if k < 1]
+    if bad or not ks:
+        raise ValueError(f"recall ks={list(ks)} must be a non-empty list of integers >= 1")
+    with _EvalMode(model):
+        data = _embed_dataset(
+            model,
+            dataset_dir,
+            image_size=image_size,
+            context_length=context_length,
+            batch_size=batch_size,
+            with_text=True,
+            with_meta=False,
+        )
+    assert data.text is not None
+    sim = data.image @ data.text.T
+    gt = list(range(sim.shape[0]))
+    return {
+        "num_samples": sim.shape[0],
+        "image_to_text": recall_at_k(sim, gt, ks),
+        "text_to_image": recall_at_k(sim.T, gt, ks),
+        "skipped": dict(sorted(data.skipped.items())),
+    }
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def evaluate(model_file: str, cfg: EvalConfig, out_path: str | None = None) -> dict[str, Any]:
+    """Run every evaluation `cfg` names on the weights in `model_file`; write JSON if asked."""
+    if cfg.zero_shot is None and cfg.retrieval is None:
+        raise ValueError(
+            "eval.zero_shot and eval.retrieval are both unset: set at least one "
+            "(e.g. --set eval.zero_shot=PATH_TO_LABELLED_SET)"
+        )
+    model, mcfg, step = load_model_file(model_file)
+    sizes = {
+        "image_size": mcfg.image_size,
+        "context_length": mcfg.context_length,
+        "batch_size": cfg.batch_size,
+    }
+    report: dict[str, Any] = {"model_file": model_file, "step": step}
+    if cfg.zero_shot is not None:
+        report["zero_shot"] = zero_shot(model, cfg.zero_shot, **sizes)
+        report["zero_shot_dataset"] = cfg.zero_shot
+    if cfg.retrieval is not None:
+        report["retrieval"] = retrieval(model, cfg.retrieval, cfg.recall_k, **sizes)
+        report["retrieval_dataset"] = cfg.retrieval
+    if out_path is not None:
+        _write_json(out_path, report)
+    return report
+
+
+def _write_json(url: str, obj: Mapping[str, Any]) -> None:
+    fs, path = fsspec.core.url_to_fs(url)
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with fs.open(tmp, "wt") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    fs.mv(tmp, path)

@@ -1,0 +1,376 @@
+"""Start the training ranks: local subprocesses or Ray Train workers.
+
+`train()` is the one entry point (the CLI and the Python API call it). Both launchers run
+`kiln.training.loop.train_worker` in every rank with the same arguments and pin the same
+number of intra-op threads per rank, so for the same config and world size they produce the
+same losses.
+
+- ``launcher="local"``: ``num_workers`` subprocesses of ``python -m kiln.training.launch``
+  on this machine, each in its own session (process group) so the parent can stop a rank
+  together with its DataLoader workers; rank 0's log is echoed to stdout; per-rank logs go
+  to ``{run_dir}/logs/``. If any rank fails, the others are stopped and `TrainLaunchError`
+  carries the exit codes and the failing rank's log tail.
+- ``launcher="ray"``: a Ray Train ``TorchTrainer`` on the Ray cluster the caller connected
+  to (``ray.init`` first; ``kiln.platform`` does it). Ray Train makes the process group and
+  sets RANK/LOCAL_RANK/MASTER_ADDR...; DeepSpeed reuses that group.
+
+DeepSpeed's CPU comm op is built (or loaded from its cache) once in the launching process
+before any rank starts, so ranks never race to compile it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, Field
+
+from kiln.training.config import TrainConfig
+from kiln.training.engine import prebuild_comm_ops, set_runtime_env
+from kiln.training.loop import SUMMARY_FILE, check_run_dir
+
+__all__ = ["CONFIG_FILE", "TrainLaunchError", "TrainSummary", "main", "train"]
+
+CONFIG_FILE = "train_config.json"
+_LOG_TAIL_BYTES = 6000
+
+
+class TrainSummary(BaseModel):
+    """What one `train()` invocation did."""
+
+    run_dir: str
+    launcher: Literal["ray", "local"]
+    world_size: int
+    first_step: int = Field(description="first step trained by this invocation")
+    last_step: int = Field(description="step reached (== max_steps when finished)")
+    losses: list[float] = Field(description="global loss of each step this invocation ran")
+    samples_per_s: float
+    latest_checkpoint: str | None
+    resumed_from: int | None = Field(description="checkpoint step resumed from, if any")
+    wall_s: float = Field(description="seconds the launch took, start-up included")
+
+
+class TrainLaunchError(RuntimeError):
+    """A rank (or the Ray Train run) failed; `exit_codes` maps rank -> exit status."""
+
+    def __init__(self, message: str, exit_codes: dict[int, int | None] | None = None) -> None:
+        super().__init__(message)
+        self.exit_codes = exit_codes or {}
+
+
+def _threads(cpus_per_worker: float) -> int:
+    return max(1, int(cpus_per_worker))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _read_summary(run: Path, launcher: Literal["ray", "local"], started: float) -> TrainSummary:
+    path = run / SUMMARY_FILE
+    if not path.is_file():
+        raise TrainLaunchError(f"training finished but wrote no {path}: see the logs in {run}")
+    data = json.loads(path.read_text())
+    return TrainSummary(
+        run_dir=str(run),
+        launcher=launcher,
+        world_size=data["world_size"],
+        first_step=data["first_step"],
+        last_step=data["last_step"],
+        losses=data["losses"],
+        samples_per_s=data["samples_per_s"],
+        latest_checkpoint=data["latest_checkpoint"],
+        resumed_from=data["resumed_from"],
+        wall_s=time.perf_counter() - started,
+    )
+
+
+def train(
+    cfg: TrainConfig,
+    run_dir: str,
+    *,
+    num_workers: int = 2,
+    cpus_per_worker: float = 1.0,
+    gpus_per_worker: float = 0.0,
+    launcher: Literal["ray", "local"] = "ray",
+    resume: bool = False,
+    recipe_hash: str = "",
+) -> TrainSummary:
+    """Train `cfg` on `num_workers` ranks into `run_dir` (resume: from its latest complete
+    checkpoint). Returns when every rank is done; raises `TrainLaunchError` if one fails."""
+    if num_workers < 1:
+        raise ValueError(f"num_workers={num_workers} must be at least 1")
+    if launcher not in ("ray", "local"):
+        raise ValueError(f"launcher={launcher!r} is not one of 'ray', 'local'")
+    if gpus_per_worker > 0 and not torch.cuda.is_available():
+        raise ValueError(
+            f"gpus_per_worker={gpus_per_worker} but this machine has no CUDA GPU: set "
+            "resources.gpus_per_worker=0 to train on CPU"
+        )
+    run = Path(run_dir).resolve()
+    run.mkdir(parents=True, exist_ok=True)
+    check_run_dir(run, resume)
+    (run / SUMMARY_FILE).unlink(missing_ok=True)
+    started = time.perf_counter()
+    set_runtime_env()
+    prebuild_comm_ops()
+    if launcher == "local":
+        _launch_local(cfg, run, num_workers, cpus_per_worker, gpus_per_worker, resume, recipe_hash)
+    else:
+        _launch_ray(cfg, run, num_workers, cpus_per_worker, gpus_per_worker, resume, recipe_hash)
+    return _read_summary(run, launcher, started)
+
+
+# --------------------------------------------------------------------------- local launcher
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: ask the kernel to SIGKILL this child if the launching process dies."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _log_path(logs: Path, rank: int) -> Path:
+    n = 1
+    while (logs / f"train{n:03d}-rank0.log").exists():
+        n += 1
+    return logs / f"train{n:03d}-rank{rank}.log"
+
+
+def _tail(path: Path, limit: int = _LOG_TAIL_BYTES) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - limit))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class _Follower(threading.Thread):
+    """Echo a growing log file to stdout until stopped."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(daemon=True)
+        self.path = path
+        self.stop = threading.Event()
+
+    def _pump(self, f: Any) -> None:
+        chunk = f.read()
+        if chunk:
+            sys.stdout.write(chunk.decode(errors="replace"))
+            sys.stdout.flush()
+
+    def run(self) -> None:
+        while not self.path.exists() and not self.stop.is_set():
+            time.sleep(0.05)
+        with contextlib.suppress(OSError), open(self.path, "rb") as f:
+            while not self.stop.wait(0.2):
+                self._pump(f)
+            self._pump(f)
+
+
+def _kill_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+def _stop_all(procs: Sequence[subprocess.Popen[bytes]], grace_s: float = 10.0) -> None:
+    for p in procs:
+        _kill_group(p, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+    for p in procs:  # also reaps DataLoader workers a dead rank left in its group
+        _kill_group(p, signal.SIGKILL)
+        p.wait()
+
+
+def _launch_local(
+    cfg: TrainConfig,
+    run: Path,
+    world: int,
+    cpus_per_worker: float,
+    gpus_per_worker: float,
+    resume: bool,
+    recipe_hash: str,
+) -> None:
+    config_path = run / CONFIG_FILE
+    config_path.write_text(cfg.model_dump_json(indent=2) + "\n")
+    logs = run / "logs"
+    logs.mkdir(exist_ok=True)
+    log_paths = [_log_path(logs, 0)]
+    log_paths += [log_paths[0].with_name(log_paths[0].name.replace("rank0", f"rank{r}")) for r in range(1, world)]
+    threads = _threads(cpus_per_worker)
+    base_env = set_runtime_env(dict(os.environ))
+    base_env.update(
+        {
+            "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(_free_port()),
+            "OMP_NUM_THREADS": str(threads),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    base_env.pop("LOCAL_SIZE", None)  # keeps DeepSpeed's shared-memory allreduce off
+    cmd = [sys.executable, "-m", "kiln.training.launch", "--config", str(config_path)]
+    cmd += ["--run-dir", str(run), "--threads", str(threads), "--recipe-hash", recipe_hash]
+    if resume:
+        cmd.append("--resume")
+    procs: list[subprocess.Popen[bytes]] = []
+    follower = _Follower(log_paths[0])
+    follower.start()
+    try:
+        for rank in range(world):
+            env = dict(base_env, RANK=str(rank), LOCAL_RANK=str(rank))
+            if gpus_per_worker > 0:
+                env.setdefault("CUDA_VISIBLE_DEVICES", ",".join(str(i) for i in range(world)))
+            with open(log_paths[rank], "wb") as log:
+                procs.append(
+                    subprocess.Popen(
+                        cmd,
+                        env=env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        start_new_session=True,
+                        preexec_fn=_die_with_parent,
+                    )
+                )
+        failed: int | None = None
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = next((r for r, c in enumerate(codes) if c not in (None, 0)), None)
+            if failed is not None or all(c == 0 for c in codes):
+                break
+            time.sleep(0.1)
+    except BaseException:
+        _stop_all(procs, grace_s=2.0)
+        raise
+    finally:
+        follower.stop.set()
+        follower.join(timeout=5)
+    if failed is not None:
+        time.sleep(0.5)  # let ranks that die of the same cause report their own codes
+        codes = [p.poll() for p in procs]
+        _stop_all(procs)
+        exit_codes = dict(enumerate(codes))
+        raise TrainLaunchError(
+            f"training rank {failed} exited with code {codes[failed]} "
+            f"(exit codes by rank: {exit_codes}); last lines of {log_paths[failed]}:\n"
+            f"{_tail(log_paths[failed])}",
+            exit_codes,
+        )
+
+
+# --------------------------------------------------------------------------- ray launcher
+
+
+def _ray_train_loop(config: dict[str, Any]) -> None:
+    """Per-worker function of the Ray TorchTrainer."""
+    set_runtime_env()
+    from kiln.training.loop import train_worker
+
+    train_worker(
+        TrainConfig.model_validate(config["cfg"]),
+        config["run_dir"],
+        resume=config["resume"],
+        recipe_hash=config["recipe_hash"],
+        num_threads=config["num_threads"],
+    )
+
+
+def _launch_ray(
+    cfg: TrainConfig,
+    run: Path,
+    world: int,
+    cpus_per_worker: float,
+    gpus_per_worker: float,
+    resume: bool,
+    recipe_hash: str,
+) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError(
+            "launcher='ray' needs a connected Ray: call ray.init(...) first (kiln.platform "
+            "does), or use launcher='local'"
+        )
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    threads = _threads(cpus_per_worker)
+    resources: dict[str, float] = {"CPU": cpus_per_worker}
+    if gpus_per_worker > 0:
+        resources["GPU"] = gpus_per_worker
+    env_vars = set_runtime_env({})
+    env_vars["OMP_NUM_THREADS"] = str(threads)
+    trainer = TorchTrainer(
+        _ray_train_loop,
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "run_dir": str(run),
+            "resume": resume,
+            "recipe_hash": recipe_hash,
+            "num_threads": threads,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=world, use_gpu=gpus_per_worker > 0, resources_per_worker=resources
+        ),
+        torch_config=TorchConfig(backend="nccl" if gpus_per_worker > 0 else "gloo"),
+        run_config=RunConfig(
+            storage_path=str(run / "ray_train"),
+            name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+            failure_config=FailureConfig(max_failures=0),
+            worker_runtime_env={"env_vars": env_vars},
+        ),
+    )
+    try:
+        trainer.fit()
+    except Exception as e:
+        raise TrainLaunchError(f"Ray Train run failed: {type(e).__name__}: {e}") from e
+
+
+# --------------------------------------------------------------------------- rank entry point
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of one local rank: ``python -m kiln.training.launch --config ...``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="TrainConfig as JSON")
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--recipe-hash", default="")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    set_runtime_env()
+    from kiln.training.loop import train_worker
+
+    cfg = TrainConfig.model_validate_json(Path(args.config).read_text())
+    train_worker(
+        cfg, args.run_dir, resume=args.resume, recipe_hash=args.recipe_hash, num_threads=args.threads
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""The training loop that runs inside every rank, whichever launcher started it.
+
+`train_worker` seeds, builds the model, the DeepSpeed engine and the loader, resumes from
+the latest complete checkpoint when asked, trains to ``cfg.max_steps`` (or stops after
+``cfg.stop_after_step``), checkpoints every ``cfg.checkpoint.every_steps`` and at the end,
+and appends one record per step to ``{run_dir}/metrics.jsonl`` (rank 0)::
+
+    {"step", "loss", "lr", "epoch", "samples_per_s", "elapsed_s", "attempt", "resumed_from"}
+
+``loss`` is the global-batch loss (the mean of the ranks' losses) as a Python float, which
+JSON round-trips exactly, so runs can be compared bitwise from their metrics files.
+
+Fault injection, for tests of crash recovery (environment variables, off by default):
+
+- ``KILN_FAULT_SIGKILL_AFTER_STEP=N``: after step N is done (and its checkpoint, if one is
+  due), every rank SIGKILLs itself.
+- ``KILN_FAULT_SIGKILL_IN_SAVE=N``: every rank SIGKILLs itself in the middle of saving the
+  checkpoint of step N: after DeepSpeed, RNG and model files are written, before the
+  COMPLETE marker and ``latest``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from kiln.training.checkpoint import (
+    atomic_write_text,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from kiln.training.config import TrainConfig
+from kiln.training.data import Batch, WebDatasetLoader
+from kiln.training.engine import build_engine, init_distributed
+
+__all__ = [
+    "FAULT_SIGKILL_AFTER_STEP",
+    "FAULT_SIGKILL_IN_SAVE",
+    "METRICS_FILE",
+    "SUMMARY_FILE",
+    "check_run_dir",
+    "format_duration",
+    "train_worker",
+]
+
+FAULT_SIGKILL_AFTER_STEP = "KILN_FAULT_SIGKILL_AFTER_STEP"
+FAULT_SIGKILL_IN_SAVE = "KILN_FAULT_SIGKILL_IN_SAVE"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "train_summary.json"
+
+
+def _fault_step(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError as e:
+        raise ValueError(f"{name}={value!r} must be a step number (or unset)") from e
+
+
+def _sigkill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def check_run_dir(run_dir: str | Path, resume: bool) -> None:
+    """Refuse to start a fresh run on top of an existing one's checkpoints."""
+    if not resume and latest_checkpoint(run_dir) is not None:
+        raise FileExistsError(
+            f"run dir {run_dir!r} already holds checkpoints: resume it (`kiln resume "
+            f"{run_dir}` / resume=True) or train into a new run_dir"
+        )
+
+
+def format_duration(seconds: float) -> str:
+    """``1h02m03s`` / ``2m03s`` / ``3s``."""
+    s = int(max(0.0, seconds) + 0.5)
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    if h:
+        return f"{h}h{m:02d}m{sec:02d}s"
+    return f"{m}m{sec:02d}s" if m else f"{sec}s"
+
+
+def _next_attempt(metrics: Path) -> int:
+    if not metrics.is_file():
+        return 1
+    last = 0
+    for line in metrics.read_text().splitlines():
+        try:
+            last = max(last, int(json.loads(line).get("attempt", 0)))
+        except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+            continue
+    return last + 1
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _global_mean(value: torch.Tensor, world: int) -> float:
+    t = value.detach().to(torch.float32).reshape(1).clone()
+    if world > 1:
+        if torch.cuda.is_available() and dist.get_backend() == dist.Backend.NCCL:
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t = t / world
+    return float(t.item())
+
+
+def _log(rank: int, msg: str) -> None:
+    if rank == 0:
+        print(f"[kiln] {msg}", flush=True)
+
+
+def train_worker(
+    cfg: TrainConfig,
+    run_dir: str,
+    *,
+    resume: bool,
+    recipe_hash: str = "",
+    num_threads: int | None = None,
+) -> dict[str, Any]:
+    """Train in this rank (torch.distributed env set up by a launcher); returns a summary.
+
+    Collective: every rank of the world calls it with the same arguments. `num_threads`
+    pins torch's intra-op threads (results can depend on it, so both launchers set it).
+    """
+    created_group = init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    run = Path(run_dir)
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+
+    from kiln.training.losses import clip_loss
+    from kiln.training.models import build_model
+
+    _seed_everything(cfg.seed)  # every rank builds identical initial weights
+    model = build_model(cfg.model)
+    engine = build_engine(model, cfg, world)
+    device = engine.device
+    loader = WebDatasetLoader(
+        cfg.data.dataset,
+        batch_size=cfg.data.batch_size,
+        seed=cfg.seed,
+        rank=rank,
+        world_size=world,
+        num_workers=cfg.data.num_workers,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        augment=cfg.data.augment,
+        image_size=cfg.model.image_size,
+        context_length=cfg.model.context_length,
+    )
+
+    step, resumed_from = 0, None
+    if resume:
+        tag = latest_checkpoint(run)
+        if tag is None:
+            _log(rank, f"resume: no complete checkpoint under {run / 'checkpoints'}; starting from scratch")
+        else:
+            client = load_checkpoint(engine, run, tag)["kiln"]
+            step = resumed_from = int(client["step"])
+            loader.load_state_dict(client["loader"])
+            old_hash = client.get("recipe_hash", "")
+            if recipe_hash and old_hash and old_hash != recipe_hash:
+                _log(rank, f"note: recipe hash {recipe_hash} differs from the checkpoint's {old_hash}")
+            _log(rank, f"resumed from {tag} (epoch {loader.epoch}, batch {loader.step_in_epoch})")
+    else:
+        check_run_dir(run, resume=False)
+
+    metrics_path = run / METRICS_FILE
+    attempt = _next_attempt(metrics_path) if rank == 0 else 0
+    kill_after = _fault_step(FAULT_SIGKILL_AFTER_STEP)
+    kill_in_save = _fault_step(FAULT_SIGKILL_IN_SAVE)
+    last_saved = step if resumed_from is not None else None
+    end = cfg.max_steps if cfg.stop_after_step is None else min(cfg.max_steps, cfg.stop_after_step)
+    samples_per_step = cfg.data.batch_size * cfg.optim.grad_accum * world
+    first_step = step + 1
+    losses: list[float] = []
+    step_times: list[float] = []
+    _log(
+        rank,
+        f"training steps {first_step}..{end} of {cfg.max_steps} on {world} rank(s), "
+        f"ZeRO-{cfg.zero.stage}, {samples_per_step} samples/step, "
+        f"{loader.steps_per_epoch} steps/epoch",
+    )
+
+    def save(at: int) -> str:
+        hook = _sigkill_self if kill_in_save == at else None
+        client = {
+            "kiln": {
+                "step": at,
+                "epoch": loader.epoch,
+                "loader": loader.state_dict(),
+                "recipe_hash": recipe_hash,
+                "world_size": world,
+            }
+        }
+        return save_checkpoint(
+            engine,
+            run,
+            step=at,
+            client_state=client,
+            model_config=cfg.model,
+            keep_last=cfg.checkpoint.keep_last,
+            before_commit=hook,
+        )
+
+    t_start = time.perf_counter()
+    batches = iter(loader)
+    try:
+        while step < end:
+            t0 = time.perf_counter()
+            lr = float(engine.get_lr()[0])
+            micro_losses = []
+            for _ in range(cfg.optim.grad_accum):
+                batch: Batch = next(batches)
+                images = batch.images.to(device, non_blocking=True)
+                tokens = batch.tokens.to(device, non_blocking=True)
+                img, txt, scale = engine(images, tokens)
+                loss = clip_loss(img, txt, scale)
+                engine.backward(loss)
+                engine.step()
+                micro_losses.append(loss.detach().float())
+            step += 1
+            loss_value = _global_mean(torch.stack(micro_losses).mean(), world)
+            dt = time.perf_counter() - t0
+            losses.append(loss_value)
+            step_times.append(dt)
+            if rank == 0:
+                record = {
+                    "step": step,
+                    "loss": loss_value,
+                    "lr": lr,
+                    "epoch": loader.epoch if loader.step_in_epoch else loader.epoch - 1,
+                    "samples_per_s": samples_per_step / dt if dt > 0 else 0.0,
+                    "elapsed_s": time.perf_counter() - t_start,
+                    "attempt": attempt,
+                    "resumed_from": resumed_from,
+                }
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if step % cfg.log_every == 0 or step == end:
+                    mean_dt = sum(step_times) / len(step_times)
+                    _log(
+                        rank,
+                        f"step {step}/{cfg.max_steps} loss {loss_value:.4f} lr {lr:.3g} "
+                        f"{samples_per_step / mean_dt:.1f} samples/s "
+                        f"elapsed {format_duration(time.perf_counter() - t_start)} "
+                        f"eta {format_duration((cfg.max_steps - step) * mean_dt)}",
+                    )
+            if step % cfg.checkpoint.every_steps == 0 or step == end:
+                save(step)
+                last_saved = step
+            if kill_after == step:
+                _sigkill_self()
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+
+    if last_saved != step and step > 0:  # e.g. resumed at max_steps: nothing new to save
+        save(step)
+    total_time = sum(step_times)
+    summary = {
+        "first_step": first_step,
+        "last_step": step,
+        "losses": losses,
+        "samples_per_s": (samples_per_step * len(step_times) / total_time) if total_time else 0.0,
+        "latest_checkpoint": latest_checkpoint(run),
+        "resumed_from": resumed_from,
+        "world_size": world,
+        "attempt": attempt,
+        "train_s": time.perf_counter() - t_start,
+    }
+    if rank == 0:
+        atomic_write_text(run / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+        _log(
+            rank,
+            f"done: steps {first_step}..{step}, latest checkpoint "
+            f"{summary['latest_checkpoint']}, {summary['samples_per_s']:.1f} samples/s",
+        )
+    dist.barrier()
+    engine.destroy()
+    if created_group:
+        dist.destroy_process_group()
+    return summary

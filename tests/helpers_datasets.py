@@ -1,0 +1,108 @@
+"""Tiny generated datasets in kiln's shard layout, for training tests.
+
+`write_tiny_dataset` writes `{root}/manifest.json` plus `shards/{index:06d}.tar`, each sample
+`{uid}.jpg`, `{uid}.txt`, `{uid}.json`: the layout `kiln curate` produces. Images are small
+coloured patterns whose colour matches a word in the caption, so a tiny CLIP can learn
+something; everything is a pure function of the arguments (byte-reproducible).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from kiln.contracts import DatasetManifest, ShardInfo, make_uid, sha256_hex, write_manifest
+
+__all__ = ["COLORS", "write_tiny_dataset"]
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 200, 60),
+    "blue": (30, 60, 220),
+    "yellow": (230, 220, 40),
+    "purple": (140, 40, 180),
+    "orange": (240, 140, 20),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+}
+SHAPES = ("square", "stripe", "dot", "field")
+
+
+def _image(rng: np.random.Generator, color: tuple[int, int, int], shape: str, size: int) -> bytes:
+    bg = rng.integers(0, 256, 3)
+    arr = np.empty((size, size, 3), dtype=np.uint8)
+    arr[:] = bg
+    c = np.asarray(color, dtype=np.uint8)
+    lo, hi = size // 4, 3 * size // 4
+    if shape == "square":
+        arr[lo:hi, lo:hi] = c
+    elif shape == "stripe":
+        arr[:, lo:hi] = c
+    elif shape == "dot":
+        yy, xx = np.mgrid[:size, :size]
+        arr[(yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 4) ** 2] = c
+    else:
+        arr[:] = c
+    noise = rng.integers(-12, 13, arr.shape)
+    arr = np.clip(arr.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_tiny_dataset(
+    root: Path,
+    *,
+    num_samples: int = 64,
+    shard_sizes: Sequence[int] | None = None,
+    image_size: int = 20,
+    seed: int = 0,
+) -> Path:
+    """Write a dataset of `num_samples` samples to `root`; returns `root`.
+
+    `shard_sizes` defaults to shards of 13 samples (so shard boundaries do not align with
+    batch boundaries, which exercises partial-shard reads).
+    """
+    if shard_sizes is None:
+        shard_sizes = [13] * (num_samples // 13) + ([num_samples % 13] if num_samples % 13 else [])
+    if sum(shard_sizes) != num_samples:
+        raise ValueError(f"shard_sizes {list(shard_sizes)} do not sum to {num_samples}")
+    rng = np.random.default_rng(seed)
+    names = list(COLORS)
+    (root / "shards").mkdir(parents=True, exist_ok=True)
+    shards, i = [], 0
+    for index, count in enumerate(shard_sizes):
+        rel = f"shards/{index:06d}.tar"
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for _ in range(count):
+                color = names[int(rng.integers(len(names)))]
+                shape = SHAPES[int(rng.integers(len(SHAPES)))]
+                text = f"a {color} {shape} number {i}"
+                url = f"http://example.com/{i}.jpg"
+                uid = make_uid(url, text)
+                meta = {"url": url, "width": image_size, "height": image_size}
+                _add(tar, f"{uid}.jpg", _image(rng, COLORS[color], shape, image_size))
+                _add(tar, f"{uid}.txt", text.encode())
+                _add(tar, f"{uid}.json", json.dumps(meta, sort_keys=True).encode())
+                i += 1
+        data = buf.getvalue()
+        (root / rel).write_bytes(data)
+        shards.append(ShardInfo(path=rel, num_samples=count, bytes=len(data), sha256=sha256_hex(data)))
+    manifest = DatasetManifest(name="tiny", num_samples=num_samples, shards=shards)
+    write_manifest(str(root), manifest)
+    return root

@@ -1,0 +1,164 @@
+"""The distributed CLIP loss equals the single-process global-batch loss, with real gloo.
+
+Two ranks each build the same small CLIP, take their half of one fixed global batch, run
+`clip_loss` (which gathers embeddings with gradient) and backward; the gradients are then
+averaged across ranks the way DeepSpeed/DDP do. They must match the gradients of one
+process that sees the whole batch. The match is up to float rounding, not bitwise: the
+gathered features enter matrix products whose rows are summed in a different order, and
+the gradient reaches each rank's parameters as a sum over ranks (all-reduce) instead of one
+accumulation, so the last bits differ. A control run that gathers *without* gradient (the
+common bug) must not match, which shows the comparison has the power to fail.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from kiln.training.config import ModelConfig
+from kiln.training.losses import clip_loss
+from kiln.training.models import CLIP, build_model
+from kiln.training.tokenizer import tokenize
+
+pytestmark = pytest.mark.slow
+
+WORLD = 2
+GLOBAL_BATCH = 8
+CFG = ModelConfig(
+    image_size=16,
+    patch_size=8,
+    vision_width=16,
+    vision_layers=1,
+    vision_heads=2,
+    text_width=16,
+    text_layers=1,
+    text_heads=2,
+    context_length=12,
+    embed_dim=16,
+)
+WORDS = ["red", "green", "blue", "black", "white", "pink", "gray", "teal"]
+
+
+def _model() -> CLIP:
+    torch.manual_seed(0)
+    return build_model(CFG)
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(GLOBAL_BATCH, 3, CFG.image_size, CFG.image_size, generator=gen)
+    return images, tokenize([f"a {w} thing" for w in WORDS], CFG.context_length)
+
+
+def _grads(model: CLIP) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _average(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for g in grads.values():
+        dist.all_reduce(g, op=dist.ReduceOp.SUM)
+        g /= WORLD
+    return grads
+
+
+def _naive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The bug the real loss avoids: gathered features carry no gradient."""
+    parts_i = [torch.empty_like(img) for _ in range(WORLD)]
+    parts_t = [torch.empty_like(txt) for _ in range(WORLD)]
+    dist.all_gather(parts_i, img.detach().contiguous())
+    dist.all_gather(parts_t, txt.detach().contiguous())
+    labels = torch.arange(img.shape[0]) + dist.get_rank() * img.shape[0]
+    li = scale * img @ torch.cat(parts_t).T
+    lt = scale * txt @ torch.cat(parts_i).T
+    ce = torch.nn.functional.cross_entropy
+    return (ce(li, labels) + ce(lt, labels)) / 2
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
+    try:
+        images, tokens = _batch()
+        n = GLOBAL_BATCH // WORLD
+        local = slice(rank * n, (rank + 1) * n)
+
+        model = _model()
+        loss = clip_loss(*model(images[local], tokens[local]))
+        loss.backward()
+        grads = _average(_grads(model))
+        logged = loss.detach().clone()
+        dist.all_reduce(logged, op=dist.ReduceOp.SUM)
+        logged /= WORLD
+
+        naive_model = _model()
+        _naive_loss(*naive_model(images[local], tokens[local])).backward()
+        naive = _average(_grads(naive_model))
+
+        # Unequal local batches are refused on every rank, with the fix in the message.
+        uneven = 2 + rank
+        img, txt, scale = model(images[:uneven], tokens[:uneven])
+        try:
+            clip_loss(img, txt, scale)
+            uneven_error = ""
+        except ValueError as e:
+            uneven_error = str(e)
+
+        if rank == 0:
+            torch.save(
+                {
+                    "grads": grads,
+                    "naive": naive,
+                    "loss": logged,
+                    "local_loss": loss.detach(),
+                    "uneven_error": uneven_error,
+                },
+                out,
+            )
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_two_rank_gradients_equal_global_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "rank0.pt"
+    if sys.platform.startswith("linux") and "GLOO_SOCKET_IFNAME" not in os.environ:
+        # Keep gloo on loopback even where the hostname resolves to a routable address.
+        monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    result = torch.load(out, weights_only=True)
+
+    model = _model()
+    images, tokens = _batch()
+    ref_loss = clip_loss(*model(images, tokens))
+    ref_loss.backward()
+    ref = _grads(model)
+
+    assert result["grads"].keys() == ref.keys() and len(ref) > 20
+    for name, g in ref.items():
+        assert torch.allclose(result["grads"][name], g, rtol=1e-5, atol=1e-6), name
+    torch.testing.assert_close(result["loss"], ref_loss.detach(), rtol=1e-6, atol=1e-6)
+    # The rank's own loss is its share, not the global loss itself.
+    assert not torch.allclose(result["local_loss"], ref_loss.detach(), atol=1e-4)
+    # Control: gathering without gradient gives different (wrong) gradients.
+    assert any(
+        not torch.allclose(result["naive"][name], g, rtol=1e-3, atol=1e-5)
+        for name, g in ref.items()
+    )
+    assert "local batch sizes differ across ranks [2, 3]" in result["uneven_error"]

@@ -1,0 +1,55 @@
+"""Embedded Ray stays on loopback: the node IP and every listening socket are 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+import pytest
+
+from kiln.platform.ray_cluster import LOOPBACK, ray_session, start_ray
+
+
+def _listening_addresses(pids: set[int]) -> set[str]:
+    addrs = set()
+    for conn in psutil.net_connections(kind="inet"):
+        if conn.status == psutil.CONN_LISTEN and conn.pid in pids and conn.laddr:
+            addrs.add(conn.laddr.ip)
+    return addrs
+
+
+def test_embedded_ray_binds_loopback_only() -> None:
+    import ray
+
+    with ray_session(num_cpus=1):
+        assert ray.util.get_node_ip_address() == LOOPBACK
+        assert {n["NodeManagerAddress"] for n in ray.nodes()} == {LOOPBACK}
+
+        @ray.remote(num_cpus=0)
+        def where() -> str:
+            return ray.util.get_node_ip_address()
+
+        assert ray.get(where.remote()) == LOOPBACK
+        me = psutil.Process(os.getpid())
+        pids = {p.pid for p in me.children(recursive=True)} | {me.pid}
+        addrs = _listening_addresses(pids)
+        assert addrs, "Ray processes listen on nothing: the check would be vacuous"
+        assert addrs <= {LOOPBACK, "::1", "::ffff:127.0.0.1"}, f"Ray listens beyond loopback: {addrs}"
+    assert not ray.is_initialized()
+
+
+def test_start_ray_leaves_a_running_ray_alone() -> None:
+    import ray
+
+    with ray_session(num_cpus=1):
+        assert start_ray() is False  # already up: joined, not restarted
+        assert ray.is_initialized()
+
+
+def test_bad_address_is_an_error() -> None:
+    import ray
+
+    with pytest.raises(Exception):  # noqa: B017 - Ray's own connection error type varies
+        start_ray("127.0.0.1:1")
+    if ray.is_initialized():
+        ray.shutdown()

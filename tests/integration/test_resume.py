@@ -1,0 +1,126 @@
+"""Exact resume: runs killed mid-training and mid-checkpoint continue bitwise like one that
+never stopped (2 gloo ranks, real DeepSpeed ZeRO-2 / ZeRO-3, CPU fp32, local launcher).
+
+One scenario per ZeRO stage, four launches:
+
+1. reference: steps 1..10 uninterrupted (checkpoints at 3, 6, 9, 10);
+2. attempt 1: SIGKILL after step 5 -> the launcher fails, `latest` is step 3;
+3. attempt 2: resumes from 3, SIGKILL in the middle of saving step 6 -> `latest` is still 3;
+4. attempt 3: resumes from 3 to the end.
+
+Every loss of every attempt must equal the reference's at the same step (==), and the final
+weights file must be equal tensor for tensor. With 2 DataLoader workers per rank and a resume
+at step 3, the resumed loader starts mid-rotation (3 % 2 == 1), and 8 steps per epoch make
+the run cross an epoch boundary.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from kiln.training import TrainLaunchError, latest_checkpoint, train
+from kiln.training.checkpoint import COMPLETE_MARKER, checkpoints_dir
+from kiln.training.config import TrainConfig
+from kiln.training.loop import FAULT_SIGKILL_AFTER_STEP, FAULT_SIGKILL_IN_SAVE
+from tests.helpers_datasets import write_tiny_dataset
+
+pytestmark = pytest.mark.slow
+
+MAX_STEPS = 10
+
+
+def tiny_config(dataset: str, stage: int) -> TrainConfig:
+    return TrainConfig.model_validate(
+        {
+            "data": {"dataset": dataset, "batch_size": 4, "num_workers": 2, "shuffle_buffer": 8},
+            "model": {
+                "image_size": 16,
+                "patch_size": 8,
+                "vision_width": 32,
+                "vision_layers": 1,
+                "vision_heads": 2,
+                "text_width": 32,
+                "text_layers": 1,
+                "text_heads": 2,
+                "context_length": 16,
+                "embed_dim": 16,
+            },
+            "optim": {"lr": 2e-3, "warmup_steps": 2, "grad_clip": 1.0},
+            # threshold 0: ZeRO-3 partitions every parameter, even this tiny model's
+            "zero": {"stage": stage, "param_persistence_threshold": 0},
+            "checkpoint": {"every_steps": 3, "keep_last": 2},
+            "max_steps": MAX_STEPS,
+            "log_every": 5,
+            "seed": 11,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(write_tiny_dataset(tmp_path_factory.mktemp("resume") / "ds", num_samples=64))
+
+
+def metrics(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run: Path, tag: str) -> dict[str, torch.Tensor]:
+    payload = torch.load(checkpoints_dir(run) / tag / "model.pt", weights_only=True)
+    state: dict[str, torch.Tensor] = payload["state_dict"]
+    return state
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_killed_run_resumes_bitwise(
+    stage: int, dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = tiny_config(dataset, stage)
+    ref = train(cfg, str(tmp_path / "reference"), num_workers=2, launcher="local")
+    assert (ref.first_step, ref.last_step, len(ref.losses)) == (1, MAX_STEPS, MAX_STEPS)
+    assert len(set(ref.losses)) > 1
+
+    run = tmp_path / "run"
+    monkeypatch.setenv(FAULT_SIGKILL_AFTER_STEP, "5")
+    with pytest.raises(TrainLaunchError) as killed:
+        train(cfg, str(run), num_workers=2, launcher="local")
+    assert -9 in killed.value.exit_codes.values()
+    assert latest_checkpoint(run) == "step_00000003"
+    monkeypatch.delenv(FAULT_SIGKILL_AFTER_STEP)
+
+    monkeypatch.setenv(FAULT_SIGKILL_IN_SAVE, "6")
+    with pytest.raises(TrainLaunchError):
+        train(cfg, str(run), num_workers=2, launcher="local", resume=True)
+    torn = checkpoints_dir(run) / "step_00000006"
+    assert (torn / "model.pt").is_file() and not (torn / COMPLETE_MARKER).exists()
+    assert latest_checkpoint(run) == "step_00000003"
+    assert (checkpoints_dir(run) / "latest").read_text().strip() == "step_00000003"
+    monkeypatch.delenv(FAULT_SIGKILL_IN_SAVE)
+
+    resumed = train(cfg, str(run), num_workers=2, launcher="local", resume=True)
+    assert (resumed.resumed_from, resumed.first_step, resumed.last_step) == (3, 4, MAX_STEPS)
+    assert resumed.losses == ref.losses[3:]  # exact, not approximate
+
+    by_attempt: dict[int, dict[int, float]] = {}
+    for rec in metrics(run):
+        by_attempt.setdefault(rec["attempt"], {})[rec["step"]] = rec["loss"]
+    assert sorted(by_attempt) == [1, 2, 3]
+    assert sorted(by_attempt[1]) == [1, 2, 3, 4, 5]
+    assert sorted(by_attempt[2]) == [4, 5, 6]
+    for steps in by_attempt.values():
+        for step, loss in steps.items():
+            assert loss == ref.losses[step - 1], f"step {step}"
+
+    final = f"step_{MAX_STEPS:08d}"
+    assert latest_checkpoint(run) == final
+    ref_w, run_w = weights(tmp_path / "reference", final), weights(run, final)
+    assert ref_w.keys() == run_w.keys()
+    for name, tensor in ref_w.items():
+        assert torch.equal(tensor, run_w[name]), name
+    kept = sorted(p.name for p in checkpoints_dir(run).iterdir() if p.name.startswith("step_"))
+    assert kept == ["step_00000009", f"step_{MAX_STEPS:08d}"]  # keep_last=2, torn one pruned

@@ -1,0 +1,200 @@
+"""Checkpoint atomicity: COMPLETE markers, the `latest` pointer, pruning, a real save/load."""
+
+from __future__ import annotations
+
+import random
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from kiln.training.checkpoint import (
+    COMPLETE_MARKER,
+    atomic_write_text,
+    checkpoints_dir,
+    complete_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    step_of_tag,
+    tag_for_step,
+)
+from kiln.training.config import ModelConfig, TrainConfig
+
+
+def fake_checkpoint(run: Path, step: int, *, complete: bool = True) -> str:
+    tag = tag_for_step(step)
+    d = checkpoints_dir(run) / tag
+    d.mkdir(parents=True)
+    (d / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    if complete:
+        (d / COMPLETE_MARKER).write_text('{"step": %d}' % step)
+    return tag
+
+
+def point_latest(run: Path, tag: str) -> None:
+    atomic_write_text(checkpoints_dir(run) / "latest", tag + "\n")
+
+
+def test_tags_round_trip() -> None:
+    assert tag_for_step(12) == "step_00000012"
+    assert step_of_tag("step_00000012") == 12
+    assert step_of_tag("latest") is None and step_of_tag("step_12") is None
+
+
+def test_latest_is_trusted_only_when_complete(tmp_path: Path) -> None:
+    assert latest_checkpoint(tmp_path) is None
+    fake_checkpoint(tmp_path, 4)
+    fake_checkpoint(tmp_path, 8, complete=False)  # a crash mid-save
+    point_latest(tmp_path, tag_for_step(4))
+    assert latest_checkpoint(tmp_path) == "step_00000004"
+    point_latest(tmp_path, tag_for_step(8))  # even if `latest` names a torn one
+    assert latest_checkpoint(tmp_path) == "step_00000004"
+    assert complete_checkpoints(tmp_path) == ["step_00000004"]
+
+
+def test_newest_complete_is_used_when_latest_is_missing(tmp_path: Path) -> None:
+    fake_checkpoint(tmp_path, 4)
+    fake_checkpoint(tmp_path, 8)  # crash after COMPLETE, before `latest` moved
+    assert latest_checkpoint(tmp_path) == "step_00000008"
+
+
+def test_prune_keeps_last_and_latest_and_drops_torn(tmp_path: Path) -> None:
+    for s in (2, 4, 6, 8):
+        fake_checkpoint(tmp_path, s)
+    fake_checkpoint(tmp_path, 10, complete=False)
+    point_latest(tmp_path, tag_for_step(8))
+    removed = prune_checkpoints(tmp_path, keep_last=2)
+    assert sorted(removed) == ["step_00000002", "step_00000004", "step_00000010"]
+    assert complete_checkpoints(tmp_path) == ["step_00000006", "step_00000008"]
+    point_latest(tmp_path, tag_for_step(6))
+    fake_checkpoint(tmp_path, 12)
+    prune_checkpoints(tmp_path, keep_last=1)
+    assert complete_checkpoints(tmp_path) == ["step_00000006", "step_00000012"]  # latest kept
+
+
+def test_atomic_write_replaces_without_leftovers(tmp_path: Path) -> None:
+    p = tmp_path / "latest"
+    atomic_write_text(p, "a\n")
+    atomic_write_text(p, "b\n")
+    assert p.read_text() == "b\n"
+    assert [x.name for x in tmp_path.iterdir()] == ["latest"]
+
+
+# ------------------------------------------------------------ a real DeepSpeed engine
+
+
+@pytest.fixture
+def single_rank(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A one-rank gloo world in this process (what the launchers set up per rank)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def tiny_engine(tmp_path: Path) -> tuple[Any, TrainConfig]:
+    from kiln.training.engine import build_engine, init_distributed
+    from kiln.training.models import build_model
+
+    cfg = TrainConfig.model_validate(
+        {
+            "data": {"dataset": str(tmp_path / "unused"), "batch_size": 2},
+            "model": ModelConfig(
+                image_size=8,
+                patch_size=4,
+                vision_width=16,
+                vision_layers=1,
+                vision_heads=2,
+                text_width=16,
+                text_layers=1,
+                text_heads=2,
+                context_length=8,
+                embed_dim=8,
+            ).model_dump(),
+            "zero": {"stage": 2},
+        }
+    )
+    init_distributed()
+    torch.manual_seed(0)
+    return build_engine(build_model(cfg.model), cfg, 1), cfg
+
+
+def train_step(engine: Any) -> None:
+    from kiln.training.losses import clip_loss
+
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(2, 3, 8, 8, generator=g)
+    tokens = torch.randint(3, 200, (2, 8), generator=g)
+    loss = clip_loss(*engine(images, tokens))
+    engine.backward(loss)
+    engine.step()
+
+
+@pytest.mark.slow
+def test_real_save_commits_after_every_file_and_load_restores(
+    tmp_path: Path, single_rank: None
+) -> None:
+    engine, cfg = tiny_engine(tmp_path)
+    run = tmp_path / "run"
+    train_step(engine)
+    first = save_checkpoint(
+        engine, run, step=1, client_state={"kiln": {"step": 1}}, model_config=cfg.model, keep_last=2
+    )
+    assert latest_checkpoint(run) == first == "step_00000001"
+    files = {p.name for p in (checkpoints_dir(run) / first).iterdir()}
+    assert {"model.pt", "rng_rank0.pt", COMPLETE_MARKER, "mp_rank_00_model_states.pt"} <= files
+    weights_1 = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    draws = (random.random(), np.random.rand(), torch.rand(1))  # what follows the save
+
+    # save 2 crashes after all its files are written: nothing may point at it
+    train_step(engine)
+    seen: dict[str, Any] = {}
+
+    def crash() -> None:
+        seen["complete"] = (checkpoints_dir(run) / "step_00000002" / COMPLETE_MARKER).exists()
+        seen["latest"] = (checkpoints_dir(run) / "latest").read_text().strip()
+        seen["model"] = (checkpoints_dir(run) / "step_00000002" / "model.pt").exists()
+        raise KeyboardInterrupt("simulated crash mid-save")
+
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(
+            engine,
+            run,
+            step=2,
+            client_state={"kiln": {"step": 2}},
+            model_config=cfg.model,
+            keep_last=2,
+            before_commit=crash,
+        )
+    assert seen == {"complete": False, "latest": "step_00000001", "model": True}
+    assert latest_checkpoint(run) == "step_00000001"
+
+    # loading step 1 restores the weights and this rank's RNG states as saved
+    fresh, _ = tiny_engine(tmp_path)
+    client = load_checkpoint(fresh, run, "step_00000001")
+    assert client["kiln"] == {"step": 1}
+    for k, v in fresh.module.state_dict().items():
+        assert torch.equal(v, weights_1[k]), k
+    assert (random.random(), np.random.rand(), torch.rand(1)) == draws
+
+    # a later save of the same step replaces the torn folder; pruning keeps keep_last
+    for step in (2, 3, 4):
+        train_step(fresh)
+        save_checkpoint(
+            fresh, run, step=step, client_state={"kiln": {"step": step}}, model_config=cfg.model, keep_last=2
+        )
+    assert complete_checkpoints(run) == ["step_00000003", "step_00000004"]
+    assert latest_checkpoint(run) == "step_00000004"

@@ -1,0 +1,200 @@
+"""The byte tokenizer and the CLIP towers: shapes, normalization, masking, init, counts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kiln.training.config import ModelConfig
+from kiln.training.losses import clip_loss
+from kiln.training.models import CLIP, MAX_LOGIT_SCALE, build_model
+from kiln.training.tokenizer import (
+    BOS_ID,
+    BYTE_OFFSET,
+    EOS_ID,
+    PAD_ID,
+    VOCAB_SIZE,
+    decode,
+    tokenize,
+)
+
+SMALL = ModelConfig(
+    image_size=16,
+    patch_size=4,
+    vision_width=32,
+    vision_layers=2,
+    vision_heads=4,
+    text_width=32,
+    text_layers=2,
+    text_heads=2,
+    context_length=16,
+    embed_dim=24,
+)
+
+
+def _model(cfg: ModelConfig = SMALL, seed: int = 0) -> CLIP:
+    torch.manual_seed(seed)
+    return build_model(cfg).eval()
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenize_layout_and_bytes() -> None:
+    out = tokenize(["ab", "é"], context_length=8)
+    assert out.dtype == torch.long and out.shape == (2, 8)
+    a, b = BYTE_OFFSET + ord("a"), BYTE_OFFSET + ord("b")
+    assert out[0].tolist() == [BOS_ID, a, b, EOS_ID, PAD_ID, PAD_ID, PAD_ID, PAD_ID]
+    # "é" is two UTF-8 bytes, 0xC3 0xA9.
+    assert out[1, :4].tolist() == [BOS_ID, 0xC3 + BYTE_OFFSET, 0xA9 + BYTE_OFFSET, EOS_ID]
+    assert VOCAB_SIZE == 259 and int(out.max()) < VOCAB_SIZE
+
+
+def test_tokenize_empty_text_is_bos_eos() -> None:
+    out = tokenize([""], context_length=4)
+    assert out.tolist() == [[BOS_ID, EOS_ID, PAD_ID, PAD_ID]]
+
+
+def test_tokenize_truncation_keeps_eos() -> None:
+    out = tokenize(["abcdefghij"], context_length=5)
+    assert out.tolist() == [[BOS_ID, *(BYTE_OFFSET + ord(c) for c in "abc"), EOS_ID]]
+
+
+def test_tokenize_non_ascii_round_trip_and_determinism() -> None:
+    texts = ["naïve café 東京 🙂", "Ünïcödé"]
+    first, second = tokenize(texts, 64), tokenize(list(texts), 64)
+    assert torch.equal(first, second)
+    assert [decode(row) for row in first] == texts
+
+
+def test_tokenize_single_string_and_bad_input() -> None:
+    assert torch.equal(tokenize("hi", 6), tokenize(["hi"], 6))
+    with pytest.raises(TypeError, match=r"texts\[1\]"):
+        tokenize(["ok", None], 8)  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="context_length=1"):
+        tokenize(["x"], 1)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def test_encoders_shapes_and_unit_norm() -> None:
+    model = _model()
+    images = torch.randn(3, 3, 16, 16)
+    tokens = tokenize(["a red dot", "", "blue"], SMALL.context_length)
+    with torch.no_grad():
+        img, txt, scale = model(images, tokens)
+    assert img.shape == (3, 24) and txt.shape == (3, 24)
+    torch.testing.assert_close(img.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(txt.norm(dim=-1), torch.ones(3))
+    assert scale.ndim == 0
+    assert math.isclose(scale.item(), math.exp(SMALL.init_logit_scale), rel_tol=1e-6)
+    assert not torch.allclose(img[0], img[1])
+
+
+def test_logit_scale_clamped_at_100() -> None:
+    model = _model()
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+        _, _, scale = model(torch.zeros(1, 3, 16, 16), tokenize(["x"], SMALL.context_length))
+    assert scale.item() == MAX_LOGIT_SCALE
+    with pytest.raises(ValueError, match="init_logit_scale"):
+        build_model(SMALL.model_copy(update={"init_logit_scale": 5.0}))
+
+
+def test_text_features_ignore_padding_and_later_text() -> None:
+    """Causal mask + read-out at EOS: what follows EOS (padding) never changes the features."""
+    model = _model()
+    short = tokenize(["red"], SMALL.context_length)
+    cut = short[:, :5]  # BOS r e d EOS, no padding at all
+    with torch.no_grad():
+        full = model.encode_text(short)
+        trimmed = model.encode_text(cut)
+    torch.testing.assert_close(full, trimmed, rtol=1e-5, atol=1e-6)
+    # And a later token does influence it: a different text gives different features.
+    with torch.no_grad():
+        other = model.encode_text(tokenize(["reds"], SMALL.context_length))
+    assert not torch.allclose(full, other, atol=1e-4)
+
+
+def test_text_causal_prefix_independence() -> None:
+    """Changing a token after position t leaves hidden states at <= t unchanged."""
+    model = _model()
+    a = tokenize(["abcdef"], SMALL.context_length)
+    b = a.clone()
+    b[0, 5] = BYTE_OFFSET + ord("z")
+    tower = model.text
+    with torch.no_grad():
+        ha = tower.transformer(tower.token_embedding(a) + tower.positional_embedding, causal=True)
+        hb = tower.transformer(tower.token_embedding(b) + tower.positional_embedding, causal=True)
+    torch.testing.assert_close(ha[:, :5], hb[:, :5], rtol=0, atol=1e-6)
+    assert not torch.allclose(ha[:, 5:], hb[:, 5:], atol=1e-4)
+
+
+def test_batch_independence_in_eval() -> None:
+    model = _model()
+    images = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        batched = model.encode_image(images)
+        single = torch.cat([model.encode_image(images[i : i + 1]) for i in range(4)])
+    torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-6)
+
+
+def test_init_is_a_function_of_the_seed() -> None:
+    a, b, c = _model(seed=3), _model(seed=3), _model(seed=4)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["visual.patch_embed.weight"], sc["visual.patch_embed.weight"])
+
+
+def test_parameter_count_matches_architecture() -> None:
+    """Every parameter is registered up front and the count follows the config exactly."""
+    cfg = ModelConfig()  # the default recipe's model
+    model = build_model(cfg)
+
+    def blocks(width: int, layers: int) -> int:
+        per = 2 * 2 * width + (3 * width * width + 3 * width) + (width * width + width)
+        per += (4 * width * width + 4 * width) + (4 * width * width + width)
+        return layers * per
+
+    grid = (cfg.image_size // cfg.patch_size) ** 2
+    vision = 3 * cfg.patch_size**2 * cfg.vision_width + cfg.vision_width * (grid + 2)
+    vision += 2 * 2 * cfg.vision_width + blocks(cfg.vision_width, cfg.vision_layers)
+    vision += cfg.vision_width * cfg.embed_dim
+    text = (VOCAB_SIZE + cfg.context_length) * cfg.text_width + 2 * cfg.text_width
+    text += blocks(cfg.text_width, cfg.text_layers) + cfg.text_width * cfg.embed_dim
+    expected = vision + text + 1
+    count = sum(p.numel() for p in model.parameters())
+    assert count == expected
+    assert 100_000 < count < 1_000_000  # tiny enough for CPU training in tests
+    names_before = [n for n, _ in model.named_parameters()]
+    model(torch.zeros(1, 3, 32, 32), tokenize(["x"], cfg.context_length))
+    assert [n for n, _ in model.named_parameters()] == names_before
+
+
+def test_no_dropout_training_is_bitwise_reproducible() -> None:
+    def run() -> list[torch.Tensor]:
+        model = _model(seed=1).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        gen = torch.Generator().manual_seed(0)
+        images = torch.randn(4, 3, 16, 16, generator=gen)
+        tokens = tokenize(["red", "green", "blue", "black"], SMALL.context_length)
+        for _ in range(2):
+            opt.zero_grad()
+            clip_loss(*model(images, tokens)).backward()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    first, second = run(), run()
+    assert all(torch.equal(x, y) for x, y in zip(first, second, strict=True))
+
+
+def test_wrong_input_shapes_name_the_fix() -> None:
+    model = _model()
+    with pytest.raises(ValueError, match="image_size=16"):
+        model.encode_image(torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="context_length=16"):
+        model.encode_text(torch.ones(1, 20, dtype=torch.long))

@@ -1,0 +1,118 @@
+"""Recipes: YAML + overrides, and errors that name the field, the value and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kiln.platform.recipes import (
+    CurateRecipe,
+    EvalRecipe,
+    RecipeError,
+    TrainRecipe,
+    apply_overrides,
+    dump_recipe,
+    load_recipe,
+    parse_recipe,
+    recipe_hash,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+CURATE = {
+    "kind": "curate",
+    "name": "c",
+    "run_dir": "runs/c",
+    "input": {"format": "parquet", "paths": ["pool.parquet"]},
+    "match": {"entries": "entries.txt"},
+}
+
+
+@pytest.mark.parametrize("name", ["curate", "train", "eval"])
+def test_quickstart_recipes_load(name: str) -> None:
+    recipe = load_recipe(REPO / "recipes" / "quickstart" / f"{name}.yaml")
+    assert recipe.kind == name
+
+
+def test_example_recipes_load() -> None:
+    files = sorted((REPO / "recipes" / "examples").glob("*.yaml"))
+    assert files, "recipes/examples/ holds no recipe"
+    for f in files:
+        assert load_recipe(f).kind in ("curate", "train", "eval")
+
+
+def test_override_sets_typed_value() -> None:
+    recipe = load_recipe(REPO / "recipes/quickstart/curate.yaml", ["balance.t=50"])
+    assert isinstance(recipe, CurateRecipe)
+    assert recipe.balance.t == 50
+    recipe = load_recipe(REPO / "recipes/quickstart/train.yaml", ["optim.betas=[0.8, 0.9]"])
+    assert isinstance(recipe, TrainRecipe)
+    assert recipe.optim.betas == (0.8, 0.9)
+
+
+def test_override_does_not_mutate_input() -> None:
+    data = {"a": {"b": 1}}
+    out = apply_overrides(data, ["a.b=2", "a.c=x"])
+    assert data == {"a": {"b": 1}}
+    assert out == {"a": {"b": 2, "c": "x"}}
+
+
+def test_unknown_field_suggests_closest_name() -> None:
+    with pytest.raises(RecipeError, match=r"unknown field 'balance\.tt': did you mean 'balance\.t'"):
+        parse_recipe(apply_overrides(CURATE, ["balance.tt=5"]))
+    with pytest.raises(RecipeError, match=r"unknown field 'balanse': did you mean 'balance'"):
+        parse_recipe({**CURATE, "balanse": {"t": 5}})
+
+
+def test_wrong_type_names_field_value_and_fix() -> None:
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(apply_overrides(CURATE, ["balance.t=lots"]))
+    msg = str(e.value)
+    assert "'balance.t'" in msg and '"lots"' in msg and "--set balance.t=" in msg
+
+
+def test_missing_field_and_bad_kind() -> None:
+    data = {k: v for k, v in CURATE.items() if k != "match"}
+    with pytest.raises(RecipeError, match="field 'match' is required"):
+        parse_recipe(data)
+    with pytest.raises(RecipeError, match="did you mean 'train'"):
+        parse_recipe({**CURATE, "kind": "trian"})
+
+
+def test_eval_field_named_like_a_kind_is_reported_with_its_path() -> None:
+    with pytest.raises(RecipeError, match=r"'eval\.recal_k': did you mean 'eval\.recall_k'"):
+        parse_recipe(
+            {"kind": "eval", "name": "e", "run_dir": "r", "checkpoint": "c",
+             "eval": {"recal_k": [1]}}
+        )
+
+
+def test_bad_override_syntax() -> None:
+    with pytest.raises(RecipeError, match="key.path=value"):
+        apply_overrides(CURATE, ["balance.t"])
+    with pytest.raises(RecipeError, match="is a value"):
+        apply_overrides(CURATE, ["name.x=1"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: [curate\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(bad)
+
+
+def test_dump_roundtrip_and_hash(tmp_path: Path) -> None:
+    recipe = parse_recipe(CURATE)
+    dump_recipe(recipe, tmp_path / "recipe.yaml")
+    again = load_recipe(tmp_path / "recipe.yaml")
+    assert again == recipe
+    assert recipe_hash(again) == recipe_hash(recipe)
+    changed = parse_recipe(apply_overrides(CURATE, ["balance.t=7"]))
+    assert recipe_hash(changed) != recipe_hash(recipe)
+
+
+def test_eval_recipe_defaults() -> None:
+    r = parse_recipe({"kind": "eval", "name": "e", "run_dir": "r", "checkpoint": "c"})
+    assert isinstance(r, EvalRecipe) and r.eval.recall_k == [1, 5, 10]
