@@ -102,7 +102,9 @@ def write_tiny_dataset(
                 i += 1
         data = buf.getvalue()
         (root / rel).write_bytes(data)
-        shards.append(ShardInfo(path=rel, num_samples=count, bytes=len(data), sha256=sha256_hex(data)))
+        shards.append(
+            ShardInfo(path=rel, num_samples=count, bytes=len(data), sha256=sha256_hex(data))
+        )
     manifest = DatasetManifest(name="tiny", num_samples=num_samples, shards=shards)
     write_manifest(str(root), manifest)
     return root

@@ -39,7 +39,7 @@ from ray.data.datasource.datasink import Datasink, WriteResult
 
 from kiln.contracts import MANIFEST_NAME, DatasetManifest, read_manifest, sha256_hex
 from kiln.data_curation.config import CurationConfig, ExecutionConfig, ImageConfig, TextConfig
-from kiln.data_curation.readers import input_files, read_pool
+from kiln.data_curation.readers import absolute_url, input_files, read_pool
 from kiln.data_curation.shard import canonical_json, recipe_hash, write_shards
 from kiln.data_curation.stages import DROP_COLUMN, ensure_drop_column, split_dropped
 
@@ -57,7 +57,7 @@ __all__ = [
 logger = logging.getLogger("kiln.curation")
 
 #: Bump when a step's output changes for the same config: invalidates every marker.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
 SUCCESS_MARKER = "_SUCCESS"
 #: Column holding the exact-dedup key between a step and the dedup step after it.
 DEDUP_KEY_COLUMN = "_dedup_key"
@@ -231,11 +231,11 @@ class _StepSink(Datasink[dict[str, Any]]):
         if self.dedup_key == "text":
             from kiln.data_curation.stages.text import text_dedup_key
 
-            return text_dedup_key(kept).to_pylist()  # type: ignore[no-any-return]
+            return text_dedup_key(kept).to_pylist()
         if self.dedup_key == "image":
             if "image_sha256" not in kept.column_names:
                 return [None] * kept.num_rows
-            return kept.column("image_sha256").to_pylist()  # type: ignore[no-any-return]
+            return kept.column("image_sha256").to_pylist()
         raise AssertionError(self.dedup_key)
 
     def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Any]:
@@ -396,15 +396,30 @@ def _dedup_bucket(batch: pa.Table, reason: str, batch_rows: int) -> Iterator[pa.
 
 
 @contextlib.contextmanager
-def _quiet_ray_data() -> Iterator[None]:
-    """Keep Ray Data's per-dataset INFO lines out of the log (progress bars stay)."""
+def _run_logging() -> Iterator[None]:
+    """Per-step progress lines on stderr, Ray Data's per-dataset INFO lines out of the way.
+
+    Ray Data's progress bars stay. The step lines go to the `kiln.curation` logger; when the
+    application configured no logging at all, a stderr handler is attached for the run.
+    """
     ray_logger = logging.getLogger("ray.data")
     level = ray_logger.level
     ray_logger.setLevel(max(level, logging.WARNING))
+    handler: logging.Handler | None = None
+    own_level = logger.level
+    if not logger.hasHandlers():
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[kiln] %(message)s"))
+        logger.addHandler(handler)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.INFO)
     try:
         yield
     finally:
         ray_logger.setLevel(level)
+        if handler is not None:
+            logger.removeHandler(handler)
+            logger.setLevel(own_level)
 
 
 class _Runner:
@@ -413,7 +428,7 @@ class _Runner:
     def __init__(self, cfg: CurationConfig, run_dir: str, name: str, recipe: dict[str, Any]):
         self.cfg = cfg
         self.exe: ExecutionConfig = cfg.execution
-        self.run_dir = run_dir.rstrip("/")
+        self.run_dir = absolute_url(run_dir).rstrip("/")
         self.name = name
         self.recipe = recipe
         self.steps: dict[str, StepStats] = {}
@@ -433,7 +448,7 @@ class _Runner:
 
     @property
     def dataset_dir(self) -> str:
-        return (self.cfg.shard.output or f"{self.run_dir}/dataset").rstrip("/")
+        return absolute_url(self.cfg.shard.output or f"{self.run_dir}/dataset").rstrip("/")
 
     # ---- datasets
 
@@ -448,7 +463,7 @@ class _Runner:
         if not files:
             return ray.data.from_items([])
         blocks = min(len(files), self.exe.num_blocks or len(files))
-        ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=blocks)
+        ds: Any = ray.data.from_items([{"path": f} for f in files], override_num_blocks=blocks)
         return ds.map_batches(
             _read_parts,
             batch_size=None,
@@ -500,7 +515,7 @@ class _Runner:
         if isinstance(marker, dict) and marker.get("fingerprint") == fingerprint:
             stats = StepStats.model_validate(marker["stats"])
             stats.reused = True
-            self.data_dirs[name] = marker["data_dir"]
+            self.data_dirs[name] = f"{self.run_dir}/{marker['data_dir']}"
             self.steps[name] = stats
             logger.info("step %02d_%s: reused (%d rows)", index, name, stats.rows_out)
             return stats
@@ -524,7 +539,7 @@ class _Runner:
             marker_url,
             {
                 "fingerprint": fingerprint,
-                "data_dir": self.data_dirs[name],
+                "data_dir": self.data_dirs[name][len(self.run_dir) + 1 :],  # run-dir relative
                 "stats": stats.model_dump(mode="json"),
                 "config": config,
             },
@@ -564,7 +579,7 @@ class _Runner:
         items = [{"files": buckets[b]} for b in sorted(buckets)]
         if not items:
             return {"rows_in": 0, "rows_out": 0, "dropped": {}}
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds: Any = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(
             _dedup_bucket,
             batch_size=1,
@@ -741,7 +756,7 @@ def run_curation(
     text_cfg = cfg.text.model_dump(mode="json", exclude={"dedup"})
     image_cfg = cfg.image.model_dump(mode="json", exclude={"dedup"})
     input_cfg = cfg.input.model_dump(mode="json")
-    with _quiet_ray_data():
+    with _run_logging():
         r.run_step(0, "read", {"input": input_cfg, "files": _file_identity(r.files)}, r.step_read)
         r.run_step(1, "text", text_cfg, r.step_text)
         if cfg.text.dedup:
@@ -812,7 +827,7 @@ def run_curation(
         seconds=round(time.perf_counter() - start, 3),
     )
     _write_json(f"{r.run_dir}/curation_stats.json", result.model_dump(mode="json"), sort_keys=False)
-    logger.info("\n%s", format_result(result))
+    logger.debug("\n%s", format_result(result))
     return result
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "READ_SCHEMA",
     "WDS_IMAGE_EXTENSIONS",
     "WDS_KEY_COLUMN",
+    "absolute_url",
     "expand_paths",
     "input_files",
     "read_file",
@@ -82,16 +83,23 @@ def _display(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if _is_local(fs) else str(fs.unstrip_protocol(path))
 
 
-def _is_hidden(path: str) -> bool:
-    name = path.rstrip("/").rsplit("/", 1)[-1]
-    return name.startswith((".", "_"))
+def absolute_url(url: str) -> str:
+    """`url` with a relative local path made absolute (Ray workers may run in another cwd)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return _display(fs, path)
+
+
+def _is_hidden(path: str, folder: str) -> bool:
+    """True for files under `folder` in a hidden or `_`-prefixed folder, or so named."""
+    rel = path[len(folder) :] if path.startswith(folder) else path.rsplit("/", 1)[-1]
+    return any(part.startswith((".", "_")) for part in rel.split("/") if part)
 
 
 def expand_paths(paths: Sequence[str], suffixes: Sequence[str]) -> list[str]:
     """Input files named by `paths`: files as given, folders searched recursively, globs.
 
-    A folder contributes its files ending in one of `suffixes` (hidden and `_`-prefixed names,
-    such as `_SUCCESS`, are skipped), sorted; a glob contributes its sorted matches (folders
+    A folder contributes its files ending in one of `suffixes`, sorted (hidden and
+    `_`-prefixed files and folders inside it, such as `_SUCCESS` or `.cache/`, are skipped); a glob contributes its sorted matches (folders
     it matches are searched too). The result keeps the order of `paths` and lists a file
     once. Any fsspec URL works; local paths come back plain. A path that matches nothing is a
     `FileNotFoundError` naming it.
@@ -105,11 +113,9 @@ def expand_paths(paths: Sequence[str], suffixes: Sequence[str]) -> list[str]:
             seen.add(name)
             out.append(name)
 
-    def add_folder(fs: fsspec.AbstractFileSystem, folder: str, original: str) -> int:
+    def add_folder(fs: fsspec.AbstractFileSystem, folder: str) -> int:
         found = sorted(
-            p
-            for p in fs.find(folder)
-            if p.endswith(tuple(suffixes)) and not _is_hidden(p) and not fs.isdir(p)
+            p for p in fs.find(folder) if p.endswith(tuple(suffixes)) and not _is_hidden(p, folder)
         )
         for p in found:
             add(fs, p)
@@ -122,7 +128,7 @@ def expand_paths(paths: Sequence[str], suffixes: Sequence[str]) -> list[str]:
             n = 0
             for m in matches:
                 if fs.isdir(m):
-                    n += add_folder(fs, m, original)
+                    n += add_folder(fs, m)
                 else:
                     add(fs, m)
                     n += 1
@@ -131,7 +137,7 @@ def expand_paths(paths: Sequence[str], suffixes: Sequence[str]) -> list[str]:
                     f"input path {original!r} matches no files: check the glob in input.paths"
                 )
         elif fs.isdir(path):
-            if add_folder(fs, path, original) == 0:
+            if add_folder(fs, path) == 0:
                 raise FileNotFoundError(
                     f"input folder {original!r} holds no files ending in "
                     f"{', '.join(suffixes)}: check input.paths and input.format"
@@ -250,10 +256,6 @@ class _Rows:
 # --------------------------------------------------------------------------- formats
 
 
-def _open(path: str, mode: str = "rb") -> IO[Any]:
-    return fsspec.open(path, mode, compression="infer").open()  # type: ignore[no-any-return]
-
-
 def _check_columns(cfg: InputConfig, path: str, have: Sequence[str]) -> None:
     wanted = [
         ("text_column", cfg.text_column),
@@ -344,7 +346,7 @@ def _read_jsonl(
 def _text_values(column: pa.ChunkedArray | pa.Array, name: str, path: str) -> list[str | None]:
     t = column.type
     if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
-        return column.cast(pa.string()).to_pylist()  # type: ignore[no-any-return]
+        return column.cast(pa.string()).to_pylist()
     if pa.types.is_binary(t) or pa.types.is_large_binary(t):
         return [_as_text(v) for v in column.to_pylist()]
     if pa.types.is_dictionary(t):
@@ -358,7 +360,7 @@ def _text_values(column: pa.ChunkedArray | pa.Array, name: str, path: str) -> li
 def _image_values(column: pa.ChunkedArray | pa.Array, name: str, path: str) -> list[bytes | None]:
     t = column.type
     if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t):
-        return column.cast(pa.binary()).to_pylist()  # type: ignore[no-any-return]
+        return column.cast(pa.binary()).to_pylist()
     if pa.types.is_struct(t) and t.get_field_index("bytes") >= 0:  # Hugging Face Image feature
         values = column.to_pylist()
         return [v.get("bytes") if isinstance(v, dict) else None for v in values]
@@ -420,6 +422,26 @@ def _read_parquet(
             yield rows.flush()
 
 
+def _open_tar(f: IO[bytes], path: str) -> tarfile.TarFile:
+    """A streaming reader over the (possibly gzipped) tar in `f`; errors name `path`."""
+    try:
+        return tarfile.open(fileobj=f, mode="r|*")
+    except tarfile.TarError as e:
+        raise ValueError(f"{path!r} is not a tar archive ({e}): input.format webdataset") from e
+
+
+def _tar_members(f: IO[bytes], path: str) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular file in the tar, in archive order."""
+    with _open_tar(f, path) as tar:
+        try:
+            for info in tar:
+                if info.isfile():
+                    extracted = tar.extractfile(info)
+                    yield info.name, extracted.read() if extracted is not None else b""
+        except tarfile.TarError as e:
+            raise ValueError(f"{path!r} is a damaged tar archive ({e}): replace the file") from e
+
+
 def _wds_samples(f: IO[bytes], path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) per sample: consecutive members sharing a key, like webdataset.
 
@@ -428,20 +450,10 @@ def _wds_samples(f: IO[bytes], path: str) -> Iterator[tuple[str, dict[str, bytes
     """
     key: str | None = None
     members: dict[str, bytes] = {}
-    try:
-        tar = tarfile.open(fileobj=f, mode="r|*")
-    except tarfile.TarError as e:
-        raise ValueError(f"{path!r} is not a tar archive ({e}): input.format webdataset") from e
-    with tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            m = _WDS_KEY.match(info.name)
-            if not m:
-                continue
+    for name, data in _tar_members(f, path):
+        m = _WDS_KEY.match(name)
+        if m:
             member_key, ext = m.group(1), m.group(2).lower()
-            extracted = tar.extractfile(info)
-            data = extracted.read() if extracted is not None else b""
             if ext.endswith(".gz"):
                 try:
                     data = gzip.decompress(data)
@@ -479,6 +491,7 @@ def _read_webdataset(
             )
             url = _as_text(meta.get(cfg.url_column)) if cfg.url_column else None
             image = next((members[e] for e in WDS_IMAGE_EXTENSIONS if e in members), None)
+            uid: str | None
             if cfg.uid_column == WDS_KEY_COLUMN:
                 uid = key
             elif cfg.uid_column:
@@ -520,9 +533,11 @@ def read_file(path: str, cfg: InputConfig, max_rows: int | None = None) -> Itera
 
 
 def _effective(cfg: InputConfig) -> InputConfig:
-    """The synthetic pool has fixed column names; other formats use the config as given."""
+    """The config the read tasks get: absolute image_dir; fixed columns for the synthetic pool."""
     if cfg.format != "synthetic":
-        return cfg
+        if cfg.image_dir is None:
+            return cfg
+        return cfg.model_copy(update={"image_dir": absolute_url(cfg.image_dir)})
     return cfg.model_copy(
         update={
             "text_column": "text",
@@ -565,7 +580,7 @@ def read_pool(cfg: InputConfig, *, files: Sequence[str] | None = None) -> Any:
     _check_config(cfg)
     paths = list(files) if files is not None else input_files(cfg)
     items = [{"path": p} for p in paths]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    ds: Any = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     # Rows come out in file order, so `limit` (and anything else) sees a stable sequence.
     ds.context.execution_options.preserve_order = True
     ds = ds.map_batches(

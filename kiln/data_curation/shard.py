@@ -142,7 +142,10 @@ class _ShardWriter:
         self.tmp = f"{self.final}.tmp"
         self._file = fs.open(self.tmp, "wb")
         self._hash = _HashingWriter(self._file)
-        self._tar = tarfile.open(fileobj=self._hash, mode="w|", format=tarfile.GNU_FORMAT)
+        # Held open across `add` calls and closed in `close`, so no `with` block here.
+        self._tar = tarfile.open(  # noqa: SIM115
+            fileobj=self._hash, mode="w|", format=tarfile.GNU_FORMAT
+        )
         self.count = 0
 
     def add(self, name: str, data: bytes) -> None:

@@ -111,7 +111,7 @@ _OBJECTS_PER_SCENE = (1, 2, 3)
 _OBJECTS_PROBS = (0.6, 0.28, 0.12)
 _PNG_FRACTION = 0.3
 _JPEG_QUALITY = 92
-_PNG_COMPRESS_LEVEL = 6
+_PNG_COMPRESS_LEVEL = 1
 _COUNT_WORDS = {2: "two", 3: "three"}
 
 #: Caption templates for the main noun phrase; `{np}` "a large red circle" / "two red
@@ -323,7 +323,7 @@ def _background(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
         for r in range(0, size, brick):
             offset = 0 if (r // brick) % 2 == 0 else brick
             img[r : r + brick, offset :: 2 * brick] = 200.0
-    img = img + rng.normal(0, 6, (size, size, 1)).astype(np.float32)
+    img += rng.integers(-10, 11, (size, size, 1), dtype=np.int16)  # sensor-like noise
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
@@ -460,7 +460,9 @@ def _pool_rows(cfg: SyntheticPoolConfig) -> tuple[list[_Row], dict[str, int]]:
         rows[i].text = pattern.format(n=int(rng.integers(10_000)))
     for j, i in enumerate(bad_rows):
         data = rows[i].image
-        rows[i].image = b"<html><body>404 Not Found</body></html>" if j % 3 == 2 else data[: len(data) // 3]
+        rows[i].image = (
+            b"<html><body>404 Not Found</body></html>" if j % 3 == 2 else data[: len(data) // 3]
+        )
 
     next_id = num_base
     if len(clean_rows):
@@ -472,7 +474,7 @@ def _pool_rows(cfg: SyntheticPoolConfig) -> tuple[list[_Row], dict[str, int]]:
             src = rows[k]
             image = src.image
             if formats[k] == "png" and j % 2 == 0:  # same pixels, other bytes
-                image = _encode(Image.open(io.BytesIO(image)), "png", compress_level=1)
+                image = _encode(Image.open(io.BytesIO(image)), "png", compress_level=6)
             url = f"https://pool.example/img/{next_id}.{formats[k]}"
             rows.append(_Row(url, _caption(src.scene, rng, next_id), image, src.scene))
             next_id += 1
@@ -603,7 +605,11 @@ def generate_pool(cfg: SyntheticPoolConfig, out_dir: str) -> dict[str, Any]:
 
     rows, counts = _pool_rows(cfg)
     schema = pa.schema(
-        [pa.field("url", pa.string()), pa.field("text", pa.string()), pa.field("image", pa.binary())]
+        [
+            pa.field("url", pa.string()),
+            pa.field("text", pa.string()),
+            pa.field("image", pa.binary()),
+        ]
     )
     files: list[str] = []
     for index, start in enumerate(range(0, len(rows), cfg.rows_per_file)):

@@ -165,20 +165,31 @@ def _rank_world() -> tuple[int, int]:
 def _full_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
     """Full fp32 CPU copy of the module's weights on rank 0 (None elsewhere).
 
-    With ZeRO-3 the parameters are partitioned: every rank must take part in the gather.
+    Collective: with ZeRO-3 the parameters are partitioned and every rank takes part in the
+    gather. In bf16 training with ZeRO 1-3 the module holds bf16 working copies; the fp32
+    master weights are assembled from the optimizer instead (also collective). With ZeRO-0
+    and bf16, DeepSpeed exposes no per-parameter master copy and the bf16 weights are saved.
     """
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
     rank, _ = _rank_world()
     module = engine.module
-    if engine.zero_optimization_stage() == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            if rank != 0:
-                return None
-            return {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()}
-    if rank != 0:
-        return None
-    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()}
+    master: dict[str, torch.Tensor] = {}
+    if engine.bfloat16_enabled():
+        for name, p in module.named_parameters():
+            full = safe_get_full_fp32_param(p)
+            if full is not None and rank == 0:
+                master[name] = full.detach().to("cpu", torch.float32).clone()
+    params = list(module.parameters()) if engine.zero_optimization_stage() == 3 else []
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=bool(params)):
+        if rank != 0:
+            return None
+        state = {
+            k: master[k] if k in master else v.detach().to("cpu", torch.float32).clone()
+            for k, v in module.state_dict().items()
+        }
+    return state
 
 
 def save_checkpoint(

@@ -49,7 +49,7 @@ def set_runtime_env(env: dict[str, str] | None = None) -> dict[str, str]:
     if not torch.cuda.is_available():
         target.setdefault("DS_ACCELERATOR", "cpu")
     target.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())
-    return target  # type: ignore[no-any-return]
+    return target
 
 
 def import_deepspeed() -> ModuleType:
@@ -70,8 +70,8 @@ def _patch_scalar_broadcast(deepspeed: ModuleType) -> None:
     then the original tensor is put back. Idempotent; a no-op once DeepSpeed fixes it.
     """
     engine_cls = deepspeed.runtime.engine.DeepSpeedEngine
-    original = engine_cls._broadcast_model
-    if getattr(original, "_kiln_scalar_safe", False):
+    original = getattr(engine_cls, "_broadcast_model", None)
+    if original is None or getattr(original, "_kiln_scalar_safe", False):
         return
 
     def _broadcast_model(self: Any) -> None:
@@ -150,7 +150,8 @@ class WarmupCosine:
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices only: biases, norms, embeddings' scalars and logit_scale
     (every parameter with fewer than 2 dims) are not decayed, as in CLIP."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
         if not p.requires_grad:
             continue
@@ -171,7 +172,9 @@ def init_distributed() -> bool:
     deepspeed = import_deepspeed()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # modulo: under Ray each worker may see only its own GPU(s) as device 0..
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
     created = False
     if not dist.is_initialized():
         missing = [k for k in _REQUIRED_ENV if k not in os.environ]

@@ -401,13 +401,13 @@ def _score_task(task: ZeroShotTask, classifier: torch.Tensor, data: _Embedded) -
     logits = data.image[rows] @ classifier.T
     ranked = logits.argsort(dim=1, descending=True, stable=True)
     correct1 = ranked[:, 0] == target
-    result["top1"] = correct1.float().mean().item()
+    result["top1"] = correct1.double().mean().item()
     if k > 5:
-        result["top5"] = (ranked[:, :5] == target[:, None]).any(dim=1).float().mean().item()
+        result["top5"] = (ranked[:, :5] == target[:, None]).any(dim=1).double().mean().item()
     per_class: dict[str, float | None] = {}
     for i, name in enumerate(task.classnames):
         mask = target == i
-        per_class[name] = correct1[mask].float().mean().item() if mask.any() else None
+        per_class[name] = correct1[mask].double().mean().item() if mask.any() else None
     result["per_class"] = per_class
     return result
 
@@ -439,7 +439,7 @@ def recall_at_k(
     sim = sim.detach().float().cpu()
     best = sim.masked_fill(~correct, float("-inf")).max(dim=1).values
     rank = ((sim >= best[:, None]) & ~correct).sum(dim=1)
-    return {f"recall@{k}": (rank < k).float().mean().item() for k in ks}
+    return {f"recall@{k}": (rank < k).double().mean().item() for k in ks}
 
 
 def retrieval(

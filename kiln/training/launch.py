@@ -116,7 +116,7 @@ def train(
         raise ValueError(f"num_workers={num_workers} must be at least 1")
     if launcher not in ("ray", "local"):
         raise ValueError(f"launcher={launcher!r} is not one of 'ray', 'local'")
-    if gpus_per_worker > 0 and not torch.cuda.is_available():
+    if launcher == "local" and gpus_per_worker > 0 and not torch.cuda.is_available():
         raise ValueError(
             f"gpus_per_worker={gpus_per_worker} but this machine has no CUDA GPU: set "
             "resources.gpus_per_worker=0 to train on CPU"
@@ -218,7 +218,10 @@ def _launch_local(
     logs = run / "logs"
     logs.mkdir(exist_ok=True)
     log_paths = [_log_path(logs, 0)]
-    log_paths += [log_paths[0].with_name(log_paths[0].name.replace("rank0", f"rank{r}")) for r in range(1, world)]
+    log_paths += [
+        log_paths[0].with_name(log_paths[0].name.replace("rank0", f"rank{r}"))
+        for r in range(1, world)
+    ]
     threads = _threads(cpus_per_worker)
     base_env = set_runtime_env(dict(os.environ))
     base_env.update(
@@ -242,8 +245,6 @@ def _launch_local(
     try:
         for rank in range(world):
             env = dict(base_env, RANK=str(rank), LOCAL_RANK=str(rank))
-            if gpus_per_worker > 0:
-                env.setdefault("CUDA_VISIBLE_DEVICES", ",".join(str(i) for i in range(world)))
             with open(log_paths[rank], "wb") as log:
                 procs.append(
                     subprocess.Popen(
@@ -322,8 +323,6 @@ def _launch_ray(
     resources: dict[str, float] = {"CPU": cpus_per_worker}
     if gpus_per_worker > 0:
         resources["GPU"] = gpus_per_worker
-    env_vars = set_runtime_env({})
-    env_vars["OMP_NUM_THREADS"] = str(threads)
     trainer = TorchTrainer(
         _ray_train_loop,
         train_loop_config={
@@ -341,7 +340,6 @@ def _launch_ray(
             storage_path=str(run / "ray_train"),
             name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
             failure_config=FailureConfig(max_failures=0),
-            worker_runtime_env={"env_vars": env_vars},
         ),
     )
     try:
@@ -367,7 +365,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     cfg = TrainConfig.model_validate_json(Path(args.config).read_text())
     train_worker(
-        cfg, args.run_dir, resume=args.resume, recipe_hash=args.recipe_hash, num_threads=args.threads
+        cfg,
+        args.run_dir,
+        resume=args.resume,
+        recipe_hash=args.recipe_hash,
+        num_threads=args.threads,
     )
     return 0
 

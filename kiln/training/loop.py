@@ -25,7 +25,9 @@ import json
 import os
 import random
 import signal
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,7 @@ from kiln.training.checkpoint import (
 )
 from kiln.training.config import TrainConfig
 from kiln.training.data import Batch, WebDatasetLoader
-from kiln.training.engine import build_engine, init_distributed
+from kiln.training.engine import build_engine, init_distributed, use_bf16
 
 __all__ = [
     "FAULT_SIGKILL_AFTER_STEP",
@@ -121,8 +123,11 @@ def _global_mean(value: torch.Tensor, world: int) -> float:
 
 
 def _log(rank: int, msg: str) -> None:
+    # Written to the stream, not print(): Ray Train patches print() into its logger, which
+    # would show every line twice on the driver.
     if rank == 0:
-        print(f"[kiln] {msg}", flush=True)
+        sys.stdout.write(f"[kiln] {msg}\n")
+        sys.stdout.flush()
 
 
 def train_worker(
@@ -138,6 +143,8 @@ def train_worker(
     Collective: every rank of the world calls it with the same arguments. `num_threads`
     pins torch's intra-op threads (results can depend on it, so both launchers set it).
     """
+    # DeepSpeed's ZeRO calls torch collectives torch has renamed; the warnings are not ours.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated")
     created_group = init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     if num_threads:
@@ -153,6 +160,7 @@ def train_worker(
     model = build_model(cfg.model)
     engine = build_engine(model, cfg, world)
     device = engine.device
+    image_dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
     loader = WebDatasetLoader(
         cfg.data.dataset,
         batch_size=cfg.data.batch_size,
@@ -170,14 +178,20 @@ def train_worker(
     if resume:
         tag = latest_checkpoint(run)
         if tag is None:
-            _log(rank, f"resume: no complete checkpoint under {run / 'checkpoints'}; starting from scratch")
+            _log(
+                rank,
+                f"resume: no complete checkpoint under {run / 'checkpoints'}; starting from scratch",
+            )
         else:
             client = load_checkpoint(engine, run, tag)["kiln"]
             step = resumed_from = int(client["step"])
             loader.load_state_dict(client["loader"])
             old_hash = client.get("recipe_hash", "")
             if recipe_hash and old_hash and old_hash != recipe_hash:
-                _log(rank, f"note: recipe hash {recipe_hash} differs from the checkpoint's {old_hash}")
+                _log(
+                    rank,
+                    f"note: recipe hash {recipe_hash} differs from the checkpoint's {old_hash}",
+                )
             _log(rank, f"resumed from {tag} (epoch {loader.epoch}, batch {loader.step_in_epoch})")
     else:
         check_run_dir(run, resume=False)
@@ -229,7 +243,7 @@ def train_worker(
             micro_losses = []
             for _ in range(cfg.optim.grad_accum):
                 batch: Batch = next(batches)
-                images = batch.images.to(device, non_blocking=True)
+                images = batch.images.to(device, image_dtype, non_blocking=True)
                 tokens = batch.tokens.to(device, non_blocking=True)
                 img, txt, scale = engine(images, tokens)
                 loss = clip_loss(img, txt, scale)

@@ -119,4 +119,7 @@ def test_zero3_init_and_gradients_match_plain_torch(
     torch.testing.assert_close(result["loss"], ref.detach(), rtol=1e-6, atol=1e-6)
     for name, p in model.named_parameters():
         assert p.grad is not None
-        assert torch.allclose(result["grads"][name], p.grad, rtol=1e-5, atol=1e-6), name
+        # Rounding scales with the tensor's magnitude (the text embeddings' gradients reach
+        # ~30), so the tolerance is relative to each tensor's largest entry.
+        atol = 1e-6 * max(1.0, p.grad.abs().max().item())
+        assert torch.allclose(result["grads"][name], p.grad, rtol=1e-5, atol=atol), name

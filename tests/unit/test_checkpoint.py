@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import socket
 from collections.abc import Iterator
@@ -34,7 +35,7 @@ def fake_checkpoint(run: Path, step: int, *, complete: bool = True) -> str:
     d.mkdir(parents=True)
     (d / "mp_rank_00_model_states.pt").write_bytes(b"x")
     if complete:
-        (d / COMPLETE_MARKER).write_text('{"step": %d}' % step)
+        (d / COMPLETE_MARKER).write_text(json.dumps({"step": step}))
     return tag
 
 
@@ -194,7 +195,12 @@ def test_real_save_commits_after_every_file_and_load_restores(
     for step in (2, 3, 4):
         train_step(fresh)
         save_checkpoint(
-            fresh, run, step=step, client_state={"kiln": {"step": step}}, model_config=cfg.model, keep_last=2
+            fresh,
+            run,
+            step=step,
+            client_state={"kiln": {"step": step}},
+            model_config=cfg.model,
+            keep_last=2,
         )
     assert complete_checkpoints(run) == ["step_00000003", "step_00000004"]
     assert latest_checkpoint(run) == "step_00000004"

@@ -81,7 +81,9 @@ def test_plan_is_pure_and_drops_only_the_tail() -> None:
     assert p == plan_epoch(sizes, seed=3, epoch=0, world_size=2, batch_size=4)
     assert sorted(p.shard_order) == [0, 1, 2, 3, 4]
     assert p.steps_per_epoch == 8
-    orders = {plan_epoch(sizes, seed=3, epoch=e, world_size=2, batch_size=4).shard_order for e in range(6)}
+    orders = {
+        plan_epoch(sizes, seed=3, epoch=e, world_size=2, batch_size=4).shard_order for e in range(6)
+    }
     assert len(orders) > 1  # epochs see the shards in different orders
     # worker slices tile each rank's range exactly, in batch units
     for workers in (1, 2, 3):
@@ -131,7 +133,9 @@ def test_ranks_are_disjoint_equal_and_cover_the_global_batches(dataset: str) -> 
 
 
 def test_workers_zero_and_one_give_the_same_batches(dataset: str) -> None:
-    assert same(take(make(dataset, workers=0), STEPS + 2), take(make(dataset, workers=1), STEPS + 2))
+    assert same(
+        take(make(dataset, workers=0), STEPS + 2), take(make(dataset, workers=1), STEPS + 2)
+    )
 
 
 @pytest.mark.parametrize("workers", [0, 1, 2])

@@ -171,9 +171,7 @@ def text_dedup_key(table: pa.Table) -> pa.Array:
     (`duplicate_text`), which does not depend on block order.
     """
     texts = _text_column(table)
-    urls = (
-        table.column("url").to_pylist() if "url" in table.column_names else [None] * len(texts)
-    )
+    urls = table.column("url").to_pylist() if "url" in table.column_names else [None] * len(texts)
     keys = [
         make_uid(u if isinstance(u, str) else None, t if isinstance(t, str) else None)
         for u, t in zip(urls, texts, strict=True)

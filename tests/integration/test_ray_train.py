@@ -1,0 +1,96 @@
+"""The Ray Train launcher trains exactly like the local one (embedded Ray, 2 gloo workers).
+
+Same config and world size, same pinned thread count: the per-step losses must be equal
+(==) and so must the final weights. The Ray run is also stopped after step 2 and resumed
+through Ray, so checkpointing and resume are covered under Ray Train too.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from kiln.training import train
+from kiln.training.checkpoint import checkpoints_dir
+from kiln.training.config import TrainConfig
+from tests.helpers_datasets import write_tiny_dataset
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[None]:
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=True,
+        configure_logging=False,
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def config(dataset: str, *, stop_after: int | None = None) -> TrainConfig:
+    return TrainConfig.model_validate(
+        {
+            "data": {"dataset": dataset, "batch_size": 4, "num_workers": 1, "shuffle_buffer": 8},
+            "model": {
+                "image_size": 16,
+                "patch_size": 8,
+                "vision_width": 32,
+                "vision_layers": 1,
+                "vision_heads": 2,
+                "text_width": 32,
+                "text_layers": 1,
+                "text_heads": 2,
+                "context_length": 16,
+                "embed_dim": 16,
+            },
+            "optim": {"lr": 2e-3, "warmup_steps": 1},
+            "zero": {"stage": 2},
+            "checkpoint": {"every_steps": 2},
+            "max_steps": 4,
+            "log_every": 1,
+            "seed": 3,
+            "stop_after_step": stop_after,
+        }
+    )
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    payload = torch.load(checkpoints_dir(run) / "step_00000004" / "model.pt", weights_only=True)
+    state: dict[str, torch.Tensor] = payload["state_dict"]
+    return state
+
+
+def test_ray_train_matches_local_launcher_bitwise(tmp_path: Path, ray_local: None) -> None:
+    dataset = str(write_tiny_dataset(tmp_path / "ds", num_samples=48))
+    local = train(config(dataset), str(tmp_path / "local"), num_workers=2, launcher="local")
+    assert len(local.losses) == 4
+
+    run = tmp_path / "ray"
+    first = train(
+        config(dataset, stop_after=2), str(run), num_workers=2, cpus_per_worker=1, launcher="ray"
+    )
+    assert (first.launcher, first.world_size, first.last_step) == ("ray", 2, 2)
+    assert first.latest_checkpoint == "step_00000002"
+    rest = train(
+        config(dataset), str(run), num_workers=2, cpus_per_worker=1, launcher="ray", resume=True
+    )
+    assert (rest.resumed_from, rest.first_step, rest.last_step) == (2, 3, 4)
+
+    assert first.losses + rest.losses == local.losses  # exact
+    ray_w, local_w = final_weights(run), final_weights(tmp_path / "local")
+    assert ray_w.keys() == local_w.keys()
+    for name, tensor in local_w.items():
+        assert torch.equal(tensor, ray_w[name]), name
