@@ -157,7 +157,10 @@ def run_quickstart(root: str = _DEFAULT_ROOT, overrides: list[str] | None = None
         ("throughput (samples/s)", f"{ref_summary.samples_per_s:.1f}"),
         ("resume vs reference", "exact" if exact else "MISMATCH"),
     ]
-    summary_pairs += [(metric, f"{value} ({base})" if base else value) for metric, value, base in eval_rows(eval_result)]
+    summary_pairs += [
+        (metric, f"{value} ({base})" if base else value)
+        for metric, value, base in eval_rows(eval_result)
+    ]
     summary_pairs += [
         ("run dir", root),
         ("report", f"{root}/report.html"),

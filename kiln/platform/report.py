@@ -79,7 +79,10 @@ def write_report(
     sections = [f"<h1>{html.escape(title)}</h1>", _table(("", ""), summary)]
     if curation:
         reasons = sorted((curation.get("dropped_by_reason") or {}).items(), key=lambda kv: -kv[1])
-        sections += ["<h2>Curation: dropped rows by reason</h2>", _table(("reason", "rows"), reasons)]
+        sections += [
+            "<h2>Curation: dropped rows by reason</h2>",
+            _table(("reason", "rows"), reasons),
+        ]
     if loss_curves:
         sections += ["<h2>Training loss</h2>", svg_lines(loss_curves)]
     if resume_rows:

@@ -295,3 +295,40 @@ def test_missing_input_path_is_named(ray_session: None, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=re.escape("no_such_pool.csv")):
         run_curation(cfg, str(tmp_path / "run"))
     assert not (tmp_path / "run" / "steps").exists()
+
+
+# --------------------------------------------------------------------------- retries
+
+
+def test_a_retried_write_task_rewrites_its_own_files(tmp_path: Path) -> None:
+    """Step outputs are named by write-task index: a retry replaces, never duplicates."""
+    from ray.data._internal.execution.interfaces import TaskContext
+
+    from kiln.data_curation.pipeline import _StepSink
+
+    table = pa.table(
+        {
+            "uid": ["a", "b", "c"],
+            "text": ["x", "y", "z"],
+            "url": ["u", "u", "u"],
+            "source": ["s"] * 3,
+            "source_row": [0, 1, 2],
+            "drop_reason": [None, "empty_text", None],
+        }
+    )
+    sink = _StepSink(
+        str(tmp_path / "data"), str(tmp_path / "rejects"), dedup_key="text", num_buckets=2
+    )
+    ctx = TaskContext(task_idx=7, op_name="Write")
+    first = sink.write([table], ctx)
+    names = sorted(p.name for p in (tmp_path / "data").iterdir())
+    second = sink.write([table], ctx)  # the same task, retried
+    assert (
+        first == second == {"rows_in": 3, "rows_out": 2, "dropped": {"empty_text": 1}, "matched": 0}
+    )
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == names
+    assert all(n.startswith("part-00007-") for n in names)
+    kept = pa.concat_tables([pq.read_table(tmp_path / "data" / n) for n in names])
+    assert sorted(kept.column("uid").to_pylist()) == ["a", "c"]
+    assert "drop_reason" not in kept.column_names and "_dedup_key" in kept.column_names
+    assert pq.read_table(tmp_path / "rejects" / "part-00007.parquet").num_rows == 1

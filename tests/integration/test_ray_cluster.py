@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import psutil
+
 from kiln.platform.ray_cluster import LOOPBACK, ray_session, start_ray
 
 
@@ -32,7 +33,9 @@ def test_embedded_ray_binds_loopback_only() -> None:
         pids = {p.pid for p in me.children(recursive=True)} | {me.pid}
         addrs = _listening_addresses(pids)
         assert addrs, "Ray processes listen on nothing: the check would be vacuous"
-        assert addrs <= {LOOPBACK, "::1", "::ffff:127.0.0.1"}, f"Ray listens beyond loopback: {addrs}"
+        assert addrs <= {LOOPBACK, "::1", "::ffff:127.0.0.1"}, (
+            f"Ray listens beyond loopback: {addrs}"
+        )
     assert not ray.is_initialized()
 
 

@@ -58,7 +58,9 @@ def test_override_does_not_mutate_input() -> None:
 
 
 def test_unknown_field_suggests_closest_name() -> None:
-    with pytest.raises(RecipeError, match=r"unknown field 'balance\.tt': did you mean 'balance\.t'"):
+    with pytest.raises(
+        RecipeError, match=r"unknown field 'balance\.tt': did you mean 'balance\.t'"
+    ):
         parse_recipe(apply_overrides(CURATE, ["balance.tt=5"]))
     with pytest.raises(RecipeError, match=r"unknown field 'balanse': did you mean 'balance'"):
         parse_recipe({**CURATE, "balanse": {"t": 5}})
@@ -82,8 +84,13 @@ def test_missing_field_and_bad_kind() -> None:
 def test_eval_field_named_like_a_kind_is_reported_with_its_path() -> None:
     with pytest.raises(RecipeError, match=r"'eval\.recal_k': did you mean 'eval\.recall_k'"):
         parse_recipe(
-            {"kind": "eval", "name": "e", "run_dir": "r", "checkpoint": "c",
-             "eval": {"recal_k": [1]}}
+            {
+                "kind": "eval",
+                "name": "e",
+                "run_dir": "r",
+                "checkpoint": "c",
+                "eval": {"recal_k": [1]},
+            }
         )
 
 

@@ -125,12 +125,13 @@ def test_planted_junk_duplicates_and_bad_images(pool: tuple[Path, dict], table: 
     keys = [(r["url"], r["text"], r["image"]) for r in rows]
     assert len(keys) - len(set(keys)) == planted["exact_duplicates"]
     # near duplicates: same pixels under another url, some with other encoded bytes
-    kept = images.filter(pa.compute.is_null(images.column(DROP_COLUMN)))
     by_hash: dict[str, set[str]] = {}
     by_hash_bytes: dict[str, set[bytes]] = {}
-    for r in kept.select(["url", "image", "image_sha256"]).to_pylist():
-        by_hash.setdefault(r["image_sha256"], set()).add(r["url"])
-        by_hash_bytes.setdefault(r["image_sha256"], set()).add(r["image"])
+    hashes = images.column("image_sha256").to_pylist()
+    for r, digest in zip(rows, hashes, strict=True):
+        if digest is not None:
+            by_hash.setdefault(digest, set()).add(r["url"])
+            by_hash_bytes.setdefault(digest, set()).add(r["image"])
     assert sum(len(u) - 1 for u in by_hash.values()) == planted["near_duplicates"]
     assert any(len(b) > 1 for b in by_hash_bytes.values())
     assert all(u.startswith("https://pool.example/img/") for u in table.column("url").to_pylist())
@@ -177,7 +178,7 @@ def test_eval_set(pool: tuple[Path, dict], table: pa.Table) -> None:
             assert color in caption and shape in caption
             image = Image.open(io.BytesIO(files[f"{uid}.jpg"]))
             assert image.format == "JPEG" and image.size == (CFG.image_size, CFG.image_size)
-            assert _near(image, COLORS[color]) > 0.04, (uid, color)
+            assert _near(image, COLORS[color]) > 0.02, (uid, color)
             out_table = apply_image_checks(
                 pa.table({"image": [files[f"{uid}.jpg"]]}), ImageConfig(min_size=1)
             )
