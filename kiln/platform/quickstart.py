@@ -99,8 +99,12 @@ def run_quickstart(root: str = _DEFAULT_ROOT, overrides: list[str] | None = None
     reference = _load(
         "train",
         root,
-        [f"run_dir={root}/train-reference", "eval.zero_shot=null", "eval.retrieval=null"]
-        + overrides,
+        [
+            f"run_dir={root}/train-reference",
+            "eval.zero_shot=null",
+            "eval.retrieval=null",
+            *overrides,
+        ],
     )
     assert isinstance(curate, CurateRecipe) and isinstance(reference, TrainRecipe)
     stop_at = max(1, reference.max_steps // 2)

@@ -95,7 +95,7 @@ def test_eval_field_named_like_a_kind_is_reported_with_its_path() -> None:
 
 
 def test_bad_override_syntax() -> None:
-    with pytest.raises(RecipeError, match="key.path=value"):
+    with pytest.raises(RecipeError, match=r"key\.path=value"):
         apply_overrides(CURATE, ["balance.t"])
     with pytest.raises(RecipeError, match="is a value"):
         apply_overrides(CURATE, ["name.x=1"])
