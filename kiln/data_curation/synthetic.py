@@ -24,7 +24,6 @@ the config so a rerun with the same config does nothing.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import tarfile

@@ -6,7 +6,8 @@ import os
 
 import psutil
 
-from kiln.platform.ray_cluster import LOOPBACK, ray_session, start_ray
+from kiln.platform.ray_cluster import LOOPBACK, start_ray
+from kiln.platform.ray_cluster import ray_session as kiln_ray_session
 
 
 def _listening_addresses(pids: set[int]) -> set[str]:
@@ -17,31 +18,27 @@ def _listening_addresses(pids: set[int]) -> set[str]:
     return addrs
 
 
-def test_embedded_ray_binds_loopback_only() -> None:
+def test_embedded_ray_binds_loopback_only(ray_session: None) -> None:
     import ray
 
-    with ray_session(num_cpus=1):
-        assert ray.util.get_node_ip_address() == LOOPBACK
-        assert {n["NodeManagerAddress"] for n in ray.nodes()} == {LOOPBACK}
+    assert ray.util.get_node_ip_address() == LOOPBACK
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {LOOPBACK}
 
-        @ray.remote(num_cpus=0)
-        def where() -> str:
-            return ray.util.get_node_ip_address()
+    @ray.remote(num_cpus=0)
+    def where() -> str:
+        return ray.util.get_node_ip_address()
 
-        assert ray.get(where.remote()) == LOOPBACK
-        me = psutil.Process(os.getpid())
-        pids = {p.pid for p in me.children(recursive=True)} | {me.pid}
-        addrs = _listening_addresses(pids)
-        assert addrs, "Ray processes listen on nothing: the check would be vacuous"
-        assert addrs <= {LOOPBACK, "::1", "::ffff:127.0.0.1"}, (
-            f"Ray listens beyond loopback: {addrs}"
-        )
-    assert not ray.is_initialized()
+    assert ray.get(where.remote()) == LOOPBACK
+    me = psutil.Process(os.getpid())
+    pids = {p.pid for p in me.children(recursive=True)} | {me.pid}
+    addrs = _listening_addresses(pids)
+    assert addrs, "Ray processes listen on nothing: the check would be vacuous"
+    assert addrs <= {LOOPBACK, "::1", "::ffff:127.0.0.1"}, f"Ray listens beyond loopback: {addrs}"
 
 
-def test_start_ray_leaves_a_running_ray_alone() -> None:
+def test_start_ray_leaves_a_running_ray_alone(ray_session: None) -> None:
     import ray
 
-    with ray_session(num_cpus=1):
+    with kiln_ray_session():
         assert start_ray() is False  # already up: joined, not restarted
-        assert ray.is_initialized()
+    assert ray.is_initialized(), "a block that did not start Ray must not shut it down"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -25,11 +26,11 @@ def _encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
     return out.getvalue()
 
 
-def _table(images: list[bytes | None]) -> pa.Table:
+def _table(images: Sequence[bytes | None]) -> pa.Table:
     return pa.table(
         {
             "uid": [f"{i:032x}" for i in range(len(images))],
-            "image": pa.array(images, type=pa.binary()),
+            "image": pa.array(list(images), type=pa.binary()),
         }
     )
 
@@ -79,7 +80,11 @@ def test_plain_rgb_jpeg_keeps_its_bytes() -> None:
 
 def test_png_and_alpha_are_reencoded_as_rgb_jpeg() -> None:
     rgba = Image.new("RGBA", (32, 32), (255, 0, 0, 0))  # fully transparent red
-    images = [_encode(_pixels(32, 32), "PNG"), _encode(rgba, "PNG"), _encode(_pixels(32, 32).convert("L"), "JPEG")]
+    images = [
+        _encode(_pixels(32, 32), "PNG"),
+        _encode(rgba, "PNG"),
+        _encode(_pixels(32, 32).convert("L"), "JPEG"),
+    ]
     out = apply_image_checks(_table(images), ImageConfig())
     for data in out.column("image").to_pylist():
         image = _decode(data)

@@ -124,7 +124,7 @@ def test_load_entries(tmp_path: Path) -> None:
     bad.write_text("dog\n cat\nred \nok\n")
     with pytest.raises(ValueError, match=r"bad\.txt.*lines 2, 3"):
         load_entries(str(bad))
-    with pytest.raises(FileNotFoundError, match="missing.txt"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.txt"):
         load_entries(str(tmp_path / "missing.txt"))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
@@ -238,7 +238,9 @@ def test_balancing_statistics() -> None:
 def test_balancing_is_independent_of_blocks_and_order() -> None:
     table, counts = _balance_fixture(3_000, seed=3)
     whole = balance_table(table, counts, t=100, seed=11)
-    pieces = [balance_table(table.slice(i, 413), counts, t=100, seed=11) for i in range(0, 3000, 413)]
+    pieces = [
+        balance_table(table.slice(i, 413), counts, t=100, seed=11) for i in range(0, 3000, 413)
+    ]
     assert pa.concat_tables(pieces).equals(whole)
     reversed_table = table.take(pa.array(np.arange(2999, -1, -1)))
     backwards = balance_table(reversed_table, counts, t=100, seed=11)

@@ -16,9 +16,14 @@ from PIL import Image
 
 from kiln.contracts import read_manifest, sha256_hex
 from kiln.data_curation.config import ImageConfig, SyntheticPoolConfig, TextConfig
-from kiln.data_curation.stages import DROP_COLUMN, count_reasons
+from kiln.data_curation.stages import count_reasons
 from kiln.data_curation.stages.image import apply_image_checks
-from kiln.data_curation.stages.metaclip import EntryMatcher, count_entries, load_entries, match_table
+from kiln.data_curation.stages.metaclip import (
+    EntryMatcher,
+    count_entries,
+    load_entries,
+    match_table,
+)
 from kiln.data_curation.stages.text import apply_text_filters
 from kiln.data_curation.synthetic import (
     COLORS,
@@ -28,9 +33,7 @@ from kiln.data_curation.synthetic import (
     generate_pool,
 )
 
-CFG = SyntheticPoolConfig(
-    num_samples=1200, num_eval=60, image_size=32, rows_per_file=500, seed=3
-)
+CFG = SyntheticPoolConfig(num_samples=1200, num_eval=60, image_size=32, rows_per_file=500, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +146,7 @@ def _near(image: Image.Image, rgb: tuple[int, int, int], radius: float = 60.0) -
 
 
 def test_eval_set(pool: tuple[Path, dict], table: pa.Table) -> None:
-    out, info = pool
+    out, _ = pool
     eval_dir = out / "eval"
     manifest = read_manifest(str(eval_dir))
     assert manifest.name == "synthetic-eval" and manifest.num_samples == CFG.num_eval

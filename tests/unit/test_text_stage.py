@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pyarrow as pa
 import pytest
 
@@ -67,13 +69,13 @@ def test_is_junk_keeps_real_captions(text: str) -> None:
     assert not is_junk(text)
 
 
-def _table(texts: list[object], urls: list[str | None] | None = None) -> pa.Table:
+def _table(texts: Sequence[object], urls: Sequence[str | None] | None = None) -> pa.Table:
     n = len(texts)
     return pa.table(
         {
             "uid": [f"{i:032x}" for i in range(n)],
-            "text": pa.array(texts, type=pa.string()),
-            "url": urls if urls is not None else [f"http://x/{i}" for i in range(n)],
+            "text": pa.array(list(texts), type=pa.string()),
+            "url": list(urls) if urls is not None else [f"http://x/{i}" for i in range(n)],
         }
     )
 

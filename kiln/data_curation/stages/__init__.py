@@ -83,9 +83,9 @@ def mark_dropped(table: pa.Table, mask: np.ndarray, reason: str) -> pa.Table:
             f"mask has shape {mask.shape}, expected ({table.num_rows},): one flag per row"
         )
     table = ensure_drop_column(table)
-    current = table.column(DROP_COLUMN).combine_chunks()
     if not mask.any():
         return table
+    current = table.column(DROP_COLUMN).combine_chunks()
     update = pc.and_(pa.array(mask, type=pa.bool_()), pc.is_null(current))
     updated = pc.if_else(update, pa.scalar(reason, pa.string()), current)
     return replace_column(table, DROP_COLUMN, updated)

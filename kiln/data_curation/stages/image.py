@@ -99,10 +99,7 @@ def _resized(image: Image.Image, max_size: int | None) -> Image.Image:
     width, height = image.size
     scale = max_size / max(width, height)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    if width >= height:
-        size = (max_size, size[1])
-    else:
-        size = (size[0], max_size)
+    size = (max_size, size[1]) if width >= height else (size[0], max_size)
     return image.resize(size, Image.Resampling.LANCZOS)
 
 
@@ -114,10 +111,8 @@ def apply_image_checks(table: pa.Table, cfg: ImageConfig) -> pa.Table:
     rows dropped before this stage are not touched.
     """
     n = table.num_rows
-    if "image" in table.column_names:
-        images = table.column("image").to_pylist()
-    else:
-        images = [None] * n
+    has_images = "image" in table.column_names
+    images = table.column("image").to_pylist() if has_images else [None] * n
     alive = alive_mask(table)
     widths = _int_column(table, "width")
     heights = _int_column(table, "height")

@@ -171,7 +171,10 @@ def match_table(table: pa.Table, matcher: EntryMatcher) -> pa.Table:
         )
     alive = alive_mask(table)
     texts = table.column("text").to_pylist()
-    ids = [matcher.match(t) if a and isinstance(t, str) else [] for t, a in zip(texts, alive)]
+    ids = [
+        matcher.match(t) if a and isinstance(t, str) else []
+        for t, a in zip(texts, alive, strict=True)
+    ]
     return replace_column(table, ENTRY_IDS_COLUMN, pa.array(ids, type=pa.list_(pa.int32())))
 
 
