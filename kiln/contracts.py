@@ -23,6 +23,8 @@ __all__ = [
     "DatasetManifest",
     "ShardInfo",
     "StrictModel",
+    "canonical_json",
+    "json_sha256",
     "make_uid",
     "read_manifest",
     "sha256_hex",
@@ -69,6 +71,16 @@ DROP_REASONS: tuple[str, ...] = (
 MANIFEST_NAME = "manifest.json"
 
 
+def canonical_json(value: Any) -> str:
+    """Compact JSON with sorted keys: the byte form every hash in kiln is taken over."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def json_sha256(value: Any) -> str:
+    """sha256 of `value`'s canonical JSON (recipe hashes, step fingerprints)."""
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()
+
+
 def sha256_hex(data: bytes) -> str:
     """Hex sha256 of `data`."""
     return hashlib.sha256(data).hexdigest()
@@ -111,7 +123,11 @@ class DatasetManifest(StrictModel):
 
 
 def _manifest_url(dataset_dir: str) -> str:
-    return dataset_dir if dataset_dir.endswith(".json") else dataset_dir.rstrip("/") + "/" + MANIFEST_NAME
+    return (
+        dataset_dir
+        if dataset_dir.endswith(".json")
+        else dataset_dir.rstrip("/") + "/" + MANIFEST_NAME
+    )
 
 
 def read_manifest(dataset_dir: str) -> DatasetManifest:

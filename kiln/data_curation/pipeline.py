@@ -37,10 +37,16 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 from ray.data.datasource.datasink import Datasink, WriteResult
 
-from kiln.contracts import MANIFEST_NAME, DatasetManifest, read_manifest, sha256_hex
+from kiln.contracts import (
+    MANIFEST_NAME,
+    DatasetManifest,
+    json_sha256,
+    read_manifest,
+    sha256_hex,
+)
 from kiln.data_curation.config import CurationConfig, ExecutionConfig, ImageConfig, TextConfig
 from kiln.data_curation.readers import absolute_url, input_files, read_pool
-from kiln.data_curation.shard import canonical_json, recipe_hash, write_shards
+from kiln.data_curation.shard import write_shards
 from kiln.data_curation.stages import DROP_COLUMN, ensure_drop_column, split_dropped
 
 __all__ = [
@@ -164,7 +170,7 @@ def _bucket_of(key: str, num_buckets: int) -> int:
 
 def _fingerprint(name: str, config: Any, upstream: str) -> str:
     doc = {"step": name, "version": PIPELINE_VERSION, "config": config, "upstream": upstream}
-    return hashlib.sha256(canonical_json(doc).encode()).hexdigest()
+    return json_sha256(doc)
 
 
 # --------------------------------------------------------------------------- step sink
@@ -705,7 +711,7 @@ def _manifest_matches(dataset_dir: str, recipe: dict[str, Any]) -> bool:
         manifest = read_manifest(dataset_dir)
     except (ValueError, FileNotFoundError):
         return False
-    return manifest.recipe_hash == recipe_hash(recipe)
+    return manifest.recipe_hash == json_sha256(recipe)
 
 
 def _entries_digest(url: str) -> str:
@@ -804,7 +810,7 @@ def run_curation(
             "shard": cfg.shard.model_dump(mode="json"),
             "dataset_dir": r.dataset_dir,
             "name": name,
-            "recipe_sha256": recipe_hash(recipe),
+            "recipe_sha256": json_sha256(recipe),
         }
         if not _manifest_matches(r.dataset_dir, recipe):
             # the dataset was deleted or overwritten by another run: write it again

@@ -24,12 +24,10 @@ from typing import IO, Any
 import fsspec
 import pyarrow as pa
 
-from kiln.contracts import DatasetManifest, ShardInfo, write_manifest
+from kiln.contracts import DatasetManifest, ShardInfo, json_sha256, write_manifest
 
 __all__ = [
     "SHARD_DIR",
-    "canonical_json",
-    "recipe_hash",
     "sample_json",
     "shard_name",
     "write_shards",
@@ -39,16 +37,6 @@ SHARD_DIR = "shards"
 
 #: Columns that never go into a sample's JSON: stored as their own member, or internal.
 _NOT_IN_JSON = frozenset({"image", "text", "drop_reason"})
-
-
-def canonical_json(value: Any) -> str:
-    """Compact JSON with sorted keys: the byte form every hash in kiln is taken over."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def recipe_hash(recipe: dict[str, Any]) -> str:
-    """sha256 of the recipe's canonical JSON (the same definition the platform uses)."""
-    return hashlib.sha256(canonical_json(recipe).encode()).hexdigest()
 
 
 def shard_name(index: int) -> str:
@@ -221,7 +209,7 @@ def write_shards(
         num_samples=total,
         shards=shards,
         recipe=recipe,
-        recipe_hash=recipe_hash(recipe),
+        recipe_hash=json_sha256(recipe),
         inputs=list(inputs or []),
         stats=dict(stats or {}),
     )

@@ -9,7 +9,6 @@ and the fix (for an unknown field: the closest valid name), never as a traceback
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -17,7 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
-from kiln.contracts import StrictModel
+from kiln.contracts import StrictModel, json_sha256
 from kiln.data_curation.config import CurationConfig
 from kiln.training.config import EvalConfig, TrainConfig
 
@@ -218,8 +217,7 @@ def load_recipe(
 
 def recipe_hash(recipe: BaseModel) -> str:
     """sha256 of the recipe's canonical JSON: what a dataset or checkpoint was made with."""
-    canonical = json.dumps(recipe.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return json_sha256(recipe.model_dump(mode="json"))
 
 
 def dump_recipe(recipe: BaseModel, path: str | Path) -> None:

@@ -15,8 +15,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from kiln.contracts import DatasetManifest, read_manifest
-from kiln.data_curation.shard import canonical_json, recipe_hash, write_shards
+from kiln.contracts import DatasetManifest, canonical_json, json_sha256, read_manifest
+from kiln.data_curation.shard import write_shards
 
 
 def _jpeg(color: tuple[int, int, int], size: tuple[int, int] = (20, 12)) -> bytes:
@@ -89,7 +89,7 @@ def test_manifest_describes_the_files(tmp_path: Path) -> None:
         assert shard.sha256 == hashlib.sha256(data).hexdigest()
     assert manifest.recipe == recipe
     assert manifest.recipe_hash == hashlib.sha256(canonical_json(recipe).encode()).hexdigest()
-    assert manifest.recipe_hash == recipe_hash({"balance": {"t": 5}, "name": "tiny"})
+    assert manifest.recipe_hash == json_sha256({"balance": {"t": 5}, "name": "tiny"})
     assert manifest.inputs == ["pool.parquet"]
     assert manifest.stats == {"samples_in": 10}
     assert read_manifest(str(tmp_path)) == manifest
