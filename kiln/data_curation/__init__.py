@@ -16,14 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from kiln.data_curation.dataset_info import format_dataset_info, inspect_dataset
-    from kiln.data_curation.pipeline import CurationResult, format_result, run_curation
+    from kiln.data_curation.pipeline import CurationResult, run_curation
     from kiln.data_curation.readers import read_pool
     from kiln.data_curation.shard import write_shards
 
 __all__ = [
     "CurationResult",
     "format_dataset_info",
-    "format_result",
     "inspect_dataset",
     "read_pool",
     "run_curation",
@@ -33,7 +32,6 @@ __all__ = [
 _HOMES = {
     "CurationResult": "kiln.data_curation.pipeline",
     "run_curation": "kiln.data_curation.pipeline",
-    "format_result": "kiln.data_curation.pipeline",
     "read_pool": "kiln.data_curation.readers",
     "write_shards": "kiln.data_curation.shard",
     "inspect_dataset": "kiln.data_curation.dataset_info",

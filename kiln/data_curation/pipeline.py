@@ -56,7 +56,6 @@ __all__ = [
     "SUCCESS_MARKER",
     "CurationResult",
     "StepStats",
-    "format_result",
     "run_curation",
 ]
 
@@ -833,20 +832,4 @@ def run_curation(
         seconds=round(time.perf_counter() - start, 3),
     )
     _write_json(f"{r.run_dir}/curation_stats.json", result.model_dump(mode="json"), sort_keys=False)
-    logger.debug("\n%s", format_result(result))
     return result
-
-
-def format_result(result: CurationResult) -> str:
-    """A plain-text summary table of a curation run: one line per step, then the totals."""
-    lines = [f"{'step':<14}{'in':>9}{'out':>9}{'seconds':>9}  dropped"]
-    for name, s in result.steps.items():
-        dropped = ", ".join(f"{k}={v}" for k, v in s.dropped.items())
-        seconds = "reused" if s.reused else f"{s.seconds:.1f}"
-        lines.append(f"{name:<14}{s.rows_in:>9}{s.rows_out:>9}{seconds:>9}  {dropped}")
-    lines.append(
-        f"samples in {result.samples_in}, matched {result.matched}, kept after balance "
-        f"{result.kept_after_balance}, deduped {result.deduped}, out {result.samples_out} "
-        f"in {result.num_shards} shards -> {result.dataset_dir} ({result.seconds:.1f}s)"
-    )
-    return "\n".join(lines)

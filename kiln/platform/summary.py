@@ -30,6 +30,18 @@ def format_curation(r: dict[str, Any]) -> str:
         ("seconds", _num(r.get("seconds"))),
     ]
     out = format_kv(pairs, "curation")
+    steps = r.get("steps") or {}
+    if steps:
+        step_rows = [
+            (
+                name,
+                s.get("rows_in"),
+                s.get("rows_out"),
+                "reused" if s.get("reused") else _num(s.get("seconds")),
+            )
+            for name, s in steps.items()
+        ]
+        out += "\n\n" + format_table(("step", "rows in", "rows out", "seconds"), step_rows)
     reasons = r.get("dropped_by_reason") or {}
     if reasons:
         rows = sorted(reasons.items(), key=lambda kv: -int(kv[1]))
