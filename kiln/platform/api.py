@@ -27,7 +27,8 @@ from kiln.platform.recipes import (
     parse_recipe,
     recipe_hash,
 )
-from kiln.platform.runs import latest_checkpoint_tag, write_status
+from kiln.platform.runs import write_status
+from kiln.training.checkpoint import latest_checkpoint
 from kiln.training.config import TrainConfig
 
 M = TypeVar("M", bound=BaseModel)
@@ -101,9 +102,9 @@ def resolve_model_file(checkpoint: str) -> Path:
     if p.is_file():
         return p
     if p.is_dir():
-        tag = latest_checkpoint_tag(p)
+        tag = latest_checkpoint(p)
         if tag is None and (p / "latest").is_file():  # the checkpoints/ folder itself
-            tag = latest_checkpoint_tag(p.parent)
+            tag = latest_checkpoint(p.parent)
             p = p.parent
         if tag is None:
             raise FileNotFoundError(

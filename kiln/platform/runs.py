@@ -17,12 +17,12 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from kiln.platform.tables import format_table
+from kiln.training.checkpoint import latest_checkpoint
 
 __all__ = [
     "RunInfo",
     "format_runs",
     "last_metrics",
-    "latest_checkpoint_tag",
     "list_runs",
     "read_status",
     "write_status",
@@ -60,16 +60,6 @@ def write_status(run_dir: str | Path, state: RunState, **fields: Any) -> dict[st
     status.setdefault("host", socket.gethostname())
     _atomic_write(run / "status.json", json.dumps(status, indent=2, sort_keys=True) + "\n")
     return status
-
-
-def latest_checkpoint_tag(run_dir: str | Path) -> str | None:
-    """Tag named by `checkpoints/latest`, if that checkpoint is complete."""
-    ckpt = Path(run_dir) / "checkpoints"
-    latest = ckpt / "latest"
-    if not latest.is_file():
-        return None
-    tag = latest.read_text().strip()
-    return tag if (ckpt / tag / "COMPLETE").is_file() else None
 
 
 def last_metrics(run_dir: str | Path) -> dict[str, Any] | None:
@@ -124,7 +114,7 @@ def _run_info(run: Path) -> RunInfo:
         state=str(status.get("state", "unknown")),
         last_step=last_step if isinstance(last_step, int) else None,
         max_steps=status.get("max_steps"),
-        latest_checkpoint=latest_checkpoint_tag(run),
+        latest_checkpoint=latest_checkpoint(run),
         updated=status.get("updated"),
         summary=summary,
     )

@@ -56,6 +56,7 @@ __all__ = [
 ]
 
 LOADER_STATE_VERSION = 1
+_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 def derive_rng(*parts: object) -> np.random.Generator:
@@ -183,20 +184,24 @@ class _EpochStream(IterableDataset):
         return self.manifest.shard_url(self.root, shard)
 
     def _read_positions(
-        self, lo: int, hi: int, needed: Callable[[int], bool]
-    ) -> Iterator[tuple[int, str, dict[str, bytes]]]:
-        """(global position, uid, {ext: bytes}) for needed positions in [lo, hi), in order.
-
-        Positions not needed are walked over by tar header only.
+        self, lo: int, needed: np.ndarray
+    ) -> Iterator[tuple[int, str, dict[str, bytes], str]]:
+        """(position - lo, uid, {ext: bytes}, shard url) for positions p in
+        [lo, lo + len(needed)) with needed[p - lo], in order. Unneeded samples are walked over by tar header only, and
+        shards holding no needed sample are not opened at all.
         """
         plan, shards = self.plan, self.manifest.shards
+        hi = lo + len(needed)
         for k, g0 in enumerate(plan.shard_starts):
             shard = shards[plan.shard_order[k]]
             a, b = max(lo, g0) - g0, min(hi, g0 + shard.num_samples) - g0
-            if a >= b:
+            if a >= b or not needed[g0 + a - lo : g0 + b - lo].any():
                 continue
             url = self._shard_url(k)
-            yield from self._read_shard(url, g0, a, b, shard.num_samples, needed)
+            for pos, uid, members in self._read_shard(
+                url, g0, a, b, shard.num_samples, lambda p: bool(needed[p - lo])
+            ):
+                yield pos - lo, uid, members, url
 
     def _read_shard(
         self,
@@ -236,29 +241,29 @@ class _EpochStream(IterableDataset):
                     )
 
     # -- decoding --------------------------------------------------------------------------
-    def _decode(self, uid: str, members: dict[str, bytes], url_hint: str) -> tuple[Any, str]:
+    def _decode(self, uid: str, members: dict[str, bytes], url: str) -> tuple[Any, str]:
         from kiln.training.transforms import decode_rgb, image_to_tensor, sample_rng
 
-        for ext in ("jpg", "txt"):
-            if ext not in members:
-                raise ValueError(
-                    f"sample {uid!r} in {url_hint} has no .{ext} member (has "
-                    f"{sorted(members)}): shards must hold {{uid}}.jpg and {{uid}}.txt"
-                )
+        image_ext = next((e for e in _IMAGE_EXTS if e in members), None)
+        if image_ext is None or "txt" not in members:
+            raise ValueError(
+                f"sample {uid!r} in shard {url!r} has members {sorted(members)}: each sample "
+                "needs {uid}.jpg and {uid}.txt (re-shard the dataset with `kiln curate`)"
+            )
         try:
-            img = decode_rgb(members["jpg"])
-        except Exception as e:
-            raise ValueError(f"sample {uid!r} in {url_hint}: image does not decode: {e}") from e
+            img = decode_rgb(members[image_ext])
+        except ValueError as e:
+            raise ValueError(f"sample {uid!r} in shard {url!r}: {e}") from e
         rng = sample_rng(self.seed, self.plan.epoch, uid)
         tensor = image_to_tensor(img, self.image_size, augment=self.augment, rng=rng)
         return tensor, members["txt"].decode("utf-8", errors="replace")
 
-    def _batch(self, samples: list[tuple[str, dict[str, bytes]]]) -> Batch:
+    def _batch(self, samples: list[tuple[str, dict[str, bytes], str]]) -> Batch:
         from kiln.training.tokenizer import tokenize
 
         images, texts, uids = [], [], []
-        for uid, members in samples:
-            img, text = self._decode(uid, members, f"dataset {self.root!r}")
+        for uid, members, url in samples:
+            img, text = self._decode(uid, members, url)
             images.append(img)
             texts.append(text)
             uids.append(uid)
@@ -276,13 +281,12 @@ class _EpochStream(IterableDataset):
         if skip >= n:
             return
         rest = order[skip:]
-        needed_set = {int(p) for p in rest}
-        cache: dict[int, tuple[str, dict[str, bytes]]] = {}
+        needed = np.ones(n, dtype=bool)
+        needed[order[:skip]] = False
+        cache: dict[int, tuple[str, dict[str, bytes], str]] = {}
         ptr, batch = 0, []
-        for pos, uid, members in self._read_positions(
-            sl.start, sl.start + n, lambda p: (p - sl.start) in needed_set
-        ):
-            cache[pos - sl.start] = (uid, members)
+        for local, uid, members, url in self._read_positions(sl.start, needed):
+            cache[local] = (uid, members, url)
             while ptr < len(rest) and int(rest[ptr]) in cache:
                 batch.append(cache.pop(int(rest[ptr])))
                 ptr += 1

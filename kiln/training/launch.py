@@ -38,6 +38,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from kiln.training.config import TrainConfig
+from kiln.training.data import WebDatasetLoader
 from kiln.training.engine import prebuild_comm_ops, set_runtime_env
 from kiln.training.loop import SUMMARY_FILE, check_run_dir
 
@@ -99,6 +100,19 @@ def _read_summary(run: Path, launcher: Literal["ray", "local"], started: float) 
     )
 
 
+def _preflight(cfg: TrainConfig, world: int) -> None:
+    """Fail in the caller, not in N ranks, when the dataset is missing or too small."""
+    WebDatasetLoader(
+        cfg.data.dataset,
+        batch_size=cfg.data.batch_size,
+        seed=cfg.seed,
+        rank=0,
+        world_size=world,
+        num_workers=cfg.data.num_workers,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+    )
+
+
 def train(
     cfg: TrainConfig,
     run_dir: str,
@@ -121,6 +135,7 @@ def train(
             f"gpus_per_worker={gpus_per_worker} but this machine has no CUDA GPU: set "
             "resources.gpus_per_worker=0 to train on CPU"
         )
+    _preflight(cfg, num_workers)
     run = Path(run_dir).resolve()
     run.mkdir(parents=True, exist_ok=True)
     check_run_dir(run, resume)

@@ -200,7 +200,6 @@ def train_worker(
     attempt = _next_attempt(metrics_path) if rank == 0 else 0
     kill_after = _fault_step(FAULT_SIGKILL_AFTER_STEP)
     kill_in_save = _fault_step(FAULT_SIGKILL_IN_SAVE)
-    last_saved = step if resumed_from is not None else None
     end = cfg.max_steps if cfg.stop_after_step is None else min(cfg.max_steps, cfg.stop_after_step)
     samples_per_step = cfg.data.batch_size * cfg.optim.grad_accum * world
     first_step = step + 1
@@ -275,11 +274,10 @@ def train_worker(
                         f"step {step}/{cfg.max_steps} loss {loss_value:.4f} lr {lr:.3g} "
                         f"{samples_per_step / mean_dt:.1f} samples/s "
                         f"elapsed {format_duration(time.perf_counter() - t_start)} "
-                        f"eta {format_duration((cfg.max_steps - step) * mean_dt)}",
+                        f"eta {format_duration((end - step) * mean_dt)}",
                     )
             if step % cfg.checkpoint.every_steps == 0 or step == end:
                 save(step)
-                last_saved = step
             if kill_after == step:
                 _sigkill_self()
     finally:
@@ -287,8 +285,6 @@ def train_worker(
         if close is not None:
             close()
 
-    if last_saved != step and step > 0:  # e.g. resumed at max_steps: nothing new to save
-        save(step)
     total_time = sum(step_times)
     summary = {
         "first_step": first_step,

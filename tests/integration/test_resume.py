@@ -29,8 +29,6 @@ from kiln.training.config import TrainConfig
 from kiln.training.loop import FAULT_SIGKILL_AFTER_STEP, FAULT_SIGKILL_IN_SAVE
 from tests.helpers_datasets import write_tiny_dataset
 
-pytestmark = pytest.mark.slow
-
 MAX_STEPS = 10
 
 
@@ -76,6 +74,7 @@ def weights(run: Path, tag: str) -> dict[str, torch.Tensor]:
     return state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_killed_run_resumes_bitwise(
     stage: int, dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -124,3 +123,20 @@ def test_killed_run_resumes_bitwise(
         assert torch.equal(tensor, run_w[name]), name
     kept = sorted(p.name for p in checkpoints_dir(run).iterdir() if p.name.startswith("step_"))
     assert kept == ["step_00000009", f"step_{MAX_STEPS:08d}"]  # keep_last=2, torn one pruned
+
+
+def test_bad_starts_fail_before_any_rank_starts(dataset: str, tmp_path: Path) -> None:
+    cfg = tiny_config(dataset, 2)
+    run = tmp_path / "run"
+    tag_dir = checkpoints_dir(run) / "step_00000003"
+    tag_dir.mkdir(parents=True)
+    (tag_dir / COMPLETE_MARKER).write_text("{}")
+    with pytest.raises(FileExistsError, match="resume"):
+        train(cfg, str(run), num_workers=2, launcher="local")  # would mix two runs
+    missing = cfg.model_copy(update={"data": cfg.data.model_copy(update={"dataset": "/no/such"})})
+    with pytest.raises(FileNotFoundError, match="/no/such"):
+        train(missing, str(tmp_path / "other"), num_workers=2, launcher="local")
+    huge = cfg.model_copy(update={"data": cfg.data.model_copy(update={"batch_size": 64})})
+    with pytest.raises(ValueError, match="batch_size"):
+        train(huge, str(tmp_path / "other"), num_workers=2, launcher="local")
+    assert not (tmp_path / "other" / "logs").exists()  # nothing was launched

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -178,3 +180,38 @@ def test_shard_that_disagrees_with_its_manifest_is_an_error(tmp_path: Path) -> N
     loader = WebDatasetLoader(str(root), batch_size=13, seed=0, image_size=16, context_length=8)
     with pytest.raises(ValueError, match=r"holds 1[34] samples but the manifest says 1[24]"):
         take(loader, 2)
+
+
+def test_resume_does_not_read_shards_it_has_consumed(tmp_path: Path) -> None:
+    root = write_tiny_dataset(tmp_path / "ds", num_samples=SAMPLES)
+
+    def fresh() -> WebDatasetLoader:
+        return make(str(root), world_size=1, shuffle_buffer=1)  # identity order
+
+    reference = take(fresh(), 16)
+    first = fresh()
+    take(first, 8)  # positions 0..31 consumed: the first two shards of epoch 0's order
+    state = first.state_dict()
+    plan = first.plan(0)
+    for k in plan.shard_order[:2]:  # corrupt them: a resume that opened them would fail
+        shard = first.manifest.shards[k]
+        (root / shard.path).write_bytes(b"not a tar file" * 100)
+    resumed = fresh()
+    resumed.load_state_dict(state)
+    assert same(take(resumed, 8), reference[8:])
+
+
+def test_sample_without_caption_names_shard_and_uid(tmp_path: Path) -> None:
+    root = write_tiny_dataset(tmp_path / "ds", num_samples=13, shard_sizes=[13])
+    shard = root / "shards" / "000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]  # type: ignore[union-attr]
+    dropped = next(m.name for m, _ in members if m.name.endswith(".txt"))
+    with tarfile.open(shard, "w") as tar:
+        for m, data in members:
+            if m.name != dropped:
+                tar.addfile(m, io.BytesIO(data))
+    loader = WebDatasetLoader(str(root), batch_size=13, seed=0, image_size=16, context_length=8)
+    uid = dropped.split(".")[0]
+    with pytest.raises(ValueError, match=rf"sample '{uid}' in shard .*000000\.tar.* needs"):
+        take(loader, 1)

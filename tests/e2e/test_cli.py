@@ -1,0 +1,184 @@
+"""The CLI as a user runs it: curate, inspect, train, stop, runs, resume, eval, bad input.
+
+One small procedural pool and one short training run are shared by the tests of this module
+(they build on each other in order, like a user's session).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+KILN = [sys.executable, "-m", "kiln.platform.cli"]
+
+
+def kiln(*args: str, cwd: Path = REPO, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    proc = subprocess.run(
+        [*KILN, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"kiln {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+            f"\n--- stderr\n{proc.stderr[-4000:]}"
+        )
+    return proc
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cli")
+
+
+def curate_args(root: Path, *extra: str) -> list[str]:
+    return [
+        "curate",
+        "recipes/quickstart/curate.yaml",
+        "--set",
+        f"run_dir={root}/curate",
+        "--set",
+        f"input.paths=[{root}/pool]",
+        "--set",
+        f"match.entries={root}/pool/metadata.txt",
+        "--set",
+        "input.synthetic.num_samples=600",
+        "--set",
+        "input.synthetic.num_eval=64",
+        "--set",
+        "shard.samples_per_shard=64",
+        *extra,
+    ]
+
+
+def train_args(root: Path) -> list[str]:
+    sets = {
+        "run_dir": f"{root}/train",
+        "data.dataset": f"{root}/curate/dataset",
+        "data.batch_size": 8,
+        "data.num_workers": 0,
+        "model.image_size": 16,
+        "model.vision_layers": 1,
+        "model.text_layers": 1,
+        "model.context_length": 32,
+        "max_steps": 6,
+        "stop_after_step": 3,
+        "checkpoint.every_steps": 3,
+        "eval.zero_shot": f"{root}/pool/eval",
+        "eval.retrieval": f"{root}/pool/eval",
+        "log_every": 1,
+    }
+    args = ["train", "recipes/quickstart/train.yaml"]
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v}"]
+    return args
+
+
+def test_help_lists_verbs() -> None:
+    out = kiln("--help").stdout
+    for verb in ("quickstart", "curate", "train", "resume", "eval", "runs", "inspect"):
+        assert verb in out
+
+
+def test_curate_then_rerun_with_new_threshold(root: Path) -> None:
+    first = kiln(*curate_args(root))
+    assert "samples out" in first.stdout
+    manifest = json.loads((root / "curate" / "dataset" / "manifest.json").read_text())
+    assert manifest["num_samples"] > 0 and manifest["shards"]
+    status = json.loads((root / "curate" / "status.json").read_text())
+    assert status["state"] == "completed"
+    assert sum(status["dropped_by_reason"].values()) + status["samples_out"] == status["samples_in"]
+
+    marker = root / "curate" / "steps"
+    read_step = sorted(marker.glob("*read*"))[0] / "_SUCCESS"
+    before = read_step.stat().st_mtime_ns
+    again = kiln(*curate_args(root, "--set", "balance.t=5"))
+    assert "samples out" in again.stdout
+    assert read_step.stat().st_mtime_ns == before, "the read step was redone, not skipped"
+    lower = json.loads((root / "curate" / "status.json").read_text())
+    assert lower["samples_out"] < status["samples_out"]
+    # back to the first threshold: same bytes as the first run
+    kiln(*curate_args(root))
+    assert json.loads((root / "curate" / "dataset" / "manifest.json").read_text()) == manifest
+
+
+def test_inspect(root: Path) -> None:
+    out = kiln("inspect", str(root / "curate" / "dataset"), "-n", "2").stdout
+    assert "samples" in out
+    info = json.loads(kiln("inspect", str(root / "curate" / "dataset"), "--json").stdout)
+    assert info
+
+
+def test_train_stop_runs_resume_eval(root: Path) -> None:
+    kiln(*train_args(root))
+    run = root / "train"
+    assert json.loads((run / "status.json").read_text())["state"] == "stopped"
+    assert (run / "checkpoints" / "latest").read_text().strip().endswith("3")
+
+    listing = kiln("runs", str(root)).stdout
+    line = next(ln for ln in listing.splitlines() if str(run) in ln)
+    assert "stopped" in line and "3/6" in line
+
+    kiln("resume", str(run))
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "completed" and status["last_step"] == 6
+    steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert (run / "eval.json").is_file()
+
+    eval_recipe = root / "eval.yaml"
+    eval_recipe.write_text(
+        yaml.safe_dump(
+            {
+                "kind": "eval",
+                "name": "cli-eval",
+                "run_dir": str(root / "eval"),
+                "checkpoint": str(run),
+                "eval": {"zero_shot": str(root / "pool" / "eval")},
+            }
+        )
+    )
+    out = kiln("eval", str(eval_recipe)).stdout
+    assert "zero-shot" in out
+    result = json.loads((root / "eval" / "eval.json").read_text())
+    assert set(result["zero_shot"]) == {"color", "shape"}
+    assert "zero-shot" in kiln("eval", str(run)).stdout
+
+
+def test_recipe_typo_is_a_clear_error(root: Path) -> None:
+    proc = kiln(*curate_args(root, "--set", "balance.tt=5"), check=False)
+    assert proc.returncode == 2
+    assert "did you mean 'balance.t'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_input_names_the_path(root: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-pool.parquet"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "kind": "curate",
+                "name": "missing",
+                "run_dir": str(tmp_path / "run"),
+                "input": {"format": "parquet", "paths": [str(missing)]},
+                "match": {"entries": str(root / "pool" / "metadata.txt")},
+            }
+        )
+    )
+    proc = kiln("curate", str(recipe), check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert str(missing) in proc.stderr
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "failed"
+
+
+def test_wrong_verb_for_recipe_kind() -> None:
+    proc = kiln("train", "recipes/quickstart/curate.yaml", check=False)
+    assert proc.returncode == 2 and "kiln curate recipes/quickstart/curate.yaml" in proc.stderr
