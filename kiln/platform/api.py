@@ -26,6 +26,7 @@ from kiln.platform.recipes import (
     load_recipe,
     parse_recipe,
     recipe_hash,
+    resolve_paths,
 )
 from kiln.platform.runs import write_status
 from kiln.training.checkpoint import latest_checkpoint
@@ -51,6 +52,7 @@ def _as(model: BaseModel, cls: type[M]) -> M:
 
 
 def _start(recipe: CurateRecipe | TrainRecipe | EvalRecipe, **fields: Any) -> Path:
+    """Create the run dir, record the resolved recipe and a `running` status."""
     run = Path(recipe.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     dump_recipe(recipe, run / "recipe.yaml")
@@ -80,6 +82,7 @@ def run_curate(recipe: CurateRecipe) -> Any:
     """Curate the recipe's pool into WebDataset shards; returns the CurationResult."""
     from kiln.data_curation import run_curation
 
+    recipe = resolve_paths(recipe)
     run = _start(recipe)
     try:
         with ray_session(recipe.ray.address, num_cpus=recipe.ray.num_cpus):
@@ -125,6 +128,7 @@ def run_train(recipe: TrainRecipe, *, resume: bool = False) -> Any:
     """Train (or resume) the recipe's model; evaluates at the end when `eval` names data."""
     from kiln.training import train
 
+    recipe = resolve_paths(recipe)
     run = _start(recipe, max_steps=recipe.max_steps, resumed=resume)
     res = recipe.resources
     try:
@@ -137,7 +141,8 @@ def run_train(recipe: TrainRecipe, *, resume: bool = False) -> Any:
                 gpus_per_worker=res.gpus_per_worker,
                 launcher=res.launcher,
                 resume=resume,
-                recipe_hash=recipe_hash(recipe),
+                # stopping early or resuming does not change what is trained
+                recipe_hash=recipe_hash(recipe.model_copy(update={"stop_after_step": None})),
             )
         finished = summary.last_step >= recipe.max_steps
         eval_result = None
@@ -180,6 +185,7 @@ def resume_run(run_dir: str, overrides: list[str] | None = None) -> Any:
 
 def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
     """Evaluate a checkpoint; writes `eval.json` into the eval run dir."""
+    recipe = resolve_paths(recipe)
     run = _start(recipe)
     try:
         result = _evaluate_into(resolve_model_file(recipe.checkpoint), recipe.eval, run)

@@ -162,8 +162,9 @@ def run_quickstart(root: str = _DEFAULT_ROOT, overrides: list[str] | None = None
         ("resume vs reference", "exact" if exact else "MISMATCH"),
     ]
     summary_pairs += [
-        (metric, f"{value} ({base})" if base else value)
+        (metric, f"{value} ({base})")
         for metric, value, base in eval_rows(eval_result)
+        if metric.endswith(("top1", "recall@5"))
     ]
     summary_pairs += [
         ("run dir", root),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
@@ -19,6 +19,8 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from kiln.contracts import StrictModel, json_sha256
 from kiln.data_curation.config import CurationConfig
 from kiln.training.config import EvalConfig, TrainConfig
+
+R = TypeVar("R", bound=BaseModel)
 
 __all__ = [
     "CurateRecipe",
@@ -33,6 +35,7 @@ __all__ = [
     "load_recipe",
     "parse_recipe",
     "recipe_hash",
+    "resolve_paths",
 ]
 
 
@@ -213,6 +216,40 @@ def load_recipe(
     if isinstance(data, dict) and overrides:
         data = apply_overrides(data, overrides)
     return parse_recipe(data, source=str(p))
+
+
+#: Fields holding local paths or URLs, per kind (dotted; a list field is resolved item-wise).
+_PATH_FIELDS: dict[str, tuple[str, ...]] = {
+    "curate": ("run_dir", "input.paths", "input.image_dir", "match.entries", "shard.output"),
+    "train": ("run_dir", "data.dataset", "eval.zero_shot", "eval.retrieval"),
+    "eval": ("run_dir", "checkpoint", "eval.zero_shot", "eval.retrieval"),
+}
+
+
+def _absolute(value: str) -> str:
+    if "://" in value or not value:
+        return value
+    return str(Path(value).expanduser().absolute())
+
+
+def resolve_paths(recipe: R) -> R:
+    """The recipe with every relative path made absolute against the current directory.
+
+    Recipes are written relative to where `kiln` runs, but Ray workers run in Ray's own
+    session folder; resolving once, up front, means every process sees the same files.
+    """
+    data = recipe.model_dump(mode="json")
+    for dotted in _PATH_FIELDS[recipe.kind]:  # type: ignore[attr-defined]
+        *parents, leaf = dotted.split(".")
+        node = data
+        for part in parents:
+            node = node[part]
+        value = node[leaf]
+        if isinstance(value, str):
+            node[leaf] = _absolute(value)
+        elif isinstance(value, list):
+            node[leaf] = [_absolute(v) for v in value]
+    return type(recipe).model_validate(data)
 
 
 def recipe_hash(recipe: BaseModel) -> str:

@@ -67,15 +67,20 @@ def eval_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(metric, value, baseline) rows for zero-shot accuracy and retrieval recall."""
     rows: list[tuple[str, str, str]] = []
     for task, t in (r.get("zero_shot") or {}).items():
-        if isinstance(t, dict) and "accuracy" in t:
-            rows.append(
-                (f"zero-shot {task} top-1", f"{t['accuracy']:.3f}", f"chance {t['chance']:.3f}")
-            )
+        if not isinstance(t, dict):
+            continue
+        for k in ("top1", "top5"):
+            if k in t:
+                chance = min(1.0, t["chance"] * (5 if k == "top5" else 1))
+                rows.append((f"zero-shot {task} {k}", f"{t[k]:.3f}", f"chance {chance:.3f}"))
     ret = r.get("retrieval") or {}
-    for key in sorted(ret):
-        val = ret[key]
-        if isinstance(val, int | float) and "recall" in key:
-            rows.append((f"retrieval {key}", f"{val:.3f}", ""))
+    n = ret.get("num_samples")
+    for direction in ("image_to_text", "text_to_image"):
+        recalls = ret.get(direction) or {}
+        for key in sorted(recalls, key=lambda k: int(k.split("@")[-1])):
+            k = int(key.split("@")[-1])
+            base = f"chance {min(1.0, k / n):.3f}" if n else ""
+            rows.append((f"{direction.replace('_', ' ')} {key}", f"{recalls[key]:.3f}", base))
     return rows
 
 

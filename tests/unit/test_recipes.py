@@ -123,3 +123,20 @@ def test_dump_roundtrip_and_hash(tmp_path: Path) -> None:
 def test_eval_recipe_defaults() -> None:
     r = parse_recipe({"kind": "eval", "name": "e", "run_dir": "r", "checkpoint": "c"})
     assert isinstance(r, EvalRecipe) and r.eval.recall_k == [1, 5, 10]
+
+
+def test_resolve_paths_makes_local_paths_absolute_and_keeps_urls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kiln.platform.recipes import resolve_paths
+
+    monkeypatch.chdir(tmp_path)
+    recipe = parse_recipe(
+        apply_overrides(CURATE, ["input.paths=[a.parquet, s3://bucket/b.parquet]"])
+    )
+    resolved = resolve_paths(recipe)
+    assert isinstance(resolved, CurateRecipe)
+    assert resolved.input.paths == [str(tmp_path / "a.parquet"), "s3://bucket/b.parquet"]
+    assert resolved.run_dir == str(tmp_path / "runs/c")
+    assert resolved.match.entries == str(tmp_path / "entries.txt")
+    assert resolved.shard.output is None
