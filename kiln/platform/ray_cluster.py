@@ -34,15 +34,15 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None) -> boo
         return False
     if address is None:
         ray_constants.ENABLE_RAY_CLUSTER = False
-    kwargs: dict[str, object] = {
-        "include_dashboard": False,
-        "logging_level": logging.WARNING,
-        "configure_logging": True,
-    }
+    kwargs: dict[str, object] = {"logging_level": logging.WARNING, "configure_logging": True}
     if address is None:
+        # The dashboard serves Ray's State API, which Ray Train's controller polls (without it
+        # a cleaner actor logs a warning every few seconds); keep it on loopback too.
         ray.init(
             num_cpus=num_cpus,
             _node_ip_address=LOOPBACK,
+            include_dashboard=True,
+            dashboard_host=LOOPBACK,
             **kwargs,  # type: ignore[arg-type]
         )
         node_ip = ray.util.get_node_ip_address()
