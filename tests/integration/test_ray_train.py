@@ -7,8 +7,6 @@ through Ray, so checkpointing and resume are covered under Ray Train too.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,24 +18,6 @@ from kiln.training.config import TrainConfig
 from tests.helpers_datasets import write_tiny_dataset
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def ray_local() -> Iterator[None]:
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    import ray
-
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        log_to_driver=True,
-        configure_logging=False,
-    )
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def config(dataset: str, *, stop_after: int | None = None) -> TrainConfig:
@@ -73,7 +53,7 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def test_ray_train_matches_local_launcher_bitwise(tmp_path: Path, ray_local: None) -> None:
+def test_ray_train_matches_local_launcher_bitwise(tmp_path: Path, ray_session: None) -> None:
     dataset = str(write_tiny_dataset(tmp_path / "ds", num_samples=48))
     local = train(config(dataset), str(tmp_path / "local"), num_workers=2, launcher="local")
     assert len(local.losses) == 4
