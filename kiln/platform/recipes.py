@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -229,7 +230,7 @@ _PATH_FIELDS: dict[str, tuple[str, ...]] = {
 def _absolute(value: str) -> str:
     if "://" in value or not value:
         return value
-    return str(Path(value).expanduser().absolute())
+    return os.path.abspath(os.path.expanduser(value))
 
 
 def resolve_paths(recipe: R) -> R:
