@@ -7,6 +7,7 @@ the recipe's `ray` section says.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import traceback
 from pathlib import Path
@@ -33,6 +34,7 @@ from kiln.training.checkpoint import latest_checkpoint
 from kiln.training.config import TrainConfig
 
 M = TypeVar("M", bound=BaseModel)
+J = TypeVar("J", CurateRecipe, TrainRecipe, EvalRecipe)
 
 __all__ = [
     "eval_run_dir",
@@ -51,8 +53,10 @@ def _as(model: BaseModel, cls: type[M]) -> M:
     return cls.model_validate(model.model_dump(include=set(cls.model_fields)))
 
 
-def _start(recipe: CurateRecipe | TrainRecipe | EvalRecipe, **fields: Any) -> Path:
-    """Create the run dir, record the resolved recipe and a `running` status."""
+def _start(recipe: J, **fields: Any) -> tuple[J, Path]:
+    """Resolve the recipe's paths, create its run dir, record the recipe and a `running`
+    status; returns the resolved recipe and the run dir."""
+    recipe = resolve_paths(recipe)
     run = Path(recipe.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     dump_recipe(recipe, run / "recipe.yaml")
@@ -66,7 +70,7 @@ def _start(recipe: CurateRecipe | TrainRecipe | EvalRecipe, **fields: Any) -> Pa
         error=None,
         **fields,
     )
-    return run
+    return recipe, run
 
 
 def _failed(run: Path, exc: BaseException) -> None:
@@ -82,8 +86,7 @@ def run_curate(recipe: CurateRecipe) -> Any:
     """Curate the recipe's pool into WebDataset shards; returns the CurationResult."""
     from kiln.data_curation import run_curation
 
-    recipe = resolve_paths(recipe)
-    run = _start(recipe)
+    recipe, run = _start(recipe)
     try:
         with ray_session(recipe.ray.address, num_cpus=recipe.ray.num_cpus):
             result = run_curation(
@@ -128,11 +131,16 @@ def run_train(recipe: TrainRecipe, *, resume: bool = False) -> Any:
     """Train (or resume) the recipe's model; evaluates at the end when `eval` names data."""
     from kiln.training import train
 
-    recipe = resolve_paths(recipe)
-    run = _start(recipe, max_steps=recipe.max_steps, resumed=resume)
+    recipe, run = _start(recipe, max_steps=recipe.max_steps, resumed=resume)
     res = recipe.resources
     try:
-        with ray_session(recipe.ray.address, num_cpus=recipe.ray.num_cpus):
+        # the local launcher runs ranks as plain processes: no Ray needed
+        ray_ctx = (
+            ray_session(recipe.ray.address, num_cpus=recipe.ray.num_cpus)
+            if res.launcher == "ray"
+            else contextlib.nullcontext()
+        )
+        with ray_ctx:
             summary = train(
                 _as(recipe, TrainConfig),
                 str(run),
@@ -185,8 +193,7 @@ def resume_run(run_dir: str, overrides: list[str] | None = None) -> Any:
 
 def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
     """Evaluate a checkpoint; writes `eval.json` into the eval run dir."""
-    recipe = resolve_paths(recipe)
-    run = _start(recipe)
+    recipe, run = _start(recipe)
     try:
         result = _evaluate_into(resolve_model_file(recipe.checkpoint), recipe.eval, run)
     except BaseException as e:

@@ -77,9 +77,9 @@ def eval_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     n = ret.get("num_samples")
     for direction in ("image_to_text", "text_to_image"):
         recalls = ret.get(direction) or {}
-        for key in sorted(recalls, key=lambda k: int(k.split("@")[-1])):
-            k = int(key.split("@")[-1])
-            base = f"chance {min(1.0, k / n):.3f}" if n else ""
+        for key in sorted(recalls, key=lambda name: int(name.split("@")[-1])):
+            at = int(key.split("@")[-1])
+            base = f"chance {min(1.0, at / n):.3f}" if n else ""
             rows.append((f"{direction.replace('_', ' ')} {key}", f"{recalls[key]:.3f}", base))
     return rows
 

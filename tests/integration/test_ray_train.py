@@ -16,6 +16,7 @@ from kiln.training import train
 from kiln.training.checkpoint import checkpoints_dir
 from kiln.training.config import TrainConfig
 from tests.helpers_datasets import write_tiny_dataset
+from tests.helpers_training import TINY_MODEL
 
 pytestmark = pytest.mark.slow
 
@@ -24,18 +25,7 @@ def config(dataset: str, *, stop_after: int | None = None) -> TrainConfig:
     return TrainConfig.model_validate(
         {
             "data": {"dataset": dataset, "batch_size": 4, "num_workers": 1, "shuffle_buffer": 8},
-            "model": {
-                "image_size": 16,
-                "patch_size": 8,
-                "vision_width": 32,
-                "vision_layers": 1,
-                "vision_heads": 2,
-                "text_width": 32,
-                "text_layers": 1,
-                "text_heads": 2,
-                "context_length": 16,
-                "embed_dim": 16,
-            },
+            "model": TINY_MODEL,
             "optim": {"lr": 2e-3, "warmup_steps": 1},
             "zero": {"stage": 2},
             "checkpoint": {"every_steps": 2},

@@ -28,6 +28,7 @@ from kiln.training.checkpoint import COMPLETE_MARKER, checkpoints_dir
 from kiln.training.config import TrainConfig
 from kiln.training.loop import FAULT_SIGKILL_AFTER_STEP, FAULT_SIGKILL_IN_SAVE
 from tests.helpers_datasets import write_tiny_dataset
+from tests.helpers_training import TINY_MODEL
 
 MAX_STEPS = 10
 
@@ -36,18 +37,7 @@ def tiny_config(dataset: str, stage: int) -> TrainConfig:
     return TrainConfig.model_validate(
         {
             "data": {"dataset": dataset, "batch_size": 4, "num_workers": 2, "shuffle_buffer": 8},
-            "model": {
-                "image_size": 16,
-                "patch_size": 8,
-                "vision_width": 32,
-                "vision_layers": 1,
-                "vision_heads": 2,
-                "text_width": 32,
-                "text_layers": 1,
-                "text_heads": 2,
-                "context_length": 16,
-                "embed_dim": 16,
-            },
+            "model": TINY_MODEL,
             "optim": {"lr": 2e-3, "warmup_steps": 2, "grad_clip": 1.0},
             # threshold 0: ZeRO-3 partitions every parameter, even this tiny model's
             "zero": {"stage": stage, "param_persistence_threshold": 0},

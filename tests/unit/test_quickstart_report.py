@@ -1,0 +1,62 @@
+"""Quickstart's loss comparison and the HTML report (pure parts, no training)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kiln.platform.quickstart import compare_losses, read_losses
+from kiln.platform.report import svg_lines, write_report
+from kiln.platform.summary import eval_rows, format_result
+
+
+def test_read_losses_keeps_the_redone_value(tmp_path: Path) -> None:
+    lines = [
+        {"step": 1, "loss": 2.0},
+        {"step": 2, "loss": 1.5},
+        {"step": 2, "loss": 1.25},  # redone after a resume: the finished run used this one
+    ]
+    (tmp_path / "metrics.jsonl").write_text(
+        "\n".join(json.dumps(x) for x in lines) + '\n{"step": 3, "lo'
+    )
+    assert read_losses(tmp_path) == {1: 2.0, 2: 1.25}
+
+
+def test_compare_losses_is_bitwise() -> None:
+    ref = {1: 1.0, 2: 0.5, 3: 0.25}
+    rows, exact = compare_losses(ref, {2: 0.5, 3: 0.25}, after_step=1)
+    assert exact and [r[0] for r in rows] == [2, 3]
+    rows, exact = compare_losses(ref, {2: 0.5, 3: 0.25 + 1e-12}, after_step=1)
+    assert not exact and rows[-1][3] is False
+    _, exact = compare_losses(ref, {2: 0.5}, after_step=1)  # a missing step is a mismatch
+    assert not exact
+    _, exact = compare_losses(ref, ref, after_step=3)  # nothing to compare is not a pass
+    assert not exact
+
+
+def test_report_has_tables_and_curves(tmp_path: Path) -> None:
+    svg = svg_lines({"a": {1: 2.0, 2: 1.0}, "b": {1: 2.0, 2: 1.5}})
+    assert svg.count("<polyline") == 2
+    out = write_report(
+        tmp_path / "r" / "report.html",
+        title="t <x>",
+        summary=[("samples", 3)],
+        curation={"dropped_by_reason": {"bad_image": 2}},
+        loss_curves={"a": {1: 2.0}},
+        resume_rows=[(2, 0.5, 0.5, True)],
+        eval_result={"zero_shot": {}},
+    )
+    html = out.read_text()
+    assert "t &lt;x&gt;" in html and "bad_image" in html and "<svg" in html
+
+
+def test_eval_rows_report_chance() -> None:
+    result = {
+        "zero_shot": {"color": {"top1": 0.5, "top5": 0.9, "chance": 0.125}},
+        "retrieval": {"num_samples": 100, "image_to_text": {"recall@1": 0.1, "recall@10": 0.4}},
+    }
+    rows = eval_rows(result)
+    assert ("zero-shot color top1", "0.500", "chance 0.125") in rows
+    assert ("zero-shot color top5", "0.900", "chance 0.625") in rows
+    assert rows[-1] == ("image to text recall@10", "0.400", "chance 0.100")
+    assert "zero-shot color top1" in format_result(result)
