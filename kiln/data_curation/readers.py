@@ -529,7 +529,17 @@ def read_file(path: str, cfg: InputConfig, max_rows: int | None = None) -> Itera
     """
     _check_config(cfg)
     images = _ImageFolder(cfg.image_dir) if cfg.image_dir and cfg.image_path_column else None
-    yield from _READERS[cfg.format](path, cfg, images, max_rows)
+    try:
+        yield from _READERS[cfg.format](path, cfg, images, max_rows)
+    except (FileNotFoundError, PermissionError):
+        raise
+    except Exception as e:
+        if path in str(e):
+            raise
+        raise ValueError(
+            f"cannot read {path!r} as {cfg.format}: {type(e).__name__}: {e} "
+            "(is input.format right, and is the file complete?)"
+        ) from e
 
 
 def _effective(cfg: InputConfig) -> InputConfig:

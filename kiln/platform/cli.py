@@ -133,13 +133,23 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(args.verb)
 
 
+def _root_cause(e: BaseException) -> BaseException:
+    """The user's error inside Ray's wrappers (a task error carries the worker's traceback
+    in its message; its `cause` is the exception the worker raised)."""
+    seen = 0
+    while seen < 10 and getattr(e, "cause", None) is not None:
+        e = e.cause  # type: ignore[attr-defined]
+        seen += 1
+    return e
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `kiln` console script."""
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
     except _USER_ERRORS as e:
-        print(f"kiln {args.verb}: error: {e}", file=sys.stderr)
+        print(f"kiln {args.verb}: error: {_root_cause(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"kiln {args.verb}: interrupted", file=sys.stderr)

@@ -159,8 +159,13 @@ def test_recipe_typo_is_a_clear_error(root: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
-def test_missing_input_names_the_path(root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("corrupt", [False, True], ids=["missing", "corrupt"])
+def test_bad_input_file_names_the_path(root: Path, tmp_path: Path, corrupt: bool) -> None:
+    """Missing: caught on the driver. Corrupt: raised in a Ray read task; the CLI must
+    still print the worker's message (which names the file), not Ray's wrapper."""
     missing = tmp_path / "no-such-pool.parquet"
+    if corrupt:
+        missing.write_bytes(b"PAR1 truncated")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         yaml.safe_dump(
@@ -175,7 +180,8 @@ def test_missing_input_names_the_path(root: Path, tmp_path: Path) -> None:
     )
     proc = kiln("curate", str(recipe), check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert str(missing) in proc.stderr
+    error = next(ln for ln in proc.stderr.splitlines() if ln.startswith("kiln curate: error:"))
+    assert str(missing) in error
     assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "failed"
 
 

@@ -208,6 +208,24 @@ def test_not_a_tar_is_an_error_naming_it(tmp_path: Path) -> None:
         _rows(str(path), InputConfig(format="webdataset", paths=[str(path)]))
 
 
+@pytest.mark.parametrize(
+    ("fmt", "name", "content"),
+    [
+        ("parquet", "pool.parquet", b"not parquet at all"),
+        ("jsonl", "pool.jsonl", b'{"text": "ok"}\n{"text": "tor'),
+        ("csv", "pool.csv", b"text\nok\n\xff\xfe not utf-8\n"),
+    ],
+)
+def test_corrupt_file_is_an_error_naming_it(
+    tmp_path: Path, fmt: str, name: str, content: bytes
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    cfg = InputConfig(format=fmt, paths=[str(path)], url_column=None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=re.escape(str(path))):
+        _rows(str(path), cfg)
+
+
 # --------------------------------------------------------------------------- read_pool on Ray
 
 
