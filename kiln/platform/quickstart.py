@@ -9,6 +9,7 @@ reference's; evaluate; print a summary and write `report.html`.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from kiln.platform.recipes import (
     parse_recipe,
 )
 from kiln.platform.report import write_report
+from kiln.platform.runs import read_status
 from kiln.platform.summary import eval_rows, format_curation
 from kiln.platform.tables import format_kv, format_table
 
@@ -60,6 +62,24 @@ def _load(name: str, root: str, overrides: list[str]) -> Any:
     path = find_recipes_dir() / "quickstart" / f"{name}.yaml"
     data = _rebase(yaml.safe_load(path.read_text()), root)
     return parse_recipe(apply_overrides(data, overrides), source=str(path))
+
+
+def _clear_previous_run(run: Path, name: str) -> None:
+    """Remove an earlier quickstart training run so the demo can train from step 0 again.
+
+    Only a folder whose status.json says it is this recipe's run is removed; anything else
+    in the way is an error, never deleted.
+    """
+    if not run.exists():
+        return
+    status = read_status(run)
+    if status.get("name") != name or status.get("kind") != "train":
+        raise FileExistsError(
+            f"{run} exists and is not a quickstart training run: move it away or pass "
+            "another --root"
+        )
+    print(f"removing the previous quickstart run {run}", flush=True)
+    shutil.rmtree(run)
 
 
 def read_losses(run_dir: str | Path) -> dict[int, float]:
@@ -110,6 +130,8 @@ def run_quickstart(root: str = _DEFAULT_ROOT, overrides: list[str] | None = None
     stop_at = max(1, reference.max_steps // 2)
     interrupted = _load("train", root, [f"stop_after_step={stop_at}", *overrides])
     assert isinstance(interrupted, TrainRecipe)
+    for previous in (reference, interrupted):
+        _clear_previous_run(Path(previous.run_dir), previous.name)
 
     with ray_session(curate.ray.address, num_cpus=curate.ray.num_cpus):
         print(f"[1/5] curating the procedural pool into {curate.run_dir}", flush=True)

@@ -60,3 +60,23 @@ def test_eval_rows_report_chance() -> None:
     assert ("zero-shot color top5", "0.900", "chance 0.625") in rows
     assert rows[-1] == ("image to text recall@10", "0.400", "chance 0.100")
     assert "zero-shot color top1" in format_result(result)
+
+
+def test_rerun_clears_only_its_own_training_runs(tmp_path: Path) -> None:
+    import pytest
+
+    from kiln.platform.quickstart import _clear_previous_run
+    from kiln.platform.runs import write_status
+
+    ours = tmp_path / "train"
+    write_status(ours, "completed", kind="train", name="quickstart-clip")
+    (ours / "checkpoints").mkdir()
+    _clear_previous_run(ours, "quickstart-clip")
+    assert not ours.exists()
+
+    theirs = tmp_path / "data"
+    theirs.mkdir()
+    (theirs / "precious.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not a quickstart training run"):
+        _clear_previous_run(theirs, "quickstart-clip")
+    assert (theirs / "precious.txt").exists()
