@@ -62,7 +62,7 @@ __all__ = [
 logger = logging.getLogger("kiln.curation")
 
 #: Bump when a step's output changes for the same config: invalidates every marker.
-PIPELINE_VERSION = 2
+PIPELINE_VERSION = 3
 SUCCESS_MARKER = "_SUCCESS"
 #: Column holding the exact-dedup key between a step and the dedup step after it.
 DEDUP_KEY_COLUMN = "_dedup_key"
@@ -612,12 +612,17 @@ class _Runner:
         stats["extra"] = {"matched": stats.pop("matched", 0), "entries": len(entries)}
         return stats
 
-    def step_counts(self, entries: list[str]) -> dict[str, Any]:
-        counts = np.zeros(len(entries), dtype=np.int64)
-        ds = self.map(self.read_step_output("match"), _count_batch, num_entries=len(entries))
+    def sum_counts(self, step: str, num_entries: int) -> np.ndarray:
+        """Global entry counts of a step's rows: per-block count vectors, summed here."""
+        counts = np.zeros(num_entries, dtype=np.int64)
+        ds = self.map(self.read_step_output(step), _count_batch, num_entries=num_entries)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for vector in batch.column("counts").to_pylist():
                 counts += np.asarray(vector, dtype=np.int64)
+        return counts
+
+    def step_counts(self, entries: list[str]) -> dict[str, Any]:
+        counts = self.sum_counts("match", len(entries))
         _write_json(
             f"{self.step_dir(4, 'counts')}/counts.json",
             {"entries": entries, "counts": counts.tolist()},
@@ -631,25 +636,33 @@ class _Runner:
             "extra": {"entries": len(entries), "entries_matched": nonzero},
         }
 
-    def load_counts(self) -> np.ndarray:
+    def load_counts(self) -> tuple[list[str], np.ndarray]:
         doc = _read_json(f"{self.step_dir(4, 'counts')}/counts.json")
-        if not isinstance(doc, dict) or "counts" not in doc:
+        if not isinstance(doc, dict) or "counts" not in doc or "entries" not in doc:
             raise RuntimeError(
                 f"{self.step_dir(4, 'counts')}/counts.json is missing or unreadable: delete "
                 f"{self.step_dir(4, 'counts')} and rerun"
             )
-        return np.asarray(doc["counts"], dtype=np.int64)
+        return list(doc["entries"]), np.asarray(doc["counts"], dtype=np.int64)
 
     def step_balance(self) -> dict[str, Any]:
         b = self.cfg.balance
+        entries, before = self.load_counts()
         ds = self.map(
             self.read_step_output("counts"),
             _balance_batch,
-            counts=self.load_counts(),
+            counts=before,
             t=b.t,
             seed=b.seed,
         )
-        return self.sink_dataset(ds, 5, "balance")
+        stats = self.sink_dataset(ds, 5, "balance")
+        after = self.sum_counts("balance", len(entries))
+        _write_json(
+            f"{self.step_dir(5, 'balance')}/counts_after.json",
+            {"entries": entries, "counts": after.tolist()},
+        )
+        stats["extra"] = {"entry_counts": _balance_effect(entries, before, after)}
+        return stats
 
     def step_image(self) -> dict[str, Any]:
         ds = self.map(self.read_step_output("balance"), _image_batch, cfg=self.cfg.image)
@@ -686,6 +699,24 @@ class _Runner:
             "dropped": {},
             "extra": {"num_shards": len(manifest.shards)},
         }
+
+
+def _balance_effect(
+    entries: list[str], before: np.ndarray, after: np.ndarray, top: int = 5
+) -> dict[str, Any]:
+    """How balancing flattened the entry distribution: the head entries' counts before and
+    after, and the largest count over the median matched entry's (the head/tail ratio)."""
+    order = np.argsort(-before, kind="stable")[:top]
+    matched = before > 0
+
+    def ratio(c: np.ndarray) -> float:
+        med = float(np.median(c[matched])) if matched.any() else 0.0
+        return round(float(c.max()) / med, 2) if med > 0 else 0.0
+
+    return {
+        "top": [[entries[i], int(before[i]), int(after[i])] for i in order if before[i] > 0],
+        "max_over_median": [ratio(before), ratio(after)],
+    }
 
 
 def _totals(steps: dict[str, StepStats]) -> dict[str, Any]:

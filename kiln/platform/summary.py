@@ -42,6 +42,13 @@ def format_curation(r: dict[str, Any]) -> str:
             for name, s in steps.items()
         ]
         out += "\n\n" + format_table(("step", "rows in", "rows out", "seconds"), step_rows)
+    effect = ((steps.get("balance") or {}).get("extra") or {}).get("entry_counts")
+    if effect and effect.get("top"):
+        before, after = effect["max_over_median"]
+        out += "\n\n" + format_table(
+            ("entry", "count before balancing", "after"), [tuple(row) for row in effect["top"]]
+        )
+        out += f"\nlargest entry count / median: {before} before, {after} after balancing"
     reasons = r.get("dropped_by_reason") or {}
     if reasons:
         rows = sorted(reasons.items(), key=lambda kv: -int(kv[1]))

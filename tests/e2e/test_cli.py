@@ -95,6 +95,9 @@ def test_curate_then_rerun_with_new_threshold(root: Path) -> None:
     status = json.loads((root / "curate" / "status.json").read_text())
     assert status["state"] == "completed"
     assert sum(status["dropped_by_reason"].values()) + status["samples_out"] == status["samples_in"]
+    effect = status["steps"]["balance"]["extra"]["entry_counts"]
+    assert effect["top"] and all(after <= before for _, before, after in effect["top"])
+    assert "count before balancing" in first.stdout
 
     marker = root / "curate" / "steps"
     read_step = sorted(marker.glob("*read*"))[0] / "_SUCCESS"

@@ -266,3 +266,15 @@ def test_balance_respects_earlier_drops_and_checks_inputs() -> None:
         balance_table(table.drop_columns(["uid"]), np.array([1]), t=5, seed=0)
     with pytest.raises(ValueError, match="entry id outside"):
         balance_table(table, np.array([], dtype=np.int64), t=5, seed=0)
+
+
+def test_balance_effect_reports_head_counts_and_flattening() -> None:
+    import numpy as np
+
+    from kiln.data_curation.pipeline import _balance_effect
+
+    before = np.array([100, 10, 0, 4, 10])
+    after = np.array([20, 10, 0, 4, 10])
+    effect = _balance_effect(["a", "b", "c", "d", "e"], before, after, top=3)
+    assert effect["top"] == [["a", 100, 20], ["b", 10, 10], ["e", 10, 10]]
+    assert effect["max_over_median"] == [10.0, 2.0]  # median of matched entries is 10
