@@ -27,6 +27,7 @@ __all__ = [
     "json_sha256",
     "make_uid",
     "read_manifest",
+    "require_file",
     "sha256_hex",
     "write_manifest",
 ]
@@ -130,15 +131,23 @@ def _manifest_url(dataset_dir: str) -> str:
     )
 
 
+def require_file(url: str, missing: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path) of `url`; FileNotFoundError with the message `missing` (which
+    should name the URL and the fix) when there is nothing there."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        raise FileNotFoundError(missing)
+    return fs, path
+
+
 def read_manifest(dataset_dir: str) -> DatasetManifest:
     """Read `{dataset_dir}/manifest.json` (or a path to the json itself); errors name the path."""
     url = _manifest_url(dataset_dir)
-    fs, path = fsspec.core.url_to_fs(url)
-    if not fs.exists(path):
-        raise FileNotFoundError(
-            f"no dataset manifest at {url!r}: point at a folder written by `kiln curate` "
-            f"(it holds {MANIFEST_NAME} and shards/)"
-        )
+    fs, path = require_file(
+        url,
+        f"no dataset manifest at {url!r}: point at a folder written by `kiln curate` "
+        f"(it holds {MANIFEST_NAME} and shards/)",
+    )
     with fs.open(path, "rt") as f:
         try:
             data = json.load(f)

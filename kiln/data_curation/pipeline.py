@@ -562,6 +562,25 @@ class _Runner:
         )
         return stats
 
+    def run_dedup_step(
+        self, index: int, name: str, upstream: str, reason: str, *, enabled: bool
+    ) -> StepStats:
+        """An exact-dedup step, or (disabled) a step that passes `upstream` through."""
+        if enabled:
+            return self.run_step(
+                index,
+                name,
+                {"dedup": True},
+                lambda: self.step_dedup(index, name, upstream, reason),
+            )
+        return self.run_step(
+            index,
+            name,
+            {"dedup": False},
+            lambda: self.step_passthrough(upstream),
+            passthrough_of=upstream,
+        )
+
     # ---- steps
 
     def step_read(self) -> dict[str, Any]:
@@ -795,21 +814,7 @@ def run_curation(
     with _run_logging():
         r.run_step(0, "read", {"input": input_cfg, "files": _file_identity(r.files)}, r.step_read)
         r.run_step(1, "text", text_cfg, r.step_text)
-        if cfg.text.dedup:
-            r.run_step(
-                2,
-                "text_dedup",
-                {"dedup": True},
-                lambda: r.step_dedup(2, "text_dedup", "text", "duplicate_text"),
-            )
-        else:
-            r.run_step(
-                2,
-                "text_dedup",
-                {"dedup": False},
-                lambda: r.step_passthrough("text"),
-                passthrough_of="text",
-            )
+        r.run_dedup_step(2, "text_dedup", "text", "duplicate_text", enabled=cfg.text.dedup)
         r.run_step(
             3,
             "match",
@@ -819,21 +824,7 @@ def run_curation(
         r.run_step(4, "counts", {}, lambda: r.step_counts(entries), passthrough_of="match")
         r.run_step(5, "balance", cfg.balance.model_dump(mode="json"), r.step_balance)
         r.run_step(6, "image", image_cfg, r.step_image)
-        if cfg.image.dedup:
-            r.run_step(
-                7,
-                "image_dedup",
-                {"dedup": True},
-                lambda: r.step_dedup(7, "image_dedup", "image", "duplicate_image"),
-            )
-        else:
-            r.run_step(
-                7,
-                "image_dedup",
-                {"dedup": False},
-                lambda: r.step_passthrough("image"),
-                passthrough_of="image",
-            )
+        r.run_dedup_step(7, "image_dedup", "image", "duplicate_image", enabled=cfg.image.dedup)
         totals = _totals(r.steps)
         manifest_stats = {**totals, "samples_out": r.steps["image_dedup"].rows_out}
         shard_cfg = {

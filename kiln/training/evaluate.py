@@ -36,7 +36,7 @@ from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from kiln.contracts import read_manifest
+from kiln.contracts import read_manifest, require_file
 from kiln.training.config import EvalConfig, ModelConfig
 from kiln.training.models import CLIP, build_model
 from kiln.training.tokenizer import tokenize
@@ -99,12 +99,11 @@ def save_model_file(
 
 def load_model_file(path: str) -> tuple[CLIP, ModelConfig, int]:
     """``(model in eval mode on CPU, its config, the step it was saved at)``."""
-    fs, fspath = fsspec.core.url_to_fs(path)
-    if not fs.exists(fspath):
-        raise FileNotFoundError(
-            f"no model weights file at {path!r}: pass a run's checkpoints/<tag>/model.pt "
-            "(written at every complete checkpoint)"
-        )
+    fs, fspath = require_file(
+        path,
+        f"no model weights file at {path!r}: pass a run's checkpoints/<tag>/model.pt "
+        "(written at every complete checkpoint)",
+    )
     with fs.open(fspath, "rb") as f:
         payload = torch.load(f, map_location="cpu", weights_only=True)
     missing = {"model_config", "state_dict", "step"} - set(payload)
@@ -160,12 +159,11 @@ class ZeroShotSpec(BaseModel):
 
 def _read_zero_shot_spec(eval_dir: str) -> ZeroShotSpec:
     url = eval_dir.rstrip("/") + "/" + ZERO_SHOT_NAME
-    fs, path = fsspec.core.url_to_fs(url)
-    if not fs.exists(path):
-        raise FileNotFoundError(
-            f"no {ZERO_SHOT_NAME} at {url!r}: a zero-shot eval set needs it beside "
-            "manifest.json (tasks with name, label_key, classnames, templates)"
-        )
+    fs, path = require_file(
+        url,
+        f"no {ZERO_SHOT_NAME} at {url!r}: a zero-shot eval set needs it beside "
+        "manifest.json (tasks with name, label_key, classnames, templates)",
+    )
     with fs.open(path, "rt") as f:
         try:
             data = json.load(f)

@@ -26,11 +26,11 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import ahocorasick
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from kiln.contracts import require_file
 from kiln.data_curation.stages import alive_mask, mark_dropped, replace_column
 
 __all__ = [
@@ -83,12 +83,11 @@ def load_entries(url: str) -> list[str]:
     whitespace, or a tab, is an error naming the file and lines, because it can never match
     the way it reads (the caption side only has single spaces around words).
     """
-    fs, path = fsspec.core.url_to_fs(url)
-    if not fs.exists(path):
-        raise FileNotFoundError(
-            f"metadata entries file {url!r} does not exist: set match.entries to a text file "
-            "with one entry per line"
-        )
+    fs, path = require_file(
+        url,
+        f"metadata entries file {url!r} does not exist: set match.entries to a text file "
+        "with one entry per line",
+    )
     with fs.open(path, "rb") as f:
         raw = f.read()
     try:
