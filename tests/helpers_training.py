@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["TINY_MODEL"]
+__all__ = ["MICRO_MODEL", "TINY_MODEL"]
 
 #: A CLIP small enough for 2-rank DeepSpeed runs on 2 CPU cores in seconds.
 TINY_MODEL: dict[str, Any] = {
@@ -18,4 +18,12 @@ TINY_MODEL: dict[str, Any] = {
     "text_heads": 2,
     "context_length": 16,
     "embed_dim": 16,
+}
+
+#: Smaller still, for single-step gradient comparisons between processes.
+MICRO_MODEL: dict[str, Any] = {
+    **TINY_MODEL,
+    "vision_width": 16,
+    "text_width": 16,
+    "context_length": 12,
 }

@@ -42,7 +42,14 @@ from kiln.training.data import WebDatasetLoader
 from kiln.training.engine import prebuild_comm_ops, set_runtime_env
 from kiln.training.loop import SUMMARY_FILE, check_run_dir
 
-__all__ = ["CONFIG_FILE", "TrainLaunchError", "TrainSummary", "main", "train"]
+__all__ = [
+    "CONFIG_FILE",
+    "TrainLaunchError",
+    "TrainSummary",
+    "free_port",
+    "main",
+    "train",
+]
 
 CONFIG_FILE = "train_config.json"
 _LOG_TAIL_BYTES = 6000
@@ -75,7 +82,8 @@ def _threads(cpus_per_worker: float) -> int:
     return max(1, int(cpus_per_worker))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a process group's rendezvous)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -244,7 +252,7 @@ def _launch_local(
             "WORLD_SIZE": str(world),
             "LOCAL_WORLD_SIZE": str(world),
             "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(_free_port()),
+            "MASTER_PORT": str(free_port()),
             "OMP_NUM_THREADS": str(threads),
             "PYTHONUNBUFFERED": "1",
         }

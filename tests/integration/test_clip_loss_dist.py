@@ -13,7 +13,6 @@ common bug) must not match, which shows the comparison has the power to fail.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -24,26 +23,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from kiln.training.config import ModelConfig
+from kiln.training.launch import free_port
 from kiln.training.losses import clip_loss
 from kiln.training.models import CLIP, build_model
 from kiln.training.tokenizer import tokenize
+from tests.helpers_training import MICRO_MODEL
 
 pytestmark = pytest.mark.slow
 
 WORLD = 2
 GLOBAL_BATCH = 8
-CFG = ModelConfig(
-    image_size=16,
-    patch_size=8,
-    vision_width=16,
-    vision_layers=1,
-    vision_heads=2,
-    text_width=16,
-    text_layers=1,
-    text_heads=2,
-    context_length=12,
-    embed_dim=16,
-)
+CFG = ModelConfig(**MICRO_MODEL)
 WORDS = ["red", "green", "blue", "black", "white", "pink", "gray", "teal"]
 
 
@@ -127,13 +117,6 @@ def _worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def test_two_rank_gradients_equal_global_batch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -141,7 +124,7 @@ def test_two_rank_gradients_equal_global_batch(
     if sys.platform.startswith("linux") and "GLOO_SOCKET_IFNAME" not in os.environ:
         # Keep gloo on loopback even where the hostname resolves to a routable address.
         monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     result = torch.load(out, weights_only=True)
 
     model = _model()

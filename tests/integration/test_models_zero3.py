@@ -10,7 +10,6 @@ single process on the whole batch (up to float rounding: reduction order differs
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -20,25 +19,16 @@ import torch
 import torch.multiprocessing as mp
 
 from kiln.training.config import ModelConfig
+from kiln.training.launch import free_port
 from kiln.training.losses import clip_loss
 from kiln.training.models import CLIP, build_model
 from kiln.training.tokenizer import tokenize
+from tests.helpers_training import MICRO_MODEL
 
 pytestmark = pytest.mark.slow
 
 WORLD = 2
-CFG = ModelConfig(
-    image_size=16,
-    patch_size=8,
-    vision_width=16,
-    vision_layers=1,
-    vision_heads=2,
-    text_width=16,
-    text_layers=1,
-    text_heads=2,
-    context_length=12,
-    embed_dim=16,
-)
+CFG = ModelConfig(**MICRO_MODEL)
 DS_CONFIG = {
     "train_micro_batch_size_per_gpu": 2,
     "gradient_accumulation_steps": 1,
@@ -92,13 +82,6 @@ def _worker(rank: int, port: int, out: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def test_zero3_init_and_gradients_match_plain_torch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -106,7 +89,7 @@ def test_zero3_init_and_gradients_match_plain_torch(
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     if sys.platform.startswith("linux") and "GLOO_SOCKET_IFNAME" not in os.environ:
         monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     result = torch.load(out, weights_only=True)
 
     model = _plain()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -94,9 +93,9 @@ def test_atomic_write_replaces_without_leftovers(tmp_path: Path) -> None:
 @pytest.fixture
 def single_rank(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A one-rank gloo world in this process (what the launchers set up per rank)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from kiln.training.launch import free_port
+
+    port = free_port()
     for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1").items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("MASTER_PORT", str(port))
