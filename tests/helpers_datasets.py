@@ -18,19 +18,12 @@ import numpy as np
 from PIL import Image
 
 from kiln.contracts import DatasetManifest, ShardInfo, make_uid, sha256_hex, write_manifest
+from kiln.data_curation.synthetic import COLORS as SYNTHETIC_COLORS
 
 __all__ = ["COLORS", "write_tiny_dataset"]
 
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (30, 200, 60),
-    "blue": (30, 60, 220),
-    "yellow": (230, 220, 40),
-    "purple": (140, 40, 180),
-    "orange": (240, 140, 20),
-    "white": (245, 245, 245),
-    "black": (15, 15, 15),
-}
+# the demo pool's palette, so test images look like the data kiln really trains on
+COLORS = SYNTHETIC_COLORS
 SHAPES = ("square", "stripe", "dot", "field")
 
 

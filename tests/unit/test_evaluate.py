@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from kiln.contracts import DatasetManifest, ShardInfo, sha256_hex, write_manifest
+from kiln.data_curation.synthetic import COLORS as SYNTHETIC_COLORS
 from kiln.training.config import EvalConfig, ModelConfig
 from kiln.training.evaluate import (
     evaluate,
@@ -37,14 +38,7 @@ from kiln.training.models import CLIP, build_model
 from kiln.training.tokenizer import tokenize
 from kiln.training.transforms import decode_rgb, image_to_tensor
 
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (30, 200, 60),
-    "blue": (30, 60, 220),
-    "yellow": (230, 220, 40),
-    "black": (15, 15, 15),
-    "white": (245, 245, 245),
-}
+COLORS = {k: SYNTHETIC_COLORS[k] for k in ("red", "green", "blue", "yellow", "black", "white")}
 NAMES = list(COLORS)
 TEMPLATES = ["a photo of a {} shape.", "a {} thing."]
 CFG = ModelConfig(
