@@ -13,6 +13,7 @@ import traceback
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
 from pydantic import BaseModel
 
 from kiln.data_curation.config import CurationConfig
@@ -168,26 +169,31 @@ def run_train(recipe: TrainRecipe, *, resume: bool = False) -> Any:
     return summary
 
 
-def resume_run(run_dir: str, overrides: list[str] | None = None) -> Any:
-    """Continue a train run from its latest complete checkpoint to `max_steps`.
-
-    `stop_after_step` of the original invocation is cleared unless an override sets it again.
-    """
+def _train_run_recipe(run_dir: str, overrides: list[str], not_train: str) -> TrainRecipe:
+    """The recorded recipe of a train run dir (with `overrides`), bound to that dir."""
     recipe_file = Path(run_dir) / "recipe.yaml"
     if not recipe_file.is_file():
         raise RecipeError(
             f"{run_dir!r} is not a kiln run dir (no recipe.yaml): give the folder a "
             "`kiln train` run wrote"
         )
-    import yaml
-
     data = yaml.safe_load(recipe_file.read_text())
     if not isinstance(data, dict) or data.get("kind") != "train":
-        raise RecipeError(f"{recipe_file}: only train runs can be resumed")
-    data["stop_after_step"] = None
+        raise RecipeError(f"{recipe_file}: {not_train}")
     data["run_dir"] = str(run_dir)
-    recipe = parse_recipe(apply_overrides(data, overrides or []), source=str(recipe_file))
+    recipe = parse_recipe(apply_overrides(data, overrides), source=str(recipe_file))
     assert isinstance(recipe, TrainRecipe)
+    return recipe
+
+
+def resume_run(run_dir: str, overrides: list[str] | None = None) -> Any:
+    """Continue a train run from its latest complete checkpoint to `max_steps`.
+
+    `stop_after_step` of the original invocation is cleared unless an override sets it again.
+    """
+    recipe = _train_run_recipe(
+        run_dir, ["stop_after_step=null", *(overrides or [])], "only train runs can be resumed"
+    )
     return run_train(recipe, resume=True)
 
 
@@ -205,16 +211,8 @@ def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
 
 def eval_run_dir(run_dir: str, overrides: list[str] | None = None) -> dict[str, Any]:
     """Evaluate a train run's latest checkpoint with the `eval` section of its recipe."""
+    train = _train_run_recipe(run_dir, overrides or [], "`kiln eval RUN_DIR` takes a train run")
     recipe_file = Path(run_dir) / "recipe.yaml"
-    if not recipe_file.is_file():
-        raise RecipeError(f"{run_dir!r} is not a kiln run dir (no recipe.yaml)")
-    import yaml
-
-    data = yaml.safe_load(recipe_file.read_text())
-    if not isinstance(data, dict) or data.get("kind") != "train":
-        raise RecipeError(f"{recipe_file}: `kiln eval RUN_DIR` takes a train run")
-    train = parse_recipe(apply_overrides(data, overrides or []), source=str(recipe_file))
-    assert isinstance(train, TrainRecipe)
     if not (train.eval.zero_shot or train.eval.retrieval):
         raise RecipeError(
             f"{recipe_file}: its eval section names no data: pass "
