@@ -83,6 +83,15 @@ def write_report(
             "<h2>Curation: dropped rows by reason</h2>",
             _table(("reason", "rows"), reasons),
         ]
+        balance = (curation.get("steps") or {}).get("balance") or {}
+        effect = (balance.get("extra") or {}).get("entry_counts")
+        if effect and effect.get("top"):
+            before, after = effect["max_over_median"]
+            sections += [
+                "<h2>Balancing: head entries</h2>",
+                _table(("entry", "count before", "after"), effect["top"]),
+                f"<p>largest entry count / median: {before} before, {after} after</p>",
+            ]
     if loss_curves:
         sections += ["<h2>Training loss</h2>", svg_lines(loss_curves)]
     if resume_rows:

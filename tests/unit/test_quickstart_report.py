@@ -41,13 +41,23 @@ def test_report_has_tables_and_curves(tmp_path: Path) -> None:
         tmp_path / "r" / "report.html",
         title="t <x>",
         summary=[("samples", 3)],
-        curation={"dropped_by_reason": {"bad_image": 2}},
+        curation={
+            "dropped_by_reason": {"bad_image": 2},
+            "steps": {
+                "balance": {
+                    "extra": {
+                        "entry_counts": {"top": [["dog", 90, 30]], "max_over_median": [9.0, 3.0]}
+                    }
+                }
+            },
+        },
         loss_curves={"a": {1: 2.0}},
         resume_rows=[(2, 0.5, 0.5, True)],
         eval_result={"zero_shot": {}},
     )
     html = out.read_text()
     assert "t &lt;x&gt;" in html and "bad_image" in html and "<svg" in html
+    assert "<td>dog</td><td>90</td><td>30</td>" in html and "9.0 before, 3.0 after" in html
 
 
 def test_eval_rows_report_chance() -> None:
