@@ -116,7 +116,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         if os.path.isdir(args.target):
             result = api.eval_run_dir(args.target, args.overrides)
         else:
-            result = api.run_job(load_recipe(args.target, args.overrides))
+            recipe = load_recipe(args.target, args.overrides)
+            if recipe.kind != "eval":
+                raise RecipeError(
+                    f"{args.target} is a `kind: {recipe.kind}` recipe: `kiln eval` takes an "
+                    "eval recipe or a train run dir"
+                )
+            result = api.run_job(recipe)
         _print_result(result)
         return 0
     if args.verb == "runs":

@@ -191,3 +191,5 @@ def test_bad_input_file_names_the_path(root: Path, tmp_path: Path, corrupt: bool
 def test_wrong_verb_for_recipe_kind() -> None:
     proc = kiln("train", "recipes/quickstart/curate.yaml", check=False)
     assert proc.returncode == 2 and "kiln curate recipes/quickstart/curate.yaml" in proc.stderr
+    proc = kiln("eval", "recipes/quickstart/train.yaml", check=False)
+    assert proc.returncode == 2 and "takes an eval recipe or a train run dir" in proc.stderr
