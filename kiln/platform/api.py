@@ -31,7 +31,7 @@ from kiln.platform.recipes import (
     resolve_paths,
 )
 from kiln.platform.runs import write_status
-from kiln.training.checkpoint import latest_checkpoint
+from kiln.training.checkpoint import latest_checkpoint, step_of_tag
 from kiln.training.config import TrainConfig
 
 M = TypeVar("M", bound=BaseModel)
@@ -190,10 +190,18 @@ def resume_run(run_dir: str, overrides: list[str] | None = None) -> Any:
     """Continue a train run from its latest complete checkpoint to `max_steps`.
 
     `stop_after_step` of the original invocation is cleared unless an override sets it again.
+    A run already at `max_steps` is not relaunched: the message saying so is returned.
     """
     recipe = _train_run_recipe(
         run_dir, ["stop_after_step=null", *(overrides or [])], "only train runs can be resumed"
     )
+    tag = latest_checkpoint(run_dir)
+    step = step_of_tag(tag) if tag else None
+    if step is not None and step >= recipe.max_steps and recipe.stop_after_step is None:
+        return (
+            f"{run_dir} is complete at step {step} (max_steps {recipe.max_steps}): nothing "
+            "to resume; pass --set max_steps=N to train further"
+        )
     return run_train(recipe, resume=True)
 
 

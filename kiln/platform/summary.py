@@ -99,6 +99,8 @@ def format_eval(r: dict[str, Any]) -> str:
 
 def format_result(result: Any) -> str:
     """Pick the summary that fits what a job returned."""
+    if isinstance(result, str):
+        return result
     r = _as_dict(result)
     if "samples_out" in r:
         return format_curation(r)

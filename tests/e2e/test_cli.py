@@ -134,6 +134,8 @@ def test_train_stop_runs_resume_eval(root: Path) -> None:
     assert status["state"] == "completed" and status["last_step"] == 6
     steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+    again = kiln("resume", str(run)).stdout
+    assert "is complete at step 6" in again and "--set max_steps=N" in again
     assert (run / "eval.json").is_file()
 
     eval_recipe = root / "eval.yaml"
