@@ -18,21 +18,29 @@ __all__ = ["build_parser", "main"]
 _USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError, PermissionError)
 
 
-def _add_recipe_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="recipe YAML file")
+def _add_set(p: argparse.ArgumentParser, example: str = "balance.t=50") -> None:
     p.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a recipe field, e.g. --set balance.t=50 (repeatable)",
+        help=f"override a recipe field, e.g. --set {example} (repeatable)",
     )
+
+
+def _add_address(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--address",
         default=None,
         help="Ray cluster address (default: start Ray in-process on 127.0.0.1)",
     )
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML file")
+    _add_set(p)
+    _add_address(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,14 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate a pool, curate, train, stop, resume, evaluate: the whole path on CPU",
     )
     q.add_argument("--root", default="runs/quickstart", help="folder for all quickstart runs")
-    q.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field of the train recipe, e.g. --set max_steps=40",
-    )
+    _add_set(q, "max_steps=40 (applies to the train recipe)")
 
     _add_recipe_args(sub.add_parser("curate", help="curate a raw pool into WebDataset shards"))
     t = sub.add_parser("train", help="train a model from a train recipe")
@@ -63,12 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("resume", help="resume a train run from its latest checkpoint")
     r.add_argument("run_dir", help="the run folder a `kiln train` wrote")
-    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    r.add_argument("--address", default=None, help="Ray cluster address")
+    _add_set(r, "max_steps=600")
+    _add_address(r)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint (eval recipe, or a train run dir)")
     e.add_argument("target", help="eval recipe YAML, or a train run dir to evaluate as configured")
-    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_set(e, "eval.recall_k=[1,5]")
 
     ru = sub.add_parser("runs", help="list runs under a folder with status and checkpoints")
     ru.add_argument("root", nargs="?", default="runs")
@@ -94,10 +95,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         from kiln.platform.quickstart import run_quickstart
 
         return run_quickstart(args.root, overrides=args.overrides)
+    # --address is one more override, so it lands in the recorded recipe like any other
+    overrides = list(getattr(args, "overrides", [])) + (
+        [f"ray.address={args.address}"] if getattr(args, "address", None) else []
+    )
     if args.verb in ("curate", "train"):
-        overrides = list(args.overrides)
-        if args.address:
-            overrides.append(f"ray.address={args.address}")
         recipe = load_recipe(args.recipe, overrides)
         if recipe.kind != args.verb:
             raise RecipeError(
@@ -107,9 +109,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         _print_result(api.run_job(recipe))
         return 0
     if args.verb == "resume":
-        overrides = list(args.overrides)
-        if args.address:
-            overrides.append(f"ray.address={args.address}")
         _print_result(api.resume_run(args.run_dir, overrides))
         return 0
     if args.verb == "eval":
@@ -157,6 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _USER_ERRORS as e:
         print(f"kiln {args.verb}: error: {_root_cause(e)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `kiln runs | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"kiln {args.verb}: interrupted", file=sys.stderr)
         return 130

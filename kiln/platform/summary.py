@@ -58,8 +58,7 @@ def format_curation(r: dict[str, Any]) -> str:
 
 def format_train(r: dict[str, Any]) -> str:
     """Steps, losses, throughput and the checkpoint of a training invocation."""
-    losses = r.get("losses") or {}
-    values = list(losses.values()) if isinstance(losses, dict) else list(losses)
+    values = list(r.get("losses") or [])
     pairs: list[tuple[str, object]] = [
         ("steps (this invocation)", f"{r.get('first_step')} -> {r.get('last_step')}"),
         ("first loss", _num(values[0]) if values else None),

@@ -195,3 +195,12 @@ def test_wrong_verb_for_recipe_kind() -> None:
     assert proc.returncode == 2 and "kiln curate recipes/quickstart/curate.yaml" in proc.stderr
     proc = kiln("eval", "recipes/quickstart/train.yaml", check=False)
     assert proc.returncode == 2 and "takes an eval recipe or a train run dir" in proc.stderr
+
+
+def test_output_into_a_closed_pipe_is_not_an_error(root: Path) -> None:
+    dataset = root / "curate" / "dataset"
+    cmd = (
+        f"{' '.join(KILN)} inspect {dataset} -n 50 | head -c 1 >/dev/null; exit ${{PIPESTATUS[0]}}"
+    )
+    proc = subprocess.run(["bash", "-c", cmd], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
