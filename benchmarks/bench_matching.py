@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from kiln.data_curation.stages.metaclip import EntryMatcher, naive_match, spacing
+from kiln.data_curation.matching import EntryMatcher, naive_match, spacing
 
 __all__ = ["build_entries", "load_captions", "main", "reference_match"]
 
