@@ -1,4 +1,4 @@
-"""Value types shared by curation and training: the sample schema and the dataset manifest.
+"""Value types shared by curation and training: sample schema, drop reasons, dataset manifest.
 
 `kiln.data_curation` and `kiln.training` never import each other; what crosses between them
 is a file on an fsspec URL whose shape is fixed here: curation writes WebDataset shards plus a
@@ -17,16 +17,19 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
-    "DROP_REASONS",
     "MANIFEST_NAME",
+    "PATH_FIELD",
     "SAMPLE_SCHEMA",
     "DatasetManifest",
     "ShardInfo",
     "StrictModel",
     "canonical_json",
+    "drop_reasons",
+    "is_path_field",
     "json_sha256",
     "make_uid",
     "read_manifest",
+    "register_drop_reason",
     "require_file",
     "sha256_hex",
     "write_manifest",
@@ -53,23 +56,45 @@ SAMPLE_SCHEMA = pa.schema(
     ]
 )
 
-#: Every reason a row may be dropped, so reports and tests can name them exactly.
-DROP_REASONS: tuple[str, ...] = (
-    "empty_text",
-    "text_too_short",
-    "text_too_long",
-    "junk_text",
-    "duplicate_text",
-    "no_metadata_match",
-    "not_sampled",
-    "missing_image",
-    "bad_image",
-    "image_too_small",
-    "bad_aspect_ratio",
-    "duplicate_image",
-)
+_DROP_REASONS: dict[str, str] = {}
+
+
+def register_drop_reason(reason: str, description: str) -> str:
+    """Register `reason` (a snake_case name) as a reason a row may be dropped; returns it.
+
+    Stages register the reasons they emit when their module is imported, so reports and
+    tests can name them exactly without a closed list that every new stage has to edit.
+    Registering the same reason twice with the same description is a no-op; a different
+    description for a registered name is an error (two stages would mean different things).
+    """
+    if not reason or not reason.replace("_", "").isalnum() or reason != reason.lower():
+        raise ValueError(f"drop reason {reason!r}: use a lower-case snake_case name")
+    known = _DROP_REASONS.get(reason)
+    if known is not None and known != description:
+        raise ValueError(
+            f"drop reason {reason!r} is already registered as {known!r}: pick another name"
+        )
+    _DROP_REASONS[reason] = description
+    return reason
+
+
+def drop_reasons() -> dict[str, str]:
+    """Every registered drop reason and what it means (a copy, in registration order)."""
+    return dict(_DROP_REASONS)
+
 
 MANIFEST_NAME = "manifest.json"
+
+
+#: `json_schema_extra` of a config field holding a file path or URL: recipes resolve such
+#: fields against the working directory before a job starts (Ray workers run elsewhere).
+PATH_FIELD: dict[str, Any] = {"kiln_path": True}
+
+
+def is_path_field(info: Any) -> bool:
+    """True when pydantic `FieldInfo` `info` was declared with `PATH_FIELD`."""
+    extra = getattr(info, "json_schema_extra", None)
+    return isinstance(extra, dict) and bool(extra.get("kiln_path"))
 
 
 def canonical_json(value: Any) -> str:
@@ -163,12 +188,10 @@ def read_manifest(dataset_dir: str) -> DatasetManifest:
 
 
 def write_manifest(dataset_dir: str, manifest: DatasetManifest) -> str:
-    """Write the manifest atomically (temp file + rename on local disk); returns its URL."""
+    """Write the manifest atomically (temp file + rename); returns its URL."""
+    from kiln.storage import atomic_write
+
     url = _manifest_url(dataset_dir)
-    fs, path = fsspec.core.url_to_fs(url)
     text = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
-    tmp = path + ".tmp"
-    with fs.open(tmp, "wt") as f:
-        f.write(text)
-    fs.mv(tmp, path)
+    atomic_write(url, text.encode())
     return url

@@ -3,7 +3,7 @@
 Public API (imported lazily, so `kiln.data_curation.config` stays cheap to import and does
 not pull in Ray):
 
-- `run_curation(cfg, run_dir)` -> `CurationResult`: the resumable step pipeline;
+- `run_curation(cfg, run_dir)` -> `CurationResult`: the resumable plan runner;
 - `read_pool(input_cfg)` -> `ray.data.Dataset` of sample rows;
 - `write_shards(tables, out_dir, ...)` -> `DatasetManifest`: deterministic WebDataset tars;
 - `inspect_dataset(dataset_dir)` / `format_dataset_info(info)`: what `kiln inspect` shows.
@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from kiln.data_curation.dataset_info import format_dataset_info, inspect_dataset
-    from kiln.data_curation.pipeline import CurationResult, run_curation
     from kiln.data_curation.readers import read_pool
+    from kiln.data_curation.runner import CurationResult, run_curation
     from kiln.data_curation.shard import write_shards
 
 __all__ = [
@@ -30,8 +30,8 @@ __all__ = [
 ]
 
 _HOMES = {
-    "CurationResult": "kiln.data_curation.pipeline",
-    "run_curation": "kiln.data_curation.pipeline",
+    "CurationResult": "kiln.data_curation.runner",
+    "run_curation": "kiln.data_curation.runner",
     "read_pool": "kiln.data_curation.readers",
     "write_shards": "kiln.data_curation.shard",
     "inspect_dataset": "kiln.data_curation.dataset_info",

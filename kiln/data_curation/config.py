@@ -1,27 +1,37 @@
-"""Typed configuration of a curation pipeline: one section per stage family.
+"""Typed configuration of a curation run: input, the plan (stages), shards, execution.
 
 A curate recipe is these sections plus the job fields (`kind`, `name`, `run_dir`,
-`resources`) that `kiln.platform.recipes` adds; each stage takes only its own section.
+`resources`) that `kiln.platform.recipes` adds. Each stage's own config lives in its module
+under `kiln.data_curation.stages` (re-exported here for the default plan's sections).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from kiln.contracts import StrictModel
+from kiln.data_curation.plan import PlanStep, build_plan
+from kiln.data_curation.stage import load_plugins
+from kiln.data_curation.stages.image import ImageConfig
+from kiln.data_curation.stages.metaclip_balance import BalanceConfig
+from kiln.data_curation.stages.metaclip_match import MatchConfig
+from kiln.data_curation.stages.text import TextConfig
 
 __all__ = [
     "BalanceConfig",
     "CurationConfig",
     "ExecutionConfig",
     "ImageConfig",
+    "ImageSection",
     "InputConfig",
     "MatchConfig",
     "ShardConfig",
     "SyntheticPoolConfig",
     "TextConfig",
+    "TextSection",
+    "default_plan_specs",
 ]
 
 
@@ -72,42 +82,15 @@ class InputConfig(StrictModel):
         return self
 
 
-class TextConfig(StrictModel):
-    """Caption normalization and filters."""
+class TextSection(TextConfig):
+    """The default plan's `text:` section: the text stage's settings plus its dedup switch."""
 
-    normalize: bool = Field(default=True, description="Unicode NFC, strip, collapse whitespace")
-    min_chars: int = Field(default=2, ge=0)
-    max_chars: int = Field(default=1000, ge=1)
-    min_words: int = Field(default=1, ge=0)
-    drop_junk: bool = Field(
-        default=True, description="drop filename-like and boilerplate alt-texts ('IMG_2041.jpg')"
-    )
     dedup: bool = Field(default=True, description="exact dedup of (url, text)")
 
 
-class MatchConfig(StrictModel):
-    """MetaCLIP substring matching of captions against metadata entries."""
+class ImageSection(ImageConfig):
+    """The default plan's `image:` section: the image stage's settings plus its dedup switch."""
 
-    entries: str = Field(description="text file, one metadata entry per line (any fsspec URL)")
-
-
-class BalanceConfig(StrictModel):
-    """MetaCLIP balancing: p(entry) = min(1, t / count(entry))."""
-
-    t: int = Field(default=20_000, ge=1, description="per-entry count threshold")
-    seed: int = 0
-
-
-class ImageConfig(StrictModel):
-    """Image decode check, size filters, re-encoding for shards."""
-
-    required: bool = Field(default=True, description="drop rows with no image bytes")
-    min_size: int = Field(default=16, ge=1, description="minimum of width and height, pixels")
-    max_aspect_ratio: float = Field(default=3.0, ge=1.0)
-    max_size: int | None = Field(
-        default=None, ge=16, description="resize so the longer side is at most this (None: keep)"
-    )
-    jpeg_quality: int = Field(default=90, ge=1, le=100)
     dedup: bool = Field(default=True, description="exact dedup by sha256 of the decoded pixels")
 
 
@@ -121,42 +104,120 @@ class ShardConfig(StrictModel):
 
 
 class ExecutionConfig(StrictModel):
-    """How the pipeline runs on Ray. None of these change the result, only speed and memory."""
+    """How the plan runs on Ray. None of these change the result, only speed and memory."""
 
-    num_blocks: int | None = Field(
-        default=None,
+    rows_per_task: int = Field(
+        default=50_000,
         ge=1,
-        description="blocks each step reads its input as (None: Ray Data decides)",
+        description="rows one task handles: step outputs (and parquet inputs, by row group) "
+        "are cut into tasks of about this many rows; each task has its own completion marker",
     )
-    batch_size: int = Field(default=256, ge=1, description="rows per stage batch")
-    match_actors: int = Field(
-        default=1, ge=1, description="actors in the MetaCLIP matcher pool (each builds it once)"
-    )
-    actor_num_cpus: float = Field(
-        default=0.5,
-        gt=0,
-        description="CPUs each matcher actor reserves; keep it fractional so the actor pool "
-        "never takes every CPU (Ray Data's other tasks would wait forever)",
-    )
-    dedup_buckets: int = Field(
+    batch_size: int = Field(default=256, ge=1, description="rows per stage function call")
+    key_buckets: int = Field(
         default=8,
         ge=1,
-        description="hash partitions of the exact-dedup keys; a dedup task holds one "
-        "partition's keys in memory, so raise it for very large pools",
+        description="hash partitions of a keyed stage (exact dedup); one task holds one "
+        "partition's rows, so raise it for very large pools",
+    )
+    shard_rows_per_task: int = Field(
+        default=200_000,
+        ge=1,
+        description="rows one shard-writing task sorts and writes (uid ranges of about this size)",
+    )
+    shard_bytes_per_task: int = Field(
+        default=1 << 30,
+        ge=1 << 20,
+        description="bytes (uncompressed, images included) one shard-writing task holds at most",
     )
 
 
 class CurationConfig(StrictModel):
-    """Every section of a curation pipeline."""
+    """A curation plan: the input, the stages in order, shard writing, execution knobs.
+
+    `stages` lists the plan: each item names a registered stage (`stage: text`), optionally
+    a step name (`name:`, default: the stage name; it names `steps/{name}/`) and
+    `resources:`, and the stage's own settings. Without `stages`, the default MetaCLIP plan
+    runs -- text, text_dedup, metaclip_match, metaclip_balance, image, image_dedup -- set by
+    the sections `text`, `match`, `balance` and `image` (the form recipes had before plans).
+    """
 
     input: InputConfig
-    text: TextConfig = Field(default_factory=TextConfig)
-    match: MatchConfig
-    balance: BalanceConfig = Field(default_factory=BalanceConfig)
-    image: ImageConfig = Field(default_factory=ImageConfig)
+    stages: list[dict[str, Any]] | None = Field(
+        default=None, description="the plan: stages in order (default: the MetaCLIP plan)"
+    )
+    plugins: list[str] = Field(
+        default_factory=list,
+        description="modules that register extra stages (imported by the driver and workers)",
+    )
+    text: TextSection | None = None
+    match: MatchConfig | None = None
+    balance: BalanceConfig | None = None
+    image: ImageSection | None = None
     shard: ShardConfig = Field(default_factory=ShardConfig)
     write_rejects: bool = Field(default=True, description="keep dropped rows with drop_reason")
     execution: ExecutionConfig = Field(
         default_factory=ExecutionConfig,
-        description="Ray parallelism knobs; results never depend on them",
+        description="parallelism knobs; results never depend on them",
     )
+
+    @field_validator("text", "image", mode="before")
+    @classmethod
+    def _stage_config_as_section(cls, value: Any) -> Any:
+        """Accept a stage's own config (`ImageConfig(...)`) where the section is expected."""
+        return value.model_dump() if isinstance(value, StrictModel) else value
+
+    @model_validator(mode="after")
+    def _check_plan(self) -> CurationConfig:
+        self.plan()  # every stage exists, every config validates, columns come in order
+        return self
+
+    def plan_specs(self) -> list[dict[str, Any]]:
+        """The `stages:` list this config runs (the default plan when it has none)."""
+        legacy = {k: getattr(self, k) for k in ("text", "match", "balance", "image")}
+        if self.stages is not None:
+            given = [k for k, v in legacy.items() if v is not None]
+            if given:
+                raise ValueError(
+                    f"the recipe has both stages: and the section(s) {', '.join(given)}: "
+                    "with a stages: list, put each stage's settings in its entry, e.g. "
+                    "stages: [{stage: text, min_chars: 3}, {stage: metaclip_match, entries: "
+                    "FILE}, {stage: metaclip_balance, t: 20000}]"
+                )
+            return [dict(s) for s in self.stages]
+        if self.match is None:
+            raise ValueError(
+                "the recipe has no stages: list and no match.entries: add a plan, e.g. "
+                "stages: [{stage: text}, {stage: text_dedup}, {stage: metaclip_match, "
+                "entries: FILE}, {stage: metaclip_balance, t: 20000}, {stage: image}, "
+                "{stage: image_dedup}], or set match.entries for the default MetaCLIP plan"
+            )
+        return default_plan_specs(
+            text=self.text or TextSection(),
+            match=self.match,
+            balance=self.balance or BalanceConfig(),
+            image=self.image or ImageSection(),
+        )
+
+    def plan(self) -> list[PlanStep]:
+        """The validated plan (see `kiln.data_curation.plan`)."""
+        load_plugins(self.plugins)
+        return build_plan(self.plan_specs())
+
+
+def default_plan_specs(
+    *, text: TextSection, match: MatchConfig, balance: BalanceConfig, image: ImageSection
+) -> list[dict[str, Any]]:
+    """The MetaCLIP plan as a `stages:` list, from the pre-plan recipe sections."""
+    specs: list[dict[str, Any]] = [
+        {"stage": "text", **text.model_dump(mode="json", exclude={"dedup"})}
+    ]
+    if text.dedup:
+        specs.append({"stage": "text_dedup"})
+    specs.append({"stage": "metaclip_match", **match.model_dump(mode="json")})
+    specs.append(
+        {"stage": "metaclip_balance", **balance.model_dump(mode="json", exclude_none=True)}
+    )
+    specs.append({"stage": "image", **image.model_dump(mode="json", exclude={"dedup"})})
+    if image.dedup:
+        specs.append({"stage": "image_dedup"})
+    return specs

@@ -36,6 +36,7 @@ __all__ = [
     "WDS_IMAGE_EXTENSIONS",
     "WDS_KEY_COLUMN",
     "absolute_url",
+    "effective_input",
     "expand_paths",
     "input_files",
     "read_file",
@@ -371,10 +372,16 @@ def _image_values(column: pa.ChunkedArray | pa.Array, name: str, path: str) -> l
 
 
 def _read_parquet(
-    path: str, cfg: InputConfig, images: _ImageFolder | None, max_rows: int | None
+    path: str,
+    cfg: InputConfig,
+    images: _ImageFolder | None,
+    max_rows: int | None,
+    row_groups: tuple[int, int] | None = None,
 ) -> Iterator[pa.Table]:
     with fsspec.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
+        first, stop = row_groups if row_groups is not None else (0, pf.num_row_groups)
+        start_row = sum(pf.metadata.row_group(g).num_rows for g in range(first))
         names = pf.schema_arrow.names
         _check_columns(cfg, path, names)
         columns = [
@@ -388,9 +395,12 @@ def _read_parquet(
             )
             if c is not None
         ]
-        rows = _Rows(path)
+        rows = _Rows(path, start=start_row)
         remaining = max_rows
-        for batch in pf.iter_batches(batch_size=_CHUNK_ROWS, columns=sorted(set(columns))):
+        batches = pf.iter_batches(
+            batch_size=_CHUNK_ROWS, columns=sorted(set(columns)), row_groups=range(first, stop)
+        )
+        for batch in batches:
             if remaining is not None:
                 if remaining <= 0:
                     break
@@ -522,14 +532,27 @@ def _check_config(cfg: InputConfig) -> None:
         )
 
 
-def read_file(path: str, cfg: InputConfig, max_rows: int | None = None) -> Iterator[pa.Table]:
+def read_file(
+    path: str,
+    cfg: InputConfig,
+    max_rows: int | None = None,
+    *,
+    row_groups: tuple[int, int] | None = None,
+) -> Iterator[pa.Table]:
     """Sample tables (`READ_SCHEMA`) of one input file, in file order, at most `max_rows` rows.
 
-    Pure and runnable without Ray: this is what each read task of `read_pool` runs.
+    `row_groups` (parquet only) reads row groups [first, stop) of the file, with
+    `source_row` still counted from the file's first row. Pure and runnable without Ray:
+    this is what each read task runs.
     """
     _check_config(cfg)
     images = _ImageFolder(cfg.image_dir) if cfg.image_dir and cfg.image_path_column else None
     try:
+        if row_groups is not None:
+            if cfg.format not in ("parquet", "synthetic"):
+                raise ValueError(f"row_groups is for parquet inputs, not {cfg.format}")
+            yield from _read_parquet(path, cfg, images, max_rows, row_groups)
+            return
         yield from _READERS[cfg.format](path, cfg, images, max_rows)
     except (FileNotFoundError, PermissionError):
         raise
@@ -542,7 +565,7 @@ def read_file(path: str, cfg: InputConfig, max_rows: int | None = None) -> Itera
         ) from e
 
 
-def _effective(cfg: InputConfig) -> InputConfig:
+def effective_input(cfg: InputConfig) -> InputConfig:
     """The config the read tasks get: absolute image_dir; fixed columns for the synthetic pool."""
     if cfg.format != "synthetic":
         if cfg.image_dir is None:
@@ -586,7 +609,7 @@ def read_pool(cfg: InputConfig, *, files: Sequence[str] | None = None) -> Any:
     """
     import ray.data
 
-    cfg = _effective(cfg)
+    cfg = effective_input(cfg)
     _check_config(cfg)
     paths = list(files) if files is not None else input_files(cfg)
     items = [{"path": p} for p in paths]

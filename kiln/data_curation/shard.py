@@ -14,12 +14,10 @@ tar under a final name; shards left over from an earlier, larger run are removed
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
-import tarfile
 from collections.abc import Iterable, Iterator
-from typing import IO, Any
+from typing import Any
 
 import fsspec
 import pyarrow as pa
@@ -28,8 +26,15 @@ from kiln.contracts import DatasetManifest, ShardInfo, json_sha256, write_manife
 
 __all__ = [
     "SHARD_DIR",
+    "ShardFile",
+    "check_uid",
+    "remove_stale_shards",
+    "sample_columns",
     "sample_json",
+    "sample_records",
     "shard_name",
+    "tar_end",
+    "tar_member",
     "write_shards",
 ]
 
@@ -73,7 +78,8 @@ def sample_json(row: dict[str, Any], columns: Iterable[str]) -> bytes:
     return (json.dumps(doc, sort_keys=True, ensure_ascii=False) + "\n").encode()
 
 
-def _check_uid(uid: Any, previous: str | None) -> str:
+def check_uid(uid: Any, previous: str | None) -> str:
+    """`uid` if it is a plain id that sorts after `previous` (rows sorted, uids unique)."""
     if not isinstance(uid, str) or not uid:
         raise ValueError(f"sample uid {uid!r} is not a non-empty string: every row needs a uid")
     if "." in uid or "/" in uid or "\\" in uid:
@@ -90,72 +96,100 @@ def _check_uid(uid: Any, previous: str | None) -> str:
     return uid
 
 
-def _tar_info(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    info.type = tarfile.REGTYPE
-    return info
+_BLOCK = 512
+_RECORD = 20 * _BLOCK
+_HEAD = b"0000644\x00" + b"0000000\x00" * 2  # mode, uid, gid
+_MTIME = b"00000000000\x00"
+_TAIL = b"0" + b"\x00" * 100 + b"ustar  \x00" + b"\x00" * (32 + 32 + 8 + 8 + 155 + 12)
 
 
-class _HashingWriter(io.RawIOBase):
-    """Write-only file wrapper that hashes and counts the bytes going through it."""
+def tar_member(name: str, data: bytes) -> bytes:
+    """One regular-file tar member (GNU header + data + NUL padding to 512 bytes).
 
-    def __init__(self, f: IO[bytes]) -> None:
-        self._f = f
+    The header carries nothing about the machine or the clock: mode 0644, uid/gid 0, mtime
+    0, empty user/group names; it is the same bytes Python's `tarfile` writes for those
+    fields in GNU format, built directly because `TarInfo.tobuf` costs ~10x more per member.
+    """
+    raw = name.encode()
+    if len(raw) > 100:
+        raise ValueError(f"tar member name {name!r} is over 100 bytes: use shorter uids")
+    size = len(data)
+    header = bytearray(
+        raw.ljust(100, b"\x00") + _HEAD + b"%011o\x00" % size + _MTIME + b" " * 8 + _TAIL
+    )
+    header[148:156] = b"%06o\x00 " % sum(header)
+    pad = -size % _BLOCK
+    return bytes(header) + data + b"\x00" * pad
+
+
+def tar_end(length: int) -> bytes:
+    """What closes a tar stream of `length` member bytes: two zero blocks, then zeros up to
+    the next 10240-byte record (as `tarfile` and GNU tar write it)."""
+    end = length + 2 * _BLOCK
+    return b"\x00" * (2 * _BLOCK + (-end % _RECORD))
+
+
+def sample_columns(schema: pa.Schema) -> list[str]:
+    """Columns of `schema` that go into each sample's JSON member."""
+    return _json_columns(schema)
+
+
+def sample_records(table: pa.Table) -> Iterator[tuple[str, bytes]]:
+    """(uid, the sample's tar members as bytes) per row, in table order: `{uid}.jpg` when
+    it has an image, `{uid}.txt` (the caption, UTF-8; empty when null), `{uid}.json`."""
+    columns = _json_columns(table.schema)
+    for row in table.to_pylist():
+        uid = row.get("uid")
+        if not isinstance(uid, str):
+            raise ValueError(f"sample uid {uid!r} is not a non-empty string: every row needs a uid")
+        parts = []
+        image = row.get("image")
+        if image:
+            parts.append(tar_member(f"{uid}.jpg", bytes(image)))
+        text = row.get("text")
+        parts.append(tar_member(f"{uid}.txt", (text if isinstance(text, str) else "").encode()))
+        parts.append(tar_member(f"{uid}.json", sample_json(row, columns)))
+        yield uid, b"".join(parts)
+
+
+class _HashingFile:
+    """A file being written under a temporary name, hashed and counted; renamed by `close`."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, final: str) -> None:
+        self.fs = fs
+        self.final = final
+        self.tmp = f"{final}.tmp"
+        self._file = fs.open(self.tmp, "wb")
         self.sha = hashlib.sha256()
         self.size = 0
 
-    def writable(self) -> bool:
-        return True
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+        self.sha.update(data)
+        self.size += len(data)
 
-    def write(self, data: Any) -> int:
-        b = bytes(data)
-        self._f.write(b)
-        self.sha.update(b)
-        self.size += len(b)
-        return len(b)
-
-
-class _ShardWriter:
-    """One tar being written: temp name while open, renamed by `close`."""
-
-    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, index: int) -> None:
-        self.fs = fs
-        self.rel = shard_name(index)
-        self.final = f"{root}/{self.rel}"
-        self.tmp = f"{self.final}.tmp"
-        self._file = fs.open(self.tmp, "wb")
-        self._hash = _HashingWriter(self._file)
-        # Held open across `add` calls and closed in `close`, so no `with` block here.
-        self._tar = tarfile.open(  # noqa: SIM115
-            fileobj=self._hash, mode="w|", format=tarfile.GNU_FORMAT
-        )
-        self.count = 0
-
-    def add(self, name: str, data: bytes) -> None:
-        self._tar.addfile(_tar_info(name, len(data)), io.BytesIO(data))
-
-    def close(self) -> ShardInfo:
-        self._tar.close()
+    def close(self) -> tuple[int, str]:
         self._file.close()
         self.fs.mv(self.tmp, self.final)
-        return ShardInfo(
-            path=self.rel,
-            num_samples=self.count,
-            bytes=self._hash.size,
-            sha256=self._hash.sha.hexdigest(),
-        )
+        return self.size, self.sha.hexdigest()
 
 
-def _rows(tables: Iterable[pa.Table]) -> Iterator[tuple[dict[str, Any], list[str]]]:
-    for table in tables:
-        columns = _json_columns(table.schema)
-        for row in table.to_pylist():
-            yield row, columns
+class ShardFile:
+    """One tar being written: members appended, closed with `tar_end`, renamed into place."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, index: int) -> None:
+        self.rel = shard_name(index)
+        self._out = _HashingFile(fs, f"{root}/{self.rel}")
+        self.count = 0
+
+    def add(self, record: bytes, samples: int = 1) -> None:
+        self._out.write(record)
+        self.count += samples
+
+    def close(self) -> ShardInfo:
+        self._out.write(tar_end(self._out.size))
+        size, digest = self._out.close()
+        return ShardInfo(path=self.rel, num_samples=self.count, bytes=size, sha256=digest)
 
 
 def write_shards(
@@ -181,28 +215,22 @@ def write_shards(
     root = root.rstrip("/")
     fs.makedirs(f"{root}/{SHARD_DIR}", exist_ok=True)
     shards: list[ShardInfo] = []
-    writer: _ShardWriter | None = None
+    writer: ShardFile | None = None
     previous: str | None = None
     total = 0
-    for row, columns in _rows(tables):
-        uid = _check_uid(row.get("uid"), previous)
-        previous = uid
-        if writer is None:
-            writer = _ShardWriter(fs, root, len(shards))
-        image = row.get("image")
-        if image:
-            writer.add(f"{uid}.jpg", bytes(image))
-        text = row.get("text")
-        writer.add(f"{uid}.txt", (text if isinstance(text, str) else "").encode())
-        writer.add(f"{uid}.json", sample_json(row, columns))
-        writer.count += 1
-        total += 1
-        if writer.count >= samples_per_shard:
-            shards.append(writer.close())
-            writer = None
+    for table in tables:
+        for uid, record in sample_records(table):
+            previous = check_uid(uid, previous)
+            if writer is None:
+                writer = ShardFile(fs, root, len(shards))
+            writer.add(record)
+            total += 1
+            if writer.count >= samples_per_shard:
+                shards.append(writer.close())
+                writer = None
     if writer is not None:
         shards.append(writer.close())
-    _remove_stale(fs, root, {s.path for s in shards})
+    remove_stale_shards(fs, root, {s.path for s in shards})
     recipe = dict(recipe or {})
     manifest = DatasetManifest(
         name=name,
@@ -217,7 +245,7 @@ def write_shards(
     return manifest
 
 
-def _remove_stale(fs: fsspec.AbstractFileSystem, root: str, keep: set[str]) -> None:
+def remove_stale_shards(fs: fsspec.AbstractFileSystem, root: str, keep: set[str]) -> None:
     """Delete shards (and temp files) under `root/shards` that this write did not produce."""
     for path in fs.ls(f"{root}/{SHARD_DIR}", detail=False):
         rel = f"{SHARD_DIR}/{path.rstrip('/').rsplit('/', 1)[-1]}"

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
-from kiln.contracts import StrictModel, json_sha256
+from kiln.contracts import StrictModel, is_path_field, json_sha256
 from kiln.data_curation.config import CurationConfig
 from kiln.training.config import EvalConfig, TrainConfig
 
@@ -119,20 +119,40 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 "write e.g. --set balance.t=50"
             )
         parts = key.strip().split(".")
-        node = out
+        node: Any = out
         for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
+            child = _list_item(node, part, item) if isinstance(node, list) else node.get(part)
             if child is None:
                 child = node[part] = {}
-            if not isinstance(child, dict):
+            if not isinstance(child, dict | list):
                 where = ".".join(parts[: i + 1])
                 raise RecipeError(
                     f"override {item!r}: {where!r} is a value ({child!r}), not a section, "
                     f"so it has no field {parts[i + 1]!r}"
                 )
             node = child
+        if isinstance(node, list):
+            raise RecipeError(
+                f"override {item!r}: {'.'.join(parts[:-1])!r} is a list: name one of its "
+                "items, e.g. --set stages.metaclip_balance.t=50"
+            )
         node[parts[-1]] = _parse_value(raw)
     return out
+
+
+def _list_item(items: list[Any], part: str, override: str) -> Any:
+    """The item of a list named by `part`: an index, or a stage's step name (`name`, else
+    `stage`), so `--set stages.metaclip_balance.t=50` reaches into a plan."""
+    if part.isdigit() and int(part) < len(items):
+        return items[int(part)]
+    named = [x for x in items if isinstance(x, dict) and (x.get("name") or x.get("stage")) == part]
+    if len(named) == 1:
+        return named[0]
+    names = [str(x.get("name") or x.get("stage")) for x in items if isinstance(x, dict)]
+    raise RecipeError(
+        f"override {override!r}: no item {part!r} in that list: use an index or one of "
+        f"{', '.join(names) or '(none)'}"
+    )
 
 
 def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -173,6 +193,9 @@ def _describe(error: Any, kind: str, source: str) -> str:
             else f"valid fields here: {', '.join(valid)}"
         )
         return f"{source}: unknown field {dotted!r}: {hint}"
+    if etype == "value_error":
+        where = f"{dotted}: " if loc else ""
+        return f"{source}: {where}{str(error['msg']).removeprefix('Value error, ')}"
     if etype == "missing":
         return f"{source}: field {dotted!r} is required: add it to the recipe or pass --set {dotted}=..."
     shown = json.dumps(value, default=str) if value is not None else "null"
@@ -240,17 +263,31 @@ def resolve_paths(recipe: R) -> R:
     session folder; resolving once, up front, means every process sees the same files.
     """
     data = recipe.model_dump(mode="json")
+    if recipe.kind == "curate" and data.get("stages"):  # type: ignore[attr-defined]
+        data["stages"] = [_resolve_stage_paths(spec) for spec in data["stages"]]
     for dotted in _PATH_FIELDS[recipe.kind]:  # type: ignore[attr-defined]
         *parents, leaf = dotted.split(".")
         node = data
         for part in parents:
             node = node[part]
-        value = node[leaf]
+        value = node.get(leaf) if isinstance(node, dict) else None
         if isinstance(value, str):
             node[leaf] = _absolute(value)
         elif isinstance(value, list):
             node[leaf] = [_absolute(v) for v in value]
     return type(recipe).model_validate(data)
+
+
+def _resolve_stage_paths(spec: dict[str, Any]) -> dict[str, Any]:
+    """A `stages:` item with its path fields (`is_path_field`) made absolute."""
+    from kiln.data_curation.stage import get_stage
+
+    config = get_stage(spec["stage"]).config
+    out = dict(spec)
+    for name, info in config.model_fields.items():
+        if is_path_field(info) and isinstance(out.get(name), str):
+            out[name] = _absolute(out[name])
+    return out
 
 
 def recipe_hash(recipe: BaseModel) -> str:

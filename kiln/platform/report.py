@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from kiln.platform.summary import balance_effect_of
+
 __all__ = ["svg_lines", "write_report"]
 
 _COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")
@@ -83,8 +85,7 @@ def write_report(
             "<h2>Curation: dropped rows by reason</h2>",
             _table(("reason", "rows"), reasons),
         ]
-        balance = (curation.get("steps") or {}).get("balance") or {}
-        effect = (balance.get("extra") or {}).get("entry_counts")
+        effect = balance_effect_of(dict(curation))
         if effect and effect.get("top"):
             before, after = effect["max_over_median"]
             sections += [

@@ -8,13 +8,29 @@ from pydantic import BaseModel
 
 from kiln.platform.tables import format_kv, format_table
 
-__all__ = ["eval_rows", "format_curation", "format_eval", "format_result", "format_train"]
+__all__ = [
+    "balance_effect_of",
+    "eval_rows",
+    "format_curation",
+    "format_eval",
+    "format_result",
+    "format_train",
+]
 
 
 def _as_dict(result: Any) -> dict[str, Any]:
     if isinstance(result, BaseModel):
         return result.model_dump(mode="json")
     return dict(result) if isinstance(result, dict) else {"result": result}
+
+
+def balance_effect_of(curation: dict[str, Any]) -> dict[str, Any] | None:
+    """The `entry_counts` report of the run's balancing step (whatever its step name)."""
+    for step in (curation.get("steps") or {}).values():
+        effect = (step.get("extra") or {}).get("entry_counts")
+        if effect:
+            return dict(effect)
+    return None
 
 
 def format_curation(r: dict[str, Any]) -> str:
@@ -29,6 +45,7 @@ def format_curation(r: dict[str, Any]) -> str:
         ("dataset", r.get("dataset_dir")),
         ("seconds", _num(r.get("seconds"))),
     ]
+    pairs = [(k, v) for k, v in pairs if v is not None or k in ("samples in", "samples out")]
     out = format_kv(pairs, "curation")
     steps = r.get("steps") or {}
     if steps:
@@ -42,7 +59,7 @@ def format_curation(r: dict[str, Any]) -> str:
             for name, s in steps.items()
         ]
         out += "\n\n" + format_table(("step", "rows in", "rows out", "seconds"), step_rows)
-    effect = ((steps.get("balance") or {}).get("extra") or {}).get("entry_counts")
+    effect = balance_effect_of(r)
     if effect and effect.get("top"):
         before, after = effect["max_over_median"]
         out += "\n\n" + format_table(

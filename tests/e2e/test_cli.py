@@ -47,7 +47,7 @@ def curate_args(root: Path, *extra: str) -> list[str]:
         "--set",
         f"input.paths=[{root}/pool]",
         "--set",
-        f"match.entries={root}/pool/metadata.txt",
+        f"stages.metaclip_match.entries={root}/pool/metadata.txt",
         "--set",
         "input.synthetic.num_samples=600",
         "--set",
@@ -95,14 +95,14 @@ def test_curate_then_rerun_with_new_threshold(root: Path) -> None:
     status = json.loads((root / "curate" / "status.json").read_text())
     assert status["state"] == "completed"
     assert sum(status["dropped_by_reason"].values()) + status["samples_out"] == status["samples_in"]
-    effect = status["steps"]["balance"]["extra"]["entry_counts"]
+    effect = status["steps"]["metaclip_balance"]["extra"]["entry_counts"]
     assert effect["top"] and all(after <= before for _, before, after in effect["top"])
     assert "count before balancing" in first.stdout
 
     marker = root / "curate" / "steps"
     read_step = sorted(marker.glob("*read*"))[0] / "_SUCCESS"
     before = read_step.stat().st_mtime_ns
-    again = kiln(*curate_args(root, "--set", "balance.t=5"))
+    again = kiln(*curate_args(root, "--set", "stages.metaclip_balance.t=5"))
     assert "samples out" in again.stdout
     assert read_step.stat().st_mtime_ns == before, "the read step was redone, not skipped"
     lower = json.loads((root / "curate" / "status.json").read_text())
@@ -158,9 +158,9 @@ def test_train_stop_runs_resume_eval(root: Path) -> None:
 
 
 def test_recipe_typo_is_a_clear_error(root: Path) -> None:
-    proc = kiln(*curate_args(root, "--set", "balance.tt=5"), check=False)
+    proc = kiln(*curate_args(root, "--set", "stages.metaclip_balance.tt=5"), check=False)
     assert proc.returncode == 2
-    assert "did you mean 'balance.t'" in proc.stderr
+    assert "stages[3] (metaclip_balance): unknown field 'tt': did you mean 't'?" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

@@ -1,4 +1,4 @@
-"""The curation pipeline on embedded Ray, on real data: Flickr8k images + captions, LAION
+"""The curation runner on embedded Ray, on real data: Flickr8k images + captions, LAION
 alt-texts (caption-only); determinism across parallelism, resumption, bad input."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kiln.contracts import DROP_REASONS, read_manifest
+from kiln.contracts import drop_reasons, read_manifest
 from kiln.data_curation import CurationResult, inspect_dataset, run_curation
 from kiln.data_curation.config import (
     BalanceConfig,
@@ -26,7 +26,8 @@ from kiln.data_curation.config import (
     ShardConfig,
 )
 from kiln.data_curation.dataset_info import format_dataset_info
-from kiln.data_curation.pipeline import STEP_NAMES, SUCCESS_MARKER
+from kiln.data_curation.plan import step_names
+from kiln.data_curation.runner import SUCCESS_MARKER
 
 FLICKR_ENTRIES = ["dog", "girl", "boy", "man", "woman", "water", "grass", "ball", "snow", "red"]
 LAION_ENTRIES = ["the", "of", "and", "for", "with", "in", "to", "on", "by", "Black", "New"]
@@ -55,7 +56,7 @@ def _rejects(run_dir: Path) -> pa.Table | None:
 
 def _check_accounting(result: CurationResult) -> None:
     assert result.samples_in == result.samples_out + sum(result.dropped_by_reason.values())
-    assert set(result.dropped_by_reason) <= set(DROP_REASONS)
+    assert set(result.dropped_by_reason) <= set(drop_reasons())
 
 
 # --------------------------------------------------------------------------- Flickr8k
@@ -101,7 +102,7 @@ def flickr_run(
     ray_session: None, flickr_pool: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, CurationResult]:
     run_dir = tmp_path_factory.mktemp("flickr_run")
-    execution = ExecutionConfig(num_blocks=1, match_actors=1, batch_size=64, dedup_buckets=2)
+    execution = ExecutionConfig(batch_size=64, key_buckets=2)
     result = run_curation(_flickr_cfg(flickr_pool, execution), str(run_dir), name="flickr")
     return run_dir, result
 
@@ -119,9 +120,16 @@ def test_flickr_run_counts_every_row(flickr_run: tuple[Path, CurationResult]) ->
         "duplicate_text", 0
     ) + result.dropped_by_reason.get("duplicate_image", 0)
     assert 0 < result.samples_out <= 60
-    assert list(result.steps) == list(STEP_NAMES)
-    for i, name in enumerate(STEP_NAMES):
-        marker = json.loads((run_dir / "steps" / f"{i:02d}_{name}" / SUCCESS_MARKER).read_text())
+    names = step_names(
+        _flickr_cfg({"dir": "x", "images": "x", "entries": "x"}, ExecutionConfig()).plan()
+    )
+    assert list(result.steps) == names
+    assert names == [
+        "read", "text", "text_dedup", "metaclip_match", "metaclip_balance", "image",
+        "image_dedup", "shard",
+    ]  # fmt: skip
+    for name in names:
+        marker = json.loads((run_dir / "steps" / name / SUCCESS_MARKER).read_text())
         assert marker["stats"]["rows_out"] == result.steps[name].rows_out
     saved = CurationResult.model_validate_json((run_dir / "curation_stats.json").read_text())
     assert saved == result
@@ -166,7 +174,7 @@ def test_flickr_result_does_not_depend_on_parallelism(
     tmp_path: Path,
 ) -> None:
     _, first = flickr_run
-    execution = ExecutionConfig(num_blocks=4, match_actors=2, batch_size=17, dedup_buckets=5)
+    execution = ExecutionConfig(batch_size=17, key_buckets=5, shard_rows_per_task=7)
     second = run_curation(_flickr_cfg(flickr_pool, execution), str(tmp_path), name="flickr")
     assert _dataset_uids(second.dataset_dir) == _dataset_uids(first.dataset_dir)
     a, b = read_manifest(first.dataset_dir), read_manifest(second.dataset_dir)
@@ -214,7 +222,7 @@ def test_laion_caption_only_and_resume(
     cfg.balance.t = 3  # what `--set balance.t=3` does
     changed = run_curation(cfg, str(run_dir), name="laion")
     reused = [n for n, s in changed.steps.items() if s.reused]
-    assert reused == ["read", "text", "text_dedup", "match", "counts"]
+    assert reused == ["read", "text", "text_dedup", "metaclip_match"]
     assert changed.kept_after_balance < first.kept_after_balance
     assert changed.samples_out == read_manifest(changed.dataset_dir).num_samples
     _check_accounting(changed)
@@ -297,38 +305,29 @@ def test_missing_input_path_is_named(ray_session: None, tmp_path: Path) -> None:
     assert not (tmp_path / "run" / "steps").exists()
 
 
-# --------------------------------------------------------------------------- retries
+# --------------------------------------------------------------------------- language stage
 
 
-def test_a_retried_write_task_rewrites_its_own_files(tmp_path: Path) -> None:
-    """Step outputs are named by write-task index: a retry replaces, never duplicates."""
-    from ray.data._internal.execution.interfaces import TaskContext
+def test_laion_english_example_drops_other_languages(
+    ray_session: None, shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """recipes/examples/laion_language_curate.yaml on 400 of the real multilingual alt-texts."""
+    from kiln.platform.recipes import load_recipe, resolve_paths
 
-    from kiln.data_curation.pipeline import _StepSink
-
-    table = pa.table(
-        {
-            "uid": ["a", "b", "c"],
-            "text": ["x", "y", "z"],
-            "url": ["u", "u", "u"],
-            "source": ["s"] * 3,
-            "source_row": [0, 1, 2],
-            "drop_reason": [None, "empty_text", None],
-        }
+    repo = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(repo)
+    recipe = resolve_paths(
+        load_recipe(
+            repo / "recipes" / "examples" / "laion_language_curate.yaml",
+            [
+                f"input.paths=[{shared_data / 'laion_alttext' / 'test_1000.parquet'}]",
+                "input.limit=400",
+            ],
+        )
     )
-    sink = _StepSink(
-        str(tmp_path / "data"), str(tmp_path / "rejects"), dedup_key="text", num_buckets=2
-    )
-    ctx = TaskContext(task_idx=7, op_name="Write")
-    first = sink.write([table], ctx)
-    names = sorted(p.name for p in (tmp_path / "data").iterdir())
-    second = sink.write([table], ctx)  # the same task, retried
-    assert (
-        first == second == {"rows_in": 3, "rows_out": 2, "dropped": {"empty_text": 1}, "matched": 0}
-    )
-    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == names
-    assert all(n.startswith("part-00007-") for n in names)
-    kept = pa.concat_tables([pq.read_table(tmp_path / "data" / n) for n in names])
-    assert sorted(kept.column("uid").to_pylist()) == ["a", "c"]
-    assert "drop_reason" not in kept.column_names and "_dedup_key" in kept.column_names
-    assert pq.read_table(tmp_path / "rejects" / "part-00007.parquet").num_rows == 1
+    cfg = CurationConfig.model_validate(recipe.model_dump(include=set(CurationConfig.model_fields)))
+    result = run_curation(cfg, str(tmp_path / "run"))
+    _check_accounting(result)
+    assert result.dropped_by_reason.get("language", 0) > 10
+    languages = result.steps["language"].extra["languages"]
+    assert list(languages) == ["en"] and languages["en"] == result.steps["language"].rows_out

@@ -10,18 +10,33 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from kiln.data_curation.matching import EntryMatcher, load_entries, naive_match, spacing
 from kiln.data_curation.stages import DROP_COLUMN, count_reasons, mark_dropped
-from kiln.data_curation.stages.metaclip import (
-    EntryMatcher,
-    balance_table,
-    count_entries,
+from kiln.data_curation.stages.metaclip_balance import (
+    balance_effect,
+    dense_counts,
+    entry_hashes,
     keep_probabilities,
-    load_entries,
-    match_table,
-    naive_match,
-    spacing,
+    merge_counts,
+    sparse_counts,
+    uid_hashes,
     uniform_draw,
+    uniform_draws,
 )
+from kiln.data_curation.stages.metaclip_balance import balance_table as _balance_table
+from kiln.data_curation.stages.metaclip_match import match_table
+
+ENTRIES = [f"entry{i}" for i in range(5)]
+
+
+def count_entries(table: pa.Table, num_entries: int) -> np.ndarray:
+    return dense_counts(sparse_counts(table), num_entries)
+
+
+def balance_table(table: pa.Table, counts: np.ndarray, t: int, seed: int) -> pa.Table:
+    """Balancing with entry strings `entry{i}` (draws are keyed by the string)."""
+    entries = [f"entry{i}" for i in range(len(counts))]
+    return _balance_table(table, keep_probabilities(counts, t), entry_hashes(entries), seed)
 
 
 def test_spacing_matches_reference_steps() -> None:
@@ -164,6 +179,7 @@ def test_match_table_and_counts() -> None:
     assert np.array_equal(sum(parts), counts)
     with pytest.raises(ValueError, match="out of range"):
         count_entries(out, 2)
+    assert sparse_counts(out).to_pydict() == {"entry_id": [0, 1, 2], "count": [2, 2, 1]}
 
 
 def test_keep_probabilities() -> None:
@@ -172,10 +188,90 @@ def test_keep_probabilities() -> None:
 
 
 def test_uniform_draw_is_pure_and_in_range() -> None:
-    assert uniform_draw(0, "u", 3) == uniform_draw(0, "u", 3)
-    values = {uniform_draw(0, "u", e) for e in range(100)}
+    assert uniform_draw(0, "u", "dog") == uniform_draw(0, "u", "dog")
+    values = {uniform_draw(0, "u", f"e{e}") for e in range(100)}
     assert len(values) == 100 and all(0.0 <= v < 1.0 for v in values)
-    assert uniform_draw(1, "u", 3) != uniform_draw(0, "u", 3)
+    assert uniform_draw(1, "u", "dog") != uniform_draw(0, "u", "dog")
+
+
+def test_vectorized_draws_equal_the_scalar_reference() -> None:
+    rng = random.Random(5)
+    uids = [f"{rng.getrandbits(128):032x}" for _ in range(300)] + ["", "ü-uid", "a b"]
+    entries = ["dog", "red circle", "", "日本", "3"]
+    uh = uid_hashes(uids, seed=9)
+    eh = entry_hashes(entries)
+    got = uniform_draws(np.repeat(uh, len(entries)), np.tile(eh, len(uids)))
+    want = [uniform_draw(9, u, e) for u in uids for e in entries]
+    assert got.tolist() == want
+    assert 0.45 < float(np.mean(got)) < 0.55
+
+
+def test_string_hash_on_slices_chunks_and_lists() -> None:
+    from kiln.data_curation.stages.metaclip_balance import fnv1a64, fnv1a64_strings
+
+    words = ["", "a", "dog", "ü", "a" * 300, "日本語"]
+    want = [fnv1a64(w.encode()) for w in words]
+    assert fnv1a64_strings(words).tolist() == want
+    arr = pa.array(["x", *words])
+    assert fnv1a64_strings(arr.slice(1)).tolist() == want
+    assert fnv1a64_strings(pa.chunked_array([words[:2], words[2:]])).tolist() == want
+    assert fnv1a64(b"") == 0xCBF29CE484222325 and fnv1a64(b"a") == 0xAF63DC4C8601EC8C
+
+
+def test_draws_are_keyed_by_entry_string_not_position() -> None:
+    """Inserting an entry in the file must not change the draws of the other entries."""
+    table, counts = _balance_fixture(2_000, seed=1)
+    before = _balance_table(table, keep_probabilities(counts, 50), entry_hashes(ENTRIES), 3)
+    # the same entries at new positions (a new entry inserted first): remap the ids
+    shifted = ["new entry", *ENTRIES]
+    ids = [[i + 1 for i in row] for row in table.column("entry_ids").to_pylist()]
+    table2 = table.set_column(1, "entry_ids", pa.array(ids, type=pa.list_(pa.int32())))
+    counts2 = np.concatenate([[0], counts])
+    after = _balance_table(table2, keep_probabilities(counts2, 50), entry_hashes(shifted), 3)
+    assert after.column(DROP_COLUMN).equals(before.column(DROP_COLUMN))
+
+
+def test_balancing_golden_kept_set() -> None:
+    """Pins the decisions for a fixed input and seed: a change here changes every dataset."""
+    import hashlib
+
+    table, counts = _balance_fixture(5_000, seed=2)
+    out = balance_table(table, counts, t=200, seed=0)
+    kept = sorted(
+        u
+        for u, r in zip(
+            out.column("uid").to_pylist(), out.column(DROP_COLUMN).to_pylist(), strict=True
+        )
+        if r is None
+    )
+    digest = hashlib.sha256("\n".join(kept).encode()).hexdigest()
+    assert (len(kept), digest[:16]) == GOLDEN_KEPT
+
+
+def test_vectorized_balance_equals_a_plain_loop() -> None:
+    """balance_table's numpy path against the definition, one uniform_draw per trial."""
+    table, counts = _balance_fixture(3_000, seed=6)
+    out = balance_table(table, counts, t=120, seed=4)
+    probs = keep_probabilities(counts, 120)
+    expected = []
+    for uid, ids in zip(
+        table.column("uid").to_pylist(), table.column("entry_ids").to_pylist(), strict=True
+    ):
+        if not ids:
+            expected.append("no_metadata_match")
+        elif any(uniform_draw(4, uid, f"entry{e}") < probs[e] for e in ids):
+            expected.append(None)
+        else:
+            expected.append("not_sampled")
+    assert out.column(DROP_COLUMN).to_pylist() == expected
+
+
+def test_sparse_counts_merge_in_any_order() -> None:
+    table, counts = _balance_fixture(1_000, seed=4)
+    parts = [sparse_counts(table.slice(i, 97)) for i in range(0, 1_000, 97)]
+    assert merge_counts(parts).equals(merge_counts(parts[::-1]))
+    assert dense_counts(merge_counts(parts), 5).tolist() == counts.tolist()
+    assert merge_counts([]).num_rows == 0
 
 
 def _balance_fixture(n: int, seed: int = 0) -> tuple[pa.Table, np.ndarray]:
@@ -260,7 +356,7 @@ def test_balance_respects_earlier_drops_and_checks_inputs() -> None:
     out = balance_table(table, np.array([1]), t=5, seed=0)
     assert out.column(DROP_COLUMN).to_pylist() == ["junk_text", None, "no_metadata_match"]
     assert count_reasons(out) == {"junk_text": 1, "no_metadata_match": 1}
-    with pytest.raises(ValueError, match="match_table"):
+    with pytest.raises(ValueError, match="metaclip_match"):
         balance_table(table.drop_columns(["entry_ids"]), np.array([1]), t=5, seed=0)
     with pytest.raises(ValueError, match="uid"):
         balance_table(table.drop_columns(["uid"]), np.array([1]), t=5, seed=0)
@@ -269,12 +365,12 @@ def test_balance_respects_earlier_drops_and_checks_inputs() -> None:
 
 
 def test_balance_effect_reports_head_counts_and_flattening() -> None:
-    import numpy as np
-
-    from kiln.data_curation.pipeline import _balance_effect
-
     before = np.array([100, 10, 0, 4, 10])
     after = np.array([20, 10, 0, 4, 10])
-    effect = _balance_effect(["a", "b", "c", "d", "e"], before, after, top=3)
+    effect = balance_effect(["a", "b", "c", "d", "e"], before, after, top=3)
     assert effect["top"] == [["a", 100, 20], ["b", 10, 10], ["e", 10, 10]]
     assert effect["max_over_median"] == [10.0, 2.0]  # median of matched entries is 10
+
+
+#: (number kept, sha256 prefix of the sorted kept uids) of `test_balancing_golden_kept_set`.
+GOLDEN_KEPT = (872, "54d9494fde0877d8")

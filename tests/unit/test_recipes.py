@@ -42,9 +42,12 @@ def test_example_recipes_load() -> None:
 
 
 def test_override_sets_typed_value() -> None:
-    recipe = load_recipe(REPO / "recipes/quickstart/curate.yaml", ["balance.t=50"])
+    recipe = load_recipe(REPO / "recipes/quickstart/curate.yaml", ["stages.metaclip_balance.t=50"])
     assert isinstance(recipe, CurateRecipe)
-    assert recipe.balance.t == 50
+    balance = next(s for s in recipe.plan() if s.name == "metaclip_balance")
+    assert balance.config.t == 50  # type: ignore[attr-defined]
+    recipe = load_recipe(REPO / "recipes/quickstart/curate.yaml", ["stages.0.min_chars=9"])
+    assert recipe.plan()[0].config.min_chars == 9  # type: ignore[union-attr]
     recipe = load_recipe(REPO / "recipes/quickstart/train.yaml", ["optim.betas=[0.8, 0.9]"])
     assert isinstance(recipe, TrainRecipe)
     assert recipe.optim.betas == (0.8, 0.9)
@@ -75,7 +78,7 @@ def test_wrong_type_names_field_value_and_fix() -> None:
 
 def test_missing_field_and_bad_kind() -> None:
     data = {k: v for k, v in CURATE.items() if k != "match"}
-    with pytest.raises(RecipeError, match="field 'match' is required"):
+    with pytest.raises(RecipeError, match=r"no stages: list and no match\.entries"):
         parse_recipe(data)
     with pytest.raises(RecipeError, match="did you mean 'train'"):
         parse_recipe({**CURATE, "kind": "trian"})
@@ -140,3 +143,63 @@ def test_resolve_paths_makes_local_paths_absolute_and_keeps_urls(
     assert resolved.run_dir == str(tmp_path / "runs/c")
     assert resolved.match.entries == str(tmp_path / "entries.txt")
     assert resolved.shard.output is None
+
+
+PLAN = {
+    **{k: v for k, v in CURATE.items() if k != "match"},
+    "stages": [
+        {"stage": "text", "min_chars": 3},
+        {"stage": "metaclip_match", "entries": "entries.txt"},
+        {"stage": "metaclip_balance", "t": 10},
+    ],
+}
+
+
+def test_plan_recipe_validates_each_stage() -> None:
+    recipe = parse_recipe(PLAN)
+    assert isinstance(recipe, CurateRecipe)
+    plan = recipe.plan()
+    assert [s.name for s in plan] == ["text", "metaclip_match", "metaclip_balance"]
+    assert plan[2].config.entries == "entries.txt"  # type: ignore[attr-defined]
+    with pytest.raises(
+        RecipeError, match=r"stages\[2\] \(metaclip_balance\): unknown field 'tt': did you mean 't'"
+    ):
+        parse_recipe(apply_overrides(PLAN, ["stages.metaclip_balance.tt=5"]))
+    with pytest.raises(
+        RecipeError, match=r"unknown stage 'metaclip_balanse': did you mean 'metaclip_balance'"
+    ):
+        parse_recipe({**PLAN, "stages": [*PLAN["stages"], {"stage": "metaclip_balanse"}]})
+    with pytest.raises(RecipeError, match="needs the column"):
+        parse_recipe({**PLAN, "stages": [{"stage": "image_dedup"}]})
+    with pytest.raises(RecipeError, match="already used"):
+        parse_recipe({**PLAN, "stages": [{"stage": "text"}, {"stage": "text"}]})
+    renamed = parse_recipe(
+        {**PLAN, "stages": [{"stage": "text"}, {"stage": "text", "name": "text2"}]}
+    )
+    assert [s.name for s in renamed.plan()] == ["text", "text2"]  # type: ignore[union-attr]
+
+
+def test_plan_and_old_sections_together_show_the_new_form() -> None:
+    with pytest.raises(RecipeError, match=r"both stages: and the section\(s\) balance.*stages: \["):
+        parse_recipe({**PLAN, "balance": {"t": 5}})
+
+
+def test_old_form_runs_the_default_metaclip_plan() -> None:
+    recipe = parse_recipe({**CURATE, "text": {"dedup": False}, "balance": {"t": 7}})
+    plan = recipe.plan()  # type: ignore[union-attr]
+    assert [s.name for s in plan] == [
+        "text", "metaclip_match", "metaclip_balance", "image", "image_dedup"
+    ]  # fmt: skip
+    assert plan[2].config.t == 7 and plan[2].config.entries == "entries.txt"  # type: ignore[attr-defined]
+
+
+def test_stage_paths_resolve_against_the_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kiln.platform.recipes import resolve_paths
+
+    monkeypatch.chdir(tmp_path)
+    recipe = resolve_paths(parse_recipe(PLAN))
+    assert recipe.stages[1]["entries"] == str(tmp_path / "entries.txt")  # type: ignore[union-attr]
+    with pytest.raises(RecipeError, match="no item 'nope'"):
+        apply_overrides(PLAN, ["stages.nope.t=1"])

@@ -16,14 +16,11 @@ from PIL import Image
 
 from kiln.contracts import read_manifest, sha256_hex
 from kiln.data_curation.config import ImageConfig, SyntheticPoolConfig, TextConfig
+from kiln.data_curation.matching import EntryMatcher, load_entries
 from kiln.data_curation.stages import count_reasons
 from kiln.data_curation.stages.image import apply_image_checks
-from kiln.data_curation.stages.metaclip import (
-    EntryMatcher,
-    count_entries,
-    load_entries,
-    match_table,
-)
+from kiln.data_curation.stages.metaclip_balance import dense_counts, sparse_counts
+from kiln.data_curation.stages.metaclip_match import match_table
 from kiln.data_curation.stages.text import apply_text_filters
 from kiln.data_curation.synthetic import (
     COLORS,
@@ -102,7 +99,7 @@ def test_long_tailed_concepts(pool: tuple[Path, dict], table: pa.Table) -> None:
     out, _ = pool
     entries = load_entries(str(out / "metadata.txt"))
     matched = match_table(table, EntryMatcher(entries))
-    entry_counts = count_entries(matched, len(entries))
+    entry_counts = dense_counts(sparse_counts(matched), len(entries))
     pairs = [entry_counts[entries.index(c)] for c in concept_names()]
     positive = [c for c in pairs if c > 0]
     assert max(positive) >= 100 * min(positive)

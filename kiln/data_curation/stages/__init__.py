@@ -1,8 +1,8 @@
-"""The stage contract: pure functions over an Arrow table that mark rows, never remove them.
+"""Curation stages (one module each) and the row helpers every stage uses to mark drops.
 
-Every curation stage is a typed config plus a pure function `table -> table`. A stage that
+The stage contract itself is `kiln.data_curation.stage`. A stage that
 rejects a row writes the reason into the `drop_reason` column (string, null = kept) instead of
-filtering it out, so the pipeline runner can count every drop by reason and write the rejects
+filtering it out, so the runner can count every drop by reason and write the rejects
 table: no row is ever silently lost. A row keeps the *first* reason it was given, and later
 stages skip rows that are already dropped (`alive_mask`). The helpers here are the only code
 that reads or writes that column, so every stage follows the same rules.
@@ -13,8 +13,6 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from kiln.contracts import DROP_REASONS
 
 __all__ = [
     "DROP_COLUMN",
@@ -70,12 +68,16 @@ def mark_dropped(table: pa.Table, mask: np.ndarray, reason: str) -> pa.Table:
     """Set `drop_reason = reason` where `mask` is True and the row is not already dropped.
 
     A row keeps its first reason, so the order of stages decides what a rejected row is
-    reported as. `reason` must be one of `kiln.contracts.DROP_REASONS`.
+    reported as. `reason` must be registered (a stage's `drop_reasons`, or
+    `kiln.contracts.register_drop_reason`).
     """
-    if reason not in DROP_REASONS:
+    from kiln.data_curation.stage import known_drop_reasons
+
+    known = known_drop_reasons()
+    if reason not in known:
         raise ValueError(
-            f"unknown drop reason {reason!r}: use one of {', '.join(DROP_REASONS)} "
-            "(add new reasons to kiln.contracts.DROP_REASONS)"
+            f"unknown drop reason {reason!r}: register it first (list it in the stage's "
+            f"drop_reasons); registered: {', '.join(known)}"
         )
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != (table.num_rows,):

@@ -21,15 +21,38 @@ import hashlib
 import io
 import warnings
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageOps
+from pydantic import Field
 
-from kiln.data_curation.config import ImageConfig
+from kiln.contracts import StrictModel
+from kiln.data_curation.stage import MapStage, register
 from kiln.data_curation.stages import alive_mask, mark_dropped, replace_column
 
-__all__ = ["DecodedImage", "apply_image_checks", "decode_rgb", "pixel_sha256"]
+__all__ = [
+    "DecodedImage",
+    "ImageConfig",
+    "ImageStage",
+    "apply_image_checks",
+    "decode_rgb",
+    "pixel_sha256",
+]
+
+
+class ImageConfig(StrictModel):
+    """Image decode check, size filters, re-encoding for shards."""
+
+    required: bool = Field(default=True, description="drop rows with no image bytes")
+    min_size: int = Field(default=16, ge=1, description="minimum of width and height, pixels")
+    max_aspect_ratio: float = Field(default=3.0, ge=1.0)
+    max_size: int | None = Field(
+        default=None, ge=16, description="resize so the longer side is at most this (None: keep)"
+    )
+    jpeg_quality: int = Field(default=90, ge=1, le=100)
+
 
 _WHITE = (255, 255, 255)
 
@@ -168,3 +191,25 @@ def _int_column(table: pa.Table, name: str) -> list[int | None]:
     if name not in table.column_names:
         return [None] * table.num_rows
     return [v if isinstance(v, int) else None for v in table.column(name).to_pylist()]
+
+
+class ImageStage(MapStage[ImageConfig]):
+    """Decode check, size and aspect filters, RGB JPEG re-encoding and the pixel hash."""
+
+    name = "image"
+    config = ImageConfig
+    summary = "decode, size/aspect filters, RGB JPEG re-encode, pixel sha256"
+    adds = ("image", "width", "height", "image_sha256")
+    images = True
+    drop_reasons: ClassVar[dict[str, str]] = {
+        "missing_image": "no image bytes (image.required is on)",
+        "bad_image": "the bytes do not decode as an image (or exceed MAX_IMAGE_PIXELS)",
+        "image_too_small": "shorter side under image.min_size",
+        "bad_aspect_ratio": "longer over shorter side above image.max_aspect_ratio",
+    }
+
+    def apply(self, table: pa.Table, cfg: ImageConfig, ctx: Any) -> pa.Table:
+        return apply_image_checks(table, cfg)
+
+
+register(ImageStage())

@@ -14,21 +14,45 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
+from pydantic import Field
 
-from kiln.contracts import make_uid
-from kiln.data_curation.config import TextConfig
+from kiln.contracts import StrictModel, make_uid
+from kiln.data_curation.stage import MapStage, register
 from kiln.data_curation.stages import alive_mask, mark_dropped, replace_column
 
 __all__ = [
     "BOILERPLATE_PHRASES",
+    "TextConfig",
+    "TextStage",
     "apply_text_filters",
     "is_junk",
     "normalize_text",
     "text_dedup_key",
 ]
+
+
+class TextConfig(StrictModel):
+    """Caption normalization and filters.
+
+    `normalize: true` (default) stores the caption NFC-normalized with every whitespace run
+    (Unicode spaces included) collapsed to one ASCII space, and that is what later stages,
+    MetaCLIP matching included, see. `normalize: false` keeps the raw caption, which is what
+    MetaCLIP's reference code matches against; the filters judge the normalized form either
+    way.
+    """
+
+    normalize: bool = Field(default=True, description="Unicode NFC, strip, collapse whitespace")
+    min_chars: int = Field(default=2, ge=0)
+    max_chars: int = Field(default=1000, ge=1)
+    min_words: int = Field(default=1, ge=0)
+    drop_junk: bool = Field(
+        default=True, description="drop filename-like and boilerplate alt-texts ('IMG_2041.jpg')"
+    )
+
 
 _WHITESPACE = re.compile(r"\s+")
 
@@ -165,11 +189,7 @@ def apply_text_filters(table: pa.Table, cfg: TextConfig) -> pa.Table:
 
 
 def text_dedup_key(table: pa.Table) -> pa.Array:
-    """Per-row key `make_uid(url, text)` for exact (url, text) dedup; url may be absent.
-
-    The runner drops every row but the one with the smallest uid per key
-    (`duplicate_text`), which does not depend on block order.
-    """
+    """Per-row key `make_uid(url, text)` for exact (url, text) dedup; url may be absent."""
     texts = _text_column(table)
     urls = table.column("url").to_pylist() if "url" in table.column_names else [None] * len(texts)
     keys = [
@@ -177,3 +197,23 @@ def text_dedup_key(table: pa.Table) -> pa.Array:
         for u, t in zip(urls, texts, strict=True)
     ]
     return pa.array(keys, type=pa.string())
+
+
+class TextStage(MapStage[TextConfig]):
+    """Caption normalization, length filters and junk alt-text detection."""
+
+    name = "text"
+    config = TextConfig
+    summary = "normalize captions; drop empty, too short/long and junk alt-texts"
+    drop_reasons: ClassVar[dict[str, str]] = {
+        "empty_text": "no caption (null, not a string, or blank)",
+        "text_too_short": "caption shorter than text.min_chars / min_words",
+        "text_too_long": "caption longer than text.max_chars",
+        "junk_text": "file name, camera id, URL, id or boilerplate instead of a caption",
+    }
+
+    def apply(self, table: pa.Table, cfg: TextConfig, ctx: Any) -> pa.Table:
+        return apply_text_filters(table, cfg)
+
+
+register(TextStage())

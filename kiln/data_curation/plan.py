@@ -1,0 +1,120 @@
+"""The plan: a recipe's `stages:` list, validated into steps the runner executes in order.
+
+Each item names a registered stage (`stage:`), optionally its step name (`name:`, default:
+the stage name, unique in the plan: it names `steps/{name}/` and `rejects/{name}/`, so
+inserting a stage never renames the others) and `resources:`; every other key is the
+stage's own config. Checks made here, before anything runs: the stage exists, its config
+validates (errors name the item, the field and the fix), step names are unique, and every
+column a stage needs is added by an earlier stage or the reader.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from kiln.data_curation.stage import Stage, StageResources, get_stage
+
+__all__ = ["READER_COLUMNS", "PlanStep", "build_plan", "step_names"]
+
+#: Columns every reader produces (the sample schema plus `source_row`).
+READER_COLUMNS = ("uid", "text", "url", "image", "width", "height", "source", "source_row")
+_SPEC_KEYS = ("stage", "name", "resources")
+
+
+@dataclass(frozen=True)
+class PlanStep:
+    """One step of the plan: a stage, its validated config, resources and step name."""
+
+    name: str
+    stage: Stage[Any]
+    config: BaseModel
+    resources: StageResources
+
+    def config_json(self) -> dict[str, Any]:
+        """The config as JSON values (what fingerprints and recorded recipes hold)."""
+        return dict(self.config.model_dump(mode="json"))
+
+    def spec(self) -> dict[str, Any]:
+        """This step as a `stages:` item."""
+        out: dict[str, Any] = {"stage": self.stage.name}
+        if self.name != self.stage.name:
+            out["name"] = self.name
+        return {**out, **self.config_json()}
+
+
+def _describe(where: str, error: Any, model: type[BaseModel]) -> str:
+    loc = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        valid = [*model.model_fields, *_SPEC_KEYS]
+        close = difflib.get_close_matches(str(error["loc"][-1]), valid, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}?" if close else f"valid fields: {', '.join(valid)}"
+        return f"{where}: unknown field {loc!r}: {hint}"
+    if error["type"] == "missing":
+        return f"{where}: field {loc!r} is required: add it to the stage's entry"
+    value = json.dumps(error.get("input"), default=str)
+    if len(value) > 60:
+        value = value[:57] + "..."
+    return f"{where}: field {loc!r} = {value} is invalid: {error['msg']}"
+
+
+def _validate(model: type[BaseModel], data: dict[str, Any], where: str) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ValueError("; ".join(_describe(where, err, model) for err in e.errors())) from None
+
+
+def build_plan(specs: list[dict[str, Any]]) -> list[PlanStep]:
+    """Validate a `stages:` list into `PlanStep`s (see module doc); ValueError on any mistake."""
+    steps: list[PlanStep] = []  # an empty plan converts the pool to shards as it is
+    earlier: list[tuple[str, Any]] = []
+    columns = set(READER_COLUMNS)
+    for i, raw in enumerate(specs):
+        where = f"stages[{i}]"
+        if not isinstance(raw, dict) or not isinstance(raw.get("stage"), str):
+            raise ValueError(
+                f"{where} = {raw!r}: each stage is a mapping with a 'stage' key, e.g. "
+                "{stage: text, min_chars: 3}"
+            )
+        try:
+            stage = get_stage(raw["stage"])
+        except KeyError as e:
+            raise ValueError(f"{where}: {e.args[0]}") from None
+        where = f"stages[{i}] ({stage.name})"
+        name = raw.get("name") or stage.name
+        if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"{where}: name {name!r} must be a plain word (it names a folder)")
+        if name in ("read", "shard") or any(s.name == name for s in steps):
+            raise ValueError(
+                f"{where}: step name {name!r} is already used: give this stage its own "
+                "name: (step names must be unique and not 'read' or 'shard')"
+            )
+        resources = (
+            _validate(StageResources, raw["resources"], f"{where} resources")
+            if raw.get("resources") is not None
+            else stage.resources
+        )
+        body = {k: v for k, v in raw.items() if k not in _SPEC_KEYS}
+        config = _validate(stage.config, body, where)
+        config = stage.link(config, earlier)
+        missing = [c for c in stage.needs if c not in columns]
+        if missing:
+            raise ValueError(
+                f"{where} needs the column(s) {', '.join(missing)}, which no earlier stage "
+                "adds: move it after the stage that does (e.g. metaclip_balance after "
+                "metaclip_match, image_dedup after image)"
+            )
+        columns.update(stage.adds)
+        earlier.append((stage.name, config))
+        steps.append(PlanStep(name=name, stage=stage, config=config, resources=resources))
+    return steps
+
+
+def step_names(plan: list[PlanStep]) -> list[str]:
+    """Every step the runner materializes, in order: read, the plan's steps, shard."""
+    return ["read", *(s.name for s in plan), "shard"]
