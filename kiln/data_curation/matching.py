@@ -231,51 +231,53 @@ _BYTE_CLASS[[ord(c) for c in (" ", *_CHARS_TO_SPACE)]] = _SEPARATOR
 _BYTE_CLASS[[ord(c) for c in _PUNCTS_TO_WRAP]] = _PUNCT
 
 
-def _tokenize(texts: pa.Array) -> tuple[pa.Array, np.ndarray]:
+def _tokenize(texts: pa.Array) -> tuple[pa.Array, np.ndarray, np.ndarray]:
     """The tokens `spacing(t)[1:-1].split(" ")` of every row as one binary array, each row
-    followed by one extra empty "sentinel" slot, and the row of every slot (int32).
+    followed by one extra empty "sentinel" slot; the row of every slot (int32); the
+    positions of the sentinels.
 
     Works on the UTF-8 bytes (ASCII bytes never occur inside a multi-byte character). In
-    the caption `t`, a space, tab, newline or CR at byte i is a separator covering [i, i+1);
-    a punctuation mark at i gets zero-width separators at i and i+1 (the spaces `spacing()`
-    adds). Tokens are the gaps between consecutive separators; every byte that is not a
-    separator is in exactly one token, so the tokens are contiguous in the caption bytes with
-    the separators removed.
+    the caption `t`, a space, tab, newline or CR is a separator that `split` removes; a
+    punctuation mark gets a (zero-width) separator on each side, the spaces `spacing()` adds.
+    Every byte that is not a separator is in exactly one token, so with the separator bytes
+    removed the tokens lie back to back, and each separator is one boundary between two
+    tokens: the tokens' offsets are the rows' starts and ends plus those boundaries.
     """
     rows = len(texts)
     offsets, data = _binary_buffers(texts)
-
-    byte_class = _BYTE_CLASS[data]
-    special = np.flatnonzero(byte_class)
-    is_punct = byte_class[special] == _PUNCT
-    # separators: a space at i -> (i, i+1); a punctuation mark at i -> (i, i) and (i+1, i+1)
+    # separators and punctuation are all < 0x40 or the backquote: classify only those bytes
+    maybe = np.flatnonzero((data < 0x40) | (data == 0x60))
+    byte_class = np.take(_BYTE_CLASS, data[maybe])
+    special = maybe[byte_class != 0]
+    is_punct = byte_class[byte_class != 0] == _PUNCT
+    # position after removing the separator bytes, of every special byte and row start
+    removed_before = np.zeros(special.size + 1, dtype=np.int64)
+    np.cumsum(~is_punct, out=removed_before[1:])
+    special_at = special - removed_before[:-1]
+    # boundaries: a space at i -> one at i; a punctuation mark at i -> at i and at i + 1
     per_special = 1 + is_punct.astype(np.int64)
-    sep_start = np.repeat(special, per_special)
-    sep_end = sep_start + 1
-    first = (np.cumsum(per_special) - per_special)[is_punct]
-    sep_end[first] = sep_start[first]
-    sep_start[first + 1] += 1
-    seps_before = np.concatenate(([0], np.cumsum(per_special)))
-    seps_per_row = np.diff(seps_before[np.searchsorted(special, offsets)])
-    sep_row = np.repeat(np.arange(rows, dtype=np.int64), seps_per_row)
+    boundary = np.repeat(special_at, per_special)
+    first_of = np.cumsum(per_special) - per_special
+    boundary[first_of[is_punct] + 1] += 1
+    boundaries_before = np.zeros(special.size + 1, dtype=np.int64)
+    np.cumsum(per_special, out=boundaries_before[1:])
+    specials_before_row = np.searchsorted(special, offsets)
+    row_at = offsets - removed_before[specials_before_row]
+    boundaries_per_row = np.diff(boundaries_before[specials_before_row])
 
-    # slots per row: its tokens (separators + 1) then the sentinel
-    slots_per_row = seps_per_row + 2
-    row_first_slot = np.cumsum(slots_per_row) - slots_per_row
+    # slots of row r: its boundaries + 1 tokens, then the sentinel (empty, at the row's end)
+    slots_per_row = boundaries_per_row + 2
     num_slots = int(slots_per_row.sum())
-    starts = np.empty(num_slots, dtype=np.int64)
-    ends = np.empty(num_slots, dtype=np.int64)
-    sep_index = np.arange(sep_start.size) + 2 * sep_row
-    starts[row_first_slot] = offsets[:-1]
-    ends[sep_index] = sep_start
-    starts[sep_index + 1] = sep_end
-    last = row_first_slot + seps_per_row
-    ends[last] = offsets[1:]
-    starts[last + 1] = ends[last + 1] = offsets[1:]
+    first_slot = np.cumsum(slots_per_row) - slots_per_row
+    token_offsets = np.empty(num_slots + 1, dtype=np.int64)
+    token_offsets[first_slot] = row_at[:-1]
+    row_of_boundary = np.repeat(np.arange(rows, dtype=np.int64), boundaries_per_row)
+    token_offsets[np.arange(boundary.size) + 2 * row_of_boundary + 1] = boundary
+    sentinels = first_slot + boundaries_per_row + 1
+    token_offsets[sentinels] = row_at[1:]
+    token_offsets[num_slots] = row_at[-1]
 
-    token_bytes = data[byte_class != _SEPARATOR]
-    token_offsets = np.zeros(num_slots + 1, dtype=np.int64)
-    np.cumsum(ends - starts, out=token_offsets[1:])
+    token_bytes = np.delete(data, special[~is_punct])
     if token_bytes.size < 2**31:
         kind, token_offsets = pa.binary(), token_offsets.astype(np.int32)
     else:
@@ -284,7 +286,7 @@ def _tokenize(texts: pa.Array) -> tuple[pa.Array, np.ndarray]:
         kind, num_slots, [None, pa.py_buffer(token_offsets), pa.py_buffer(token_bytes)]
     )
     slot_row = np.repeat(np.arange(rows, dtype=np.int32), slots_per_row)
-    return tokens, slot_row
+    return tokens, slot_row, sentinels
 
 
 def _sorted_groups(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -449,6 +451,10 @@ class EntryMatcher:
             end_node[alive] = node
         self._terminal = np.full(next_node, -1, dtype=np.int64)
         self._terminal[end_node] = np.arange(num_keys)
+        # tokens that occur after the first token of some entry
+        self._can_follow = np.zeros(max(1, num_tokens), dtype=bool)
+        not_first = np.repeat(starts, lengths) != np.arange(token_ids.size)
+        self._can_follow[token_ids[not_first]] = True
         self._has_child = np.zeros(next_node, dtype=bool)
         keys = np.concatenate(edge_keys) if edge_keys else np.zeros(0, np.int64)
         self._has_child[keys // max(1, num_tokens)] = True
@@ -516,40 +522,47 @@ class EntryMatcher:
     def _match_array(self, texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         """(matches per row, their ids) for one slice of string / binary captions."""
         rows = len(texts)
-        tokens, slot_row = _tokenize(texts)
+        tokens, slot_row, sentinels = _tokenize(texts)
         if not self._key_first_id.size or rows == 0:
             return np.zeros(rows, dtype=np.int64), np.zeros(0, dtype=np.int32)
         encoded = pc.dictionary_encode(tokens)
-        vocab_ids = self._vocab.lookup(encoded.dictionary)
-        token_ids = vocab_ids[encoded.indices.to_numpy(zero_copy_only=False)]
-        # the slot after each row's last token is a sentinel: no n-gram runs across it
-        ends = np.flatnonzero(np.diff(slot_row, append=rows))
-        token_ids[ends] = -1
+        # per distinct token of the batch (plus one last value for the sentinels): its token
+        # id, the entry it ends (a one-token entry), whether an entry goes on after it, and
+        # whether it occurs after the first token of some entry; gathered per slot from these
+        # small arrays rather than from the large per-node ones
+        distinct = np.append(self._vocab.lookup(encoded.dictionary), -1)
+        known = distinct >= 0
+        ends_key = np.where(known, self._terminal[distinct], -1)
+        goes_on = known & self._has_child[distinct]
+        follows = known & self._can_follow[distinct]
+        slot = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int32)
+        slot[sentinels] = distinct.size - 1  # no n-gram runs across a row's end
 
-        found_pos: list[np.ndarray] = []
-        found_keys: list[np.ndarray] = []
-        pos = np.flatnonzero(token_ids >= 0)
-        node = token_ids[pos]
+        # one-token entries; then the trie, one token further per round, from the positions
+        # whose n-gram so far is a proper prefix of some entry
+        key = ends_key[slot]
+        pos = np.flatnonzero(key >= 0)
+        found_pos: list[np.ndarray] = [pos]
+        found_keys: list[np.ndarray] = [key[pos]]
+        pos = np.flatnonzero(goes_on[slot[:-1]] & follows[slot[1:]])
+        node = distinct[slot[pos]]
         size = 1
-        while pos.size:
+        while pos.size and size < self._max_len:
+            next_slot = slot[pos + size]  # in range: the row's sentinel comes first
+            if size > 1:  # (the first round was filtered above)
+                go_on = follows[next_slot]
+                pos, node, next_slot = pos[go_on], node[go_on], next_slot[go_on]
+            child = self._edges.get(node * self._num_tokens + distinct[next_slot])
+            go_on = child >= 0
+            pos, node = pos[go_on], child[go_on]
+            size += 1
             keys = self._terminal[node]
             hit = keys >= 0
             found_pos.append(pos[hit])
             found_keys.append(keys[hit])
-            if size == self._max_len:
-                break
             go_on = self._has_child[node]
             pos, node = pos[go_on], node[go_on]
-            token = token_ids[pos + size]  # in range: the row's sentinel comes first
-            go_on = token >= 0
-            pos, node, token = pos[go_on], node[go_on], token[go_on]
-            child = self._edges.get(node * self._num_tokens + token)
-            go_on = child >= 0
-            pos, node = pos[go_on], child[go_on]
-            size += 1
 
-        if not found_pos:
-            return np.zeros(rows, dtype=np.int64), np.zeros(0, dtype=np.int32)
         num_keys = self._key_first_id.size
         hit_row = slot_row[np.concatenate(found_pos)].astype(np.int64)
         if texts.null_count:  # a null row has no caption, whatever bytes back it

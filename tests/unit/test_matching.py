@@ -206,3 +206,10 @@ def test_flagged_entries_never_match_normalized_captions(seed: int) -> None:
     seen = {i for ids in matcher.match_many(captions) for i in ids}
     assert flagged and seen  # both sides are exercised
     assert not seen & flagged
+
+
+def test_byte_classes_are_where_the_tokenizer_looks() -> None:
+    """The tokenizer only classifies bytes < 0x40 and the backquote."""
+    from kiln.data_curation.matching import _BYTE_CLASS
+
+    assert all(b < 0x40 or b == 0x60 for b in range(256) if _BYTE_CLASS[b])
