@@ -339,24 +339,31 @@ class _IntMap:
             pending, slots = pending[lost], slots[lost]
             moved = self._keys[slots] != -1  # occupied now: probe the next slot
             slots = np.where(moved, (slots + 1) & self._mask, slots)
+        stored = np.flatnonzero(self._keys != -1)
+        distance = (stored - self._slots(self._keys[stored])) & self._mask
+        self._max_probe = int(distance.max()) if distance.size else 0
 
     def _slots(self, keys: np.ndarray) -> np.ndarray:
         hashed = keys.astype(np.uint64) * self._MULT
         return (hashed >> self._shift).astype(np.int64)
 
     def get(self, queries: np.ndarray) -> np.ndarray:
-        """Values of `queries` (int64), -1 where a query is not a key."""
-        result = np.full(queries.size, -1, dtype=np.int64)
+        """Values of `queries` (int64), -1 where a query is not a key.
+
+        One gather at the home slot answers most queries; the others look at the whole
+        probe window at once (no key sits further than `_max_probe` from its home slot), so
+        a lookup is two vectorized rounds whatever the clustering."""
         slots = self._slots(queries)
-        idx = np.arange(queries.size)
-        pending = queries
-        while idx.size:
-            stored = self._keys.take(slots)
-            hit = stored == pending
-            result[idx[hit]] = self._values.take(slots[hit])
-            go_on = (stored != -1) & ~hit
-            idx, pending = idx[go_on], pending[go_on]
-            slots = (slots[go_on] + 1) & self._mask
+        stored = self._keys.take(slots)
+        here = stored == queries
+        result = np.where(here, self._values.take(slots), -1)
+        rest = np.flatnonzero(~here & (stored != -1))
+        if rest.size and self._max_probe:
+            window = slots[rest, None] + np.arange(1, self._max_probe + 1)
+            match = self._keys.take(window, mode="wrap") == queries[rest, None]
+            found = np.flatnonzero(match.any(axis=1))
+            at = window[found, match[found].argmax(axis=1)]
+            result[rest[found]] = self._values.take(at, mode="wrap")
         return result
 
 
@@ -367,6 +374,7 @@ class _Vocabulary:
 
     def __init__(self, tokens: pa.Array) -> None:
         self._offsets, self._data = _binary_buffers(tokens)
+        self._lengths = np.diff(self._offsets)
         hashes = _hash_strings(self._offsets, self._data)
         self._exact: dict[bytes, int] | None = None
         if _first_occurrences(hashes).size < hashes.size:  # two tokens share a hash: use a dict
@@ -382,7 +390,7 @@ class _Vocabulary:
         ids = self._table.get(_hash_strings(offsets, data))
         lengths = np.diff(offsets)
         known = np.flatnonzero(ids >= 0)
-        same_length = np.diff(self._offsets)[ids[known]] == lengths[known]
+        same_length = self._lengths[ids[known]] == lengths[known]
         known = known[same_length]
         size = lengths[known]
         which = np.repeat(np.arange(known.size), size)

@@ -213,3 +213,43 @@ def test_byte_classes_are_where_the_tokenizer_looks() -> None:
     from kiln.data_curation.matching import _BYTE_CLASS
 
     assert all(b < 0x40 or b == 0x60 for b in range(256) if _BYTE_CLASS[b])
+
+
+def test_int_map_finds_every_key_and_no_other() -> None:
+    import numpy as np
+
+    from kiln.data_curation.matching import _IntMap
+
+    rng = np.random.default_rng(5)
+    keys = np.unique(rng.integers(0, 2**40, 20_000))
+    table = _IntMap(keys, keys * 3)
+    absent = rng.integers(0, 2**40, 20_000)
+    absent = absent[~np.isin(absent, keys)]
+    queries = np.concatenate([keys, absent, keys[:10]])
+    expected = np.concatenate([keys * 3, np.full(absent.size, -1), keys[:10] * 3])
+    assert (table.get(queries) == expected).all()
+    assert table.get(np.zeros(0, np.int64)).size == 0
+    assert (_IntMap(np.zeros(0, np.int64), np.zeros(0, np.int64)).get(keys) == -1).all()
+
+
+def test_token_lookup_is_exact_whatever_the_hashes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hashes only propose a token: a caption token with the hash of an entry token but other
+    bytes is not taken for it, and entry tokens that share a hash still work."""
+    import numpy as np
+
+    import kiln.data_curation.matching as matching
+
+    by_length = lambda offsets, data: np.diff(offsets).astype(np.int64)  # noqa: E731
+    monkeypatch.setattr(matching, "_hash_strings", by_length)
+    entries = ["a", "bb", "ccc dddd"]  # tokens of distinct lengths: no shared hash
+    texts = ["x bb", "xx", "ccc dddd", "ccc xxxx", "a b c"]
+    expected = [naive_match(t, entries) for t in texts]
+    assert expected == [[1], [], [2], [], [0]]
+    matcher = EntryMatcher(entries)
+    assert matcher._vocab._exact is None  # the hash + byte check path
+    assert matcher.match_many(texts) == expected
+    shared = ["ab", "cd", "ab cd", "e"]  # "ab" and "cd" share a hash: exact fallback
+    texts = ["ab", "cd ab cd", "xy", "e f"]
+    matcher = EntryMatcher(shared)
+    assert matcher._vocab._exact is not None
+    assert matcher.match_many(texts) == [naive_match(t, shared) for t in texts]
