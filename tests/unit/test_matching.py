@@ -253,3 +253,9 @@ def test_token_lookup_is_exact_whatever_the_hashes(monkeypatch: pytest.MonkeyPat
     matcher = EntryMatcher(shared)
     assert matcher._vocab._exact is not None
     assert matcher.match_many(texts) == [naive_match(t, shared) for t in texts]
+
+
+def test_bytes_and_other_objects_are_not_captions() -> None:
+    matcher = EntryMatcher(["x", "1.5"])
+    assert matcher.match_many([b"x", 1.5, "x", "1 . 5"]) == [[], [], [0], []]  # type: ignore[list-item]
+    assert matcher.match_arrow(pa.array([b"x"])).to_pylist() == [[]]
