@@ -371,6 +371,14 @@ def build_metadata(
     source at all, both are "auto" and must be installed (the error says how).
     """
     caps = caps or MetadataCaps()
+    for name, value in asdict(caps).items():
+        if value < 0:
+            raise ValueError(f"--max-{name} is {value}: a cap must be 0 or more")
+    if min_unigram_count < 1 or bigram_min_count < 1:
+        raise ValueError(
+            f"--min-unigram-count ({min_unigram_count}) and --bigram-min-count "
+            f"({bigram_min_count}) must be at least 1"
+        )
     if wordnet is None and wordfreq is None and bigram_corpus is None and titles is None:
         wordnet = wordfreq = "auto"
         if default_wordnet_dir() is None or default_wordfreq_file() is None:

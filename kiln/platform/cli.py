@@ -115,10 +115,20 @@ def _add_metadata(sub: Any) -> None:
         ("titles", 61_235),
         ("total", 500_000),
     ):
-        b.add_argument(f"--max-{name}", type=int, default=default, metavar="N")
-    b.add_argument("--min-unigram-count", type=int, default=100, metavar="N")
-    b.add_argument("--bigram-min-count", type=int, default=5, metavar="N")
-    b.add_argument("--bigram-min-pmi", type=float, default=0.0, metavar="X")
+        b.add_argument(
+            f"--max-{name}",
+            type=int,
+            default=default,
+            metavar="N",
+            help=f"cap on {name} entries (default: MetaCLIP's {default:,})",
+        )
+    b.add_argument("--min-unigram-count", type=int, default=100, metavar="N", help="default: 100")
+    b.add_argument(
+        "--bigram-min-count", type=int, default=5, metavar="N", help="default: 5 occurrences"
+    )
+    b.add_argument(
+        "--bigram-min-pmi", type=float, default=0.0, metavar="X", help="natural log; default 0"
+    )
     b.add_argument(
         "--wordnet-all-lemmas",
         action="store_true",

@@ -158,6 +158,8 @@ def test_missing_and_bad_inputs_name_the_file_and_fix(tmp_path: Path) -> None:
     pq.write_table(pa.table({"text": ["a b"]}), corpus)
     with pytest.raises(ValueError, match=r"no column 'caption' \(columns: \['text'\]\)"):
         build_metadata(out, bigram_corpus=corpus, bigram_column="caption")
+    with pytest.raises(ValueError, match="--max-total is -1"):
+        build_metadata(out, wordfreq=_wordfreq(tmp_path), caps=MetadataCaps(total=-1))
     with pytest.raises(ValueError, match="go together"):
         build_metadata(out, bigram_corpus=corpus)
     with pytest.raises(FileNotFoundError, match="output folder"):
