@@ -457,17 +457,25 @@ class EntryMatcher:
             edge_children.append(np.arange(distinct.size, dtype=np.int64) + next_node)
             next_node += distinct.size
             end_node[alive] = node
-        self._terminal = np.full(next_node, -1, dtype=np.int64)
-        self._terminal[end_node] = np.arange(num_keys)
+        terminal = np.full(next_node, -1, dtype=np.int64)
+        terminal[end_node] = np.arange(num_keys)
+        has_child = np.zeros(next_node, dtype=bool)
+        keys = np.concatenate(edge_keys) if edge_keys else np.zeros(0, np.int64)
+        has_child[keys // max(1, num_tokens)] = True
+        # one-token prefixes are looked up per batch token; an edge's value packs what the
+        # walk needs of its child: (entry key + 1, has a child, node id), so no per-node
+        # arrays are gathered at random during the walk
+        self._terminal, self._has_child = terminal[:num_tokens], has_child[:num_tokens]
+        self._node_bits = max(1, next_node.bit_length())
+        children = np.concatenate(edge_children) if edge_children else np.zeros(0, np.int64)
+        packed = (terminal[children] + 1) << np.int64(self._node_bits + 1)
+        packed |= has_child[children].astype(np.int64) << np.int64(self._node_bits)
+        packed |= children
+        self._edges = _IntMap(keys, packed)
         # tokens that occur after the first token of some entry
         self._can_follow = np.zeros(max(1, num_tokens), dtype=bool)
         not_first = np.repeat(starts, lengths) != np.arange(token_ids.size)
         self._can_follow[token_ids[not_first]] = True
-        self._has_child = np.zeros(next_node, dtype=bool)
-        keys = np.concatenate(edge_keys) if edge_keys else np.zeros(0, np.int64)
-        self._has_child[keys // max(1, num_tokens)] = True
-        children = np.concatenate(edge_children) if edge_children else np.zeros(0, np.int64)
-        self._edges = _IntMap(keys, children)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -554,22 +562,25 @@ class EntryMatcher:
         found_keys: list[np.ndarray] = [key[pos]]
         pos = np.flatnonzero(goes_on[slot[:-1]] & follows[slot[1:]])
         node = distinct[slot[pos]]
+        node_bits_1 = np.int64(self._node_bits + 1)
+        child_bit = np.int64(1 << self._node_bits)
+        node_mask = np.int64((1 << self._node_bits) - 1)
         size = 1
         while pos.size and size < self._max_len:
             next_slot = slot[pos + size]  # in range: the row's sentinel comes first
             if size > 1:  # (the first round was filtered above)
                 go_on = follows[next_slot]
                 pos, node, next_slot = pos[go_on], node[go_on], next_slot[go_on]
-            child = self._edges.get(node * self._num_tokens + distinct[next_slot])
-            go_on = child >= 0
-            pos, node = pos[go_on], child[go_on]
+            packed = self._edges.get(node * self._num_tokens + distinct[next_slot])
+            go_on = packed >= 0
+            pos, packed = pos[go_on], packed[go_on]
             size += 1
-            keys = self._terminal[node]
+            keys = (packed >> node_bits_1) - 1
             hit = keys >= 0
             found_pos.append(pos[hit])
             found_keys.append(keys[hit])
-            go_on = self._has_child[node]
-            pos, node = pos[go_on], node[go_on]
+            go_on = (packed & child_bit) != 0
+            pos, node = pos[go_on], packed[go_on] & node_mask
 
         num_keys = self._key_first_id.size
         hit_row = slot_row[np.concatenate(found_pos)].astype(np.int64)
