@@ -232,16 +232,16 @@ _BYTE_CLASS[[ord(c) for c in _PUNCTS_TO_WRAP]] = _PUNCT
 
 
 def _tokenize(texts: pa.Array) -> tuple[pa.Array, np.ndarray, np.ndarray]:
-    """The tokens `spacing(t)[1:-1].split(" ")` of every row as one binary array, each row
-    followed by one extra empty "sentinel" slot; the row of every slot (int32); the
-    positions of the sentinels.
+    """The tokens `spacing(t)[1:-1].split(" ")` of every row, each with the separator byte
+    that ends it if any (see `_strip_separator`), as one binary array over the captions' own
+    bytes; each row is followed by an empty "sentinel" slot. Also the row of every slot
+    (int32) and the positions of the sentinels.
 
-    Works on the UTF-8 bytes (ASCII bytes never occur inside a multi-byte character). In
-    the caption `t`, a space, tab, newline or CR is a separator that `split` removes; a
-    punctuation mark gets a (zero-width) separator on each side, the spaces `spacing()` adds.
-    Every byte that is not a separator is in exactly one token, so with the separator bytes
-    removed the tokens lie back to back, and each separator is one boundary between two
-    tokens: the tokens' offsets are the rows' starts and ends plus those boundaries.
+    Works on the UTF-8 bytes (ASCII bytes never occur inside a multi-byte character). A
+    space, tab, newline or CR ends a token (the token keeps that byte, so the tokens tile the
+    bytes and no copy is made); a punctuation mark is a token of its own, with the zero-width
+    separators `spacing()` puts around it. So the slots' offsets are the rows' starts and
+    ends plus one boundary after each separator and one on each side of each punctuation mark.
     """
     rows = len(texts)
     offsets, data = _binary_buffers(texts)
@@ -250,43 +250,54 @@ def _tokenize(texts: pa.Array) -> tuple[pa.Array, np.ndarray, np.ndarray]:
     byte_class = np.take(_BYTE_CLASS, data[maybe])
     special = maybe[byte_class != 0]
     is_punct = byte_class[byte_class != 0] == _PUNCT
-    # position after removing the separator bytes, of every special byte and row start
-    removed_before = np.zeros(special.size + 1, dtype=np.int64)
-    np.cumsum(~is_punct, out=removed_before[1:])
-    special_at = special - removed_before[:-1]
-    # boundaries: a space at i -> one at i; a punctuation mark at i -> at i and at i + 1
+    # boundaries: after a separator at i -> i + 1; a punctuation mark at i -> i and i + 1
     per_special = 1 + is_punct.astype(np.int64)
-    boundary = np.repeat(special_at, per_special)
+    boundary = np.repeat(special + 1, per_special)
     first_of = np.cumsum(per_special) - per_special
-    boundary[first_of[is_punct] + 1] += 1
+    boundary[first_of[is_punct]] -= 1
     boundaries_before = np.zeros(special.size + 1, dtype=np.int64)
     np.cumsum(per_special, out=boundaries_before[1:])
-    specials_before_row = np.searchsorted(special, offsets)
-    row_at = offsets - removed_before[specials_before_row]
-    boundaries_per_row = np.diff(boundaries_before[specials_before_row])
+    boundaries_per_row = np.diff(boundaries_before[np.searchsorted(special, offsets)])
 
     # slots of row r: its boundaries + 1 tokens, then the sentinel (empty, at the row's end)
     slots_per_row = boundaries_per_row + 2
     num_slots = int(slots_per_row.sum())
     first_slot = np.cumsum(slots_per_row) - slots_per_row
     token_offsets = np.empty(num_slots + 1, dtype=np.int64)
-    token_offsets[first_slot] = row_at[:-1]
+    token_offsets[first_slot] = offsets[:-1]
     row_of_boundary = np.repeat(np.arange(rows, dtype=np.int64), boundaries_per_row)
     token_offsets[np.arange(boundary.size) + 2 * row_of_boundary + 1] = boundary
     sentinels = first_slot + boundaries_per_row + 1
-    token_offsets[sentinels] = row_at[1:]
-    token_offsets[num_slots] = row_at[-1]
-
-    token_bytes = np.delete(data, special[~is_punct])
-    if token_bytes.size < 2**31:
-        kind, token_offsets = pa.binary(), token_offsets.astype(np.int32)
-    else:
-        kind = pa.large_binary()
-    tokens = pa.Array.from_buffers(
-        kind, num_slots, [None, pa.py_buffer(token_offsets), pa.py_buffer(token_bytes)]
-    )
+    token_offsets[sentinels] = offsets[1:]
+    token_offsets[num_slots] = offsets[-1]
+    tokens = _binary_array(token_offsets, data)
     slot_row = np.repeat(np.arange(rows, dtype=np.int32), slots_per_row)
     return tokens, slot_row, sentinels
+
+
+def _binary_array(offsets: np.ndarray, data: np.ndarray) -> pa.Array:
+    """A binary array over `data` (no copy) with the given int64 offsets."""
+    if data.size < 2**31:
+        kind, offsets = pa.binary(), offsets.astype(np.int32)
+    else:
+        kind = pa.large_binary()
+    return pa.Array.from_buffers(
+        kind, offsets.size - 1, [None, pa.py_buffer(offsets), pa.py_buffer(data)]
+    )
+
+
+def _strip_separator(tokens: pa.Array) -> pa.Array:
+    """`tokens` (from `_tokenize`) without the separator byte that may end each."""
+    offsets, data = _binary_buffers(tokens)
+    ends = offsets[1:]
+    nonempty = np.flatnonzero(ends > offsets[:-1])
+    stripped = np.zeros(len(tokens), dtype=bool)
+    stripped[nonempty] = np.take(_BYTE_CLASS, data[ends[nonempty] - 1]) == _SEPARATOR
+    if not stripped.any():
+        return tokens
+    new_offsets = offsets.copy()
+    new_offsets[1:] -= np.cumsum(stripped)
+    return _binary_array(new_offsets, np.delete(data, ends[stripped] - 1))
 
 
 def _sorted_groups(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -546,7 +557,7 @@ class EntryMatcher:
         # id, the entry it ends (a one-token entry), whether an entry goes on after it, and
         # whether it occurs after the first token of some entry; gathered per slot from these
         # small arrays rather than from the large per-node ones
-        distinct = np.append(self._vocab.lookup(encoded.dictionary), -1)
+        distinct = np.append(self._vocab.lookup(_strip_separator(encoded.dictionary)), -1)
         known = distinct >= 0
         ends_key = np.where(known, self._terminal[distinct], -1)
         goes_on = known & self._has_child[distinct]
