@@ -15,12 +15,19 @@ How `EntryMatcher` gets the same sets faster. Split the spaced caption on single
 (`spacing(text)[1:-1].split(" ")`, empty tokens included). Every space of the spaced text
 separates two tokens, so `" " + entry + " "` occurs in it exactly when `entry.split(" ")`
 occurs as a contiguous run of those tokens. The matcher is therefore a token trie of the
-entries, walked for a whole batch at once: Arrow does the spacing and the split in C++ over
-the batch, the distinct tokens of the batch are looked up once in the entries' vocabulary,
-and each further trie level is one vectorized numpy step over the positions still alive
-(a numpy open-addressing hash table maps (node, next token) to the child node). Strings are
+entries, walked for a whole batch at once with numpy: the batch's UTF-8 bytes are cut into
+tokens without copying them (`_tokenize`), Arrow's `dictionary_encode` finds the batch's
+distinct tokens, which are looked up once in the entries' vocabulary (a hash proposes, the
+bytes confirm), and each further trie level is one vectorized step over the positions still
+alive (a numpy open-addressing hash table maps (node, next token) to the child). Strings are
 handled as UTF-8 bytes (lone surrogates as `surrogatepass` bytes), so equality of tokens is
-equality of the Python strings.
+equality of the Python strings. The result is exactly `naive_match`'s (tests compare them on
+golden cases and on random captions made of the entries' tokens, punctuation and spaces;
+`benchmarks/bench_matching.py` on 120k real captions x ~500k entries).
+
+Cost: a few microseconds per caption and a fixed ~1 ms per call, so call it on batches of
+thousands of captions (`match_arrow` on a Ray batch's text column); building at 500k
+entries takes ~1 s and ~60 MB, and the matcher pickles as its entry list.
 """
 
 from __future__ import annotations
