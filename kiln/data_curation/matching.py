@@ -549,7 +549,13 @@ class EntryMatcher:
             all_offsets.append(np.cumsum(counts) + done)
             all_values.append(values)
             done += values.size
-        offsets = np.concatenate(all_offsets).astype(np.int32)
+        offsets = np.concatenate(all_offsets)
+        if offsets[-1] >= 2**31:  # list<int32> offsets are int32
+            raise ValueError(
+                f"{len(texts)} captions gave {offsets[-1]} matches, more than one list<int32> "
+                "array holds: match fewer captions per call"
+            )
+        offsets = offsets.astype(np.int32)
         values = np.concatenate(all_values) if all_values else np.zeros(0, dtype=np.int32)
         return offsets, values.astype(np.int32, copy=False)
 
