@@ -43,7 +43,13 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# bench_matching builds ~500k MetaCLIP-style entries from WordNet (a Debian package) and
+# pywordfreq (PyPI, a dev dependency; installed here if the venv predates it)
 bench: $(STAMP)
+	@test -f /usr/share/wordnet/data.noun || test -n "$$WNSEARCHDIR" || { \
+	  echo "make bench: WordNet is missing: run 'sudo apt-get install wordnet-base'" \
+	       "(Debian/Ubuntu), or set WNSEARCHDIR to a WordNet dict folder"; exit 2; }
+	@$(PY) -c "import pywordfreq" 2>/dev/null || $(PY) -m pip install -q -c $(CONSTRAINTS) pywordfreq
 	$(PY) benchmarks/bench_matching.py
 
 clean:

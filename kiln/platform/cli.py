@@ -78,7 +78,62 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("dataset_dir", help="folder holding manifest.json")
     i.add_argument("-n", "--samples", type=int, default=3)
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _add_metadata(sub)
     return parser
+
+
+def _add_metadata(sub: Any) -> None:
+    m = sub.add_parser("metadata", help="build MetaCLIP-style metadata (entry lists)")
+    msub = m.add_subparsers(dest="metadata_verb", required=True, metavar="ACTION")
+    b = msub.add_parser(
+        "build",
+        help="write an entries file + FILE.provenance.json from WordNet, Wikipedia unigrams, "
+        "corpus bigrams, titles (with no source flags: WordNet + pywordfreq)",
+    )
+    b.add_argument("--out", required=True, help="entries file to write (one entry per line)")
+    b.add_argument(
+        "--wordnet",
+        nargs="?",
+        const="auto",
+        metavar="DIR",
+        help="WordNet dict folder with data.noun etc. (no DIR: the installed wordnet-base)",
+    )
+    b.add_argument(
+        "--wordfreq",
+        nargs="?",
+        const="auto",
+        metavar="FILE",
+        help="'word;count' unigram file, .gz or plain (no FILE: pywordfreq's Wikipedia counts)",
+    )
+    b.add_argument("--bigram-corpus", metavar="FILE", help="parquet or jsonl corpus for bigrams")
+    b.add_argument("--bigram-column", metavar="COL", help="its text column")
+    b.add_argument("--titles", metavar="FILE", help="text file of extra entries, one per line")
+    for name, default in (
+        ("wordnet", 86_654),
+        ("unigrams", 251_465),
+        ("bigrams", 100_646),
+        ("titles", 61_235),
+        ("total", 500_000),
+    ):
+        b.add_argument(
+            f"--max-{name}",
+            type=int,
+            default=default,
+            metavar="N",
+            help=f"cap on {name} entries (default: MetaCLIP's {default:,})",
+        )
+    b.add_argument("--min-unigram-count", type=int, default=100, metavar="N", help="default: 100")
+    b.add_argument(
+        "--bigram-min-count", type=int, default=5, metavar="N", help="default: 5 occurrences"
+    )
+    b.add_argument(
+        "--bigram-min-pmi", type=float, default=0.0, metavar="X", help="natural log; default 0"
+    )
+    b.add_argument(
+        "--wordnet-all-lemmas",
+        action="store_true",
+        help="every lemma name of a synset, not only its first (MetaCLIP uses synset names)",
+    )
 
 
 def _print_result(result: Any) -> None:
@@ -128,6 +183,30 @@ def _dispatch(args: argparse.Namespace) -> int:
         from kiln.platform.runs import format_runs, list_runs
 
         print(format_runs(list_runs(args.root)))
+        return 0
+    if args.verb == "metadata":
+        from kiln.data_curation.metadata_build import MetadataCaps, build_metadata
+
+        built = build_metadata(
+            args.out,
+            wordnet=args.wordnet,
+            wordfreq=args.wordfreq,
+            bigram_corpus=args.bigram_corpus,
+            bigram_column=args.bigram_column,
+            titles=args.titles,
+            caps=MetadataCaps(
+                wordnet=args.max_wordnet,
+                unigrams=args.max_unigrams,
+                bigrams=args.max_bigrams,
+                titles=args.max_titles,
+                total=args.max_total,
+            ),
+            min_unigram_count=args.min_unigram_count,
+            bigram_min_count=args.bigram_min_count,
+            bigram_min_pmi=args.bigram_min_pmi,
+            wordnet_all_lemmas=args.wordnet_all_lemmas,
+        )
+        print(built.summary())
         return 0
     if args.verb == "inspect":
         from kiln.data_curation import format_dataset_info, inspect_dataset
