@@ -1,4 +1,5 @@
-"""Value types shared by curation and training: sample schema, drop reasons, dataset manifest.
+"""Value types shared by curation and training: sample schema, drop reasons, dataset manifest,
+and the hashes seeded decisions are made from (so training can redraw them exactly).
 
 `kiln.data_curation` and `kiln.training` never import each other; what crosses between them
 is a file on an fsspec URL whose shape is fixed here: curation writes WebDataset shards plus a
@@ -13,6 +14,7 @@ import json
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,9 +27,13 @@ __all__ = [
     "StrictModel",
     "canonical_json",
     "drop_reasons",
+    "fnv1a64",
+    "fnv1a64_strings",
     "is_path_field",
     "json_sha256",
     "make_uid",
+    "mix64",
+    "mix64_np",
     "read_manifest",
     "register_drop_reason",
     "require_file",
@@ -119,6 +125,77 @@ def make_uid(url: str | None, text: str | None) -> str:
     """
     key = f"{url or ''}\x00{text or ''}".encode()
     return hashlib.sha256(key).hexdigest()[:32]
+
+
+_MASK64 = (1 << 64) - 1
+_FNV_OFFSET = 0xCBF29CE484222325
+_FNV_PRIME = 0x100000001B3
+
+
+def fnv1a64(data: bytes) -> int:
+    """64-bit FNV-1a of `data` (the scalar twin of `fnv1a64_strings`)."""
+    h = _FNV_OFFSET
+    for byte in data:
+        h = ((h ^ byte) * _FNV_PRIME) & _MASK64
+    return h
+
+
+def fnv1a64_strings(values: pa.Array | pa.ChunkedArray | list[str]) -> np.ndarray:
+    """64-bit FNV-1a of each string's UTF-8 bytes (uint64), vectorized over the Arrow buffer:
+    one numpy pass per byte position, over the strings at least that long."""
+    arr = pa.array(values, pa.string()) if isinstance(values, list) else values
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    arr = arr.cast(pa.large_string())
+    n = len(arr)
+    h = np.full(n, _FNV_OFFSET, dtype=np.uint64)
+    if n == 0:
+        return h
+    _, offsets_buf, data_buf = arr.buffers()
+    offsets = np.frombuffer(offsets_buf, dtype=np.int64, count=n + 1, offset=arr.offset * 8)
+    data = (
+        np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    )
+    starts = offsets[:-1]
+    lengths = np.diff(offsets)
+    prime = np.uint64(_FNV_PRIME)
+    width = int(lengths[0])
+    if (lengths == width).all() and data.size >= int(starts[0]) + n * width:
+        # every string has the same length (hex uids): a strided [n, width] view, by column
+        rows = data[int(starts[0]) : int(starts[0]) + n * width].reshape(n, width)
+        for j in range(width):
+            h ^= rows[:, j]
+            h *= prime
+        return h
+    order = np.argsort(-lengths, kind="stable")  # longest first: the active rows are a prefix
+    sorted_len = lengths[order]
+    sorted_start = starts[order]
+    hs = h[order]
+    for j in range(int(sorted_len[0])):
+        k = int(np.searchsorted(-sorted_len, -j, side="left"))
+        hs[:k] ^= data[sorted_start[:k] + j]
+        hs[:k] *= prime
+    h[order] = hs
+    return h
+
+
+def mix64(x: int) -> int:
+    """splitmix64's finalizer on a Python int (the scalar twin of `mix64_np`)."""
+    x &= _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def mix64_np(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer, elementwise (a new uint64 array)."""
+    x = np.array(x, dtype=np.uint64)  # a copy: mixed in place below
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return x
 
 
 class ShardInfo(StrictModel):

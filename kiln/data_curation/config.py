@@ -112,7 +112,11 @@ class ExecutionConfig(StrictModel):
         description="rows one task handles: step outputs (and parquet inputs, by row group) "
         "are cut into tasks of about this many rows; each task has its own completion marker",
     )
-    batch_size: int = Field(default=256, ge=1, description="rows per stage function call")
+    batch_size: int = Field(
+        default=4096,
+        ge=1,
+        description="rows per stage function call (a stage may ask for fewer: image: 256)",
+    )
     key_buckets: int = Field(
         default=8,
         ge=1,

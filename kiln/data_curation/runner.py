@@ -30,7 +30,6 @@ dropped rows (without image bytes) to `rejects/{name}/`.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import time
@@ -50,7 +49,9 @@ from kiln.contracts import (
     MANIFEST_NAME,
     DatasetManifest,
     ShardInfo,
+    fnv1a64_strings,
     json_sha256,
+    mix64_np,
     read_manifest,
     write_manifest,
 )
@@ -429,15 +430,16 @@ def _task_merge(job: _Job, index: int, item: dict[str, Any]) -> dict[str, Any]:
     return _finish(job, "merge", index, {"state_rows": state.num_rows})
 
 
-def _bucket_of(keys: list[Any], uids: list[str], buckets: int) -> np.ndarray:
-    digests = b"".join(
-        hashlib.blake2b(
-            (k if isinstance(k, bytes) else str(k).encode()) if k is not None else u.encode(),
-            digest_size=8,
-        ).digest()
-        for k, u in zip(keys, uids, strict=True)
-    )
-    return (np.frombuffer(digests, dtype=">u8") % np.uint64(buckets)).astype(np.int64)
+def _bucket_of(keys: pa.Array, uids: pa.Array, buckets: int) -> np.ndarray:
+    """Hash bucket of each key (of its uid when the key is null), vectorized."""
+    keys = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+    if not (pa.types.is_string(keys.type) or pa.types.is_large_string(keys.type)):
+        keys = pc.cast(keys, pa.string())
+    h = fnv1a64_strings(keys)
+    if keys.null_count:
+        null = np.asarray(keys.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+        h[null] = fnv1a64_strings(uids.filter(pa.array(null)))
+    return (mix64_np(h) % np.uint64(buckets)).astype(np.int64)
 
 
 def _task_partition(job: _Job, index: int, item: dict[str, Any]) -> dict[str, Any]:
@@ -450,7 +452,7 @@ def _task_partition(job: _Job, index: int, item: dict[str, Any]) -> dict[str, An
     for table in _iter_slices([_Slice(**s) for s in item["slices"]], job.batch_rows):
         n = table.num_rows
         keys = stage.key(table, cfg, ctx)
-        buckets = _bucket_of(keys.to_pylist(), table.column("uid").to_pylist(), job.buckets)
+        buckets = _bucket_of(keys, table.column("uid").combine_chunks(), job.buckets)
         index_table = table.select(_ORDER).append_column(_KEY, keys)
         index_table = index_table.append_column("_part", pa.array(np.full(n, index, np.int32)))
         index_table = index_table.append_column("_row", pa.array(np.arange(row, row + n)))
@@ -508,13 +510,18 @@ def _task_join(job: _Job, index: int, item: dict[str, Any]) -> dict[str, Any]:
     for table in _iter_slices([_Slice(**s) for s in item["slices"]], job.batch_rows):
         n = table.num_rows
         lo, hi = np.searchsorted(rows, [start, start + n])
-        column = np.full(n, None, dtype=object)
-        column[rows[lo:hi] - start] = reasons.slice(lo, hi - lo).to_pylist()
+        take = np.zeros(n, dtype=np.int64)
+        missing = np.ones(n, dtype=bool)
+        take[rows[lo:hi] - start] = np.arange(lo, hi)
+        missing[rows[lo:hi] - start] = False
+        given = (
+            reasons.take(pa.array(take, mask=missing)) if len(reasons) else pa.nulls(n, pa.string())
+        )
         table = ensure_drop_column(table)
         table = table.set_column(
             table.schema.get_field_index(DROP_COLUMN),
             DROP_COLUMN,
-            pc.coalesce(table.column(DROP_COLUMN), pa.array(column.tolist(), pa.string())),
+            pc.coalesce(table.column(DROP_COLUMN), given),
         )
         start += n
         kept = out.add(table, n)
@@ -811,6 +818,7 @@ class _Runner:
         *,
         layout: dict[str, Any],
         valid: Callable[[], bool] = lambda: True,
+        batch_rows: int | None = None,
     ) -> StepStats:
         """Reuse the step when its `_SUCCESS` has this fingerprint, else run `body` (which
         skips the tasks already done for this fingerprint and layout)."""
@@ -858,7 +866,7 @@ class _Runner:
             fingerprint=fingerprint,
             stage=stage if stage not in ("read", "shard") else "",
             config=config,
-            batch_rows=self.exe.batch_size,
+            batch_rows=min(self.exe.batch_size, batch_rows or self.exe.batch_size),
             buckets=self.exe.key_buckets,
             plugins=tuple(self.cfg.plugins),
         )
@@ -1018,7 +1026,15 @@ class _Runner:
             stats["extra"] = stage.report(summaries, cfg, summaries_state)
             return stats, tasks, reused
 
-        return self.step(step.name, stage.name, step.config_json(), check, body, layout=layout)
+        return self.step(
+            step.name,
+            stage.name,
+            step.config_json(),
+            check,
+            body,
+            layout=layout,
+            batch_rows=stage.batch_rows,
+        )
 
     # ---- shards
 

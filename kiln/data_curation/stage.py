@@ -83,6 +83,9 @@ class Stage(Generic[C]):
     #: Whether the stage reads or changes image bytes: only then does the runner load the
     #: `image` column for it (rows otherwise carry a reference, `kiln.data_curation.blobs`).
     images: ClassVar[bool] = False
+    #: Rows per call the stage wants (None: `execution.batch_size`): vectorized stages run
+    #: best on thousands of rows, image stages want few (decoded images are large).
+    batch_rows: ClassVar[int | None] = None
 
     def link(self, cfg: C, earlier: list[tuple[str, Any]]) -> C:
         """The config completed from the stages before it in the plan ((stage name, config)

@@ -207,7 +207,7 @@ def test_vectorized_draws_equal_the_scalar_reference() -> None:
 
 
 def test_string_hash_on_slices_chunks_and_lists() -> None:
-    from kiln.data_curation.stages.metaclip_balance import fnv1a64, fnv1a64_strings
+    from kiln.contracts import fnv1a64, fnv1a64_strings
 
     words = ["", "a", "dog", "ü", "a" * 300, "日本語"]
     want = [fnv1a64(w.encode()) for w in words]

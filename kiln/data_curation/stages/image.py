@@ -201,6 +201,7 @@ class ImageStage(MapStage[ImageConfig]):
     summary = "decode, size/aspect filters, RGB JPEG re-encode, pixel sha256"
     adds = ("image", "width", "height", "image_sha256")
     images = True
+    batch_rows = 256
     drop_reasons: ClassVar[dict[str, str]] = {
         "missing_image": "no image bytes (image.required is on)",
         "bad_image": "the bytes do not decode as an image (or exceed MAX_IMAGE_PIXELS)",

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from kiln.contracts import PATH_FIELD, StrictModel
+from kiln.contracts import PATH_FIELD, StrictModel, fnv1a64, fnv1a64_strings, mix64, mix64_np
 from kiln.data_curation.matching import load_entries
 from kiln.data_curation.stage import FitApplyStage, register
 from kiln.data_curation.stages import alive_mask, mark_dropped, replace_column
@@ -39,8 +39,6 @@ __all__ = [
     "balance_table",
     "dense_counts",
     "entry_hashes",
-    "fnv1a64",
-    "fnv1a64_strings",
     "keep_probabilities",
     "merge_counts",
     "sparse_counts",
@@ -50,7 +48,6 @@ __all__ = [
 ]
 
 KEEP_PROB_COLUMN = "keep_prob"
-_MASK64 = (1 << 64) - 1
 
 
 class BalanceConfig(StrictModel):
@@ -66,99 +63,30 @@ class BalanceConfig(StrictModel):
     )
 
 
-_FNV_OFFSET = 0xCBF29CE484222325
-_FNV_PRIME = 0x100000001B3
-
-
-def fnv1a64(data: bytes) -> int:
-    """64-bit FNV-1a of `data` (the scalar twin of `fnv1a64_strings`)."""
-    h = _FNV_OFFSET
-    for byte in data:
-        h = ((h ^ byte) * _FNV_PRIME) & _MASK64
-    return h
-
-
-def fnv1a64_strings(values: pa.Array | pa.ChunkedArray | list[str]) -> np.ndarray:
-    """64-bit FNV-1a of each string's UTF-8 bytes (uint64), vectorized over the Arrow buffer:
-    one numpy pass per byte position, over the strings at least that long."""
-    arr = pa.array(values, pa.string()) if isinstance(values, list) else values
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    arr = arr.cast(pa.large_string())
-    n = len(arr)
-    h = np.full(n, _FNV_OFFSET, dtype=np.uint64)
-    if n == 0:
-        return h
-    _, offsets_buf, data_buf = arr.buffers()
-    offsets = np.frombuffer(offsets_buf, dtype=np.int64, count=n + 1, offset=arr.offset * 8)
-    data = (
-        np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
-    )
-    starts = offsets[:-1]
-    lengths = np.diff(offsets)
-    prime = np.uint64(_FNV_PRIME)
-    width = int(lengths[0])
-    if (lengths == width).all() and data.size >= int(starts[0]) + n * width:
-        # every string has the same length (hex uids): a strided [n, width] view, by column
-        rows = data[int(starts[0]) : int(starts[0]) + n * width].reshape(n, width)
-        for j in range(width):
-            h ^= rows[:, j]
-            h *= prime
-        return h
-    order = np.argsort(-lengths, kind="stable")  # longest first: the active rows are a prefix
-    sorted_len = lengths[order]
-    sorted_start = starts[order]
-    hs = h[order]
-    for j in range(int(sorted_len[0])):
-        k = int(np.searchsorted(-sorted_len, -j, side="left"))
-        hs[:k] ^= data[sorted_start[:k] + j]
-        hs[:k] *= prime
-    h[order] = hs
-    return h
-
-
-def _mix64(x: int) -> int:
-    """splitmix64's finalizer on a Python int (the scalar twin of `_mix64_np`)."""
-    x &= _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def _mix64_np(x: np.ndarray) -> np.ndarray:
-    x = np.array(x, dtype=np.uint64)  # a copy: mixed in place below
-    x ^= x >> np.uint64(30)
-    x *= np.uint64(0xBF58476D1CE4E5B9)
-    x ^= x >> np.uint64(27)
-    x *= np.uint64(0x94D049BB133111EB)
-    x ^= x >> np.uint64(31)
-    return x
-
-
 def uniform_draw(seed: int, uid: str, entry: str) -> float:
     """Uniform [0, 1) draw that is a pure function of (seed, uid, entry string).
 
     `h_uid = fnv1a64(uid) XOR mix(seed)`, `h_e = mix(fnv1a64(entry))` (UTF-8 bytes; `mix` is
     splitmix64's finalizer), then the top 53 bits of `mix(h_uid XOR h_e)` / 2**53.
     """
-    h_uid = fnv1a64(uid.encode()) ^ _mix64(seed)
-    x = _mix64(h_uid ^ _mix64(fnv1a64(entry.encode())))
+    h_uid = fnv1a64(uid.encode()) ^ mix64(seed)
+    x = mix64(h_uid ^ mix64(fnv1a64(entry.encode())))
     return (x >> 11) / 2.0**53
 
 
 def uid_hashes(uids: pa.Array | pa.ChunkedArray | list[str], seed: int) -> np.ndarray:
     """`h_uid` of each uid (uint64), vectorized."""
-    return fnv1a64_strings(uids) ^ np.uint64(_mix64(seed))
+    return fnv1a64_strings(uids) ^ np.uint64(mix64(seed))
 
 
 def entry_hashes(entries: list[str]) -> np.ndarray:
     """`h_e` of each entry string (uint64), indexed by entry id."""
-    return _mix64_np(fnv1a64_strings(entries))
+    return mix64_np(fnv1a64_strings(entries))
 
 
 def uniform_draws(uid_h: np.ndarray, entry_h: np.ndarray) -> np.ndarray:
     """Vectorized `uniform_draw` for pairs of precomputed hashes (float64 in [0, 1))."""
-    x = _mix64_np(np.bitwise_xor(uid_h, entry_h, dtype=np.uint64))
+    x = mix64_np(np.bitwise_xor(uid_h, entry_h, dtype=np.uint64))
     x >>= np.uint64(11)
     out = x.astype(np.float64)
     out *= 2.0**-53

@@ -18,8 +18,7 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from kiln.contracts import PATH_FIELD, StrictModel, require_file, sha256_hex
-from kiln.data_curation import matching
-from kiln.data_curation.matching import EntryMatcher, load_entries
+from kiln.data_curation.matching import EntryMatcher, load_entries, unmatchable_entries
 from kiln.data_curation.stage import MapStage, register
 from kiln.data_curation.stages import alive_mask, replace_column
 
@@ -32,6 +31,12 @@ ENTRY_IDS_COLUMN = "entry_ids"
 
 class MatchConfig(StrictModel):
     """MetaCLIP substring matching of captions against metadata entries."""
+
+    normalized: bool | None = Field(
+        default=None,
+        description="whether captions arrive normalized (default: the plan's text stage's "
+        "normalize); only decides which entries are reported as unmatchable",
+    )
 
     entries: str = Field(
         description="text file, one metadata entry per line (any fsspec URL)",
@@ -76,21 +81,29 @@ class MatchStage(MapStage[MatchConfig]):
     summary = "MetaCLIP substring matching of captions against the metadata entries"
     adds = (ENTRY_IDS_COLUMN,)
 
+    def link(self, cfg: MatchConfig, earlier: list[tuple[str, Any]]) -> MatchConfig:
+        """`normalized` from the last text stage before this one (raw captions without one)."""
+        if cfg.normalized is not None:
+            return cfg
+        texts = [c for stage, c in earlier if stage == "text"]
+        return cfg.model_copy(update={"normalized": bool(texts and texts[-1].normalize)})
+
     def check(self, cfg: MatchConfig) -> dict[str, Any]:
         digest = entries_sha256(cfg.entries)
         entries = load_entries(cfg.entries)
-        unmatchable = getattr(matching, "unmatchable_entries", None)
-        if unmatchable is not None:
-            bad = unmatchable(entries, normalized=True)
-            if bad:
-                shown = ", ".join(f"{e!r} ({why})" for _i, e, why in bad[:5])
-                logger.warning(
-                    "%s: %d entries can never match normalized captions, e.g. %s; fix them or "
-                    "set the text stage's normalize: false",
-                    cfg.entries,
-                    len(bad),
-                    shown,
-                )
+        bad = unmatchable_entries(entries, normalized=bool(cfg.normalized))
+        if bad:
+            shown = ", ".join(f"{e!r} ({why})" for _i, e, why in bad[:3])
+            hint = " or set the text stage's normalize: false" if cfg.normalized else ""
+            logger.warning(
+                "%s: %d of %d entries can never match the captions as they reach this stage, "
+                "e.g. %s; fix them%s",
+                cfg.entries,
+                len(bad),
+                len(entries),
+                shown,
+                hint,
+            )
         return {"entries_sha256": digest, "entries": len(entries)}
 
     def setup(self, cfg: MatchConfig, state: pa.Table | None) -> EntryMatcher:
