@@ -51,6 +51,10 @@ bench: $(STAMP)
 	       "(Debian/Ubuntu), or set WNSEARCHDIR to a WordNet dict folder"; exit 2; }
 	@$(PY) -c "import pywordfreq" 2>/dev/null || $(PY) -m pip install -q -c $(CONSTRAINTS) pywordfreq
 	$(PY) benchmarks/bench_matching.py
+	$(PY) benchmarks/bench_balance.py
+	$(PY) benchmarks/bench_shard_write.py
+	$(PY) benchmarks/bench_image_bytes.py
+	$(PY) benchmarks/bench_curation_scale.py --sizes 10000 100000 1000000 --scaling-size 1000000
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

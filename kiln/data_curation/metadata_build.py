@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.data_curation.matching import spacing, unmatchable_entries
+from kiln.storage import atomic_write
 
 __all__ = [
     "DEFAULT_WORDNET_DIR",
@@ -484,11 +485,9 @@ def build_metadata(
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename, so a reader never sees half a file."""
+    """kiln's one atomic write, after checking the output folder exists (no silent mkdir)."""
     if path.parent and not path.parent.is_dir():
         raise FileNotFoundError(
             f"output folder {path.parent} does not exist: create it or pick another --out"
         )
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(str(path), data)

@@ -152,3 +152,37 @@ def test_a_killed_kiln_curate_is_rerun_to_the_same_shards(
     stats = json.loads((run / "curation_stats.json").read_text())
     assert stats["steps"]["slow"]["tasks_reused"] >= min(done_before, FILES - 1) >= 2
     assert _shas(stats["dataset_dir"]) == shas
+
+
+def test_one_cpu_runs_and_an_oversized_stage_is_refused(
+    reference: tuple[Path, list[str]], laion_pool: dict[str, str], tmp_path: Path
+) -> None:
+    """`--set ray.num_cpus=1` used to hang (an actor pool took the only CPU); a stage asking
+    for more CPUs than the cluster has is an error naming the fix, not a wait forever."""
+    _, shas = reference
+    spec = _spec(laion_pool)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {"kind": "curate", "name": "one-cpu", "run_dir": str(tmp_path / "run"), **spec}
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "kiln.platform.cli",
+        "curate",
+        str(recipe),
+        "--set",
+        "ray.num_cpus=1",
+    ]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stats = json.loads((tmp_path / "run" / "curation_stats.json").read_text())
+    assert _shas(stats["dataset_dir"]) == shas
+
+    big = _spec(laion_pool)
+    big["stages"][0]["resources"] = {"num_cpus": 64}
+    with pytest.raises(RuntimeError, match=r"needs 64 CPUs but the Ray cluster has 2: lower"):
+        run_curation(CurationConfig.model_validate(big), str(tmp_path / "big"))
