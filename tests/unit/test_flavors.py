@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from pydantic import ValidationError
@@ -126,3 +128,13 @@ def test_model_info_cli(capsys: pytest.CaptureFixture[str]) -> None:
     assert "valid flavors are" in capsys.readouterr().err
     assert main(["model", "list"]) == 0
     assert "mae-vit-b-16" in capsys.readouterr().out
+
+
+def test_reading_configs_does_not_import_torch() -> None:
+    """Recipes are read by code that never trains (CLI, curation): keep that import cheap."""
+    code = (
+        "import sys, kiln.platform.recipes, kiln.training.config, kiln.models.flavors;"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
