@@ -59,6 +59,8 @@ __all__ = [
     "caption_samples",
     "evaluate",
     "iter_samples",
+    "knn_accuracy",
+    "linear_probe_accuracy",
     "load_model_file",
     "probe",
     "recall_at_k",
@@ -566,12 +568,22 @@ def knn_accuracy(features: torch.Tensor, targets: torch.Tensor, k: int, classes:
 def linear_probe_accuracy(
     features: torch.Tensor, targets: torch.Tensor, classes: int, *, weight_decay: float = 1e-3
 ) -> float:
-    """Top-1 of a logistic-regression probe fit (L-BFGS) on even rows, tested on odd rows."""
-    train, test = features[0::2], features[1::2]
-    y_train, y_test = targets[0::2], targets[1::2]
+    """Top-1 of a logistic-regression probe (L-BFGS) fit on a random half of the rows
+    (fixed seed) and tested on the other half.
+
+    Features are standardized with the training rows' mean and std first: unit-norm
+    embeddings differ in small directions, which an L2-penalized probe would not reach.
+    """
+    gen = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(features), generator=gen)
+    half = len(features) // 2
+    fit, held = order[:half], order[half:]
+    mean, std = features[fit].mean(dim=0), features[fit].std(dim=0).clamp(min=1e-6)
+    features = (features - mean) / std
+    train, test = features[fit], features[held]
+    y_train, y_test = targets[fit], targets[held]
     if len(test) == 0:
         return float("nan")
-    gen = torch.Generator().manual_seed(0)
     weight = (0.01 * torch.randn(features.shape[1], classes, generator=gen)).requires_grad_()
     bias = torch.zeros(classes, requires_grad=True)
     opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")

@@ -27,10 +27,13 @@ from kiln.models.build import build_model
 from kiln.models.clip import CLIP
 from kiln.models.config import ModelConfig
 from kiln.models.tokenizer import tokenize
+from kiln.platform.summary import format_eval
 from kiln.training.config import EvalConfig
 from kiln.training.evaluate import (
     evaluate,
     iter_samples,
+    knn_accuracy,
+    linear_probe_accuracy,
     load_model_file,
     recall_at_k,
     retrieval,
@@ -38,7 +41,7 @@ from kiln.training.evaluate import (
     zero_shot,
 )
 from kiln.training.transforms import decode_rgb, image_to_tensor
-from tests.helpers_training import clip_loss_of
+from tests.helpers_training import clip_loss_of, tiny_flavor
 
 COLORS = {k: SYNTHETIC_COLORS[k] for k in ("red", "green", "blue", "yellow", "black", "white")}
 NAMES = list(COLORS)
@@ -366,3 +369,42 @@ def test_evaluate_writes_the_report(tmp_path: Path, eval_set: str, trained: CLIP
     assert report["retrieval"]["image_to_text"]["recall@1"] < 1.0
     with pytest.raises(ValueError, match=r"eval\.zero_shot and eval\.retrieval are both unset"):
         evaluate(model_file, EvalConfig(), None)
+
+
+# --------------------------------------------------------------------------- other families
+
+
+def test_knn_and_linear_probe_on_separable_and_random_labels() -> None:
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.nn.functional.normalize(torch.randn(4, 8, generator=gen), dim=-1)
+    targets = torch.arange(80) % 4
+    feats = torch.nn.functional.normalize(
+        centers[targets] + 0.05 * torch.randn(80, 8, generator=gen), dim=-1
+    )
+    assert knn_accuracy(feats, targets, k=5, classes=4) == 1.0
+    assert linear_probe_accuracy(feats, targets, classes=4) == 1.0
+    shuffled = targets[torch.randperm(80, generator=gen)]
+    assert knn_accuracy(feats, shuffled, k=5, classes=4) < 0.6
+    assert linear_probe_accuracy(feats, shuffled, classes=4) < 0.6
+
+
+def test_evaluate_image_only_and_captioning_models(tmp_path: Path, eval_set: str) -> None:
+    """MAE: probe accuracies, no retrieval (noted); CoCa: zero-shot, retrieval, captions."""
+    cfg = EvalConfig(zero_shot=eval_set, retrieval=eval_set, batch_size=8)
+    for arch in ("mae", "coca"):
+        mcfg = ModelConfig.model_validate(tiny_flavor(arch))
+        torch.manual_seed(0)
+        path = save_model_file(str(tmp_path / f"{arch}.pt"), build_model(mcfg), mcfg, step=1)
+        report = evaluate(path, cfg)
+        assert report["arch"] == arch
+        if arch == "mae":
+            color = report["probe"]["color"]
+            assert 0 <= color["knn_top1"] <= 1 and 0 <= color["linear_probe_top1"] <= 1
+            assert color["num_samples"] == 24 and "retrieval" not in report
+            assert "no text tower" in report["retrieval_skipped"]
+        else:
+            assert set(report) >= {"zero_shot", "retrieval", "captions"}
+            first = report["captions"][0]
+            assert first["reference"] and isinstance(first["greedy"], str)
+            assert isinstance(first["beam"], str)
+        assert format_eval(report).count("\n") >= 3
