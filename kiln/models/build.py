@@ -37,17 +37,19 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 
 
 def count_parameters(cfg: ModelConfig) -> dict[str, int]:
-    """Parameters per top-level module (``visual``, ``text``, ...) and ``total``.
+    """Parameters per tower (``vision``, ``text``, ``decoder``: the model class's
+    ``TOWERS``), ``other`` (logit scale and bias) and ``total``.
 
     The model is built on the ``meta`` device, so even a billion-parameter flavor costs no
     memory and no initialization time.
     """
     with torch.device("meta"):
         model = build_model(cfg)
-    counts: dict[str, int] = {}
-    for name, child in model.named_children():
-        counts[name] = sum(p.numel() for p in child.parameters())
-    for name, p in model.named_parameters(recurse=False):
-        counts[name] = p.numel()
+    towers: dict[str, tuple[str, ...]] = getattr(model, "TOWERS", {})
+    owner = {top: tower for tower, tops in towers.items() for top in tops}
+    counts = dict.fromkeys(towers, 0)
+    counts["other"] = 0
+    for name, p in model.named_parameters():
+        counts[owner.get(name.split(".", 1)[0], "other")] += p.numel()
     counts["total"] = sum(counts.values())
     return counts

@@ -9,6 +9,8 @@ forward of the module that owns it, so ZeRO-3 can partition and gather them.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +29,9 @@ class CLIP(nn.Module):
     (the temperature ``exp(logit_scale)`` clamped to at most 100) plus ``"logit_bias"``
     for SigLIP.
     """
+
+    #: Top-level modules per tower, for parameter counts (the rest: logit scale/bias).
+    TOWERS: ClassVar[dict[str, tuple[str, ...]]] = {"vision": ("visual",), "text": ("text",)}
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -50,7 +55,7 @@ class CLIP(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens [B, L]`` from `kiln.models.tokenizer.tokenize` -> unit-norm ``[B, D]``."""
-        return F.normalize(self.text(tokens), dim=-1)
+        return F.normalize(self.text(tokens)[0], dim=-1)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         scale = self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE).reshape(())

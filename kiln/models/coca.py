@@ -16,6 +16,8 @@ one decoder pass per generated token, fine for captions of tens of tokens).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,6 +33,13 @@ __all__ = ["CoCa"]
 
 class CoCa(nn.Module):
     """Contrastive + captioning model; see the module docstring."""
+
+    #: Top-level modules per tower, for parameter counts (the rest: the logit scale).
+    TOWERS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "vision": ("visual", "pooler", "ln_pool", "image_proj"),
+        "text": ("text",),
+        "decoder": ("text_to_decoder", "self_blocks", "cross_blocks", "ln_decoder", "lm_head"),
+    }
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -63,7 +72,7 @@ class CoCa(nn.Module):
     # -- towers ----------------------------------------------------------------------------
     def _image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(unit-norm image embedding [B, D], image tokens for the decoder [B, q, width])."""
-        pooled = self.pooler(self.visual.forward_tokens(images))
+        pooled = self.pooler(self.visual(images, tokens=True))
         emb = F.normalize(self.image_proj(self.ln_pool(pooled[:, 0])), dim=-1)
         return emb, pooled[:, 1:]
 
@@ -82,11 +91,11 @@ class CoCa(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens [B, L]`` -> unit-norm ``[B, embed_dim]`` (unimodal text tower)."""
-        return F.normalize(self.text(tokens), dim=-1)
+        return F.normalize(self.text(tokens)[0], dim=-1)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         image_embeds, image_tokens = self._image(images)
-        pooled, features = self.text.forward_tokens(tokens)
+        pooled, features = self.text(tokens)
         return {
             "image_embeds": image_embeds,
             "text_embeds": F.normalize(pooled, dim=-1),
@@ -96,7 +105,7 @@ class CoCa(nn.Module):
 
     # -- captioning ------------------------------------------------------------------------
     def _next_logprobs(self, prefix: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
-        features = self.text.forward_tokens(prefix)[1]
+        features = self.text(prefix)[1]
         logits = self._decode(features, image_tokens)[:, -1].float()
         logits[:, PAD_ID] = -torch.inf  # never emit padding; BOS only ever starts a row
         logits[:, BOS_ID] = -torch.inf

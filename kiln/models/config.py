@@ -153,6 +153,11 @@ class TextDecoderConfig(StrictModel):
     @model_validator(mode="after")
     def _check(self) -> TextDecoderConfig:
         _check_heads("model.decoder", self.width, self.heads)
+        if self.width % self.pooler_heads:
+            raise ValueError(
+                f"model.decoder.width={self.width} is not divisible by "
+                f"model.decoder.pooler_heads={self.pooler_heads}: pick a head count that divides it"
+            )
         return self
 
 

@@ -102,7 +102,7 @@ def format_model_info(info: dict[str, Any]) -> str:
     ]
     params = info["params"]
     for name, count in params.items():
-        if name != "total":
+        if name != "total" and (count or name != "other"):
             lines.append(f"  {name:<16} {count:>15,}  {_human(count)}")
     lines.append(f"  {'total':<16} {params['total']:>15,}  {_human(params['total'])}")
     if "published_params_m" in info:

@@ -13,6 +13,8 @@ rank, worker or resume, and differently in the next epoch.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,6 +53,19 @@ def random_masking(
 class MAE(nn.Module):
     """``forward(images, mask_seeds) -> {"pred", "target", "mask"}`` (per-patch pixels)."""
 
+    #: Top-level modules and parameters per tower, for parameter counts.
+    TOWERS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "vision": ("visual",),
+        "decoder": (
+            "decoder_embed",
+            "mask_token",
+            "decoder_pos",
+            "decoder",
+            "decoder_norm",
+            "decoder_pred",
+        ),
+    }
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.pixel_decoder is None:
@@ -69,12 +84,12 @@ class MAE(nn.Module):
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Unit-norm mean of the encoder's patch tokens on the whole image (for probes)."""
-        tokens = self.visual.forward_tokens(images)
+        tokens = self.visual(images, tokens=True)
         return F.normalize(tokens[:, 1:].mean(dim=1), dim=-1)
 
     def forward(self, images: torch.Tensor, mask_seeds: torch.Tensor) -> dict[str, torch.Tensor]:
         keep, mask, restore = random_masking(mask_seeds, self.num_patches, self.num_keep)
-        encoded = self.visual.forward_tokens(images, keep)
+        encoded = self.visual(images, keep)
         x = self.decoder_embed(encoded)
         b, width = x.shape[0], x.shape[-1]
         hidden = self.mask_token.to(x.dtype).expand(b, self.num_patches - self.num_keep, width)

@@ -4,7 +4,7 @@ Token + learned positional embeddings, pre-LN blocks with a causal mask, a final
 then the features at each row's end-of-text position (its last non-pad token: the tokenizer
 always ends a row with EOS, then pads with ``PAD_ID``) projected into the shared space.
 Because attention is causal and padding comes after EOS, the padding never influences the
-features that are read out. `forward_tokens` also returns every position's features, which
+features that are read out. The forward also returns every position's features, which
 CoCa's decoder reads.
 """
 
@@ -21,7 +21,7 @@ __all__ = ["TextTransformer"]
 
 
 class TextTransformer(nn.Module):
-    """``tokens [B, L] (L <= context_length) -> features [B, embed_dim]`` (not normalized)."""
+    """``tokens [B, L] (L <= context_length) -> (features [B, embed_dim], [B, L, width])``."""
 
     def __init__(self, cfg: TextConfig, embed_dim: int):
         super().__init__()
@@ -33,8 +33,13 @@ class TextTransformer(nn.Module):
         self.ln_final = nn.LayerNorm(width)
         self.proj = Linear(width, embed_dim, std=width**-0.5, bias=False)
 
-    def forward_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(pooled features [B, embed_dim], per-position features [B, L, width])``."""
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pooled features [B, embed_dim], per-position features [B, L, width])``.
+
+        Both from one entry point: ZeRO-3 gathers this module's own parameters (the
+        positional embedding) around its ``forward``, so CoCa's decoder reads the
+        per-position features from here rather than from a second method.
+        """
         if tokens.ndim != 2 or tokens.shape[1] > self.context_length:
             raise ValueError(
                 f"tokens have shape {tuple(tokens.shape)}, expected [B, L] with "
@@ -49,6 +54,3 @@ class TextTransformer(nn.Module):
         eos = ((tokens != PAD_ID).sum(dim=1) - 1).clamp(min=0)
         pooled: torch.Tensor = self.proj(x[torch.arange(x.shape[0], device=x.device), eos])
         return pooled, x
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.forward_tokens(tokens)[0]

@@ -20,7 +20,7 @@ __all__ = ["VisionTransformer"]
 
 
 class VisionTransformer(nn.Module):
-    """``images [B, 3, S, S] -> features [B, embed_dim]`` (not normalized)."""
+    """``images [B, 3, S, S] -> features [B, embed_dim]`` (not normalized), or tokens."""
 
     def __init__(self, cfg: ViTConfig, embed_dim: int | None):
         super().__init__()
@@ -56,6 +56,7 @@ class VisionTransformer(nn.Module):
         """Token sequence ``[B, 1 + n, width]`` before the blocks: class token + patches.
 
         `keep` (``[B, n]`` patch indices) selects the patches to embed (MAE's visible set).
+        Reads this module's own parameters: call it only from `forward`.
         """
         # Inputs come from the loader in fp32; follow the tower's dtype (bf16 under DeepSpeed).
         x = self.patch_embed(self.patchify(images.to(self.class_embedding.dtype)))
@@ -67,17 +68,19 @@ class VisionTransformer(nn.Module):
         x = torch.gather(x, 1, keep[..., None].expand(-1, -1, x.shape[-1]))
         return torch.cat([cls + pos[:1], x], dim=1)
 
-    def forward_tokens(
-        self, images: torch.Tensor, keep: torch.Tensor | None = None
+    def forward(
+        self, images: torch.Tensor, keep: torch.Tensor | None = None, *, tokens: bool = False
     ) -> torch.Tensor:
-        """Every output token after the final LayerNorm, ``[B, 1 + n, width]``."""
-        x = self.transformer(self.ln_pre(self.embed(images, keep)), causal=False)
-        out: torch.Tensor = self.ln_post(x)
-        return out
+        """The projected class token ``[B, embed_dim]``; or, with ``tokens=True`` (always
+        when the tower has no projection), every output token after the final LayerNorm,
+        ``[B, 1 + n, width]``. `keep` embeds only those patches (see `embed`).
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.proj is None:
-            raise RuntimeError("this image tower has no projection (embed_dim=None)")
-        x = self.transformer(self.ln_pre(self.embed(images)), causal=False)
+        One entry point on purpose: ZeRO-3 gathers a module's own parameters (class and
+        positional embeddings) around its ``forward``, so other towers call this one.
+        """
+        x = self.transformer(self.ln_pre(self.embed(images, keep)), causal=False)
+        if tokens or self.proj is None:
+            out: torch.Tensor = self.ln_post(x)
+            return out
         result: torch.Tensor = self.proj(self.ln_post(x[:, 0]))
         return result

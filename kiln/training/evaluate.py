@@ -49,8 +49,9 @@ from kiln.models.tokenizer import decode, tokenize
 from kiln.training.config import EvalConfig
 from kiln.training.transforms import decode_rgb, image_to_tensor
 
-#: A model with ``encode_image`` (and ``encode_text`` for image-text families).
-CLIP = Any
+#: A model with ``encode_image`` (and ``encode_text`` for image-text families, ``generate``
+#: for CoCa); typed loosely because each family is its own nn.Module.
+EvalModel = Any
 
 __all__ = [
     "ZERO_SHOT_NAME",
@@ -252,7 +253,7 @@ def _model_device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def _encode_texts(
-    model: CLIP, texts: Sequence[str], context_length: int, batch_size: int
+    model: EvalModel, texts: Sequence[str], context_length: int, batch_size: int
 ) -> torch.Tensor:
     device = _model_device(model)
     chunks = [
@@ -264,7 +265,7 @@ def _encode_texts(
 
 @torch.no_grad()
 def _embed_dataset(
-    model: CLIP,
+    model: EvalModel,
     dataset_dir: str,
     *,
     image_size: int,
@@ -344,7 +345,7 @@ class _EvalMode:
 
 @torch.no_grad()
 def zero_shot_classifier(
-    model: CLIP, task: ZeroShotTask, *, context_length: int, batch_size: int
+    model: EvalModel, task: ZeroShotTask, *, context_length: int, batch_size: int
 ) -> torch.Tensor:
     """``[num_classes, D]``: per class, the renormalized mean of its template embeddings."""
     prompts = [t.format(c) for c in task.classnames for t in task.templates]
@@ -354,7 +355,7 @@ def zero_shot_classifier(
 
 
 def zero_shot(
-    model: CLIP, eval_dir: str, *, image_size: int, context_length: int, batch_size: int
+    model: EvalModel, eval_dir: str, *, image_size: int, context_length: int, batch_size: int
 ) -> dict[str, Any]:
     """Zero-shot accuracy per task of ``{eval_dir}/zero_shot.json``.
 
@@ -455,7 +456,7 @@ def recall_at_k(
 
 
 def retrieval(
-    model: CLIP,
+    model: EvalModel,
     dataset_dir: str,
     ks: Sequence[int],
     *,
@@ -602,7 +603,7 @@ def linear_probe_accuracy(
 
 
 def probe(
-    model: CLIP, eval_dir: str, *, image_size: int, batch_size: int, k: int = 10
+    model: EvalModel, eval_dir: str, *, image_size: int, batch_size: int, k: int = 10
 ) -> dict[str, Any]:
     """kNN and linear-probe accuracy of the model's image features on each labelled task.
 
@@ -639,7 +640,7 @@ def probe(
 
 @torch.no_grad()
 def caption_samples(
-    model: CLIP, dataset_dir: str, *, image_size: int, num: int = 4, num_beams: int = 3
+    model: EvalModel, dataset_dir: str, *, image_size: int, num: int = 4, num_beams: int = 3
 ) -> list[dict[str, str]]:
     """Greedy and beam-search captions of the first `num` images beside their captions."""
     rows: list[dict[str, str]] = []

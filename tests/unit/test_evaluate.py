@@ -408,3 +408,28 @@ def test_evaluate_image_only_and_captioning_models(tmp_path: Path, eval_set: str
             assert first["reference"] and isinstance(first["greedy"], str)
             assert isinstance(first["beam"], str)
         assert format_eval(report).count("\n") >= 3
+
+
+def test_model_file_of_an_older_kiln_loads(tmp_path: Path) -> None:
+    """Weights files written before flavors carry the flat model config: still loadable."""
+    flat = {
+        "arch": "clip",
+        "image_size": 16,
+        "patch_size": 8,
+        "vision_width": 32,
+        "vision_layers": 1,
+        "vision_heads": 2,
+        "text_width": 32,
+        "text_layers": 1,
+        "text_heads": 2,
+        "context_length": 32,
+        "embed_dim": 32,
+        "init_logit_scale": 2.6593,
+    }
+    model = _untrained()
+    path = tmp_path / "old.pt"
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.save({"model_config": flat, "state_dict": state, "step": 3}, path)
+    loaded, cfg, step = load_model_file(str(path))
+    assert cfg == CFG and step == 3
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in state.items())

@@ -26,9 +26,9 @@ def test_clip_flavors_have_openclip_parameter_counts(flavor: str) -> None:
 def test_exact_counts_of_b16_and_l14() -> None:
     """Exact integers, tower by tower (OpenCLIP's ViT-B-16 / ViT-L-14 built the same way)."""
     b16 = count_parameters(ModelConfig(flavor="clip-vit-b-16"))
-    assert (b16["visual"], b16["text"], b16["total"]) == (86_192_640, 63_428_096, 149_620_737)
+    assert (b16["vision"], b16["text"], b16["total"]) == (86_192_640, 63_428_096, 149_620_737)
     l14 = count_parameters(ModelConfig(flavor="clip-vit-l-14"))
-    assert (l14["visual"], l14["text"], l14["total"]) == (303_966_208, 123_650_304, 427_616_513)
+    assert (l14["vision"], l14["text"], l14["total"]) == (303_966_208, 123_650_304, 427_616_513)
 
 
 def test_every_size_in_every_family_builds_on_meta() -> None:
@@ -55,7 +55,7 @@ def test_overrides_lay_over_the_flavor_and_round_trip() -> None:
     assert cfg.vision.image_size == 160 and cfg.vision.width == 768  # the rest kept
     assert cfg.text is not None and cfg.text.vocab_size == 49408
     assert ModelConfig.model_validate(cfg.model_dump()) == cfg
-    assert count_parameters(cfg)["visual"] < 86_192_640  # fewer positional embeddings
+    assert count_parameters(cfg)["vision"] < 86_192_640  # fewer positional embeddings
     assert ModelConfig(flavor="tiny").flavor == "clip-tiny"  # alias resolves
 
 
