@@ -269,6 +269,8 @@ def train_worker(
                 batch: Batch = next(batches)
                 fields = batch.to(device, image_dtype, objective.batch_fields)
                 outputs = engine(**objective.model_inputs(fields))
+                if not step_times and not micro_logs:  # first micro-step of this invocation
+                    objective.check_outputs(outputs)
                 loss, logs = objective.loss(outputs, fields)
                 engine.backward(loss)
                 engine.step()
