@@ -64,11 +64,13 @@ def write_tiny_dataset(
     shard_sizes: Sequence[int] | None = None,
     image_size: int = 20,
     seed: int = 0,
+    with_text: bool = True,
 ) -> Path:
     """Write a dataset of `num_samples` samples to `root`; returns `root`.
 
     `shard_sizes` defaults to shards of 13 samples (so shard boundaries do not align with
-    batch boundaries, which exercises partial-shard reads).
+    batch boundaries, which exercises partial-shard reads). ``with_text=False`` writes
+    image-only samples (no ``{uid}.txt``), as an unlabelled image collection would be.
     """
     if shard_sizes is None:
         shard_sizes = [13] * (num_samples // 13) + ([num_samples % 13] if num_samples % 13 else [])
@@ -90,7 +92,8 @@ def write_tiny_dataset(
                 uid = make_uid(url, text)
                 meta = {"url": url, "width": image_size, "height": image_size}
                 _add(tar, f"{uid}.jpg", _image(rng, COLORS[color], shape, image_size))
-                _add(tar, f"{uid}.txt", text.encode())
+                if with_text:
+                    _add(tar, f"{uid}.txt", text.encode())
                 _add(tar, f"{uid}.json", json.dumps(meta, sort_keys=True).encode())
                 i += 1
         data = buf.getvalue()

@@ -74,6 +74,21 @@ def build_parser() -> argparse.ArgumentParser:
     ru = sub.add_parser("runs", help="list runs under a folder with status and checkpoints")
     ru.add_argument("root", nargs="?", default="runs")
 
+    m = sub.add_parser("model", help="model flavors: list them, or show one's size and FLOPs")
+    msub = m.add_subparsers(dest="model_verb", required=True, metavar="ACTION")
+    mi = msub.add_parser("info", help="parameters per tower and total, FLOPs per sample")
+    mi.add_argument("flavor", help="flavor name, e.g. clip-vit-b-16 (see `kiln model list`)")
+    mi.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a model field, e.g. --set vision.image_size=160 (repeatable)",
+    )
+    mi.add_argument("--json", action="store_true", help="print JSON instead of text")
+    msub.add_parser("list", help="every flavor name")
+
     i = sub.add_parser("inspect", help="summarise a curated dataset and show a few samples")
     i.add_argument("dataset_dir", help="folder holding manifest.json")
     i.add_argument("-n", "--samples", type=int, default=3)
@@ -208,6 +223,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         print(built.summary())
         return 0
+    if args.verb == "model":
+        return _model_command(args)
     if args.verb == "inspect":
         from kiln.data_curation import format_dataset_info, inspect_dataset
 
@@ -215,6 +232,40 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2, default=str) if args.json else format_dataset_info(info))
         return 0
     raise AssertionError(args.verb)
+
+
+def _model_command(args: argparse.Namespace) -> int:
+    from kiln.models.flavors import FLAVORS, flavor_names
+
+    if args.model_verb == "list":
+        for name in flavor_names():
+            arch = FLAVORS[name]["arch"] if name in FLAVORS else "alias"
+            print(f"{name:<20} {arch}")
+        return 0
+    import yaml
+    from pydantic import ValidationError
+
+    from kiln.models.config import ModelConfig
+    from kiln.models.info import format_model_info, model_info
+
+    fields: dict[str, Any] = {"flavor": args.flavor}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r} is not KEY=VALUE, e.g. vision.image_size=160")
+        node = fields
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    try:
+        cfg = ModelConfig.model_validate(fields)
+    except ValidationError as e:
+        msgs = [str(err["msg"]).removeprefix("Value error, ") for err in e.errors()]
+        raise ValueError("; ".join(msgs)) from e
+    info = model_info(cfg)
+    print(json.dumps(info, indent=2) if args.json else format_model_info(info))
+    return 0
 
 
 def _root_cause(e: BaseException) -> BaseException:

@@ -87,7 +87,8 @@ def format_train(r: dict[str, Any]) -> str:
 
 
 def eval_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(metric, value, baseline) rows for zero-shot accuracy and retrieval recall."""
+    """(metric, value, baseline) rows: zero-shot accuracy, probe accuracy (image-only
+    models), caption samples (CoCa) and retrieval recall."""
     rows: list[tuple[str, str, str]] = []
     for task, t in (r.get("zero_shot") or {}).items():
         if not isinstance(t, dict):
@@ -96,6 +97,12 @@ def eval_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
             if k in t:
                 chance = min(1.0, t["chance"] * (5 if k == "top5" else 1))
                 rows.append((f"zero-shot {task} {k}", f"{t[k]:.3f}", f"chance {chance:.3f}"))
+    for task, t in (r.get("probe") or {}).items():
+        for k, label in (("knn_top1", "kNN top1"), ("linear_probe_top1", "linear probe top1")):
+            if isinstance(t, dict) and k in t:
+                rows.append((f"{task} {label}", f"{t[k]:.3f}", f"chance {t['chance']:.3f}"))
+    for c in r.get("captions") or []:
+        rows.append((f"caption {c['uid'][:8]}", repr(c["greedy"]), f"ref {c['reference']!r}"))
     ret = r.get("retrieval") or {}
     n = ret.get("num_samples")
     for direction in ("image_to_text", "text_to_image"):
@@ -122,7 +129,7 @@ def format_result(result: Any) -> str:
         return format_curation(r)
     if "last_step" in r:
         return format_train(r)
-    if "zero_shot" in r or "retrieval" in r:
+    if "zero_shot" in r or "retrieval" in r or "probe" in r:
         return format_eval(r)
     return "\n".join(f"{k}: {v}" for k, v in r.items())
 

@@ -1,4 +1,4 @@
-"""kiln's training side: models, loader, DeepSpeed engine, checkpoints, loop, launchers.
+"""kiln's training side: objectives, loader, DeepSpeed engine, checkpoints, loop, launchers.
 
 Public API (imported lazily, so ``kiln.training.config`` stays cheap to import for code
 that only reads recipes):

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from kiln.training.config import ModelConfig
+from kiln.models.config import ModelConfig
 
 __all__ = [
     "CHECKPOINTS_DIR",

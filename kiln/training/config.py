@@ -1,23 +1,27 @@
 """Typed configuration of a training run, one section per component.
 
-The model section knows nothing of DeepSpeed; `zero`, `optim` and `precision` are turned
+The model section (`kiln.models.config`: a flavor plus overrides) knows nothing of
+DeepSpeed; the objective section defaults to the model family's objective; `zero`, `optim` and `precision` are turned
 into a DeepSpeed config by `kiln.training.engine`. A train recipe is these sections plus
 the job fields that `kiln.platform.recipes` adds.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from kiln.contracts import StrictModel
+from kiln.models.config import ModelConfig
+from kiln.training.objectives.config import OBJECTIVE_ARCHS, ObjectiveConfig
 
 __all__ = [
     "CheckpointConfig",
     "DataConfig",
     "EvalConfig",
     "ModelConfig",
+    "ObjectiveConfig",
     "OptimConfig",
     "TrainConfig",
     "ZeroConfig",
@@ -32,38 +36,6 @@ class DataConfig(StrictModel):
     num_workers: int = Field(default=1, ge=0, description="DataLoader worker processes per rank")
     shuffle_buffer: int = Field(default=256, ge=1)
     augment: bool = Field(default=True, description="random resized crop + flip, seeded by uid")
-
-
-class ModelConfig(StrictModel):
-    """A CLIP: ViT image tower + causal text transformer over UTF-8 bytes."""
-
-    arch: Literal["clip"] = "clip"
-    image_size: int = Field(default=32, ge=8)
-    patch_size: int = Field(default=8, ge=1)
-    vision_width: int = Field(default=64, ge=8)
-    vision_layers: int = Field(default=2, ge=1)
-    vision_heads: int = Field(default=4, ge=1)
-    text_width: int = Field(default=64, ge=8)
-    text_layers: int = Field(default=2, ge=1)
-    text_heads: int = Field(default=4, ge=1)
-    context_length: int = Field(default=48, ge=4)
-    embed_dim: int = Field(default=64, ge=8)
-    init_logit_scale: float = 2.6593  # log(1/0.07), as in CLIP
-
-    @model_validator(mode="after")
-    def _check(self) -> ModelConfig:
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"model.image_size={self.image_size} is not a multiple of "
-                f"model.patch_size={self.patch_size}: pick sizes that divide"
-            )
-        for tower in ("vision", "text"):
-            width, heads = getattr(self, f"{tower}_width"), getattr(self, f"{tower}_heads")
-            if width % heads:
-                raise ValueError(
-                    f"model.{tower}_width={width} is not divisible by model.{tower}_heads={heads}"
-                )
-        return self
 
 
 class OptimConfig(StrictModel):
@@ -119,6 +91,9 @@ class TrainConfig(StrictModel):
 
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
+    objective: ObjectiveConfig | None = Field(
+        default=None, description="loss to train with; default: the model family's (model.arch)"
+    )
     optim: OptimConfig = Field(default_factory=OptimConfig)
     zero: ZeroConfig = Field(default_factory=ZeroConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
@@ -132,3 +107,32 @@ class TrainConfig(StrictModel):
         description="end this invocation after this step (a checkpoint is written first); "
         "`kiln resume` continues to max_steps",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_objective(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("objective") is not None:
+            return data
+        model = data.get("model")
+        try:
+            arch = (
+                model.arch
+                if isinstance(model, ModelConfig)
+                else ModelConfig.model_validate(model or {}).arch
+            )
+        except ValidationError:
+            return data  # the field's own validation reports it, with its location
+        return {**data, "objective": {"name": arch}}
+
+    @model_validator(mode="after")
+    def _check_objective(self) -> TrainConfig:
+        if (
+            self.objective is not None
+            and self.model.arch not in OBJECTIVE_ARCHS[self.objective.name]
+        ):
+            raise ValueError(
+                f"objective.name={self.objective.name!r} does not train a {self.model.arch!r} "
+                f"model (model.flavor={self.model.flavor!r}): use a {self.objective.name}-* "
+                f"flavor, or drop the objective section to train the flavor's own objective"
+            )
+        return self

@@ -49,10 +49,12 @@ __all__ = [
     "WebDatasetLoader",
     "WorkerSlice",
     "buffer_shuffle",
+    "dataset_has_text",
     "derive_rng",
     "manifest_hash",
     "plan_epoch",
     "sample_key",
+    "sample_seed",
 ]
 
 LOADER_STATE_VERSION = 1
@@ -147,13 +149,65 @@ def sample_key(member_name: str) -> tuple[str, str]:
     return (f"{head}/{stem}" if head else stem), ext
 
 
+def dataset_has_text(dataset: str) -> bool:
+    """True when the dataset's first sample has a caption (``{uid}.txt``).
+
+    kiln's shards are uniform (every sample has the members of the first), so one sample
+    tells; reading it costs one tar header walk of the first shard.
+    """
+    manifest = read_manifest(dataset)
+    if not manifest.shards:
+        return False
+    url = manifest.shard_url(dataset, manifest.shards[0])
+    first, exts = None, set()
+    with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            key, ext = sample_key(m.name)
+            if first is None:
+                first = key
+            if key != first:
+                break
+            exts.add(ext)
+    return "txt" in exts
+
+
 @dataclass
 class Batch:
-    """One micro-batch of one rank: images [B,3,S,S] float32, tokens [B,L] int64, uids."""
+    """One micro-batch of one rank.
+
+    ``images [B,3,S,S]`` float32; ``tokens [B,L]`` int64, or None when the run's objective
+    reads no text (the loader then never decodes or tokenizes captions); ``sample_seeds
+    [B]`` int64, a pure function of (seed, epoch, uid) for per-sample randomness in the
+    model (MAE's masks); ``uids``.
+    """
 
     images: torch.Tensor
-    tokens: torch.Tensor
+    tokens: torch.Tensor | None
     uids: list[str]
+    sample_seeds: torch.Tensor | None = None
+
+    def to(
+        self, device: torch.device | str, image_dtype: torch.dtype, fields: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
+        """The named fields moved to `device` (images also cast to `image_dtype`)."""
+        out: dict[str, torch.Tensor] = {}
+        for name in fields:
+            value = getattr(self, name, None)
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(
+                    f"batch field {name!r} is missing: the loader was built without it "
+                    "(with_text=False drops tokens)"
+                )
+            dtype = image_dtype if name == "images" else None
+            out[name] = value.to(device, dtype, non_blocking=True)
+        return out
+
+
+def sample_seed(seed: int, epoch: int, uid: str) -> int:
+    """A 62-bit seed from (seed, epoch, uid): per-sample randomness that resumes exactly."""
+    return int(derive_rng("sample", seed, epoch, uid).integers(2**62))
 
 
 def _identity(x: Any) -> Any:
@@ -177,6 +231,7 @@ class _EpochStream(IterableDataset):
         self.augment = loader.augment
         self.image_size = loader.image_size
         self.context_length = loader.context_length
+        self.with_text = loader.with_text
 
     # -- reading ---------------------------------------------------------------------------
     def _shard_url(self, order_index: int) -> str:
@@ -245,10 +300,11 @@ class _EpochStream(IterableDataset):
         from kiln.training.transforms import decode_rgb, image_to_tensor, sample_rng
 
         image_ext = next((e for e in _IMAGE_EXTS if e in members), None)
-        if image_ext is None or "txt" not in members:
+        if image_ext is None or (self.with_text and "txt" not in members):
+            need = "{uid}.jpg and {uid}.txt" if self.with_text else "{uid}.jpg"
             raise ValueError(
                 f"sample {uid!r} in shard {url!r} has members {sorted(members)}: each sample "
-                "needs {uid}.jpg and {uid}.txt (re-shard the dataset with `kiln curate`)"
+                f"needs {need} (re-shard the dataset with `kiln curate`)"
             )
         try:
             img = decode_rgb(members[image_ext])
@@ -256,10 +312,12 @@ class _EpochStream(IterableDataset):
             raise ValueError(f"sample {uid!r} in shard {url!r}: {e}") from e
         rng = sample_rng(self.seed, self.plan.epoch, uid)
         tensor = image_to_tensor(img, self.image_size, augment=self.augment, rng=rng)
+        if not self.with_text:
+            return tensor, ""
         return tensor, members["txt"].decode("utf-8", errors="replace")
 
     def _batch(self, samples: list[tuple[str, dict[str, bytes], str]]) -> Batch:
-        from kiln.training.tokenizer import tokenize
+        from kiln.models.tokenizer import tokenize
 
         images, texts, uids = [], [], []
         for uid, members, url in samples:
@@ -267,7 +325,9 @@ class _EpochStream(IterableDataset):
             images.append(img)
             texts.append(text)
             uids.append(uid)
-        return Batch(torch.stack(images), tokenize(texts, self.context_length), uids)
+        tokens = tokenize(texts, self.context_length) if self.with_text else None
+        seeds = torch.tensor([sample_seed(self.seed, self.plan.epoch, u) for u in uids])
+        return Batch(torch.stack(images), tokens, uids, seeds)
 
     # -- one logical worker ----------------------------------------------------------------
     def logical_stream(self, logical_worker: int) -> Iterator[Batch]:
@@ -326,6 +386,7 @@ class WebDatasetLoader:
         augment: bool = True,
         image_size: int = 32,
         context_length: int = 48,
+        with_text: bool = True,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is outside world_size={world_size}")
@@ -342,6 +403,7 @@ class WebDatasetLoader:
         self.augment = augment
         self.image_size = image_size
         self.context_length = context_length
+        self.with_text = with_text
         self._sizes = [s.num_samples for s in self.manifest.shards]
         self.steps_per_epoch = self.plan(0).steps_per_epoch
         if self.steps_per_epoch == 0:

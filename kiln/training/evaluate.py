@@ -1,4 +1,10 @@
-"""Evaluation of a trained CLIP: zero-shot classification and image-text retrieval.
+"""Evaluation of a trained model, by what its family can do.
+
+- image-text models (CLIP, SigLIP, CoCa): zero-shot classification and image-text
+  retrieval from the contrastive embeddings; CoCa also captions a few eval images
+  (greedy and beam search) next to their reference captions;
+- image-only models (MAE): kNN (leave-one-out) and linear-probe accuracy of the image
+  features on the labelled eval set's tasks (`probe`).
 
 Checkpoint weights file (``checkpoints/{tag}/model.pt``, written at every complete
 checkpoint) is a plain ``torch.save`` of::
@@ -37,18 +43,27 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from kiln.contracts import read_manifest, require_file
-from kiln.training.config import EvalConfig, ModelConfig
-from kiln.training.models import CLIP, build_model
-from kiln.training.tokenizer import tokenize
+from kiln.models.build import build_model
+from kiln.models.config import ModelConfig
+from kiln.models.tokenizer import decode, tokenize
+from kiln.training.config import EvalConfig
 from kiln.training.transforms import decode_rgb, image_to_tensor
+
+#: A model with ``encode_image`` (and ``encode_text`` for image-text families, ``generate``
+#: for CoCa); typed loosely because each family is its own nn.Module.
+EvalModel = Any
 
 __all__ = [
     "ZERO_SHOT_NAME",
     "ZeroShotSpec",
     "ZeroShotTask",
+    "caption_samples",
     "evaluate",
     "iter_samples",
+    "knn_accuracy",
+    "linear_probe_accuracy",
     "load_model_file",
+    "probe",
     "recall_at_k",
     "retrieval",
     "save_model_file",
@@ -97,7 +112,7 @@ def save_model_file(
     return path
 
 
-def load_model_file(path: str) -> tuple[CLIP, ModelConfig, int]:
+def load_model_file(path: str) -> tuple[nn.Module, ModelConfig, int]:
     """``(model in eval mode on CPU, its config, the step it was saved at)``."""
     fs, fspath = require_file(
         path,
@@ -238,7 +253,7 @@ def _model_device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def _encode_texts(
-    model: CLIP, texts: Sequence[str], context_length: int, batch_size: int
+    model: EvalModel, texts: Sequence[str], context_length: int, batch_size: int
 ) -> torch.Tensor:
     device = _model_device(model)
     chunks = [
@@ -250,7 +265,7 @@ def _encode_texts(
 
 @torch.no_grad()
 def _embed_dataset(
-    model: CLIP,
+    model: EvalModel,
     dataset_dir: str,
     *,
     image_size: int,
@@ -330,7 +345,7 @@ class _EvalMode:
 
 @torch.no_grad()
 def zero_shot_classifier(
-    model: CLIP, task: ZeroShotTask, *, context_length: int, batch_size: int
+    model: EvalModel, task: ZeroShotTask, *, context_length: int, batch_size: int
 ) -> torch.Tensor:
     """``[num_classes, D]``: per class, the renormalized mean of its template embeddings."""
     prompts = [t.format(c) for c in task.classnames for t in task.templates]
@@ -340,7 +355,7 @@ def zero_shot_classifier(
 
 
 def zero_shot(
-    model: CLIP, eval_dir: str, *, image_size: int, context_length: int, batch_size: int
+    model: EvalModel, eval_dir: str, *, image_size: int, context_length: int, batch_size: int
 ) -> dict[str, Any]:
     """Zero-shot accuracy per task of ``{eval_dir}/zero_shot.json``.
 
@@ -441,7 +456,7 @@ def recall_at_k(
 
 
 def retrieval(
-    model: CLIP,
+    model: EvalModel,
     dataset_dir: str,
     ks: Sequence[int],
     *,
@@ -478,28 +493,180 @@ def retrieval(
 
 
 def evaluate(model_file: str, cfg: EvalConfig, out_path: str | None = None) -> dict[str, Any]:
-    """Run every evaluation `cfg` names on the weights in `model_file`; write JSON if asked."""
+    """Run every evaluation `cfg` names on the weights in `model_file`; write JSON if asked.
+
+    Image-text models get zero-shot (``eval.zero_shot``) and retrieval (``eval.retrieval``),
+    CoCa also caption samples; image-only models (MAE) get kNN / linear-probe accuracy on
+    the labelled set (``eval.zero_shot``) and no retrieval (noted in the report).
+    """
     if cfg.zero_shot is None and cfg.retrieval is None:
         raise ValueError(
             "eval.zero_shot and eval.retrieval are both unset: set at least one "
             "(e.g. --set eval.zero_shot=PATH_TO_LABELLED_SET)"
         )
     model, mcfg, step = load_model_file(model_file)
+    report: dict[str, Any] = {"model_file": model_file, "step": step, "arch": mcfg.arch}
+    if not mcfg.needs_text:
+        if cfg.zero_shot is not None:
+            report["probe"] = probe(
+                model, cfg.zero_shot, image_size=mcfg.image_size, batch_size=cfg.batch_size
+            )
+            report["probe_dataset"] = cfg.zero_shot
+        if cfg.retrieval is not None:
+            report["retrieval_skipped"] = f"a {mcfg.arch} model has no text tower"
+        if out_path is not None:
+            _write_json(out_path, report)
+        return report
     sizes = {
         "image_size": mcfg.image_size,
         "context_length": mcfg.context_length,
         "batch_size": cfg.batch_size,
     }
-    report: dict[str, Any] = {"model_file": model_file, "step": step}
     if cfg.zero_shot is not None:
         report["zero_shot"] = zero_shot(model, cfg.zero_shot, **sizes)
         report["zero_shot_dataset"] = cfg.zero_shot
     if cfg.retrieval is not None:
         report["retrieval"] = retrieval(model, cfg.retrieval, cfg.recall_k, **sizes)
         report["retrieval_dataset"] = cfg.retrieval
+    if hasattr(model, "generate"):
+        source = cfg.retrieval or cfg.zero_shot
+        assert source is not None
+        report["captions"] = caption_samples(model, source, image_size=mcfg.image_size)
     if out_path is not None:
         _write_json(out_path, report)
     return report
+
+
+# --------------------------------------------------------------------------- image-only
+
+
+def _labelled_rows(
+    task: ZeroShotTask, meta: Sequence[dict[str, Any]]
+) -> tuple[list[int], list[int]]:
+    index = {c: i for i, c in enumerate(task.classnames)}
+    rows, targets = [], []
+    for row, m in enumerate(meta):
+        labels = m.get("labels")
+        label = labels.get(task.label_key) if isinstance(labels, dict) else None
+        if label in index:
+            rows.append(row)
+            targets.append(index[label])
+    return rows, targets
+
+
+def knn_accuracy(features: torch.Tensor, targets: torch.Tensor, k: int, classes: int) -> float:
+    """Leave-one-out kNN top-1 of unit-norm `features`: each sample's label is the vote of
+    its `k` most similar others, weighted by ``exp(similarity / 0.07)`` (as in DINO)."""
+    sim = features @ features.T
+    sim.fill_diagonal_(float("-inf"))
+    k = min(k, len(features) - 1)
+    top, idx = sim.topk(k, dim=1)
+    votes = torch.zeros(len(features), classes)
+    votes.scatter_add_(1, targets[idx], (top / 0.07).exp())
+    return (votes.argmax(dim=1) == targets).double().mean().item()
+
+
+def linear_probe_accuracy(
+    features: torch.Tensor, targets: torch.Tensor, classes: int, *, weight_decay: float = 1e-3
+) -> float:
+    """Top-1 of a logistic-regression probe (L-BFGS) fit on a random half of the rows
+    (fixed seed) and tested on the other half.
+
+    Features are standardized with the training rows' mean and std first: unit-norm
+    embeddings differ in small directions, which an L2-penalized probe would not reach.
+    """
+    gen = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(features), generator=gen)
+    half = len(features) // 2
+    fit, held = order[:half], order[half:]
+    mean, std = features[fit].mean(dim=0), features[fit].std(dim=0).clamp(min=1e-6)
+    features = (features - mean) / std
+    train, test = features[fit], features[held]
+    y_train, y_test = targets[fit], targets[held]
+    if len(test) == 0:
+        return float("nan")
+    weight = (0.01 * torch.randn(features.shape[1], classes, generator=gen)).requires_grad_()
+    bias = torch.zeros(classes, requires_grad=True)
+    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(train @ weight + bias, y_train)
+        loss = loss + weight_decay * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        return ((test @ weight + bias).argmax(dim=1) == y_test).double().mean().item()
+
+
+def probe(
+    model: EvalModel, eval_dir: str, *, image_size: int, batch_size: int, k: int = 10
+) -> dict[str, Any]:
+    """kNN and linear-probe accuracy of the model's image features on each labelled task.
+
+    Returns ``{task: {"knn_top1", "linear_probe_top1", "chance", "num_classes",
+    "num_samples", "k"}}``; samples without a listed label are left out.
+    """
+    spec = _read_zero_shot_spec(eval_dir)
+    with _EvalMode(model):
+        data = _embed_dataset(
+            model,
+            eval_dir,
+            image_size=image_size,
+            context_length=0,
+            batch_size=batch_size,
+            with_text=False,
+            with_meta=True,
+        )
+    results: dict[str, Any] = {}
+    for task in spec.tasks:
+        rows, targets = _labelled_rows(task, data.meta)
+        n = len(task.classnames)
+        entry: dict[str, Any] = {"num_classes": n, "num_samples": len(rows), "chance": 1.0 / n}
+        if len(rows) >= 4:
+            feats, target = data.image[rows].float(), torch.tensor(targets)
+            entry["knn_top1"] = knn_accuracy(feats, target, k, n)
+            entry["linear_probe_top1"] = linear_probe_accuracy(feats, target, n)
+            entry["k"] = min(k, len(rows) - 1)
+        results[task.name] = entry
+    return results
+
+
+# --------------------------------------------------------------------------- captioning
+
+
+@torch.no_grad()
+def caption_samples(
+    model: EvalModel, dataset_dir: str, *, image_size: int, num: int = 4, num_beams: int = 3
+) -> list[dict[str, str]]:
+    """Greedy and beam-search captions of the first `num` images beside their captions."""
+    rows: list[dict[str, str]] = []
+    images: list[torch.Tensor] = []
+    for _url, key, members in iter_samples(dataset_dir):
+        data = _image_bytes(members)
+        if data is None:
+            continue
+        try:
+            pixels = image_to_tensor(decode_rgb(data), image_size, augment=False, rng=None)
+        except ValueError:
+            continue
+        text = members.get("txt", b"").decode("utf-8", errors="replace").strip()
+        rows.append({"uid": posixpath.basename(key), "reference": text})
+        images.append(pixels)
+        if len(images) == num:
+            break
+    if not images:
+        return []
+    with _EvalMode(model):
+        batch = torch.stack(images).to(_model_device(model))
+        greedy = model.generate(batch, num_beams=1)
+        beam = model.generate(batch, num_beams=num_beams)
+    for row, g, b in zip(rows, greedy, beam, strict=True):
+        row["greedy"], row["beam"] = decode(g), decode(b)
+    return rows
 
 
 def _write_json(url: str, obj: Mapping[str, Any]) -> None:

@@ -38,7 +38,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from kiln.training.config import TrainConfig
-from kiln.training.data import WebDatasetLoader
+from kiln.training.data import WebDatasetLoader, dataset_has_text
 from kiln.training.engine import prebuild_comm_ops, set_runtime_env
 from kiln.training.loop import SUMMARY_FILE, check_run_dir
 
@@ -109,8 +109,9 @@ def _read_summary(run: Path, launcher: Literal["ray", "local"], started: float) 
 
 
 def _preflight(cfg: TrainConfig, world: int) -> None:
-    """Fail in the caller, not in N ranks, when the dataset is missing or too small."""
-    WebDatasetLoader(
+    """Fail in the caller, not in N ranks, when the dataset is missing, too small, or has
+    no captions for an objective that reads them."""
+    loader = WebDatasetLoader(
         cfg.data.dataset,
         batch_size=cfg.data.batch_size,
         seed=cfg.seed,
@@ -119,6 +120,13 @@ def _preflight(cfg: TrainConfig, world: int) -> None:
         num_workers=cfg.data.num_workers,
         shuffle_buffer=cfg.data.shuffle_buffer,
     )
+    objective = cfg.objective.name if cfg.objective is not None else cfg.model.arch
+    if cfg.model.needs_text and not dataset_has_text(loader.dataset):
+        raise ValueError(
+            f"objective {objective!r} trains on captions but dataset {cfg.data.dataset!r} has "
+            "no text (its samples have no {uid}.txt member): train an image-only objective "
+            "on it (e.g. model.flavor=mae-tiny) or point data.dataset at an image-text dataset"
+        )
 
 
 def train(

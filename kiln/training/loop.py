@@ -5,7 +5,11 @@ the latest complete checkpoint when asked, trains to ``cfg.max_steps`` (or stops
 ``cfg.stop_after_step``), checkpoints every ``cfg.checkpoint.every_steps`` and at the end,
 and appends one record per step to ``{run_dir}/metrics.jsonl`` (rank 0)::
 
-    {"step", "loss", "lr", "epoch", "samples_per_s", "elapsed_s", "attempt", "resumed_from"}
+    {"step", "loss", "lr", "epoch", "samples_per_s", "elapsed_s", "attempt", "resumed_from",
+     ...the objective's logged scalars (e.g. "logit_scale", "caption_loss")}
+
+The loop is objective-agnostic: the run's objective (`kiln.training.objectives`) says which
+batch fields it reads and turns the model's outputs into the loss.
 
 ``loss`` is the global-batch loss (the mean of the ranks' losses) as a Python float, which
 JSON round-trips exactly, so runs can be compared bitwise from their metrics files.
@@ -122,6 +126,22 @@ def _global_mean(value: torch.Tensor, world: int) -> float:
     return float(t.item())
 
 
+def _global_means(logs: list[dict[str, torch.Tensor]], world: int) -> dict[str, float]:
+    """Each logged scalar averaged over micro-steps and ranks (one all-reduce for all)."""
+    names = sorted(logs[0]) if logs else []
+    if not names:
+        return {}
+    local = torch.stack(
+        [torch.stack([m[k].detach().float().reshape(()) for k in names]) for m in logs]
+    ).mean(dim=0)
+    if world > 1:
+        if torch.cuda.is_available() and dist.get_backend() == dist.Backend.NCCL:
+            local = local.cuda()
+        dist.all_reduce(local, op=dist.ReduceOp.SUM)
+        local = local / world
+    return {k: float(v) for k, v in zip(names, local.tolist(), strict=True)}
+
+
 def _log(rank: int, msg: str) -> None:
     # Written to the stream, not print(): Ray Train patches print() into its logger, which
     # would show every line twice on the driver.
@@ -153,9 +173,11 @@ def train_worker(
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
 
-    from kiln.training.losses import clip_loss
-    from kiln.training.models import build_model
+    from kiln.models.build import build_model
+    from kiln.training.objectives import build_objective
 
+    assert cfg.objective is not None  # TrainConfig fills in the model family's objective
+    objective = build_objective(cfg.objective)
     _seed_everything(cfg.seed)  # every rank builds identical initial weights
     model = build_model(cfg.model)
     engine = build_engine(model, cfg, world)
@@ -172,6 +194,7 @@ def train_worker(
         augment=cfg.data.augment,
         image_size=cfg.model.image_size,
         context_length=cfg.model.context_length,
+        with_text=objective.needs_text,
     )
 
     step, resumed_from = 0, None
@@ -207,7 +230,8 @@ def train_worker(
     step_times: list[float] = []
     _log(
         rank,
-        f"training steps {first_step}..{end} of {cfg.max_steps} on {world} rank(s), "
+        f"training {cfg.model.flavor} with objective {objective.name}, "
+        f"steps {first_step}..{end} of {cfg.max_steps} on {world} rank(s), "
         f"ZeRO-{cfg.zero.stage}, {samples_per_step} samples/step, "
         f"{loader.steps_per_epoch} steps/epoch",
     )
@@ -240,17 +264,21 @@ def train_worker(
             t0 = time.perf_counter()
             lr = float(engine.get_lr()[0])
             micro_losses = []
+            micro_logs: list[dict[str, torch.Tensor]] = []
             for _ in range(cfg.optim.grad_accum):
                 batch: Batch = next(batches)
-                images = batch.images.to(device, image_dtype, non_blocking=True)
-                tokens = batch.tokens.to(device, non_blocking=True)
-                img, txt, scale = engine(images, tokens)
-                loss = clip_loss(img, txt, scale)
+                fields = batch.to(device, image_dtype, objective.batch_fields)
+                outputs = engine(**objective.model_inputs(fields))
+                if not step_times and not micro_logs:  # first micro-step of this invocation
+                    objective.check_outputs(outputs)
+                loss, logs = objective.loss(outputs, fields)
                 engine.backward(loss)
                 engine.step()
                 micro_losses.append(loss.detach().float())
+                micro_logs.append(logs)
             step += 1
             loss_value = _global_mean(torch.stack(micro_losses).mean(), world)
+            extra = _global_means(micro_logs, world)
             dt = time.perf_counter() - t0
             losses.append(loss_value)
             step_times.append(dt)
@@ -264,6 +292,7 @@ def train_worker(
                     "elapsed_s": time.perf_counter() - t_start,
                     "attempt": attempt,
                     "resumed_from": resumed_from,
+                    **extra,
                 }
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")

@@ -15,9 +15,9 @@ def test_quickstart_small(tmp_path: Path) -> None:
         "checkpoint.every_steps": 2,
         "data.batch_size": 8,
         "data.num_workers": 0,
-        "model.image_size": 16,
-        "model.vision_layers": 1,
-        "model.text_layers": 1,
+        "model.vision.image_size": 16,
+        "model.vision.layers": 1,
+        "model.text.layers": 1,
         "log_every": 2,
     }
     args = ["quickstart", "--root", str(root)]

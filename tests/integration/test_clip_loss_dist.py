@@ -22,12 +22,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from kiln.training.config import ModelConfig
+from kiln.models.build import build_model
+from kiln.models.clip import CLIP
+from kiln.models.config import ModelConfig
+from kiln.models.tokenizer import tokenize
 from kiln.training.launch import free_port
-from kiln.training.losses import clip_loss
-from kiln.training.models import CLIP, build_model
-from kiln.training.tokenizer import tokenize
-from tests.helpers_training import MICRO_MODEL
+from kiln.training.objectives.clip import clip_loss
+from tests.helpers_training import MICRO_MODEL, clip_loss_of
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +83,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         local = slice(rank * n, (rank + 1) * n)
 
         model = _model()
-        loss = clip_loss(*model(images[local], tokens[local]))
+        loss = clip_loss_of(model(images[local], tokens[local]))
         loss.backward()
         grads = _average(_grads(model))
         logged = loss.detach().clone()
@@ -90,12 +91,14 @@ def _worker(rank: int, port: int, out: str) -> None:
         logged /= WORLD
 
         naive_model = _model()
-        _naive_loss(*naive_model(images[local], tokens[local])).backward()
+        o = naive_model(images[local], tokens[local])
+        _naive_loss(o["image_embeds"], o["text_embeds"], o["logit_scale"]).backward()
         naive = _average(_grads(naive_model))
 
         # Unequal local batches are refused on every rank, with the fix in the message.
         uneven = 2 + rank
-        img, txt, scale = model(images[:uneven], tokens[:uneven])
+        o = model(images[:uneven], tokens[:uneven])
+        img, txt, scale = o["image_embeds"], o["text_embeds"], o["logit_scale"]
         try:
             clip_loss(img, txt, scale)
             uneven_error = ""
@@ -129,7 +132,7 @@ def test_two_rank_gradients_equal_global_batch(
 
     model = _model()
     images, tokens = _batch()
-    ref_loss = clip_loss(*model(images, tokens))
+    ref_loss = clip_loss_of(model(images, tokens))
     ref_loss.backward()
     ref = _grads(model)
 

@@ -18,12 +18,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from kiln.training.config import ModelConfig
+from kiln.models.build import build_model
+from kiln.models.clip import CLIP
+from kiln.models.config import ModelConfig
+from kiln.models.tokenizer import tokenize
 from kiln.training.launch import free_port
-from kiln.training.losses import clip_loss
-from kiln.training.models import CLIP, build_model
-from kiln.training.tokenizer import tokenize
-from tests.helpers_training import MICRO_MODEL
+from tests.helpers_training import MICRO_MODEL, clip_loss_of
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +71,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     )
     images, tokens = _batch()
     local = slice(2 * rank, 2 * rank + 2)
-    loss = clip_loss(*engine(images[local], tokens[local]))
+    loss = clip_loss_of(engine(images[local], tokens[local]))
     engine.backward(loss)
     grads = {n: safe_get_full_grad(p).detach().clone() for n, p in model.named_parameters()}
     logged = loss.detach().clone()
@@ -97,7 +97,7 @@ def test_zero3_init_and_gradients_match_plain_torch(
         assert torch.equal(result["init"][name], value), name
 
     images, tokens = _batch()
-    ref = clip_loss(*model(images, tokens))
+    ref = clip_loss_of(model(images, tokens))
     ref.backward()
     torch.testing.assert_close(result["loss"], ref.detach(), rtol=1e-6, atol=1e-6)
     for name, p in model.named_parameters():

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from kiln.models.config import ModelConfig
 from kiln.training.checkpoint import (
     COMPLETE_MARKER,
     atomic_write_text,
@@ -25,7 +26,8 @@ from kiln.training.checkpoint import (
     step_of_tag,
     tag_for_step,
 )
-from kiln.training.config import ModelConfig, TrainConfig
+from kiln.training.config import TrainConfig
+from tests.helpers_training import clip_loss_of
 
 
 def fake_checkpoint(run: Path, step: int, *, complete: bool = True) -> str:
@@ -106,8 +108,8 @@ def single_rank(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def tiny_engine(tmp_path: Path) -> tuple[Any, TrainConfig]:
+    from kiln.models.build import build_model
     from kiln.training.engine import build_engine, init_distributed
-    from kiln.training.models import build_model
 
     cfg = TrainConfig.model_validate(
         {
@@ -133,12 +135,10 @@ def tiny_engine(tmp_path: Path) -> tuple[Any, TrainConfig]:
 
 
 def train_step(engine: Any) -> None:
-    from kiln.training.losses import clip_loss
-
     g = torch.Generator().manual_seed(1)
     images = torch.randn(2, 3, 8, 8, generator=g)
     tokens = torch.randint(3, 200, (2, 8), generator=g)
-    loss = clip_loss(*engine(images, tokens))
+    loss = clip_loss_of(engine(images, tokens))
     engine.backward(loss)
     engine.step()
 

@@ -23,20 +23,25 @@ from PIL import Image
 
 from kiln.contracts import DatasetManifest, ShardInfo, sha256_hex, write_manifest
 from kiln.data_curation.synthetic import COLORS as SYNTHETIC_COLORS
-from kiln.training.config import EvalConfig, ModelConfig
+from kiln.models.build import build_model
+from kiln.models.clip import CLIP
+from kiln.models.config import ModelConfig
+from kiln.models.tokenizer import tokenize
+from kiln.platform.summary import format_eval
+from kiln.training.config import EvalConfig
 from kiln.training.evaluate import (
     evaluate,
     iter_samples,
+    knn_accuracy,
+    linear_probe_accuracy,
     load_model_file,
     recall_at_k,
     retrieval,
     save_model_file,
     zero_shot,
 )
-from kiln.training.losses import clip_loss
-from kiln.training.models import CLIP, build_model
-from kiln.training.tokenizer import tokenize
 from kiln.training.transforms import decode_rgb, image_to_tensor
+from tests.helpers_training import clip_loss_of, tiny_flavor
 
 COLORS = {k: SYNTHETIC_COLORS[k] for k in ("red", "green", "blue", "yellow", "black", "white")}
 NAMES = list(COLORS)
@@ -150,7 +155,7 @@ def trained() -> CLIP:
     for step in range(40):
         images = torch.stack([pool[name][step % 4] for name in NAMES])
         tokens = tokenize([TEMPLATES[step % 2].format(n) for n in NAMES], CFG.context_length)
-        loss = clip_loss(*model(images, tokens))
+        loss = clip_loss_of(model(images, tokens))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -223,8 +228,10 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     images = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     tokens = tokenize(["red", "green", "blue"], CFG.context_length)
     with torch.no_grad():
-        for a, b in zip(model(images, tokens), loaded(images, tokens), strict=True):
-            assert torch.equal(a, b)
+        ours, theirs = model(images, tokens), loaded(images, tokens)
+        assert ours.keys() == theirs.keys()
+        for key, value in ours.items():
+            assert torch.equal(value, theirs[key]), key
 
     # A state dict works too (what a ZeRO-3 run consolidates), and overwriting is atomic.
     save_model_file(str(path), model.state_dict(), CFG, step=9)
@@ -362,3 +369,67 @@ def test_evaluate_writes_the_report(tmp_path: Path, eval_set: str, trained: CLIP
     assert report["retrieval"]["image_to_text"]["recall@1"] < 1.0
     with pytest.raises(ValueError, match=r"eval\.zero_shot and eval\.retrieval are both unset"):
         evaluate(model_file, EvalConfig(), None)
+
+
+# --------------------------------------------------------------------------- other families
+
+
+def test_knn_and_linear_probe_on_separable_and_random_labels() -> None:
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.nn.functional.normalize(torch.randn(4, 8, generator=gen), dim=-1)
+    targets = torch.arange(80) % 4
+    feats = torch.nn.functional.normalize(
+        centers[targets] + 0.05 * torch.randn(80, 8, generator=gen), dim=-1
+    )
+    assert knn_accuracy(feats, targets, k=5, classes=4) == 1.0
+    assert linear_probe_accuracy(feats, targets, classes=4) == 1.0
+    shuffled = targets[torch.randperm(80, generator=gen)]
+    assert knn_accuracy(feats, shuffled, k=5, classes=4) < 0.6
+    assert linear_probe_accuracy(feats, shuffled, classes=4) < 0.6
+
+
+def test_evaluate_image_only_and_captioning_models(tmp_path: Path, eval_set: str) -> None:
+    """MAE: probe accuracies, no retrieval (noted); CoCa: zero-shot, retrieval, captions."""
+    cfg = EvalConfig(zero_shot=eval_set, retrieval=eval_set, batch_size=8)
+    for arch in ("mae", "coca"):
+        mcfg = ModelConfig.model_validate(tiny_flavor(arch))
+        torch.manual_seed(0)
+        path = save_model_file(str(tmp_path / f"{arch}.pt"), build_model(mcfg), mcfg, step=1)
+        report = evaluate(path, cfg)
+        assert report["arch"] == arch
+        if arch == "mae":
+            color = report["probe"]["color"]
+            assert 0 <= color["knn_top1"] <= 1 and 0 <= color["linear_probe_top1"] <= 1
+            assert color["num_samples"] == 24 and "retrieval" not in report
+            assert "no text tower" in report["retrieval_skipped"]
+        else:
+            assert set(report) >= {"zero_shot", "retrieval", "captions"}
+            first = report["captions"][0]
+            assert first["reference"] and isinstance(first["greedy"], str)
+            assert isinstance(first["beam"], str)
+        assert format_eval(report).count("\n") >= 3
+
+
+def test_model_file_of_an_older_kiln_loads(tmp_path: Path) -> None:
+    """Weights files written before flavors carry the flat model config: still loadable."""
+    flat = {
+        "arch": "clip",
+        "image_size": 16,
+        "patch_size": 8,
+        "vision_width": 32,
+        "vision_layers": 1,
+        "vision_heads": 2,
+        "text_width": 32,
+        "text_layers": 1,
+        "text_heads": 2,
+        "context_length": 32,
+        "embed_dim": 32,
+        "init_logit_scale": 2.6593,
+    }
+    model = _untrained()
+    path = tmp_path / "old.pt"
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.save({"model_config": flat, "state_dict": state, "step": 3}, path)
+    loaded, cfg, step = load_model_file(str(path))
+    assert cfg == CFG and step == 3
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in state.items())

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from kiln.training.config import ModelConfig
-from kiln.training.losses import clip_loss
-from kiln.training.models import CLIP, MAX_LOGIT_SCALE, build_model
-from kiln.training.tokenizer import (
+from kiln.models import CLIP, MAX_LOGIT_SCALE
+from kiln.models.build import build_model, count_parameters
+from kiln.models.config import ModelConfig
+from kiln.models.tokenizer import (
     BOS_ID,
     BYTE_OFFSET,
     EOS_ID,
@@ -19,6 +19,7 @@ from kiln.training.tokenizer import (
     decode,
     tokenize,
 )
+from tests.helpers_training import clip_loss_of
 
 SMALL = ModelConfig(
     image_size=16,
@@ -85,7 +86,8 @@ def test_encoders_shapes_and_unit_norm() -> None:
     images = torch.randn(3, 3, 16, 16)
     tokens = tokenize(["a red dot", "", "blue"], SMALL.context_length)
     with torch.no_grad():
-        img, txt, scale = model(images, tokens)
+        out = model(images, tokens)
+    img, txt, scale = out["image_embeds"], out["text_embeds"], out["logit_scale"]
     assert img.shape == (3, 24) and txt.shape == (3, 24)
     torch.testing.assert_close(img.norm(dim=-1), torch.ones(3))
     torch.testing.assert_close(txt.norm(dim=-1), torch.ones(3))
@@ -98,10 +100,11 @@ def test_logit_scale_clamped_at_100() -> None:
     model = _model()
     with torch.no_grad():
         model.logit_scale.fill_(10.0)
-        _, _, scale = model(torch.zeros(1, 3, 16, 16), tokenize(["x"], SMALL.context_length))
+        out = model(torch.zeros(1, 3, 16, 16), tokenize(["x"], SMALL.context_length))
+    scale = out["logit_scale"]
     assert scale.item() == MAX_LOGIT_SCALE
     with pytest.raises(ValueError, match="init_logit_scale"):
-        build_model(SMALL.model_copy(update={"init_logit_scale": 5.0}))
+        ModelConfig.model_validate({**SMALL.model_dump(), "init_logit_scale": 5.0})
 
 
 def test_text_features_ignore_padding_and_later_text() -> None:
@@ -152,23 +155,26 @@ def test_init_is_a_function_of_the_seed() -> None:
 
 def test_parameter_count_matches_architecture() -> None:
     """Every parameter is registered up front and the count follows the config exactly."""
-    cfg = ModelConfig()  # the default recipe's model
+    cfg = ModelConfig()  # the default recipe's model (flavor clip-tiny)
     model = build_model(cfg)
+    v, t = cfg.vision, cfg.text
+    assert t is not None
 
     def blocks(width: int, layers: int) -> int:
         per = 2 * 2 * width + (3 * width * width + 3 * width) + (width * width + width)
         per += (4 * width * width + 4 * width) + (4 * width * width + width)
         return layers * per
 
-    grid = (cfg.image_size // cfg.patch_size) ** 2
-    vision = 3 * cfg.patch_size**2 * cfg.vision_width + cfg.vision_width * (grid + 2)
-    vision += 2 * 2 * cfg.vision_width + blocks(cfg.vision_width, cfg.vision_layers)
-    vision += cfg.vision_width * cfg.embed_dim
-    text = (VOCAB_SIZE + cfg.context_length) * cfg.text_width + 2 * cfg.text_width
-    text += blocks(cfg.text_width, cfg.text_layers) + cfg.text_width * cfg.embed_dim
+    grid = (v.image_size // v.patch_size) ** 2
+    vision = 3 * v.patch_size**2 * v.width + v.width * (grid + 2)
+    vision += 2 * 2 * v.width + blocks(v.width, v.layers)
+    vision += v.width * cfg.embed_dim
+    text = (VOCAB_SIZE + t.context_length) * t.width + 2 * t.width
+    text += blocks(t.width, t.layers) + t.width * cfg.embed_dim
     expected = vision + text + 1
     count = sum(p.numel() for p in model.parameters())
     assert count == expected
+    assert count_parameters(cfg)["total"] == expected  # built on the meta device
     assert 100_000 < count < 1_000_000  # tiny enough for CPU training in tests
     names_before = [n for n, _ in model.named_parameters()]
     model(torch.zeros(1, 3, 32, 32), tokenize(["x"], cfg.context_length))
@@ -184,7 +190,7 @@ def test_no_dropout_training_is_bitwise_reproducible() -> None:
         tokens = tokenize(["red", "green", "blue", "black"], SMALL.context_length)
         for _ in range(2):
             opt.zero_grad()
-            clip_loss(*model(images, tokens)).backward()
+            clip_loss_of(model(images, tokens)).backward()
             opt.step()
         return [p.detach().clone() for p in model.parameters()]
 

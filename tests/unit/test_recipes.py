@@ -203,3 +203,25 @@ def test_stage_paths_resolve_against_the_cwd(
     assert recipe.stages[1]["entries"] == str(tmp_path / "entries.txt")  # type: ignore[union-attr]
     with pytest.raises(RecipeError, match="no item 'nope'"):
         apply_overrides(PLAN, ["stages.nope.t=1"])
+
+
+@pytest.mark.parametrize("arch", ["siglip", "coca", "mae"])
+def test_example_objective_recipes_load(arch: str) -> None:
+    recipe = load_recipe(REPO / "recipes" / "examples" / f"{arch}_tiny.yaml")
+    assert isinstance(recipe, TrainRecipe)
+    assert recipe.model.arch == arch and recipe.objective is not None
+    assert recipe.objective.name == arch
+    assert recipe.data.dataset == "runs/quickstart/curate/dataset"
+
+
+def test_unknown_flavor_in_a_recipe_lists_the_valid_ones() -> None:
+    path = REPO / "recipes" / "quickstart" / "train.yaml"
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path, ["model.flavor=clip-vit-b-61"])
+    msg = str(e.value)
+    assert "unknown model flavor 'clip-vit-b-61'" in msg and "clip-vit-b-16" in msg
+    assert "mae-vit-h-14" in msg
+    nested = load_recipe(path, ["model.flavor=clip-vit-b-16", "model.vision.image_size=160"])
+    assert nested.model.vision.image_size == 160 and nested.model.vision.width == 768
+    legacy = load_recipe(path, ["model.image_size=16", "model.vision_width=32"])
+    assert (legacy.model.vision.image_size, legacy.model.vision.width) == (16, 32)

@@ -1,0 +1,190 @@
+"""Transformer building blocks shared by every tower.
+
+Every layer initializes its own parameters inside its own ``__init__`` with an explicit
+standard deviation, instead of a parent re-initializing children afterwards. That keeps two
+promises: initialization is a pure function of torch's RNG and the construction order
+(the caller seeds), and the model can be built under DeepSpeed's ``zero.Init`` (or on the
+``meta`` device to count parameters), which partitions each module's parameters as soon as
+its ``__init__`` returns (a parent touching ``child.weight.data`` later would see an empty
+shard). Parameters are only read inside the forward of the module that owns them, which is
+what ZeRO-3's gather hooks expect. Attention runs through torch's
+``scaled_dot_product_attention`` (fused kernels where the device has them).
+
+No dropout anywhere: CPU fp32 training is then bitwise reproducible.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "MLP",
+    "Attention",
+    "AttentionalPooler",
+    "CrossAttention",
+    "CrossAttentionBlock",
+    "Embedding",
+    "Linear",
+    "Transformer",
+    "TransformerBlock",
+]
+
+
+class Linear(nn.Module):
+    """``y = x W^T + b`` with ``W ~ N(0, std^2)`` and ``b = 0``."""
+
+    def __init__(self, in_features: int, out_features: int, *, std: float, bias: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.normal_(self.weight, std=std)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Module):
+    """Lookup table with ``N(0, std^2)`` rows."""
+
+    def __init__(self, num_embeddings: int, dim: int, *, std: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, dim))
+        nn.init.normal_(self.weight, std=std)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, w = x.shape
+    return x.reshape(b, n, heads, w // heads).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention (fused qkv projection, torch's scaled-dot-product kernel)."""
+
+    def __init__(self, width: int, heads: int, *, std: float, out_std: float):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"attention width={width} is not divisible by heads={heads}")
+        self.heads = heads
+        self.qkv = Linear(width, 3 * width, std=std)
+        self.out = Linear(width, width, std=out_std)
+
+    def forward(self, x: torch.Tensor, *, causal: bool) -> torch.Tensor:
+        b, n, w = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)
+        return self.out(y.transpose(1, 2).reshape(b, n, w))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of queries ``[B, n, width]`` over a context ``[B, m, kv_width]``."""
+
+    def __init__(self, width: int, heads: int, kv_width: int, *, std: float, out_std: float):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"attention width={width} is not divisible by heads={heads}")
+        self.heads = heads
+        self.q = Linear(width, width, std=std)
+        self.kv = Linear(kv_width, 2 * width, std=kv_width**-0.5)
+        self.out = Linear(width, width, std=out_std)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, n, w = x.shape
+        k, v = self.kv(context).chunk(2, dim=-1)
+        q = _split_heads(self.q(x), self.heads)
+        y = F.scaled_dot_product_attention(
+            q, _split_heads(k.contiguous(), self.heads), _split_heads(v.contiguous(), self.heads)
+        )
+        return self.out(y.transpose(1, 2).reshape(b, n, w))
+
+
+class MLP(nn.Module):
+    """Two linear layers with a GELU between (hidden width `hidden`, 4x width in CLIP)."""
+
+    def __init__(self, width: int, *, std: float, out_std: float, hidden: int | None = None):
+        super().__init__()
+        hidden = 4 * width if hidden is None else hidden
+        self.fc = Linear(width, hidden, std=std)
+        self.proj = Linear(hidden, width, std=out_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+def _stds(width: int, layers: int) -> tuple[float, float, float]:
+    # CLIP's scheme: residual-branch outputs shrink with depth so the stream stays O(1).
+    return width**-0.5, width**-0.5 * (2 * layers) ** -0.5, (2 * width) ** -0.5
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm residual block: ``x + attn(ln(x))`` then ``x + mlp(ln(x))``."""
+
+    def __init__(self, width: int, heads: int, layers: int, mlp_width: int | None = None):
+        super().__init__()
+        attn_std, out_std, fc_std = _stds(width, layers)
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads, std=attn_std, out_std=out_std)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = MLP(width, std=fc_std, out_std=out_std, hidden=mlp_width)
+
+    def forward(self, x: torch.Tensor, *, causal: bool) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal=causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class CrossAttentionBlock(nn.Module):
+    """``x + xattn(ln(x), ln(context))`` then ``x + mlp(ln(x))`` (CoCa's decoder layer half)."""
+
+    def __init__(
+        self, width: int, heads: int, layers: int, kv_width: int, mlp_width: int | None = None
+    ):
+        super().__init__()
+        attn_std, out_std, fc_std = _stds(width, layers)
+        self.ln_1 = nn.LayerNorm(width)
+        self.ln_kv = nn.LayerNorm(kv_width)
+        self.attn = CrossAttention(width, heads, kv_width, std=attn_std, out_std=out_std)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = MLP(width, std=fc_std, out_std=out_std, hidden=mlp_width)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), self.ln_kv(context))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    """A stack of pre-LN blocks; `causal` masks attention to earlier positions only."""
+
+    def __init__(self, width: int, layers: int, heads: int, mlp_width: int | None = None):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            TransformerBlock(width, heads, layers, mlp_width) for _ in range(layers)
+        )
+
+    def forward(self, x: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, causal=causal)
+        return x
+
+
+class AttentionalPooler(nn.Module):
+    """`queries` learned tokens cross-attending to a sequence: ``[B, m, kv] -> [B, q, width]``.
+
+    CoCa's pooler (as OpenCLIP's ``AttentionalPooler``): LayerNorm on the context and the
+    queries, one multi-head cross-attention, no MLP.
+    """
+
+    def __init__(self, width: int, kv_width: int, queries: int, heads: int):
+        super().__init__()
+        self.query = nn.Parameter(width**-0.5 * torch.randn(queries, width))
+        self.ln_q = nn.LayerNorm(width)
+        self.ln_k = nn.LayerNorm(kv_width)
+        self.attn = CrossAttention(width, heads, kv_width, std=width**-0.5, out_std=width**-0.5)
+
+    def forward(self, context: torch.Tensor) -> torch.Tensor:
+        q = self.ln_q(self.query.to(context.dtype)).expand(context.shape[0], -1, -1)
+        out: torch.Tensor = self.attn(q, self.ln_k(context))
+        return out

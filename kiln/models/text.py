@@ -1,0 +1,56 @@
+"""Causal text transformer tower over token ids (kiln's byte tokenizer or CLIP's BPE).
+
+Token + learned positional embeddings, pre-LN blocks with a causal mask, a final LayerNorm,
+then the features at each row's end-of-text position (its last non-pad token: the tokenizer
+always ends a row with EOS, then pads with ``PAD_ID``) projected into the shared space.
+Because attention is causal and padding comes after EOS, the padding never influences the
+features that are read out. The forward also returns every position's features, which
+CoCa's decoder reads.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kiln.models.config import TextConfig
+from kiln.models.layers import Embedding, Linear, Transformer
+from kiln.models.tokenizer import PAD_ID
+
+__all__ = ["TextTransformer"]
+
+
+class TextTransformer(nn.Module):
+    """``tokens [B, L] (L <= context_length) -> (features [B, embed_dim], [B, L, width])``."""
+
+    def __init__(self, cfg: TextConfig, embed_dim: int):
+        super().__init__()
+        width = cfg.width
+        self.context_length = cfg.context_length
+        self.token_embedding = Embedding(cfg.vocab_size, width, std=0.02)
+        self.positional_embedding = nn.Parameter(0.01 * torch.randn(cfg.context_length, width))
+        self.transformer = Transformer(width, cfg.layers, cfg.heads, cfg.mlp_width)
+        self.ln_final = nn.LayerNorm(width)
+        self.proj = Linear(width, embed_dim, std=width**-0.5, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pooled features [B, embed_dim], per-position features [B, L, width])``.
+
+        Both from one entry point: ZeRO-3 gathers this module's own parameters (the
+        positional embedding) around its ``forward``, so CoCa's decoder reads the
+        per-position features from here rather than from a second method.
+        """
+        if tokens.ndim != 2 or tokens.shape[1] > self.context_length:
+            raise ValueError(
+                f"tokens have shape {tuple(tokens.shape)}, expected [B, L] with "
+                f"L <= context_length={self.context_length}: tokenize with "
+                f"kiln.models.tokenizer.tokenize(texts, {self.context_length})"
+            )
+        n = tokens.shape[1]
+        x = self.token_embedding(tokens)
+        x = x + self.positional_embedding[:n].to(x.dtype)
+        x = self.ln_final(self.transformer(x, causal=True))
+        # Last non-pad position = EOS (BOS guarantees at least one non-pad token).
+        eos = ((tokens != PAD_ID).sum(dim=1) - 1).clamp(min=0)
+        pooled: torch.Tensor = self.proj(x[torch.arange(x.shape[0], device=x.device), eos])
+        return pooled, x
