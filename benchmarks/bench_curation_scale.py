@@ -166,7 +166,7 @@ def one(n: int, workers: int, entries: Path) -> dict[str, Any]:
     sampler = _Sampler()
     sampler.start()
     t0 = time.perf_counter()
-    start_ray(num_cpus=workers)
+    start_ray(num_cpus=workers, dashboard=False)  # as `kiln curate` starts it
     ray_start = time.perf_counter() - t0
     cfg = CurationConfig.model_validate(
         {

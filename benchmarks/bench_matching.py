@@ -46,8 +46,7 @@ from kiln.data_curation.metadata_build import (
     INSTALL_HINT,
     MetadataCaps,
     build_metadata,
-    default_wordfreq_file,
-    default_wordnet_dir,
+    missing_default_sources,
 )
 
 __all__ = ["ReferenceAhoCorasick", "build_entries", "load_captions", "main", "vary_captions"]
@@ -193,14 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    missing = [
-        name
-        for name, found in (
-            ("WordNet", default_wordnet_dir()),
-            ("pywordfreq", default_wordfreq_file()),
-        )
-        if found is None
-    ]
+    missing = missing_default_sources()
     if missing:
         print(f"bench_matching: {' and '.join(missing)} missing: {INSTALL_HINT}", file=sys.stderr)
         return 2

@@ -129,7 +129,7 @@ class ExecutionConfig(StrictModel):
         description="rows one shard-writing task sorts and writes (uid ranges of about this size)",
     )
     shard_bytes_per_task: int = Field(
-        default=1 << 30,
+        default=512 << 20,
         ge=1 << 20,
         description="bytes (uncompressed, images included) one shard-writing task holds at most",
     )

@@ -62,6 +62,7 @@ __all__ = [
     "build_metadata",
     "default_wordfreq_file",
     "default_wordnet_dir",
+    "missing_default_sources",
     "number_entries",
     "pmi_bigrams",
     "read_titles",
@@ -158,6 +159,12 @@ def default_wordfreq_file() -> Path | None:
         if path.is_file():
             return path
     return None
+
+
+def missing_default_sources() -> list[str]:
+    """The default sources (WordNet, pywordfreq) that are not installed here."""
+    found = (("WordNet", default_wordnet_dir()), ("pywordfreq", default_wordfreq_file()))
+    return [name for name, where in found if where is None]
 
 
 def number_entries() -> list[str]:
@@ -382,15 +389,8 @@ def build_metadata(
         )
     if wordnet is None and wordfreq is None and bigram_corpus is None and titles is None:
         wordnet = wordfreq = "auto"
-        if default_wordnet_dir() is None or default_wordfreq_file() is None:
-            missing = [
-                name
-                for name, found in (
-                    ("WordNet", default_wordnet_dir()),
-                    ("pywordfreq", default_wordfreq_file()),
-                )
-                if found is None
-            ]
+        missing = missing_default_sources()
+        if missing:
             raise FileNotFoundError(
                 f"no metadata sources given and {' and '.join(missing)} not installed: "
                 f"{INSTALL_HINT}"

@@ -30,6 +30,7 @@ dropped rows (without image bytes) to `rejects/{name}/`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -198,8 +199,9 @@ class _Parquet:
     """A parquet file written under a temporary name in row groups of ~8k rows / 64 MB,
     renamed into place by `close` (nothing is written for zero rows)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, keep_empty: bool = False) -> None:
         self.url = url
+        self._keep_empty = keep_empty
         self._buffer: list[pa.Table] = []
         self._rows = 0
         self._bytes = 0
@@ -209,7 +211,7 @@ class _Parquet:
         self.rows = 0
 
     def write(self, table: pa.Table) -> None:
-        if table.num_rows == 0:
+        if table.num_rows == 0 and not (self._keep_empty and self._schema is None):
             return
         if self._schema is None:
             self._schema = table.schema
@@ -223,7 +225,7 @@ class _Parquet:
             self._flush()
 
     def _flush(self) -> None:
-        if not self._buffer:
+        if not self._buffer or (self._writer is not None and not self._rows):
             return
         table = pa.concat_tables(self._buffer)
         if self._writer is None:
@@ -422,11 +424,9 @@ def _task_fit(job: _Job, index: int, item: dict[str, Any]) -> dict[str, Any]:
 def _task_merge(job: _Job, index: int, item: dict[str, Any]) -> dict[str, Any]:
     stage, cfg = job.stage_and_config()
     state = stage.merge([_read_ipc(u) for u in item["partials"]], cfg)
-    fs, path = storage.fs_path(item["state_url"])
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path + ".tmp", "wb") as f:
-        pq.write_table(state, f)
-    fs.mv(path + ".tmp", path)
+    out = _Parquet(item["state_url"], keep_empty=True)
+    out.write(state)
+    out.close()
     return _finish(job, "merge", index, {"state_rows": state.num_rows})
 
 
@@ -530,8 +530,29 @@ def _task_join(job: _Job, index: int, item: dict[str, Any]) -> dict[str, Any]:
     return _finish(job, "join", index, out.close())
 
 
+def _image_bytes(table: pa.Table) -> int:
+    """About how many image bytes the rows of `table` reference (the blob files' mean)."""
+    if IMAGE_FILE not in table.column_names:
+        return 0
+    counts = pc.value_counts(table.column(IMAGE_FILE).combine_chunks().drop_null())
+    total = 0
+    for c in counts.to_pylist():
+        rows, size = _blob_size(c["values"])
+        total += int(c["counts"] * size / max(rows, 1))
+    return total
+
+
+@functools.lru_cache(maxsize=1024)
+def _blob_size(url: str) -> tuple[int, int]:
+    with fsspec.open(url, "rb") as f:
+        meta = pq.ParquetFile(f).metadata
+        size = sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
+        return meta.num_rows, size
+
+
 def _task_sample(job: _Job, index: int, item: dict[str, Any]) -> dict[str, Any]:
-    """Shard step, phase 1: the task's row count and evenly spaced samples of its uids."""
+    """Shard step, phase 1: the task's rows, bytes (images included) and evenly spaced
+    samples of its uids."""
     uids: list[str] = []
     nbytes = 0
     for s in item["slices"]:
@@ -539,8 +560,13 @@ def _task_sample(job: _Job, index: int, item: dict[str, Any]) -> dict[str, Any]:
             meta = pq.ParquetFile(f).metadata
             stop = meta.num_row_groups if s["stop"] is None else s["stop"]
             nbytes += sum(meta.row_group(g).total_byte_size for g in range(s["first"], stop))
-    for t in _iter_slices([_Slice(**s) for s in item["slices"]], 65536, columns=["uid"]):
+    slices = [_Slice(**s) for s in item["slices"]]
+    with fsspec.open(slices[0].path, "rb") as f:
+        names = pq.ParquetFile(f).schema_arrow.names
+    columns = ["uid", *([IMAGE_FILE] if IMAGE_FILE in names else [])]
+    for t in _iter_slices(slices, 65536, columns=columns):
         uids += t.column("uid").to_pylist()
+        nbytes += _image_bytes(t)
     uids.sort()
     k = min(len(uids), 256)
     picks = [uids[(i * len(uids)) // k] for i in range(k)] if k else []

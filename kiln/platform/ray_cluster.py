@@ -17,11 +17,15 @@ __all__ = ["LOOPBACK", "ray_session", "start_ray"]
 LOOPBACK = "127.0.0.1"
 
 
-def start_ray(address: str | None = None, *, num_cpus: int | None = None) -> bool:
+def start_ray(
+    address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = True
+) -> bool:
     """Initialise Ray unless it already is; returns True when this call started it.
 
     `address=None` starts an embedded single-node Ray on loopback; any other value connects
-    to that cluster (kiln never guesses an address).
+    to that cluster (kiln never guesses an address). `dashboard=False` starts the embedded
+    Ray without its dashboard (about 1 GB and several CPU-seconds less), for work that does
+    not use Ray's State API (curation; Ray Train needs it).
     """
     if address is None:
         # Read by Ray at import time, so also patch the constant in case Ray is imported already;
@@ -41,7 +45,7 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None) -> boo
         ray.init(
             num_cpus=num_cpus,
             _node_ip_address=LOOPBACK,
-            include_dashboard=True,
+            include_dashboard=dashboard,
             dashboard_host=LOOPBACK,
             **kwargs,  # type: ignore[arg-type]
         )
@@ -58,11 +62,13 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None) -> boo
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> Iterator[None]:
+def ray_session(
+    address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = True
+) -> Iterator[None]:
     """Ray for the duration of a block; shuts down only a Ray this block started."""
     import ray
 
-    started = start_ray(address, num_cpus=num_cpus)
+    started = start_ray(address, num_cpus=num_cpus, dashboard=dashboard)
     try:
         yield
     finally:
