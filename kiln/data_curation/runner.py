@@ -599,8 +599,9 @@ def _task_scatter(job: _Job, index: int, item: dict[str, Any]) -> dict[str, Any]
 
 
 def _task_write(job: _Job, index: int, item: dict[str, Any]) -> dict[str, Any]:
-    """Shard step, phase 3: sort one uid range and write the shards it holds; the first
-    and last shard may straddle a neighbouring range and go to fragments instead."""
+    """Shard step, phase 3: sort one uid range (its scattered files, or with one range the
+    upstream slices themselves) and write the shards it holds; the first and last shard may
+    straddle a neighbouring range and go to fragments instead."""
     from kiln.data_curation.shard import check_uid
 
     files: list[str] = item["files"]
@@ -609,11 +610,13 @@ def _task_write(job: _Job, index: int, item: dict[str, Any]) -> dict[str, Any]:
     dataset = item["dataset_dir"]
     fs, root = storage.fs_path(dataset)
     fs.makedirs(f"{root}/{SHARD_DIR}", exist_ok=True)
-    table = (
-        pa.concat_tables([_read_table(u) for u in files], promote_options="permissive")
-        if files
-        else None
-    )
+    if item.get("slices"):
+        pieces = [
+            load_images(t) for t in _iter_slices([_Slice(**s) for s in item["slices"]], 65536)
+        ]
+    else:
+        pieces = [_read_table(u) for u in files]
+    table = pa.concat_tables(pieces, promote_options="permissive") if pieces else None
     shards: list[dict[str, Any]] = []
     fragments: list[dict[str, Any]] = []
     if table is None or table.num_rows == 0:
@@ -1086,25 +1089,33 @@ class _Runner:
             splitters = _splitters(
                 [s["samples"] for s in samples], [s["rows"] for s in samples], ranges
             )
-            scatter_items = [{**it, "splitters": splitters} for it in items]
-            scattered, r2 = self.executor.run("scatter", job, scatter_items, label="scatter")
-            counts = [0] * (len(splitters) + 1)
-            for s in scattered:
-                for r, c in s["counts"].items():
-                    counts[int(r)] += c
-            offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
-            write_items = [
-                {
-                    "files": storage.list_files(
-                        f"{job.step_dir}/_shuffle/r{r:04d}", suffix=".parquet"
-                    ),
-                    "offset": offsets[r],
-                    "total": total,
-                    "samples_per_shard": shard_cfg.samples_per_shard,
-                    "dataset_dir": self.dataset_dir,
-                }
-                for r in range(len(counts))
-            ]
+            common = {
+                "total": total,
+                "samples_per_shard": shard_cfg.samples_per_shard,
+                "dataset_dir": self.dataset_dir,
+            }
+            r2 = 0
+            if len(splitters) == 0:  # one range: its task reads the rows where they are
+                slices = [s for it in items for s in it["slices"]]
+                write_items = [{"files": [], "slices": slices, "offset": 0, **common}]
+            else:
+                scatter_items = [{**it, "splitters": splitters} for it in items]
+                scattered, r2 = self.executor.run("scatter", job, scatter_items, label="scatter")
+                counts = [0] * (len(splitters) + 1)
+                for s in scattered:
+                    for r, c in s["counts"].items():
+                        counts[int(r)] += c
+                offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
+                write_items = [
+                    {
+                        "files": storage.list_files(
+                            f"{job.step_dir}/_shuffle/r{r:04d}", suffix=".parquet"
+                        ),
+                        "offset": offsets[r],
+                        **common,
+                    }
+                    for r in range(len(counts))
+                ]
             written, r3 = self.executor.run("write", job, write_items, label="write shards")
             shards = [ShardInfo.model_validate(s) for w in written for s in w["shards"]]
             frags: dict[int, list[dict[str, Any]]] = {}
@@ -1130,7 +1141,7 @@ class _Runner:
                 "dropped": {},
                 "extra": {"num_shards": len(shards), "bytes": sum(s.bytes for s in shards)},
             }
-            tasks = len(items) * 2 + len(write_items) + len(assemble_items)
+            tasks = len(items) * (2 if splitters else 1) + len(write_items) + len(assemble_items)
             return stats, tasks, r1 + r2 + r3 + r4
 
         return self.step(
