@@ -120,7 +120,10 @@ def _read_rows(url: str, rows: np.ndarray) -> pa.Array:
     sizes = starts[wanted + 1] - starts[wanted]
     base = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     local = base[np.searchsorted(wanted, groups)] + (rows - starts[groups])
-    return got.column("image").combine_chunks().take(pa.array(local))
+    column = got.column("image")
+    if local.size == column.length() and (local == np.arange(local.size)).all():
+        return column.combine_chunks()  # every row read, in order: no gather
+    return column.take(pa.array(local)).combine_chunks()
 
 
 def load_images(table: pa.Table) -> pa.Table:
@@ -142,10 +145,17 @@ def load_images(table: pa.Table) -> pa.Table:
     if pieces:
         order = np.concatenate(where)
         index[order] = np.arange(order.size)
-        values = pa.concat_arrays([p.cast(pa.binary()) for p in pieces])
+        values = (
+            pieces[0].cast(pa.binary())
+            if len(pieces) == 1
+            else pa.concat_arrays([p.cast(pa.binary()) for p in pieces])
+        )
     else:
         values = pa.array([], pa.binary())
-    images = values.take(pa.array(index, mask=codes < 0)) if n else pa.array([], pa.binary())
+    if len(values) == n and (codes >= 0).all() and (index == np.arange(n)).all():
+        images = values  # one row per image, already in table order: no gather
+    else:
+        images = values.take(pa.array(index, mask=codes < 0)) if n else pa.array([], pa.binary())
     table = table.drop_columns([IMAGE_FILE, IMAGE_ROW])
     return _set(table, "image", images)
 
