@@ -142,7 +142,6 @@ def test_siglip_ring_gradients_equal_global_batch(
         assert got["grads"].keys() == ref.keys()
         for name, g in ref.items():
             err = (got["grads"][name] - g).abs().max().item() / g.abs().max().clamp(min=1e-6).item()
-            print(exchange, name, err)
             assert err < 1e-5, (exchange, name, err)
     assert any(
         not torch.allclose(result["naive"][name], g, rtol=1e-3, atol=1e-5)
