@@ -7,17 +7,20 @@ never sees a half-written file under its final name.
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from typing import Any
 
 import fsspec
+import pyarrow.parquet as pq
 
 __all__ = [
     "atomic_write",
     "exists",
     "fs_path",
     "list_files",
+    "parquet_metadata",
     "read_json",
     "remove",
     "write_json",
@@ -90,3 +93,19 @@ def list_files(url: str, *, prefix: str = "", suffix: str = "") -> list[str]:
     if _is_local(fs):
         return names
     return [str(fs.unstrip_protocol(p)) for p in names]
+
+
+@functools.lru_cache(maxsize=1024)
+def _parquet_metadata(url: str, size: Any, mtime: Any) -> pq.FileMetaData:
+    with fsspec.open(url, "rb") as f:
+        return pq.ParquetFile(f).metadata
+
+
+def parquet_metadata(url: str) -> pq.FileMetaData:
+    """The footer of parquet file `url` (row groups, sizes, schema), read once per version
+    of the file: cached by (url, size, mtime), so a file rewritten under the same name (a
+    redone task) is read again."""
+    fs, path = fs_path(url)
+    info = fs.info(path)
+    mtime = info.get("mtime", info.get("LastModified", info.get("updated")))
+    return _parquet_metadata(url, info.get("size"), str(mtime))

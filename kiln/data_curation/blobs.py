@@ -13,7 +13,6 @@ many stages the plan has.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import fsspec
@@ -102,11 +101,9 @@ def split_images(table: pa.Table, writer: BlobWriter) -> pa.Table:
     return _set(_set(table, IMAGE_FILE, files), IMAGE_ROW, refs)
 
 
-@functools.lru_cache(maxsize=256)
 def _row_group_starts(url: str) -> np.ndarray:
-    with fsspec.open(url, "rb") as f:
-        meta = pq.ParquetFile(f).metadata
-        sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+    meta = storage.parquet_metadata(url)
+    sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
     return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
 

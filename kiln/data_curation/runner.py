@@ -30,7 +30,6 @@ dropped rows (without image bytes) to `rejects/{name}/`.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import time
@@ -150,9 +149,8 @@ class _Slice:
 def _row_groups(path: str) -> list[int]:
     """Row counts of the row groups of parquet file `path`; errors name the file."""
     try:
-        with fsspec.open(path, "rb") as f:
-            meta = pq.ParquetFile(f).metadata
-            return [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        meta = storage.parquet_metadata(path)
+        return [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
     except (OSError, pa.ArrowException) as e:
         if isinstance(e, FileNotFoundError):
             raise
@@ -542,12 +540,10 @@ def _image_bytes(table: pa.Table) -> int:
     return total
 
 
-@functools.lru_cache(maxsize=1024)
 def _blob_size(url: str) -> tuple[int, int]:
-    with fsspec.open(url, "rb") as f:
-        meta = pq.ParquetFile(f).metadata
-        size = sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
-        return meta.num_rows, size
+    meta = storage.parquet_metadata(url)
+    size = sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
+    return meta.num_rows, size
 
 
 def _task_sample(job: _Job, index: int, item: dict[str, Any]) -> dict[str, Any]:
@@ -556,13 +552,11 @@ def _task_sample(job: _Job, index: int, item: dict[str, Any]) -> dict[str, Any]:
     uids: list[str] = []
     nbytes = 0
     for s in item["slices"]:
-        with fsspec.open(s["path"], "rb") as f:
-            meta = pq.ParquetFile(f).metadata
-            stop = meta.num_row_groups if s["stop"] is None else s["stop"]
-            nbytes += sum(meta.row_group(g).total_byte_size for g in range(s["first"], stop))
+        meta = storage.parquet_metadata(s["path"])
+        stop = meta.num_row_groups if s["stop"] is None else s["stop"]
+        nbytes += sum(meta.row_group(g).total_byte_size for g in range(s["first"], stop))
     slices = [_Slice(**s) for s in item["slices"]]
-    with fsspec.open(slices[0].path, "rb") as f:
-        names = pq.ParquetFile(f).schema_arrow.names
+    names = storage.parquet_metadata(slices[0].path).schema.to_arrow_schema().names
     columns = ["uid", *([IMAGE_FILE] if IMAGE_FILE in names else [])]
     for t in _iter_slices(slices, 65536, columns=columns):
         uids += t.column("uid").to_pylist()
