@@ -6,14 +6,18 @@ written once as parquet under runs/bench/pools/; the entries are bench_matching'
 with `kiln metadata build` (WordNet, Wikipedia unigrams, corpus bigrams, numbers). The plan is the caption-only MetaCLIP plan: text,
 text_dedup, metaclip_match, metaclip_balance, then shards.
 
-Per size (each in a fresh process with its own embedded Ray) it reports: wall time per step,
-total wall, microseconds per sample, peak RSS of the whole process tree (driver + raylet +
-workers, sampled every 0.25 s), CPU seconds of the process tree, and the CPU the stage
-functions themselves take on the same rows in one process without Ray (`stage_cpu_s`), whose
-ratio is the runner's fixed cost. Then `per_sample_1m_over_100k` and, with
+Per size (each in a fresh process; on the local executor as `kiln curate` runs without a
+cluster, or with `--executor ray` on its own embedded Ray) it reports: wall time per step,
+total wall, microseconds per sample, peak RSS of the whole process tree (driver + workers,
++ raylet etc. on Ray; sampled every 0.25 s), CPU seconds of the process tree, and the CPU
+the stage functions themselves take on the same rows in one process (`stage_cpu_s`: reading,
+then `apply` / `key` / `fit` + `merge` + `apply`; the stages' `setup`, e.g. building the
+matcher, is not included; the smaller of two measurements), whose ratio is the runner's
+fixed cost. Then `per_sample_1m_over_100k` and, with
 `--scaling-size`, the speed-up of 2 workers over 1.
 
 Run: python benchmarks/bench_curation_scale.py [--sizes 10000 100000 1000000] [--entries F]
+     [--scaling-size 1000000] [--executor local|ray]
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -91,31 +94,52 @@ def _plan(entries: Path) -> list[dict[str, Any]]:
     ]
 
 
-class _Sampler(threading.Thread):
-    """Peak RSS of this process and all its descendants."""
+_SAMPLER = """
+import contextlib, sys, time, psutil
+root, me = psutil.Process(int(sys.argv[1])), psutil.Process()
+peak = 0
+while sys.stdin.readable():
+    total = 0
+    for p in [root, *root.children(recursive=True)]:
+        if p.pid != me.pid:
+            with contextlib.suppress(psutil.Error):
+                total += p.memory_info().rss
+    peak = max(peak, total)
+    import select
+    if select.select([sys.stdin], [], [], 0.25)[0]:
+        break
+print(peak, flush=True)
+"""
+
+
+class _Sampler:
+    """Peak RSS of this process and all its descendants, sampled every 0.25 s by a separate
+    process (a thread here would make the local executor fall back from fork to
+    forkserver, measuring something a user of `kiln curate` does not run)."""
 
     def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.peak = 0
-        self.stop = threading.Event()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _SAMPLER, str(os.getpid())],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
 
-    def run(self) -> None:
-        me = psutil.Process()
-        while not self.stop.is_set():
-            total = 0
-            for p in [me, *me.children(recursive=True)]:
-                with contextlib.suppress(psutil.Error):
-                    total += p.memory_info().rss
-            self.peak = max(self.peak, total)
-            time.sleep(0.25)
+    def stop(self) -> int:
+        out, _ = self.proc.communicate("stop\n")
+        return int(out.strip() or 0)
 
 
 def _tree_cpu() -> float:
+    """CPU seconds of this process, its finished children (the local executor's workers)
+    and its live descendants (Ray's processes), the sampler left out."""
     me = psutil.Process()
-    total = sum(me.cpu_times()[:2])
+    t = me.cpu_times()
+    total = t.user + t.system + t.children_user + t.children_system
     for p in me.children(recursive=True):
         with contextlib.suppress(psutil.Error):
-            total += sum(p.cpu_times()[:2])
+            if "-c" not in p.cmdline()[:2]:
+                total += sum(p.cpu_times()[:2])
     return total
 
 
@@ -153,44 +177,50 @@ def stage_cpu(pool: Path, entries: Path) -> float:
     return time.process_time() - start
 
 
-def one(n: int, workers: int, entries: Path) -> dict[str, Any]:
-    import ray
-
+def one(n: int, workers: int, entries: Path, executor: str) -> dict[str, Any]:
     from kiln.data_curation import run_curation
     from kiln.data_curation.config import CurationConfig
-    from kiln.platform.ray_cluster import start_ray
 
     pool = make_pool(n)
-    run = WORK / "runs" / f"scale-{n}-w{workers}"
+    run = WORK / "runs" / f"scale-{n}-w{workers}-{executor}"
     subprocess.run(["rm", "-rf", str(run)], check=True)
     sampler = _Sampler()
-    sampler.start()
     t0 = time.perf_counter()
-    start_ray(num_cpus=workers, dashboard=False)  # as `kiln curate` starts it
-    ray_start = time.perf_counter() - t0
+    ray_start = 0.0
+    if executor == "ray":
+        from kiln.platform.ray_cluster import start_ray
+
+        start_ray(num_cpus=workers, dashboard=False)  # as `kiln curate` starts it
+        ray_start = time.perf_counter() - t0
     cfg = CurationConfig.model_validate(
         {
             "input": {"format": "parquet", "paths": [str(pool)]},
             "stages": _plan(entries),
             "shard": {"samples_per_shard": 10_000},
             "write_rejects": True,
+            "execution": {"executor": executor, "workers": workers},
         }
     )
     result = run_curation(cfg, str(run))
     wall = time.perf_counter() - t0
     cpu = _tree_cpu()
-    sampler.stop.set()
-    ray.shutdown()
-    own = stage_cpu(pool, entries) if n <= 1_000_000 else None
+    peak = sampler.stop()
+    if executor == "ray":
+        import ray
+
+        ray.shutdown()
+    # the smaller of two measurements: CPU time of the same work varies run to run here
+    own = min(stage_cpu(pool, entries) for _ in range(2)) if n <= 1_000_000 else None
     return {
         "rows": n,
         "workers": workers,
+        "executor": executor,
         "wall_s": round(wall, 2),
         "ray_start_s": round(ray_start, 2),
         "us_per_sample": round(wall / n * 1e6, 2),
         "steps_s": {k: s.seconds for k, s in result.steps.items()},
         "samples_out": result.samples_out,
-        "peak_rss_mb": round(sampler.peak / 2**20),
+        "peak_rss_mb": round(peak / 2**20),
         "cpu_total_s": round(cpu, 2),
         "stage_cpu_s": round(own, 2) if own is not None else None,
         "cpu_over_stage_cpu": round(cpu / own, 2) if own else None,
@@ -204,10 +234,16 @@ def main() -> None:
     ap.add_argument("--scaling-size", type=int, default=None, help="also run it on 1 worker")
     ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        default="local",
+        help="where the tasks run (local: what `kiln curate` uses without a cluster)",
+    )
     args = ap.parse_args()
     entries = args.entries or default_entries()
     if args.one is not None:
-        print(json.dumps(one(args.one, args.workers, entries)))
+        print(json.dumps(one(args.one, args.workers, entries, args.executor)))
         return
     results = []
     runs = [(n, 2) for n in args.sizes]
@@ -225,6 +261,8 @@ def main() -> None:
             str(w),
             "--entries",
             str(entries),
+            "--executor",
+            args.executor,
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode:
@@ -233,7 +271,12 @@ def main() -> None:
         print(json.dumps(res), file=sys.stderr)
         results.append(res)
     by = {(r["rows"], r["workers"]): r for r in results}
-    out: dict[str, Any] = {"benchmark": "curation_scale", "entries": str(entries), "runs": results}
+    out: dict[str, Any] = {
+        "benchmark": "curation_scale",
+        "executor": args.executor,
+        "entries": str(entries),
+        "runs": results,
+    }
     if (100_000, 2) in by and (1_000_000, 2) in by:
         out["per_sample_1m_over_100k"] = round(
             by[(1_000_000, 2)]["us_per_sample"] / by[(100_000, 2)]["us_per_sample"], 3

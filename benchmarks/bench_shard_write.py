@@ -5,7 +5,7 @@ Samples are the real Flickr8k photos in ../shared/data (repeated with distinct u
 `--samples`), each with a caption and a JSON member. Measured on the same samples, one
 process for the three writers: raw (the members' payload bytes, one write each),
 webdataset.ShardWriter, kiln's `write_shards`; then a curation run with an empty plan
-(read -> shard) on embedded Ray, whose shard step (sample uids, scatter into uid ranges,
+(read -> shard) as `kiln curate` runs it on one machine (local executor), whose shard step (sample uids, scatter into uid ranges,
 sort, write tars; all on workers) is timed by the runner. Also reports tar overhead: bytes on
 disk over payload bytes, for these photos and for caption-only samples.
 Prints JSON; ratios are against raw writes. Run: python benchmarks/bench_shard_write.py
@@ -91,7 +91,6 @@ def _kiln(table: pa.Table, out: Path, per_shard: int) -> float:
 def _step(table: pa.Table, per_shard: int) -> dict[str, Any]:
     from kiln.data_curation import run_curation
     from kiln.data_curation.config import CurationConfig
-    from kiln.platform.ray_cluster import ray_session
 
     pool = WORK / "pool"
     pool.mkdir(parents=True, exist_ok=True)
@@ -105,8 +104,7 @@ def _step(table: pa.Table, per_shard: int) -> dict[str, Any]:
             "shard": {"samples_per_shard": per_shard},
         }
     )
-    with ray_session():
-        result = run_curation(cfg, str(WORK / "run"))
+    result = run_curation(cfg, str(WORK / "run"))  # as `kiln curate` runs it: local executor
     return {"seconds": result.steps["shard"].seconds, "bytes": result.steps["shard"].extra["bytes"]}
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "DatasetManifest",
     "ShardInfo",
     "StrictModel",
+    "binary_buffers",
     "canonical_json",
     "drop_reasons",
     "fnv1a64",
@@ -140,22 +141,34 @@ def fnv1a64(data: bytes) -> int:
     return h
 
 
+def binary_buffers(array: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets as int64 from 0, data bytes) of a string / binary array, without copying the
+    data (nulls not masked: a null's slice is whatever the array holds, usually empty)."""
+    rows = len(array)
+    buffers = array.buffers()
+    if len(buffers) < 3 or buffers[1] is None:  # empty, or all null (type null)
+        return np.zeros(1, np.int64), np.zeros(0, np.uint8)
+    large = pa.types.is_large_string(array.type) or pa.types.is_large_binary(array.type)
+    offset_type = np.dtype(np.int64 if large else np.int32)
+    offsets = np.frombuffer(
+        buffers[1], dtype=offset_type, count=rows + 1, offset=array.offset * offset_type.itemsize
+    ).astype(np.int64)
+    data = np.zeros(0, np.uint8) if buffers[2] is None else np.frombuffer(buffers[2], np.uint8)
+    data = data[offsets[0] : offsets[-1]]
+    return offsets - offsets[0], data
+
+
 def fnv1a64_strings(values: pa.Array | pa.ChunkedArray | list[str]) -> np.ndarray:
     """64-bit FNV-1a of each string's UTF-8 bytes (uint64), vectorized over the Arrow buffer:
     one numpy pass per byte position, over the strings at least that long."""
     arr = pa.array(values, pa.string()) if isinstance(values, list) else values
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
-    arr = arr.cast(pa.large_string())
     n = len(arr)
     h = np.full(n, _FNV_OFFSET, dtype=np.uint64)
     if n == 0:
         return h
-    _, offsets_buf, data_buf = arr.buffers()
-    offsets = np.frombuffer(offsets_buf, dtype=np.int64, count=n + 1, offset=arr.offset * 8)
-    data = (
-        np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
-    )
+    offsets, data = binary_buffers(arr)
     starts = offsets[:-1]
     lengths = np.diff(offsets)
     prime = np.uint64(_FNV_PRIME)

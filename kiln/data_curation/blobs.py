@@ -1,7 +1,8 @@
 """Image bytes beside the rows, so steps that do not touch images never copy them.
 
 The read step stores each task's image bytes once, in a blob file
-(`steps/read/blobs/part-{task}.parquet`, one `image` column), and every row carries a
+(`steps/read/blobs/part-{task}.arrow`: an uncompressed Arrow IPC file with one `image`
+column, so a reader memory-maps it and gets the bytes without a copy), and every row carries a
 reference instead: `_image_file` (the blob file's URL, null for a row without an image) and
 `_image_row` (the row in it). Stages see the `image` column only when they declare
 `images = True` (the image stage): the runner loads the bytes for their batches and stores
@@ -13,17 +14,26 @@ many stages the plan has.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator
 from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from kiln import storage
 
-__all__ = ["IMAGE_FILE", "IMAGE_ROW", "BlobWriter", "load_images", "split_images", "store_changed"]
+__all__ = [
+    "IMAGE_FILE",
+    "IMAGE_ROW",
+    "BlobWriter",
+    "blob_stats",
+    "load_images",
+    "split_images",
+    "store_changed",
+]
 
 IMAGE_FILE = "_image_file"
 IMAGE_ROW = "_image_row"
@@ -40,7 +50,7 @@ class BlobWriter:
         self.url = url
         self.rows = 0
         self._file: Any = None
-        self._writer: pq.ParquetWriter | None = None
+        self._writer: pa.ipc.RecordBatchFileWriter | None = None
         self._last: bytes | None = None
 
     def put(self, images: pa.Array) -> np.ndarray:
@@ -57,10 +67,8 @@ class BlobWriter:
         fresh = ~repeat
         if fresh.any():
             if self._writer is None:
-                fs, path = storage.fs_path(self.url)
-                fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-                self._file = fs.open(path + ".tmp", "wb")
-                self._writer = pq.ParquetWriter(self._file, _SCHEMA)
+                self._file = storage.AtomicFile(self.url)
+                self._writer = pa.ipc.new_file(self._file.file, _SCHEMA)
             self._writer.write_table(pa.table({"image": images.filter(pa.array(fresh))}))
         rows = self.rows - 1 + np.cumsum(fresh)  # a repeat gets the row of the one before
         self.rows += int(fresh.sum())
@@ -72,9 +80,7 @@ class BlobWriter:
             storage.remove(self.url)  # an earlier attempt's file, if any
             return
         self._writer.close()
-        self._file.close()
-        fs, path = storage.fs_path(self.url)
-        fs.mv(path + ".tmp", path)
+        self._file.commit()
 
 
 def _refs(n: int, url: str, mask: np.ndarray, rows: np.ndarray) -> tuple[pa.Array, pa.Array]:
@@ -101,26 +107,45 @@ def split_images(table: pa.Table, writer: BlobWriter) -> pa.Table:
     return _set(_set(table, IMAGE_FILE, files), IMAGE_ROW, refs)
 
 
-def _row_group_starts(url: str) -> np.ndarray:
-    meta = storage.parquet_metadata(url)
-    sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+@contextlib.contextmanager
+def _open_blobs(url: str) -> Iterator[pa.ipc.RecordBatchFileReader]:
+    fs, path = storage.fs_path(url)
+    if storage.is_local(fs):
+        yield pa.ipc.open_file(pa.memory_map(path))  # batches are views of the mapping
+    else:
+        with fs.open(path, "rb") as f:
+            yield pa.ipc.open_file(f)
+
+
+@functools.lru_cache(maxsize=256)
+def _batch_starts(url: str, size: Any, mtime: str) -> np.ndarray:
+    with _open_blobs(url) as reader:
+        sizes = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
     return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
 
-def _read_rows(url: str, rows: np.ndarray) -> pa.Array:
-    """The images at `rows` of blob file `url`, reading only the row groups holding them."""
-    starts = _row_group_starts(url)
+def blob_stats(url: str) -> tuple[int, int]:
+    """(images, bytes on disk) of blob file `url`."""
+    version = storage.file_version(url)
+    return int(_batch_starts(url, *version)[-1]), int(version[0] or 0)
+
+
+def _read_rows(url: str, rows: np.ndarray) -> pa.ChunkedArray:
+    """The images at `rows` of blob file `url`, reading only the batches holding them (a
+    local file is memory-mapped: every row read, in order, comes back without a copy)."""
+    starts = _batch_starts(url, *storage.file_version(url))
     groups = np.searchsorted(starts, rows, side="right") - 1
     wanted = np.unique(groups)
-    with fsspec.open(url, "rb") as f:
-        got = pq.ParquetFile(f).read_row_groups(wanted.tolist(), columns=["image"])
+    with _open_blobs(url) as reader:
+        got = pa.chunked_array(
+            [reader.get_batch(int(g)).column(0) for g in wanted.tolist()], pa.binary()
+        )
     sizes = starts[wanted + 1] - starts[wanted]
     base = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     local = base[np.searchsorted(wanted, groups)] + (rows - starts[groups])
-    column = got.column("image")
-    if local.size == column.length() and (local == np.arange(local.size)).all():
-        return column.combine_chunks()  # every row read, in order: no gather
-    return column.take(pa.array(local)).combine_chunks()
+    if local.size == len(got) and (local == np.arange(local.size)).all():
+        return got  # every row read, in order: no gather
+    return got.take(pa.array(local))
 
 
 def load_images(table: pa.Table) -> pa.Table:
@@ -131,7 +156,7 @@ def load_images(table: pa.Table) -> pa.Table:
     rows = table.column(IMAGE_ROW).combine_chunks().fill_null(0).to_numpy()
     encoded = pc.dictionary_encode(files)
     codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False)
-    pieces: list[pa.Array] = []
+    pieces: list[pa.ChunkedArray] = []
     where: list[np.ndarray] = []
     for k, url in enumerate(encoded.dictionary.to_pylist()):
         sel = np.flatnonzero(codes == k)
@@ -142,17 +167,13 @@ def load_images(table: pa.Table) -> pa.Table:
     if pieces:
         order = np.concatenate(where)
         index[order] = np.arange(order.size)
-        values = (
-            pieces[0].cast(pa.binary())
-            if len(pieces) == 1
-            else pa.concat_arrays([p.cast(pa.binary()) for p in pieces])
-        )
+        values = pa.chunked_array([c for p in pieces for c in p.chunks], pa.binary())
     else:
-        values = pa.array([], pa.binary())
+        values = pa.chunked_array([], pa.binary())
     if len(values) == n and (codes >= 0).all() and (index == np.arange(n)).all():
         images = values  # one row per image, already in table order: no gather
     else:
-        images = values.take(pa.array(index, mask=codes < 0)) if n else pa.array([], pa.binary())
+        images = values.take(pa.array(index, mask=codes < 0)) if n else values
     table = table.drop_columns([IMAGE_FILE, IMAGE_ROW])
     return _set(table, "image", images)
 

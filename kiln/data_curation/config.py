@@ -104,7 +104,21 @@ class ShardConfig(StrictModel):
 
 
 class ExecutionConfig(StrictModel):
-    """How the plan runs on Ray. None of these change the result, only speed and memory."""
+    """Where and how the plan's tasks run. None of these change the result (the shards are
+    the same bytes), only speed and memory."""
+
+    executor: Literal["auto", "local", "ray"] = Field(
+        default="auto",
+        description="local: worker processes on this machine, no Ray started (the fastest "
+        "start: one machine, CPU stages); ray: Ray tasks on the embedded Ray or the cluster "
+        "at ray.address; auto: ray when ray.address is set, a stage needs GPUs or kiln "
+        "already runs inside Ray, else local",
+    )
+    workers: int | None = Field(
+        default=None,
+        ge=1,
+        description="worker processes of the local executor (default: the CPUs kiln may use)",
+    )
 
     rows_per_task: int = Field(
         default=50_000,
@@ -124,7 +138,7 @@ class ExecutionConfig(StrictModel):
         "partition's rows, so raise it for very large pools",
     )
     shard_rows_per_task: int = Field(
-        default=200_000,
+        default=100_000,
         ge=1,
         description="rows one shard-writing task sorts and writes (uid ranges of about this size)",
     )

@@ -32,6 +32,7 @@ entries takes ~1 s and ~60 MB, and the matcher pickles as its entry list.
 
 from __future__ import annotations
 
+import functools
 import gc
 import itertools
 import re
@@ -43,7 +44,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kiln.contracts import require_file
+from kiln import storage
+from kiln.contracts import binary_buffers, require_file
 
 __all__ = [
     "EntryMatcher",
@@ -86,32 +88,36 @@ def load_entries(url: str) -> list[str]:
     lines are skipped; a repeated entry keeps its first position (later copies are ignored,
     so entry ids are the positions of first occurrences). An entry with leading or trailing
     whitespace, or a tab, is an error naming the file and lines, because it can never match
-    the way it reads (the caption side only has single spaces around words).
+    the way it reads (the caption side only has single spaces around words). Parsed once
+    per version of the file in a process (the runner's check and setup both ask).
     """
-    fs, path = require_file(
+    require_file(
         url,
         f"metadata entries file {url!r} does not exist: set match.entries to a text file "
         "with one entry per line",
     )
+    return list(_load_entries(url, *storage.file_version(url)))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_entries(url: str, size: Any, mtime: str) -> tuple[str, ...]:
+    fs, path = storage.fs_path(url)
     with fs.open(path, "rb") as f:
         raw = f.read()
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"metadata entries file {url!r} is not UTF-8: {e}") from e
-    entries: list[str] = []
-    seen: set[str] = set()
-    bad_lines: list[int] = []
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        entry = line[:-1] if line.endswith("\r") else line
-        if not entry.strip():
-            continue
-        if entry != entry.strip() or "\t" in entry or "\r" in entry:
-            bad_lines.append(lineno)
-            continue
-        if entry not in seen:
-            seen.add(entry)
-            entries.append(entry)
+    lines = text.split("\n")
+    if "\r" in text:
+        lines = [line[:-1] if line.endswith("\r") else line for line in lines]
+    bad_lines = [
+        n
+        for n, line in enumerate(lines, start=1)
+        if line
+        and (line[0].isspace() or line[-1].isspace() or "\t" in line or "\r" in line)
+        and not line.isspace()
+    ]
     if bad_lines:
         shown = ", ".join(str(n) for n in bad_lines[:20])
         more = f" (and {len(bad_lines) - 20} more)" if len(bad_lines) > 20 else ""
@@ -119,12 +125,17 @@ def load_entries(url: str) -> list[str]:
             f"metadata entries file {url!r}: lines {shown}{more} have leading/trailing "
             "whitespace or a tab, which can never match; remove it"
         )
+    entries = tuple(dict.fromkeys(line for line in lines if line and not line.isspace()))
     if not entries:
         raise ValueError(f"metadata entries file {url!r} has no entries: add one per line")
     return entries
 
 
 _UNICODE_SPACE = re.compile(r"\s")
+# what `_why_unmatchable` can object to: tab / newline / CR, the punctuation spacing()
+# isolates; with normalized captions also any non-ASCII character and a double space
+_SUSPECT_RAW = re.compile(r"[\t\n\r,.;:?!`]")
+_SUSPECT_NORMALIZED = re.compile(r"[\t\n\r,.;:?!`]|  |[^\x00-\x7f]")
 
 
 def unmatchable_entries(entries: Sequence[str], *, normalized: bool) -> list[tuple[int, str, str]]:
@@ -140,7 +151,10 @@ def unmatchable_entries(entries: Sequence[str], *, normalized: bool) -> list[tup
     one of the punctuation marks above).
     """
     found: list[tuple[int, str, str]] = []
+    suspect = _SUSPECT_NORMALIZED if normalized else _SUSPECT_RAW
     for entry_id, entry in enumerate(entries):
+        if suspect.search(entry) is None:  # plain ASCII words: the common case
+            continue
         why = _why_unmatchable(entry, normalized=normalized)
         if why is not None:
             found.append((entry_id, entry, why))
@@ -196,20 +210,6 @@ def _to_binary(texts: Sequence[str | None]) -> pa.Array:
         return pa.array([None if t is None else _encode(t) for t in texts], type=pa.binary())
 
 
-def _binary_buffers(array: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets as int64 from 0, data bytes) of a string / binary array (nulls not masked)."""
-    rows = len(array)
-    buffers = array.buffers()
-    large = pa.types.is_large_string(array.type) or pa.types.is_large_binary(array.type)
-    offset_type = np.dtype(np.int64 if large else np.int32)
-    offsets = np.frombuffer(
-        buffers[1], dtype=offset_type, count=rows + 1, offset=array.offset * offset_type.itemsize
-    ).astype(np.int64)
-    data = np.zeros(0, np.uint8) if buffers[2] is None else np.frombuffer(buffers[2], np.uint8)
-    data = data[offsets[0] : offsets[-1]]
-    return offsets - offsets[0], data
-
-
 _HASH_MULT = np.uint64(0x100000001B3)
 _HASH_MIX = np.uint64(0xBF58476D1CE4E5B9)
 
@@ -251,7 +251,7 @@ def _tokenize(texts: pa.Array) -> tuple[pa.Array, np.ndarray, np.ndarray]:
     ends plus one boundary after each separator and one on each side of each punctuation mark.
     """
     rows = len(texts)
-    offsets, data = _binary_buffers(texts)
+    offsets, data = binary_buffers(texts)
     # separators and punctuation are all < 0x40 or the backquote: classify only those bytes
     maybe = np.flatnonzero((data < 0x40) | (data == 0x60))
     byte_class = np.take(_BYTE_CLASS, data[maybe])
@@ -295,7 +295,7 @@ def _binary_array(offsets: np.ndarray, data: np.ndarray) -> pa.Array:
 
 def _strip_separator(tokens: pa.Array) -> pa.Array:
     """`tokens` (from `_tokenize`) without the separator byte that may end each."""
-    offsets, data = _binary_buffers(tokens)
+    offsets, data = binary_buffers(tokens)
     ends = offsets[1:]
     nonempty = np.flatnonzero(ends > offsets[:-1])
     stripped = np.zeros(len(tokens), dtype=bool)
@@ -391,7 +391,7 @@ class _Vocabulary:
     the bytes are compared to confirm it (so the answer is exact whatever the hashes do)."""
 
     def __init__(self, tokens: pa.Array) -> None:
-        self._offsets, self._data = _binary_buffers(tokens)
+        self._offsets, self._data = binary_buffers(tokens)
         self._lengths = np.diff(self._offsets)
         hashes = _hash_strings(self._offsets, self._data)
         self._exact: dict[bytes, int] | None = None
@@ -404,7 +404,7 @@ class _Vocabulary:
         if self._exact is not None:
             get = self._exact.get
             return np.array([get(t, -1) for t in tokens.to_pylist()], dtype=np.int64)
-        offsets, data = _binary_buffers(tokens)
+        offsets, data = binary_buffers(tokens)
         ids = self._table.get(_hash_strings(offsets, data))
         lengths = np.diff(offsets)
         known = np.flatnonzero(ids >= 0)

@@ -25,8 +25,8 @@ from typing import IO, Any
 
 import fsspec
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from kiln import storage
 from kiln.contracts import SAMPLE_SCHEMA, make_uid
 from kiln.data_curation.config import InputConfig
 
@@ -74,14 +74,9 @@ _CHUNK_ROWS = 256
 # --------------------------------------------------------------------------- paths
 
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
-
-
 def _display(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """A path as the user would write it: plain for local files, a full URL otherwise."""
-    return path if _is_local(fs) else str(fs.unstrip_protocol(path))
+    return path if storage.is_local(fs) else str(fs.unstrip_protocol(path))
 
 
 def absolute_url(url: str) -> str:
@@ -378,8 +373,7 @@ def _read_parquet(
     max_rows: int | None,
     row_groups: tuple[int, int] | None = None,
 ) -> Iterator[pa.Table]:
-    with fsspec.open(path, "rb") as f:
-        pf = pq.ParquetFile(f)
+    with storage.open_parquet(path) as pf:
         first, stop = row_groups if row_groups is not None else (0, pf.num_row_groups)
         start_row = sum(pf.metadata.row_group(g).num_rows for g in range(first))
         names = pf.schema_arrow.names

@@ -34,6 +34,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,20 +60,30 @@ from kiln.data_curation.blobs import (
     IMAGE_FILE,
     IMAGE_ROW,
     BlobWriter,
+    blob_stats,
     load_images,
     split_images,
     store_changed,
 )
 from kiln.data_curation.config import CurationConfig, ExecutionConfig
+from kiln.data_curation.executors import (
+    Executor,
+    LocalExecutor,
+    RayExecutor,
+    choose_executor,
+    local_workers,
+)
 from kiln.data_curation.plan import PlanStep, step_names
 from kiln.data_curation.readers import absolute_url, effective_input, input_files, read_file
 from kiln.data_curation.shard import (
+    ENCODE_ROWS,
     SHARD_DIR,
     ShardFile,
+    check_uids,
+    encode_samples,
     remove_stale_shards,
-    sample_records,
 )
-from kiln.data_curation.stage import KeyedStage, StageResources, get_stage, load_plugins
+from kiln.data_curation.stage import KeyedStage, get_stage, load_plugins
 from kiln.data_curation.stages import DROP_COLUMN, ensure_drop_column, split_dropped
 
 __all__ = [
@@ -80,13 +91,14 @@ __all__ = [
     "SUCCESS_MARKER",
     "CurationResult",
     "StepStats",
+    "make_executor",
     "run_curation",
 ]
 
 logger = logging.getLogger("kiln.curation")
 
 #: Bump when the runner's outputs change for the same plan: invalidates every marker.
-RUNNER_VERSION = 4
+RUNNER_VERSION = 5
 SUCCESS_MARKER = "_SUCCESS"
 _STEP_MARKER = "_STEP.json"
 _KEY = "_key"
@@ -94,7 +106,8 @@ _ORDER = ["uid", "source", "source_row"]
 _REJECT_DROP = ("image", IMAGE_FILE, IMAGE_ROW)  # left out of rejects (bulky / internal)
 _ROW_GROUP_ROWS = 8192
 _ROW_GROUP_BYTES = 64 << 20
-_PROGRESS_EVERY_S = 10.0
+_MAX_WRITE_THREADS = 4
+_DICTIONARY_COLUMNS = frozenset({"source", IMAGE_FILE, DROP_COLUMN, "language"})
 
 
 class StepStats(BaseModel):
@@ -181,8 +194,7 @@ def _iter_slices(
     slices: list[_Slice], batch_rows: int, columns: list[str] | None = None
 ) -> Iterator[pa.Table]:
     for s in slices:
-        with fsspec.open(s.path, "rb") as f:
-            pf = pq.ParquetFile(f)
+        with storage.open_parquet(s.path) as pf:
             stop = pf.num_row_groups if s.stop is None else s.stop
             for rb in pf.iter_batches(
                 batch_size=batch_rows, row_groups=range(s.first, stop), columns=columns
@@ -227,10 +239,17 @@ class _Parquet:
             return
         table = pa.concat_tables(self._buffer)
         if self._writer is None:
-            fs, path = storage.fs_path(self.url)
-            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            self._file = fs.open(path + ".tmp", "wb")
-            self._writer = pq.ParquetWriter(self._file, table.schema)
+            self._file = storage.AtomicFile(self.url)
+            # Step files are read back once: cheap settings over small ones. Image bytes (in
+            # the shard step's scatter files) are compressed already; a dictionary only
+            # pays for the few columns with repeated values (40% of the write time else).
+            names = table.column_names
+            self._writer = pq.ParquetWriter(
+                self._file.file,
+                table.schema,
+                compression={n: "none" if n == "image" else "snappy" for n in names},
+                use_dictionary=[n for n in names if n in _DICTIONARY_COLUMNS],
+            )
         self._writer.write_table(table, row_group_size=max(table.num_rows, 1))
         self._buffer, self._rows, self._bytes = [], 0, 0
 
@@ -238,9 +257,7 @@ class _Parquet:
         self._flush()
         if self._writer is not None:
             self._writer.close()
-            self._file.close()
-            fs, path = storage.fs_path(self.url)
-            fs.mv(path + ".tmp", path)
+            self._file.commit()
         else:
             storage.remove(self.url)  # an earlier attempt's output, if any
 
@@ -310,8 +327,8 @@ def _read_ipc(url: str) -> pa.Table:
 
 
 def _read_table(url: str) -> pa.Table:
-    with fsspec.open(url, "rb") as f:
-        return pq.read_table(f)
+    with storage.open_parquet(url) as pf:
+        return pf.read()
 
 
 # --------------------------------------------------------------------------- worker side
@@ -360,7 +377,7 @@ class _Job:
         return f"{self.rejects_dir}/part-{index:05d}.parquet" if self.rejects_dir else None
 
     def blobs(self, index: int) -> str:
-        return f"{self.step_dir}/blobs/part-{index:05d}.parquet"
+        return f"{self.step_dir}/blobs/part-{index:05d}.arrow"
 
     def summary(self, index: int) -> str:
         return f"{self.step_dir}/_summary/part-{index:05d}.arrow"
@@ -535,15 +552,9 @@ def _image_bytes(table: pa.Table) -> int:
     counts = pc.value_counts(table.column(IMAGE_FILE).combine_chunks().drop_null())
     total = 0
     for c in counts.to_pylist():
-        rows, size = _blob_size(c["values"])
+        rows, size = blob_stats(c["values"])
         total += int(c["counts"] * size / max(rows, 1))
     return total
-
-
-def _blob_size(url: str) -> tuple[int, int]:
-    meta = storage.parquet_metadata(url)
-    size = sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
-    return meta.num_rows, size
 
 
 def _task_sample(job: _Job, index: int, item: dict[str, Any]) -> dict[str, Any]:
@@ -596,8 +607,6 @@ def _task_write(job: _Job, index: int, item: dict[str, Any]) -> dict[str, Any]:
     """Shard step, phase 3: sort one uid range (its scattered files, or with one range the
     upstream slices themselves) and write the shards it holds; the first and last shard may
     straddle a neighbouring range and go to fragments instead."""
-    from kiln.data_curation.shard import check_uid
-
     files: list[str] = item["files"]
     offset: int = item["offset"]
     per: int = item["samples_per_shard"]
@@ -615,32 +624,39 @@ def _task_write(job: _Job, index: int, item: dict[str, Any]) -> dict[str, Any]:
     fragments: list[dict[str, Any]] = []
     if table is None or table.num_rows == 0:
         return _finish(job, "write", index, {"shards": shards, "fragments": fragments})
-    table = table.sort_by("uid")
+    # sorted by index: the rows (image bytes included) are never copied into sorted order
+    order = pc.sort_indices(table, sort_keys=[("uid", "ascending")]).to_numpy()
+    check_uids(table.column("uid").take(pa.array(order)).combine_chunks())
     n = table.num_rows
     total: int = item["total"]
-    previous: str | None = None
+    pieces_todo: list[tuple[int, int, int, int]] = []  # (shard, first row, rows, within)
     pos = 0
     while pos < n:
         g = offset + pos
         k, within = divmod(g, per)
-        shard_end = min((k + 1) * per, total)
-        take = min(shard_end - g, n - pos)
-        piece = table.slice(pos, take)
-        if within == 0 and g + take == shard_end:  # the whole shard is in this range
-            shard = ShardFile(fs, root, k)
-            for uid, record in sample_records(piece):
-                previous = check_uid(uid, previous)
-                shard.add(record)
-            shards.append(shard.close().model_dump())
-        else:
-            url = f"{job.step_dir}/_frags/{k:06d}-{index:04d}.bin"
-            chunks = []
-            for uid, record in sample_records(piece):
-                previous = check_uid(uid, previous)
-                chunks.append(record)
-            storage.atomic_write(url, b"".join(chunks))
-            fragments.append({"shard": k, "url": url, "samples": take, "first": within})
+        take = min(min((k + 1) * per, total) - g, n - pos)
+        pieces_todo.append((k, pos, take, within))
         pos += take
+
+    def write_piece(k: int, pos: int, take: int, within: int) -> dict[str, Any]:
+        blocks: list[np.ndarray] = []
+        for start in range(pos, pos + take, ENCODE_ROWS):
+            rows = order[start : min(start + ENCODE_ROWS, pos + take)]
+            blocks += encode_samples(table, rows)[0]
+        if within == 0 and offset + pos + take == min((k + 1) * per, total):  # whole shard
+            shard = ShardFile(fs, root, k)
+            shard.add(blocks, take)
+            return {"shard": shard.close().model_dump()}
+        url = f"{job.step_dir}/_frags/{k:06d}-{index:04d}.bin"
+        storage.atomic_write(url, b"".join(bytes(b) for b in blocks))
+        return {"fragment": {"shard": k, "url": url, "samples": take, "first": within}}
+
+    # several at a time when the executor has idle CPUs (a small dataset is one range): the
+    # file writes, hashing and image copies release the GIL
+    with ThreadPoolExecutor(max_workers=item.get("threads", 1)) as threads:
+        done = list(threads.map(lambda p: write_piece(*p), pieces_todo))
+    shards = [d["shard"] for d in done if "shard" in d]
+    fragments = [d["fragment"] for d in done if "fragment" in d]
     return _finish(job, "write", index, {"shards": shards, "fragments": fragments})
 
 
@@ -673,13 +689,6 @@ def _run_one(phase: str, job: _Job, index: int, item: dict[str, Any]) -> dict[st
     return _TASKS[phase](job, index, item)
 
 
-class _StageWorker:
-    """A pool actor: runs tasks one at a time, keeping the stage's context between them."""
-
-    def run(self, phase: str, job: _Job, index: int, item: dict[str, Any]) -> dict[str, Any]:
-        return _run_one(phase, job, index, item)
-
-
 # --------------------------------------------------------------------------- driver side
 
 
@@ -702,89 +711,6 @@ def _run_logging() -> Iterator[None]:
             logger.setLevel(own_level)
 
 
-class _Executor:
-    """Runs a phase's tasks as Ray tasks (or on an actor pool), skipping finished ones."""
-
-    def __init__(self) -> None:
-        import ray
-
-        self._remote = ray.remote(_run_one)
-        self.cpus = max(1.0, float(ray.cluster_resources().get("CPU", 1.0)))
-
-    def run(
-        self,
-        phase: str,
-        job: _Job,
-        items: list[dict[str, Any]],
-        *,
-        resources: StageResources | None = None,
-        label: str = "",
-    ) -> tuple[list[dict[str, Any]], int]:
-        """Results of every task (from its marker when it already finished), and how many
-        were reused."""
-        import ray
-
-        res = resources or StageResources()
-        num_cpus, num_gpus, actors = res.num_cpus, res.num_gpus, res.actors
-        results: dict[int, dict[str, Any]] = {}
-        todo = []
-        for i in range(len(items)):
-            marker = storage.read_json(job.marker(phase, i))
-            if isinstance(marker, dict) and marker.get("fingerprint") == job.fingerprint:
-                results[i] = marker["result"]
-            else:
-                todo.append(i)
-        reused = len(results)
-        if todo:
-            if num_cpus > self.cpus:
-                raise RuntimeError(
-                    f"step {job.step}: a task needs {num_cpus:g} CPUs but the Ray cluster has "
-                    f"{self.cpus:g}: lower the stage's resources.num_cpus"
-                )
-            window = max(1, int(self.cpus // num_cpus)) * 2
-            options: dict[str, Any] = {"num_cpus": num_cpus}
-            if num_gpus:
-                options["num_gpus"] = num_gpus
-            pool: list[Any] = []
-            if actors:
-                # Restarted after a crash; the call is retried on the new actor.
-                worker = ray.remote(_StageWorker).options(
-                    **options, max_restarts=3, max_task_retries=3
-                )
-                pool = [worker.remote() for _ in range(actors)]
-                window = 2 * actors
-            remote = self._remote.options(**options, max_retries=3)
-            pending: dict[Any, int] = {}
-            queue = list(todo)
-            start = last = time.perf_counter()
-            while queue or pending:
-                while queue and len(pending) < window:
-                    i = queue.pop(0)
-                    call = (
-                        pool[i % len(pool)].run.remote(phase, job, i, items[i])
-                        if pool
-                        else remote.remote(phase, job, i, items[i])
-                    )
-                    pending[call] = i
-                done, _ = ray.wait(list(pending), num_returns=1, timeout=_PROGRESS_EVERY_S)
-                for ref in done:
-                    results[pending.pop(ref)] = ray.get(ref)
-                now = time.perf_counter()
-                if now - last >= _PROGRESS_EVERY_S:
-                    last = now
-                    logger.info(
-                        "step %s%s: %d/%d tasks done (%.0fs)",
-                        job.step,
-                        f" ({label})" if label else "",
-                        len(results),
-                        len(items),
-                        now - start,
-                    )
-            for actor in pool:
-                ray.kill(actor)
-        return [results[i] for i in range(len(items))], reused
-
-
 def _sum_stats(results: list[dict[str, Any]]) -> dict[str, Any]:
     total: dict[str, Any] = {"rows_in": 0, "rows_out": 0, "dropped": {}}
     for r in results:
@@ -799,7 +725,14 @@ def _sum_stats(results: list[dict[str, Any]]) -> dict[str, Any]:
 class _Runner:
     """Holds the run's paths and config; runs the read step, the plan's steps, the shards."""
 
-    def __init__(self, cfg: CurationConfig, run_dir: str, name: str, recipe: dict[str, Any]):
+    def __init__(
+        self,
+        cfg: CurationConfig,
+        run_dir: str,
+        name: str,
+        recipe: dict[str, Any],
+        executor: Executor,
+    ):
         self.cfg = cfg
         self.exe: ExecutionConfig = cfg.execution
         self.run_dir = absolute_url(run_dir).rstrip("/")
@@ -808,7 +741,8 @@ class _Runner:
         self.steps: dict[str, StepStats] = {}
         self.upstream = ""
         self.files: list[str] = []
-        self.executor = _Executor()
+        self.executor: Executor = executor
+        self.checks: dict[str, dict[str, Any]] = {}  # each step's `check`, run once
 
     def step_dir(self, name: str) -> str:
         return f"{self.run_dir}/steps/{name}"
@@ -992,7 +926,7 @@ class _Runner:
         stage = step.stage
         cfg = step.config
         res = step.resources
-        check = stage.check(cfg)
+        check = self.checks[step.name]
         layout = {"rows_per_task": self.exe.rows_per_task, "buckets": self.exe.key_buckets}
 
         def body(job: _Job) -> tuple[dict[str, Any], int, int]:
@@ -1110,6 +1044,10 @@ class _Runner:
                     }
                     for r in range(len(counts))
                 ]
+            # CPUs the executor would leave idle go to threads writing shards in parallel
+            threads = int(self.executor.cpus // max(1, len(write_items)))
+            for w in write_items:
+                w["threads"] = max(1, min(_MAX_WRITE_THREADS, threads))
             written, r3 = self.executor.run("write", job, write_items, label="write shards")
             shards = [ShardInfo.model_validate(s) for w in written for s in w["shards"]]
             frags: dict[int, list[dict[str, Any]]] = {}
@@ -1240,6 +1178,17 @@ def _totals(plan: list[PlanStep], steps: dict[str, StepStats]) -> dict[str, Any]
     }
 
 
+def make_executor(cfg: CurationConfig, plan: list[PlanStep]) -> Executor:
+    """The executor `cfg.execution` asks for (see `choose_executor`)."""
+    exe = cfg.execution
+    kind = choose_executor(
+        exe.executor, address=None, needs_gpus=any(s.resources.num_gpus for s in plan)
+    )
+    if kind == "ray":
+        return RayExecutor(_run_one)
+    return LocalExecutor(_run_one, exe.workers or local_workers())
+
+
 def run_curation(
     cfg: CurationConfig,
     run_dir: str,
@@ -1247,29 +1196,35 @@ def run_curation(
     name: str = "",
     recipe: dict[str, Any] | None = None,
 ) -> CurationResult:
-    """Run (or resume) the curation plan of `cfg` in `run_dir`; Ray must be initialised.
+    """Run (or resume) the curation plan of `cfg` in `run_dir`.
 
-    Returns the `CurationResult` and writes it to `{run_dir}/curation_stats.json`; the
-    dataset (shards + manifest) goes to `cfg.shard.output` or `{run_dir}/dataset`. `recipe`
-    is recorded in the manifest (default: `cfg` itself).
+    The tasks run where `cfg.execution.executor` says: `local` (a process pool here),
+    `ray` (Ray must be initialised), or `auto` (Ray if this process is connected to one or
+    a stage needs GPUs, else local). Returns the `CurationResult` and writes it to
+    `{run_dir}/curation_stats.json`; the dataset (shards + manifest) goes to
+    `cfg.shard.output` or `{run_dir}/dataset`. `recipe` is recorded in the manifest
+    (default: `cfg` itself).
     """
-    import ray
-
-    if not ray.is_initialized():
-        raise RuntimeError(
-            "Ray is not initialised: call kiln.platform.ray_cluster.start_ray() (or "
-            "ray.init(...)) before run_curation"
-        )
     start = time.perf_counter()
     recipe = recipe if recipe is not None else cfg.model_dump(mode="json")
     plan = cfg.plan()
     files = input_files(cfg.input)  # generates the synthetic pool (and its entries) if asked
-    for step in plan:  # fail on a missing entries file etc. before anything runs
-        step.stage.check(step.config)
-    r = _Runner(cfg, run_dir, name, recipe)
+    # fail on a missing entries file etc. before anything runs
+    checks = {step.name: step.stage.check(step.config) for step in plan}
+    r = _Runner(cfg, run_dir, name, recipe, make_executor(cfg, plan))
+    r.checks = checks
+    r.files = files
+    try:
+        return _run_plan(r, cfg, plan, start)
+    finally:
+        r.executor.close()
+
+
+def _run_plan(
+    r: _Runner, cfg: CurationConfig, plan: list[PlanStep], start: float
+) -> CurationResult:
     fs, path = storage.fs_path(r.run_dir)
     fs.makedirs(path, exist_ok=True)
-    r.files = files
     with _run_logging():
         logger.info("plan: %s", " -> ".join(step_names(plan)))
         r.run_read()

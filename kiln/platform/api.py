@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel
 
 from kiln.data_curation.config import CurationConfig
+from kiln.data_curation.executors import choose_executor
 from kiln.platform.ray_cluster import ray_session
 from kiln.platform.recipes import (
     CurateRecipe,
@@ -88,11 +89,20 @@ def run_curate(recipe: CurateRecipe) -> Any:
     from kiln.data_curation import run_curation
 
     recipe, run = _start(recipe)
+    cfg = _as(recipe, CurationConfig)
+    exe = recipe.execution
+    needs_gpus = any(step.resources.num_gpus for step in cfg.plan())
+    on_ray = choose_executor(exe.executor, address=recipe.ray.address, needs_gpus=needs_gpus)
     try:
         # curation uses no State API: an embedded Ray without its dashboard starts faster
-        with ray_session(recipe.ray.address, num_cpus=recipe.ray.num_cpus, dashboard=False):
+        ray_ctx = (
+            ray_session(recipe.ray.address, num_cpus=recipe.ray.num_cpus, dashboard=False)
+            if on_ray == "ray"
+            else contextlib.nullcontext()
+        )
+        with ray_ctx:
             result = run_curation(
-                _as(recipe, CurationConfig),
+                cfg,
                 str(run),
                 name=recipe.name,
                 recipe=recipe.model_dump(mode="json"),

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError, model_validator
 
 from kiln.contracts import StrictModel, is_path_field, json_sha256
 from kiln.data_curation.config import CurationConfig
@@ -75,6 +75,15 @@ class CurateRecipe(_JobFields, CurationConfig):
     """`kind: curate`: raw pool -> curated WebDataset shards."""
 
     kind: Literal["curate"]
+
+    @model_validator(mode="after")
+    def _executor_matches_ray(self) -> CurateRecipe:
+        if self.execution.executor == "local" and self.ray.address:
+            raise ValueError(
+                f"execution.executor=local runs on this machine, but ray.address="
+                f"{self.ray.address!r} names a cluster: drop one of the two"
+            )
+        return self
 
 
 class TrainRecipe(_JobFields, TrainConfig):

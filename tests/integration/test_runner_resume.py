@@ -92,16 +92,42 @@ def test_a_half_done_step_redoes_only_its_unfinished_tasks(
     assert _shas(again.dataset_dir) == shas
 
 
+def _kiln_curate(tmp_path: Path, spec: dict[str, Any], *sets: str) -> dict[str, Any]:
+    """Run `kiln curate` on `spec` as a user would (a fresh process); its curation stats."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    run = tmp_path / "run"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"kind": "curate", "name": "t", "run_dir": str(run), **spec}))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "kiln.platform.cli", "curate", str(recipe)]
+    for s in sets:
+        cmd += ["--set", s]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stats: dict[str, Any] = json.loads((run / "curation_stats.json").read_text())
+    stats["stderr"] = done.stderr
+    return stats
+
+
+@pytest.mark.parametrize("executor", ["ray", "local"])
 def test_a_killed_worker_is_retried_and_changes_nothing(
-    reference: tuple[Path, list[str]], laion_pool: dict[str, str], tmp_path: Path
+    reference: tuple[Path, list[str]], laion_pool: dict[str, str], tmp_path: Path, executor: str
 ) -> None:
+    """Ray retries the task of a SIGKILLed worker; so does the local executor (`kiln curate`
+    without a cluster: forked workers), which reruns it on a fresh pool."""
     _, shas = reference
     flag = tmp_path / "crashed"
     spec = _spec(laion_pool, [{"stage": "crash_once", "flag": str(flag)}])
-    result = run_curation(CurationConfig.model_validate(spec), str(tmp_path / "run"))
+    if executor == "ray":
+        result = run_curation(CurationConfig.model_validate(spec), str(tmp_path / "run"))
+        dataset_dir = result.dataset_dir
+    else:
+        stats = _kiln_curate(tmp_path, spec)
+        assert "a worker process died; rerunning" in stats["stderr"]
+        dataset_dir = stats["dataset_dir"]
     assert flag.exists(), "the crash stage never ran"
     assert not psutil.pid_exists(int(flag.read_text())), "the worker was not killed"
-    assert _shas(result.dataset_dir) == shas
+    assert _shas(dataset_dir) == shas
 
 
 def _children(pid: int) -> list[psutil.Process]:
@@ -157,32 +183,22 @@ def test_a_killed_kiln_curate_is_rerun_to_the_same_shards(
 def test_one_cpu_runs_and_an_oversized_stage_is_refused(
     reference: tuple[Path, list[str]], laion_pool: dict[str, str], tmp_path: Path
 ) -> None:
-    """`--set ray.num_cpus=1` used to hang (an actor pool took the only CPU); a stage asking
-    for more CPUs than the cluster has is an error naming the fix, not a wait forever."""
+    """`--set ray.num_cpus=1` used to hang (an actor pool took the only CPU); one local
+    worker runs too; a stage asking for more CPUs than there are is an error naming the
+    fix, not a wait forever."""
     _, shas = reference
-    spec = _spec(laion_pool)
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(
-        yaml.safe_dump(
-            {"kind": "curate", "name": "one-cpu", "run_dir": str(tmp_path / "run"), **spec}
-        )
+    on_ray = _kiln_curate(
+        tmp_path / "ray", _spec(laion_pool), "execution.executor=ray", "ray.num_cpus=1"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "kiln.platform.cli",
-        "curate",
-        str(recipe),
-        "--set",
-        "ray.num_cpus=1",
-    ]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    stats = json.loads((tmp_path / "run" / "curation_stats.json").read_text())
-    assert _shas(stats["dataset_dir"]) == shas
+    assert _shas(on_ray["dataset_dir"]) == shas
+    local = _kiln_curate(tmp_path / "local", _spec(laion_pool), "execution.workers=1")
+    assert _shas(local["dataset_dir"]) == shas
 
     big = _spec(laion_pool)
     big["stages"][0]["resources"] = {"num_cpus": 64}
     with pytest.raises(RuntimeError, match=r"needs 64 CPUs but the Ray cluster has 2: lower"):
         run_curation(CurationConfig.model_validate(big), str(tmp_path / "big"))
+    big["execution"]["executor"] = "local"
+    big["execution"]["workers"] = 2
+    with pytest.raises(RuntimeError, match=r"needs 64 CPUs but the local executor"):
+        run_curation(CurationConfig.model_validate(big), str(tmp_path / "big-local"))

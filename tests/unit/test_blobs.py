@@ -24,7 +24,7 @@ def _table(images: list[bytes | None]) -> pa.Table:
 
 def test_split_then_load_gives_back_the_same_bytes(tmp_path: Path) -> None:
     images = [b"a" * 10, b"a" * 10, None, b"b", b"b", b"c", None]
-    writer = BlobWriter(str(tmp_path / "blobs" / "part-0.parquet"))
+    writer = BlobWriter(str(tmp_path / "blobs" / "part-0.arrow"))
     light = split_images(_table(images[:4]), writer)
     light2 = split_images(_table(images[4:]), writer)
     writer.close()
@@ -40,27 +40,25 @@ def test_split_then_load_gives_back_the_same_bytes(tmp_path: Path) -> None:
 
 
 def test_store_changed_rewrites_only_changed_images(tmp_path: Path) -> None:
-    first = BlobWriter(str(tmp_path / "read.parquet"))
+    first = BlobWriter(str(tmp_path / "read.arrow"))
     light = split_images(_table([b"keep", b"resize me", b"drop me"]), first)
     first.close()
     given = load_images(light)
     after = given.set_column(1, "image", pa.array([b"keep", b"small", None], pa.binary()))
-    second = BlobWriter(str(tmp_path / "image.parquet"))
+    second = BlobWriter(str(tmp_path / "image.arrow"))
     out = store_changed(given.column("image"), after, second, light.select([IMAGE_FILE, IMAGE_ROW]))
     second.close()
     assert second.rows == 1
     files = out.column(IMAGE_FILE).to_pylist()
-    assert files[0] == str(tmp_path / "read.parquet") and files[1] == str(
-        tmp_path / "image.parquet"
-    )
+    assert files[0] == str(tmp_path / "read.arrow") and files[1] == str(tmp_path / "image.arrow")
     assert files[2] is None
     assert load_images(out).column("image").to_pylist() == [b"keep", b"small", None]
 
 
 def test_a_writer_with_nothing_to_store_leaves_no_file(tmp_path: Path) -> None:
-    writer = BlobWriter(str(tmp_path / "b.parquet"))
-    (tmp_path / "b.parquet").write_bytes(b"stale")
+    writer = BlobWriter(str(tmp_path / "b.arrow"))
+    (tmp_path / "b.arrow").write_bytes(b"stale")
     out = split_images(_table([None, None]), writer)
     writer.close()
-    assert not (tmp_path / "b.parquet").exists()
+    assert not (tmp_path / "b.arrow").exists()
     assert out.column(IMAGE_FILE).to_pylist() == [None, None]

@@ -216,3 +216,66 @@ def test_tar_member_is_what_tarfile_writes() -> None:
     assert body + tar_end(len(body)) == out.getvalue()
     with pytest.raises(ValueError, match="over 100 bytes"):
         tar_member("x" * 101, b"")
+
+
+def _mixed_table(seed: int, n: int = 60) -> pa.Table:
+    """Rows with and without images (null, empty), null / non-ASCII / long captions, lists,
+    NaN, uids of several lengths; two chunks."""
+    import random
+
+    r = random.Random(seed)
+    uids = sorted({f"{r.getrandbits(160):040x}"[: r.choice([8, 32, 40])] for _ in range(n)})
+    rows = [
+        {
+            "uid": u,
+            "text": r.choice([None, "", "héllo wörld ✓", "a" * r.randint(0, 700)]),
+            "image": r.choice([None, b"", r.randbytes(r.randint(1, 1500))]),
+            "url": f"http://x/{u}",
+            "entry_ids": [r.randint(0, 9) for _ in range(r.randint(0, 3))],
+            "keep_prob": r.choice([0.5, float("nan"), None]),
+            "_image_file": "internal",
+        }
+        for u in uids
+    ]
+    table = pa.Table.from_pylist(rows)
+    return pa.concat_tables([table.slice(0, n // 3), table.slice(n // 3)])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_encode_samples_writes_the_bytes_of_the_per_row_encoder(seed: int) -> None:
+    """The block encoder (numpy headers, image bytes as views) gives exactly the bytes of
+    `sample_records`, the per-row reference, for all rows and for a subset by index."""
+    import numpy as np
+
+    from kiln.data_curation.shard import encode_samples, sample_records
+
+    table = _mixed_table(seed)
+    buffers, last = encode_samples(table)
+    assert b"".join(bytes(b) for b in buffers) == b"".join(r for _, r in sample_records(table))
+    assert last == table.column("uid")[-1].as_py()
+    rows = np.sort(np.random.default_rng(seed).permutation(table.num_rows)[:25])
+    subset = b"".join(r for _, r in sample_records(table.take(pa.array(rows))))
+    assert b"".join(bytes(b) for b in encode_samples(table, rows)[0]) == subset
+
+
+@pytest.mark.parametrize(
+    ("uids", "message"),
+    [
+        (["a", None], "non-empty string"),
+        (["a", "b/c"], "contains '.', '/'"),
+        (["a", "x" * 97], "over 100 bytes"),
+    ],
+)
+def test_encode_samples_refuses_bad_uids(uids: list[str | None], message: str) -> None:
+    from kiln.data_curation.shard import encode_samples
+
+    with pytest.raises(ValueError, match=message):
+        encode_samples(pa.table({"uid": pa.array(uids, pa.string()), "text": ["t"] * len(uids)}))
+
+
+def test_encode_samples_checks_order_against_the_previous_block() -> None:
+    from kiln.data_curation.shard import encode_samples
+
+    table = pa.table({"uid": ["m", "n"], "text": ["a", "b"]})
+    with pytest.raises(ValueError, match="comes after 'z'"):
+        encode_samples(table, previous="z")

@@ -1,0 +1,435 @@
+"""Where a curation step's tasks run: a process pool on this machine, or Ray tasks.
+
+Both run the same task function on the same items and skip the tasks whose completion
+marker already holds this step's fingerprint, so the outputs (and a resumed run's) are the
+same bytes whichever runs them. They differ in what they cost and reach:
+
+- `LocalExecutor`: worker processes forked from the driver, kept across phases. No Ray
+  to start (Ray's own processes cost ~8 CPU-seconds and ~1 GB before the first task), no
+  module imports per worker, and a stage's `setup` (a 500k-entry matcher) is built once in
+  the driver and shared copy-on-write instead of once per worker. A worker that dies
+  (SIGKILL, out of memory) has its tasks rerun on a fresh pool, up to `_RETRIES` times.
+  CPU stages only; one machine.
+- `RayExecutor`: Ray tasks (or an actor pool, for stages that ask for one), on the
+  embedded Ray or a cluster; GPUs; retries by Ray.
+
+`choose_executor` picks between them for `execution.executor: auto`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Protocol
+
+from kiln import storage
+from kiln.data_curation.stage import StageResources
+
+__all__ = [
+    "Executor",
+    "LocalExecutor",
+    "RayExecutor",
+    "TaskJob",
+    "choose_executor",
+    "local_workers",
+    "ray_is_running",
+]
+
+logger = logging.getLogger("kiln.curation")
+
+_PROGRESS_EVERY_S = 10.0
+_RETRIES = 3
+_CONTEXT_PHASES = ("apply", "fit", "partition", "group", "join")
+_SHARE_SETUP_S = 0.2  # a stage setup this slow is built once and shared by forking again
+
+TaskFn = Callable[[str, Any, int, dict[str, Any]], dict[str, Any]]
+
+
+class TaskJob(Protocol):
+    """What an executor needs of a step's job: its name, fingerprint, markers, context."""
+
+    @property
+    def step(self) -> str: ...
+
+    @property
+    def stage(self) -> str: ...
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    def marker(self, phase: str, index: int) -> str: ...
+
+    def context(self) -> Any: ...
+
+
+def local_workers() -> int:
+    """The CPUs this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def ray_is_running() -> bool:
+    """True when this process is connected to a Ray (without importing Ray to find out)."""
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
+
+
+class Executor:
+    """Runs a phase's tasks, skipping those already finished; reports progress."""
+
+    kind = ""
+    cpus: float = 1.0
+
+    def __init__(self, fn: TaskFn) -> None:
+        self.fn = fn
+
+    def run(
+        self,
+        phase: str,
+        job: TaskJob,
+        items: list[dict[str, Any]],
+        *,
+        resources: StageResources | None = None,
+        label: str = "",
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Results of every task (from its marker when it already finished), and how many
+        were reused."""
+        res = resources or StageResources()
+        results: dict[int, dict[str, Any]] = {}
+        todo = []
+        for i in range(len(items)):
+            marker = storage.read_json(job.marker(phase, i))
+            if isinstance(marker, dict) and marker.get("fingerprint") == job.fingerprint:
+                results[i] = marker["result"]
+            else:
+                todo.append(i)
+        reused = len(results)
+        if todo:
+            self.check(job, res)
+            start = last = time.perf_counter()
+            for done in self.execute(phase, job, items, todo, res):
+                if done is not None:
+                    results[done[0]] = done[1]
+                now = time.perf_counter()
+                if now - last >= _PROGRESS_EVERY_S:
+                    last = now
+                    logger.info(
+                        "step %s%s: %d/%d tasks done (%.0fs)",
+                        job.step,
+                        f" ({label})" if label else "",
+                        len(results),
+                        len(items),
+                        now - start,
+                    )
+        return [results[i] for i in range(len(items))], reused
+
+    def check(self, job: TaskJob, res: StageResources) -> None:
+        """Refuse (with the fix) a task that could never be scheduled, instead of hanging."""
+        if res.num_cpus > self.cpus:
+            raise RuntimeError(
+                f"step {job.step}: a task needs {res.num_cpus:g} CPUs but {self.where()} has "
+                f"{self.cpus:g}: lower the stage's resources.num_cpus"
+            )
+
+    def where(self) -> str:
+        return "this executor"
+
+    def close(self) -> None:
+        """Release the workers (the end of a run)."""
+
+    def execute(
+        self,
+        phase: str,
+        job: TaskJob,
+        items: list[dict[str, Any]],
+        todo: list[int],
+        res: StageResources,
+    ) -> Iterator[tuple[int, dict[str, Any]] | None]:
+        """(index, result) per finished task, or None every few seconds while waiting."""
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- local
+
+
+def _worker_start(driver: int | None) -> None:
+    """Pool worker start: exit when the parent dies (a SIGKILLed `kiln curate` must not
+    leave its workers behind, waiting forever on a queue the siblings keep open). The
+    parent is the driver (`driver`, fork) or the forkserver, which exits with the driver."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if driver is not None and parent != driver:  # the driver died before prctl took effect
+        os._exit(1)
+
+    def watch() -> None:  # for systems without PR_SET_PDEATHSIG
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _call(fn: TaskFn, cpus: int, phase: str, job: Any, index: int, item: dict[str, Any]) -> Any:
+    """A task in a pool worker, with Arrow's thread pool sized to the task's CPUs (so N
+    workers use N cores, not N x all of them)."""
+    import pyarrow as pa
+
+    pa.set_cpu_count(cpus)
+    return fn(phase, job, index, item)
+
+
+class LocalExecutor(Executor):
+    """A pool of `workers` processes on this machine, kept across phases.
+
+    The pool is forked again only after the driver built a stage context that took a
+    while (`_SHARE_SETUP_S`): the workers then inherit it instead of each building its own.
+    `close` ends the pool."""
+
+    kind = "local"
+
+    def __init__(self, fn: TaskFn, workers: int, *, start_method: str | None = None) -> None:
+        super().__init__(fn)
+        if workers < 1:
+            raise ValueError(f"execution.workers={workers}: must be at least 1")
+        self.workers = workers
+        self.cpus = float(workers)
+        self.start_method = start_method  # None: fork when it is safe, else forkserver
+        self._pool: ProcessPoolExecutor | None = None
+
+    def where(self) -> str:
+        return "the local executor (execution.workers)"
+
+    def check(self, job: TaskJob, res: StageResources) -> None:
+        if res.num_gpus:
+            raise RuntimeError(
+                f"step {job.step}: its stage asks for {res.num_gpus:g} GPUs, which only the "
+                "Ray executor schedules: set execution.executor: ray (or auto)"
+            )
+        super().check(job, res)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+            gc.unfreeze()
+
+    def _mp(self) -> multiprocessing.context.BaseContext:
+        # fork shares the driver's imports and warmed stage contexts; it is unsafe once
+        # other threads run here (a Ray client, a test runner's helpers): then forkserver.
+        # Decided once, before the pool's own manager thread exists.
+        if self.start_method is None:
+            unsafe = ray_is_running() or threading.active_count() > 1
+            self.start_method = "forkserver" if unsafe else "fork"
+        if self.start_method == "forkserver":
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["kiln.data_curation.runner"])
+            return ctx
+        return multiprocessing.get_context("fork")
+
+    def _get_pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            mp = self._mp()
+            fork = mp.get_start_method() == "fork"
+            if fork:
+                # the driver's objects (a stage context: a matcher's 500k entries) out of the
+                # workers' garbage collections, which would copy every page they touch
+                gc.freeze()
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=mp,
+                initializer=_worker_start,
+                initargs=(os.getpid() if fork else None,),
+            )
+        return self._pool
+
+    def _drop_pool(self, *, kill: bool) -> None:
+        if self._pool is not None:
+            if kill:
+                _kill(self._pool)
+            else:
+                self._pool.shutdown(wait=True)
+            self._pool = None
+            gc.unfreeze()
+
+    def execute(
+        self,
+        phase: str,
+        job: TaskJob,
+        items: list[dict[str, Any]],
+        todo: list[int],
+        res: StageResources,
+    ) -> Iterator[tuple[int, dict[str, Any]] | None]:
+        slots = max(1, int(self.cpus // max(res.num_cpus, 1e-9)))
+        if res.actors:
+            slots = min(slots, res.actors)
+        cpus = max(1, int(res.num_cpus))
+        if job.stage and phase in _CONTEXT_PHASES and self._mp().get_start_method() == "fork":
+            start = time.process_time()
+            job.context()  # built here once: the workers forked after this inherit it
+            if time.process_time() - start > _SHARE_SETUP_S:
+                self._drop_pool(kill=False)
+        deaths = dict.fromkeys(todo, 0)
+        queue = list(todo)
+        while queue:
+            pool = self._get_pool()
+            broken: list[int] = []  # running when a worker died
+            requeue: list[int] = []  # not started yet then
+            futures: dict[Future[dict[str, Any]], int] = {}
+            waiting = list(queue)
+            try:
+                while waiting or futures:
+                    while waiting and len(futures) < slots:
+                        i = waiting.pop(0)
+                        futures[pool.submit(_call, self.fn, cpus, phase, job, i, items[i])] = i
+                    done, _ = wait(list(futures), _PROGRESS_EVERY_S, FIRST_COMPLETED)
+                    if not done:
+                        yield None
+                    for f in sorted(done, key=lambda f: futures[f]):
+                        i = futures.pop(f)
+                        try:
+                            result = f.result()
+                        except BrokenProcessPool:
+                            broken.append(i)
+                            continue
+                        yield i, result
+                    if broken:  # the pool is gone: what it held goes to a fresh one
+                        broken += list(futures.values())
+                        requeue += waiting
+                        waiting, futures = [], {}
+            except BaseException:
+                self._drop_pool(kill=True)
+                raise
+            if broken:
+                self._drop_pool(kill=True)
+                for i in broken:
+                    deaths[i] += 1
+                    if deaths[i] > _RETRIES:
+                        raise RuntimeError(
+                            f"step {job.step}: task {phase}-{i} lost its worker process "
+                            f"{deaths[i]} times (killed, or out of memory?): lower "
+                            "execution.rows_per_task or execution.workers, and rerun to resume"
+                        )
+                logger.warning(
+                    "step %s: a worker process died; rerunning %d unfinished tasks",
+                    job.step,
+                    len(broken),
+                )
+            queue = sorted(broken + requeue)
+
+
+def _kill(pool: ProcessPoolExecutor) -> None:
+    """Stop a pool now (a task failed or the driver was interrupted): its workers would
+    otherwise finish every queued task first."""
+    processes = list(getattr(pool, "_processes", {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in processes:
+        with contextlib.suppress(Exception):
+            p.kill()
+    for p in processes:
+        with contextlib.suppress(Exception):
+            p.join(timeout=5)
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+class _StageWorker:
+    """A pool actor: runs tasks one at a time, keeping the stage's context between them."""
+
+    def __init__(self, fn: TaskFn) -> None:
+        self.fn = fn
+
+    def run(self, phase: str, job: Any, index: int, item: dict[str, Any]) -> dict[str, Any]:
+        return self.fn(phase, job, index, item)
+
+
+class RayExecutor(Executor):
+    """Ray tasks on the Ray this process is connected to (embedded or a cluster)."""
+
+    kind = "ray"
+
+    def __init__(self, fn: TaskFn) -> None:
+        import ray
+
+        super().__init__(fn)
+        if not ray.is_initialized():
+            raise RuntimeError(
+                "Ray is not initialised: call kiln.platform.ray_cluster.start_ray() (or "
+                "ray.init(...)) first, or set execution.executor: local"
+            )
+        self._remote = ray.remote(fn)
+        self.cpus = max(1.0, float(ray.cluster_resources().get("CPU", 1.0)))
+
+    def where(self) -> str:
+        return "the Ray cluster"
+
+    def execute(
+        self,
+        phase: str,
+        job: TaskJob,
+        items: list[dict[str, Any]],
+        todo: list[int],
+        res: StageResources,
+    ) -> Iterator[tuple[int, dict[str, Any]] | None]:
+        import ray
+
+        window = max(1, int(self.cpus // res.num_cpus)) * 2
+        options: dict[str, Any] = {"num_cpus": res.num_cpus}
+        if res.num_gpus:
+            options["num_gpus"] = res.num_gpus
+        pool: list[Any] = []
+        if res.actors:
+            # Restarted after a crash; the call is retried on the new actor.
+            worker = ray.remote(_StageWorker).options(
+                **options, max_restarts=_RETRIES, max_task_retries=_RETRIES
+            )
+            pool = [worker.remote(self.fn) for _ in range(res.actors)]
+            window = 2 * res.actors
+        remote = self._remote.options(**options, max_retries=_RETRIES)
+        pending: dict[Any, int] = {}
+        queue = list(todo)
+        try:
+            while queue or pending:
+                while queue and len(pending) < window:
+                    i = queue.pop(0)
+                    call = (
+                        pool[i % len(pool)].run.remote(phase, job, i, items[i])
+                        if pool
+                        else remote.remote(phase, job, i, items[i])
+                    )
+                    pending[call] = i
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=_PROGRESS_EVERY_S)
+                if not done:
+                    yield None
+                for ref in done:
+                    i = pending.pop(ref)
+                    yield i, ray.get(ref)
+        finally:
+            for actor in pool:
+                ray.kill(actor)
+
+
+def choose_executor(executor: str, *, address: str | None, needs_gpus: bool) -> str:
+    """`local` or `ray` for an `execution.executor` setting: `auto` is Ray when a cluster
+    address is given, this process is already connected to a Ray, or a stage needs GPUs;
+    otherwise the local pool (one machine, nothing to start)."""
+    if executor != "auto":
+        return executor
+    return "ray" if address or needs_gpus or ray_is_running() else "local"
