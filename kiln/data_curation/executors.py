@@ -426,10 +426,14 @@ class RayExecutor(Executor):
                 ray.kill(actor)
 
 
-def choose_executor(executor: str, *, address: str | None, needs_gpus: bool) -> str:
+def choose_executor(
+    executor: str, *, address: str | None, needs_gpus: bool, in_ray: bool | None = None
+) -> str:
     """`local` or `ray` for an `execution.executor` setting: `auto` is Ray when a cluster
-    address is given, this process is already connected to a Ray, or a stage needs GPUs;
-    otherwise the local pool (one machine, nothing to start)."""
+    address is given, this process is already connected to a Ray (`in_ray`; default: look),
+    or a stage needs GPUs; otherwise the local pool (one machine, nothing to start)."""
     if executor != "auto":
         return executor
-    return "ray" if address or needs_gpus or ray_is_running() else "local"
+    if in_ray is None:
+        in_ray = ray_is_running()
+    return "ray" if address or needs_gpus or in_ray else "local"

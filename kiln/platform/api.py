@@ -40,6 +40,7 @@ J = TypeVar("J", CurateRecipe, TrainRecipe, EvalRecipe)
 
 __all__ = [
     "eval_run_dir",
+    "export",
     "resolve_model_file",
     "resume_run",
     "run_curate",
@@ -115,22 +116,22 @@ def run_curate(recipe: CurateRecipe) -> Any:
 
 
 def resolve_model_file(checkpoint: str) -> Path:
-    """A model.pt path from a train run dir (its latest complete checkpoint) or a file."""
-    p = Path(checkpoint)
-    if p.is_file():
-        return p
-    if p.is_dir():
-        tag = latest_checkpoint(p)
-        if tag is None and (p / "latest").is_file():  # the checkpoints/ folder itself
-            tag = latest_checkpoint(p.parent)
-            p = p.parent
-        if tag is None:
-            raise FileNotFoundError(
-                f"{checkpoint!r} has no complete checkpoint (no checkpoints/latest naming a "
-                "COMPLETE tag): train it first, or point at a model.pt"
-            )
-        return p / "checkpoints" / tag / "model.pt"
-    raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist: give a run dir or model.pt")
+    """A weights file for a train run dir (its latest complete checkpoint), a checkpoint
+    folder, or a file: the checkpoint's model.pt, or its export when it has none."""
+    from kiln.training.export import resolve_weights
+
+    return resolve_weights(checkpoint)
+
+
+def export(run_dir: str, out: str | None, *, step: int | None, fmt: str) -> Path:
+    """`kiln export`: the full weights of a run's checkpoint as one file; returns its path
+    (default: `{run_dir}/exports/{tag}.{fmt}`)."""
+    from kiln.training.checkpoint import latest_checkpoint, tag_for_step
+    from kiln.training.export import EXPORTS_DIR, export_model
+
+    tag = tag_for_step(step) if step is not None else latest_checkpoint(run_dir)
+    target = out or f"{run_dir}/{EXPORTS_DIR}/{tag}.{fmt}"
+    return export_model(run_dir, target, step=step, fmt=fmt)  # type: ignore[arg-type]
 
 
 def _evaluate_into(model_file: Path, cfg: Any, out_dir: Path) -> dict[str, Any]:

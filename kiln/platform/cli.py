@@ -71,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("target", help="eval recipe YAML, or a train run dir to evaluate as configured")
     _add_set(e, "eval.recall_k=[1,5]")
 
+    x = sub.add_parser(
+        "export", help="write a train run's full weights (safetensors), from any checkpoint"
+    )
+    x.add_argument("run_dir", help="the run folder a `kiln train` wrote")
+    x.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    x.add_argument("--format", dest="fmt", choices=["safetensors", "pt"], default="safetensors")
+    x.add_argument("--out", default=None, help="file to write (default: RUN/exports/TAG.FMT)")
+
     ru = sub.add_parser("runs", help="list runs under a folder with status and checkpoints")
     ru.add_argument("root", nargs="?", default="runs")
 
@@ -193,6 +201,14 @@ def _dispatch(args: argparse.Namespace) -> int:
                 )
             result = api.run_job(recipe)
         _print_result(result)
+        return 0
+    if args.verb == "export":
+        path = api.export(args.run_dir, args.out, step=args.step, fmt=args.fmt)
+        from kiln.training.export import load_weights
+
+        state, cfg, step = load_weights(path)
+        params = sum(t.numel() for t in state.values())
+        print(f"exported {cfg.flavor} at step {step} ({params:,} values) to {path}")
         return 0
     if args.verb == "runs":
         from kiln.platform.runs import format_runs, list_runs

@@ -93,10 +93,13 @@ class TrainRecipe(_JobFields, TrainConfig):
 
 
 class EvalRecipe(_JobFields):
-    """`kind: eval`: evaluate a checkpoint (a train run dir or a model.pt)."""
+    """`kind: eval`: evaluate a checkpoint (a train run dir, a model.pt or an export)."""
 
     kind: Literal["eval"]
-    checkpoint: str = Field(description="a train run dir (its latest checkpoint) or a model.pt")
+    checkpoint: str = Field(
+        description="a train run dir (its latest checkpoint), a checkpoint folder, a model.pt "
+        "or a .safetensors file from `kiln export`"
+    )
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
 

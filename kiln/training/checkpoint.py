@@ -6,8 +6,11 @@ A checkpoint is the folder ``checkpoints/step_{step:08d}/`` holding:
   our ``client_state`` (step, epoch, loader position, recipe hash), from
   ``engine.save_checkpoint(..., save_latest=False)``;
 - ``rng_rank{r}.pt``: each rank's torch / numpy / python RNG states;
-- ``model.pt``: full fp32 weights for eval and export (`kiln.training.evaluate`);
-- ``COMPLETE``: a JSON marker written by rank 0 only after every rank finished its part.
+- ``model.pt``: full fp32 weights for eval (`kiln.training.evaluate`), for models up to
+  ``checkpoint.model_file_max_params`` (larger ones are consolidated on demand from
+  DeepSpeed's files: `kiln.training.export`);
+- ``COMPLETE``: a JSON marker written by rank 0 only after every rank finished its part
+  (step, world size, ZeRO stage, the model config, file sizes).
 
 ``checkpoints/latest`` names the newest complete tag; it is replaced atomically (temp file,
 fsync, ``os.replace``) only after ``COMPLETE`` exists. A crash at any point of a save leaves
@@ -200,9 +203,13 @@ def save_checkpoint(
     client_state: dict[str, Any],
     model_config: ModelConfig,
     keep_last: int,
+    model_file: bool = True,
     before_commit: Callable[[], None] | None = None,
 ) -> str:
     """Write checkpoint `step` on every rank (collective: all ranks call it); returns its tag.
+
+    `model_file`: also gather the full fp32 weights into ``model.pt`` (rank 0); without it
+    `kiln.training.export` rebuilds them from DeepSpeed's files when asked.
 
     `before_commit` runs on every rank after all files are written and before the COMPLETE
     marker and `latest` (fault-injection tests kill the process there).
@@ -232,10 +239,11 @@ def save_checkpoint(
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, rng_path)
-    state = _full_state_dict(engine)
-    if rank == 0:
-        assert state is not None
-        save_model_file(str(tag_dir / "model.pt"), state, model_config, step)
+    if model_file:
+        state = _full_state_dict(engine)
+        if rank == 0:
+            assert state is not None
+            save_model_file(str(tag_dir / "model.pt"), state, model_config, step)
     _barrier()
     if before_commit is not None:
         before_commit()
@@ -252,6 +260,7 @@ def save_checkpoint(
             "step": step,
             "world_size": world,
             "zero_stage": engine.zero_optimization_stage(),
+            "model_config": model_config.model_dump(mode="json"),
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "files": files,
         }

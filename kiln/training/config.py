@@ -67,10 +67,17 @@ class ZeroConfig(StrictModel):
 
 
 class CheckpointConfig(StrictModel):
-    """When to checkpoint and how many to keep."""
+    """When to checkpoint, how many to keep, and whether each holds full weights."""
 
     every_steps: int = Field(default=20, ge=1)
     keep_last: int = Field(default=3, ge=1)
+    model_file: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        description="also gather the full fp32 weights into model.pt at every save (auto: "
+        "for models up to model_file_max_params; larger ones are exported on demand with "
+        "`kiln export`, or by `kiln eval`, from DeepSpeed's sharded files)",
+    )
+    model_file_max_params: int = Field(default=200_000_000, ge=0)
 
 
 class EvalConfig(StrictModel):

@@ -89,35 +89,44 @@ def _patch_scalar_broadcast(deepspeed: ModuleType) -> None:
     engine_cls._broadcast_model = _broadcast_model
 
 
-def use_bf16(cfg: TrainConfig) -> bool:
+def use_bf16(cfg: TrainConfig, *, cuda: bool | None = None) -> bool:
     """bf16 when asked for, or with precision=auto on a CUDA machine; fp32 otherwise."""
     if cfg.zero.precision == "bf16":
         return True
-    return cfg.zero.precision == "auto" and torch.cuda.is_available()
+    on_gpu = torch.cuda.is_available() if cuda is None else cuda
+    return cfg.zero.precision == "auto" and on_gpu
 
 
-def build_ds_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config dict for `cfg` on `world_size` ranks."""
+def build_ds_config(
+    cfg: TrainConfig, world_size: int, *, cuda: bool | None = None
+) -> dict[str, Any]:
+    """The DeepSpeed config dict for `cfg` on `world_size` ranks (`cuda`: whether the
+    ranks train on GPUs; default: whether this machine has one).
+
+    The optimizer is torch's AdamW: on GPU its fused kernel (one launch for all
+    parameters); on CPU the default, so CPU runs keep their exact numbers."""
     o, z = cfg.optim, cfg.zero
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    adamw: dict[str, Any] = {
+        "lr": o.lr,
+        "betas": list(o.betas),
+        "eps": o.eps,
+        "weight_decay": o.weight_decay,
+        "torch_adam": True,
+    }
+    if cuda:
+        adamw["fused"] = True
     zero: dict[str, Any] = {"stage": z.stage}
     if z.stage == 3 and z.param_persistence_threshold is not None:
         zero["stage3_param_persistence_threshold"] = z.param_persistence_threshold
-    bf16 = use_bf16(cfg)
+    bf16 = use_bf16(cfg, cuda=cuda)
     return {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": o.grad_accum,
         "train_batch_size": cfg.data.batch_size * o.grad_accum * world_size,
         "zero_optimization": zero,
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": o.lr,
-                "betas": list(o.betas),
-                "eps": o.eps,
-                "weight_decay": o.weight_decay,
-                "torch_adam": True,
-            },
-        },
+        "optimizer": {"type": "AdamW", "params": adamw},
         "gradient_clipping": o.grad_clip,
         "bf16": {"enabled": bf16},
         "fp16": {"enabled": False},

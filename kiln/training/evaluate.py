@@ -7,12 +7,15 @@
   features on the labelled eval set's tasks (`probe`).
 
 Checkpoint weights file (``checkpoints/{tag}/model.pt``, written at every complete
-checkpoint) is a plain ``torch.save`` of::
+checkpoint of a model up to ``checkpoint.model_file_max_params``) is a plain ``torch.save``
+of::
 
     {"model_config": ModelConfig.model_dump(), "state_dict": {name: fp32 tensor}, "step": int}
 
-so evaluation, embedding for curation and export need neither DeepSpeed nor its sharded
-optimizer files. `save_model_file` writes it atomically; `load_model_file` rebuilds the model.
+so evaluation and embedding for curation need neither DeepSpeed nor its sharded optimizer
+files. `save_model_file` writes it atomically; `load_model_file` rebuilds the model from it
+or from a ``.safetensors`` export (`kiln.training.export`, which also rebuilds the weights
+of a checkpoint without ``model.pt`` from DeepSpeed's files).
 
 Eval sets are kiln datasets: ``manifest.json`` + ``shards/*.tar`` with ``{uid}.jpg``,
 ``{uid}.txt``, ``{uid}.json`` members. A zero-shot set adds ``zero_shot.json``::
@@ -64,6 +67,7 @@ __all__ = [
     "linear_probe_accuracy",
     "load_model_file",
     "probe",
+    "read_model_file",
     "recall_at_k",
     "retrieval",
     "save_model_file",
@@ -113,11 +117,26 @@ def save_model_file(
 
 
 def load_model_file(path: str) -> tuple[nn.Module, ModelConfig, int]:
-    """``(model in eval mode on CPU, its config, the step it was saved at)``."""
+    """``(model in eval mode on CPU, its config, the step it was saved at)`` of a
+    ``model.pt`` or a ``.safetensors`` export (`kiln.training.export`)."""
+    if path.endswith(".safetensors"):
+        from kiln.training.export import load_weights
+
+        state, cfg, step = load_weights(path)
+    else:
+        state, cfg, step = read_model_file(path)
+    model = build_model(cfg)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    return model, cfg, step
+
+
+def read_model_file(path: str) -> tuple[dict[str, torch.Tensor], ModelConfig, int]:
+    """``(state dict, model config, step)`` of a kiln ``model.pt``."""
     fs, fspath = require_file(
         path,
-        f"no model weights file at {path!r}: pass a run's checkpoints/<tag>/model.pt "
-        "(written at every complete checkpoint)",
+        f"no model weights file at {path!r}: pass a run dir, a checkpoints/<tag>/model.pt "
+        "or a file written by `kiln export`",
     )
     with fs.open(fspath, "rb") as f:
         payload = torch.load(f, map_location="cpu", weights_only=True)
@@ -128,10 +147,7 @@ def load_model_file(path: str) -> tuple[nn.Module, ModelConfig, int]:
             "(expected model_config, state_dict, step; see save_model_file)"
         )
     cfg = ModelConfig.model_validate(payload["model_config"])
-    model = build_model(cfg)
-    model.load_state_dict(payload["state_dict"], strict=True)
-    model.eval()
-    return model, cfg, int(payload["step"])
+    return payload["state_dict"], cfg, int(payload["step"])
 
 
 # --------------------------------------------------------------------------- reading sets

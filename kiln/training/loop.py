@@ -57,12 +57,24 @@ __all__ = [
     "check_run_dir",
     "format_duration",
     "train_worker",
+    "wants_model_file",
 ]
 
 FAULT_SIGKILL_AFTER_STEP = "KILN_FAULT_SIGKILL_AFTER_STEP"
 FAULT_SIGKILL_IN_SAVE = "KILN_FAULT_SIGKILL_IN_SAVE"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "train_summary.json"
+
+
+def wants_model_file(cfg: TrainConfig) -> bool:
+    """Whether each checkpoint also holds a consolidated ``model.pt`` (see
+    `CheckpointConfig.model_file`)."""
+    mode = cfg.checkpoint.model_file
+    if mode != "auto":
+        return mode == "always"
+    from kiln.models.build import count_parameters
+
+    return count_parameters(cfg.model)["total"] <= cfg.checkpoint.model_file_max_params
 
 
 def _fault_step(name: str) -> int | None:
@@ -236,6 +248,8 @@ def train_worker(
         f"{loader.steps_per_epoch} steps/epoch",
     )
 
+    write_model_file = wants_model_file(cfg)
+
     def save(at: int) -> str:
         hook = _sigkill_self if kill_in_save == at else None
         client = {
@@ -254,6 +268,7 @@ def train_worker(
             client_state=client,
             model_config=cfg.model,
             keep_last=cfg.checkpoint.keep_last,
+            model_file=write_model_file,
             before_commit=hook,
         )
 

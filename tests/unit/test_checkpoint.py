@@ -203,3 +203,22 @@ def test_real_save_commits_after_every_file_and_load_restores(
         )
     assert complete_checkpoints(run) == ["step_00000003", "step_00000004"]
     assert latest_checkpoint(run) == "step_00000004"
+
+
+def test_checkpoints_hold_model_pt_only_for_models_up_to_the_limit() -> None:
+    """`checkpoint.model_file: auto` gathers full weights at every save for small models
+    only; a large one (or `never`) is exported on demand from DeepSpeed's files."""
+    from kiln.training.config import TrainConfig
+    from kiln.training.loop import wants_model_file
+
+    def cfg(flavor: str, **checkpoint: object) -> TrainConfig:
+        return TrainConfig.model_validate(
+            {"data": {"dataset": "d"}, "model": {"flavor": flavor}, "checkpoint": checkpoint}
+        )
+
+    assert wants_model_file(cfg("clip-tiny"))
+    assert wants_model_file(cfg("clip-vit-b-16"))  # 150M <= 200M
+    assert not wants_model_file(cfg("clip-vit-l-14"))  # 428M
+    assert wants_model_file(cfg("clip-vit-l-14", model_file="always"))
+    assert not wants_model_file(cfg("clip-tiny", model_file="never"))
+    assert not wants_model_file(cfg("clip-vit-b-16", model_file_max_params=100_000_000))

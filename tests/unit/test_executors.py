@@ -123,11 +123,15 @@ def test_resources_a_local_pool_cannot_give_are_refused(tmp_path: Path) -> None:
 
 
 def test_auto_is_local_unless_a_cluster_gpus_or_a_running_ray_ask_for_ray() -> None:
-    assert choose_executor("auto", address=None, needs_gpus=False) == "local"
-    assert choose_executor("auto", address="ray://head:10001", needs_gpus=False) == "ray"
-    assert choose_executor("auto", address=None, needs_gpus=True) == "ray"
-    assert choose_executor("local", address=None, needs_gpus=True) == "local"
-    assert choose_executor("ray", address=None, needs_gpus=False) == "ray"
+    def auto(**kw: object) -> str:
+        return choose_executor("auto", **{"address": None, "needs_gpus": False, **kw})  # type: ignore[arg-type]
+
+    assert auto(in_ray=False) == "local"
+    assert auto(address="ray://head:10001", in_ray=False) == "ray"
+    assert auto(needs_gpus=True, in_ray=False) == "ray"
+    assert auto(in_ray=True) == "ray"  # kiln inside a Ray job or a Ray session
+    assert choose_executor("local", address=None, needs_gpus=True, in_ray=True) == "local"
+    assert choose_executor("ray", address=None, needs_gpus=False, in_ray=False) == "ray"
 
 
 _DRIVER = """

@@ -1,0 +1,192 @@
+"""Full model weights out of a training checkpoint, on demand.
+
+A checkpoint always holds DeepSpeed's files (each rank's partition of the weights and of
+the fp32 optimizer state); the consolidated ``model.pt`` beside them is written at every
+save only for models up to `checkpoint.model_file_max_params` (``model_file: auto``),
+because gathering a billion-parameter model on rank 0 at every save costs a spike of
+memory and minutes of I/O. `consolidate` rebuilds the full fp32 weights from DeepSpeed's
+files offline, on CPU, without a process group (DeepSpeed's own ``zero_to_fp32`` logic for
+ZeRO 1-3; the module states for ZeRO-0), and `export_model` writes them as safetensors
+(with the model config and step in its metadata) or as a kiln ``model.pt``.
+`load_model` turns any of these -- a run directory, a checkpoint folder, a ``model.pt`` or
+an exported ``.safetensors`` -- into a model ready for ``encode_image`` / ``encode_text``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from kiln.models.build import build_model
+from kiln.models.config import ModelConfig
+from kiln.training.checkpoint import (
+    checkpoints_dir,
+    complete_checkpoints,
+    is_complete,
+    latest_checkpoint,
+    read_complete_marker,
+    step_of_tag,
+    tag_for_step,
+)
+
+__all__ = [
+    "EXPORTS_DIR",
+    "MODEL_FILE",
+    "consolidate",
+    "export_model",
+    "load_model",
+    "load_weights",
+    "resolve_weights",
+]
+
+MODEL_FILE = "model.pt"
+EXPORTS_DIR = "exports"
+_META_CONFIG = "kiln_model_config"
+_META_STEP = "kiln_step"
+
+
+def _tag_dir(run_dir: Path, step: int | None) -> Path:
+    """The complete checkpoint of `step` (default: the latest) of run `run_dir`."""
+    if step is None:
+        tag = latest_checkpoint(run_dir)
+        if tag is None:
+            raise FileNotFoundError(
+                f"{run_dir} has no complete checkpoint (no checkpoints/latest naming a "
+                "COMPLETE tag): train it first"
+            )
+    else:
+        tag = tag_for_step(step)
+        if not is_complete(run_dir, tag):
+            steps = [step_of_tag(t) for t in complete_checkpoints(run_dir)]
+            raise FileNotFoundError(
+                f"{run_dir} has no complete checkpoint at step {step}: it has steps {steps}"
+            )
+    return checkpoints_dir(run_dir) / tag
+
+
+def consolidate(
+    run_dir: str | Path, step: int | None = None
+) -> tuple[dict[str, torch.Tensor], ModelConfig, int]:
+    """(full fp32 state dict, model config, step) of a run's checkpoint (default: latest),
+    rebuilt from DeepSpeed's files whether or not the checkpoint has a ``model.pt``."""
+    run = Path(run_dir)
+    tag_dir = _tag_dir(run, step)
+    marker = read_complete_marker(run, tag_dir.name)
+    if "model_config" not in marker:
+        raise ValueError(
+            f"checkpoint {tag_dir} was written by a kiln without model configs in its "
+            f"COMPLETE marker: use its {MODEL_FILE} instead"
+        )
+    cfg = ModelConfig.model_validate(marker["model_config"])
+    if marker.get("zero_stage", 0) == 0:
+        state = _zero0_weights(tag_dir)
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        quiet = io.StringIO()  # it prints its progress and a tqdm bar
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag_dir.name)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    return state, cfg, int(marker["step"])
+
+
+def _zero0_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """ZeRO-0 saves the whole module (in the training dtype) in its model-states file."""
+    files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"{tag_dir} has no DeepSpeed model states file")
+    states = torch.load(files[0], map_location="cpu", weights_only=False)
+    module: dict[str, torch.Tensor] = states["module"]
+    return module
+
+
+def export_model(
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    step: int | None = None,
+    fmt: Literal["safetensors", "pt"] = "safetensors",
+) -> Path:
+    """Write the full weights of a run's checkpoint to `out`; returns its path."""
+    from kiln.training.evaluate import save_model_file
+
+    state, cfg, at = consolidate(run_dir, step)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "pt":
+        save_model_file(str(path), state, cfg, at)
+        return path
+    from safetensors.torch import save_file
+
+    meta = {_META_CONFIG: json.dumps(cfg.model_dump(mode="json")), _META_STEP: str(at)}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(state, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig, int]:
+    """(state dict, model config, step) of a ``.safetensors`` export or a ``model.pt``."""
+    p = Path(path)
+    if p.suffix != ".safetensors":
+        from kiln.training.evaluate import read_model_file
+
+        return read_model_file(str(p))
+    from safetensors import safe_open
+
+    with safe_open(str(p), framework="pt") as f:
+        meta: dict[str, Any] = f.metadata() or {}
+        if _META_CONFIG not in meta:
+            raise ValueError(
+                f"{p} has no kiln model config in its metadata: export it with `kiln export`"
+            )
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    cfg = ModelConfig.model_validate(json.loads(meta[_META_CONFIG]))
+    return state, cfg, int(meta.get(_META_STEP, 0))
+
+
+def resolve_weights(source: str | Path, *, step: int | None = None) -> Path:
+    """A weights file for `source`: the file itself, the checkpoint's ``model.pt``, or --
+    when the checkpoint has none (a large model) -- its export under
+    ``{run}/exports/{tag}.safetensors``, written once on first use."""
+    p = Path(source)
+    if p.is_file():
+        return p
+    if not p.exists():
+        raise FileNotFoundError(
+            f"{source!r} does not exist: give a train run dir, a checkpoint folder, a "
+            f"{MODEL_FILE} or an exported .safetensors file"
+        )
+    if step_of_tag(p.name) is not None and p.parent.name == "checkpoints":
+        run, step = p.parent.parent, step_of_tag(p.name)
+    elif (p / "latest").is_file() and p.name == "checkpoints":
+        run = p.parent
+    else:
+        run = p
+    tag_dir = _tag_dir(run, step)
+    if (tag_dir / MODEL_FILE).is_file():
+        return tag_dir / MODEL_FILE
+    out = run / EXPORTS_DIR / f"{tag_dir.name}.safetensors"
+    if not out.is_file():
+        export_model(run, out, step=step_of_tag(tag_dir.name))
+    return out
+
+
+def load_model(source: str | Path, *, step: int | None = None) -> nn.Module:
+    """The trained model of `source` (a train run dir -- its latest checkpoint, or `step`
+    --, a checkpoint folder, a ``model.pt`` or an exported ``.safetensors``), in eval mode
+    on CPU: ``encode_image(images)`` / ``encode_text(tokens)`` (and ``generate`` for CoCa).
+    Its config is ``model.cfg``."""
+    state, cfg, _ = load_weights(resolve_weights(source, step=step))
+    model = build_model(cfg)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    object.__setattr__(model, "cfg", cfg)  # plain attribute: not a parameter or module
+    return model
