@@ -14,6 +14,7 @@ from torch import nn
 from kiln.models.clip import CLIP
 from kiln.models.coca import CoCa
 from kiln.models.config import ModelConfig
+from kiln.models.layers import set_activation_checkpointing
 from kiln.models.mae import MAE
 
 __all__ = ["MODEL_CLASSES", "build_model", "count_parameters"]
@@ -33,7 +34,9 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     Built on the current default device: under ``with torch.device("meta")`` it allocates
     nothing (see `count_parameters`).
     """
-    return MODEL_CLASSES[cfg.arch](cfg)
+    model = MODEL_CLASSES[cfg.arch](cfg)
+    set_activation_checkpointing(model, cfg.activation_checkpointing)
+    return model
 
 
 def count_parameters(cfg: ModelConfig) -> dict[str, int]:

@@ -23,7 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.models.config import MAX_LOGIT_SCALE, ModelConfig
-from kiln.models.layers import AttentionalPooler, CrossAttentionBlock, Linear, TransformerBlock
+from kiln.models.layers import (
+    AttentionalPooler,
+    CrossAttentionBlock,
+    Linear,
+    TransformerBlock,
+    run_block,
+)
 from kiln.models.text import TextTransformer
 from kiln.models.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from kiln.models.vit import VisionTransformer
@@ -40,6 +46,8 @@ class CoCa(nn.Module):
         "text": ("text",),
         "decoder": ("text_to_decoder", "self_blocks", "cross_blocks", "ln_decoder", "lm_head"),
     }
+    #: Activation checkpointing of the decoder's blocks (`set_activation_checkpointing`).
+    recompute_blocks = False
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -80,8 +88,10 @@ class CoCa(nn.Module):
         x = text_features
         if self.text_to_decoder is not None:
             x = self.text_to_decoder(x)
+        r = self.recompute_blocks
         for self_block, cross_block in zip(self.self_blocks, self.cross_blocks, strict=True):
-            x = cross_block(self_block(x, causal=True), image_tokens)
+            x = run_block(self_block, x, causal=True, recompute=r)
+            x = run_block(cross_block, x, image_tokens, recompute=r)
         logits: torch.Tensor = self.lm_head(self.ln_decoder(x))
         return logits
 

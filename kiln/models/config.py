@@ -224,6 +224,12 @@ class ModelConfig(StrictModel):
         default=2.6593, description="CLIP: log(1/0.07) = 2.6593; SigLIP: log(10)"
     )
     init_logit_bias: float = Field(default=-10.0, description="SigLIP only: the paper's -10")
+    activation_checkpointing: bool = Field(
+        default=False,
+        description="recompute each transformer block's activations in the backward pass "
+        "instead of keeping them: far less memory at large batch or resolution, about one "
+        "more forward pass of compute; the same numbers",
+    )
 
     @model_validator(mode="before")
     @classmethod

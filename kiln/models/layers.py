@@ -15,9 +15,13 @@ No dropout anywhere: CPU fp32 training is then bitwise reproducible.
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "MLP",
@@ -29,6 +33,8 @@ __all__ = [
     "Linear",
     "Transformer",
     "TransformerBlock",
+    "run_block",
+    "set_activation_checkpointing",
 ]
 
 
@@ -155,8 +161,30 @@ class CrossAttentionBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def run_block(block: nn.Module, *args: torch.Tensor, recompute: bool, **kwargs: Any) -> Any:
+    """`block(*args, **kwargs)`; with `recompute` (and gradients on), its activations are
+    not kept for the backward pass but recomputed there. torch's reentrant checkpoint:
+    the recompute is a full call of the block, module hooks included, which is what
+    ZeRO-3's parameter gathers hang on (the non-reentrant one reruns the forward without
+    them and meets empty parameter shards)."""
+    if recompute and torch.is_grad_enabled():
+        call = functools.partial(block, **kwargs) if kwargs else block
+        return checkpoint(call, *args, use_reentrant=True)
+    return block(*args, **kwargs)
+
+
+def set_activation_checkpointing(model: nn.Module, on: bool) -> None:
+    """Turn per-block activation checkpointing on or off in every block stack of `model`
+    (the modules with a `recompute_blocks` switch)."""
+    for module in model.modules():
+        if hasattr(module, "recompute_blocks"):
+            module.recompute_blocks = on
+
+
 class Transformer(nn.Module):
     """A stack of pre-LN blocks; `causal` masks attention to earlier positions only."""
+
+    recompute_blocks = False
 
     def __init__(self, width: int, layers: int, heads: int, mlp_width: int | None = None):
         super().__init__()
@@ -166,7 +194,7 @@ class Transformer(nn.Module):
 
     def forward(self, x: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
         for block in self.blocks:
-            x = block(x, causal=causal)
+            x = run_block(block, x, causal=causal, recompute=self.recompute_blocks)
         return x
 
 

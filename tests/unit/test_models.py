@@ -204,3 +204,39 @@ def test_wrong_input_shapes_name_the_fix() -> None:
         model.encode_image(torch.zeros(1, 3, 32, 32))
     with pytest.raises(ValueError, match="context_length=16"):
         model.encode_text(torch.ones(1, 20, dtype=torch.long))
+
+
+@pytest.mark.parametrize("arch", ["clip", "siglip", "coca", "mae"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(arch: str) -> None:
+    """Recomputing each block in the backward pass changes memory, not numbers: the same
+    outputs and, bitwise, the same gradients (CPU fp32)."""
+    from kiln.models.build import build_model
+    from kiln.models.config import ModelConfig
+    from kiln.models.layers import TransformerBlock
+    from tests.helpers_training import tiny_flavor
+
+    flavor = tiny_flavor(arch)
+    flavor["vision"] = {**flavor["vision"], "layers": 2}
+    size = flavor["vision"]["image_size"]
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(4, 3, size, size, generator=g)
+    second = (
+        torch.arange(4, dtype=torch.int64)
+        if arch == "mae"
+        else torch.randint(3, 200, (4, flavor["text"]["context_length"]), generator=g)
+    )
+    grads = []
+    for on in (False, True):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig.model_validate({**flavor, "activation_checkpointing": on}))
+        calls: list[int] = []
+        block = next(m for m in model.modules() if isinstance(m, TransformerBlock))
+        block.register_forward_hook(lambda *_, seen=calls: seen.append(1))
+        out = model(images, second)
+        loss = sum(v.float().square().mean() for v in out.values() if v.is_floating_point())
+        loss.backward()  # type: ignore[union-attr]
+        assert len(calls) == (2 if on else 1)  # recomputed, hooks and all, in the backward
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, grad in grads[0].items():
+        assert torch.equal(grad, grads[1][name]), name
