@@ -164,7 +164,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 else no_decay).append(p)
+        # a parameter built under ZeRO-3's zero.Init is an empty shard; ds_shape is its shape
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        (decay if ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})

@@ -47,7 +47,13 @@ from kiln.training.checkpoint import (
 )
 from kiln.training.config import TrainConfig
 from kiln.training.data import Batch, WebDatasetLoader
-from kiln.training.engine import build_engine, init_distributed, use_bf16
+from kiln.training.engine import (
+    build_ds_config,
+    build_engine,
+    import_deepspeed,
+    init_distributed,
+    use_bf16,
+)
 
 __all__ = [
     "FAULT_SIGKILL_AFTER_STEP",
@@ -191,7 +197,12 @@ def train_worker(
     assert cfg.objective is not None  # TrainConfig fills in the model family's objective
     objective = build_objective(cfg.objective)
     _seed_everything(cfg.seed)  # every rank builds identical initial weights
-    model = build_model(cfg.model)
+    if cfg.zero.stage == 3:
+        # partitioned as each module is built: no rank ever holds the whole model
+        with import_deepspeed().zero.Init(config_dict_or_path=build_ds_config(cfg, world)):
+            model = build_model(cfg.model)
+    else:
+        model = build_model(cfg.model)
     engine = build_engine(model, cfg, world)
     device = engine.device
     image_dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32

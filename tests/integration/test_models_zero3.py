@@ -22,6 +22,7 @@ from kiln.models.build import build_model
 from kiln.models.clip import CLIP
 from kiln.models.config import ModelConfig
 from kiln.models.tokenizer import tokenize
+from kiln.training.engine import param_groups
 from kiln.training.launch import free_port
 from tests.helpers_training import MICRO_MODEL, clip_loss_of
 
@@ -66,6 +67,8 @@ def _worker(rank: int, port: int, out: str) -> None:
         model = build_model(CFG)
     with deepspeed.zero.GatheredParameters(list(model.parameters())):
         init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # weight decay goes by the parameter's real shape, not the empty shard's
+    groups = [sorted(id(p) for p in g["params"]) for g in param_groups(model, 0.1)]
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=model.parameters(), config=DS_CONFIG
     )
@@ -76,8 +79,10 @@ def _worker(rank: int, port: int, out: str) -> None:
     grads = {n: safe_get_full_grad(p).detach().clone() for n, p in model.named_parameters()}
     logged = loss.detach().clone()
     torch.distributed.all_reduce(logged)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = sorted(names[i] for i in groups[0])
     if rank == 0:
-        torch.save({"init": init, "grads": grads, "loss": logged / WORLD}, out)
+        torch.save({"init": init, "grads": grads, "loss": logged / WORLD, "decay": decayed}, out)
     engine.destroy()
     torch.distributed.destroy_process_group()
 
@@ -95,6 +100,9 @@ def test_zero3_init_and_gradients_match_plain_torch(
     model = _plain()
     for name, value in model.state_dict().items():
         assert torch.equal(result["init"][name], value), name
+    plain_groups = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert result["decay"] == sorted(names[id(p)] for p in plain_groups[0]["params"])
 
     images, tokens = _batch()
     ref = clip_loss_of(model(images, tokens))
