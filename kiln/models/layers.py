@@ -178,7 +178,7 @@ def set_activation_checkpointing(model: nn.Module, on: bool) -> None:
     (the modules with a `recompute_blocks` switch)."""
     for module in model.modules():
         if hasattr(module, "recompute_blocks"):
-            module.recompute_blocks = on
+            object.__setattr__(module, "recompute_blocks", on)  # a plain flag, not a submodule
 
 
 class Transformer(nn.Module):
