@@ -55,6 +55,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_shard_write.py
 	$(PY) benchmarks/bench_image_bytes.py
 	$(PY) benchmarks/bench_curation_scale.py --sizes 10000 100000 1000000 --scaling-size 1000000
+	$(PY) benchmarks/bench_activation_memory.py
+	$(PY) benchmarks/bench_zero_memory.py
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache
