@@ -6,10 +6,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
+from kiln.models.build import build_model
+from kiln.models.config import ModelConfig
+from kiln.models.tokenizer import tokenize
 from kiln.training.objectives.clip import clip_loss
 
-__all__ = ["MICRO_MODEL", "TINY_MODEL", "clip_loss_of", "tiny_flavor"]
+__all__ = ["MICRO_MODEL", "TINY_MODEL", "clip_loss_of", "seeded_model", "tiny_flavor", "word_batch"]
 
 #: A CLIP small enough for 2-rank DeepSpeed runs on 2 CPU cores in seconds.
 TINY_MODEL: dict[str, Any] = {
@@ -45,3 +49,16 @@ def tiny_flavor(arch: str) -> dict[str, Any]:
 def clip_loss_of(outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """`clip_loss` of a CLIP/CoCa forward's outputs."""
     return clip_loss(outputs["image_embeds"], outputs["text_embeds"], outputs["logit_scale"])
+
+
+def seeded_model(cfg: ModelConfig) -> nn.Module:
+    """The model of `cfg` built from seed 0 (the same weights in every process)."""
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+def word_batch(cfg: ModelConfig, words: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image-text batch per word: seeded random images, captions "a {word} thing"."""
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(len(words), 3, cfg.image_size, cfg.image_size, generator=gen)
+    return images, tokenize([f"a {w} thing" for w in words], cfg.context_length)

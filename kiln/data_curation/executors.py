@@ -225,10 +225,7 @@ class LocalExecutor(Executor):
         super().check(job, res)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-            gc.unfreeze()
+        self._drop_pool(kill=False)
 
     def _mp(self) -> multiprocessing.context.BaseContext:
         # fork shares the driver's imports and warmed stage contexts; it is unsafe once

@@ -91,6 +91,7 @@ __all__ = [
     "SUCCESS_MARKER",
     "CurationResult",
     "StepStats",
+    "executor_kind",
     "make_executor",
     "run_curation",
 ]
@@ -1178,15 +1179,21 @@ def _totals(plan: list[PlanStep], steps: dict[str, StepStats]) -> dict[str, Any]
     }
 
 
+def executor_kind(
+    cfg: CurationConfig, plan: list[PlanStep] | None = None, *, address: str | None = None
+) -> str:
+    """`local` or `ray`: where `cfg.execution.executor` runs `cfg`'s plan when the cluster
+    address is `address` (see `choose_executor`)."""
+    steps = cfg.plan() if plan is None else plan
+    needs_gpus = any(step.resources.num_gpus for step in steps)
+    return choose_executor(cfg.execution.executor, address=address, needs_gpus=needs_gpus)
+
+
 def make_executor(cfg: CurationConfig, plan: list[PlanStep]) -> Executor:
-    """The executor `cfg.execution` asks for (see `choose_executor`)."""
-    exe = cfg.execution
-    kind = choose_executor(
-        exe.executor, address=None, needs_gpus=any(s.resources.num_gpus for s in plan)
-    )
-    if kind == "ray":
+    """The executor `cfg.execution` asks for (see `executor_kind`)."""
+    if executor_kind(cfg, plan) == "ray":
         return RayExecutor(_run_one)
-    return LocalExecutor(_run_one, exe.workers or local_workers())
+    return LocalExecutor(_run_one, cfg.execution.workers or local_workers())
 
 
 def run_curation(

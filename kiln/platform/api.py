@@ -17,7 +17,6 @@ import yaml
 from pydantic import BaseModel
 
 from kiln.data_curation.config import CurationConfig
-from kiln.data_curation.executors import choose_executor
 from kiln.platform.ray_cluster import ray_session
 from kiln.platform.recipes import (
     CurateRecipe,
@@ -32,7 +31,7 @@ from kiln.platform.recipes import (
     resolve_paths,
 )
 from kiln.platform.runs import write_status
-from kiln.training.checkpoint import latest_checkpoint, step_of_tag
+from kiln.training.checkpoint import latest_checkpoint, step_of_tag, tag_for_step
 from kiln.training.config import TrainConfig
 
 M = TypeVar("M", bound=BaseModel)
@@ -88,12 +87,11 @@ def _failed(run: Path, exc: BaseException) -> None:
 def run_curate(recipe: CurateRecipe) -> Any:
     """Curate the recipe's pool into WebDataset shards; returns the CurationResult."""
     from kiln.data_curation import run_curation
+    from kiln.data_curation.runner import executor_kind
 
     recipe, run = _start(recipe)
     cfg = _as(recipe, CurationConfig)
-    exe = recipe.execution
-    needs_gpus = any(step.resources.num_gpus for step in cfg.plan())
-    on_ray = choose_executor(exe.executor, address=recipe.ray.address, needs_gpus=needs_gpus)
+    on_ray = executor_kind(cfg, address=recipe.ray.address)
     try:
         # curation uses no State API: an embedded Ray without its dashboard starts faster
         ray_ctx = (
@@ -126,7 +124,6 @@ def resolve_model_file(checkpoint: str) -> Path:
 def export(run_dir: str, out: str | None, *, step: int | None, fmt: str) -> Path:
     """`kiln export`: the full weights of a run's checkpoint as one file; returns its path
     (default: `{run_dir}/exports/{tag}.{fmt}`)."""
-    from kiln.training.checkpoint import latest_checkpoint, tag_for_step
     from kiln.training.export import EXPORTS_DIR, export_model
 
     tag = tag_for_step(step) if step is not None else latest_checkpoint(run_dir)

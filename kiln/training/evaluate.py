@@ -119,12 +119,9 @@ def save_model_file(
 def load_model_file(path: str) -> tuple[nn.Module, ModelConfig, int]:
     """``(model in eval mode on CPU, its config, the step it was saved at)`` of a
     ``model.pt`` or a ``.safetensors`` export (`kiln.training.export`)."""
-    if path.endswith(".safetensors"):
-        from kiln.training.export import load_weights
+    from kiln.training.export import load_weights
 
-        state, cfg, step = load_weights(path)
-    else:
-        state, cfg, step = read_model_file(path)
+    state, cfg, step = load_weights(path)
     model = build_model(cfg)
     model.load_state_dict(state, strict=True)
     model.eval()

@@ -24,7 +24,6 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from kiln.models.build import build_model
 from kiln.models.config import ModelConfig
 from kiln.training.checkpoint import (
     checkpoints_dir,
@@ -184,9 +183,8 @@ def load_model(source: str | Path, *, step: int | None = None) -> nn.Module:
     --, a checkpoint folder, a ``model.pt`` or an exported ``.safetensors``), in eval mode
     on CPU: ``encode_image(images)`` / ``encode_text(tokens)`` (and ``generate`` for CoCa).
     Its config is ``model.cfg``."""
-    state, cfg, _ = load_weights(resolve_weights(source, step=step))
-    model = build_model(cfg)
-    model.load_state_dict(state, strict=True)
-    model.eval()
+    from kiln.training.evaluate import load_model_file
+
+    model, cfg, _ = load_model_file(str(resolve_weights(source, step=step)))
     object.__setattr__(model, "cfg", cfg)  # plain attribute: not a parameter or module
     return model

@@ -22,13 +22,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from kiln.models.build import build_model
 from kiln.models.clip import CLIP
 from kiln.models.config import ModelConfig
-from kiln.models.tokenizer import tokenize
 from kiln.training.launch import free_port
 from kiln.training.objectives.clip import clip_loss
-from tests.helpers_training import MICRO_MODEL, clip_loss_of
+from tests.helpers_training import MICRO_MODEL, clip_loss_of, seeded_model, word_batch
 
 pytestmark = pytest.mark.slow
 
@@ -36,17 +34,6 @@ WORLD = 2
 GLOBAL_BATCH = 8
 CFG = ModelConfig(**MICRO_MODEL)
 WORDS = ["red", "green", "blue", "black", "white", "pink", "gray", "teal"]
-
-
-def _model() -> CLIP:
-    torch.manual_seed(0)
-    return build_model(CFG)
-
-
-def _batch() -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    images = torch.randn(GLOBAL_BATCH, 3, CFG.image_size, CFG.image_size, generator=gen)
-    return images, tokenize([f"a {w} thing" for w in WORDS], CFG.context_length)
 
 
 def _grads(model: CLIP) -> dict[str, torch.Tensor]:
@@ -78,11 +65,11 @@ def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
     try:
-        images, tokens = _batch()
+        images, tokens = word_batch(CFG, WORDS)
         n = GLOBAL_BATCH // WORLD
         local = slice(rank * n, (rank + 1) * n)
 
-        model = _model()
+        model = seeded_model(CFG)
         loss = clip_loss_of(model(images[local], tokens[local]))
         loss.backward()
         grads = _average(_grads(model))
@@ -90,7 +77,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         dist.all_reduce(logged, op=dist.ReduceOp.SUM)
         logged /= WORLD
 
-        naive_model = _model()
+        naive_model = seeded_model(CFG)
         o = naive_model(images[local], tokens[local])
         _naive_loss(o["image_embeds"], o["text_embeds"], o["logit_scale"]).backward()
         naive = _average(_grads(naive_model))
@@ -130,8 +117,8 @@ def test_two_rank_gradients_equal_global_batch(
     mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     result = torch.load(out, weights_only=True)
 
-    model = _model()
-    images, tokens = _batch()
+    model = seeded_model(CFG)
+    images, tokens = word_batch(CFG, WORDS)
     ref_loss = clip_loss_of(model(images, tokens))
     ref_loss.backward()
     ref = _grads(model)

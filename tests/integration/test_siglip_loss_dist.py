@@ -22,29 +22,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from kiln.models.build import build_model
 from kiln.models.config import ModelConfig
-from kiln.models.tokenizer import tokenize
 from kiln.training.launch import free_port
 from kiln.training.objectives.siglip import _pair_loss, siglip_loss
-from tests.helpers_training import MICRO_MODEL
+from tests.helpers_training import MICRO_MODEL, seeded_model, word_batch
 
 pytestmark = pytest.mark.slow
 
 GLOBAL_BATCH = 12
 CFG = ModelConfig.model_validate({**MICRO_MODEL, "flavor": "siglip-tiny"})
 WORDS = ["red", "green", "blue", "black", "white", "pink", "gray", "teal", "gold", "tan", "a", "b"]
-
-
-def _model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return build_model(CFG)
-
-
-def _batch() -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    images = torch.randn(GLOBAL_BATCH, 3, CFG.image_size, CFG.image_size, generator=gen)
-    return images, tokenize([f"a {w} thing" for w in WORDS], CFG.context_length)
 
 
 def _loss(
@@ -93,18 +80,18 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
     try:
-        images, tokens = _batch()
+        images, tokens = word_batch(CFG, WORDS)
         n = GLOBAL_BATCH // world
         local = slice(rank * n, (rank + 1) * n)
         result: dict[str, object] = {}
         for exchange in ("ring", "all_gather"):
-            model = _model()
+            model = seeded_model(CFG)
             loss = _loss(model, images[local], tokens[local], exchange=exchange)
             loss.backward()
             logged = loss.detach().clone()
             dist.all_reduce(logged, op=dist.ReduceOp.SUM)
             result[exchange] = {"grads": _grads(model, world), "loss": logged / world}
-        naive = _model()
+        naive = seeded_model(CFG)
         _detached_ring_loss(naive, images[local], tokens[local]).backward()
         result["naive"] = _grads(naive, world)
         if rank == 0:
@@ -129,8 +116,8 @@ def test_siglip_ring_gradients_equal_global_batch(
     mp.spawn(_worker, args=(world, free_port(), str(out)), nprocs=world, join=True)
     result = torch.load(out, weights_only=True)
 
-    model = _model()
-    images, tokens = _batch()
+    model = seeded_model(CFG)
+    images, tokens = word_batch(CFG, WORDS)
     ref_loss = _loss(model, images, tokens)
     ref_loss.backward()
     ref = _grads(model, 1, average=False)
