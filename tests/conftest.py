@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,3 +26,20 @@ def shared_data() -> Path:
             "checkout beside the repo (../shared/data)"
         )
     return SHARED_DATA
+
+
+@pytest.fixture
+def single_rank(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A one-rank gloo world in this process (what the launchers set up per rank)."""
+    import torch.distributed as dist
+
+    from kiln.training.launch import free_port
+
+    port = free_port()
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()

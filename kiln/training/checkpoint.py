@@ -12,6 +12,13 @@ A checkpoint is the folder ``checkpoints/step_{step:08d}/`` holding:
 - ``COMPLETE``: a JSON marker written by rank 0 only after every rank finished its part
   (step, world size, ZeRO stage, the model config, file sizes).
 
+Elastic resume: a checkpoint written by N ranks resumes on M != N ranks. ZeRO 1-3 shard the
+optimizer state by rank, so the tag is first converted, once, by DeepSpeed's own
+``ds_to_universal`` into ``step_.../universal/`` (per-parameter fp32 weights and Adam
+moments), which an engine built with ``load_universal`` reads at any world size. ZeRO-0
+checkpoints hold whole states and load as they are. Torch RNG states are per rank and do
+not carry over: an elastic resume reseeds each rank from (seed, step, rank).
+
 ``checkpoints/latest`` names the newest complete tag; it is replaced atomically (temp file,
 fsync, ``os.replace``) only after ``COMPLETE`` exists. A crash at any point of a save leaves
 either the previous ``latest`` (the half-written folder has no ``COMPLETE`` and is ignored,
@@ -26,6 +33,8 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,17 +50,21 @@ __all__ = [
     "CHECKPOINTS_DIR",
     "COMPLETE_MARKER",
     "LATEST_FILE",
+    "UNIVERSAL_DIR",
     "atomic_write_text",
+    "check_resumable",
     "checkpoints_dir",
     "complete_checkpoints",
     "is_complete",
     "latest_checkpoint",
     "load_checkpoint",
+    "prepare_resume",
     "prune_checkpoints",
     "read_complete_marker",
     "restore_rng_state",
     "rng_state",
     "save_checkpoint",
+    "seed_everything",
     "step_of_tag",
     "tag_for_step",
 ]
@@ -59,6 +72,9 @@ __all__ = [
 CHECKPOINTS_DIR = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
 LATEST_FILE = "latest"
+UNIVERSAL_DIR = "universal"
+#: ModelConfig fields a resume may change: they do not change the weights' shapes or values.
+_FREE_MODEL_FIELDS = {"flavor", "activation_checkpointing", "init_logit_scale", "init_logit_bias"}
 _TAG_RE = re.compile(r"^step_(\d{8,})$")
 
 
@@ -143,6 +159,13 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's global RNGs from one integer."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
@@ -290,9 +313,111 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[str]:
     return removed
 
 
-def load_checkpoint(engine: Any, run_dir: str | Path, tag: str) -> dict[str, Any]:
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}." if isinstance(v, dict) else f"{prefix}{k}"))
+    return out
+
+
+def _check_model_config(tag: str, saved: dict[str, Any] | None, model: ModelConfig) -> None:
+    if saved is None:  # markers of older kiln versions do not record it
+        return
+    old, new = _flatten(saved), _flatten(model.model_dump(mode="json"))
+    diffs = [
+        f"model.{k}={old.get(k)!r} (this run: {new.get(k)!r})"
+        for k in sorted(old.keys() | new.keys())
+        if k.split(".")[-1] not in _FREE_MODEL_FIELDS and old.get(k) != new.get(k)
+    ]
+    if diffs:
+        raise ValueError(
+            f"checkpoint {tag} was trained with {', '.join(diffs)}: resume with the "
+            "checkpoint's model settings, or train into a new run_dir"
+        )
+
+
+def _to_universal(run_dir: str | Path, tag: str) -> Path:
+    """``{tag}/universal``, made once from the tag's ZeRO shards with DeepSpeed's converter
+    (in a subprocess: it starts worker pools and prints progress bars)."""
+    tag_dir = checkpoints_dir(run_dir) / tag
+    target = tag_dir / UNIVERSAL_DIR
+    if (target / COMPLETE_MARKER).is_file():
+        return target
+    tmp = tag_dir / f".{UNIVERSAL_DIR}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(target, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal"]
+    cmd += ["--input_folder", str(tag_dir), "--output_folder", str(tmp)]
+    # kiln's modules carry no universal-checkpoint metadata (no tensor/pipeline parallelism)
+    cmd += ["--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(
+            f"converting checkpoint {tag_dir} to DeepSpeed's universal format failed (exit "
+            f"{proc.returncode}); resume on the world size that wrote it instead. Converter "
+            f"output:\n{(proc.stdout + proc.stderr)[-4000:]}"
+        )
+    (tmp / COMPLETE_MARKER).write_text(json.dumps({"tag": tag}) + "\n")
+    os.replace(tmp, target)
+    _fsync_dir(tag_dir)
+    return target
+
+
+def check_resumable(
+    run_dir: str | Path, tag: str, *, zero_stage: int, model: ModelConfig
+) -> dict[str, Any]:
+    """The COMPLETE marker of `tag`, after checking this run's ZeRO stage and model settings
+    match the checkpoint's (errors name each difference). World size may differ."""
+    marker = read_complete_marker(run_dir, tag)
+    if marker.get("zero_stage") != zero_stage:
+        raise ValueError(
+            f"checkpoint {tag} was written with zero.stage={marker.get('zero_stage')} but this "
+            f"run uses zero.stage={zero_stage}: resume with the same stage"
+        )
+    _check_model_config(tag, marker.get("model_config"), model)
+    return marker
+
+
+def prepare_resume(
+    run_dir: str | Path,
+    tag: str,
+    *,
+    zero_stage: int,
+    model: ModelConfig,
+    log: Callable[[str], None],
+) -> bool:
+    """Check `tag` can be resumed with this run's settings; returns True for an elastic
+    resume (another world size), after making its universal form (rank 0 converts, every
+    rank waits). Collective: every rank calls it, before building its engine."""
+    rank, world = _rank_world()
+    marker = check_resumable(run_dir, tag, zero_stage=zero_stage, model=model)
+    old_world = marker.get("world_size")
+    elastic = old_world != world
+    if elastic and zero_stage > 0:
+        if rank == 0:
+            started = time.perf_counter()
+            log(
+                f"elastic resume: {tag} was written by {old_world} ranks, this run has {world}; "
+                "converting it to DeepSpeed's universal checkpoint format (once per checkpoint)"
+            )
+            _to_universal(run_dir, tag)
+            log(f"converted {tag} in {time.perf_counter() - started:.1f}s")
+        _barrier()
+    elif elastic and rank == 0:
+        log(f"elastic resume: {tag} was written by {old_world} ranks, this run has {world}")
+    return elastic
+
+
+def load_checkpoint(engine: Any, run_dir: str | Path, tag: str, *, seed: int = 0) -> dict[str, Any]:
     """Load `tag` into `engine` (weights, optimizer, LR schedule) and this rank's RNG states;
-    returns the client state. Collective: every rank calls it."""
+    returns the client state. Collective: every rank calls it, after `prepare_resume`.
+
+    At another world size than the checkpoint's, ZeRO 1-3 engines must have been built with
+    ``load_universal`` (`kiln.training.engine.build_engine`) and each rank's RNGs are
+    seeded from (`seed`, step, rank) instead of restored."""
     rank, world = _rank_world()
     if not is_complete(run_dir, tag):
         raise FileNotFoundError(
@@ -300,24 +425,35 @@ def load_checkpoint(engine: Any, run_dir: str | Path, tag: str) -> dict[str, Any
             f"{COMPLETE_MARKER} marker): resume from latest_checkpoint(run_dir) instead"
         )
     marker = read_complete_marker(run_dir, tag)
-    if marker.get("world_size") != world:
-        raise ValueError(
-            f"checkpoint {tag} was written by {marker.get('world_size')} ranks but this run "
-            f"has {world}: resume with num_workers={marker.get('world_size')}"
-        )
     if marker.get("zero_stage") != engine.zero_optimization_stage():
         raise ValueError(
             f"checkpoint {tag} was written with zero.stage={marker.get('zero_stage')} but this "
             f"run uses zero.stage={engine.zero_optimization_stage()}: resume with the same stage"
         )
+    elastic = marker.get("world_size") != world
+    universal = bool(engine.load_universal_checkpoint())
+    if elastic and engine.zero_optimization_stage() > 0 and not universal:
+        raise ValueError(
+            f"checkpoint {tag} was written by {marker.get('world_size')} ranks and this run has "
+            f"{world}: call prepare_resume() and build the engine with load_universal=True"
+        )
+    load_dir, load_tag = checkpoints_dir(run_dir), tag
+    if universal:
+        load_dir, load_tag = checkpoints_dir(run_dir) / tag, UNIVERSAL_DIR
     path, client_state = engine.load_checkpoint(
-        str(checkpoints_dir(run_dir)),
-        tag,
+        str(load_dir),
+        load_tag,
         load_optimizer_states=True,
         load_lr_scheduler_states=True,
     )
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {run_dir}")
-    rng_path = checkpoints_dir(run_dir) / tag / f"rng_rank{rank}.pt"
-    restore_rng_state(torch.load(rng_path, map_location="cpu", weights_only=False))
+    if elastic:
+        from kiln.training.data import derive_rng
+
+        step = int(marker.get("step", 0))
+        seed_everything(int(derive_rng("elastic", seed, step, rank).integers(2**62)))
+    else:
+        rng_path = checkpoints_dir(run_dir) / tag / f"rng_rank{rank}.pt"
+        restore_rng_state(torch.load(rng_path, map_location="cpu", weights_only=False))
     return dict(client_state or {})

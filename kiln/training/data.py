@@ -1,8 +1,9 @@
 """Deterministic, resumable WebDataset loader for training.
 
 The order of samples is a pure function of (seed, epoch, rank, logical worker) and of the
-dataset manifest; the loader's position is two integers (epoch, batches consumed in the epoch).
-That is what makes a resumed run see exactly the batches an uninterrupted run would have seen.
+dataset manifest; the loader's position is two integers (epoch, batches consumed in the epoch)
+plus, after an elastic resume, the layouts that read the epoch's earlier part. That is what
+makes a resumed run see exactly the batches an uninterrupted run would have seen.
 
 Plan of one epoch (all index arithmetic, no I/O):
 
@@ -21,13 +22,21 @@ Plan of one epoch (all index arithmetic, no I/O):
    DataLoader is then batch ``s0 + k`` of the epoch. Skipped samples are never decoded and
    their bytes never read: a worker walks tar headers up to the first sample it needs.
 
-``num_workers=0`` reads in-process and yields the same batches as ``num_workers=1``. The
-loader state records the (world size, workers, batch size, seed, shuffle buffer, manifest
-hash) it is valid for; loading it into a loader that differs in any of them is an error.
+``num_workers=0`` reads in-process and yields the same batches as ``num_workers=1``.
+
+Elastic resume. The loader state records its *layout* (world size, workers, batch size,
+shuffle buffer) and the (seed, augmentation, manifest hash) it is valid for. Loading it into
+a loader with another seed, augmentation or dataset is an error; into one with another
+layout it continues the epoch as a new *segment* (`Segment`): the positions the old layout
+read are known exactly (steps 3-4 are pure), so the new layout splits the positions left
+over, in order, among its ranks and workers as steps 2-4 split a whole epoch. Over the epoch
+no sample is read twice, and only the last segment's tail (fewer than one global batch) is
+dropped. The next epoch is planned from scratch with the new layout.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import tarfile
@@ -46,6 +55,8 @@ __all__ = [
     "LOADER_STATE_VERSION",
     "Batch",
     "EpochPlan",
+    "Layout",
+    "Segment",
     "WebDatasetLoader",
     "WorkerSlice",
     "buffer_shuffle",
@@ -53,11 +64,12 @@ __all__ = [
     "derive_rng",
     "manifest_hash",
     "plan_epoch",
+    "plan_segment",
     "sample_key",
     "sample_seed",
 ]
 
-LOADER_STATE_VERSION = 1
+LOADER_STATE_VERSION = 2
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -142,6 +154,103 @@ def plan_epoch(
     return EpochPlan(epoch, tuple(int(i) for i in order), tuple(starts), steps)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How a stretch of an epoch is split: ranks, logical workers per rank, micro-batch size
+    per rank, shuffle-buffer size. A resume may change any of them (elastic resume)."""
+
+    world_size: int
+    num_workers: int
+    batch_size: int
+    shuffle_buffer: int
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A stretch of one epoch read with one `Layout`.
+
+    An epoch is one segment unless a resume changed the layout mid-epoch; the segment that
+    starts then reads only the positions earlier segments left unread (`available`, sorted
+    global positions; None: every position of the epoch), so over the epoch no sample is
+    read twice. Ranks own contiguous runs of `available` and logical workers contiguous
+    runs of their rank's, exactly as `EpochPlan.worker_slice` lays out a whole epoch.
+    """
+
+    epoch: int
+    index: int  # 0 for the segment that starts the epoch
+    layout: Layout
+    total: int  # samples in the epoch
+    available: np.ndarray | None
+    steps: int  # batches per rank
+
+    def worker_counts(self) -> list[int]:
+        w = self.layout.num_workers
+        return [len(range(v, self.steps, w)) for v in range(w)]
+
+    def worker_positions(self, rank: int, logical_worker: int) -> np.ndarray:
+        """Sorted global positions logical worker `logical_worker` of `rank` reads."""
+        bsz = self.layout.batch_size
+        counts = self.worker_counts()
+        start = rank * self.steps * bsz + bsz * sum(counts[:logical_worker])
+        stop = start + counts[logical_worker] * bsz
+        if self.available is None:
+            return np.arange(start, stop, dtype=np.int64)
+        return self.available[start:stop]
+
+    def emit_order(self, seed: int, rank: int, logical_worker: int, n: int) -> np.ndarray:
+        """Indices into `worker_positions(rank, logical_worker)` in the order they are read."""
+        parts: tuple[object, ...] = ("buffer", seed, self.epoch, rank, logical_worker)
+        if self.index:
+            parts += ("segment", self.index)
+        return buffer_shuffle(n, self.layout.shuffle_buffer, derive_rng(*parts))
+
+    def consumed(self, seed: int, steps_done: int) -> np.ndarray:
+        """Global positions read by all ranks in this segment's first `steps_done` batches."""
+        w, bsz = self.layout.num_workers, self.layout.batch_size
+        out = []
+        for rank in range(self.layout.world_size):
+            for v in range(w):
+                positions = self.worker_positions(rank, v)
+                done = len(range(v, steps_done, w)) * bsz
+                if done:
+                    order = self.emit_order(seed, rank, v, len(positions))
+                    out.append(positions[order[:done]])
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def plan_segment(
+    total: int, seed: int, epoch: int, history: Sequence[tuple[Layout, int]], layout: Layout
+) -> Segment:
+    """The segment `layout` reads in `epoch` after the segments of `history` ((layout,
+    batches read) each, in order) read their part. Pure: integers in, positions out."""
+    available: np.ndarray | None = None
+    for index, (old, steps_done) in enumerate(history):
+        segment = _segment(total, epoch, index, old, available)
+        if not 0 <= steps_done <= segment.steps:
+            raise ValueError(
+                f"loader history says {steps_done} batches were read with {old}, but that "
+                f"segment of epoch {epoch} has {segment.steps}"
+            )
+        left = np.setdiff1d(
+            available if available is not None else np.arange(total, dtype=np.int64),
+            segment.consumed(seed, steps_done),
+            assume_unique=True,
+        )
+        available = left
+    return _segment(total, epoch, len(history), layout, available)
+
+
+def _segment(
+    total: int, epoch: int, index: int, layout: Layout, available: np.ndarray | None
+) -> Segment:
+    n = total if available is None else len(available)
+    steps = n // (layout.world_size * layout.batch_size)
+    return Segment(epoch, index, layout, total, available, steps)
+
+
 def sample_key(member_name: str) -> tuple[str, str]:
     """(key, extension) of a tar member: key = path up to the first dot of the basename."""
     head, _, base = member_name.rpartition("/")
@@ -218,10 +327,11 @@ class _EpochStream(IterableDataset):
     """One epoch of one rank, from batch `start_step` on; each DataLoader worker reads one
     logical worker's slice (see the module docstring)."""
 
-    def __init__(self, loader: WebDatasetLoader, epoch: int, start_step: int) -> None:
+    def __init__(self, loader: WebDatasetLoader, segment: Segment, start_step: int) -> None:
         self.root = loader.dataset
         self.manifest = loader.manifest
-        self.plan = loader.plan(epoch)
+        self.plan = loader.plan(segment.epoch)
+        self.segment = segment
         self.start_step = start_step
         self.rank = loader.rank
         self.num_workers = loader.effective_workers
@@ -239,14 +349,18 @@ class _EpochStream(IterableDataset):
         return self.manifest.shard_url(self.root, shard)
 
     def _read_positions(
-        self, lo: int, needed: np.ndarray
+        self, wanted: np.ndarray
     ) -> Iterator[tuple[int, str, dict[str, bytes], str]]:
-        """(position - lo, uid, {ext: bytes}, shard url) for positions p in
-        [lo, lo + len(needed)) with needed[p - lo], in order. Unneeded samples are walked over by tar header only, and
-        shards holding no needed sample are not opened at all.
+        """(global position, uid, {ext: bytes}, shard url) of each position in `wanted`
+        (sorted), in position order. Unwanted samples are walked over by tar header only, and
+        shards holding no wanted sample are not opened at all.
         """
+        if not len(wanted):
+            return
         plan, shards = self.plan, self.manifest.shards
-        hi = lo + len(needed)
+        lo, hi = int(wanted[0]), int(wanted[-1]) + 1
+        needed = np.zeros(hi - lo, dtype=bool)
+        needed[wanted - lo] = True
         for k, g0 in enumerate(plan.shard_starts):
             shard = shards[plan.shard_order[k]]
             a, b = max(lo, g0) - g0, min(hi, g0 + shard.num_samples) - g0
@@ -256,7 +370,7 @@ class _EpochStream(IterableDataset):
             for pos, uid, members in self._read_shard(
                 url, g0, a, b, shard.num_samples, lambda p: bool(needed[p - lo])
             ):
-                yield pos - lo, uid, members, url
+                yield pos, uid, members, url
 
     def _read_shard(
         self,
@@ -331,22 +445,19 @@ class _EpochStream(IterableDataset):
 
     # -- one logical worker ----------------------------------------------------------------
     def logical_stream(self, logical_worker: int) -> Iterator[Batch]:
-        """Batches of `logical_worker` with epoch index >= start_step, in order."""
-        w, bsz = self.num_workers, self.batch_size
-        sl = self.plan.worker_slice(self.rank, logical_worker, w, bsz)
-        n = sl.num_batches * bsz
-        rng = derive_rng("buffer", self.seed, self.plan.epoch, self.rank, logical_worker)
-        order = buffer_shuffle(n, self.shuffle_buffer, rng)
+        """Batches of `logical_worker` with segment index >= start_step, in order."""
+        seg, bsz = self.segment, self.batch_size
+        w = seg.layout.num_workers
+        positions = seg.worker_positions(self.rank, logical_worker)
+        order = seg.emit_order(self.seed, self.rank, logical_worker, len(positions))
         skip = len(range(logical_worker, self.start_step, w)) * bsz
-        if skip >= n:
+        if skip >= len(positions):
             return
         rest = order[skip:]
-        needed = np.ones(n, dtype=bool)
-        needed[order[:skip]] = False
         cache: dict[int, tuple[str, dict[str, bytes], str]] = {}
         ptr, batch = 0, []
-        for local, uid, members, url in self._read_positions(sl.start, needed):
-            cache[local] = (uid, members, url)
+        for pos, uid, members, url in self._read_positions(np.sort(positions[rest])):
+            cache[int(np.searchsorted(positions, pos))] = (uid, members, url)
             while ptr < len(rest) and int(rest[ptr]) in cache:
                 batch.append(cache.pop(int(rest[ptr])))
                 ptr += 1
@@ -370,7 +481,9 @@ class WebDatasetLoader:
     """Endless iterator of one rank's batches, epoch after epoch, with a resumable position.
 
     `state_dict()` is the position after the batches handed out so far; a loader built with
-    the same arguments and given that state continues with exactly the next batch.
+    the same arguments and given that state continues with exactly the next batch. A loader
+    with another layout (world size, workers, batch size, shuffle buffer) given that state
+    continues the epoch with the samples not yet read (elastic resume, see `Segment`).
     """
 
     def __init__(
@@ -412,8 +525,11 @@ class WebDatasetLoader:
                 f"global batch (world_size={world_size} x data.batch_size={batch_size}): "
                 "lower data.batch_size or use a bigger dataset"
             )
+        self.layout = Layout(world_size, self.effective_workers, batch_size, shuffle_buffer)
         self.epoch = 0
-        self.step_in_epoch = 0
+        self.step_in_epoch = 0  # batches read in the current segment of the epoch
+        self._history: list[tuple[Layout, int]] = []  # earlier segments of this epoch
+        self._segment: Segment | None = None
         self._iterating = False
 
     def plan(self, epoch: int) -> EpochPlan:
@@ -426,43 +542,44 @@ class WebDatasetLoader:
             batch_size=self.batch_size,
         )
 
+    def segment(self) -> Segment:
+        """The segment of the current epoch this loader reads (pure; cached)."""
+        if self._segment is None or self._segment.epoch != self.epoch:
+            self._segment = plan_segment(
+                sum(self._sizes), self.seed, self.epoch, self._history, self.layout
+            )
+        return self._segment
+
     # -- state ---------------------------------------------------------------------------
     def _identity_fields(self) -> dict[str, Any]:
-        return {
-            "world_size": self.world_size,
-            "num_workers": self.effective_workers,
-            "batch_size": self.batch_size,
-            "seed": self.seed,
-            "shuffle_buffer": self.shuffle_buffer,
-            "augment": self.augment,
-            "manifest_hash": self.manifest_hash,
-        }
+        return {"seed": self.seed, "augment": self.augment, "manifest_hash": self.manifest_hash}
 
     def state_dict(self) -> dict[str, Any]:
-        """Position (epoch, batches consumed in it) plus what the position is valid for."""
+        """Position (epoch, batches read in its current segment, earlier segments' layouts
+        and batch counts) plus the layout and the identity the position is valid for."""
         return {
             "version": LOADER_STATE_VERSION,
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
-            "steps_per_epoch": self.steps_per_epoch,
+            "steps_per_epoch": self.segment().steps,
+            "history": [{**lay.as_dict(), "steps": n} for lay, n in self._history],
+            **self.layout.as_dict(),
             **self._identity_fields(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from `state`; errors if it was written by a differently shaped loader."""
+        """Continue from `state`. Errors if it belongs to another dataset, seed or
+        augmentation; a different layout continues the epoch with its unread samples."""
         if self._iterating:
             raise RuntimeError("load_state_dict() must be called before iterating the loader")
-        if state.get("version") != LOADER_STATE_VERSION:
+        version = state.get("version")
+        if version not in (1, LOADER_STATE_VERSION):
             raise ValueError(
-                f"loader state version {state.get('version')!r} is not "
-                f"{LOADER_STATE_VERSION}: this checkpoint was written by another kiln version"
+                f"loader state version {version!r} is not {LOADER_STATE_VERSION}: this "
+                "checkpoint was written by another kiln version"
             )
         fixes = {
-            "world_size": "resume with the same number of training workers",
-            "num_workers": "set data.num_workers to the value the run started with",
-            "batch_size": "set data.batch_size to the value the run started with",
             "seed": "set seed to the value the run started with",
-            "shuffle_buffer": "set data.shuffle_buffer to the value the run started with",
             "augment": "set data.augment to the value the run started with",
             "manifest_hash": "the dataset's shards changed since the checkpoint: point "
             "data.dataset at the original dataset or start a new run",
@@ -473,17 +590,31 @@ class WebDatasetLoader:
                     f"cannot resume the data loader: checkpoint has {name}={state.get(name)!r} "
                     f"but this run has {name}={mine!r}; {fixes[name]}"
                 )
-        epoch, step = int(state["epoch"]), int(state["step_in_epoch"])
-        if not 0 <= step < self.steps_per_epoch or epoch < 0:
+        try:
+            saved = Layout(*(int(state[f.name]) for f in dataclasses.fields(Layout)))
+            history = [
+                (Layout(*(int(h[f.name]) for f in dataclasses.fields(Layout))), int(h["steps"]))
+                for h in state.get("history", [])
+            ]
+            epoch, step = int(state["epoch"]), int(state["step_in_epoch"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"loader state is malformed ({type(e).__name__}: {e})") from e
+        segment = plan_segment(sum(self._sizes), self.seed, epoch, history, saved)
+        if not 0 <= step < max(1, segment.steps) or epoch < 0:
             raise ValueError(
                 f"loader state epoch={epoch} step_in_epoch={step} is out of range "
-                f"(steps_per_epoch={self.steps_per_epoch})"
+                f"(that segment has {segment.steps} steps)"
             )
-        self.epoch, self.step_in_epoch = epoch, step
+        if saved != self.layout:
+            if step > 0:  # the old layout's part of this epoch is read
+                history.append((saved, step))
+            step = 0  # (a segment that read nothing is simply replaced)
+        self.epoch, self.step_in_epoch, self._history = epoch, step, history
+        self._segment = None
 
     # -- iteration -----------------------------------------------------------------------
-    def _dataloader(self, epoch: int, start: int) -> DataLoader:
-        stream = _EpochStream(self, epoch, start)
+    def _dataloader(self, segment: Segment, start: int) -> DataLoader:
+        stream = _EpochStream(self, segment, start)
         # An explicit generator keeps DataLoader from drawing its worker base seed from the
         # global torch RNG, which would make the training RNG depend on when epochs start.
         gen = torch.Generator().manual_seed(int(derive_rng("dl", self.seed).integers(2**62)))
@@ -498,23 +629,31 @@ class WebDatasetLoader:
             prefetch_factor=2 if self.num_workers else None,
         )
 
+    def _next_epoch(self) -> None:
+        self.epoch, self.step_in_epoch, self._history = self.epoch + 1, 0, []
+
     def __iter__(self) -> Iterator[Batch]:
         if self._iterating:
             raise RuntimeError("WebDatasetLoader supports one active iterator at a time")
         self._iterating = True
         try:
             while True:
-                epoch, start = self.epoch, self.step_in_epoch
-                expected = self.steps_per_epoch - start
+                segment, start = self.segment(), self.step_in_epoch
+                if start >= segment.steps:  # an elastic resume left too little for a batch
+                    self._next_epoch()
+                    continue
+                expected = segment.steps - start
                 got = 0
-                for batch in self._dataloader(epoch, start):
+                for batch in self._dataloader(segment, start):
                     got += 1
                     # The position counts batches handed to the consumer, not prefetched ones.
                     self.step_in_epoch += 1
-                    if self.step_in_epoch == self.steps_per_epoch:
-                        self.epoch, self.step_in_epoch = epoch + 1, 0
+                    if self.step_in_epoch == segment.steps:
+                        self._next_epoch()
                     yield batch
                 if got != expected:  # pragma: no cover - a bug, not bad input
-                    raise RuntimeError(f"epoch {epoch} gave {got} batches, expected {expected}")
+                    raise RuntimeError(
+                        f"epoch {segment.epoch} gave {got} batches, expected {expected}"
+                    )
         finally:
             self._iterating = False

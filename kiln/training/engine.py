@@ -202,11 +202,14 @@ def init_distributed() -> bool:
     return created
 
 
-def build_engine(model: nn.Module, cfg: TrainConfig, world_size: int) -> Any:
+def build_engine(
+    model: nn.Module, cfg: TrainConfig, world_size: int, *, load_universal: bool = False
+) -> Any:
     """`deepspeed.initialize` with kiln's config, parameter groups and LR schedule.
 
     The schedule is a torch LambdaLR handed to DeepSpeed, so DeepSpeed steps it once per
-    optimizer step and saves/loads its state with every checkpoint.
+    optimizer step and saves/loads its state with every checkpoint. `load_universal`: the
+    engine will load a universal checkpoint (an elastic resume, `kiln.training.checkpoint`).
     """
     deepspeed = import_deepspeed()
     schedule = WarmupCosine(cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.min_lr_ratio)
@@ -214,10 +217,13 @@ def build_engine(model: nn.Module, cfg: TrainConfig, world_size: int) -> Any:
     def make_scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
+    config = build_ds_config(cfg, world_size)
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, cfg.optim.weight_decay),
-        config=build_ds_config(cfg, world_size),
+        config=config,
         lr_scheduler=make_scheduler,
         dist_init_required=False,
     )

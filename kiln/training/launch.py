@@ -37,6 +37,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, Field
 
+from kiln.training.checkpoint import check_resumable, latest_checkpoint
 from kiln.training.config import TrainConfig
 from kiln.training.data import WebDatasetLoader, dataset_has_text
 from kiln.training.engine import prebuild_comm_ops, set_runtime_env
@@ -108,9 +109,13 @@ def _read_summary(run: Path, launcher: Literal["ray", "local"], started: float) 
     )
 
 
-def _preflight(cfg: TrainConfig, world: int) -> None:
+def _preflight(cfg: TrainConfig, world: int, run: Path, resume: bool) -> None:
     """Fail in the caller, not in N ranks, when the dataset is missing, too small, or has
-    no captions for an objective that reads them."""
+    no captions for an objective that reads them, or when the checkpoint to resume was
+    trained with another model or ZeRO stage."""
+    tag = latest_checkpoint(run) if resume else None
+    if tag is not None:
+        check_resumable(run, tag, zero_stage=cfg.zero.stage, model=cfg.model)
     loader = WebDatasetLoader(
         cfg.data.dataset,
         batch_size=cfg.data.batch_size,
@@ -151,8 +156,8 @@ def train(
             f"gpus_per_worker={gpus_per_worker} but this machine has no CUDA GPU: set "
             "resources.gpus_per_worker=0 to train on CPU"
         )
-    _preflight(cfg, num_workers)
     run = Path(run_dir).resolve()
+    _preflight(cfg, num_workers, run, resume)
     run.mkdir(parents=True, exist_ok=True)
     check_run_dir(run, resume)
     (run / SUMMARY_FILE).unlink(missing_ok=True)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import sys
 import time
@@ -35,7 +34,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -43,7 +41,9 @@ from kiln.training.checkpoint import (
     atomic_write_text,
     latest_checkpoint,
     load_checkpoint,
+    prepare_resume,
     save_checkpoint,
+    seed_everything,
 )
 from kiln.training.config import TrainConfig
 from kiln.training.data import Batch, WebDatasetLoader
@@ -128,12 +128,6 @@ def _next_attempt(metrics: Path) -> int:
     return last + 1
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _global_mean(value: torch.Tensor, world: int) -> float:
     t = value.detach().to(torch.float32).reshape(1).clone()
     if world > 1:
@@ -196,14 +190,25 @@ def train_worker(
 
     assert cfg.objective is not None  # TrainConfig fills in the model family's objective
     objective = build_objective(cfg.objective)
-    _seed_everything(cfg.seed)  # every rank builds identical initial weights
+    tag = latest_checkpoint(run) if resume else None
+    if resume and tag is None:
+        _log(
+            rank,
+            f"resume: no complete checkpoint under {run / 'checkpoints'}; starting from scratch",
+        )
+    elif not resume:
+        check_run_dir(run, resume=False)
+    elastic = tag is not None and prepare_resume(
+        run, tag, zero_stage=cfg.zero.stage, model=cfg.model, log=lambda m: _log(rank, m)
+    )
+    seed_everything(cfg.seed)  # every rank builds identical initial weights
     if cfg.zero.stage == 3:
         # partitioned as each module is built: no rank ever holds the whole model
         with import_deepspeed().zero.Init(config_dict_or_path=build_ds_config(cfg, world)):
             model = build_model(cfg.model)
     else:
         model = build_model(cfg.model)
-    engine = build_engine(model, cfg, world)
+    engine = build_engine(model, cfg, world, load_universal=elastic and cfg.zero.stage > 0)
     device = engine.device
     image_dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
     loader = WebDatasetLoader(
@@ -221,26 +226,14 @@ def train_worker(
     )
 
     step, resumed_from = 0, None
-    if resume:
-        tag = latest_checkpoint(run)
-        if tag is None:
-            _log(
-                rank,
-                f"resume: no complete checkpoint under {run / 'checkpoints'}; starting from scratch",
-            )
-        else:
-            client = load_checkpoint(engine, run, tag)["kiln"]
-            step = resumed_from = int(client["step"])
-            loader.load_state_dict(client["loader"])
-            old_hash = client.get("recipe_hash", "")
-            if recipe_hash and old_hash and old_hash != recipe_hash:
-                _log(
-                    rank,
-                    f"note: recipe hash {recipe_hash} differs from the checkpoint's {old_hash}",
-                )
-            _log(rank, f"resumed from {tag} (epoch {loader.epoch}, batch {loader.step_in_epoch})")
-    else:
-        check_run_dir(run, resume=False)
+    if tag is not None:
+        client = load_checkpoint(engine, run, tag, seed=cfg.seed)["kiln"]
+        step = resumed_from = int(client["step"])
+        loader.load_state_dict(client["loader"])
+        old_hash = client.get("recipe_hash", "")
+        if recipe_hash and old_hash and old_hash != recipe_hash:
+            _log(rank, f"note: recipe hash {recipe_hash} differs from the checkpoint's {old_hash}")
+        _log(rank, f"resumed from {tag} (epoch {loader.epoch}, batch {loader.step_in_epoch})")
 
     metrics_path = run / METRICS_FILE
     attempt = _next_attempt(metrics_path) if rank == 0 else 0

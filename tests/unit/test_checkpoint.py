@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from kiln.models.config import ModelConfig
 from kiln.training.checkpoint import (
@@ -90,21 +88,6 @@ def test_atomic_write_replaces_without_leftovers(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------ a real DeepSpeed engine
-
-
-@pytest.fixture
-def single_rank(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """A one-rank gloo world in this process (what the launchers set up per rank)."""
-    from kiln.training.launch import free_port
-
-    port = free_port()
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1").items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("MASTER_PORT", str(port))
-    monkeypatch.delenv("LOCAL_SIZE", raising=False)
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def tiny_engine(tmp_path: Path) -> tuple[Any, TrainConfig]:
@@ -222,3 +205,24 @@ def test_checkpoints_hold_model_pt_only_for_models_up_to_the_limit() -> None:
     assert wants_model_file(cfg("clip-vit-l-14", model_file="always"))
     assert not wants_model_file(cfg("clip-tiny", model_file="never"))
     assert not wants_model_file(cfg("clip-vit-b-16", model_file_max_params=100_000_000))
+
+
+def test_resume_with_another_model_or_stage_names_the_difference(tmp_path: Path) -> None:
+    from kiln.training.checkpoint import check_resumable
+    from tests.helpers_training import TINY_MODEL
+
+    model = ModelConfig.model_validate(TINY_MODEL)
+    tag_dir = checkpoints_dir(tmp_path) / "step_00000002"
+    tag_dir.mkdir(parents=True)
+    marker = {"step": 2, "world_size": 2, "zero_stage": 2, "model_config": model.model_dump()}
+    atomic_write_text(tag_dir / COMPLETE_MARKER, json.dumps(marker))
+
+    assert check_resumable(tmp_path, "step_00000002", zero_stage=2, model=model)["step"] == 2
+    # settings that do not change the weights may change on resume
+    relaxed = model.model_copy(update={"activation_checkpointing": True})
+    check_resumable(tmp_path, "step_00000002", zero_stage=2, model=relaxed)
+    wider = ModelConfig.model_validate({**TINY_MODEL, "embed_dim": 32})
+    with pytest.raises(ValueError, match=r"model\.embed_dim=16 \(this run: 32\)"):
+        check_resumable(tmp_path, "step_00000002", zero_stage=2, model=wider)
+    with pytest.raises(ValueError, match=r"zero\.stage=2 but this run uses zero\.stage=3"):
+        check_resumable(tmp_path, "step_00000002", zero_stage=3, model=model)
