@@ -4,11 +4,12 @@
 ZeRO 1-3 go through DeepSpeed's universal checkpoint (`ds_to_universal`, made once per tag);
 ZeRO-0 checkpoints hold whole states and load as they are. What must hold:
 
-- the first step after an elastic resume onto 1 rank has exactly the loss that the
-  checkpoint's own weights give on the batch the resumed loader hands out (so the weights
-  and the loader position carried over; the loader's no-repeat/no-skip guarantee over the
+- the first step after an elastic resume has the loss that the checkpoint's own weights
+  give on the global batch the resumed loaders hand out (so the weights and the loader
+  position carried over; the loader's no-repeat/no-skip guarantee over the
   epoch is tested on sample uids in tests/unit/test_loader.py);
-- the run trains on to max_steps at the new size, through 2 -> 1 and 1 -> 2;
+- the run trains on to max_steps at the new size, through 2 -> 1 -> 2 (ZeRO-2) and
+  2 -> 1 -> 4 (ZeRO-3);
 - the universal form holds the same weights and Adam moments the engine had (loaded at the
   same world size, every tensor is equal).
 """
@@ -72,29 +73,36 @@ def _losses(run: Path) -> dict[int, float]:
     return out
 
 
-def _first_step_loss_from_checkpoint(cfg: TrainConfig, run: Path, step: int) -> float:
-    """Loss of step `step + 1` on 1 rank, computed outside DeepSpeed from checkpoint
-    `step`'s consolidated weights and loader position."""
+def _first_step_loss_from_checkpoint(cfg: TrainConfig, run: Path, step: int, world: int) -> float:
+    """Global loss of step `step + 1` on `world` ranks, computed in this process from
+    checkpoint `step`'s consolidated weights and loader position: the ranks' first batches
+    after the resume, concatenated in rank order, are one global CLIP batch."""
     tag_dir = checkpoints_dir(run) / tag_for_step(step)
     model, _, _ = load_model_file(str(tag_dir / "model.pt"))
     # every rank's model-states file holds the client state (ZeRO-3 names them per rank)
     states = torch.load(sorted(tag_dir.glob("*model_states.pt"))[0], weights_only=False)
     objective = build_objective(cfg.objective)  # type: ignore[arg-type]
-    loader = WebDatasetLoader(
-        cfg.data.dataset,
-        batch_size=cfg.data.batch_size,
-        seed=cfg.seed,
-        world_size=1,
-        num_workers=cfg.data.num_workers,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        image_size=cfg.model.image_size,
-        context_length=cfg.model.context_length,
-    )
-    loader.load_state_dict(states["kiln"]["loader"])
-    it = iter(loader)
-    batch = next(it)
-    it.close()  # type: ignore[attr-defined]
-    fields = batch.to("cpu", torch.float32, objective.batch_fields)
+    parts = []
+    for rank in range(world):
+        loader = WebDatasetLoader(
+            cfg.data.dataset,
+            batch_size=cfg.data.batch_size,
+            seed=cfg.seed,
+            rank=rank,
+            world_size=world,
+            num_workers=cfg.data.num_workers,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            image_size=cfg.model.image_size,
+            context_length=cfg.model.context_length,
+        )
+        loader.load_state_dict(states["kiln"]["loader"])
+        it = iter(loader)
+        parts.append(next(it))
+        it.close()  # type: ignore[attr-defined]
+    fields = {
+        "images": torch.cat([b.images for b in parts]),
+        "tokens": torch.cat([b.tokens for b in parts if b.tokens is not None]),
+    }
     with torch.no_grad():
         loss, _ = objective.loss(model(**objective.model_inputs(fields)), fields)
     return float(loss)
@@ -113,17 +121,21 @@ def test_resume_onto_another_world_size(stage: int, dataset: str, tmp_path: Path
     down = train(cfg, str(run), num_workers=1, launcher="local", resume=True)
     assert (down.resumed_from, down.first_step, down.last_step) == (4, 5, 6)
     assert (checkpoints_dir(run) / tag_for_step(4) / UNIVERSAL_DIR).is_dir()
-    expected = _first_step_loss_from_checkpoint(cfg, run, 4)
-    assert down.losses[0] == pytest.approx(expected, rel=1e-5)
+    assert down.losses[0] == pytest.approx(
+        _first_step_loss_from_checkpoint(cfg, run, 4, 1), rel=1e-5
+    )
     assert read_complete_marker(run, tag_for_step(6))["world_size"] == 1
 
-    # 1 -> 2, to the end
-    up = train(_config(dataset, stage), str(run), num_workers=2, launcher="local", resume=True)
+    # 1 -> 2 (ZeRO-2) or 1 -> 4 (ZeRO-3), to the end
+    world = 2 if stage == 2 else 4
+    cfg = _config(dataset, stage)
+    up = train(cfg, str(run), num_workers=world, launcher="local", resume=True)
     assert (up.resumed_from, up.last_step) == (6, MAX_STEPS)
+    assert up.losses[0] == pytest.approx(
+        _first_step_loss_from_checkpoint(cfg, run, 6, world), rel=1e-5
+    )
     assert all(math.isfinite(x) for x in up.losses)
-    losses = _losses(run)
-    assert sorted(losses) == list(range(1, MAX_STEPS + 1))
-    assert losses[MAX_STEPS] < losses[1]
+    assert sorted(_losses(run)) == list(range(1, MAX_STEPS + 1))
 
 
 @pytest.mark.slow
@@ -136,7 +148,9 @@ def test_zero0_resumes_onto_another_world_size_without_conversion(
     down = train(cfg, str(run), num_workers=1, launcher="local", resume=True)
     assert (down.resumed_from, down.last_step) == (4, 5)
     assert not (checkpoints_dir(run) / tag_for_step(4) / UNIVERSAL_DIR).exists()
-    assert down.losses[0] == pytest.approx(_first_step_loss_from_checkpoint(cfg, run, 4), rel=1e-5)
+    assert down.losses[0] == pytest.approx(
+        _first_step_loss_from_checkpoint(cfg, run, 4, 1), rel=1e-5
+    )
 
 
 @pytest.mark.slow
