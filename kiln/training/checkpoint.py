@@ -10,7 +10,13 @@ A checkpoint is the folder ``checkpoints/step_{step:08d}/`` holding:
   ``checkpoint.model_file_max_params`` (larger ones are consolidated on demand from
   DeepSpeed's files: `kiln.training.export`);
 - ``COMPLETE``: a JSON marker written by rank 0 only after every rank finished its part
-  (step, world size, ZeRO stage, the model config, file sizes).
+  (step, world size, ZeRO stage, the model config, every file's size and, up to
+  ``HASHED_FILE_MAX_BYTES``, its sha256).
+
+Resume picks the newest complete checkpoint whose files still match their marker
+(`resume_checkpoint`); newer damaged ones are renamed ``{tag}.damaged`` (kept, no longer
+tags) and `latest` moves back, so a truncated shard costs the steps since the previous
+checkpoint, not the run.
 
 Elastic resume: a checkpoint written by N ranks resumes on M != N ranks. ZeRO 1-3 shard the
 optimizer state by rank, so the tag is first converted, once, by DeepSpeed's own
@@ -28,6 +34,7 @@ system every rank can see (local disk on one machine; a shared mount across node
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -49,6 +56,8 @@ from kiln.models.config import ModelConfig
 __all__ = [
     "CHECKPOINTS_DIR",
     "COMPLETE_MARKER",
+    "DAMAGED_SUFFIX",
+    "HASHED_FILE_MAX_BYTES",
     "LATEST_FILE",
     "UNIVERSAL_DIR",
     "atomic_write_text",
@@ -62,17 +71,25 @@ __all__ = [
     "prune_checkpoints",
     "read_complete_marker",
     "restore_rng_state",
+    "resume_checkpoint",
     "rng_state",
     "save_checkpoint",
     "seed_everything",
+    "set_aside_damaged",
     "step_of_tag",
     "tag_for_step",
+    "verify_checkpoint",
 ]
 
 CHECKPOINTS_DIR = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
 LATEST_FILE = "latest"
 UNIVERSAL_DIR = "universal"
+#: Files up to this size get a sha256 in the COMPLETE marker (RNG states, small models'
+#: shards); every file gets its size. Resume verifies both.
+HASHED_FILE_MAX_BYTES = 64 * 2**20
+#: Suffix a checkpoint folder gets when resume finds it damaged: kept, but no longer a tag.
+DAMAGED_SUFFIX = ".damaged"
 #: ModelConfig fields a resume may change: they do not change the weights' shapes or values.
 _FREE_MODEL_FIELDS = {"flavor", "activation_checkpointing", "init_logit_scale", "init_logit_bias"}
 _TAG_RE = re.compile(r"^step_(\d{8,})$")
@@ -147,6 +164,67 @@ def latest_checkpoint(run_dir: str | Path) -> str | None:
             return tag
     complete = complete_checkpoints(run_dir)
     return complete[-1] if complete else None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_checkpoint(run_dir: str | Path, tag: str) -> str | None:
+    """Why `tag` cannot be resumed (a file missing, truncated or changed against its
+    COMPLETE marker), or None when every recorded file is as it was written."""
+    tag_dir = checkpoints_dir(run_dir) / tag
+    try:
+        marker = read_complete_marker(run_dir, tag)
+    except ValueError as e:
+        return str(e)
+    hashes = marker.get("sha256", {})
+    for name, size in marker.get("files", {}).items():
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        actual = path.stat().st_size
+        if actual != size:
+            return f"{name} is {actual} bytes, {size} when written"
+        if name in hashes and _sha256(path) != hashes[name]:
+            return f"{name} changed since it was written (sha256 differs)"
+    return None
+
+
+def resume_checkpoint(run_dir: str | Path) -> tuple[str | None, list[tuple[str, str]]]:
+    """The newest complete checkpoint whose files verify, and the (tag, reason) of each
+    newer one skipped as damaged. Not collective; the same on every rank."""
+    skipped: list[tuple[str, str]] = []
+    for tag in reversed(complete_checkpoints(run_dir)):
+        reason = verify_checkpoint(run_dir, tag)
+        if reason is None:
+            return tag, skipped
+        skipped.append((tag, reason))
+    return None, skipped
+
+
+def set_aside_damaged(
+    run_dir: str | Path, skipped: list[tuple[str, str]], fallback: str | None
+) -> None:
+    """Rename each damaged tag folder to ``{tag}.damaged`` (kept for inspection, no longer
+    a checkpoint) and point `latest` at `fallback`. Rank 0 only."""
+    root = checkpoints_dir(run_dir)
+    for tag, _ in skipped:
+        target = root / f"{tag}{DAMAGED_SUFFIX}"
+        n = 1
+        while target.exists():
+            n += 1
+            target = root / f"{tag}{DAMAGED_SUFFIX}{n}"
+        os.replace(root / tag, target)
+    if fallback is not None:
+        atomic_write_text(root / LATEST_FILE, fallback + "\n")
+    else:
+        (root / LATEST_FILE).unlink(missing_ok=True)
+    _fsync_dir(root)
 
 
 def rng_state() -> dict[str, Any]:
@@ -271,12 +349,15 @@ def save_checkpoint(
     if before_commit is not None:
         before_commit()
     if rank == 0:
-        files = {}
+        files, hashes = {}, {}
         for p in sorted(tag_dir.rglob("*")):
             if p.is_file():
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
-                files[str(p.relative_to(tag_dir))] = p.stat().st_size
+                name = str(p.relative_to(tag_dir))
+                files[name] = p.stat().st_size
+                if files[name] <= HASHED_FILE_MAX_BYTES:
+                    hashes[name] = _sha256(p)
         _fsync_dir(tag_dir)
         marker = {
             "tag": tag,
@@ -286,6 +367,7 @@ def save_checkpoint(
             "model_config": model_config.model_dump(mode="json"),
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "files": files,
+            "sha256": hashes,
         }
         atomic_write_text(tag_dir / COMPLETE_MARKER, json.dumps(marker, indent=2) + "\n")
         atomic_write_text(root / LATEST_FILE, tag + "\n")

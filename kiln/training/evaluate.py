@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import posixpath
 import tarfile
 from collections import Counter
@@ -135,8 +136,16 @@ def read_model_file(path: str) -> tuple[dict[str, torch.Tensor], ModelConfig, in
         f"no model weights file at {path!r}: pass a run dir, a checkpoints/<tag>/model.pt "
         "or a file written by `kiln export`",
     )
-    with fs.open(fspath, "rb") as f:
-        payload = torch.load(f, map_location="cpu", weights_only=True)
+    try:
+        with fs.open(fspath, "rb") as f:
+            payload = torch.load(f, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+        raise ValueError(
+            f"{path!r} cannot be read as a model file ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}): it is truncated or damaged; "
+            "evaluate another checkpoint (kiln eval RUN_DIR picks the latest complete one) "
+            "or re-export it with `kiln export`"
+        ) from e
     missing = {"model_config", "state_dict", "step"} - set(payload)
     if missing:
         raise ValueError(

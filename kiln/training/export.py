@@ -138,15 +138,21 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig
         from kiln.training.evaluate import read_model_file
 
         return read_model_file(str(p))
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(p), framework="pt") as f:
-        meta: dict[str, Any] = f.metadata() or {}
-        if _META_CONFIG not in meta:
-            raise ValueError(
-                f"{p} has no kiln model config in its metadata: export it with `kiln export`"
-            )
-        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta: dict[str, Any] = f.metadata() or {}
+            if _META_CONFIG not in meta:
+                raise ValueError(
+                    f"{p} has no kiln model config in its metadata: export it with `kiln export`"
+                )
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except SafetensorError as e:
+        raise ValueError(
+            f"{str(p)!r} cannot be read as a model file (SafetensorError: {e}): it is "
+            "truncated or damaged; re-export it with `kiln export`"
+        ) from e
     cfg = ModelConfig.model_validate(json.loads(meta[_META_CONFIG]))
     return state, cfg, int(meta.get(_META_STEP, 0))
 

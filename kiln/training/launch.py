@@ -37,7 +37,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, Field
 
-from kiln.training.checkpoint import check_resumable, latest_checkpoint
+from kiln.training.checkpoint import check_resumable, resume_checkpoint
 from kiln.training.config import TrainConfig
 from kiln.training.data import WebDatasetLoader, dataset_has_text
 from kiln.training.engine import prebuild_comm_ops, set_runtime_env
@@ -113,7 +113,7 @@ def _preflight(cfg: TrainConfig, world: int, run: Path, resume: bool) -> None:
     """Fail in the caller, not in N ranks, when the dataset is missing, too small, or has
     no captions for an objective that reads them, or when the checkpoint to resume was
     trained with another model or ZeRO stage."""
-    tag = latest_checkpoint(run) if resume else None
+    tag = resume_checkpoint(run)[0] if resume else None
     if tag is not None:
         check_resumable(run, tag, zero_stage=cfg.zero.stage, model=cfg.model)
     loader = WebDatasetLoader(

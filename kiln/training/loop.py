@@ -42,8 +42,10 @@ from kiln.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     prepare_resume,
+    resume_checkpoint,
     save_checkpoint,
     seed_everything,
+    set_aside_damaged,
 )
 from kiln.training.config import TrainConfig
 from kiln.training.data import Batch, WebDatasetLoader
@@ -190,7 +192,16 @@ def train_worker(
 
     assert cfg.objective is not None  # TrainConfig fills in the model family's objective
     objective = build_objective(cfg.objective)
-    tag = latest_checkpoint(run) if resume else None
+    tag = None
+    if resume:
+        tag, damaged = resume_checkpoint(run)
+        for bad, reason in damaged:
+            _log(rank, f"skipping damaged checkpoint {bad} ({reason}): set aside as {bad}.damaged")
+        if damaged:
+            dist.barrier()  # every rank has chosen before rank 0 moves folders
+            if rank == 0:
+                set_aside_damaged(run, damaged, tag)
+            dist.barrier()
     if resume and tag is None:
         _log(
             rank,

@@ -130,3 +130,29 @@ def test_bad_starts_fail_before_any_rank_starts(dataset: str, tmp_path: Path) ->
     with pytest.raises(ValueError, match="batch_size"):
         train(huge, str(tmp_path / "other"), num_workers=2, launcher="local")
     assert not (tmp_path / "other" / "logs").exists()  # nothing was launched
+
+
+@pytest.mark.slow
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(
+    dataset: str, tmp_path: Path
+) -> None:
+    """A truncated file in the latest checkpoint (checked against its COMPLETE marker's
+    sizes and hashes): resume skips it, says so, keeps its folder aside, and continues
+    from the previous complete checkpoint exactly as the first attempt ran."""
+    run = tmp_path / "run"
+    cfg = tiny_config(dataset, 2)
+    first = train(
+        cfg.model_copy(update={"stop_after_step": 6}), str(run), num_workers=2, launcher="local"
+    )
+    assert latest_checkpoint(run) == "step_00000006"
+    rng = checkpoints_dir(run) / "step_00000006" / "rng_rank1.pt"
+    rng.write_bytes(rng.read_bytes()[:100])
+
+    resumed = train(cfg, str(run), num_workers=2, launcher="local", resume=True)
+    assert (resumed.resumed_from, resumed.last_step) == (3, MAX_STEPS)
+    assert resumed.losses[:3] == first.losses[3:6]  # steps 4..6 again, bitwise
+    damaged = checkpoints_dir(run) / "step_00000006.damaged"
+    assert (damaged / "rng_rank1.pt").stat().st_size == 100  # kept as it was, for a look
+    log = next((run / "logs").glob("train002-rank0.log")).read_text()
+    assert "skipping damaged checkpoint step_00000006 (rng_rank1.pt is 100 bytes" in log
+    assert latest_checkpoint(run) == f"step_{MAX_STEPS:08d}"

@@ -20,9 +20,11 @@ from kiln.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
+    resume_checkpoint,
     save_checkpoint,
     step_of_tag,
     tag_for_step,
+    verify_checkpoint,
 )
 from kiln.training.config import TrainConfig
 from tests.helpers_training import clip_loss_of
@@ -186,6 +188,16 @@ def test_real_save_commits_after_every_file_and_load_restores(
         )
     assert complete_checkpoints(run) == ["step_00000003", "step_00000004"]
     assert latest_checkpoint(run) == "step_00000004"
+
+    # resume verifies files against COMPLETE: a same-size change is caught by its sha256
+    assert verify_checkpoint(run, "step_00000004") is None
+    rng = checkpoints_dir(run) / "step_00000004" / "rng_rank0.pt"
+    data = bytearray(rng.read_bytes())
+    data[-1] ^= 0xFF
+    rng.write_bytes(bytes(data))
+    reason = verify_checkpoint(run, "step_00000004")
+    assert reason == "rng_rank0.pt changed since it was written (sha256 differs)"
+    assert resume_checkpoint(run) == ("step_00000003", [("step_00000004", reason)])
 
 
 def test_checkpoints_hold_model_pt_only_for_models_up_to_the_limit() -> None:

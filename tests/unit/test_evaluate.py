@@ -249,6 +249,22 @@ def test_load_model_file_errors(tmp_path: Path) -> None:
         load_model_file(str(tmp_path / "bad.pt"))
 
 
+def test_truncated_weights_files_get_a_clear_error(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    model = build_model(CFG)
+    good = save_model_file(str(tmp_path / "model.pt"), model, CFG, step=3)
+    data = Path(good).read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cut\.pt.* truncated or damaged"):
+        load_model_file(str(tmp_path / "cut.pt"))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "m.st")
+    data = (tmp_path / "m.st").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cut\.safetensors.* truncated or damaged"):
+        load_model_file(str(tmp_path / "cut.safetensors"))
+
+
 # --------------------------------------------------------------------------- zero-shot
 
 
