@@ -107,16 +107,20 @@ def test_curate_then_rerun_with_new_threshold(root: Path) -> None:
     assert read_step.stat().st_mtime_ns == before, "the read step was redone, not skipped"
     lower = json.loads((root / "curate" / "status.json").read_text())
     assert lower["samples_out"] < status["samples_out"]
-    # back to the first threshold: same bytes as the first run
-    kiln(*curate_args(root))
-    assert json.loads((root / "curate" / "dataset" / "manifest.json").read_text()) == manifest
+    # (that a rerun gives the same bytes, whatever the parallelism, is test_pipeline's)
 
 
 def test_inspect(root: Path) -> None:
-    out = kiln("inspect", str(root / "curate" / "dataset"), "-n", "2").stdout
-    assert "samples" in out
-    info = json.loads(kiln("inspect", str(root / "curate" / "dataset"), "--json").stdout)
-    assert info
+    dataset = root / "curate" / "dataset"
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    out = kiln("inspect", str(dataset), "-n", "2").stdout
+    assert f"samples     {manifest['num_samples']} in {len(manifest['shards'])} shards" in out
+    info = json.loads(kiln("inspect", str(dataset), "--json").stdout)
+    assert info["num_samples"] == manifest["num_samples"] > 0
+    assert [s["sha256"] for s in info["shards"]] == [s["sha256"] for s in manifest["shards"]]
+    assert len(info["samples"]) == 3  # the default -n
+    assert all(x["uid"] and x["text"] and x["image_bytes"] > 0 for x in info["samples"])
+    assert info["samples"][0]["uid"] in out  # the text view shows the same first samples
 
 
 def test_train_stop_runs_resume_eval(root: Path) -> None:

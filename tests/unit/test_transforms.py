@@ -77,7 +77,8 @@ def test_augmentation_is_a_function_of_seed_epoch_uid() -> None:
     for uid, epoch, seed in others:
         c = image_to_tensor(img, 16, augment=True, rng=sample_rng(seed, epoch, uid))
         assert not torch.equal(a, c), (uid, epoch, seed)
-    assert sample_rng(1, 0, "x").integers(0, 2**62) == sample_rng(1, 0, "x").integers(0, 2**62)
+    # pinned: a change to the seeding would change every augmentation of every saved run
+    assert sample_rng(1, 0, "x").integers(0, 2**62) == 4168703448472968866
 
 
 def test_random_resized_crop_box_bounds() -> None:
