@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterator
 
 __all__ = ["LOOPBACK", "ray_session", "start_ray"]
@@ -22,8 +23,9 @@ def start_ray(
 ) -> bool:
     """Initialise Ray unless it already is; returns True when this call started it.
 
-    `address=None` starts an embedded single-node Ray on loopback; any other value connects
-    to that cluster (kiln never guesses an address). `dashboard=False` starts the embedded
+    `address=None` starts a private single-node Ray on loopback (never one named by
+    RAY_ADDRESS or already running on the machine); any other value connects to that
+    cluster (kiln never guesses an address). Says on stderr which of the two it did. `dashboard=False` starts the embedded
     Ray without its dashboard (about 1 GB and several CPU-seconds less), for work that does
     not use Ray's State API (curation; Ray Train needs it).
     """
@@ -40,9 +42,13 @@ def start_ray(
         ray_constants.ENABLE_RAY_CLUSTER = False
     kwargs: dict[str, object] = {"logging_level": logging.WARNING, "configure_logging": True}
     if address is None:
-        # The dashboard serves Ray's State API, which Ray Train's controller polls (without it
-        # a cleaner actor logs a warning every few seconds); keep it on loopback too.
+        # address="local": a private instance, even when RAY_ADDRESS is set or another Ray
+        # runs on this machine (ray.init(address=None) would join those). The dashboard
+        # serves Ray's State API, which Ray Train's controller polls (without it a cleaner
+        # actor logs a warning every few seconds); keep it on loopback too.
+        _say(f"starting a private Ray on {LOOPBACK} (no address given)")
         ray.init(
+            address="local",
             num_cpus=num_cpus,
             _node_ip_address=LOOPBACK,
             include_dashboard=dashboard,
@@ -57,8 +63,14 @@ def start_ray(
                 "services reachable from the network; unset RAY_ADDRESS / check Ray's version"
             )
     else:
+        _say(f"joining the Ray cluster at {address}")
         ray.init(address=address, **kwargs)  # type: ignore[arg-type]
     return True
+
+
+def _say(message: str) -> None:
+    sys.stderr.write(f"[kiln] {message}\n")
+    sys.stderr.flush()
 
 
 @contextlib.contextmanager

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import psutil
 
@@ -51,3 +54,23 @@ def test_start_ray_leaves_a_running_ray_alone(ray_session: None) -> None:
     with kiln_ray_session():
         assert start_ray() is False  # already up: joined, not restarted
     assert ray.is_initialized(), "a block that did not start Ray must not shut it down"
+
+
+def test_no_address_means_a_private_ray_even_with_ray_address_set(tmp_path: Path) -> None:
+    """RAY_ADDRESS (or another Ray on the machine) must not be joined when the recipe gives
+    no address: the embedded Ray is started fresh, and kiln says which it did. The address
+    here is a closed port, so joining it would fail."""
+    code = (
+        "from kiln.platform.ray_cluster import start_ray; import ray\n"
+        "assert start_ray(num_cpus=1, dashboard=False)\n"
+        "print('gcs', ray.get_runtime_context().gcs_address)\n"
+        "ray.shutdown()\n"
+    )
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[kiln] starting a private Ray on 127.0.0.1" in proc.stderr
+    gcs = next(ln for ln in proc.stdout.splitlines() if ln.startswith("gcs "))
+    assert gcs.split()[1].startswith("127.0.0.1:") and not gcs.endswith(":9")
