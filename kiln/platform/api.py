@@ -8,6 +8,8 @@ the recipe's `ray` section says.
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 import time
 import traceback
 from pathlib import Path
@@ -30,8 +32,8 @@ from kiln.platform.recipes import (
     recipe_hash,
     resolve_paths,
 )
-from kiln.platform.runs import write_status
-from kiln.training.checkpoint import latest_checkpoint, step_of_tag, tag_for_step
+from kiln.platform.runs import read_status, write_status
+from kiln.training.checkpoint_index import latest_checkpoint, step_of_tag, tag_for_step
 from kiln.training.config import TrainConfig
 
 M = TypeVar("M", bound=BaseModel)
@@ -62,20 +64,32 @@ def _start(recipe: J, **fields: Any) -> tuple[J, Path]:
     run = Path(recipe.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     dump_recipe(recipe, run / "recipe.yaml")
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    previous: dict[str, Any] = read_status(run) if fields.get("resumed") else {}
+    attempt = {"started": now, "pid": os.getpid(), "host": socket.gethostname()}
     write_status(
         run,
         "running",
         kind=recipe.kind,
         name=recipe.name,
         recipe_hash=recipe_hash(recipe),
-        started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        started=previous.get("started") or now,  # a resume continues the run it resumes
+        attempts=[*previous.get("attempts", []), attempt],
         error=None,
+        traceback=None,
         **fields,
     )
     return recipe, run
 
 
 def _failed(run: Path, exc: BaseException) -> None:
+    """Record how a job ended early: `interrupted` for Ctrl-C / a stop signal (nothing is
+    wrong; `kiln resume` continues a train run), `failed` with the error otherwise."""
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        kind = read_status(run).get("kind")
+        hint = f"; resume with `kiln resume {run}`" if kind == "train" else ""
+        write_status(run, "interrupted", error=f"interrupted ({type(exc).__name__}){hint}")
+        return
     write_status(
         run,
         "failed",
@@ -222,7 +236,7 @@ def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
     except BaseException as e:
         _failed(run, e)
         raise
-    write_status(run, "completed")
+    write_status(run, "completed", eval=result)
     return result
 
 

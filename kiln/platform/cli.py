@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ru = sub.add_parser("runs", help="list runs under a folder with status and checkpoints")
     ru.add_argument("root", nargs="?", default="runs")
+    ru.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     m = sub.add_parser("model", help="model flavors: list them, or show one's size and FLOPs")
     msub = m.add_subparsers(dest="model_verb", required=True, metavar="ACTION")
@@ -166,6 +167,15 @@ def _print_result(result: Any) -> None:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.verb == "runs":  # before importing the API: listing runs stays under a second
+        from kiln.platform.runs import format_runs, list_runs
+
+        runs = list_runs(args.root)
+        if args.json:
+            print(json.dumps([r.model_dump(mode="json") for r in runs], indent=2))
+        else:
+            print(format_runs(runs))
+        return 0
     from kiln.platform import api
     from kiln.platform.recipes import RecipeError, load_recipe
 
@@ -209,11 +219,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         state, cfg, step = load_weights(path)
         params = sum(t.numel() for t in state.values())
         print(f"exported {cfg.flavor} at step {step} ({params:,} values) to {path}")
-        return 0
-    if args.verb == "runs":
-        from kiln.platform.runs import format_runs, list_runs
-
-        print(format_runs(list_runs(args.root)))
         return 0
     if args.verb == "metadata":
         from kiln.data_curation.metadata_build import MetadataCaps, build_metadata
@@ -294,6 +299,18 @@ def _root_cause(e: BaseException) -> BaseException:
     return e
 
 
+def _interrupted_run_dir(args: argparse.Namespace) -> str | None:
+    """The run dir of an interrupted `kiln train` (its status says how to resume)."""
+    if args.verb != "train":
+        return None
+    from kiln.platform.recipes import load_recipe
+
+    try:
+        return str(load_recipe(args.recipe, list(args.overrides)).run_dir)
+    except Exception:
+        return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `kiln` console script."""
     args = build_parser().parse_args(argv)
@@ -306,7 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
-        print(f"kiln {args.verb}: interrupted", file=sys.stderr)
+        run_dir = getattr(args, "run_dir", None) or _interrupted_run_dir(args)
+        hint = f"; resume with `kiln resume {run_dir}`" if run_dir else ""
+        print(f"kiln {args.verb}: interrupted{hint}", file=sys.stderr)
         return 130
 
 

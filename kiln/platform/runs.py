@@ -17,10 +17,11 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from kiln.platform.tables import format_table
-from kiln.training.checkpoint import latest_checkpoint
+from kiln.training.checkpoint_index import latest_checkpoint
 
 __all__ = [
     "RunInfo",
+    "eval_headline",
     "format_runs",
     "last_metrics",
     "list_runs",
@@ -28,7 +29,7 @@ __all__ = [
     "write_status",
 ]
 
-RunState = Literal["running", "completed", "stopped", "failed"]
+RunState = Literal["running", "completed", "stopped", "failed", "interrupted"]
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -83,7 +84,7 @@ def last_metrics(run_dir: str | Path) -> dict[str, Any] | None:
 
 
 class RunInfo(BaseModel):
-    """One row of `kiln runs`."""
+    """One row of `kiln runs` (`kiln runs --json` prints these)."""
 
     path: str
     name: str
@@ -91,9 +92,34 @@ class RunInfo(BaseModel):
     state: str
     last_step: int | None = None
     max_steps: int | None = None
+    loss: float | None = None
+    eval: str = ""
     latest_checkpoint: str | None = None
+    started: str | None = None
     updated: str | None = None
+    attempts: int = 0
+    error: str | None = None
     summary: str = ""
+
+
+def eval_headline(report: dict[str, Any] | None) -> str:
+    """One line of an evaluation report: zero-shot top-1 per task (with chance) and
+    retrieval recall@1 each way; "" when there is none."""
+    if not isinstance(report, dict):
+        return ""
+    parts = []
+    for task, res in sorted((report.get("zero_shot") or {}).items()):
+        if isinstance(res, dict) and "top1" in res:
+            parts.append(f"{task} top1 {res['top1']:.3f} (chance {res.get('chance', 0):.3f})")
+    retrieval = report.get("retrieval") or {}
+    for way, short in (("image_to_text", "i2t"), ("text_to_image", "t2i")):
+        r1 = (retrieval.get(way) or {}).get("recall@1")
+        if r1 is not None:
+            parts.append(f"{short} R@1 {r1:.3f}")
+    for name, res in sorted((report.get("probe") or {}).items()):
+        if isinstance(res, dict):
+            parts += [f"{name} {k} {v:.3f}" for k, v in sorted(res.items()) if isinstance(v, float)]
+    return ", ".join(parts)
 
 
 def _run_info(run: Path) -> RunInfo:
@@ -102,20 +128,26 @@ def _run_info(run: Path) -> RunInfo:
     name = str(status.get("name", run.name))
     metrics = last_metrics(run)
     last_step = metrics.get("step") if metrics else status.get("last_step")
+    loss = metrics.get("loss") if metrics else None
     summary = ""
     if kind == "curate" and "samples_out" in status:
         summary = f"{status.get('samples_in')} in -> {status['samples_out']} kept"
-    elif kind == "eval" and status.get("headline"):
-        summary = str(status["headline"])
+    state = str(status.get("state", "unknown"))
+    error = status.get("error") if state in ("failed", "interrupted", "unknown") else None
     return RunInfo(
         path=str(run),
         name=name,
         kind=kind,
-        state=str(status.get("state", "unknown")),
+        state=state,
         last_step=last_step if isinstance(last_step, int) else None,
         max_steps=status.get("max_steps"),
+        loss=loss if isinstance(loss, (int, float)) else None,
+        eval=eval_headline(status.get("eval")),
         latest_checkpoint=latest_checkpoint(run),
+        started=status.get("started"),
         updated=status.get("updated"),
+        attempts=len(status.get("attempts") or []),
+        error=str(error) if error else None,
         summary=summary,
     )
 
@@ -131,8 +163,13 @@ def list_runs(root: str | Path) -> list[RunInfo]:
     return infos
 
 
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def format_runs(runs: list[RunInfo]) -> str:
-    """A plain-text table of runs for the terminal."""
+    """A plain-text table of runs for the terminal; NOTE is the curation summary, or the
+    error of a failed or interrupted run."""
     if not runs:
         return "no runs found"
     rows = []
@@ -140,6 +177,12 @@ def format_runs(runs: list[RunInfo]) -> str:
         step = None
         if r.last_step is not None:
             step = f"{r.last_step}/{r.max_steps}" if r.max_steps else str(r.last_step)
-        rows.append((r.path, r.kind, r.state, step, r.latest_checkpoint, r.updated, r.summary))
-    header = ("RUN", "KIND", "STATE", "STEP", "LATEST CKPT", "UPDATED", "NOTE")
+        loss = f"{r.loss:.4f}" if r.loss is not None else None
+        note = r.error or r.summary
+        if len(note) > 60:
+            note = note[:57] + "..."
+        rows.append(
+            (r.path, r.kind, r.state, step, loss, r.eval, r.latest_checkpoint, r.updated, note)
+        )
+    header = ("RUN", "KIND", "STATE", "STEP", "LOSS", "EVAL", "LATEST CKPT", "UPDATED", "NOTE")
     return format_table(header, rows)

@@ -378,10 +378,47 @@ def _launch_ray(
             failure_config=FailureConfig(max_failures=0),
         ),
     )
+    _fit_interruptibly(trainer)
+
+
+def _fit_interruptibly(trainer: Any) -> None:
+    """`trainer.fit()`, with Ctrl-C (SIGINT) ending it as a KeyboardInterrupt.
+
+    Ray Train installs its own SIGINT handler during fit(): it aborts the run's controller,
+    and the driver then exits with status 1 as if the run had failed. Kiln's handler aborts
+    the controller the same way but remembers why, so the caller records `interrupted` and
+    the CLI exits 130.
+    """
+    import ray
+
+    interrupted = threading.Event()
+
+    def register(controller: Any) -> None:
+        def on_sigint(signum: int, frame: Any) -> None:
+            if interrupted.is_set():  # a second Ctrl-C: stop waiting for the abort
+                raise KeyboardInterrupt
+            interrupted.set()
+            with contextlib.suppress(Exception):
+                ray.get(controller.abort.remote(), timeout=60)
+
+        signal.signal(signal.SIGINT, on_sigint)
+
+    if hasattr(trainer, "_register_sigint_handler"):
+        trainer._register_sigint_handler = register
+    previous = signal.getsignal(signal.SIGINT)
     try:
         trainer.fit()
+    except KeyboardInterrupt:
+        raise
     except Exception as e:
+        if interrupted.is_set():
+            raise KeyboardInterrupt from e
         raise TrainLaunchError(f"Ray Train run failed: {type(e).__name__}: {e}") from e
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous)
+    if interrupted.is_set():
+        raise KeyboardInterrupt
 
 
 # --------------------------------------------------------------------------- rank entry point

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -133,9 +134,11 @@ def test_train_stop_runs_resume_eval(root: Path) -> None:
     line = next(ln for ln in listing.splitlines() if str(run) in ln)
     assert "stopped" in line and "3/6" in line
 
+    first_started = json.loads((run / "status.json").read_text())["started"]
     kiln("resume", str(run))
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "completed" and status["last_step"] == 6
+    assert status["started"] == first_started and len(status["attempts"]) == 2
     steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
     again = kiln("resume", str(run)).stdout
@@ -159,6 +162,44 @@ def test_train_stop_runs_resume_eval(root: Path) -> None:
     result = json.loads((root / "eval" / "eval.json").read_text())
     assert set(result["zero_shot"]) == {"color", "shape"}
     assert "zero-shot" in kiln("eval", str(run)).stdout
+
+    runs = {r["path"]: r for r in json.loads(kiln("runs", str(root), "--json").stdout)}
+    assert (
+        runs[str(run)]["loss"]
+        == json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
+    )
+    assert runs[str(root / "eval")]["eval"].startswith("color top1 ")
+    assert runs[str(root / "eval")]["state"] == "completed"
+
+
+def test_ctrl_c_is_an_interruption_not_a_failure(root: Path) -> None:
+    """SIGINT to a real `kiln train` (Ray launcher) mid-training: exit 130, status
+    `interrupted` with the resume command, no traceback."""
+    run = root / "interrupted"
+    args = [*train_args(root), "--set", f"run_dir={run}", "--set", "max_steps=100000"]
+    args += ["--set", "stop_after_step=null", "--set", "eval.zero_shot=null"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    err_path = root / "interrupted.stderr"
+    with open(err_path, "w") as err_file:  # a file, not a pipe: Ray's stderr must not block
+        proc = subprocess.Popen(
+            [*KILN, *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err_file, text=True
+        )
+        assert proc.stdout is not None
+        seen = []
+        for line in proc.stdout:  # wait until training runs (Ray prefixes the workers' lines)
+            seen.append(line)
+            if "[kiln] step " in line:
+                break
+        else:
+            raise AssertionError("training never started:\n" + "".join(seen))
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    err = err_path.read_text()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "Traceback" not in out
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "interrupted"
+    assert f"kiln resume {run}" in status["error"] and f"kiln resume {run}" in err
 
 
 def test_recipe_typo_is_a_clear_error(root: Path) -> None:
