@@ -40,6 +40,7 @@ M = TypeVar("M", bound=BaseModel)
 J = TypeVar("J", CurateRecipe, TrainRecipe, EvalRecipe)
 
 __all__ = [
+    "curate",
     "eval_run_dir",
     "export",
     "resolve_model_file",
@@ -49,6 +50,7 @@ __all__ = [
     "run_job",
     "run_recipe",
     "run_train",
+    "train",
 ]
 
 
@@ -265,3 +267,41 @@ def run_job(recipe: CurateRecipe | TrainRecipe | EvalRecipe, *, resume: bool = F
 def run_recipe(path: str, overrides: list[str] | None = None, *, resume: bool = False) -> Any:
     """Load a recipe file and run it."""
     return run_job(load_recipe(path, overrides), resume=resume)
+
+
+def _recipe_of(
+    recipe: str | Path | dict[str, Any] | CurateRecipe | TrainRecipe | EvalRecipe,
+    overrides: list[str] | None,
+    kind: str,
+) -> Any:
+    if isinstance(recipe, (str, Path)):
+        loaded = load_recipe(recipe, overrides)
+    elif isinstance(recipe, dict):
+        loaded = parse_recipe(apply_overrides(recipe, overrides or []))
+    else:
+        loaded = parse_recipe(
+            apply_overrides(recipe.model_dump(mode="json"), overrides or []), source=recipe.name
+        )
+    if loaded.kind != kind:
+        raise RecipeError(
+            f"this is a `kind: {loaded.kind}` recipe: run it with kiln.{loaded.kind}(...)"
+        )
+    return loaded
+
+
+def curate(
+    recipe: str | Path | dict[str, Any] | CurateRecipe, overrides: list[str] | None = None
+) -> Any:
+    """`kiln curate` from Python: a recipe file, dict or object (plus `a.b=c` overrides)
+    -> its CurationResult (counts per step and drop reason, the dataset's folder)."""
+    return run_curate(_recipe_of(recipe, overrides, "curate"))
+
+
+def train(
+    recipe: str | Path | dict[str, Any] | TrainRecipe,
+    overrides: list[str] | None = None,
+    *,
+    resume: bool = False,
+) -> Any:
+    """`kiln train` (or, with `resume`, `kiln resume`) from Python -> its TrainSummary."""
+    return run_train(_recipe_of(recipe, overrides, "train"), resume=resume)

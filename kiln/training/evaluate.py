@@ -252,7 +252,8 @@ def iter_samples(dataset_dir: str) -> Iterator[tuple[str, str, dict[str, bytes]]
             yield url, current.key, current.members
 
 
-def _image_bytes(members: Mapping[str, bytes]) -> bytes | None:
+def image_member(members: Mapping[str, bytes]) -> bytes | None:
+    """The encoded image of a sample's members (the first of jpg, jpeg, png, webp)."""
     for ext in _IMAGE_EXTS:
         if ext in members:
             return members[ext]
@@ -310,7 +311,7 @@ def _embed_dataset(
             images.clear()
 
     for _url, key, members in iter_samples(dataset_dir):
-        data = _image_bytes(members)
+        data = image_member(members)
         if data is None:
             skipped["missing_image"] += 1
             continue
@@ -668,7 +669,7 @@ def caption_samples(
     rows: list[dict[str, str]] = []
     images: list[torch.Tensor] = []
     for _url, key, members in iter_samples(dataset_dir):
-        data = _image_bytes(members)
+        data = image_member(members)
         if data is None:
             continue
         try:

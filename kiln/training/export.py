@@ -8,8 +8,8 @@ memory and minutes of I/O. `consolidate` rebuilds the full fp32 weights from Dee
 files offline, on CPU, without a process group (DeepSpeed's own ``zero_to_fp32`` logic for
 ZeRO 1-3; the module states for ZeRO-0), and `export_model` writes them as safetensors
 (with the model config and step in its metadata) or as a kiln ``model.pt``.
-`load_model` turns any of these -- a run directory, a checkpoint folder, a ``model.pt`` or
-an exported ``.safetensors`` -- into a model ready for ``encode_image`` / ``encode_text``.
+`resolve_weights` finds the weights file of a run directory, a checkpoint folder, a
+``model.pt`` or an exported ``.safetensors`` (`kiln.inference.load_model` builds on it).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import nn
 
 from kiln.models.config import ModelConfig
 from kiln.training.checkpoint import (
@@ -40,7 +39,6 @@ __all__ = [
     "MODEL_FILE",
     "consolidate",
     "export_model",
-    "load_model",
     "load_weights",
     "resolve_weights",
 ]
@@ -182,15 +180,3 @@ def resolve_weights(source: str | Path, *, step: int | None = None) -> Path:
     if not out.is_file():
         export_model(run, out, step=step_of_tag(tag_dir.name))
     return out
-
-
-def load_model(source: str | Path, *, step: int | None = None) -> nn.Module:
-    """The trained model of `source` (a train run dir -- its latest checkpoint, or `step`
-    --, a checkpoint folder, a ``model.pt`` or an exported ``.safetensors``), in eval mode
-    on CPU: ``encode_image(images)`` / ``encode_text(tokens)`` (and ``generate`` for CoCa).
-    Its config is ``model.cfg``."""
-    from kiln.training.evaluate import load_model_file
-
-    model, cfg, _ = load_model_file(str(resolve_weights(source, step=step)))
-    object.__setattr__(model, "cfg", cfg)  # plain attribute: not a parameter or module
-    return model

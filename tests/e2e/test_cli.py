@@ -249,3 +249,22 @@ def test_output_into_a_closed_pipe_is_not_an_error(root: Path) -> None:
     )
     proc = subprocess.run(["bash", "-c", cmd], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_readme_python_api_example_runs(root: Path) -> None:
+    """The README's Python API block, run as written with its two paths pointed at this
+    module's curated dataset and trained run."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- python-api-example -->", 1)[1].split("```python\n", 1)[1]
+    code = block.split("```", 1)[0]
+    assert "runs/quickstart/train" in code and "runs/quickstart/curate/dataset" in code
+    code = code.replace("runs/quickstart/curate/dataset", str(root / "curate" / "dataset"))
+    code = code.replace("runs/quickstart/train", str(root / "train"))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    count, *_ = proc.stdout.split()
+    manifest = json.loads((root / "curate" / "dataset" / "manifest.json").read_text())
+    assert int(count) == manifest["num_samples"]
+    assert "torch.Size([1, " in proc.stdout and "torch.Size([2, " in proc.stdout

@@ -16,11 +16,12 @@ import pytest
 import torch
 
 import kiln
+from kiln.inference import load_model
 from kiln.training import train
 from kiln.training.checkpoint import checkpoints_dir, read_complete_marker
 from kiln.training.config import TrainConfig
 from kiln.training.evaluate import read_model_file
-from kiln.training.export import consolidate, export_model, load_model, load_weights
+from kiln.training.export import consolidate, export_model, load_weights
 from tests.helpers_datasets import write_tiny_dataset
 from tests.helpers_training import TINY_MODEL
 
@@ -100,7 +101,7 @@ def test_export_and_load_model(run: Path, tmp_path: Path) -> None:
         for m in (from_file, from_run):
             assert torch.equal(m.encode_image(images), ref_i)
             assert torch.equal(m.encode_text(tokens), ref_t)
-    assert from_run.cfg == cfg and not from_run.training
+    assert from_run.cfg == cfg and from_run.step == STEPS and not from_run.module.training
 
 
 def test_a_checkpoint_without_model_file_is_exported_on_demand(
