@@ -99,7 +99,7 @@ __all__ = [
 logger = logging.getLogger("kiln.curation")
 
 #: Bump when the runner's outputs change for the same plan: invalidates every marker.
-RUNNER_VERSION = 5
+RUNNER_VERSION = 6
 SUCCESS_MARKER = "_SUCCESS"
 _STEP_MARKER = "_STEP.json"
 _KEY = "_key"
@@ -390,13 +390,17 @@ def _finish(job: _Job, phase: str, index: int, result: dict[str, Any]) -> dict[s
 
 
 def _task_read(job: _Job, index: int, item: dict[str, Any]) -> dict[str, Any]:
+    """Read one input file (or row groups of one): kept rows to the part, the rows the reader
+    could not use to rejects (counted by reason), images to the task's blob file. At most
+    `item["max_rows"]` rows when given (`input.limit` cutting this task), else `cfg.limit`."""
     from kiln.data_curation.config import InputConfig
 
     cfg = InputConfig.model_validate(job.config)
-    out = _Out(job.part(index), None, None)
+    out = _Out(job.part(index), job.rejects(index), None)
     blobs = BlobWriter(job.blobs(index))
     row_groups = tuple(item["row_groups"]) if item.get("row_groups") else None
-    for table in read_file(item["path"], cfg, cfg.limit, row_groups=row_groups):
+    max_rows = item.get("max_rows", cfg.limit)
+    for table in read_file(item["path"], cfg, max_rows, row_groups=row_groups):
         out.add(split_images(table, blobs), table.num_rows)
     blobs.close()
     return _finish(job, "read", index, out.close())
@@ -886,7 +890,7 @@ class _Runner:
         def body(job: _Job) -> tuple[dict[str, Any], int, int]:
             results, reused = self.executor.run("read", job, items, label="read")
             if input_cfg.limit is not None:
-                results = self.apply_limit(job, results, input_cfg.limit)
+                results = self.apply_limit(job, items, results, input_cfg.limit)
             return _sum_stats(results), len(items), reused
 
         return self.step(
@@ -899,26 +903,25 @@ class _Runner:
         )
 
     def apply_limit(
-        self, job: _Job, results: list[dict[str, Any]], limit: int
+        self, job: _Job, items: list[dict[str, Any]], results: list[dict[str, Any]], limit: int
     ) -> list[dict[str, Any]]:
-        """Keep the first `limit` rows in input order: cut the part that crosses the limit,
-        delete the parts after it (idempotent: a rerun cuts to the same rows)."""
+        """Keep the first `limit` rows read, in input order (rows the reader dropped count
+        too): the task that crosses the limit is read again up to it (in the driver: a
+        handful of rows), the tasks after it are emptied. Idempotent: the cut task's marker
+        holds its cut result, so a rerun finds nothing left to cut."""
         seen = 0
         out = []
         for i, r in enumerate(results):
-            keep = max(0, min(r["rows_out"], limit - seen))
-            if keep < r["rows_out"]:
-                url = job.part(i)
-                if keep == 0:
-                    storage.remove(url)
-                elif storage.exists(url):
-                    table = _read_table(url)
-                    if table.num_rows > keep:
-                        w = _Parquet(url)
-                        w.write(table.slice(0, keep))
-                        w.close()
+            keep = max(0, min(r["rows_in"], limit - seen))
+            if keep == 0 and r["rows_in"]:
+                for url in (job.part(i), job.blobs(i), job.rejects(i)):
+                    if url:
+                        storage.remove(url)
+                r = {"rows_in": 0, "rows_out": 0, "dropped": {}}
+            elif keep < r["rows_in"]:
+                r = _task_read(job, i, {**items[i], "max_rows": keep})
             seen += keep
-            out.append({"rows_in": keep, "rows_out": keep, "dropped": {}})
+            out.append(r)
         return out
 
     # ---- the plan's stages
@@ -1171,7 +1174,7 @@ def _totals(plan: list[PlanStep], steps: dict[str, StepStats]) -> dict[str, Any]
         if p.stage.kind == "keyed":
             deduped += sum(s.dropped.values())
     return {
-        "samples_in": steps["read"].rows_out,
+        "samples_in": steps["read"].rows_in,
         "dropped_by_reason": dict(sorted(dropped.items())),
         "matched": matched,
         "kept_after_balance": kept,
