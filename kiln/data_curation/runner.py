@@ -74,6 +74,7 @@ from kiln.data_curation.executors import (
     local_workers,
 )
 from kiln.data_curation.plan import PlanStep, step_names
+from kiln.data_curation.read_fingerprint import read_fingerprint
 from kiln.data_curation.readers import absolute_url, effective_input, input_files, read_file
 from kiln.data_curation.shard import (
     ENCODE_ROWS,
@@ -897,7 +898,7 @@ class _Runner:
             "read",
             "read",
             input_cfg.model_dump(mode="json"),
-            {"files": _file_identity(self.files)},
+            read_fingerprint(input_cfg, self.files, progress=_fingerprint_progress),
             body,
             layout={"rows_per_task": self.exe.rows_per_task},
         )
@@ -1147,15 +1148,10 @@ def _manifest_matches(dataset_dir: str, recipe: dict[str, Any]) -> bool:
     return manifest.recipe_hash == json_sha256(recipe)
 
 
-def _file_identity(files: list[str]) -> list[list[Any]]:
-    """(path, size, mtime) per input file: a changed input invalidates the read step."""
-    out: list[list[Any]] = []
-    for f in files:
-        fs, path = fsspec.core.url_to_fs(f)
-        info = fs.info(path)
-        mtime = info.get("mtime", info.get("LastModified", info.get("updated")))
-        out.append([f, info.get("size"), str(mtime) if mtime is not None else None])
-    return out
+def _fingerprint_progress(files: int, seconds: float) -> None:
+    logger.info(
+        "step read: fingerprinting input.image_dir: %d files so far (%.0fs)", files, seconds
+    )
 
 
 def _totals(plan: list[PlanStep], steps: dict[str, StepStats]) -> dict[str, Any]:
@@ -1205,6 +1201,7 @@ def run_curation(
     *,
     name: str = "",
     recipe: dict[str, Any] | None = None,
+    fresh: bool = False,
 ) -> CurationResult:
     """Run (or resume) the curation plan of `cfg` in `run_dir`.
 
@@ -1213,7 +1210,8 @@ def run_curation(
     a stage needs GPUs, else local). Returns the `CurationResult` and writes it to
     `{run_dir}/curation_stats.json`; the dataset (shards + manifest) goes to
     `cfg.shard.output` or `{run_dir}/dataset`. `recipe` is recorded in the manifest
-    (default: `cfg` itself).
+    (default: `cfg` itself). `fresh` redoes every step, whatever the markers say (for
+    inputs whose changes the read fingerprint cannot see, `kiln.data_curation.read_fingerprint`).
     """
     start = time.perf_counter()
     recipe = recipe if recipe is not None else cfg.model_dump(mode="json")
@@ -1224,6 +1222,9 @@ def run_curation(
     r = _Runner(cfg, run_dir, name, recipe, make_executor(cfg, plan))
     r.checks = checks
     r.files = files
+    if fresh:
+        for folder in ("steps", "rejects"):
+            storage.remove(f"{r.run_dir}/{folder}")
     try:
         return _run_plan(r, cfg, plan, start)
     finally:
