@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -21,6 +22,7 @@ __all__ = [
     "AtomicFile",
     "atomic_write",
     "exists",
+    "file_identity",
     "file_version",
     "fs_path",
     "is_local",
@@ -29,6 +31,7 @@ __all__ = [
     "parquet_metadata",
     "read_json",
     "remove",
+    "stat_identity",
     "write_json",
 ]
 
@@ -144,13 +147,51 @@ def _parquet_metadata(url: str, size: Any, mtime: Any) -> pq.FileMetaData:
         return pf.metadata
 
 
-def file_version(url: str) -> tuple[Any, str]:
-    """(size, modification time) of file `url`: what caches of a file's contents key on, so
-    a file rewritten under the same name is read again."""
+#: What fsspec filesystems report that changes with a file's contents (object stores:
+#: ETag, generation, md5 / crc32c, version id; others: the modification time).
+_VERSION_KEYS = (
+    "ETag",
+    "etag",
+    "generation",
+    "md5Hash",
+    "crc32c",
+    "VersionId",
+    "version_id",
+    "mtime",
+    "LastModified",
+    "last_modified",
+    "updated",
+    "created",
+)
+
+
+def stat_identity(st: os.stat_result) -> list[Any]:
+    """`file_identity` of a local file from its `os.stat` result."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def file_identity(url: str, info: dict[str, Any] | None = None) -> list[Any]:
+    """What tells one version of file `url` from another without reading it: `[size, ...]`.
+
+    A local file: `[size, mtime_ns, ctime_ns, inode]` (the file itself, links followed).
+    mtime alone can lie -- `cp -p`, `rsync -t` and `touch -d` set it back after changing the
+    contents -- but ctime is set by the kernel on every write and cannot be set back, and a
+    copy renamed into place has a new inode. Other filesystems: the size plus the version
+    fields fsspec reports (ETag, generation, md5, version id, modification time), as text;
+    `info` (what `fs.info` / `fs.find(detail=True)` gave for it) saves asking again.
+    """
     fs, path = fs_path(url)
-    info = fs.info(path)
-    mtime = info.get("mtime", info.get("LastModified", info.get("updated")))
-    return info.get("size"), str(mtime)
+    if is_local(fs):
+        return stat_identity(os.stat(path))
+    info = info if info is not None else fs.info(path)
+    return [info.get("size"), *(f"{k}={info[k]}" for k in _VERSION_KEYS if k in info)]
+
+
+def file_version(url: str) -> tuple[Any, str]:
+    """(size, the rest of `file_identity`) of file `url`: what caches of a file's contents
+    key on, so a file rewritten under the same name is read again."""
+    identity = file_identity(url)
+    return identity[0], json.dumps(identity[1:], default=str)
 
 
 def parquet_metadata(url: str) -> pq.FileMetaData:

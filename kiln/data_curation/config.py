@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import fsspec
 from pydantic import Field, field_validator, model_validator
 
 from kiln.contracts import StrictModel
@@ -32,6 +33,7 @@ __all__ = [
     "TextConfig",
     "TextSection",
     "default_plan_specs",
+    "missing_folder",
 ]
 
 
@@ -64,6 +66,18 @@ class InputConfig(StrictModel):
         default=None, description="csv/jsonl: folder the image_path_column is relative to"
     )
     image_path_column: str | None = None
+    allow_absolute_image_paths: bool = Field(
+        default=False,
+        description="let image_path_column hold absolute paths (on image_dir's filesystem); "
+        "by default a path must lead inside image_dir, and absolute paths, '..' escapes and "
+        "URLs drop the row as image_path_outside_dir",
+    )
+    max_member_bytes: int = Field(
+        default=64 << 20,
+        ge=1,
+        description="webdataset: largest tar member kept, after .gz decompression; a sample "
+        "with a bigger member is dropped as member_too_large (bounds what one member costs)",
+    )
     synthetic: SyntheticPoolConfig = Field(default_factory=SyntheticPoolConfig)
     limit: int | None = Field(default=None, ge=1, description="read at most this many rows")
 
@@ -79,7 +93,30 @@ class InputConfig(StrictModel):
                 "input.image_path_column is set but input.image_dir is not: "
                 "set input.image_dir to the folder the image paths are relative to"
             )
+        if self.image_dir and self.format != "synthetic":
+            missing = missing_folder(self.image_dir, local_only=True)
+            if missing:
+                raise ValueError(missing)
         return self
+
+
+def missing_folder(image_dir: str, *, local_only: bool = False) -> str | None:
+    """The error for an `input.image_dir` that is not a folder (None when it is one).
+
+    `local_only` checks only local paths (what recipe validation does: no network there);
+    the runner checks every URL before the read step starts.
+    """
+    fs, path = fsspec.core.url_to_fs(image_dir)
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    if local_only and not {"file", "local"} & set(protocols):
+        return None
+    if fs.isdir(path):
+        return None
+    what = "is a file, not a folder" if fs.exists(path) else "does not exist"
+    return (
+        f"input.image_dir={image_dir!r} {what}: set it to the folder the paths in "
+        "input.image_path_column are relative to (relative: to the directory kiln runs in)"
+    )
 
 
 class TextSection(TextConfig):
@@ -157,6 +194,7 @@ class CurationConfig(StrictModel):
     `resources:`, and the stage's own settings. Without `stages`, the default MetaCLIP plan
     runs -- text, text_dedup, metaclip_match, metaclip_balance, image, image_dedup -- set by
     the sections `text`, `match`, `balance` and `image` (the form recipes had before plans).
+    With `input.uid_column` set, a `uid_dedup` step runs first (uids must be unique).
     """
 
     input: InputConfig
@@ -190,7 +228,17 @@ class CurationConfig(StrictModel):
         return self
 
     def plan_specs(self) -> list[dict[str, Any]]:
-        """The `stages:` list this config runs (the default plan when it has none)."""
+        """The `stages:` list this config runs (the default plan when it has none), with
+        `uid_dedup` first when `input.uid_column` is set and the list does not name it."""
+        specs = self._listed_specs()
+        uids_given = self.input.uid_column is not None and self.input.format != "synthetic"
+        if uids_given and not any(
+            isinstance(s, dict) and s.get("stage") == "uid_dedup" for s in specs
+        ):
+            specs.insert(0, {"stage": "uid_dedup"})
+        return specs
+
+    def _listed_specs(self) -> list[dict[str, Any]]:
         legacy = {k: getattr(self, k) for k in ("text", "match", "balance", "image")}
         if self.stages is not None:
             given = [k for k, v in legacy.items() if v is not None]

@@ -56,6 +56,8 @@ def _describe(where: str, error: Any, model: type[BaseModel]) -> str:
         return f"{where}: unknown field {loc!r}: {hint}"
     if error["type"] == "missing":
         return f"{where}: field {loc!r} is required: add it to the stage's entry"
+    if error["type"] == "value_error" and not loc:  # a check across fields
+        return f"{where}: {str(error['msg']).removeprefix('Value error, ')}"
     value = json.dumps(error.get("input"), default=str)
     if len(value) > 60:
         value = value[:57] + "..."

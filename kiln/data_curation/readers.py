@@ -1,11 +1,20 @@
 """Readers: a raw image-text pool on any fsspec URL -> a Ray Dataset of sample rows.
 
 Every format lands in the same row shape, `READ_SCHEMA`: the columns of
-`kiln.contracts.SAMPLE_SCHEMA` plus `source_row` (the row's position in its file), so a row can
-always be traced back to where it came from and ties between identical rows break on a total
-order that does not depend on execution. Reading never drops a row: a caption that is not a
-string becomes null (the text stage counts it as `empty_text`), an image file that is missing
-becomes a null image (the image stage counts it as `missing_image`).
+`kiln.contracts.SAMPLE_SCHEMA` plus `source_row` (the row's position in its file, from 0) and
+`drop_reason`, so a row can always be traced back to where it came from and ties between
+identical rows break on a total order that does not depend on execution.
+
+Reading loses no row silently. A row the reader cannot use comes out with a `drop_reason` (the
+read step counts it and writes it to `rejects/read/`): `bad_encoding` (a caption, url, uid or
+image path that is not UTF-8), `csv_extra_fields` (more fields than the header: an unquoted
+comma), `image_path_outside_dir` (an image path that is a URL, absolute, or leads out of
+`input.image_dir`), `link_only_sample` and `member_too_large` (WebDataset). Everything else
+is left to the stages: a caption that is not a string becomes null (`empty_text`), a missing
+image file a null image (`missing_image`), a 1 MB caption a long one (`text_too_long`).
+What cannot be counted row by row is an error naming the file (and the row): a tar cut short
+(no end-of-archive marker), a sample whose members are split by another sample, broken csv
+quoting, a line that is not JSON, a uid from `input.uid_column` that cannot name a sample.
 
 Reading is deterministic: input files are expanded and sorted once in the driver, each file is
 read by one task in file order, and the dataset preserves that order, so `limit` always keeps
@@ -15,11 +24,12 @@ the same first rows.
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 import logging
+import posixpath
 import re
 import tarfile
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, Any
 
@@ -27,11 +37,17 @@ import fsspec
 import pyarrow as pa
 
 from kiln import storage
-from kiln.contracts import SAMPLE_SCHEMA, make_uid
-from kiln.data_curation.config import InputConfig
+from kiln.contracts import SAMPLE_SCHEMA, make_uid, register_drop_reason
+from kiln.data_curation.config import InputConfig, missing_folder
+from kiln.data_curation.shard import uid_problem
 
 __all__ = [
+    "BAD_ENCODING",
+    "CSV_EXTRA_FIELDS",
     "FORMAT_SUFFIXES",
+    "IMAGE_PATH_OUTSIDE_DIR",
+    "LINK_ONLY_SAMPLE",
+    "MEMBER_TOO_LARGE",
     "READ_SCHEMA",
     "WDS_IMAGE_EXTENSIONS",
     "WDS_KEY_COLUMN",
@@ -45,8 +61,36 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: What every reader yields: the sample schema plus the row's index inside its source file.
-READ_SCHEMA = SAMPLE_SCHEMA.append(pa.field("source_row", pa.int64(), nullable=False))
+#: What every reader yields: the sample schema, the row's index inside its source file, and
+#: why the reader could not use the row (null: it could).
+READ_SCHEMA = SAMPLE_SCHEMA.append(pa.field("source_row", pa.int64(), nullable=False)).append(
+    pa.field("drop_reason", pa.string())
+)
+
+BAD_ENCODING = register_drop_reason(
+    "bad_encoding",
+    "the caption, url, uid or image path is not valid UTF-8 (csv, jsonl, tar members, "
+    "binary columns)",
+)
+CSV_EXTRA_FIELDS = register_drop_reason(
+    "csv_extra_fields",
+    "a csv row with more fields than the header: an unquoted comma (tab in .tsv) in a value?",
+)
+IMAGE_PATH_OUTSIDE_DIR = register_drop_reason(
+    "image_path_outside_dir",
+    "the image path is a URL, an absolute path (see input.allow_absolute_image_paths) or "
+    "leads out of input.image_dir with '..'",
+)
+LINK_ONLY_SAMPLE = register_drop_reason(
+    "link_only_sample",
+    "every tar member of the webdataset sample is a symlink, hard link or other non-regular "
+    "file (links are never followed)",
+)
+MEMBER_TOO_LARGE = register_drop_reason(
+    "member_too_large",
+    "a tar member of the webdataset sample is over input.max_member_bytes (after .gz "
+    "decompression)",
+)
 
 #: File name endings a folder is searched for, per input format (a file named explicitly is
 #: read whatever its name).
@@ -69,6 +113,9 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 #: file name (directories included), the extension everything after it.
 _WDS_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _CHUNK_ROWS = 256
+#: Largest csv field read (the csv module's default is 128 KiB): bigger ones are errors
+#: naming the row, as such a field is almost always a quote left open.
+_CSV_FIELD_LIMIT = 64 << 20
 
 
 # --------------------------------------------------------------------------- paths
@@ -152,11 +199,15 @@ def expand_paths(paths: Sequence[str], suffixes: Sequence[str]) -> list[str]:
 
 
 def _as_text(value: Any) -> str | None:
-    """A caption value as str, or None when it is not text (numbers, lists, null)."""
+    """A caption value as str, or None when it is not text (numbers, lists, null).
+
+    Bytes are decoded as UTF-8 with invalid bytes kept as lone surrogates (what csv and jsonl
+    files are read with too), so `_bad_utf8` finds them and the row is dropped as
+    `bad_encoding` instead of carrying replacement characters."""
     if isinstance(value, str):
         return value
     if isinstance(value, bytes | bytearray):
-        return bytes(value).decode("utf-8", errors="replace")
+        return bytes(value).decode("utf-8", errors="surrogateescape")
     return None
 
 
@@ -165,6 +216,30 @@ def _as_id(value: Any) -> str | None:
         return None
     text = str(value).strip()
     return text or None
+
+
+def _bad_utf8(value: str | None) -> bool:
+    """True when `value` holds lone surrogates: bytes that were not UTF-8 (or a JSON
+    `\\udXXX` escape without its pair), which Arrow cannot store."""
+    if value is None or value.isascii():
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _shown(value: str | None) -> str | None:
+    """`value` with every undecodable byte as U+FFFD: what the rejects table shows."""
+    if not _bad_utf8(value):
+        return value
+    assert value is not None
+    try:
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate from a JSON escape, not from a byte
+        raw = value.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "replace")
 
 
 def _missing_column(column: str, field: str, path: str, have: Iterable[str]) -> ValueError:
@@ -178,39 +253,56 @@ def _missing_column(column: str, field: str, path: str, have: Iterable[str]) -> 
 class _ImageFolder:
     """Reads image files named by a path column, relative to `input.image_dir`.
 
-    A missing file gives None (the image stage drops it as `missing_image`); the last few
-    reads are cached because caption tables list one image several times in a row.
+    A path must lead inside image_dir: a URL, an absolute path (unless
+    `input.allow_absolute_image_paths`) or one that climbs out with '..' is never opened, and
+    its row is dropped as `image_path_outside_dir` (the check is on the path as written;
+    links the owner of image_dir put inside it are followed). A missing file gives None (the
+    image stage drops it as `missing_image`); the last few reads are cached because caption
+    tables list one image several times in a row.
     """
 
-    def __init__(self, image_dir: str) -> None:
-        self.fs, self.root = fsspec.core.url_to_fs(image_dir)
+    def __init__(self, image_dir: str, *, allow_absolute: bool = False) -> None:
+        self.fs, root = fsspec.core.url_to_fs(image_dir)
+        self.root = posixpath.normpath(root) if root else "/"
+        self.inside = self.root.rstrip("/") + "/"
+        self.allow_absolute = allow_absolute
         self._cache: dict[str, bytes | None] = {}
 
-    def read(self, rel: str | None) -> bytes | None:
-        if not rel:
+    def locate(self, rel: str) -> str | None:
+        """The path `rel` names on image_dir's filesystem; None when it is not allowed."""
+        if "://" in rel or "\0" in rel:
             return None
+        if rel.startswith("/"):
+            return posixpath.normpath(rel) if self.allow_absolute else None
+        path = posixpath.normpath(f"{self.root}/{rel}")
+        return path if path.startswith(self.inside) else None
+
+    def read(self, rel: str | None) -> tuple[bytes | None, str | None]:
+        """(the image's bytes or None when there is no such file, the drop reason or None)."""
+        if not rel:
+            return None, None
         if rel in self._cache:
-            return self._cache[rel]
-        if "://" in rel:
-            fs, path = fsspec.core.url_to_fs(rel)
-        else:
-            fs, path = self.fs, rel if rel.startswith("/") else self.root.rstrip("/") + "/" + rel
+            return self._cache[rel], None
+        path = self.locate(rel)
+        if path is None:
+            return None, IMAGE_PATH_OUTSIDE_DIR
         try:
-            with fs.open(path, "rb") as f:
+            with self.fs.open(path, "rb") as f:
                 data: bytes | None = f.read()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             data = None
         if len(self._cache) >= 64:
             self._cache.clear()
         self._cache[rel] = data
-        return data
+        return data, None
 
 
 class _Rows:
     """Accumulates sample rows of one file and emits them as `READ_SCHEMA` tables."""
 
-    def __init__(self, source: str, start: int = 0) -> None:
+    def __init__(self, source: str, cfg: InputConfig, start: int = 0) -> None:
         self.source = source
+        self.cfg = cfg
         self.next_row = start
         self._clear()
 
@@ -219,12 +311,45 @@ class _Rows:
         self.text: list[str | None] = []
         self.url: list[str | None] = []
         self.image: list[bytes | None] = []
+        self.drop: list[str | None] = []
 
-    def add(self, uid: str | None, text: str | None, url: str | None, image: bytes | None) -> None:
+    def add(
+        self,
+        *,
+        uid: str | None,
+        text: str | None,
+        url: str | None,
+        image: bytes | None = None,
+        rel: str | None = None,
+        images: _ImageFolder | None = None,
+        drop: str | None = None,
+    ) -> None:
+        """Add one row after the reader's checks: text that is not UTF-8, the image path
+        `rel` (read from `images`), the uid. A row that fails one keeps its drop reason and
+        no image; a uid from `input.uid_column` that cannot name a sample is an error."""
+        if drop is None:
+            joined = f"{uid}{text}{url}{rel}"  # one check per row: reading is per-row Python
+            if not joined.isascii() and _bad_utf8(joined):
+                drop = BAD_ENCODING
+        if drop is None and images is not None:
+            image, drop = images.read(rel)
+        if drop is None and uid is not None:
+            problem = uid_problem(uid)
+            if problem is not None:
+                raise ValueError(
+                    f"{self.source!r} row {self.next_row + len(self.uid)}: "
+                    f"input.uid_column={self.cfg.uid_column!r} gives the uid {uid!r}, which "
+                    f"{problem}: fix that column, or set input.uid_column to null (kiln then "
+                    "derives each uid from url + caption)"
+                )
+        if drop is not None:
+            image = None
+            uid, text, url = _shown(uid), _shown(text), _shown(url)
         self.uid.append(uid or make_uid(url, text))
         self.text.append(text)
         self.url.append(url)
         self.image.append(image)
+        self.drop.append(drop)
 
     def __len__(self) -> int:
         return len(self.uid)
@@ -241,6 +366,7 @@ class _Rows:
                 "height": pa.nulls(n, pa.int32()),
                 "source": pa.array([self.source] * n, pa.string()),
                 "source_row": pa.array(range(self.next_row, self.next_row + n), pa.int64()),
+                "drop_reason": pa.array(self.drop, pa.string()),
             },
             schema=READ_SCHEMA,
         )
@@ -266,41 +392,94 @@ def _check_columns(cfg: InputConfig, path: str, have: Sequence[str]) -> None:
 
 
 def _records_to_rows(
-    records: Iterable[dict[str, Any]],
+    records: Iterable[dict[Any, Any]],
     cfg: InputConfig,
     path: str,
     images: _ImageFolder | None,
     max_rows: int | None,
 ) -> Iterator[pa.Table]:
     """Rows of a record-per-line file (csv, jsonl), `_CHUNK_ROWS` at a time."""
-    rows = _Rows(path)
+    rows = _Rows(path, cfg)
     for i, rec in enumerate(records):
         if max_rows is not None and i >= max_rows:
             break
+        # csv.DictReader files the fields beyond the header under the key None (empty ones,
+        # a trailing delimiter, lose nothing)
+        extra = rec.get(None)
+        drop = CSV_EXTRA_FIELDS if extra and any(extra) else None
         text = _as_text(rec.get(cfg.text_column))
         url = _as_text(rec.get(cfg.url_column)) if cfg.url_column else None
-        image = None
+        rel = None
         if cfg.image_path_column and images is not None:
             rel = _as_text(rec.get(cfg.image_path_column))
-            image = images.read(rel)
             if url is None and not cfg.url_column:
                 url = rel  # a local image's locator is its path relative to image_dir
         uid = _as_id(rec.get(cfg.uid_column)) if cfg.uid_column else None
-        rows.add(uid, text, url, image)
+        rows.add(uid=uid, text=text, url=url, rel=rel, images=images, drop=drop)
         if len(rows) >= _CHUNK_ROWS:
             yield rows.flush()
     if len(rows):
         yield rows.flush()
 
 
+def _csv_error(path: str, row: int | None, line: int, e: csv.Error) -> ValueError:
+    """A csv parse error as a message naming the file, the row (from 0, as `source_row`;
+    None: the header), the line it starts on and the likely fix."""
+    message = str(e)
+    if "field limit" in message:
+        hint = (
+            f"a field is over {_CSV_FIELD_LIMIT:,} bytes: a quote left open swallows the "
+            "rows after it; close it (and double quotes inside quoted fields)"
+        )
+    elif "end of data" in message:
+        hint = "the file ends inside a quoted field: a quote is left open (or the file is cut)"
+    else:
+        hint = (
+            "quote a field that holds the delimiter or quotes, and double the quotes inside it "
+            '(""), as csv writers do'
+        )
+    return ValueError(
+        f"{path!r} {'header' if row is None else f'row {row}'} (from line {line}) is not "
+        f"valid csv ({message}): {hint}"
+    )
+
+
+def _csv_records(reader: csv.DictReader[str], path: str) -> Iterator[dict[Any, Any]]:
+    row = 0
+    while True:
+        line = reader.reader.line_num + 1
+        try:
+            rec = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise _csv_error(path, row, line, e) from e
+        yield rec
+        row += 1
+
+
 def _read_csv(
     path: str, cfg: InputConfig, images: _ImageFolder | None, max_rows: int | None
 ) -> Iterator[pa.Table]:
     delimiter = "\t" if path.endswith((".tsv", ".tsv.gz")) else ","
-    with fsspec.open(path, "rt", compression="infer", newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        _check_columns(cfg, path, reader.fieldnames or [])
-        yield from _records_to_rows(reader, cfg, path, images, max_rows)
+    csv.field_size_limit(_CSV_FIELD_LIMIT)  # process-wide: the same limit for every read
+    # utf-8-sig: a byte-order mark is not part of the first column's name; undecodable
+    # bytes become lone surrogates, and their rows `bad_encoding`
+    with fsspec.open(
+        path,
+        "rt",
+        compression="infer",
+        newline="",
+        encoding="utf-8-sig",
+        errors="surrogateescape",
+    ) as f:
+        reader = csv.DictReader(f, delimiter=delimiter, strict=True)
+        try:
+            fieldnames = reader.fieldnames or []
+        except csv.Error as e:
+            raise _csv_error(path, None, 1, e) from e
+        _check_columns(cfg, path, fieldnames)
+        yield from _records_to_rows(_csv_records(reader, path), cfg, path, images, max_rows)
 
 
 def _jsonl_records(f: IO[str], path: str) -> Iterator[dict[str, Any]]:
@@ -325,7 +504,9 @@ def _jsonl_records(f: IO[str], path: str) -> Iterator[dict[str, Any]]:
 def _read_jsonl(
     path: str, cfg: InputConfig, images: _ImageFolder | None, max_rows: int | None
 ) -> Iterator[pa.Table]:
-    with fsspec.open(path, "rt", compression="infer", encoding="utf-8") as f:
+    with fsspec.open(
+        path, "rt", compression="infer", encoding="utf-8-sig", errors="surrogateescape"
+    ) as f:
         records = _jsonl_records(f, path)
         first = next(records, None)
         if first is None:
@@ -389,7 +570,7 @@ def _read_parquet(
             )
             if c is not None
         ]
-        rows = _Rows(path, start=start_row)
+        rows = _Rows(path, cfg, start=start_row)
         remaining = max_rows
         batches = pf.iter_batches(
             batch_size=_CHUNK_ROWS, columns=sorted(set(columns)), row_groups=range(first, stop)
@@ -412,81 +593,179 @@ def _read_parquet(
                 if cfg.uid_column
                 else [None] * n
             )
+            imgs: list[bytes | None] = [None] * n
+            rels: list[str | None] = [None] * n
+            folder = None
             if cfg.image_column:
                 imgs = _image_values(batch.column(cfg.image_column), cfg.image_column, path)
             elif cfg.image_path_column and images is not None:
                 rels = _text_values(batch.column(cfg.image_path_column), "image_path", path)
-                imgs = [images.read(r) for r in rels]
+                folder = images
                 if not cfg.url_column:
                     urls = rels
-            else:
-                imgs = [None] * n
-            for uid, text, url, image in zip(uids, texts, urls, imgs, strict=True):
-                rows.add(uid, text, url, image)
+            for uid, text, url, image, rel in zip(uids, texts, urls, imgs, rels, strict=True):
+                rows.add(uid=uid, text=text, url=url, image=image, rel=rel, images=folder)
             yield rows.flush()
 
 
-def _open_tar(f: IO[bytes], path: str) -> tarfile.TarFile:
+class _Header(tarfile.TarInfo):
+    """A tar header that, reading the end-of-archive marker, checks it is whole."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> _Header:
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.HeaderError as e:
+            # the first zero block (an `EOFHeaderError`): the second one must follow it
+            if type(e).__name__ == "EOFHeaderError" and isinstance(tar, _CheckedTar):
+                assert tar.fileobj is not None
+                second = tar.fileobj.read(tarfile.BLOCKSIZE)
+                tar.complete = second == tarfile.NUL * tarfile.BLOCKSIZE
+            raise
+
+
+class _CheckedTar(tarfile.TarFile):
+    """A `TarFile` that knows whether it ended with the end-of-archive marker.
+
+    `tarfile` takes an archive that stops at a member boundary (what a killed writer
+    leaves; GNU tar exits 0 on it), a cut header or garbage after a member as its end; only
+    `complete` (two zero blocks were read where the next header would be) tells them apart
+    from an archive that is whole."""
+
+    tarinfo = _Header
+    complete = False
+
+
+def _open_tar(f: IO[bytes], path: str) -> _CheckedTar:
     """A streaming reader over the (possibly gzipped) tar in `f`; errors name `path`."""
     try:
-        return tarfile.open(fileobj=f, mode="r|*")
+        return _CheckedTar.open(fileobj=f, mode="r|*")
     except tarfile.TarError as e:
         raise ValueError(f"{path!r} is not a tar archive ({e}): input.format webdataset") from e
 
 
-def _tar_members(f: IO[bytes], path: str) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of each regular file in the tar, in archive order."""
+def _tar_members(
+    f: IO[bytes], path: str, max_bytes: int
+) -> Iterator[tuple[tarfile.TarInfo, bytes | None]]:
+    """(header, bytes) of each member but folders, in archive order. The bytes are None for
+    links and other non-regular members (never followed) and for regular members over
+    `max_bytes` (skipped unread). A tar without its end-of-archive marker is an error."""
     with _open_tar(f, path) as tar:
         try:
             for info in tar:
-                if info.isfile():
-                    extracted = tar.extractfile(info)
-                    yield info.name, extracted.read() if extracted is not None else b""
+                if info.isdir():
+                    continue
+                if not info.isfile() or info.size > max_bytes:
+                    yield info, None
+                    continue
+                extracted = tar.extractfile(info)
+                yield info, extracted.read() if extracted is not None else b""
         except tarfile.TarError as e:
             raise ValueError(f"{path!r} is a damaged tar archive ({e}): replace the file") from e
+        if not tar.complete:
+            raise ValueError(
+                f"{path!r} ends without the tar end-of-archive marker (two zero blocks): the "
+                "file is cut short (what a writer killed between two members leaves) or has "
+                "garbage after its last member, so samples may be missing; write it again, or "
+                "remove it from input.paths"
+            )
 
 
-def _wds_samples(f: IO[bytes], path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) per sample: consecutive members sharing a key, like webdataset.
+def _gunzip(data: bytes, max_bytes: int) -> bytes | None:
+    """`data` (one or more gzip members) decompressed, or None when that would be over
+    `max_bytes` -- found without inflating more than `max_bytes + 1` bytes. Raises
+    `zlib.error` / `EOFError` on bytes that are not (whole) gzip."""
+    parts: list[bytes] = []
+    total = 0
+    rest = data
+    while rest:
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        pending = rest
+        while not inflater.eof:
+            chunk = inflater.decompress(pending, max_bytes + 1 - total)
+            if not chunk and pending == inflater.unconsumed_tail:
+                raise EOFError("gzip data ends before its end-of-stream marker")
+            pending = inflater.unconsumed_tail
+            total += len(chunk)
+            if total > max_bytes:
+                return None
+            parts.append(chunk)
+        rest = inflater.unused_data
+    return b"".join(parts)
 
-    Directories, members without an extension and non-files are skipped; `.gz` members are
-    decompressed and their extension shortened (`txt.gz` -> `txt`).
+
+def _wds_samples(
+    f: IO[bytes], path: str, max_bytes: int
+) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
+    """(key, {extension: bytes}, drop reason) per sample: consecutive members sharing a key,
+    like webdataset.
+
+    Folders and members without an extension are skipped; `.gz` members are decompressed
+    (at most `max_bytes`) and their extension shortened (`txt.gz` -> `txt`). A sample with a
+    member over `max_bytes` gets `member_too_large`, one whose members are all links (or
+    other non-regular files) `link_only_sample`. A key that comes back after another key's
+    members is an error: webdataset would read it as two samples.
     """
     key: str | None = None
     members: dict[str, bytes] = {}
-    for name, data in _tar_members(f, path):
-        m = _WDS_KEY.match(name)
-        if m:
-            member_key, ext = m.group(1), m.group(2).lower()
-            if ext.endswith(".gz"):
-                try:
-                    data = gzip.decompress(data)
-                    ext = ext[: -len(".gz")]
-                except (OSError, EOFError):
-                    pass  # leave it as an unknown member
-            if member_key != key:
-                if key is not None:
-                    yield key, members
-                key, members = member_key, {}
-            members.setdefault(ext, data)
+    too_large = regular = False
+    done: set[str] = set()
+
+    def reason() -> str | None:
+        return MEMBER_TOO_LARGE if too_large else None if regular else LINK_ONLY_SAMPLE
+
+    for info, data in _tar_members(f, path, max_bytes):
+        m = _WDS_KEY.match(info.name)
+        if not m:
+            continue
+        member_key, ext = m.group(1), m.group(2).lower()
+        if member_key != key:
+            if key is not None:
+                yield key, members, reason()
+                done.add(key)
+            if member_key in done:
+                raise ValueError(
+                    f"{path!r}: the members of sample {member_key!r} are not next to each "
+                    f"other ({info.name!r} comes after the members of {key!r}): webdataset "
+                    "reads a sample from consecutive members; write the tar again with each "
+                    "sample's members together (e.g. sorted by name)"
+                )
+            key, members, too_large, regular = member_key, {}, False, False
+        if data is None:
+            too_large = too_large or info.isfile()  # a regular member skipped for its size
+            continue
+        regular = True
+        if ext.endswith(".gz"):
+            try:
+                unzipped = _gunzip(data, max_bytes)
+            except (zlib.error, EOFError):
+                unzipped = data  # not gzip after all: left as an unknown member
+            else:
+                ext = ext[: -len(".gz")]
+            if unzipped is None:
+                too_large = True
+                continue
+            data = unzipped
+        members.setdefault(ext, data)
     if key is not None:
-        yield key, members
+        yield key, members, reason()
 
 
 def _read_webdataset(
     path: str, cfg: InputConfig, images: _ImageFolder | None, max_rows: int | None
 ) -> Iterator[pa.Table]:
-    rows = _Rows(path)
+    rows = _Rows(path, cfg)
     with fsspec.open(path, "rb") as f:
-        for i, (key, members) in enumerate(_wds_samples(f, path)):
+        samples = _wds_samples(f, path, cfg.max_member_bytes)
+        for i, (key, members, drop) in enumerate(samples):
             if max_rows is not None and i >= max_rows:
                 break
             meta: dict[str, Any] = {}
             if "json" in members:
                 try:
-                    loaded = json.loads(members["json"])
+                    loaded = json.loads(_as_text(members["json"]) or "")
                     meta = loaded if isinstance(loaded, dict) else {}
-                except (json.JSONDecodeError, UnicodeDecodeError):
+                except json.JSONDecodeError:
                     meta = {}
             text = (
                 _as_text(members["txt"])
@@ -502,7 +781,7 @@ def _read_webdataset(
                 uid = _as_id(meta.get(cfg.uid_column))
             else:
                 uid = None
-            rows.add(uid, text, url, image)
+            rows.add(uid=uid, text=text, url=url, image=image, drop=drop)
             if len(rows) >= _CHUNK_ROWS:
                 yield rows.flush()
     if len(rows):
@@ -540,7 +819,11 @@ def read_file(
     this is what each read task runs.
     """
     _check_config(cfg)
-    images = _ImageFolder(cfg.image_dir) if cfg.image_dir and cfg.image_path_column else None
+    images = (
+        _ImageFolder(cfg.image_dir, allow_absolute=cfg.allow_absolute_image_paths)
+        if cfg.image_dir and cfg.image_path_column
+        else None
+    )
     try:
         if row_groups is not None:
             if cfg.format not in ("parquet", "synthetic"):
@@ -578,14 +861,21 @@ def effective_input(cfg: InputConfig) -> InputConfig:
 
 
 def input_files(cfg: InputConfig) -> list[str]:
-    """The sorted input files of `cfg` (generating the synthetic pool first if needed)."""
+    """The sorted input files of `cfg` (generating the synthetic pool first if needed).
+
+    Checks, before any work starts, that every path names files and that `input.image_dir`
+    (on any URL) is a folder: `FileNotFoundError` naming the path and the fix otherwise."""
     if cfg.format == "synthetic":
         from kiln.data_curation.synthetic import generate_pool
 
         root = cfg.paths[0]
         generate_pool(cfg.synthetic, root)
         return expand_paths([root.rstrip("/") + "/pool-*.parquet"], FORMAT_SUFFIXES["parquet"])
-    return expand_paths(cfg.paths, FORMAT_SUFFIXES[cfg.format])
+    files = expand_paths(cfg.paths, FORMAT_SUFFIXES[cfg.format])
+    missing = missing_folder(cfg.image_dir) if cfg.image_dir else None
+    if missing:
+        raise FileNotFoundError(missing)
+    return files
 
 
 def _read_files(batch: pa.Table, cfg: InputConfig, max_rows: int | None) -> Iterator[pa.Table]:
@@ -595,7 +885,8 @@ def _read_files(batch: pa.Table, cfg: InputConfig, max_rows: int | None) -> Iter
 
 
 def read_pool(cfg: InputConfig, *, files: Sequence[str] | None = None) -> Any:
-    """The pool named by `cfg` as a `ray.data.Dataset` of `READ_SCHEMA` rows (file order).
+    """The pool named by `cfg` as a `ray.data.Dataset` of `READ_SCHEMA` rows (file order;
+    rows the reader could not use carry their `drop_reason`).
 
     `files` (from `input_files`) skips expanding the paths again. Needs Ray initialised;
     column names are checked per file as it is read (a missing one is a `ValueError` naming

@@ -74,6 +74,7 @@ from kiln.data_curation.executors import (
     local_workers,
 )
 from kiln.data_curation.plan import PlanStep, step_names
+from kiln.data_curation.read_fingerprint import read_fingerprint
 from kiln.data_curation.readers import absolute_url, effective_input, input_files, read_file
 from kiln.data_curation.shard import (
     ENCODE_ROWS,
@@ -99,7 +100,7 @@ __all__ = [
 logger = logging.getLogger("kiln.curation")
 
 #: Bump when the runner's outputs change for the same plan: invalidates every marker.
-RUNNER_VERSION = 5
+RUNNER_VERSION = 6
 SUCCESS_MARKER = "_SUCCESS"
 _STEP_MARKER = "_STEP.json"
 _KEY = "_key"
@@ -390,13 +391,17 @@ def _finish(job: _Job, phase: str, index: int, result: dict[str, Any]) -> dict[s
 
 
 def _task_read(job: _Job, index: int, item: dict[str, Any]) -> dict[str, Any]:
+    """Read one input file (or row groups of one): kept rows to the part, the rows the reader
+    could not use to rejects (counted by reason), images to the task's blob file. At most
+    `item["max_rows"]` rows when given (`input.limit` cutting this task), else `cfg.limit`."""
     from kiln.data_curation.config import InputConfig
 
     cfg = InputConfig.model_validate(job.config)
-    out = _Out(job.part(index), None, None)
+    out = _Out(job.part(index), job.rejects(index), None)
     blobs = BlobWriter(job.blobs(index))
     row_groups = tuple(item["row_groups"]) if item.get("row_groups") else None
-    for table in read_file(item["path"], cfg, cfg.limit, row_groups=row_groups):
+    max_rows = item.get("max_rows", cfg.limit)
+    for table in read_file(item["path"], cfg, max_rows, row_groups=row_groups):
         out.add(split_images(table, blobs), table.num_rows)
     blobs.close()
     return _finish(job, "read", index, out.close())
@@ -886,39 +891,38 @@ class _Runner:
         def body(job: _Job) -> tuple[dict[str, Any], int, int]:
             results, reused = self.executor.run("read", job, items, label="read")
             if input_cfg.limit is not None:
-                results = self.apply_limit(job, results, input_cfg.limit)
+                results = self.apply_limit(job, items, results, input_cfg.limit)
             return _sum_stats(results), len(items), reused
 
         return self.step(
             "read",
             "read",
             input_cfg.model_dump(mode="json"),
-            {"files": _file_identity(self.files)},
+            read_fingerprint(input_cfg, self.files, progress=_fingerprint_progress),
             body,
             layout={"rows_per_task": self.exe.rows_per_task},
         )
 
     def apply_limit(
-        self, job: _Job, results: list[dict[str, Any]], limit: int
+        self, job: _Job, items: list[dict[str, Any]], results: list[dict[str, Any]], limit: int
     ) -> list[dict[str, Any]]:
-        """Keep the first `limit` rows in input order: cut the part that crosses the limit,
-        delete the parts after it (idempotent: a rerun cuts to the same rows)."""
+        """Keep the first `limit` rows read, in input order (rows the reader dropped count
+        too): the task that crosses the limit is read again up to it (in the driver: a
+        handful of rows), the tasks after it are emptied. Idempotent: the cut task's marker
+        holds its cut result, so a rerun finds nothing left to cut."""
         seen = 0
         out = []
         for i, r in enumerate(results):
-            keep = max(0, min(r["rows_out"], limit - seen))
-            if keep < r["rows_out"]:
-                url = job.part(i)
-                if keep == 0:
-                    storage.remove(url)
-                elif storage.exists(url):
-                    table = _read_table(url)
-                    if table.num_rows > keep:
-                        w = _Parquet(url)
-                        w.write(table.slice(0, keep))
-                        w.close()
+            keep = max(0, min(r["rows_in"], limit - seen))
+            if keep == 0 and r["rows_in"]:
+                for url in (job.part(i), job.blobs(i), job.rejects(i)):
+                    if url:
+                        storage.remove(url)
+                r = {"rows_in": 0, "rows_out": 0, "dropped": {}}
+            elif keep < r["rows_in"]:
+                r = _task_read(job, i, {**items[i], "max_rows": keep})
             seen += keep
-            out.append({"rows_in": keep, "rows_out": keep, "dropped": {}})
+            out.append(r)
         return out
 
     # ---- the plan's stages
@@ -1144,15 +1148,10 @@ def _manifest_matches(dataset_dir: str, recipe: dict[str, Any]) -> bool:
     return manifest.recipe_hash == json_sha256(recipe)
 
 
-def _file_identity(files: list[str]) -> list[list[Any]]:
-    """(path, size, mtime) per input file: a changed input invalidates the read step."""
-    out: list[list[Any]] = []
-    for f in files:
-        fs, path = fsspec.core.url_to_fs(f)
-        info = fs.info(path)
-        mtime = info.get("mtime", info.get("LastModified", info.get("updated")))
-        out.append([f, info.get("size"), str(mtime) if mtime is not None else None])
-    return out
+def _fingerprint_progress(files: int, seconds: float) -> None:
+    logger.info(
+        "step read: fingerprinting input.image_dir: %d files so far (%.0fs)", files, seconds
+    )
 
 
 def _totals(plan: list[PlanStep], steps: dict[str, StepStats]) -> dict[str, Any]:
@@ -1171,7 +1170,7 @@ def _totals(plan: list[PlanStep], steps: dict[str, StepStats]) -> dict[str, Any]
         if p.stage.kind == "keyed":
             deduped += sum(s.dropped.values())
     return {
-        "samples_in": steps["read"].rows_out,
+        "samples_in": steps["read"].rows_in,
         "dropped_by_reason": dict(sorted(dropped.items())),
         "matched": matched,
         "kept_after_balance": kept,
@@ -1202,6 +1201,7 @@ def run_curation(
     *,
     name: str = "",
     recipe: dict[str, Any] | None = None,
+    fresh: bool = False,
 ) -> CurationResult:
     """Run (or resume) the curation plan of `cfg` in `run_dir`.
 
@@ -1210,7 +1210,8 @@ def run_curation(
     a stage needs GPUs, else local). Returns the `CurationResult` and writes it to
     `{run_dir}/curation_stats.json`; the dataset (shards + manifest) goes to
     `cfg.shard.output` or `{run_dir}/dataset`. `recipe` is recorded in the manifest
-    (default: `cfg` itself).
+    (default: `cfg` itself). `fresh` redoes every step, whatever the markers say (for
+    inputs whose changes the read fingerprint cannot see, `kiln.data_curation.read_fingerprint`).
     """
     start = time.perf_counter()
     recipe = recipe if recipe is not None else cfg.model_dump(mode="json")
@@ -1221,6 +1222,9 @@ def run_curation(
     r = _Runner(cfg, run_dir, name, recipe, make_executor(cfg, plan))
     r.checks = checks
     r.files = files
+    if fresh:
+        for folder in ("steps", "rejects"):
+            storage.remove(f"{r.run_dir}/{folder}")
     try:
         return _run_plan(r, cfg, plan, start)
     finally:

@@ -40,6 +40,7 @@ __all__ = [
     "shard_name",
     "tar_end",
     "tar_member",
+    "uid_problem",
     "write_shards",
 ]
 
@@ -81,15 +82,24 @@ def sample_json(row: dict[str, Any], columns: Iterable[str]) -> bytes:
     return orjson.dumps({c: row.get(c) for c in columns}, option=_JSON_OPTIONS)
 
 
+def uid_problem(uid: Any) -> str | None:
+    """Why `uid` cannot name a sample in a shard (None: it can): it must be a non-empty
+    string without '.', '/' or '\\' (WebDataset splits member names at the first dot)."""
+    if not isinstance(uid, str) or not uid:
+        return "is not a non-empty string: every row needs a uid"
+    if "." in uid or "/" in uid or "\\" in uid:
+        return (
+            "contains '.', '/' or '\\': WebDataset splits member names at the first dot, so "
+            "uids must be plain ids"
+        )
+    return None
+
+
 def check_uid(uid: Any, previous: str | None) -> str:
     """`uid` if it is a plain id that sorts after `previous` (rows sorted, uids unique)."""
-    if not isinstance(uid, str) or not uid:
-        raise ValueError(f"sample uid {uid!r} is not a non-empty string: every row needs a uid")
-    if "." in uid or "/" in uid or "\\" in uid:
-        raise ValueError(
-            f"sample uid {uid!r} contains '.', '/' or '\\': WebDataset splits member names at "
-            "the first dot, so uids must be plain ids (use the default uid, sha256 of url+text)"
-        )
+    problem = uid_problem(uid)
+    if problem is not None:
+        raise ValueError(f"sample uid {uid!r} {problem} (use the default uid, sha256 of url+text)")
     if previous is not None and uid <= previous:
         what = "appears twice" if uid == previous else f"comes after {previous!r}"
         raise ValueError(

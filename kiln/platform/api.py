@@ -100,8 +100,9 @@ def _failed(run: Path, exc: BaseException) -> None:
     )
 
 
-def run_curate(recipe: CurateRecipe) -> Any:
-    """Curate the recipe's pool into WebDataset shards; returns the CurationResult."""
+def run_curate(recipe: CurateRecipe, *, fresh: bool = False) -> Any:
+    """Curate the recipe's pool into WebDataset shards; returns the CurationResult.
+    `fresh` redoes every step instead of reusing the finished ones."""
     from kiln.data_curation import run_curation
     from kiln.data_curation.runner import executor_kind
 
@@ -121,6 +122,7 @@ def run_curate(recipe: CurateRecipe) -> Any:
                 str(run),
                 name=recipe.name,
                 recipe=recipe.model_dump(mode="json"),
+                fresh=fresh,
             )
     except BaseException as e:
         _failed(run, e)
@@ -255,10 +257,12 @@ def eval_run_dir(run_dir: str, overrides: list[str] | None = None) -> dict[str, 
     return result
 
 
-def run_job(recipe: CurateRecipe | TrainRecipe | EvalRecipe, *, resume: bool = False) -> Any:
-    """Run a loaded recipe as its `kind` says."""
+def run_job(
+    recipe: CurateRecipe | TrainRecipe | EvalRecipe, *, resume: bool = False, fresh: bool = False
+) -> Any:
+    """Run a loaded recipe as its `kind` says (`fresh`: a curation redoes every step)."""
     if isinstance(recipe, CurateRecipe):
-        return run_curate(recipe)
+        return run_curate(recipe, fresh=fresh)
     if isinstance(recipe, TrainRecipe):
         return run_train(recipe, resume=resume)
     return run_eval(recipe)

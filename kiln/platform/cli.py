@@ -58,7 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--root", default="runs/quickstart", help="folder for all quickstart runs")
     _add_set(q, "max_steps=40 (applies to the train recipe)")
 
-    _add_recipe_args(sub.add_parser("curate", help="curate a raw pool into WebDataset shards"))
+    c = sub.add_parser("curate", help="curate a raw pool into WebDataset shards")
+    _add_recipe_args(c)
+    c.add_argument(
+        "--fresh",
+        action="store_true",
+        help="redo every step instead of reusing finished ones (for inputs changed in a way "
+        "their sizes, times and hashes do not show)",
+    )
     t = sub.add_parser("train", help="train a model from a train recipe")
     _add_recipe_args(t)
 
@@ -194,7 +201,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                 f"{args.recipe} is a `kind: {recipe.kind}` recipe: run it with "
                 f"`kiln {recipe.kind} {args.recipe}`"
             )
-        _print_result(api.run_job(recipe))
+        _print_result(api.run_job(recipe, fresh=getattr(args, "fresh", False)))
         return 0
     if args.verb == "resume":
         _print_result(api.resume_run(args.run_dir, overrides))

@@ -107,7 +107,9 @@ def flickr_run(
     return run_dir, result
 
 
-def test_flickr_run_counts_every_row(flickr_run: tuple[Path, CurationResult]) -> None:
+def test_flickr_run_counts_every_row(
+    flickr_run: tuple[Path, CurationResult], flickr_pool: dict[str, Any]
+) -> None:
     run_dir, result = flickr_run
     _check_accounting(result)
     assert result.samples_in == 300
@@ -120,9 +122,7 @@ def test_flickr_run_counts_every_row(flickr_run: tuple[Path, CurationResult]) ->
         "duplicate_text", 0
     ) + result.dropped_by_reason.get("duplicate_image", 0)
     assert 0 < result.samples_out <= 60
-    names = step_names(
-        _flickr_cfg({"dir": "x", "images": "x", "entries": "x"}, ExecutionConfig()).plan()
-    )
+    names = step_names(_flickr_cfg(flickr_pool, ExecutionConfig()).plan())
     assert list(result.steps) == names
     assert names == [
         "read", "text", "text_dedup", "metaclip_match", "metaclip_balance", "image",

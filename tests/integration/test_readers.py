@@ -213,7 +213,7 @@ def test_not_a_tar_is_an_error_naming_it(tmp_path: Path) -> None:
     [
         ("parquet", "pool.parquet", b"not parquet at all"),
         ("jsonl", "pool.jsonl", b'{"text": "ok"}\n{"text": "tor'),
-        ("csv", "pool.csv", b"text\nok\n\xff\xfe not utf-8\n"),
+        ("csv", "pool.csv", b'text\nok\n"a quote left open\nmore\n'),
     ],
 )
 def test_corrupt_file_is_an_error_naming_it(

@@ -1,9 +1,10 @@
-"""Exact dedup stages: one row per (url, text) key, and one row per decoded-pixel hash.
+"""Exact dedup stages: one row per (url, text) key, per decoded-pixel hash, and per uid.
 
 Both are keyed stages: the runner hash-partitions rows by key so every copy of a key lands
 in one task, sorted by (key, uid, source, source_row). The first row of each run of equal
 keys is kept, so the survivor is the copy with the smallest uid (then source, source_row),
-whatever the number of workers, blocks or retries. The comparison is one vectorized pass
+whatever the number of workers, blocks or retries (for `uid_dedup`, whose key is the uid:
+the first copy in (source file, row) order). The comparison is one vectorized pass
 over the sorted keys, no per-row Python.
 """
 
@@ -20,7 +21,13 @@ from kiln.data_curation.stage import KeyedStage, register
 from kiln.data_curation.stages import mark_dropped
 from kiln.data_curation.stages.text import text_dedup_key
 
-__all__ = ["DedupConfig", "ImageDedupStage", "TextDedupStage", "duplicate_mask"]
+__all__ = [
+    "DedupConfig",
+    "ImageDedupStage",
+    "TextDedupStage",
+    "UidDedupStage",
+    "duplicate_mask",
+]
 
 
 class DedupConfig(StrictModel):
@@ -75,5 +82,26 @@ class ImageDedupStage(_ExactDedup):
         return table.column("image_sha256").combine_chunks()
 
 
+class UidDedupStage(_ExactDedup):
+    """One row per uid: uids from `input.uid_column` must be unique to name shard samples.
+
+    The plan runs it first, right after the read step, whenever `input.uid_column` is set
+    (`CurationConfig.plan_specs`), so a pool that repeats a uid is settled before any other
+    work instead of failing at the shard step; every repeat is counted and kept in the
+    rejects table with its file and row."""
+
+    name = "uid_dedup"
+    reason = "duplicate_uid"
+    summary = "one row per uid (runs first when input.uid_column is set)"
+    drop_reasons: ClassVar[dict[str, str]] = {
+        "duplicate_uid": "an earlier row (by source file, then row) has the same uid "
+        "(input.uid_column)"
+    }
+
+    def key(self, table: pa.Table, cfg: DedupConfig, ctx: Any) -> pa.Array:
+        return table.column("uid").combine_chunks()
+
+
 register(TextDedupStage())
 register(ImageDedupStage())
+register(UidDedupStage())

@@ -2,7 +2,8 @@
 
 For each alive row: no bytes -> `missing_image` (when `ImageConfig.required`); bytes that
 Pillow cannot open and fully decode (truncated files, garbage, decompression bombs larger
-than `PIL.Image.MAX_IMAGE_PIXELS`) -> `bad_image`; the shorter side under `min_size` ->
+than `PIL.Image.MAX_IMAGE_PIXELS`, kept on even when another library turned it off) ->
+`bad_image`; the shorter side under `min_size` ->
 `image_too_small`; longer / shorter side over `max_aspect_ratio` -> `bad_aspect_ratio`.
 Kept rows come out as RGB JPEG bytes in `image` (EXIF orientation applied, transparency
 composited on white, longer side resized to `max_size` with Lanczos when it is larger).
@@ -33,11 +34,13 @@ from kiln.data_curation.stage import MapStage, register
 from kiln.data_curation.stages import alive_mask, mark_dropped, replace_column
 
 __all__ = [
+    "PILLOW_MAX_IMAGE_PIXELS",
     "DecodedImage",
     "ImageConfig",
     "ImageStage",
     "apply_image_checks",
     "decode_rgb",
+    "max_pixels",
     "pixel_sha256",
 ]
 
@@ -87,18 +90,31 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+#: Pillow's own default for `PIL.Image.MAX_IMAGE_PIXELS` (about 0.25 GB of RGB).
+PILLOW_MAX_IMAGE_PIXELS = 89_478_485
+
+
+def max_pixels() -> int:
+    """The decompression-bomb bound images are checked against before they are decoded:
+    `PIL.Image.MAX_IMAGE_PIXELS`, or Pillow's default when something set it to None (some
+    libraries turn the guard off on import; kiln keeps it on)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return int(limit) if limit is not None else PILLOW_MAX_IMAGE_PIXELS
+
+
 def decode_rgb(data: bytes) -> DecodedImage:
     """Open and fully decode `data` to an upright RGB image; raises on any bad input.
 
-    Raises `ValueError` for images over `PIL.Image.MAX_IMAGE_PIXELS` (decompression bombs)
-    and whatever Pillow raises for truncated or unreadable bytes.
+    Raises `ValueError` for images over `max_pixels()` (decompression bombs: checked from
+    the header, before any pixel is decoded) and whatever Pillow raises for truncated or
+    unreadable bytes.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         image = Image.open(io.BytesIO(data))
     width, height = image.size
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and width * height > limit:
+    limit = max_pixels()
+    if width * height > limit:
         raise ValueError(f"{width}x{height} image exceeds MAX_IMAGE_PIXELS={limit}")
     if width < 1 or height < 1:
         raise ValueError(f"image has size {width}x{height}")

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kiln.contracts import StrictModel, make_uid
 from kiln.data_curation.stage import MapStage, register
@@ -52,6 +52,15 @@ class TextConfig(StrictModel):
     drop_junk: bool = Field(
         default=True, description="drop filename-like and boilerplate alt-texts ('IMG_2041.jpg')"
     )
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> TextConfig:
+        if self.min_chars > self.max_chars:
+            raise ValueError(
+                f"min_chars={self.min_chars} is above max_chars={self.max_chars}, so every "
+                "caption would be dropped: lower min_chars or raise max_chars"
+            )
+        return self
 
 
 _WHITESPACE = re.compile(r"\s+")
