@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from kiln.models.config import ModelConfig
+from kiln.training.engine import restore_cpu_adam_step
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -318,6 +319,7 @@ def load_checkpoint(engine: Any, run_dir: str | Path, tag: str) -> dict[str, Any
     )
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {run_dir}")
+    restore_cpu_adam_step(engine)
     rng_path = checkpoints_dir(run_dir) / tag / f"rng_rank{rank}.pt"
     restore_rng_state(torch.load(rng_path, map_location="cpu", weights_only=False))
     return dict(client_state or {})
