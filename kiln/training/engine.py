@@ -61,6 +61,7 @@ def import_deepspeed() -> ModuleType:
     import deepspeed
 
     _patch_scalar_broadcast(deepspeed)
+    _patch_zero3_fp32_master(deepspeed)
     return deepspeed
 
 
@@ -90,6 +91,42 @@ def _patch_scalar_broadcast(deepspeed: ModuleType) -> None:
 
     _broadcast_model._kiln_scalar_safe = True  # type: ignore[attr-defined]
     engine_cls._broadcast_model = _broadcast_model
+
+
+def _patch_zero3_fp32_master(deepspeed: ModuleType) -> None:
+    """ZeRO-3 with fp32 parameters: let the rank's partition of the parameters be the fp32
+    master partition itself, as DeepSpeed intends, instead of a second copy of it.
+
+    DeepSpeed 0.19's ``DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions`` aliases the
+    master partition to the parameter partition when that is already in the master dtype
+    on the optimizer's device, but tests it with ``tensor.device == self.device``, where
+    ``self.device`` is a string (``get_accelerator().current_device_name()``) and a
+    ``torch.device`` never equals a string: it always clones, so every fp32 ZeRO-3 rank
+    held its parameter partition twice (per-rank parameters + optimizer state 4/3 of 1/N of
+    ZeRO-0's). While that method runs, ``self.device`` is made a ``torch.device``, so the
+    test holds and DeepSpeed's own alias branch runs (after each step it copies master ->
+    partition with ``.data.copy_``, a no-op on an alias, as its comment there says).
+    Values and losses are unchanged (the copy was exact). bf16 runs (different dtype) and
+    optimizer offload (its own branch, a CPU copy) are unaffected. Idempotent.
+    """
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    cls: Any = DeepSpeedZeroOptimizer_Stage3
+    original = getattr(cls, "_create_fp32_partitions", None)
+    if original is None or getattr(original, "_kiln_fp32_alias", False):
+        return
+
+    def _create_fp32_partitions(self: Any) -> None:
+        saved = self.device
+        if isinstance(saved, str) and not self.offload_optimizer:
+            self.device = torch.device(saved)
+        try:
+            original(self)
+        finally:
+            self.device = saved
+
+    _create_fp32_partitions._kiln_fp32_alias = True  # type: ignore[attr-defined]
+    cls._create_fp32_partitions = _create_fp32_partitions
 
 
 def use_bf16(cfg: TrainConfig, *, cuda: bool | None = None) -> bool:

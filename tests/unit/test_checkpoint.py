@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from kiln.models.config import ModelConfig
 from kiln.training.checkpoint import (
@@ -90,21 +88,6 @@ def test_atomic_write_replaces_without_leftovers(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------ a real DeepSpeed engine
-
-
-@pytest.fixture
-def single_rank(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """A one-rank gloo world in this process (what the launchers set up per rank)."""
-    from kiln.training.launch import free_port
-
-    port = free_port()
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1").items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("MASTER_PORT", str(port))
-    monkeypatch.delenv("LOCAL_SIZE", raising=False)
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def tiny_engine(tmp_path: Path) -> tuple[Any, TrainConfig]:
