@@ -52,7 +52,7 @@ class OptimConfig(StrictModel):
 
 
 class ZeroConfig(StrictModel):
-    """DeepSpeed ZeRO sharding and precision."""
+    """DeepSpeed ZeRO sharding, precision and CPU offload."""
 
     stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["auto", "fp32", "bf16"] = Field(
