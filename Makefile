@@ -57,6 +57,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_curation_scale.py --sizes 10000 100000 1000000 --scaling-size 1000000
 	$(PY) benchmarks/bench_activation_memory.py
 	$(PY) benchmarks/bench_zero_memory.py
+	$(PY) benchmarks/gpu_train.py  # without CUDA: says so and runs its CPU smoke configuration
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

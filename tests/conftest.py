@@ -1,12 +1,15 @@
-"""Shared fixtures: the real data folder, and the environment every test process needs."""
+"""Shared fixtures: the real data folder, a one-rank process group, and the environment
+every test process needs."""
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -31,8 +34,6 @@ def shared_data() -> Path:
 @pytest.fixture
 def single_rank(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A one-rank gloo world in this process (what the launchers set up per rank)."""
-    import torch.distributed as dist
-
     from kiln.training.launch import free_port
 
     port = free_port()
@@ -42,4 +43,8 @@ def single_rank(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.delenv("LOCAL_SIZE", raising=False)
     yield
     if dist.is_initialized():
-        dist.destroy_process_group()
+        ds_comm = sys.modules.get("deepspeed.comm.comm")  # where its `cdb` global lives
+        if ds_comm is not None and getattr(ds_comm, "cdb", None) is not None:
+            ds_comm.destroy_process_group()  # also drops DeepSpeed's cached groups
+        else:
+            dist.destroy_process_group()

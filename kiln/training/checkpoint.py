@@ -63,6 +63,7 @@ from kiln.training.checkpoint_index import (
     step_of_tag,
     tag_for_step,
 )
+from kiln.training.engine import restore_cpu_adam_step
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -485,6 +486,7 @@ def load_checkpoint(engine: Any, run_dir: str | Path, tag: str, *, seed: int = 0
     )
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {run_dir}")
+    restore_cpu_adam_step(engine)
     if elastic:
         from kiln.training.data import derive_rng
 

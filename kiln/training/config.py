@@ -52,7 +52,7 @@ class OptimConfig(StrictModel):
 
 
 class ZeroConfig(StrictModel):
-    """DeepSpeed ZeRO sharding and precision."""
+    """DeepSpeed ZeRO sharding, precision and CPU offload."""
 
     stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["auto", "fp32", "bf16"] = Field(
@@ -64,6 +64,38 @@ class ZeroConfig(StrictModel):
         description="ZeRO-3: parameters with fewer elements stay whole on every rank "
         "(DeepSpeed's stage3_param_persistence_threshold); None keeps DeepSpeed's default",
     )
+    offload_optimizer: Literal["none", "cpu"] = Field(
+        default="none",
+        description="ZeRO 1-3: keep the fp32 master weights and Adam state in CPU memory and "
+        "step them there with DeepSpeed's vectorized CPU Adam (ZeRO-Offload): frees "
+        "accelerator memory for a slower optimizer step",
+    )
+    offload_param: Literal["none", "cpu"] = Field(
+        default="none",
+        description="ZeRO-3 only: keep the partitioned parameters in CPU memory and bring "
+        "each to the accelerator when its layer runs (ZeRO-Infinity)",
+    )
+    offload_pin_memory: bool = Field(
+        default=True,
+        description="offloaded tensors live in page-locked memory (faster copies to and from "
+        "the GPU; no effect on CPU-only runs)",
+    )
+
+    @model_validator(mode="after")
+    def _check_offload(self) -> ZeroConfig:
+        if self.offload_optimizer != "none" and self.stage == 0:
+            raise ValueError(
+                f"zero.offload_optimizer={self.offload_optimizer!r} needs ZeRO stage 1, 2 or 3 "
+                "(DeepSpeed offloads the optimizer's partition): set zero.stage, or "
+                "offload_optimizer: none"
+            )
+        if self.offload_param != "none" and self.stage != 3:
+            raise ValueError(
+                f"zero.offload_param={self.offload_param!r} needs ZeRO stage 3 (only stage 3 "
+                f"partitions the parameters; zero.stage is {self.stage}): set zero.stage: 3, "
+                "or offload_param: none (offload_optimizer works with stages 1-3)"
+            )
+        return self
 
 
 class CheckpointConfig(StrictModel):

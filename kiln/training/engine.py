@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -30,6 +31,8 @@ __all__ = [
     "init_distributed",
     "param_groups",
     "prebuild_comm_ops",
+    "prebuild_offload_ops",
+    "restore_cpu_adam_step",
     "set_runtime_env",
     "use_bf16",
 ]
@@ -58,6 +61,7 @@ def import_deepspeed() -> ModuleType:
     import deepspeed
 
     _patch_scalar_broadcast(deepspeed)
+    _patch_zero3_fp32_master(deepspeed)
     return deepspeed
 
 
@@ -89,6 +93,42 @@ def _patch_scalar_broadcast(deepspeed: ModuleType) -> None:
     engine_cls._broadcast_model = _broadcast_model
 
 
+def _patch_zero3_fp32_master(deepspeed: ModuleType) -> None:
+    """ZeRO-3 with fp32 parameters: let the rank's partition of the parameters be the fp32
+    master partition itself, as DeepSpeed intends, instead of a second copy of it.
+
+    DeepSpeed 0.19's ``DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions`` aliases the
+    master partition to the parameter partition when that is already in the master dtype
+    on the optimizer's device, but tests it with ``tensor.device == self.device``, where
+    ``self.device`` is a string (``get_accelerator().current_device_name()``) and a
+    ``torch.device`` never equals a string: it always clones, so every fp32 ZeRO-3 rank
+    held its parameter partition twice (per-rank parameters + optimizer state 4/3 of 1/N of
+    ZeRO-0's). While that method runs, ``self.device`` is made a ``torch.device``, so the
+    test holds and DeepSpeed's own alias branch runs (after each step it copies master ->
+    partition with ``.data.copy_``, a no-op on an alias, as its comment there says).
+    Values and losses are unchanged (the copy was exact). bf16 runs (different dtype) and
+    optimizer offload (its own branch, a CPU copy) are unaffected. Idempotent.
+    """
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    cls: Any = DeepSpeedZeroOptimizer_Stage3
+    original = getattr(cls, "_create_fp32_partitions", None)
+    if original is None or getattr(original, "_kiln_fp32_alias", False):
+        return
+
+    def _create_fp32_partitions(self: Any) -> None:
+        saved = self.device
+        if isinstance(saved, str) and not self.offload_optimizer:
+            self.device = torch.device(saved)
+        try:
+            original(self)
+        finally:
+            self.device = saved
+
+    _create_fp32_partitions._kiln_fp32_alias = True  # type: ignore[attr-defined]
+    cls._create_fp32_partitions = _create_fp32_partitions
+
+
 def use_bf16(cfg: TrainConfig, *, cuda: bool | None = None) -> bool:
     """bf16 when asked for, or with precision=auto on a CUDA machine; fp32 otherwise."""
     if cfg.zero.precision == "bf16":
@@ -104,7 +144,10 @@ def build_ds_config(
     ranks train on GPUs; default: whether this machine has one).
 
     The optimizer is torch's AdamW: on GPU its fused kernel (one launch for all
-    parameters); on CPU the default, so CPU runs keep their exact numbers."""
+    parameters); on CPU the default, so CPU runs keep their exact numbers. With
+    ``zero.offload_optimizer: cpu`` it is DeepSpeed's vectorized DeepSpeedCPUAdam instead
+    (AdamW mode), which steps the offloaded fp32 master weights in CPU memory; its op is
+    compiled once by `prebuild_ops`."""
     o, z = cfg.optim, cfg.zero
     if cuda is None:
         cuda = torch.cuda.is_available()
@@ -113,13 +156,21 @@ def build_ds_config(
         "betas": list(o.betas),
         "eps": o.eps,
         "weight_decay": o.weight_decay,
-        "torch_adam": True,
     }
-    if cuda:
-        adamw["fused"] = True
+    if z.offload_optimizer == "none":
+        adamw["torch_adam"] = True
+        if cuda:
+            adamw["fused"] = True
     zero: dict[str, Any] = {"stage": z.stage}
     if z.stage == 3 and z.param_persistence_threshold is not None:
         zero["stage3_param_persistence_threshold"] = z.param_persistence_threshold
+    if z.offload_optimizer != "none":
+        zero["offload_optimizer"] = {
+            "device": z.offload_optimizer,
+            "pin_memory": z.offload_pin_memory,
+        }
+    if z.offload_param != "none":
+        zero["offload_param"] = {"device": z.offload_param, "pin_memory": z.offload_pin_memory}
     bf16 = use_bf16(cfg, cuda=cuda)
     return {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
@@ -246,3 +297,85 @@ def prebuild_comm_ops() -> None:
     if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
         return
     builder.load(verbose=False)
+
+
+def prebuild_offload_ops(cfg: TrainConfig) -> None:
+    """With ``zero.offload_optimizer`` on, build (or load from cache) DeepSpeed's CPU Adam op
+    here, once, before any rank starts.
+
+    DeepSpeedCPUAdam compiles its C++ op on first use (about 2 minutes on 2 cores; cached
+    under TORCH_EXTENSIONS_DIR afterwards); compiled here, the ranks only load it. The same
+    op serves CPU and GPU machines (it runs on the host either way). No-op without offload.
+    """
+    if cfg.zero.offload_optimizer == "none":
+        return
+    deepspeed = import_deepspeed()
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("CPUAdamBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        raise RuntimeError(
+            "zero.offload_optimizer=cpu needs DeepSpeed's cpu_adam op, which this DeepSpeed "
+            f"install cannot build on this {get_accelerator().device_name()!r} machine (see "
+            "`ds_report`): set zero.offload_optimizer: none"
+        )
+    cache = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / builder.name / f"{builder.name}.so"
+    fresh = not cache.is_file()
+    if fresh:
+        sys.stdout.write(
+            f"[kiln] compiling DeepSpeed's {builder.name} op for zero.offload_optimizer "
+            f"(once per environment, about 2 minutes on 2 cores; cached in {cache.parent})\n"
+        )
+        sys.stdout.flush()
+    started = time.perf_counter()
+    try:
+        builder.load(verbose=False)
+    except Exception as e:  # compiler missing or failing: say what to do, not a traceback
+        raise RuntimeError(
+            f"zero.offload_optimizer=cpu needs DeepSpeed's {builder.name} op, which failed to "
+            f"compile ({type(e).__name__}: {e}): install a C++ compiler with OpenMP (g++), "
+            "or set zero.offload_optimizer: none"
+        ) from e
+    if fresh:
+        sys.stdout.write(f"[kiln] {builder.name} op ready ({time.perf_counter() - started:.0f}s)\n")
+        sys.stdout.flush()
+
+
+def restore_cpu_adam_step(engine: Any) -> None:
+    """After a checkpoint load, bring DeepSpeedCPUAdam's C++ step state to the loaded step,
+    so a resumed ZeRO-Offload run continues bitwise like one that never stopped.
+
+    The compiled op keeps the bias-correction products beta1^t, beta2^t in floats, updated
+    by one multiplication per step; a freshly built op at step t+1 computes pow(beta, t+1)
+    instead, which rounds differently. Replaying steps 1..t with empty tensors makes it
+    take the same multiplications as the uninterrupted run (microseconds per step). No-op
+    for any other optimizer or before the first step.
+    """
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    opt = getattr(engine, "basic_optimizer", None)
+    if not isinstance(opt, DeepSpeedCPUAdam):
+        return
+    steps = {int(state["step"]) for state in opt.state.values() if "step" in state}
+    if not steps:
+        return
+    if len(steps) != 1:
+        raise RuntimeError(f"DeepSpeedCPUAdam state holds different step counts {sorted(steps)}")
+    group = opt.param_groups[0]
+    beta1, beta2 = group["betas"]
+    empty = torch.empty(0, dtype=torch.float32)
+    for t in range(1, steps.pop() + 1):
+        opt.ds_opt_adam.adam_update(
+            opt.opt_id,
+            t,
+            group["lr"],
+            beta1,
+            beta2,
+            group["eps"],
+            group["weight_decay"],
+            group["bias_correction"],
+            empty,
+            empty,
+            empty,
+            empty,
+        )

@@ -40,7 +40,7 @@ from pydantic import BaseModel, Field
 from kiln.training.checkpoint import check_resumable, resume_checkpoint
 from kiln.training.config import TrainConfig
 from kiln.training.data import WebDatasetLoader, dataset_has_text
-from kiln.training.engine import prebuild_comm_ops, set_runtime_env
+from kiln.training.engine import prebuild_comm_ops, prebuild_offload_ops, set_runtime_env
 from kiln.training.loop import SUMMARY_FILE, check_run_dir
 
 __all__ = [
@@ -164,6 +164,7 @@ def train(
     started = time.perf_counter()
     set_runtime_env()
     prebuild_comm_ops()
+    prebuild_offload_ops(cfg)
     if launcher == "local":
         _launch_local(cfg, run, num_workers, cpus_per_worker, gpus_per_worker, resume, recipe_hash)
     else:

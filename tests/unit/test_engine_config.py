@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
+import pytest
+from pydantic import ValidationError
+
 from kiln.training.config import TrainConfig
 from kiln.training.engine import build_ds_config
 
@@ -25,3 +30,42 @@ def test_gpu_ranks_get_fused_adamw_and_bf16_cpu_ranks_keep_exact_fp32() -> None:
 def test_zero3_persistence_threshold_reaches_deepspeed() -> None:
     z = build_ds_config(_cfg(stage=3, param_persistence_threshold=0), 2, cuda=False)
     assert z["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 0}
+
+
+def test_optimizer_offload_hands_deepspeed_its_cpu_adam_on_cpu_and_gpu() -> None:
+    for cuda in (False, True):
+        ds = build_ds_config(_cfg(stage=2, offload_optimizer="cpu"), 2, cuda=cuda)
+        assert ds["zero_optimization"] == {
+            "stage": 2,
+            "offload_optimizer": {"device": "cpu", "pin_memory": True},
+        }
+        # no torch_adam: DeepSpeed then builds DeepSpeedCPUAdam for the offloaded partition
+        params = ds["optimizer"]["params"]
+        assert "torch_adam" not in params and "fused" not in params
+        assert ds["optimizer"]["type"] == "AdamW" and ds["bf16"]["enabled"] is cuda
+
+
+def test_zero3_offloads_parameters_and_optimizer_with_pinning_from_the_recipe() -> None:
+    cfg = _cfg(stage=3, offload_optimizer="cpu", offload_param="cpu", offload_pin_memory=False)
+    z = build_ds_config(cfg, 4, cuda=True)["zero_optimization"]
+    assert z["offload_param"] == {"device": "cpu", "pin_memory": False}
+    assert z["offload_optimizer"] == {"device": "cpu", "pin_memory": False}
+    # parameters alone: the optimizer stays torch's fused AdamW on the GPU
+    alone = build_ds_config(_cfg(stage=3, offload_param="cpu"), 4, cuda=True)
+    assert "offload_optimizer" not in alone["zero_optimization"]
+    assert alone["optimizer"]["params"]["fused"] is True
+
+
+@pytest.mark.parametrize(
+    ("zero", "needle"),
+    [
+        ({"stage": 2, "offload_param": "cpu"}, "offload_param='cpu' needs ZeRO stage 3"),
+        ({"stage": 0, "offload_optimizer": "cpu"}, "needs ZeRO stage 1, 2 or 3"),
+        ({"stage": 2, "offload_optimizer": "nvme"}, "offload_optimizer"),
+    ],
+)
+def test_offload_needs_a_stage_that_partitions_what_it_offloads(
+    zero: dict[str, object], needle: str
+) -> None:
+    with pytest.raises(ValidationError, match=re.escape(needle)):
+        _cfg(**zero)
