@@ -64,8 +64,19 @@ def _start(recipe: J, **fields: Any) -> tuple[J, Path]:
     status; returns the resolved recipe and the run dir."""
     recipe = resolve_paths(recipe)
     run = Path(recipe.run_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    dump_recipe(recipe, run / "recipe.yaml")
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        dump_recipe(recipe, run / "recipe.yaml")
+    except (FileExistsError, NotADirectoryError) as e:
+        raise RecipeError(
+            f"run_dir {str(run)!r} cannot be a folder: {e.filename or run} is a file; "
+            "choose another run_dir"
+        ) from e
+    except OSError as e:
+        raise RecipeError(
+            f"run_dir {str(run)!r} cannot be written ({e.strerror}): choose a writable "
+            "run_dir (--set run_dir=...)"
+        ) from e
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     previous: dict[str, Any] = read_status(run) if fields.get("resumed") else {}
     attempt = {"started": now, "pid": os.getpid(), "host": socket.gethostname()}

@@ -7,6 +7,7 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -16,6 +17,22 @@ from typing import Any
 __all__ = ["build_parser", "main"]
 
 _USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError, PermissionError)
+#: Storage failures a user fixes outside kiln (space, quota, a read-only mount).
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+def _storage_message(e: OSError) -> str:
+    where = f" writing {e.filename}" if e.filename else ""
+    fix = {
+        errno.ENOSPC: "free some space",
+        errno.EDQUOT: "free some of your quota",
+        errno.EROFS: "make it writable or choose another run_dir",
+    }.get(e.errno or 0, "fix the storage")
+    return (
+        f"{e.strerror}{where}: {fix}, then run the same command again. Nothing written so "
+        "far is lost: curation reuses its finished steps, training resumes from its latest "
+        "complete checkpoint (`kiln resume RUN_DIR`)"
+    )
 
 
 def _add_set(p: argparse.ArgumentParser, example: str = "balance.t=50") -> None:
@@ -325,6 +342,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(args)
     except _USER_ERRORS as e:
         print(f"kiln {args.verb}: error: {_root_cause(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        cause = _root_cause(e)
+        if not isinstance(cause, OSError) or cause.errno not in _STORAGE_ERRNOS:
+            raise
+        print(f"kiln {args.verb}: error: {_storage_message(cause)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `kiln runs | head`: the reader left, nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

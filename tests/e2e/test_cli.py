@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -268,3 +269,44 @@ def test_readme_python_api_example_runs(root: Path) -> None:
     manifest = json.loads((root / "curate" / "dataset" / "manifest.json").read_text())
     assert int(count) == manifest["num_samples"]
     assert "torch.Size([1, " in proc.stdout and "torch.Size([2, " in proc.stdout
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs (needs root's mount; skipped where mounting is not allowed)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mnt)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()})")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_run_dir_that_cannot_be_written_is_one_clear_line(root: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    for run_dir in (blocker, blocker / "run"):
+        proc = kiln(*curate_args(root, "--set", f"run_dir={run_dir}"), check=False)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "is a file; choose another run_dir" in proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert blocker.read_text() == "not a folder"  # nothing of the user's was touched
+
+
+def test_disk_full_and_read_only_are_one_clear_line(root: Path, tiny_disk: Path) -> None:
+    """Curating onto a 1 MiB disk fills it; remounted read-only, it cannot be written."""
+    full = kiln(*curate_args(root, "--set", f"run_dir={tiny_disk}/run"), check=False)
+    assert full.returncode == 2, full.stderr[-3000:]
+    assert (
+        "No space left on device" in full.stderr and "Nothing written so far is lost" in full.stderr
+    )
+    assert "Traceback" not in full.stderr
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_disk)], check=True)
+    ro = kiln(*curate_args(root, "--set", f"run_dir={tiny_disk}/other"), check=False)
+    assert ro.returncode == 2 and "Read-only file system" in ro.stderr, ro.stderr[-3000:]
+    assert "Traceback" not in ro.stderr
