@@ -62,7 +62,7 @@ def test_text_columns_give_one_row_per_text_in_record_order(tmp_path: Path, fmt:
 
 
 def test_text_columns_errors_name_the_fix(tmp_path: Path) -> None:
-    with pytest.raises(ValidationError, match="text_column and input.text_columns are both set"):
+    with pytest.raises(ValidationError, match=r"text_column and input\.text_columns are both set"):
         InputConfig(format="jsonl", paths=["p"], text_column="alt", text_columns=["alt"])
     with pytest.raises(ValidationError, match="list each text column once"):
         InputConfig(format="jsonl", paths=["p"], text_columns=["alt", "alt"])
