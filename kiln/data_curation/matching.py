@@ -237,6 +237,9 @@ def _hash_strings(offsets: np.ndarray, data: np.ndarray) -> np.ndarray:
     return (hashes >> np.uint64(1)).astype(np.int64)
 
 
+#: `spacing()`'s wrapped punctuation as one RE2 group (for `pc.replace_substring_regex`)
+_WRAP_PATTERN = "([" + re.escape("".join(_PUNCTS_TO_WRAP)) + "])"
+
 _SEPARATOR, _PUNCT = 1, 2
 _BYTE_CLASS = np.zeros(256, dtype=np.uint8)
 _BYTE_CLASS[[ord(c) for c in (" ", *_CHARS_TO_SPACE)]] = _SEPARATOR
@@ -723,6 +726,10 @@ class NoSpaceMatcher:
         self._padded_ids = np.asarray(padded, dtype=np.int32)
         self._trie = EntryMatcher(self.entries[i] for i in padded)
         self._automaton: Any = None
+        # length (in characters) of each entry's key, to find where a hit starts
+        self._key_length = np.asarray(
+            [len(no_space_key(entry)) for entry in self.entries], dtype=np.int64
+        )
         if keys:
             self._automaton = ahocorasick.Automaton()
             for key, ids in keys.items():
@@ -761,17 +768,56 @@ class NoSpaceMatcher:
         """`list<int32>` of sorted entry ids per row (never null), as `EntryMatcher`."""
         if isinstance(texts, pa.ChunkedArray):
             texts = texts.combine_chunks() if texts.num_chunks else pa.array([], type=pa.string())
+        if pa.types.is_string_view(texts.type):
+            texts = texts.cast(pa.string())
         trie = self._trie.match_arrow(texts)
         offsets = trie.offsets.to_numpy().astype(np.int64)
         values = self._padded_ids[pc.list_flatten(trie).to_numpy(zero_copy_only=False)]
+        rows = len(texts)
         if self._automaton is None or not (
             pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)
         ):
             return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
-        rows: list[list[int]] = []
-        ids = values.tolist()
-        for i, text in enumerate(texts.to_pylist()):
-            found = ids[offsets[i] : offsets[i + 1]]
-            extra = self._substring_ids(text)
-            rows.append(sorted(set(found) | extra) if extra else found)
-        return pa.array(rows, type=pa.list_(pa.int32()))
+        hit_rows, hit_ids = self._substring_hits(texts)
+        trie_rows = np.repeat(np.arange(rows, dtype=np.int64), np.diff(offsets))
+        size = np.int64(max(1, len(self.entries)))
+        pairs = np.sort(np.concatenate([trie_rows * size + values, hit_rows * size + hit_ids]))
+        if pairs.size > 1:  # an entry found by both, or twice, counts once
+            pairs = pairs[np.concatenate(([True], pairs[1:] != pairs[:-1]))]
+        counts = np.bincount(pairs // size, minlength=rows)
+        new_offsets = np.zeros(rows + 1, dtype=np.int32)
+        np.cumsum(counts, out=new_offsets[1:])
+        return pa.ListArray.from_arrays(
+            pa.array(new_offsets), pa.array((pairs % size).astype(np.int32))
+        )
+
+    def _substring_hits(self, texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        """(row, entry id) of every automaton key found in a row's `spacing()`, for a whole
+        string array at once: the spaced captions are laid end to end in one string (each
+        begins and ends with a space) and searched in one pass; a hit that straddles two
+        rows is discarded, so each row sees exactly its own text."""
+        spaced = pc.replace_substring_regex(pc.fill_null(texts, ""), _WRAP_PATTERN, r" \1 ")
+        spaced = pc.replace_substring_regex(spaced, "[\t\n\r]", " ")
+        spaced = pc.binary_join_element_wise(" ", spaced, " ", "")  # spacing(), vectorized
+        starts = np.zeros(len(texts) + 1, dtype=np.int64)
+        np.cumsum(pc.utf8_length(spaced).to_numpy(zero_copy_only=False), out=starts[1:])
+        found_rows: list[int] = []
+        found_ids: list[int] = []
+        key_length = self._key_length
+        joined = "".join(spaced.to_pylist())
+        for end, ids in self._automaton.iter(joined):
+            found_rows.append(end)
+            found_ids.append(ids)
+        if not found_rows:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        ends = np.asarray(found_rows, dtype=np.int64)
+        first_ids = np.asarray([ids[0] for ids in found_ids], dtype=np.int64)
+        begin = ends - key_length[first_ids] + 1
+        row = np.searchsorted(starts, ends, side="right") - 1
+        inside = np.searchsorted(starts, begin, side="right") - 1 == row
+        per_hit = np.asarray([len(ids) for ids in found_ids], dtype=np.int64)
+        flat = np.fromiter(
+            (e for ids in found_ids for e in ids), dtype=np.int64, count=int(per_hit.sum())
+        )
+        keep = np.repeat(inside, per_hit)
+        return np.repeat(row, per_hit)[keep], flat[keep]

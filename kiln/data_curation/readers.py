@@ -579,7 +579,15 @@ def _read_text_columns(
         )
         for c in cfg.text_columns or []
     ]
-    for tables in zip(*passes, strict=True):
+    aligned = zip(*passes, strict=True)
+    while True:
+        try:
+            tables = next(aligned)
+        except StopIteration:
+            return
+        except ValueError as e:  # a missing column: name the field the user set
+            message = str(e).replace("set input.text_column to", "fix input.text_columns with")
+            raise ValueError(message.replace("input.text_column=", "input.text_columns: ")) from e
         rows = tables[0].column("source_row")
         if any(not t.column("source_row").equals(rows) for t in tables):
             raise RuntimeError(f"{path!r}: the text_columns passes read different records")

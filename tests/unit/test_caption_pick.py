@@ -70,7 +70,9 @@ def test_text_columns_errors_name_the_fix(tmp_path: Path) -> None:
         InputConfig(format="jsonl", paths=["p"], text_columns=[])
     path = tmp_path / "pool.parquet"
     pq.write_table(pa.Table.from_pylist(RECORDS), path)
-    with pytest.raises(ValueError, match=r"'caption' is not a column of .*alt, key, title, url"):
+    with pytest.raises(
+        ValueError, match=r"input\.text_columns: 'caption' is not a column of .*alt, key, title"
+    ):
         _read(path, "parquet", text_columns=["alt", "caption"])
 
 

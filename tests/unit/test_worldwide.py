@@ -385,3 +385,16 @@ def test_plan_links_balance_to_the_match_map(tmp_path: Path) -> None:
         build_plan([{"stage": "worldwide_balance", "t": 10}])
     with pytest.raises(ValueError, match="language"):
         build_plan([{"stage": "worldwide_match", "entries": files}])  # no language stage
+
+
+def test_batch_search_never_matches_across_rows() -> None:
+    """The batch path lays spaced captions end to end: a key spanning two rows is no hit."""
+    entries = ["狗  猫", "狗", ". 猫"]
+    captions = ["我的狗", "猫很好", None, "狗  猫", "a.猫"]
+    matcher = NoSpaceMatcher(entries)
+    want = [naive_match_no_space(c, entries) if c is not None else [] for c in captions]
+    assert want == [[1], [], [], [0, 1], [2]]
+    assert matcher.match_arrow(pa.array(captions)).to_pylist() == want
+    assert matcher.match_arrow(pa.array(captions, pa.string_view())).to_pylist() == want
+    assert matcher.match_arrow(pa.chunked_array([captions[:2], captions[2:]])).to_pylist() == want
+    assert matcher.match_many(captions) == want
