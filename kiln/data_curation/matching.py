@@ -801,16 +801,16 @@ class NoSpaceMatcher:
         spaced = pc.binary_join_element_wise(" ", spaced, " ", "")  # spacing(), vectorized
         starts = np.zeros(len(texts) + 1, dtype=np.int64)
         np.cumsum(pc.utf8_length(spaced).to_numpy(zero_copy_only=False), out=starts[1:])
-        found_rows: list[int] = []
-        found_ids: list[int] = []
+        found_ends: list[int] = []
+        found_ids: list[tuple[int, ...]] = []
         key_length = self._key_length
         joined = "".join(spaced.to_pylist())
         for end, ids in self._automaton.iter(joined):
-            found_rows.append(end)
+            found_ends.append(end)
             found_ids.append(ids)
-        if not found_rows:
+        if not found_ends:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        ends = np.asarray(found_rows, dtype=np.int64)
+        ends = np.asarray(found_ends, dtype=np.int64)
         first_ids = np.asarray([ids[0] for ids in found_ids], dtype=np.int64)
         begin = ends - key_length[first_ids] + 1
         row = np.searchsorted(starts, ends, side="right") - 1

@@ -29,17 +29,16 @@ from kiln.data_curation.stages.metaclip_balance import (
     entry_hashes,
     keep_probabilities,
 )
-from kiln.data_curation.stages.worldwide import (
+from kiln.data_curation.stages.worldwide_balance import (
     WorldwideBalanceConfig,
     WorldwideBalanceStage,
-    WorldwideMatchConfig,
-    WorldwideMatchStage,
     language_counts,
     language_thresholds,
     p_to_t,
     t_to_p,
     tail_share,
 )
+from kiln.data_curation.stages.worldwide_match import WorldwideMatchConfig, WorldwideMatchStage
 
 # (caption, entry, matches under MetaCLIP 2's rule, matches under MetaCLIP 1's padding)
 GOLDEN = [

@@ -10,7 +10,8 @@ from kiln.data_curation.stages import (
     metaclip_balance,
     metaclip_match,
     text,
-    worldwide,
+    worldwide_balance,
+    worldwide_match,
 )
 
 __all__ = [
@@ -21,5 +22,6 @@ __all__ = [
     "metaclip_balance",
     "metaclip_match",
     "text",
-    "worldwide",
+    "worldwide_balance",
+    "worldwide_match",
 ]
