@@ -52,6 +52,7 @@ bench: $(STAMP)
 	@$(PY) -c "import pywordfreq" 2>/dev/null || $(PY) -m pip install -q -c $(CONSTRAINTS) pywordfreq
 	$(PY) benchmarks/bench_matching.py
 	$(PY) benchmarks/bench_balance.py
+	$(PY) benchmarks/bench_language_id.py
 	$(PY) benchmarks/bench_shard_write.py
 	$(PY) benchmarks/bench_image_bytes.py
 	$(PY) benchmarks/bench_curation_scale.py --sizes 10000 100000 1000000 --scaling-size 1000000

@@ -58,7 +58,7 @@ def main() -> None:
                 {"stage": "text_dedup"},
                 {
                     "stage": "metaclip_match",
-                    "entries": str(REPO / "recipes/examples/metadata/visual_concepts.txt"),
+                    "entries": str(REPO / "recipes/examples/metadata/en.txt"),
                 },
                 {"stage": "metaclip_balance", "t": 150},
                 {"stage": "image", "min_size": 64},

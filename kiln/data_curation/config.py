@@ -59,6 +59,12 @@ class InputConfig(StrictModel):
         description="files, folders or globs (any fsspec URL); for synthetic, the pool folder",
     )
     text_column: str = "text"
+    text_columns: list[str] | None = Field(
+        default=None,
+        description="several texts per record (e.g. [alt, title]), instead of text_column: "
+        "one row per text, all with the record's source_row; uids get '#column' when "
+        "uid_column gives them (MetaCLIP 1 tests each; a caption_pick stage keeps one)",
+    )
     url_column: str | None = "url"
     uid_column: str | None = None
     image_column: str | None = None
@@ -97,6 +103,22 @@ class InputConfig(StrictModel):
             missing = missing_folder(self.image_dir, local_only=True)
             if missing:
                 raise ValueError(missing)
+        return self
+
+    @model_validator(mode="after")
+    def _check_text_columns(self) -> InputConfig:
+        columns = self.text_columns
+        if columns is None:
+            return self
+        if not columns or len(set(columns)) != len(columns):
+            raise ValueError(
+                f"input.text_columns={columns}: list each text column once (at least one)"
+            )
+        if self.text_column != "text":  # (the default, which a dumped config repeats)
+            raise ValueError(
+                "input.text_column and input.text_columns are both set: keep one (text_columns "
+                "reads several texts per record)"
+            )
         return self
 
 

@@ -48,9 +48,14 @@ from kiln import storage
 from kiln.contracts import binary_buffers, require_file
 
 __all__ = [
+    "NO_SPACE_PUNCTUATION",
     "EntryMatcher",
+    "NoSpaceMatcher",
+    "is_no_space_char",
     "load_entries",
     "naive_match",
+    "naive_match_no_space",
+    "no_space_key",
     "spacing",
     "unmatchable_entries",
 ]
@@ -231,6 +236,9 @@ def _hash_strings(offsets: np.ndarray, data: np.ndarray) -> np.ndarray:
     hashes ^= hashes >> np.uint64(29)
     return (hashes >> np.uint64(1)).astype(np.int64)
 
+
+#: `spacing()`'s wrapped punctuation as one RE2 group (for `pc.replace_substring_regex`)
+_WRAP_PATTERN = "([" + re.escape("".join(_PUNCTS_TO_WRAP)) + "])"
 
 _SEPARATOR, _PUNCT = 1, 2
 _BYTE_CLASS = np.zeros(256, dtype=np.uint8)
@@ -634,3 +642,182 @@ class EntryMatcher:
         ids = self._key_ids[np.repeat(self._key_starts[hit_keys], per_key) + within]
         order = np.lexsort((ids, row))
         return np.bincount(row, minlength=rows), ids[order]
+
+
+# --------------------------------------------------------------------------- MetaCLIP 2
+
+#: Punctuation that, at an entry's edge, drops the space padding on that side (MetaCLIP 2's
+#: `is_punctuation`: ASCII `string.punctuation` plus common CJK / full-width marks).
+NO_SPACE_PUNCTUATION = frozenset(
+    "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~" + "，。、；：？！“”‘’（）【】《》〈〉「」『』～—"
+)
+_NO_SPACE_RANGES = (
+    (0x4E00, 0x9FFF),  # CJK unified ideographs
+    (0x3400, 0x4DBF),  # extension A
+    (0x20000, 0x2A6DF),  # extensions B..F
+    (0x2A700, 0x2B73F),
+    (0x2B740, 0x2B81F),
+    (0x2B820, 0x2CEAF),
+    (0x2CEB0, 0x2EBEF),
+    (0xF900, 0xFAFF),  # compatibility ideographs
+    (0x2E80, 0x2EFF),  # radicals supplement
+    (0x2F00, 0x2FDF),  # Kangxi radicals
+    (0x2FF0, 0x2FFF),  # ideographic description characters
+    (0x0E00, 0x0E7F),  # Thai
+    (0x0E80, 0x0EFF),  # Lao
+    (0x1000, 0x109F),  # Burmese
+    (0x1780, 0x17FF),  # Khmer
+    (0x0F00, 0x0FFF),  # Tibetan
+)
+
+
+def is_no_space_char(char: str) -> bool:
+    """True for a character that MetaCLIP 2 does not pad with a space when it ends an entry:
+    CJK ideographs, Thai, Lao, Burmese, Khmer, Tibetan, and punctuation
+    (`NO_SPACE_PUNCTUATION`). The ranges are the reference's `is_cjk_or_similar`: e.g.
+    Japanese kana and Hangul are not in them, so kana-final entries keep their padding."""
+    code = ord(char)
+    return char in NO_SPACE_PUNCTUATION or any(lo <= code <= hi for lo, hi in _NO_SPACE_RANGES)
+
+
+def no_space_key(entry: str) -> str:
+    """The string MetaCLIP 2 looks for in `spacing(caption)`: the entry with a space before it
+    unless its first character `is_no_space_char`, and after it unless its last one is. (The
+    empty entry is padded on both sides, as MetaCLIP 1 pads every entry.)"""
+    if not entry:
+        return "  "
+    before = "" if is_no_space_char(entry[0]) else " "
+    after = "" if is_no_space_char(entry[-1]) else " "
+    return f"{before}{entry}{after}"
+
+
+def naive_match_no_space(text: str, entries: Sequence[str]) -> list[int]:
+    """MetaCLIP 2's reference matching: ids of the entries whose `no_space_key` occurs in
+    `spacing(text)`, ascending. The ground truth for `NoSpaceMatcher`."""
+    spaced = spacing(text)
+    return [i for i, entry in enumerate(entries) if no_space_key(entry) in spaced]
+
+
+class NoSpaceMatcher:
+    """Batch matcher with MetaCLIP 2's no-space rule; same results as `naive_match_no_space`.
+
+    An entry padded on both sides (every plain-word entry) is matched exactly as MetaCLIP 1
+    matches it, so those go to an `EntryMatcher` (the token trie). The others (a CJK, Thai,
+    ... or punctuation character at an edge) are substrings that may start or end inside a
+    token: they go to an Aho-Corasick automaton over their keys, run over each caption's
+    `spacing()` (pyahocorasick's `iter` reports every occurrence, overlapping ones too). The
+    two id sets are merged per caption, sorted. Pickles as its entry list.
+    """
+
+    def __init__(self, entries: Iterable[str]) -> None:
+        import ahocorasick
+
+        self.entries: list[str] = list(entries)
+        padded: list[int] = []
+        keys: dict[str, list[int]] = {}
+        for entry_id, entry in enumerate(self.entries):
+            if not isinstance(entry, str):
+                raise TypeError(f"entry {entry_id} is {entry!r}, expected a string")
+            key = no_space_key(entry)
+            if key.startswith(" ") and key.endswith(" "):
+                padded.append(entry_id)
+            else:
+                keys.setdefault(key, []).append(entry_id)
+        self._padded_ids = np.asarray(padded, dtype=np.int32)
+        self._trie = EntryMatcher(self.entries[i] for i in padded)
+        self._automaton: Any = None
+        # length (in characters) of each entry's key, to find where a hit starts
+        self._key_length = np.asarray(
+            [len(no_space_key(entry)) for entry in self.entries], dtype=np.int64
+        )
+        if keys:
+            self._automaton = ahocorasick.Automaton()
+            for key, ids in keys.items():
+                self._automaton.add_word(key, tuple(ids))
+            self._automaton.make_automaton()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __reduce__(self) -> tuple[Any, tuple[list[str]]]:
+        return (NoSpaceMatcher, (self.entries,))
+
+    def match(self, text: str | None) -> list[int]:
+        """Sorted ids of the entries that occur in `text`; a non-string matches nothing."""
+        return self.match_many([text])[0]
+
+    def match_many(self, texts: Iterable[str | None]) -> list[list[int]]:
+        """Sorted entry ids per caption; a null or non-string caption matches nothing."""
+        items = [t if isinstance(t, str) else None for t in texts]
+        padded = self._padded_ids.tolist()
+        rows = [[padded[i] for i in ids] for ids in self._trie.match_many(items)]
+        if self._automaton is not None:
+            for row, text in zip(rows, items, strict=True):
+                extra = self._substring_ids(text)
+                if extra:
+                    row[:] = sorted(set(row) | extra)
+        return rows
+
+    def _substring_ids(self, text: str | None) -> set[int]:
+        """Ids of the one-side-unpadded entries whose key occurs in `spacing(text)`."""
+        if text is None or self._automaton is None:
+            return set()
+        return {e for _end, ids in self._automaton.iter(spacing(text)) for e in ids}
+
+    def match_arrow(self, texts: pa.Array | pa.ChunkedArray) -> pa.ListArray:
+        """`list<int32>` of sorted entry ids per row (never null), as `EntryMatcher`."""
+        if isinstance(texts, pa.ChunkedArray):
+            texts = texts.combine_chunks() if texts.num_chunks else pa.array([], type=pa.string())
+        if pa.types.is_string_view(texts.type):
+            texts = texts.cast(pa.string())
+        trie = self._trie.match_arrow(texts)
+        offsets = trie.offsets.to_numpy().astype(np.int64)
+        values = self._padded_ids[pc.list_flatten(trie).to_numpy(zero_copy_only=False)]
+        rows = len(texts)
+        if self._automaton is None or not (
+            pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)
+        ):
+            return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
+        hit_rows, hit_ids = self._substring_hits(texts)
+        trie_rows = np.repeat(np.arange(rows, dtype=np.int64), np.diff(offsets))
+        size = np.int64(max(1, len(self.entries)))
+        pairs = np.sort(np.concatenate([trie_rows * size + values, hit_rows * size + hit_ids]))
+        if pairs.size > 1:  # an entry found by both, or twice, counts once
+            pairs = pairs[np.concatenate(([True], pairs[1:] != pairs[:-1]))]
+        counts = np.bincount(pairs // size, minlength=rows)
+        new_offsets = np.zeros(rows + 1, dtype=np.int32)
+        np.cumsum(counts, out=new_offsets[1:])
+        return pa.ListArray.from_arrays(
+            pa.array(new_offsets), pa.array((pairs % size).astype(np.int32))
+        )
+
+    def _substring_hits(self, texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        """(row, entry id) of every automaton key found in a row's `spacing()`, for a whole
+        string array at once: the spaced captions are laid end to end in one string (each
+        begins and ends with a space) and searched in one pass; a hit that straddles two
+        rows is discarded, so each row sees exactly its own text."""
+        spaced = pc.replace_substring_regex(pc.fill_null(texts, ""), _WRAP_PATTERN, r" \1 ")
+        spaced = pc.replace_substring_regex(spaced, "[\t\n\r]", " ")
+        spaced = pc.binary_join_element_wise(" ", spaced, " ", "")  # spacing(), vectorized
+        starts = np.zeros(len(texts) + 1, dtype=np.int64)
+        np.cumsum(pc.utf8_length(spaced).to_numpy(zero_copy_only=False), out=starts[1:])
+        found_ends: list[int] = []
+        found_ids: list[tuple[int, ...]] = []
+        key_length = self._key_length
+        joined = "".join(spaced.to_pylist())
+        for end, ids in self._automaton.iter(joined):
+            found_ends.append(end)
+            found_ids.append(ids)
+        if not found_ends:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        ends = np.asarray(found_ends, dtype=np.int64)
+        first_ids = np.asarray([ids[0] for ids in found_ids], dtype=np.int64)
+        begin = ends - key_length[first_ids] + 1
+        row = np.searchsorted(starts, ends, side="right") - 1
+        inside = np.searchsorted(starts, begin, side="right") - 1 == row
+        per_hit = np.asarray([len(ids) for ids in found_ids], dtype=np.int64)
+        flat = np.fromiter(
+            (e for ids in found_ids for e in ids), dtype=np.int64, count=int(per_hit.sum())
+        )
+        keep = np.repeat(inside, per_hit)
+        return np.repeat(row, per_hit)[keep], flat[keep]

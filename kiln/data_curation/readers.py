@@ -34,7 +34,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from kiln import storage
 from kiln.contracts import SAMPLE_SCHEMA, make_uid, register_drop_reason
@@ -819,6 +821,9 @@ def read_file(
     this is what each read task runs.
     """
     _check_config(cfg)
+    if cfg.text_columns:
+        yield from _read_text_columns(path, cfg, max_rows, row_groups)
+        return
     images = (
         _ImageFolder(cfg.image_dir, allow_absolute=cfg.allow_absolute_image_paths)
         if cfg.image_dir and cfg.image_path_column
@@ -840,6 +845,49 @@ def read_file(
             f"cannot read {path!r} as {cfg.format}: {type(e).__name__}: {e} "
             "(is input.format right, and is the file complete?)"
         ) from e
+
+
+def _read_text_columns(
+    path: str, cfg: InputConfig, max_rows: int | None, row_groups: tuple[int, int] | None
+) -> Iterator[pa.Table]:
+    """`input.text_columns`: the file read once per text column, the passes' tables (same
+    records, same chunks) interleaved into one row per (record, text), in file order; with
+    `uid_column`, each row's uid is the record's plus '#column'."""
+    passes = [
+        read_file(
+            path,
+            cfg.model_copy(update={"text_column": c, "text_columns": None}),
+            max_rows,
+            row_groups=row_groups,
+        )
+        for c in cfg.text_columns or []
+    ]
+    aligned = zip(*passes, strict=True)
+    while True:
+        try:
+            tables = next(aligned)
+        except StopIteration:
+            return
+        except ValueError as e:  # a missing column: name the field the user set
+            message = str(e).replace("set input.text_column to", "fix input.text_columns with")
+            raise ValueError(message.replace("input.text_column=", "input.text_columns: ")) from e
+        rows = tables[0].column("source_row")
+        if any(not t.column("source_row").equals(rows) for t in tables):
+            raise RuntimeError(f"{path!r}: the text_columns passes read different records")
+        if cfg.uid_column:
+            tables = tuple(
+                t.set_column(
+                    t.schema.get_field_index("uid"),
+                    "uid",
+                    pc.binary_join_element_wise(t.column("uid"), f"#{c}", ""),
+                )
+                for t, c in zip(tables, cfg.text_columns or [], strict=True)
+            )
+        merged = pa.concat_tables(tables)
+        n = tables[0].num_rows
+        # row i of pass c is at c * n + i: take record by record
+        order = np.arange(len(tables) * n).reshape(len(tables), n).T.ravel()
+        yield merged.take(pa.array(order))
 
 
 def effective_input(cfg: InputConfig) -> InputConfig:

@@ -1163,9 +1163,9 @@ def _totals(plan: list[PlanStep], steps: dict[str, StepStats]) -> dict[str, Any]
     deduped = 0
     for p in plan:
         s = steps[p.name]
-        if p.stage.name == "metaclip_match":
+        if p.stage.name in ("metaclip_match", "worldwide_match"):
             matched = int(s.extra.get("matched", 0))
-        if p.stage.name == "metaclip_balance":
+        if p.stage.name in ("metaclip_balance", "worldwide_balance"):
             kept = s.rows_out
         if p.stage.kind == "keyed":
             deduped += sum(s.dropped.values())

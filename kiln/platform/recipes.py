@@ -299,6 +299,8 @@ def _resolve_stage_paths(spec: dict[str, Any]) -> dict[str, Any]:
     for name, info in config.model_fields.items():
         if is_path_field(info) and isinstance(out.get(name), str):
             out[name] = _absolute(out[name])
+        elif is_path_field(info) and isinstance(out.get(name), dict):  # e.g. language -> file
+            out[name] = {k: _absolute(v) if isinstance(v, str) else v for k, v in out[name].items()}
     return out
 
 

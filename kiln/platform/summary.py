@@ -15,6 +15,7 @@ __all__ = [
     "format_eval",
     "format_result",
     "format_train",
+    "language_rows",
 ]
 
 
@@ -31,6 +32,20 @@ def balance_effect_of(curation: dict[str, Any]) -> dict[str, Any] | None:
         if effect:
             return dict(effect)
     return None
+
+
+def language_rows(curation: dict[str, Any]) -> list[tuple[str, int, int | None, int]]:
+    """(language, matched, t, kept) per language of a worldwide (MetaCLIP 2) curation, by
+    matched count descending; empty for other plans."""
+    matched: dict[str, int] = {}
+    balance: dict[str, Any] = {}
+    for step in (curation.get("steps") or {}).values():
+        extra = step.get("extra") or {}
+        matched = extra.get("matched_by_language", matched)
+        balance = extra if "t_by_language" in extra else balance
+    t, kept = balance.get("t_by_language") or {}, balance.get("kept_by_language") or {}
+    rows = [(code, int(n), t.get(code), int(kept.get(code, 0))) for code, n in matched.items()]
+    return sorted(rows, key=lambda row: (-row[1], row[0]))
 
 
 def format_curation(r: dict[str, Any]) -> str:
@@ -66,6 +81,9 @@ def format_curation(r: dict[str, Any]) -> str:
             ("entry", "count before balancing", "after"), [tuple(row) for row in effect["top"]]
         )
         out += f"\nlargest entry count / median: {before} before, {after} after balancing"
+    languages = language_rows(r)
+    if languages:
+        out += "\n\n" + format_table(("language", "matched", "t", "kept"), languages)
     reasons = r.get("dropped_by_reason") or {}
     if reasons:
         rows = sorted(reasons.items(), key=lambda kv: -int(kv[1]))

@@ -331,3 +331,85 @@ def test_laion_english_example_drops_other_languages(
     assert result.dropped_by_reason.get("language", 0) > 10
     languages = result.steps["language"].extra["languages"]
     assert list(languages) == ["en"] and languages["en"] == result.steps["language"].rows_out
+
+
+# --------------------------------------------------------------------------- worldwide
+
+
+def test_laion_worldwide_example_counts_languages(
+    ray_session: None, shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """recipes/examples/laion_worldwide_curate.yaml on the 1,000 real multilingual alt-texts:
+    the languages found, matched and kept per language, t per language."""
+    from kiln.platform.recipes import load_recipe, resolve_paths
+    from kiln.platform.summary import format_curation
+
+    repo = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(repo)
+    recipe = resolve_paths(
+        load_recipe(
+            repo / "recipes" / "examples" / "laion_worldwide_curate.yaml",
+            [f"input.paths=[{shared_data / 'laion_alttext' / 'test_1000.parquet'}]"],
+        )
+    )
+    cfg = CurationConfig.model_validate(recipe.model_dump(include=set(CurationConfig.model_fields)))
+    result = run_curation(cfg, str(tmp_path / "run"))
+    _check_accounting(result)
+    found = result.steps["language"].extra["languages"]
+    assert len(found) >= 15 and max(found, key=found.get) == "en"
+    matched = result.steps["worldwide_match"].extra["matched_by_language"]
+    balance = result.steps["worldwide_balance"].extra
+    listed = set(cfg.plan()[3].config.entries)  # type: ignore[attr-defined]
+    assert set(matched) <= listed and len(matched) >= 4 and sum(matched.values()) == result.matched
+    assert set(balance["kept_by_language"]) <= set(matched)
+    assert sum(balance["kept_by_language"].values()) == result.kept_after_balance
+    assert balance["t_by_language"]["en"] == 100
+    assert all(1 <= t <= 100 for t in balance["t_by_language"].values())
+    unlisted = sum(n for code, n in found.items() if code not in listed)
+    assert result.dropped_by_reason["no_metadata_for_language"] >= unlisted > 0
+    assert "language  matched  t" in format_curation(result.model_dump(mode="json"))
+
+
+def test_multi_caption_records_each_or_one_picked(ray_session: None, tmp_path: Path) -> None:
+    """input.text_columns: MetaCLIP 1 tests each text as its own pair; with caption_pick
+    (MetaCLIP 2) one matched text per record survives, the same one on a rerun."""
+    records = [
+        {"id": f"r{i}", "alt": f"a dog number {i}", "title": t, "url": f"http://x/{i}.jpg"}
+        for i, t in enumerate(["red dog", None, "no match here", "a red cat", "dog"] * 8)
+    ]
+    pool = tmp_path / "pool.parquet"
+    pq.write_table(pa.Table.from_pylist(records), pool)
+    entries = _write_entries(tmp_path / "entries.txt", ["dog", "red", "cat"])
+
+    def run(name: str, pick: bool) -> CurationResult:
+        stages: list[dict[str, Any]] = [
+            {"stage": "text"},
+            {"stage": "metaclip_match", "entries": entries},
+        ]
+        if pick:
+            stages.append({"stage": "caption_pick", "seed": 7})
+        stages.append({"stage": "metaclip_balance", "t": 1000})
+        cfg = CurationConfig(
+            input=InputConfig(
+                format="parquet", paths=[str(pool)], text_columns=["alt", "title"], uid_column="id"
+            ),
+            stages=stages,
+        )
+        return run_curation(cfg, str(tmp_path / name))
+
+    each = run("each", pick=False)
+    _check_accounting(each)
+    assert each.samples_in == 80
+    # every alt matches; titles: "red dog", "a red cat", "dog" match, None / "no match" do not
+    assert each.samples_out == 40 + 24
+    assert each.dropped_by_reason == {"empty_text": 8, "no_metadata_match": 8}
+    one = run("one", pick=True)
+    _check_accounting(one)
+    assert one.samples_out == 40
+    assert one.dropped_by_reason["caption_not_picked"] == 24
+    uids = _dataset_uids(one.dataset_dir)
+    assert sorted(u.split("#")[0] for u in uids) == sorted(r["id"] for r in records)
+    picked_titles = sum(u.endswith("#title") for u in uids)
+    assert 4 <= picked_titles <= 20  # about half of the 24 two-text records
+    again = run("again", pick=True)
+    assert _dataset_uids(again.dataset_dir) == uids

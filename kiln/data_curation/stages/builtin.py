@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 from kiln.data_curation.stages import (
+    caption_pick,
     dedup,
     image,
     language,
     metaclip_balance,
     metaclip_match,
     text,
+    worldwide_balance,
+    worldwide_match,
 )
 
-__all__ = ["dedup", "image", "language", "metaclip_balance", "metaclip_match", "text"]
+__all__ = [
+    "caption_pick",
+    "dedup",
+    "image",
+    "language",
+    "metaclip_balance",
+    "metaclip_match",
+    "text",
+    "worldwide_balance",
+    "worldwide_match",
+]
