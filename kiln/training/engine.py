@@ -8,8 +8,11 @@ that on machines without CUDA (otherwise it probes for GPUs and may pick a wrong
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import math
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -224,12 +227,46 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return groups
 
 
+_LISTENERS: list[socket.socket] = []  # rank 0's store sockets, alive as long as the process
+
+
+def _loopback_store() -> dist.TCPStore | None:
+    """A rendezvous store that listens on loopback only, when MASTER_ADDR is a loopback
+    address (every single-machine run); None otherwise (torch's default store then).
+
+    torch's TCPStore server listens on every interface whatever MASTER_ADDR says; handed
+    a socket bound to MASTER_ADDR, it listens there alone. Gloo's own sockets follow
+    ``GLOO_SOCKET_IFNAME`` (set to ``lo`` here unless the user set it).
+    """
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    try:
+        ip = ipaddress.ip_address(socket.gethostbyname(addr))
+    except (OSError, ValueError):
+        return None
+    if not ip.is_loopback:
+        return None
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    timeout = datetime.timedelta(minutes=30)  # torch's default for process groups
+    if rank != 0:
+        return dist.TCPStore(str(ip), port, world, False, timeout=timeout)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((str(ip), port))
+    sock.listen(128)
+    _LISTENERS.append(sock)
+    return dist.TCPStore(
+        str(ip), port, world, True, timeout=timeout, master_listen_fd=sock.fileno()
+    )
+
+
 def init_distributed() -> bool:
     """Make sure torch.distributed and DeepSpeed's comm layer are up; True if we created the
     process group (then the caller destroys it at the end).
 
     Reuses a group someone else made (Ray Train does); otherwise reads RANK, WORLD_SIZE,
     LOCAL_RANK, MASTER_ADDR, MASTER_PORT from the environment (gloo on CPU, nccl on GPU).
+    With a loopback MASTER_ADDR nothing listens beyond loopback (`_loopback_store`).
     """
     deepspeed = import_deepspeed()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -247,7 +284,12 @@ def init_distributed() -> bool:
             )
         # Made here rather than by DeepSpeed so a process that trained before (and left
         # DeepSpeed's comm object behind) still gets a fresh group.
-        dist.init_process_group(backend=backend, init_method="env://")
+        store = _loopback_store()
+        if store is None:
+            dist.init_process_group(backend=backend, init_method="env://")
+        else:
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
         created = True
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     return created
