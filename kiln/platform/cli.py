@@ -37,6 +37,24 @@ def _add_address(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_launch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--launcher",
+        choices=["ray", "local", "torchrun"],
+        default=None,
+        help="how ranks start (sets resources.launcher): Ray Train workers, local processes, "
+        "or this process is one rank of a torchrun / srun world",
+    )
+    p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=None,
+        metavar="N",
+        help="restart every rank from the latest complete checkpoint after a rank dies, up "
+        "to N times (sets resources.max_restarts; ray and local launchers)",
+    )
+
+
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML file")
     _add_set(p)
@@ -61,11 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(sub.add_parser("curate", help="curate a raw pool into WebDataset shards"))
     t = sub.add_parser("train", help="train a model from a train recipe")
     _add_recipe_args(t)
+    _add_launch_args(t)
 
     r = sub.add_parser("resume", help="resume a train run from its latest checkpoint")
     r.add_argument("run_dir", help="the run folder a `kiln train` wrote")
     _add_set(r, "max_steps=600")
     _add_address(r)
+    _add_launch_args(r)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint (eval recipe, or a train run dir)")
     e.add_argument("target", help="eval recipe YAML, or a train run dir to evaluate as configured")
@@ -173,10 +193,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         from kiln.platform.quickstart import run_quickstart
 
         return run_quickstart(args.root, overrides=args.overrides)
-    # --address is one more override, so it lands in the recorded recipe like any other
-    overrides = list(getattr(args, "overrides", [])) + (
-        [f"ray.address={args.address}"] if getattr(args, "address", None) else []
-    )
+    # --address, --launcher, --max-restarts are overrides, so they land in the recorded
+    # recipe like any other
+    overrides = list(getattr(args, "overrides", []))
+    for flag, field in (
+        ("address", "ray.address"),
+        ("launcher", "resources.launcher"),
+        ("max_restarts", "resources.max_restarts"),
+    ):
+        if getattr(args, flag, None) is not None:
+            overrides.append(f"{field}={getattr(args, flag)}")
     if args.verb in ("curate", "train"):
         recipe = load_recipe(args.recipe, overrides)
         if recipe.kind != args.verb:
