@@ -15,7 +15,12 @@ from typing import Any
 
 __all__ = ["build_parser", "main"]
 
-_USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError, PermissionError)
+_USER_ERRORS: tuple[type[BaseException], ...] = (
+    FileNotFoundError,
+    FileExistsError,
+    ValueError,
+    PermissionError,
+)
 
 
 def _add_set(p: argparse.ArgumentParser, example: str = "balance.t=50") -> None:
@@ -182,6 +187,8 @@ def _add_metadata(sub: Any) -> None:
 def _print_result(result: Any) -> None:
     from kiln.platform.summary import format_result
 
+    if getattr(result, "rank", 0) != 0:
+        return  # under torchrun / srun every rank runs the command; rank 0 reports
     print(format_result(result))
 
 

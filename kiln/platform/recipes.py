@@ -51,7 +51,7 @@ class Resources(StrictModel):
     `local` as plain processes on this machine, `torchrun` as the one rank of this process
     (started by torchrun or srun, which decide the world size). `max_restarts` is how many
     times a failed rank makes the launcher restart every rank from the latest complete
-    checkpoint (0: a failure ends the run, as with Ray Train and torchrun by default).
+    checkpoint (0: a failure ends the run, as with Ray Train by default).
     """
 
     workers: int = Field(default=2, ge=1, description="training ranks / Ray Train workers")
@@ -62,7 +62,7 @@ class Resources(StrictModel):
         default=0,
         ge=0,
         description="restarts from the latest complete checkpoint after a rank fails "
-        "(launchers ray and local; under torchrun use its own --max-restarts)",
+        "(launchers ray and local)",
     )
     placement: Placement = Field(
         default="pack",
@@ -79,9 +79,9 @@ class Resources(StrictModel):
             )
         if self.max_restarts and self.launcher == "torchrun":
             raise ValueError(
-                f"max_restarts={self.max_restarts} is not kiln's to do under launcher=torchrun: "
-                "pass --max-restarts to torchrun instead (a restarted rank resumes from the "
-                "latest complete checkpoint) and leave resources.max_restarts at 0"
+                f"max_restarts={self.max_restarts} needs launcher ray or local: under "
+                "launcher=torchrun the starter restarts ranks (a requeued Slurm job resumes "
+                "from the latest complete checkpoint); leave resources.max_restarts at 0"
             )
         return self
 

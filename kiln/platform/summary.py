@@ -84,7 +84,7 @@ def format_train(r: dict[str, Any]) -> str:
         ("latest checkpoint", r.get("latest_checkpoint")),
     ]
     if r.get("restarts"):
-        pairs.append(("restarts after a failure", r["restarts"]))
+        pairs.append(("restarts", r["restarts"]))
     return format_kv(pairs, "training")
 
 

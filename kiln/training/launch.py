@@ -19,7 +19,7 @@ same losses.
   the latest complete checkpoint, and records where its ranks ran in
   ``{run_dir}/ray_train/{name}/kiln_attempts.jsonl``.
 - ``launcher="torchrun"``: this process is one rank of a world started by torchrun or srun
-  (`kiln.training.torchrun`); a restart by torchrun resumes from the latest checkpoint.
+  (`kiln.training.torchrun`); a requeued Slurm job resumes from the latest checkpoint.
 
 A restarted attempt resumes when the run dir holds a complete checkpoint: `train` refused a
 fresh run on top of existing checkpoints, so one that appears later was written by an
@@ -92,6 +92,9 @@ class TrainSummary(BaseModel):
         default_factory=list,
         description="Ray node id of each rank's worker in the last attempt (launcher ray)",
     )
+    rank: int = Field(
+        default=0, description="rank of the process it describes (launcher torchrun: this one)"
+    )
 
 
 class TrainLaunchError(RuntimeError):
@@ -119,6 +122,7 @@ def _read_summary(
     started: float,
     restarts: int = 0,
     nodes: list[str] | None = None,
+    rank: int = 0,
 ) -> TrainSummary:
     path = run / SUMMARY_FILE
     if not path.is_file():
@@ -137,6 +141,7 @@ def _read_summary(
         wall_s=time.perf_counter() - started,
         restarts=restarts,
         nodes=nodes or [],
+        rank=rank,
     )
 
 
@@ -197,14 +202,15 @@ def train(
         )
     ranks = rank_env() if launcher == "torchrun" else None
     if ranks is not None and max_restarts:
-        raise ValueError("under launcher='torchrun', restarts are torchrun's --max-restarts")
+        raise ValueError(
+            "max_restarts needs launcher 'ray' or 'local': torchrun / srun start ranks"
+        )
     world = ranks.world_size if ranks is not None else num_workers
     _preflight(cfg, world)
     run = Path(run_dir).resolve()
     run.mkdir(parents=True, exist_ok=True)
-    if ranks is not None and ranks.restarts and latest_checkpoint(run) is not None:
-        resume = True  # torchrun / Slurm restarted this rank: continue the run
-    check_run_dir(run, resume)
+    if ranks is None:  # under torchrun, `run_rank` checks once it knows of restarts
+        check_run_dir(run, resume)
     if ranks is None or ranks.rank == 0:
         (run / SUMMARY_FILE).unlink(missing_ok=True)
     started = time.perf_counter()
@@ -212,8 +218,10 @@ def train(
     prebuild_comm_ops()
     threads = _threads(cpus_per_worker)
     if ranks is not None:
-        run_rank(cfg, run, ranks, num_threads=threads, resume=resume, recipe_hash=recipe_hash)
-        return _read_summary(run, launcher, started, restarts=ranks.restarts)
+        restarts = run_rank(
+            cfg, run, ranks, num_threads=threads, resume=resume, recipe_hash=recipe_hash
+        )
+        return _read_summary(run, launcher, started, restarts=restarts, rank=ranks.rank)
     if launcher == "local":
         restarts = _launch_local(
             cfg, run, world, threads, gpus_per_worker, resume, recipe_hash, max_restarts

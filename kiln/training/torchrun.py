@@ -13,9 +13,16 @@
 they do for torchrun inside a Slurm allocation) and names what is missing otherwise;
 `run_rank` exports it as torch's ``env://`` variables and trains this rank in-process.
 
-A restart by the starter itself (torchrun ``--max-restarts``: ``TORCHELASTIC_RESTART_COUNT``
-> 0; a requeued Slurm job: ``SLURM_RESTART_COUNT`` > 0) is counted in `RankEnv.restarts`,
-and `kiln.training.launch.train` then resumes from the latest complete checkpoint.
+A world started again by its starter resumes from the latest complete checkpoint: a requeued
+Slurm job (``SLURM_RESTART_COUNT`` > 0, the same on every task) or ranks restarted by
+torchrun (``TORCHELASTIC_RESTART_COUNT`` > 0). torchrun counts restarts per node (the agent
+whose rank failed counts one, the others restart their ranks without counting), so
+`run_rank` takes the largest count of all ranks once the process group is up, and every rank
+decides the same. torchrun's own ``--max-restarts`` is not a way to heal a kiln run on CPU,
+though: tried with torch 2.13 and gloo (``--rdzv-backend c10d``), the restarted ranks could
+not form DeepSpeed's process groups (gloo read the dead ranks' addresses from the previous
+attempt's rendezvous keys; one node: connection refused, two nodes: a hang). Use kiln's
+``ray`` or ``local`` launcher with ``max_restarts`` for that.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+from kiln.training.checkpoint import latest_checkpoint
 from kiln.training.config import TrainConfig
 
 __all__ = ["RankEnv", "export_rank_env", "rank_env", "run_rank"]
@@ -130,9 +138,32 @@ def run_rank(
     num_threads: int,
     resume: bool,
     recipe_hash: str,
-) -> None:
-    """Train this process's rank to the end (collective with the other processes)."""
-    from kiln.training.loop import train_worker
+) -> int:
+    """Train this process's rank to the end (collective with the other processes); returns
+    how many times the starter restarted the ranks (the largest count of any rank).
+
+    A restarted world resumes from the latest complete checkpoint when there is one; a
+    first start refuses a run dir that already holds checkpoints unless `resume`.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from kiln.training.engine import init_distributed
+    from kiln.training.loop import check_run_dir, train_worker
 
     export_rank_env(ranks)
-    train_worker(cfg, str(run), resume=resume, recipe_hash=recipe_hash, num_threads=num_threads)
+    created = init_distributed()
+    try:
+        count = torch.tensor([ranks.restarts])
+        if dist.get_backend() == dist.Backend.NCCL:
+            count = count.cuda()
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        restarts = int(count.item())
+        if restarts and latest_checkpoint(run) is not None:
+            resume = True
+        check_run_dir(run, resume)
+        train_worker(cfg, str(run), resume=resume, recipe_hash=recipe_hash, num_threads=num_threads)
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+    return restarts

@@ -3,9 +3,9 @@ and the run finishes with the losses of one that never failed (2 gloo ranks, Dee
 ZeRO-2, CPU fp32), with the local launcher (`max_restarts`) and with Ray Train
 (`FailureConfig.max_failures`).
 
-Steps 1..6 with checkpoints at 2, 4, 6; rank 1 alone dies after step 5 (once: the fault's
-marker file stops it from firing again), so the restarted attempt resumes from step 4 and
-trains 5 and 6 again. `metrics.jsonl` then holds step 5 twice; the last record of each step
+`short_run_config`: steps 1..6 with checkpoints at 2, 4, 6; rank 1 alone dies after step 5
+(once: the fault's marker file stops it from firing again), so the restarted attempt resumes
+from step 4 and trains 5 and 6 again. `metrics.jsonl` then holds step 5 twice; the last record of each step
 must equal the uninterrupted reference bitwise.
 """
 
@@ -17,44 +17,11 @@ from pathlib import Path
 import pytest
 
 from kiln.training import TrainLaunchError, TrainSummary, train
-from kiln.training.config import TrainConfig
 from kiln.training.loop import FAULT_SIGKILL_AFTER_STEP, FAULT_SIGKILL_RANK
-from tests.helpers_datasets import write_tiny_dataset
-from tests.helpers_training import TINY_MODEL
+from tests.helpers_training import SHORT_RUN_STEPS as MAX_STEPS
+from tests.helpers_training import short_run_config as config
 
 pytestmark = pytest.mark.slow
-
-MAX_STEPS = 6
-
-
-def config(dataset: str) -> TrainConfig:
-    return TrainConfig.model_validate(
-        {
-            "data": {"dataset": dataset, "batch_size": 4, "num_workers": 1, "shuffle_buffer": 8},
-            "model": TINY_MODEL,
-            "optim": {"lr": 2e-3, "warmup_steps": 1},
-            "zero": {"stage": 2},
-            "checkpoint": {"every_steps": 2},
-            "max_steps": MAX_STEPS,
-            "log_every": 1,
-            "seed": 5,
-        }
-    )
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(write_tiny_dataset(tmp_path_factory.mktemp("restarts") / "ds", num_samples=48))
-
-
-@pytest.fixture(scope="module")
-def reference(dataset: str, tmp_path_factory: pytest.TempPathFactory) -> list[float]:
-    """Losses of the uninterrupted run (local launcher; the Ray launcher gives the same)."""
-    run = tmp_path_factory.mktemp("restarts") / "reference"
-    summary = train(config(dataset), str(run), num_workers=2, launcher="local")
-    assert (summary.last_step, summary.restarts) == (MAX_STEPS, 0)
-    assert len(set(summary.losses)) > 1
-    return summary.losses
 
 
 def last_loss_per_step(run: Path) -> dict[int, float]:
@@ -76,29 +43,31 @@ def check_healed(run: Path, summary: TrainSummary, reference: list[float]) -> No
 
 
 def test_local_launcher_restarts_a_killed_rank(
-    dataset: str,
-    reference: list[float],
+    short_dataset: str,
+    short_reference: list[float],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv(FAULT_SIGKILL_RANK, "1@5")
     run = tmp_path / "run"
-    summary = train(config(dataset), str(run), num_workers=2, launcher="local", max_restarts=2)
-    check_healed(run, summary, reference)
+    summary = train(
+        config(short_dataset), str(run), num_workers=2, launcher="local", max_restarts=2
+    )
+    check_healed(run, summary, short_reference)
     out = capfd.readouterr().out
     assert "[kiln] rank 1 exited with code -9 at " in out
     assert "restarting from step_00000004 (restart 1 of 2)" in out
 
 
 def test_local_launcher_gives_up_when_restarts_are_spent(
-    dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    short_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # every attempt dies after step 3: one restart (from step 2), then the launch fails
     monkeypatch.setenv(FAULT_SIGKILL_AFTER_STEP, "3")
     run = tmp_path / "run"
     with pytest.raises(TrainLaunchError, match=r"after 1 restart\(s\)") as failed:
-        train(config(dataset), str(run), num_workers=2, launcher="local", max_restarts=1)
+        train(config(short_dataset), str(run), num_workers=2, launcher="local", max_restarts=1)
     assert -9 in failed.value.exit_codes.values()
     attempts = {
         json.loads(line)["attempt"] for line in (run / "metrics.jsonl").read_text().splitlines()
@@ -107,8 +76,8 @@ def test_local_launcher_gives_up_when_restarts_are_spent(
 
 
 def test_ray_train_restarts_a_killed_worker(
-    dataset: str,
-    reference: list[float],
+    short_dataset: str,
+    short_reference: list[float],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     ray_session: None,
@@ -116,8 +85,8 @@ def test_ray_train_restarts_a_killed_worker(
     # set after the session's Ray started: the launcher must pass it to the workers itself
     monkeypatch.setenv(FAULT_SIGKILL_RANK, "1@5")
     run = tmp_path / "run"
-    summary = train(config(dataset), str(run), num_workers=2, launcher="ray", max_restarts=1)
-    check_healed(run, summary, reference)
+    summary = train(config(short_dataset), str(run), num_workers=2, launcher="ray", max_restarts=1)
+    check_healed(run, summary, short_reference)
     assert summary.launcher == "ray" and len(summary.nodes) == 2
     (attempts_file,) = (run / "ray_train").glob("*/kiln_attempts.jsonl")
     attempts = [json.loads(line) for line in attempts_file.read_text().splitlines()]

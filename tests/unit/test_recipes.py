@@ -244,7 +244,7 @@ def test_resources_restarts_and_placement() -> None:
     assert (recipe.resources.max_restarts, recipe.resources.placement) == (2, "strict_spread")
     with pytest.raises(RecipeError, match=r"resources\.launcher=ray or drop resources\.placement"):
         load_recipe(train_yaml, ["resources.launcher=local", "resources.placement=spread"])
-    with pytest.raises(RecipeError, match="pass --max-restarts to torchrun"):
+    with pytest.raises(RecipeError, match="max_restarts=1 needs launcher ray or local"):
         load_recipe(train_yaml, ["resources.launcher=torchrun", "resources.max_restarts=1"])
     with pytest.raises(RecipeError, match=r"'resources\.max_restarts' = -1 is invalid"):
         load_recipe(train_yaml, ["resources.max_restarts=-1"])
