@@ -8,8 +8,9 @@ cluster unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1``, and that setting makes i
 127.0.0.1 node address into the machine's routable IP and bind its raylet and agents to
 every interface (0.0.0.0 / ::); nodes on another loopback address (127.0.0.2) also bind to
 every interface. Left at 127.0.0.1, both nodes' processes listen on loopback only (the
-tests check it). Each node has one CPU and a custom resource naming it (``kiln_node_a`` on
-the head, ``kiln_node_b`` on the worker node).
+tests check it). Each node has `NODE_CPUS` CPUs (room for two 1-CPU workers, so only a
+placement strategy puts them on different nodes) and a custom resource naming it
+(``kiln_node_a`` on the head, ``kiln_node_b`` on the worker node).
 
 Each node runs in a session of its own and is ended by its pid. The cluster has its own
 temp dir (removed by `stop`), ports and auth token (``RAY_AUTH_MODE=token`` with
@@ -36,9 +37,10 @@ import psutil
 
 from kiln.training.launch import free_port
 
-__all__ = ["LOOPBACK", "LoopbackCluster", "loopback_cluster"]
+__all__ = ["LOOPBACK", "NODE_CPUS", "LoopbackCluster", "loopback_cluster"]
 
 LOOPBACK = "127.0.0.1"
+NODE_CPUS = 2
 RAY = str(Path(sys.executable).with_name("ray"))
 
 _NODES_SCRIPT = """
@@ -93,7 +95,7 @@ class LoopbackCluster:
         """Start both nodes; returns the alive nodes (node_id, ip, resources)."""
         temp = str(self.temp)
         head = [RAY, "start", "--head", "--block", "--disable-usage-stats"]
-        head += [f"--node-ip-address={LOOPBACK}", f"--port={self.port}", "--num-cpus=1"]
+        head += [f"--node-ip-address={LOOPBACK}", f"--port={self.port}", f"--num-cpus={NODE_CPUS}"]
         head += ['--resources={"kiln_node_a": 1}', f"--temp-dir={temp}"]
         # Ray Train's controller polls the dashboard's State API
         head += ["--include-dashboard=true", f"--dashboard-host={LOOPBACK}"]
@@ -173,7 +175,7 @@ def _worker_node(address: str, temp_dir: str, resources: str) -> None:
     params = RayParams(
         gcs_address=address,
         node_ip_address=LOOPBACK,
-        num_cpus=1,
+        num_cpus=NODE_CPUS,
         resources=json.loads(resources),
         temp_dir=temp_dir,
         include_log_monitor=False,  # the head's log monitor covers this machine

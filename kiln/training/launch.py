@@ -86,7 +86,9 @@ class TrainSummary(BaseModel):
     resumed_from: int | None = Field(description="checkpoint step resumed from, if any")
     wall_s: float = Field(description="seconds the launch took, start-up included")
     restarts: int = Field(
-        default=0, description="times the ranks were restarted after a failure in this launch"
+        default=0,
+        description="times the ranks were started again in this launch (after a failure; "
+        "launcher torchrun: a requeued Slurm job)",
     )
     nodes: list[str] = Field(
         default_factory=list,

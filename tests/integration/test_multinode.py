@@ -4,8 +4,8 @@
 - Ray: a real two-node cluster on 127.0.0.1 (`ray start --head` plus a worker node with
   its own resources, see `tests.helpers_ray_cluster`), `kiln train --address HEAD` with
   `resources.placement: strict_spread`, so each of the 2 Ray Train workers runs on its own
-  node; where they ran is read back from the launch's attempts file and checked against the
-  cluster's nodes.
+  node (either node has room for both: it is the placement that separates them); where
+  they ran is read back from the launch's attempts file and checked against the cluster.
 - torchrun: two torchrun agents (``--nnodes 2 --nproc_per_node 1``, node ranks 0 and 1, the
   rendezvous on 127.0.0.1) each start one `kiln train --launcher torchrun` process; then
   two processes with srun's variables of a requeued job finish the run from its checkpoint.
@@ -176,3 +176,19 @@ def test_torchrun_launcher_outside_torchrun_is_a_clear_error(
     assert "kiln train: error: --launcher torchrun runs one rank per process" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()  # nothing was started or written
+
+
+def test_cli_launch_flags_are_recipe_fields(
+    short_dataset: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kiln.platform.cli import main
+
+    recipe = write_recipe(tmp_path / "r.yaml", short_dataset, tmp_path / "run", {})
+    assert main(["train", str(recipe), "--max-restarts", "-1"]) == 2
+    assert "'resources.max_restarts' = -1 is invalid" in capsys.readouterr().err
+    assert (
+        main(["train", str(recipe), "--launcher", "local", "--set", "resources.placement=spread"])
+        == 2
+    )
+    assert "placement='spread' places Ray Train workers" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
