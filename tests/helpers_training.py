@@ -11,9 +11,19 @@ from torch import nn
 from kiln.models.build import build_model
 from kiln.models.config import ModelConfig
 from kiln.models.tokenizer import tokenize
+from kiln.training.config import TrainConfig
 from kiln.training.objectives.clip import clip_loss
 
-__all__ = ["MICRO_MODEL", "TINY_MODEL", "clip_loss_of", "seeded_model", "tiny_flavor", "word_batch"]
+__all__ = [
+    "MICRO_MODEL",
+    "SHORT_RUN_STEPS",
+    "TINY_MODEL",
+    "clip_loss_of",
+    "seeded_model",
+    "short_run_config",
+    "tiny_flavor",
+    "word_batch",
+]
 
 #: A CLIP small enough for 2-rank DeepSpeed runs on 2 CPU cores in seconds.
 TINY_MODEL: dict[str, Any] = {
@@ -29,6 +39,27 @@ MICRO_MODEL: dict[str, Any] = {
     "vision": {**TINY_MODEL["vision"], "width": 16},
     "text": {**TINY_MODEL["text"], "width": 16, "context_length": 12},
 }
+
+
+#: Steps of `short_run_config`: checkpoints at 2, 4, 6.
+SHORT_RUN_STEPS = 6
+
+
+def short_run_config(dataset: str) -> TrainConfig:
+    """A 6-step, 2-rank-sized ZeRO-2 run of TINY_MODEL checkpointing every 2 steps: the run
+    the restart and multi-node tests train with every launcher and compare bitwise."""
+    return TrainConfig.model_validate(
+        {
+            "data": {"dataset": dataset, "batch_size": 4, "num_workers": 1, "shuffle_buffer": 8},
+            "model": TINY_MODEL,
+            "optim": {"lr": 2e-3, "warmup_steps": 1},
+            "zero": {"stage": 2},
+            "checkpoint": {"every_steps": 2},
+            "max_steps": SHORT_RUN_STEPS,
+            "log_every": 1,
+            "seed": 5,
+        }
+    )
 
 
 def tiny_flavor(arch: str) -> dict[str, Any]:

@@ -59,11 +59,14 @@ def _as(model: BaseModel, cls: type[M]) -> M:
     return cls.model_validate(model.model_dump(include=set(cls.model_fields)))
 
 
-def _start(recipe: J, **fields: Any) -> tuple[J, Path]:
+def _start(recipe: J, *, lead: bool = True, **fields: Any) -> tuple[J, Path]:
     """Resolve the recipe's paths, create its run dir, record the recipe and a `running`
-    status; returns the resolved recipe and the run dir."""
+    status; returns the resolved recipe and the run dir. `lead=False` (every rank but 0 of
+    a torchrun world, each of which runs this) only resolves the paths."""
     recipe = resolve_paths(recipe)
     run = Path(recipe.run_dir)
+    if not lead:
+        return recipe, run
     try:
         run.mkdir(parents=True, exist_ok=True)
         dump_recipe(recipe, run / "recipe.yaml")
@@ -167,10 +170,23 @@ def _evaluate_into(model_file: Path, cfg: Any, out_dir: Path) -> dict[str, Any]:
 
 
 def run_train(recipe: TrainRecipe, *, resume: bool = False) -> Any:
-    """Train (or resume) the recipe's model; evaluates at the end when `eval` names data."""
+    """Train (or resume) the recipe's model; evaluates at the end when `eval` names data.
+
+    With `resources.launcher: torchrun` every process of the world runs this; rank 0 alone
+    writes the run dir's recipe and status and evaluates, and `resources.workers` is the
+    world size torchrun / srun set.
+    """
     from kiln.training import train
 
-    recipe, run = _start(recipe, max_steps=recipe.max_steps, resumed=resume)
+    lead = True
+    if recipe.resources.launcher == "torchrun":
+        from kiln.training.torchrun import rank_env
+
+        ranks = rank_env()  # a clear error outside torchrun / srun
+        lead = ranks.rank == 0
+        resources = recipe.resources.model_copy(update={"workers": ranks.world_size})
+        recipe = recipe.model_copy(update={"resources": resources})
+    recipe, run = _start(recipe, lead=lead, max_steps=recipe.max_steps, resumed=resume)
     res = recipe.resources
     try:
         # the local launcher runs ranks as plain processes: no Ray needed
@@ -190,20 +206,25 @@ def run_train(recipe: TrainRecipe, *, resume: bool = False) -> Any:
                 resume=resume,
                 # stopping early or resuming does not change what is trained
                 recipe_hash=recipe_hash(recipe.model_copy(update={"stop_after_step": None})),
+                max_restarts=res.max_restarts,
+                placement=res.placement,
             )
         finished = summary.last_step >= recipe.max_steps
         eval_result = None
-        if finished and (recipe.eval.zero_shot or recipe.eval.retrieval):
+        if lead and finished and (recipe.eval.zero_shot or recipe.eval.retrieval):
             eval_result = _evaluate_into(resolve_model_file(str(run)), recipe.eval, run)
     except BaseException as e:
-        _failed(run, e)
+        if lead:
+            _failed(run, e)
         raise
-    write_status(
-        run,
-        "completed" if finished else "stopped",
-        last_step=summary.last_step,
-        eval=eval_result,
-    )
+    if lead:
+        write_status(
+            run,
+            "completed" if finished else "stopped",
+            last_step=summary.last_step,
+            restarts=summary.restarts,
+            eval=eval_result,
+        )
     return summary
 
 

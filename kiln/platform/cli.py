@@ -16,7 +16,12 @@ from typing import Any
 
 __all__ = ["build_parser", "main"]
 
-_USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError, PermissionError)
+_USER_ERRORS: tuple[type[BaseException], ...] = (
+    FileNotFoundError,
+    FileExistsError,
+    ValueError,
+    PermissionError,
+)
 #: Storage failures a user fixes outside kiln (space, quota, a read-only mount).
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
@@ -54,6 +59,24 @@ def _add_address(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_launch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--launcher",
+        choices=["ray", "local", "torchrun"],
+        default=None,
+        help="how ranks start (sets resources.launcher): Ray Train workers, local processes, "
+        "or this process is one rank of a torchrun / srun world",
+    )
+    p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=None,
+        metavar="N",
+        help="restart every rank from the latest complete checkpoint after a rank dies, up "
+        "to N times (sets resources.max_restarts; ray and local launchers)",
+    )
+
+
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML file")
     _add_set(p)
@@ -85,11 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t = sub.add_parser("train", help="train a model from a train recipe")
     _add_recipe_args(t)
+    _add_launch_args(t)
 
     r = sub.add_parser("resume", help="resume a train run from its latest checkpoint")
     r.add_argument("run_dir", help="the run folder a `kiln train` wrote")
     _add_set(r, "max_steps=600")
     _add_address(r)
+    _add_launch_args(r)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint (eval recipe, or a train run dir)")
     e.add_argument("target", help="eval recipe YAML, or a train run dir to evaluate as configured")
@@ -187,6 +212,8 @@ def _add_metadata(sub: Any) -> None:
 def _print_result(result: Any) -> None:
     from kiln.platform.summary import format_result
 
+    if getattr(result, "rank", 0) != 0:
+        return  # under torchrun / srun every rank runs the command; rank 0 reports
     print(format_result(result))
 
 
@@ -207,10 +234,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         from kiln.platform.quickstart import run_quickstart
 
         return run_quickstart(args.root, overrides=args.overrides)
-    # --address is one more override, so it lands in the recorded recipe like any other
-    overrides = list(getattr(args, "overrides", [])) + (
-        [f"ray.address={args.address}"] if getattr(args, "address", None) else []
-    )
+    # --address, --launcher, --max-restarts are overrides, so they land in the recorded
+    # recipe like any other
+    overrides = list(getattr(args, "overrides", []))
+    for flag, field in (
+        ("address", "ray.address"),
+        ("launcher", "resources.launcher"),
+        ("max_restarts", "resources.max_restarts"),
+    ):
+        if getattr(args, flag, None) is not None:
+            overrides.append(f"{field}={getattr(args, flag)}")
     if args.verb in ("curate", "train"):
         recipe = load_recipe(args.recipe, overrides)
         if recipe.kind != args.verb:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError, model_valid
 
 from kiln.contracts import StrictModel, is_path_field, json_sha256
 from kiln.data_curation.config import CurationConfig
-from kiln.training.config import EvalConfig, TrainConfig
+from kiln.training.config import EvalConfig, Launcher, Placement, TrainConfig
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -45,12 +45,45 @@ class RecipeError(ValueError):
 
 
 class Resources(StrictModel):
-    """Workers a job runs on; `launcher: local` runs training ranks as plain processes."""
+    """Workers a job runs on and how training ranks are started.
+
+    `launcher: ray` runs the ranks as Ray Train workers (on one machine or a Ray cluster),
+    `local` as plain processes on this machine, `torchrun` as the one rank of this process
+    (started by torchrun or srun, which decide the world size). `max_restarts` is how many
+    times a failed rank makes the launcher restart every rank from the latest complete
+    checkpoint (0: a failure ends the run, as with Ray Train by default).
+    """
 
     workers: int = Field(default=2, ge=1, description="training ranks / Ray Train workers")
     cpus_per_worker: float = Field(default=1.0, gt=0)
     gpus_per_worker: float = Field(default=0.0, ge=0)
-    launcher: Literal["ray", "local"] = "ray"
+    launcher: Launcher = "ray"
+    max_restarts: int = Field(
+        default=0,
+        ge=0,
+        description="restarts from the latest complete checkpoint after a rank fails "
+        "(launchers ray and local)",
+    )
+    placement: Placement = Field(
+        default="pack",
+        description="Ray Train worker placement: pack (fewest nodes), spread, strict_pack "
+        "(one node), strict_spread (each worker on its own node)",
+    )
+
+    @model_validator(mode="after")
+    def _placement_needs_ray(self) -> Resources:
+        if self.placement != "pack" and self.launcher != "ray":
+            raise ValueError(
+                f"placement={self.placement!r} places Ray Train workers, but launcher="
+                f"{self.launcher!r}: set resources.launcher=ray or drop resources.placement"
+            )
+        if self.max_restarts and self.launcher == "torchrun":
+            raise ValueError(
+                f"max_restarts={self.max_restarts} needs launcher ray or local: under "
+                "launcher=torchrun the starter restarts ranks (a requeued Slurm job resumes "
+                "from the latest complete checkpoint); leave resources.max_restarts at 0"
+            )
+        return self
 
 
 class RayConfig(StrictModel):

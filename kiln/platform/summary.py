@@ -101,6 +101,8 @@ def format_train(r: dict[str, Any]) -> str:
         ("samples/s", _num(r.get("samples_per_s"))),
         ("latest checkpoint", r.get("latest_checkpoint")),
     ]
+    if r.get("restarts"):
+        pairs.append(("restarts", r["restarts"]))
     return format_kv(pairs, "training")
 
 

@@ -20,12 +20,20 @@ __all__ = [
     "CheckpointConfig",
     "DataConfig",
     "EvalConfig",
+    "Launcher",
     "ModelConfig",
     "ObjectiveConfig",
     "OptimConfig",
+    "Placement",
     "TrainConfig",
     "ZeroConfig",
 ]
+
+#: How training ranks are started (`kiln.training.launch`): Ray Train workers, local
+#: subprocesses, or one rank per process started by torchrun / srun.
+Launcher = Literal["ray", "local", "torchrun"]
+#: Where Ray Train places its workers: Ray's placement-group strategies, lower case.
+Placement = Literal["pack", "spread", "strict_pack", "strict_spread"]
 
 
 class DataConfig(StrictModel):

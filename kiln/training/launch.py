@@ -8,11 +8,23 @@ same losses.
 - ``launcher="local"``: ``num_workers`` subprocesses of ``python -m kiln.training.launch``
   on this machine, each in its own session (process group) so the parent can stop a rank
   together with its DataLoader workers; rank 0's log is echoed to stdout; per-rank logs go
-  to ``{run_dir}/logs/``. If any rank fails, the others are stopped and `TrainLaunchError`
-  carries the exit codes and the failing rank's log tail.
+  to ``{run_dir}/logs/``. If any rank fails, the others are stopped; with restarts left
+  (``max_restarts``) every rank is started again from the latest complete checkpoint,
+  otherwise `TrainLaunchError` carries the exit codes and the failing rank's log tail.
 - ``launcher="ray"``: a Ray Train ``TorchTrainer`` on the Ray cluster the caller connected
-  to (``ray.init`` first; ``kiln.platform`` does it). Ray Train makes the process group and
-  sets RANK/LOCAL_RANK/MASTER_ADDR...; DeepSpeed reuses that group.
+  to (``ray.init`` first; ``kiln.platform`` does it), on one node or several (``placement``).
+  Ray Train makes the process group and sets RANK/LOCAL_RANK/MASTER_ADDR...; DeepSpeed
+  reuses that group. A dead worker makes Ray Train restart the whole group (up to
+  ``max_restarts`` times, its ``FailureConfig.max_failures``); each attempt resumes from
+  the latest complete checkpoint, and records where its ranks ran in
+  ``{run_dir}/ray_train/{name}/kiln_attempts.jsonl``.
+- ``launcher="torchrun"``: this process is one rank of a world started by torchrun or srun
+  (`kiln.training.torchrun`); a requeued Slurm job resumes from the latest checkpoint.
+
+A restarted attempt resumes when the run dir holds a complete checkpoint: `train` refused a
+fresh run on top of existing checkpoints, so one that appears later was written by an
+earlier attempt of this launch. Every rank looks before any collective, while no rank of
+the failed attempt is alive to write, so all ranks agree.
 
 DeepSpeed's CPU comm op is built (or loaded from its cache) once in the launching process
 before any rank starts, so ranks never race to compile it.
@@ -32,18 +44,20 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import BaseModel, Field
 
-from kiln.training.checkpoint import check_resumable, resume_checkpoint
-from kiln.training.config import TrainConfig
+from kiln.training.checkpoint import check_resumable, latest_checkpoint, resume_checkpoint
+from kiln.training.config import Launcher, Placement, TrainConfig
 from kiln.training.data import WebDatasetLoader, dataset_has_text
 from kiln.training.engine import prebuild_comm_ops, prebuild_offload_ops, set_runtime_env
-from kiln.training.loop import SUMMARY_FILE, check_run_dir
+from kiln.training.loop import SUMMARY_FILE, _log, check_run_dir
+from kiln.training.torchrun import rank_env, run_rank
 
 __all__ = [
+    "ATTEMPTS_FILE",
     "CONFIG_FILE",
     "TrainLaunchError",
     "TrainSummary",
@@ -53,14 +67,16 @@ __all__ = [
 ]
 
 CONFIG_FILE = "train_config.json"
+ATTEMPTS_FILE = "kiln_attempts.jsonl"
 _LOG_TAIL_BYTES = 6000
+_FAULT_PREFIX = "KILN_FAULT_"
 
 
 class TrainSummary(BaseModel):
     """What one `train()` invocation did."""
 
     run_dir: str
-    launcher: Literal["ray", "local"]
+    launcher: Launcher
     world_size: int
     first_step: int = Field(description="first step trained by this invocation")
     last_step: int = Field(description="step reached (== max_steps when finished)")
@@ -69,6 +85,18 @@ class TrainSummary(BaseModel):
     latest_checkpoint: str | None
     resumed_from: int | None = Field(description="checkpoint step resumed from, if any")
     wall_s: float = Field(description="seconds the launch took, start-up included")
+    restarts: int = Field(
+        default=0,
+        description="times the ranks were started again in this launch (after a failure; "
+        "launcher torchrun: a requeued Slurm job)",
+    )
+    nodes: list[str] = Field(
+        default_factory=list,
+        description="Ray node id of each rank's worker in the last attempt (launcher ray)",
+    )
+    rank: int = Field(
+        default=0, description="rank of the process it describes (launcher torchrun: this one)"
+    )
 
 
 class TrainLaunchError(RuntimeError):
@@ -90,7 +118,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _read_summary(run: Path, launcher: Literal["ray", "local"], started: float) -> TrainSummary:
+def _read_summary(
+    run: Path,
+    launcher: Launcher,
+    started: float,
+    restarts: int = 0,
+    nodes: list[str] | None = None,
+    rank: int = 0,
+) -> TrainSummary:
     path = run / SUMMARY_FILE
     if not path.is_file():
         raise TrainLaunchError(f"training finished but wrote no {path}: see the logs in {run}")
@@ -106,6 +141,9 @@ def _read_summary(run: Path, launcher: Literal["ray", "local"], started: float) 
         latest_checkpoint=data["latest_checkpoint"],
         resumed_from=data["resumed_from"],
         wall_s=time.perf_counter() - started,
+        restarts=restarts,
+        nodes=nodes or [],
+        rank=rank,
     )
 
 
@@ -141,35 +179,74 @@ def train(
     num_workers: int = 2,
     cpus_per_worker: float = 1.0,
     gpus_per_worker: float = 0.0,
-    launcher: Literal["ray", "local"] = "ray",
+    launcher: Launcher = "ray",
     resume: bool = False,
     recipe_hash: str = "",
+    max_restarts: int = 0,
+    placement: Placement = "pack",
 ) -> TrainSummary:
     """Train `cfg` on `num_workers` ranks into `run_dir` (resume: from its latest complete
-    checkpoint). Returns when every rank is done; raises `TrainLaunchError` if one fails."""
+    checkpoint). Returns when every rank is done; raises `TrainLaunchError` if one fails
+    and `max_restarts` restarts from the latest complete checkpoint did not help.
+
+    `placement` (Ray only) is Ray Train's placement strategy for the workers, e.g.
+    ``strict_spread`` for one worker per node. With ``launcher="torchrun"`` this process
+    is one rank and torchrun / srun set the world size (`num_workers` is not used).
+    """
     if num_workers < 1:
         raise ValueError(f"num_workers={num_workers} must be at least 1")
-    if launcher not in ("ray", "local"):
-        raise ValueError(f"launcher={launcher!r} is not one of 'ray', 'local'")
+    if launcher not in ("ray", "local", "torchrun"):
+        raise ValueError(f"launcher={launcher!r} is not one of 'ray', 'local', 'torchrun'")
+    if max_restarts < 0:
+        raise ValueError(f"max_restarts={max_restarts} must be 0 or more")
+    if placement != "pack" and launcher != "ray":
+        raise ValueError(f"placement={placement!r} places Ray Train workers: use launcher='ray'")
     if launcher == "local" and gpus_per_worker > 0 and not torch.cuda.is_available():
         raise ValueError(
             f"gpus_per_worker={gpus_per_worker} but this machine has no CUDA GPU: set "
             "resources.gpus_per_worker=0 to train on CPU"
         )
+    ranks = rank_env() if launcher == "torchrun" else None
+    if ranks is not None and max_restarts:
+        raise ValueError(
+            "max_restarts needs launcher 'ray' or 'local': torchrun / srun start ranks"
+        )
+    world = ranks.world_size if ranks is not None else num_workers
     run = Path(run_dir).resolve()
-    _preflight(cfg, num_workers, run, resume)
+    _preflight(cfg, world, run, resume)
     run.mkdir(parents=True, exist_ok=True)
-    check_run_dir(run, resume)
-    (run / SUMMARY_FILE).unlink(missing_ok=True)
+    if ranks is None:  # under torchrun, `run_rank` checks once it knows of restarts
+        check_run_dir(run, resume)
+    if ranks is None or ranks.rank == 0:
+        (run / SUMMARY_FILE).unlink(missing_ok=True)
     started = time.perf_counter()
     set_runtime_env()
     prebuild_comm_ops()
     prebuild_offload_ops(cfg)
+    threads = _threads(cpus_per_worker)
+    if ranks is not None:
+        restarts = run_rank(
+            cfg, run, ranks, num_threads=threads, resume=resume, recipe_hash=recipe_hash
+        )
+        return _read_summary(run, launcher, started, restarts=restarts, rank=ranks.rank)
     if launcher == "local":
-        _launch_local(cfg, run, num_workers, cpus_per_worker, gpus_per_worker, resume, recipe_hash)
-    else:
-        _launch_ray(cfg, run, num_workers, cpus_per_worker, gpus_per_worker, resume, recipe_hash)
-    return _read_summary(run, launcher, started)
+        restarts = _launch_local(
+            cfg, run, world, threads, gpus_per_worker, resume, recipe_hash, max_restarts
+        )
+        return _read_summary(run, launcher, started, restarts=restarts)
+    attempts = _launch_ray(
+        cfg,
+        run,
+        world,
+        cpus_per_worker,
+        gpus_per_worker,
+        resume,
+        recipe_hash,
+        max_restarts,
+        placement,
+    )
+    nodes = [str(w["node_id"]) for w in attempts[-1]["workers"]] if attempts else []
+    return _read_summary(run, launcher, started, max(0, len(attempts) - 1), nodes)
 
 
 # --------------------------------------------------------------------------- local launcher
@@ -245,28 +322,22 @@ def _launch_local(
     cfg: TrainConfig,
     run: Path,
     world: int,
-    cpus_per_worker: float,
+    threads: int,
     gpus_per_worker: float,
     resume: bool,
     recipe_hash: str,
-) -> None:
+    max_restarts: int,
+) -> int:
+    """Run the ranks to the end, restarting all of them from the latest complete checkpoint
+    after a failure, up to `max_restarts` times; returns the number of restarts."""
     config_path = run / CONFIG_FILE
     config_path.write_text(cfg.model_dump_json(indent=2) + "\n")
-    logs = run / "logs"
-    logs.mkdir(exist_ok=True)
-    log_paths = [_log_path(logs, 0)]
-    log_paths += [
-        log_paths[0].with_name(log_paths[0].name.replace("rank0", f"rank{r}"))
-        for r in range(1, world)
-    ]
-    threads = _threads(cpus_per_worker)
     base_env = set_runtime_env(dict(os.environ))
     base_env.update(
         {
             "WORLD_SIZE": str(world),
             "LOCAL_WORLD_SIZE": str(world),
             "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(free_port()),
             "OMP_NUM_THREADS": str(threads),
             "PYTHONUNBUFFERED": "1",
         }
@@ -274,8 +345,45 @@ def _launch_local(
     base_env.pop("LOCAL_SIZE", None)  # keeps DeepSpeed's shared-memory allreduce off
     cmd = [sys.executable, "-m", "kiln.training.launch", "--config", str(config_path)]
     cmd += ["--run-dir", str(run), "--threads", str(threads), "--recipe-hash", recipe_hash]
-    if resume:
-        cmd.append("--resume")
+    restarts = 0
+    while True:
+        failure = _run_local_ranks(run, world, base_env, cmd + (["--resume"] if resume else []))
+        if failure is None:
+            return restarts
+        failed, codes, log_path = failure
+        exit_codes = dict(enumerate(codes))
+        if restarts >= max_restarts:
+            after = f" after {restarts} restart(s)" if restarts else ""
+            raise TrainLaunchError(
+                f"training rank {failed} exited with code {codes[failed]}{after} "
+                f"(exit codes by rank: {exit_codes}); last lines of {log_path}:\n"
+                f"{_tail(log_path)}",
+                exit_codes,
+            )
+        restarts += 1
+        tag = latest_checkpoint(run)
+        resume = resume or tag is not None
+        _log(
+            0,
+            f"rank {failed} exited with code {codes[failed]} at {time.strftime('%H:%M:%S')}; "
+            f"restarting from {tag or 'scratch (no complete checkpoint yet)'} "
+            f"(restart {restarts} of {max_restarts})",
+        )
+
+
+def _run_local_ranks(
+    run: Path, world: int, base_env: dict[str, str], cmd: list[str]
+) -> tuple[int, list[int | None], Path] | None:
+    """One attempt: start every rank, wait for all; None when all exited 0, else (the
+    first rank that failed, every rank's exit code, that rank's log) with all stopped."""
+    logs = run / "logs"
+    logs.mkdir(exist_ok=True)
+    log_paths = [_log_path(logs, 0)]
+    log_paths += [
+        log_paths[0].with_name(log_paths[0].name.replace("rank0", f"rank{r}"))
+        for r in range(1, world)
+    ]
+    base_env = dict(base_env, MASTER_PORT=str(free_port()))
     procs: list[subprocess.Popen[bytes]] = []
     follower = _Follower(log_paths[0])
     follower.start()
@@ -307,31 +415,77 @@ def _launch_local(
     finally:
         follower.stop.set()
         follower.join(timeout=5)
-    if failed is not None:
-        time.sleep(0.5)  # let ranks that die of the same cause report their own codes
-        codes = [p.poll() for p in procs]
-        _stop_all(procs)
-        exit_codes = dict(enumerate(codes))
-        raise TrainLaunchError(
-            f"training rank {failed} exited with code {codes[failed]} "
-            f"(exit codes by rank: {exit_codes}); last lines of {log_paths[failed]}:\n"
-            f"{_tail(log_paths[failed])}",
-            exit_codes,
-        )
+    if failed is None:
+        return None
+    time.sleep(0.5)  # let ranks that die of the same cause report their own codes
+    codes = [p.poll() for p in procs]
+    _stop_all(procs)
+    return failed, codes, log_paths[failed]
 
 
 # --------------------------------------------------------------------------- ray launcher
 
 
+def _record_attempt(path: Path, workers: list[Any], resume_from: str | None) -> int:
+    """Append this attempt (where each rank runs, what it resumes from) to the launch's
+    attempts file; returns its number, 1 for the first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    attempt = len(_read_attempts(path)) + 1
+    record = {
+        "attempt": attempt,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "resume_from": resume_from,
+        "workers": workers,
+    }
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    return attempt
+
+
+def _read_attempts(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def _ray_train_loop(config: dict[str, Any]) -> None:
-    """Per-worker function of the Ray TorchTrainer."""
+    """Per-worker function of the Ray TorchTrainer; Ray Train calls it again on every
+    worker of a restarted group."""
     set_runtime_env()
+    import ray
+    import ray.train
+    import torch.distributed as dist
+
     from kiln.training.loop import train_worker
 
+    run = Path(config["run_dir"])
+    tag = latest_checkpoint(run)  # before any collective: see the module docstring
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    here = {
+        "rank": rank,
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),
+        "pid": os.getpid(),
+    }
+    workers: list[Any] = [None] * ctx.get_world_size()
+    dist.all_gather_object(workers, here)
+    if rank == 0:
+        attempt = _record_attempt(Path(config["attempts_file"]), workers, tag)
+        nodes = {w["node_id"] for w in workers}
+        if len(nodes) > 1:
+            _log(0, f"{len(workers)} Ray Train workers on {len(nodes)} nodes")
+        if attempt > 1:
+            _log(
+                0,
+                f"Ray Train restarted the workers after a failure (restart {attempt - 1} of "
+                f"{config['max_restarts']}); resuming from "
+                f"{tag or 'scratch (no complete checkpoint yet)'}",
+            )
     train_worker(
         TrainConfig.model_validate(config["cfg"]),
         config["run_dir"],
-        resume=config["resume"],
+        resume=config["resume"] or tag is not None,
         recipe_hash=config["recipe_hash"],
         num_threads=config["num_threads"],
     )
@@ -345,7 +499,11 @@ def _launch_ray(
     gpus_per_worker: float,
     resume: bool,
     recipe_hash: str,
-) -> None:
+    max_restarts: int,
+    placement: Placement,
+) -> list[dict[str, Any]]:
+    """Run the Ray Train group to the end; returns the attempts it took (see
+    `_record_attempt`), more than one when Ray Train restarted it."""
     import ray
 
     if not ray.is_initialized():
@@ -356,10 +514,15 @@ def _launch_ray(
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    threads = _threads(cpus_per_worker)
     resources: dict[str, float] = {"CPU": cpus_per_worker}
     if gpus_per_worker > 0:
         resources["GPU"] = gpus_per_worker
+    name = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    attempts_file = run / "ray_train" / name / ATTEMPTS_FILE
+    # fault injection reaches the workers even on a Ray that started before it was set
+    # (Ray Train v2's RunConfig.worker_runtime_env; passed only when there is one)
+    faults = {k: v for k, v in os.environ.items() if k.startswith(_FAULT_PREFIX)}
+    worker_env: dict[str, Any] = {"worker_runtime_env": {"env_vars": faults}} if faults else {}
     trainer = TorchTrainer(
         _ray_train_loop,
         train_loop_config={
@@ -367,19 +530,33 @@ def _launch_ray(
             "run_dir": str(run),
             "resume": resume,
             "recipe_hash": recipe_hash,
-            "num_threads": threads,
+            "num_threads": _threads(cpus_per_worker),
+            "attempts_file": str(attempts_file),
+            "max_restarts": max_restarts,
         },
         scaling_config=ScalingConfig(
-            num_workers=world, use_gpu=gpus_per_worker > 0, resources_per_worker=resources
+            num_workers=world,
+            use_gpu=gpus_per_worker > 0,
+            resources_per_worker=resources,
+            placement_strategy=placement.upper(),
         ),
         torch_config=TorchConfig(backend="nccl" if gpus_per_worker > 0 else "gloo"),
         run_config=RunConfig(
             storage_path=str(run / "ray_train"),
-            name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
-            failure_config=FailureConfig(max_failures=0),
+            name=name,
+            failure_config=FailureConfig(max_failures=max_restarts),
+            **worker_env,
         ),
     )
-    _fit_interruptibly(trainer)
+    try:
+        _fit_interruptibly(trainer)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:
+        restarts = max(0, len(_read_attempts(attempts_file)) - 1)
+        after = f" after {restarts} restart(s)" if restarts else ""
+        raise TrainLaunchError(f"Ray Train run failed{after}: {type(e).__name__}: {e}") from e
+    return _read_attempts(attempts_file)
 
 
 def _fit_interruptibly(trainer: Any) -> None:
@@ -414,7 +591,7 @@ def _fit_interruptibly(trainer: Any) -> None:
     except Exception as e:
         if interrupted.is_set():
             raise KeyboardInterrupt from e
-        raise TrainLaunchError(f"Ray Train run failed: {type(e).__name__}: {e}") from e
+        raise
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous)

@@ -21,6 +21,10 @@ Fault injection, for tests of crash recovery (environment variables, off by defa
 - ``KILN_FAULT_SIGKILL_IN_SAVE=N``: every rank SIGKILLs itself in the middle of saving the
   checkpoint of step N: after DeepSpeed, RNG and model files are written, before the
   COMPLETE marker and ``latest``.
+- ``KILN_FAULT_SIGKILL_RANK=R@N``: after step N is done (and its checkpoint), rank R alone
+  SIGKILLs itself, once per run dir: it first writes ``{run_dir}/.fault-sigkill-rankR-stepN``
+  and does not fire when that file exists, so a restarted attempt passes step N (tests of
+  self-healing restarts).
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from kiln.training.engine import (
 __all__ = [
     "FAULT_SIGKILL_AFTER_STEP",
     "FAULT_SIGKILL_IN_SAVE",
+    "FAULT_SIGKILL_RANK",
     "METRICS_FILE",
     "SUMMARY_FILE",
     "check_run_dir",
@@ -70,6 +75,7 @@ __all__ = [
 
 FAULT_SIGKILL_AFTER_STEP = "KILN_FAULT_SIGKILL_AFTER_STEP"
 FAULT_SIGKILL_IN_SAVE = "KILN_FAULT_SIGKILL_IN_SAVE"
+FAULT_SIGKILL_RANK = "KILN_FAULT_SIGKILL_RANK"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "train_summary.json"
 
@@ -95,8 +101,26 @@ def _fault_step(name: str) -> int | None:
         raise ValueError(f"{name}={value!r} must be a step number (or unset)") from e
 
 
+def _fault_rank_step() -> tuple[int, int] | None:
+    value = os.environ.get(FAULT_SIGKILL_RANK, "").strip()
+    if not value:
+        return None
+    rank, sep, step = value.partition("@")
+    if not (sep and rank.isdigit() and step.isdigit()):
+        raise ValueError(f"{FAULT_SIGKILL_RANK}={value!r} must be RANK@STEP, e.g. 1@5 (or unset)")
+    return int(rank), int(step)
+
+
 def _sigkill_self() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _sigkill_once(run: Path, rank: int, step: int) -> None:
+    """SIGKILL this process unless an earlier attempt of the run already did at this point."""
+    marker = run / f".fault-sigkill-rank{rank}-step{step}"
+    if not marker.exists():
+        marker.write_text(f"{FAULT_SIGKILL_RANK} fired at {time.strftime('%H:%M:%S')}\n")
+        _sigkill_self()
 
 
 def check_run_dir(run_dir: str | Path, resume: bool) -> None:
@@ -250,6 +274,7 @@ def train_worker(
     attempt = _next_attempt(metrics_path) if rank == 0 else 0
     kill_after = _fault_step(FAULT_SIGKILL_AFTER_STEP)
     kill_in_save = _fault_step(FAULT_SIGKILL_IN_SAVE)
+    kill_rank = _fault_rank_step()
     end = cfg.max_steps if cfg.stop_after_step is None else min(cfg.max_steps, cfg.stop_after_step)
     samples_per_step = cfg.data.batch_size * cfg.optim.grad_accum * world
     first_step = step + 1
@@ -339,6 +364,8 @@ def train_worker(
                 save(step)
             if kill_after == step:
                 _sigkill_self()
+            if kill_rank == (rank, step):
+                _sigkill_once(run, rank, step)
     finally:
         close = getattr(batches, "close", None)
         if close is not None:

@@ -1,4 +1,5 @@
-"""Integration fixtures: one embedded Ray per test session, bound to 127.0.0.1 only."""
+"""Integration fixtures: one embedded Ray per test session, bound to 127.0.0.1 only; the
+short reference run that restarted and multi-node runs are compared with."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from collections.abc import Iterator
 import pytest
 
 from kiln.platform.ray_cluster import start_ray
+from tests.helpers_datasets import write_tiny_dataset
+from tests.helpers_training import SHORT_RUN_STEPS, short_run_config
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +26,22 @@ def ray_session() -> Iterator[None]:
     finally:
         if started:
             ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def short_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The dataset `short_run_config` trains on (48 tiny samples: 6 steps per epoch)."""
+    return str(write_tiny_dataset(tmp_path_factory.mktemp("short") / "ds", num_samples=48))
+
+
+@pytest.fixture(scope="session")
+def short_reference(short_dataset: str, tmp_path_factory: pytest.TempPathFactory) -> list[float]:
+    """Per-step losses of `short_run_config` on 2 ranks, uninterrupted, local launcher (the
+    Ray launcher gives the same: tests/integration/test_ray_train.py)."""
+    from kiln.training import train
+
+    run = tmp_path_factory.mktemp("short") / "reference"
+    summary = train(short_run_config(short_dataset), str(run), num_workers=2, launcher="local")
+    assert (summary.last_step, summary.restarts) == (SHORT_RUN_STEPS, 0)
+    assert len(set(summary.losses)) > 1
+    return summary.losses

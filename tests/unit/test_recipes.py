@@ -225,3 +225,28 @@ def test_unknown_flavor_in_a_recipe_lists_the_valid_ones() -> None:
     assert nested.model.vision.image_size == 160 and nested.model.vision.width == 768
     legacy = load_recipe(path, ["model.image_size=16", "model.vision_width=32"])
     assert (legacy.model.vision.image_size, legacy.model.vision.width) == (16, 32)
+
+
+def test_resources_restarts_and_placement() -> None:
+    train_yaml = REPO / "recipes/quickstart/train.yaml"
+    recipe = load_recipe(train_yaml)
+    assert isinstance(recipe, TrainRecipe)
+    assert (recipe.resources.max_restarts, recipe.resources.placement) == (0, "pack")
+    recipe = load_recipe(
+        train_yaml,
+        [
+            "resources.launcher=ray",
+            "resources.max_restarts=2",
+            "resources.placement=strict_spread",
+        ],
+    )
+    assert isinstance(recipe, TrainRecipe)
+    assert (recipe.resources.max_restarts, recipe.resources.placement) == (2, "strict_spread")
+    with pytest.raises(RecipeError, match=r"resources\.launcher=ray or drop resources\.placement"):
+        load_recipe(train_yaml, ["resources.launcher=local", "resources.placement=spread"])
+    with pytest.raises(RecipeError, match="max_restarts=1 needs launcher ray or local"):
+        load_recipe(train_yaml, ["resources.launcher=torchrun", "resources.max_restarts=1"])
+    with pytest.raises(RecipeError, match=r"'resources\.max_restarts' = -1 is invalid"):
+        load_recipe(train_yaml, ["resources.max_restarts=-1"])
+    with pytest.raises(RecipeError, match=r"'resources\.placement' = \"everywhere\" is invalid"):
+        load_recipe(train_yaml, ["resources.placement=everywhere"])

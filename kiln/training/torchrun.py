@@ -1,0 +1,169 @@
+"""The torchrun / srun launcher: this process is one rank, the world comes from the environment.
+
+`launcher="torchrun"` lets a cluster's own process starter run kiln, one rank per process:
+
+- torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``
+  for each process it starts (``torchrun --nnodes 2 --nproc_per_node 8 ... -m kiln train
+  RECIPE --launcher torchrun`` on every node);
+- srun sets ``SLURM_PROCID``, ``SLURM_NTASKS`` and ``SLURM_LOCALID``; the job script exports
+  ``MASTER_ADDR`` (the allocation's first node) and ``MASTER_PORT`` (``srun kiln train RECIPE
+  --launcher torchrun``).
+
+`rank_env` reads either into a `RankEnv` (torchrun's variables win when both are set, as
+they do for torchrun inside a Slurm allocation) and names what is missing otherwise;
+`run_rank` exports it as torch's ``env://`` variables and trains this rank in-process.
+
+A world started again by its starter resumes from the latest complete checkpoint: a requeued
+Slurm job (``SLURM_RESTART_COUNT`` > 0, the same on every task) or ranks restarted by
+torchrun (``TORCHELASTIC_RESTART_COUNT`` > 0). torchrun counts restarts per node (the agent
+whose rank failed counts one, the others restart their ranks without counting), so
+`run_rank` takes the largest count of all ranks once the process group is up, and every rank
+decides the same. torchrun's own ``--max-restarts`` is not a way to heal a kiln run on CPU,
+though: tried with torch 2.13 and gloo (``--rdzv-backend c10d``), the restarted ranks could
+not form DeepSpeed's process groups (gloo read the dead ranks' addresses from the previous
+attempt's rendezvous keys; one node: connection refused, two nodes: a hang). Use kiln's
+``ray`` or ``local`` launcher with ``max_restarts`` for that.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, MutableMapping
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel
+
+from kiln.training.checkpoint import latest_checkpoint
+from kiln.training.config import TrainConfig
+
+__all__ = ["RankEnv", "export_rank_env", "rank_env", "run_rank"]
+
+_HOW = (
+    "start it with `torchrun --nnodes N --nproc_per_node M --node_rank I --master_addr HEAD "
+    "--master_port PORT -m kiln train RECIPE --launcher torchrun` on each node, or `srun kiln "
+    "train RECIPE --launcher torchrun` with MASTER_ADDR and MASTER_PORT exported; to start "
+    "the ranks from kiln instead, use --launcher local or --launcher ray"
+)
+
+
+class RankEnv(BaseModel):
+    """Where this process sits in the world, as the starter (torchrun or srun) says."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    source: Literal["torchrun", "srun"]
+    restarts: int = 0
+
+
+def _int(env: Mapping[str, str], name: str) -> int:
+    raw = env[name]
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer: {_HOW}") from None
+
+
+def rank_env(environ: Mapping[str, str] | None = None) -> RankEnv:
+    """This process's rank, world size and rendezvous from torchrun's or srun's variables
+    (default: ``os.environ``); a `ValueError` naming the missing ones otherwise."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env or "WORLD_SIZE" in env:
+        source: Literal["torchrun", "srun"] = "torchrun"
+        names = {"rank": "RANK", "world_size": "WORLD_SIZE", "local_rank": "LOCAL_RANK"}
+        restart_var = "TORCHELASTIC_RESTART_COUNT"
+    elif "SLURM_PROCID" in env:
+        source = "srun"
+        names = {
+            "rank": "SLURM_PROCID",
+            "world_size": "SLURM_NTASKS",
+            "local_rank": "SLURM_LOCALID",
+        }
+        restart_var = "SLURM_RESTART_COUNT"
+    else:
+        raise ValueError(
+            "--launcher torchrun runs one rank per process, but neither torchrun's RANK / "
+            f"WORLD_SIZE nor srun's SLURM_PROCID / SLURM_NTASKS are set: {_HOW}"
+        )
+    required = [*names.values(), "MASTER_ADDR", "MASTER_PORT"]
+    missing = [n for n in required if not env.get(n)]
+    if missing:
+        hint = (
+            ' (export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)'
+            " and a free MASTER_PORT in the job script)"
+            if source == "srun"
+            else ""
+        )
+        raise ValueError(
+            f"--launcher torchrun ({source}): {', '.join(missing)} not set{hint}: {_HOW}"
+        )
+    values = {field: _int(env, name) for field, name in names.items()}
+    if not 0 <= values["rank"] < values["world_size"]:
+        raise ValueError(
+            f"{names['rank']}={values['rank']} is not in 0..{names['world_size']}-1="
+            f"{values['world_size'] - 1}: {_HOW}"
+        )
+    return RankEnv(
+        **values,
+        master_addr=env["MASTER_ADDR"],
+        master_port=_int(env, "MASTER_PORT"),
+        source=source,
+        restarts=_int(env, restart_var) if env.get(restart_var) else 0,
+    )
+
+
+def export_rank_env(ranks: RankEnv, environ: MutableMapping[str, str] | None = None) -> None:
+    """Set torch's ``env://`` variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*) from `ranks`
+    in `environ` (default: ``os.environ``), so srun's ranks initialise like torchrun's."""
+    env = os.environ if environ is None else environ
+    env.update(
+        {
+            "RANK": str(ranks.rank),
+            "WORLD_SIZE": str(ranks.world_size),
+            "LOCAL_RANK": str(ranks.local_rank),
+            "MASTER_ADDR": ranks.master_addr,
+            "MASTER_PORT": str(ranks.master_port),
+        }
+    )
+
+
+def run_rank(
+    cfg: TrainConfig,
+    run: Path,
+    ranks: RankEnv,
+    *,
+    num_threads: int,
+    resume: bool,
+    recipe_hash: str,
+) -> int:
+    """Train this process's rank to the end (collective with the other processes); returns
+    how many times the starter restarted the ranks (the largest count of any rank).
+
+    A restarted world resumes from the latest complete checkpoint when there is one; a
+    first start refuses a run dir that already holds checkpoints unless `resume`.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from kiln.training.engine import init_distributed
+    from kiln.training.loop import check_run_dir, train_worker
+
+    export_rank_env(ranks)
+    created = init_distributed()
+    try:
+        count = torch.tensor([ranks.restarts])
+        if dist.get_backend() == dist.Backend.NCCL:
+            count = count.cuda()
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        restarts = int(count.item())
+        if restarts and latest_checkpoint(run) is not None:
+            resume = True
+        check_run_dir(run, resume)
+        train_worker(cfg, str(run), resume=resume, recipe_hash=recipe_hash, num_threads=num_threads)
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+    return restarts

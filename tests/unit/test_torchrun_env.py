@@ -1,0 +1,59 @@
+"""`--launcher torchrun`: the rank, world and rendezvous come from torchrun's or srun's
+variables, and their absence is a clear error naming what to set."""
+
+from __future__ import annotations
+
+import pytest
+
+from kiln.training.torchrun import export_rank_env, rank_env
+
+RENDEZVOUS = {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+
+
+def test_torchrun_variables() -> None:
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", **RENDEZVOUS}
+    ranks = rank_env(env)
+    assert (ranks.rank, ranks.world_size, ranks.local_rank) == (3, 4, 1)
+    assert (ranks.master_addr, ranks.master_port, ranks.source) == ("10.0.0.1", 29500, "torchrun")
+    assert ranks.restarts == 0
+    assert rank_env({**env, "TORCHELASTIC_RESTART_COUNT": "2"}).restarts == 2
+    # torchrun inside a Slurm allocation: torchrun's variables describe this process
+    assert rank_env({**env, "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}).rank == 3
+
+
+def test_srun_variables_become_torch_env_variables() -> None:
+    env = {
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "8",
+        "SLURM_LOCALID": "1",
+        "SLURM_RESTART_COUNT": "1",
+        **RENDEZVOUS,
+    }
+    ranks = rank_env(env)
+    assert (ranks.rank, ranks.world_size, ranks.local_rank, ranks.source) == (5, 8, 1, "srun")
+    assert ranks.restarts == 1
+    out: dict[str, str] = {}
+    export_rank_env(ranks, out)
+    assert out == {
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "10.0.0.1",
+        "MASTER_PORT": "29500",
+    }
+
+
+def test_outside_torchrun_or_srun_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match=r"neither torchrun's RANK.*torchrun --nnodes") as e:
+        rank_env({"PATH": "/usr/bin"})
+    assert "--launcher local" in str(e.value)
+    with pytest.raises(ValueError, match=r"\(srun\): MASTER_ADDR, MASTER_PORT not set.*scontrol"):
+        rank_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0"})
+    with pytest.raises(ValueError, match=r"\(torchrun\): LOCAL_RANK not set"):
+        rank_env({"RANK": "0", "WORLD_SIZE": "2", **RENDEZVOUS})
+    with pytest.raises(ValueError, match=r"RANK=2 is not in 0\.\.WORLD_SIZE-1=1"):
+        rank_env({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0", **RENDEZVOUS})
+    with pytest.raises(ValueError, match=r"MASTER_PORT='x' is not an integer"):
+        rank_env(
+            {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", **RENDEZVOUS, "MASTER_PORT": "x"}
+        )
