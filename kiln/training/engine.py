@@ -238,6 +238,8 @@ def _loopback_store() -> dist.TCPStore | None:
     a socket bound to MASTER_ADDR, it listens there alone. Gloo's own sockets follow
     ``GLOO_SOCKET_IFNAME`` (set to ``lo`` here unless the user set it).
     """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+        return None  # torchrun's agent already serves the store on MASTER_PORT
     addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     try:
         ip = ipaddress.ip_address(socket.gethostbyname(addr))
