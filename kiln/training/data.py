@@ -22,8 +22,13 @@ Plan of one epoch (all index arithmetic, no I/O):
    their bytes never read: a worker walks tar headers up to the first sample it needs.
 
 ``num_workers=0`` reads in-process and yields the same batches as ``num_workers=1``. The
-loader state records the (world size, workers, batch size, seed, shuffle buffer, manifest
-hash) it is valid for; loading it into a loader that differs in any of them is an error.
+loader state records the (world size, workers, batch size, seed, shuffle buffer, augment,
+fast decode, manifest hash) it is valid for; loading it into a loader that differs in any
+of them is an error.
+
+Decoding (`kiln.training.transforms.image_pixels`): each sample's image becomes ``uint8``
+pixels at the model's input size (with ``fast_decode``, JPEGs are decoded at a reduced DCT
+scale), and a batch is normalized to ``float32`` in one pass (`normalize_batch`).
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ __all__ = [
 ]
 
 LOADER_STATE_VERSION = 1
+#: Identity fields added after version 1, with the value a state without them was written with.
+_STATE_DEFAULTS: dict[str, Any] = {"fast_decode": False}
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -229,6 +236,7 @@ class _EpochStream(IterableDataset):
         self.shuffle_buffer = loader.shuffle_buffer
         self.seed = loader.seed
         self.augment = loader.augment
+        self.fast_decode = loader.fast_decode
         self.image_size = loader.image_size
         self.context_length = loader.context_length
         self.with_text = loader.with_text
@@ -296,8 +304,9 @@ class _EpochStream(IterableDataset):
                     )
 
     # -- decoding --------------------------------------------------------------------------
-    def _decode(self, uid: str, members: dict[str, bytes], url: str) -> tuple[Any, str]:
-        from kiln.training.transforms import decode_rgb, image_to_tensor, sample_rng
+    def _decode(self, uid: str, members: dict[str, bytes], url: str) -> tuple[np.ndarray, str]:
+        """The sample's transformed ``uint8 [S, S, 3]`` pixels and its caption."""
+        from kiln.training.transforms import image_pixels, sample_rng
 
         image_ext = next((e for e in _IMAGE_EXTS if e in members), None)
         if image_ext is None or (self.with_text and "txt" not in members):
@@ -306,18 +315,24 @@ class _EpochStream(IterableDataset):
                 f"sample {uid!r} in shard {url!r} has members {sorted(members)}: each sample "
                 f"needs {need} (re-shard the dataset with `kiln curate`)"
             )
+        rng = sample_rng(self.seed, self.plan.epoch, uid) if self.augment else None
         try:
-            img = decode_rgb(members[image_ext])
+            pixels = image_pixels(
+                members[image_ext],
+                self.image_size,
+                augment=self.augment,
+                rng=rng,
+                fast_decode=self.fast_decode,
+            )
         except ValueError as e:
             raise ValueError(f"sample {uid!r} in shard {url!r}: {e}") from e
-        rng = sample_rng(self.seed, self.plan.epoch, uid)
-        tensor = image_to_tensor(img, self.image_size, augment=self.augment, rng=rng)
         if not self.with_text:
-            return tensor, ""
-        return tensor, members["txt"].decode("utf-8", errors="replace")
+            return pixels, ""
+        return pixels, members["txt"].decode("utf-8", errors="replace")
 
     def _batch(self, samples: list[tuple[str, dict[str, bytes], str]]) -> Batch:
         from kiln.models.tokenizer import tokenize
+        from kiln.training.transforms import normalize_batch
 
         images, texts, uids = [], [], []
         for uid, members, url in samples:
@@ -327,7 +342,7 @@ class _EpochStream(IterableDataset):
             uids.append(uid)
         tokens = tokenize(texts, self.context_length) if self.with_text else None
         seeds = torch.tensor([sample_seed(self.seed, self.plan.epoch, u) for u in uids])
-        return Batch(torch.stack(images), tokens, uids, seeds)
+        return Batch(normalize_batch(images), tokens, uids, seeds)
 
     # -- one logical worker ----------------------------------------------------------------
     def logical_stream(self, logical_worker: int) -> Iterator[Batch]:
@@ -384,6 +399,7 @@ class WebDatasetLoader:
         num_workers: int = 0,
         shuffle_buffer: int = 256,
         augment: bool = True,
+        fast_decode: bool = True,
         image_size: int = 32,
         context_length: int = 48,
         with_text: bool = True,
@@ -401,6 +417,7 @@ class WebDatasetLoader:
         self.effective_workers = max(1, num_workers)
         self.shuffle_buffer = shuffle_buffer
         self.augment = augment
+        self.fast_decode = fast_decode
         self.image_size = image_size
         self.context_length = context_length
         self.with_text = with_text
@@ -435,6 +452,7 @@ class WebDatasetLoader:
             "seed": self.seed,
             "shuffle_buffer": self.shuffle_buffer,
             "augment": self.augment,
+            "fast_decode": self.fast_decode,
             "manifest_hash": self.manifest_hash,
         }
 
@@ -464,13 +482,16 @@ class WebDatasetLoader:
             "seed": "set seed to the value the run started with",
             "shuffle_buffer": "set data.shuffle_buffer to the value the run started with",
             "augment": "set data.augment to the value the run started with",
+            "fast_decode": "set data.fast_decode to the value the run started with (it "
+            "changes the pixels the model sees)",
             "manifest_hash": "the dataset's shards changed since the checkpoint: point "
             "data.dataset at the original dataset or start a new run",
         }
         for name, mine in self._identity_fields().items():
-            if state.get(name) != mine:
+            theirs = state.get(name, _STATE_DEFAULTS.get(name))
+            if theirs != mine:
                 raise ValueError(
-                    f"cannot resume the data loader: checkpoint has {name}={state.get(name)!r} "
+                    f"cannot resume the data loader: checkpoint has {name}={theirs!r} "
                     f"but this run has {name}={mine!r}; {fixes[name]}"
                 )
         epoch, step = int(state["epoch"]), int(state["step_in_epoch"])

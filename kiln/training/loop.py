@@ -215,6 +215,7 @@ def train_worker(
         num_workers=cfg.data.num_workers,
         shuffle_buffer=cfg.data.shuffle_buffer,
         augment=cfg.data.augment,
+        fast_decode=cfg.data.fast_decode,
         image_size=cfg.model.image_size,
         context_length=cfg.model.context_length,
         with_text=objective.needs_text,
