@@ -304,8 +304,8 @@ class _EpochStream(IterableDataset):
                     )
 
     # -- decoding --------------------------------------------------------------------------
-    def _decode(self, uid: str, members: dict[str, bytes], url: str) -> tuple[np.ndarray, str]:
-        """The sample's transformed ``uint8 [S, S, 3]`` pixels and its caption."""
+    def _decode(self, uid: str, members: dict[str, bytes], url: str) -> tuple[torch.Tensor, str]:
+        """The sample's transformed ``uint8 [3, S, S]`` pixels and its caption."""
         from kiln.training.transforms import image_pixels, sample_rng
 
         image_ext = next((e for e in _IMAGE_EXTS if e in members), None)

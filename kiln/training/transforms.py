@@ -188,23 +188,35 @@ def _check_args(image_size: int, augment: bool, rng: np.random.Generator | None)
         )
 
 
+def _chw(img: Image.Image) -> torch.Tensor:
+    """A loaded RGB image as ``uint8 [3, H, W]``: a view of its pixel bytes (no copy
+    beyond PIL's own export; read-only, which is fine for everything that reads it here)."""
+    with warnings.catch_warnings():  # torch warns once about the read-only buffer
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.asarray(img)).permute(2, 0, 1)
+
+
+def _flip(pixels: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """The horizontal flip with probability 1/2 (the draw after the crop box's)."""
+    return pixels.flip(-1) if rng.random() < 0.5 else pixels
+
+
 def _transform(
     img: Image.Image, image_size: int, augment: bool, rng: np.random.Generator | None
-) -> np.ndarray:
-    """`image_to_tensor`'s geometry on a loaded RGB image: ``uint8 [S, S, 3]`` (a view)."""
+) -> torch.Tensor:
+    """`image_to_tensor`'s geometry on a loaded RGB image: ``uint8 [3, S, S]``."""
     if augment:
         assert rng is not None
         box = random_resized_crop_box(img.width, img.height, rng)
-        out = np.asarray(img.resize((image_size, image_size), _RESAMPLE, box=box))
-        return out[:, ::-1] if rng.random() < 0.5 else out
-    return np.asarray(_resize_center_crop(img, image_size))
+        return _flip(_chw(img.resize((image_size, image_size), _RESAMPLE, box=box)), rng)
+    return _chw(_resize_center_crop(img, image_size))
 
 
 def _fast_resize(
     img: Image.Image, box: tuple[float, float, float, float], factor: int, size: int
-) -> np.ndarray:
+) -> torch.Tensor:
     """The region `box` (original-image coordinates) of `img` (decoded at 1/`factor`
-    scale) resized to ``size x size``: ``uint8 [size, size, 3]`` (maybe a strided view).
+    scale) resized to ``size x size``: ``uint8 [3, size, size]``.
 
     A reduced image gets PIL's bicubic resize on the box divided by `factor` (fractional
     coordinates, so the region is exactly the one drawn; the source is small by then). A
@@ -214,15 +226,10 @@ def _fast_resize(
     if factor > 1:
         left, top, right, bottom = box
         scaled = (left / factor, top / factor, right / factor, bottom / factor)
-        return np.asarray(img.resize((size, size), _RESAMPLE, box=scaled))
+        return _chw(img.resize((size, size), _RESAMPLE, box=scaled))
     left, top, right, bottom = (int(v) for v in box)
-    pixels = np.asarray(img)[top:bottom, left:right]
-    with warnings.catch_warnings():  # a read-only view: interpolate only reads it
-        warnings.simplefilter("ignore", UserWarning)
-        crop = torch.from_numpy(pixels).permute(2, 0, 1)[None]
-    out = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)
-    view: np.ndarray = out[0].permute(1, 2, 0).numpy()
-    return view
+    crop = _chw(img)[None, :, top:bottom, left:right]
+    return F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)[0]
 
 
 def image_pixels(
@@ -232,8 +239,8 @@ def image_pixels(
     augment: bool,
     rng: np.random.Generator | None,
     fast_decode: bool,
-) -> np.ndarray:
-    """The ``uint8 [image_size, image_size, 3]`` pixels of encoded image `data` after the
+) -> torch.Tensor:
+    """The ``uint8 [3, image_size, image_size]`` pixels of encoded image `data` after the
     train or eval transform (see `image_to_tensor`); normalize a batch of them with
     `normalize_batch`. May be a read-only or strided view: `normalize_batch` copies.
 
@@ -252,22 +259,22 @@ def image_pixels(
         factor = _draft(img, draft_factor(box[2] - box[0], box[3] - box[1], image_size))
         img = _load_rgb(img, data)
         if factor == 1:
-            return np.asarray(_resize_center_crop(img, image_size))
+            return _chw(_resize_center_crop(img, image_size))
         return _fast_resize(img, box, factor, image_size)
     assert rng is not None
     crop = random_resized_crop_box(width, height, rng)
     factor = _draft(img, draft_factor(crop[2] - crop[0], crop[3] - crop[1], image_size))
-    out = _fast_resize(_load_rgb(img, data), crop, factor, image_size)
-    return out[:, ::-1] if rng.random() < 0.5 else out
+    return _flip(_fast_resize(_load_rgb(img, data), crop, factor, image_size), rng)
 
 
-def normalize_batch(pixels: Sequence[np.ndarray]) -> torch.Tensor:
-    """``uint8 [S, S, 3]`` images -> normalized ``float32 [B, 3, S, S]`` (one copy, NCHW).
+def normalize_batch(pixels: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``uint8 [3, S, S]`` images -> normalized ``float32 [B, 3, S, S]`` (contiguous).
 
-    The same float32 operations, in the same order, as ``((x / 255) - mean) / std`` on
-    each image, so the values are bitwise those of the per-image formula.
+    One gather of the images into a ``uint8`` batch, one conversion to float, then the
+    same float32 operations, in the same order, as ``((x / 255) - mean) / std`` on each
+    image (in place), so the values are bitwise those of the per-image formula.
     """
-    batch = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)
+    batch = torch.stack(list(pixels))
     out = batch.to(dtype=torch.float32, memory_format=torch.contiguous_format)
     return out.div_(255.0).sub_(_MEAN).div_(_STD)
 

@@ -137,6 +137,11 @@ def _photo(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
+def _level_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean absolute difference of two uint8 images, in levels of 255."""
+    return float((a.int() - b.int()).abs().float().mean())
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 @pytest.mark.parametrize("augment", [True, False])
 def test_image_pixels_without_fast_decode_equals_image_to_tensor_bitwise(
@@ -151,22 +156,24 @@ def test_image_pixels_without_fast_decode_equals_image_to_tensor_bitwise(
         )[None]
         rng = sample_rng(3, 1, uid) if augment else None
         pixels = image_pixels(blob, 16, augment=augment, rng=rng, fast_decode=False)
-        assert pixels.dtype == np.uint8 and pixels.shape == (16, 16, 3)
+        assert pixels.dtype == torch.uint8 and pixels.shape == (3, 16, 16)
         assert torch.equal(normalize_batch([pixels]), want)
 
 
 def test_normalize_batch_is_the_per_image_formula() -> None:
     rng = np.random.default_rng(1)
-    imgs = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(3)]
+    imgs = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(3)]
     imgs.append(np.arange(256, dtype=np.uint8).repeat(3).reshape(16, 16, 3))  # every level
-    imgs[1] = imgs[1][:, ::-1]  # strided views are fine
-    for img in imgs:
+    # HWC images seen as CHW (strided views, as image_pixels gives them) and a contiguous one
+    views = [torch.from_numpy(img).permute(2, 0, 1) for img in imgs]
+    views[1] = views[1].contiguous()
+    got = normalize_batch(views)
+    assert got.shape == (4, 3, 16, 16) and got.dtype == torch.float32 and got.is_contiguous()
+    for i, img in enumerate(imgs):
         pixels = np.asarray(img, dtype=np.float32) / 255.0
         mean = np.asarray(IMAGE_MEAN, dtype=np.float32)
         want = ((pixels - mean) / np.asarray(IMAGE_STD, dtype=np.float32)).transpose(2, 0, 1)
-        got = normalize_batch([img])
-        assert got.shape == (1, 3, *img.shape[:2]) and got.is_contiguous()
-        assert torch.equal(got[0], torch.from_numpy(np.ascontiguousarray(want)))
+        assert torch.equal(got[i], torch.from_numpy(np.ascontiguousarray(want)))
 
 
 def test_draft_factor_keeps_the_crop_at_least_the_output_size() -> None:
@@ -194,14 +201,13 @@ def test_fast_decode_is_deterministic_and_close_to_the_full_decode(size: int) ->
         fast = image_pixels(data, size, augment=True, rng=sample_rng(0, 0, uid), fast_decode=True)
         again = image_pixels(data, size, augment=True, rng=sample_rng(0, 0, uid), fast_decode=True)
         full = image_pixels(data, size, augment=True, rng=sample_rng(0, 0, uid), fast_decode=False)
-        assert fast.shape == (size, size, 3) and fast.dtype == np.uint8
-        assert np.array_equal(fast, again)
+        assert fast.shape == (3, size, size) and fast.dtype == torch.uint8
+        assert torch.equal(fast, again)
         # same crop and flip, a slightly different downsampling: a few levels at most
-        diff = np.abs(fast.astype(np.int16) - full.astype(np.int16))
-        assert diff.mean() < 4.0, (uid, diff.mean())
+        assert _level_diff(fast, full) < 4.0, uid
     centre = image_pixels(data, size, augment=False, rng=None, fast_decode=True)
     full = image_pixels(data, size, augment=False, rng=None, fast_decode=False)
-    assert np.abs(centre.astype(np.int16) - full.astype(np.int16)).mean() < 4.0
+    assert _level_diff(centre, full) < 4.0
 
 
 def test_fast_decode_on_real_photos(shared_data: Path) -> None:
@@ -218,8 +224,7 @@ def test_fast_decode_on_real_photos(shared_data: Path) -> None:
             fast = image_pixels(data, size, fast_decode=True, **kw)  # type: ignore[arg-type]
             kw["rng"] = sample_rng(1, 0, str(i))
             full = image_pixels(data, size, fast_decode=False, **kw)  # type: ignore[arg-type]
-            diff = np.abs(fast.astype(np.int16) - full.astype(np.int16)).mean()
-            assert diff < 8.0, (size, i, diff)
+            assert _level_diff(fast, full) < 8.0, (size, i)
 
 
 def test_bad_bytes_fail_the_same_way_in_both_decode_modes() -> None:
