@@ -523,19 +523,29 @@ class WebDatasetLoader:
         if self._iterating:
             raise RuntimeError("WebDatasetLoader supports one active iterator at a time")
         self._iterating = True
+        # Worker processes start per epoch; the next epoch's start once this epoch's last
+        # batches are all prefetched (its workers are done), so the first batch of an
+        # epoch does not wait for a worker to start and decode.
+        ahead = 2 * self.num_workers  # DataLoader's prefetch_factor x workers
+        upcoming: Iterator[Batch] | None = None
         try:
             while True:
                 epoch, start = self.epoch, self.step_in_epoch
                 expected = self.steps_per_epoch - start
                 got = 0
-                for batch in self._dataloader(epoch, start):
+                batches = iter(self._dataloader(epoch, start)) if upcoming is None else upcoming
+                upcoming = None
+                for batch in batches:
                     got += 1
                     # The position counts batches handed to the consumer, not prefetched ones.
                     self.step_in_epoch += 1
                     if self.step_in_epoch == self.steps_per_epoch:
                         self.epoch, self.step_in_epoch = epoch + 1, 0
+                    if ahead and upcoming is None and expected - got <= ahead:
+                        upcoming = iter(self._dataloader(epoch + 1, 0))
                     yield batch
                 if got != expected:  # pragma: no cover - a bug, not bad input
                     raise RuntimeError(f"epoch {epoch} gave {got} batches, expected {expected}")
         finally:
+            upcoming = None  # shuts its workers down
             self._iterating = False
