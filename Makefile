@@ -43,6 +43,8 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# bench_openclip installs open_clip_torch into its own venv (benchmarks/.openclip-venv) on
+# first use, never into kiln's.
 # bench_matching builds ~500k MetaCLIP-style entries from WordNet (a Debian package) and
 # pywordfreq (PyPI, a dev dependency; installed here if the venv predates it)
 bench: $(STAMP)
@@ -59,6 +61,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_activation_memory.py
 	$(PY) benchmarks/bench_zero_memory.py
 	$(PY) benchmarks/gpu_train.py  # without CUDA: says so and runs its CPU smoke configuration
+	$(PY) benchmarks/bench_loader.py
+	$(PY) benchmarks/bench_openclip.py
+	$(PY) benchmarks/bench_train_overhead.py --variants
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

@@ -55,7 +55,7 @@ class CLIP(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens [B, L]`` from `kiln.models.tokenizer.tokenize` -> unit-norm ``[B, D]``."""
-        return F.normalize(self.text(tokens)[0], dim=-1)
+        return F.normalize(self.text(tokens, pooled_only=True)[0], dim=-1)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         scale = self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE).reshape(())

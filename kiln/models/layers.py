@@ -79,11 +79,23 @@ class Attention(nn.Module):
         self.qkv = Linear(width, 3 * width, std=std)
         self.out = Linear(width, width, std=out_std)
 
-    def forward(self, x: torch.Tensor, *, causal: bool) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, *, causal: bool, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``[B, n, width] -> [B, n, width]``; with `rows` (``[B]`` positions), only the
+        output at row b's position ``rows[b]``, ``[B, 1, width]``: keys and values of every
+        position, one query per row (causal: it sees positions up to its own)."""
         b, n, w = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)
-        return self.out(y.transpose(1, 2).reshape(b, n, w))
+        if rows is None:
+            y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)
+            return self.out(y.transpose(1, 2).reshape(b, n, w))
+        q = qkv[0][torch.arange(b, device=x.device), :, rows][:, :, None]  # [B, heads, 1, d]
+        mask = None
+        if causal:
+            mask = (torch.arange(n, device=x.device) <= rows[:, None])[:, None, None, :]
+        y = F.scaled_dot_product_attention(q, qkv[1], qkv[2], attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(b, 1, w))
 
 
 class CrossAttention(nn.Module):
@@ -137,9 +149,19 @@ class TransformerBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = MLP(width, std=fc_std, out_std=out_std, hidden=mlp_width)
 
-    def forward(self, x: torch.Tensor, *, causal: bool) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), causal=causal)
-        return x + self.mlp(self.ln_2(x))
+    def forward(
+        self, x: torch.Tensor, *, causal: bool, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``[B, n, width] -> [B, n, width]``; with `rows` (``[B]`` positions), only the
+        output at those positions, ``[B, 1, width]``: what a tower that reads one token
+        of its last block needs (that token's attention, MLP and residual; the others'
+        keys and values). The same values as the full block's row, up to float rounding."""
+        if rows is None:
+            x = x + self.attn(self.ln_1(x), causal=causal)
+            return x + self.mlp(self.ln_2(x))
+        kept = x[torch.arange(x.shape[0], device=x.device), rows][:, None]
+        kept = kept + self.attn(self.ln_1(x), causal=causal, rows=rows)
+        return kept + self.mlp(self.ln_2(kept))
 
 
 class CrossAttentionBlock(nn.Module):
@@ -192,9 +214,16 @@ class Transformer(nn.Module):
             TransformerBlock(width, heads, layers, mlp_width) for _ in range(layers)
         )
 
-    def forward(self, x: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
-        for block in self.blocks:
-            x = run_block(block, x, causal=causal, recompute=self.recompute_blocks)
+    def forward(
+        self, x: torch.Tensor, *, causal: bool = False, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``[B, n, width] -> [B, n, width]``; with `rows` (``[B]`` positions), the output at
+        those positions only, ``[B, 1, width]``: the last block then computes attention
+        and MLP for that one token per row (a CLIP tower pools one token)."""
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            pick = {"rows": rows} if rows is not None and i == last else {}
+            x = run_block(block, x, causal=causal, recompute=self.recompute_blocks, **pick)
         return x
 
 

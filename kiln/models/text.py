@@ -33,12 +33,21 @@ class TextTransformer(nn.Module):
         self.ln_final = nn.LayerNorm(width)
         self.proj = Linear(width, embed_dim, std=width**-0.5, bias=False)
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, tokens: torch.Tensor, *, pooled_only: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(pooled features [B, embed_dim], per-position features [B, L, width])``.
 
         Both from one entry point: ZeRO-3 gathers this module's own parameters (the
         positional embedding) around its ``forward``, so CoCa's decoder reads the
         per-position features from here rather than from a second method.
+
+        ``pooled_only=True`` (CLIP, SigLIP: only the pooled features are used) computes
+        just what they need: the positions after the batch's last end-of-text token are
+        dropped (causal attention: they never reach an earlier position) and the last
+        block runs attention and MLP for each row's end-of-text token only; the second
+        value is then that token's features, ``[B, 1, width]``. The pooled features are
+        those of the full computation up to float rounding.
         """
         if tokens.ndim != 2 or tokens.shape[1] > self.context_length:
             raise ValueError(
@@ -46,11 +55,14 @@ class TextTransformer(nn.Module):
                 f"L <= context_length={self.context_length}: tokenize with "
                 f"kiln.models.tokenizer.tokenize(texts, {self.context_length})"
             )
+        # Last non-pad position = EOS (BOS guarantees at least one non-pad token).
+        eos = ((tokens != PAD_ID).sum(dim=1) - 1).clamp(min=0)
+        if pooled_only:
+            tokens = tokens[:, : int(eos.max()) + 1]
         n = tokens.shape[1]
         x = self.token_embedding(tokens)
         x = x + self.positional_embedding[:n].to(x.dtype)
-        x = self.ln_final(self.transformer(x, causal=True))
-        # Last non-pad position = EOS (BOS guarantees at least one non-pad token).
-        eos = ((tokens != PAD_ID).sum(dim=1) - 1).clamp(min=0)
-        pooled: torch.Tensor = self.proj(x[torch.arange(x.shape[0], device=x.device), eos])
+        x = self.ln_final(self.transformer(x, causal=True, rows=eos if pooled_only else None))
+        at_eos = x[:, 0] if pooled_only else x[torch.arange(x.shape[0], device=x.device), eos]
+        pooled: torch.Tensor = self.proj(at_eos)
         return pooled, x

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 __all__ = ["BOS_ID", "BYTE_OFFSET", "EOS_ID", "PAD_ID", "VOCAB_SIZE", "decode", "tokenize"]
@@ -43,17 +44,19 @@ def tokenize(texts: Sequence[str] | str, context_length: int) -> torch.Tensor:
         )
     if isinstance(texts, str):
         texts = [texts]
-    out = torch.full((len(texts), context_length), PAD_ID, dtype=torch.long)
+    out = np.zeros((len(texts), context_length), dtype=np.int64)  # PAD_ID == 0
+    out[:, 0] = BOS_ID
     for row, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(
                 f"tokenize: texts[{row}] is {type(text).__name__}, not str: "
                 "replace missing captions with '' before tokenizing"
             )
-        body = [b + BYTE_OFFSET for b in text.encode("utf-8")[: context_length - 2]]
-        ids = [BOS_ID, *body, EOS_ID]
-        out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-    return out
+        body = np.frombuffer(text.encode("utf-8")[: context_length - 2], dtype=np.uint8)
+        out[row, 1 : 1 + len(body)] = body
+        out[row, 1 : 1 + len(body)] += BYTE_OFFSET
+        out[row, 1 + len(body)] = EOS_ID
+    return torch.from_numpy(out)
 
 
 def decode(tokens: torch.Tensor | Sequence[int]) -> str:

@@ -78,9 +78,12 @@ class VisionTransformer(nn.Module):
         One entry point on purpose: ZeRO-3 gathers a module's own parameters (class and
         positional embeddings) around its ``forward``, so other towers call this one.
         """
-        x = self.transformer(self.ln_pre(self.embed(images, keep)), causal=False)
+        x = self.ln_pre(self.embed(images, keep))
         if tokens or self.proj is None:
-            out: torch.Tensor = self.ln_post(x)
+            out: torch.Tensor = self.ln_post(self.transformer(x, causal=False))
             return out
-        result: torch.Tensor = self.proj(self.ln_post(x[:, 0]))
+        # Only the class token is read out: the last block computes it alone.
+        cls = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        pooled = self.transformer(x, causal=False, rows=cls)[:, 0]
+        result: torch.Tensor = self.proj(self.ln_post(pooled))
         return result

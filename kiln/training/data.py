@@ -25,13 +25,18 @@ Plan of one epoch (all index arithmetic, no I/O):
 ``num_workers=0`` reads in-process and yields the same batches as ``num_workers=1``.
 
 Elastic resume. The loader state records its *layout* (world size, workers, batch size,
-shuffle buffer) and the (seed, augmentation, manifest hash) it is valid for. Loading it into
-a loader with another seed, augmentation or dataset is an error; into one with another
-layout it continues the epoch as a new *segment* (`Segment`): the positions the old layout
+shuffle buffer) and the (seed, augmentation, fast decode, manifest hash) it is valid for.
+Loading it into a loader with another of those is an error; into one with another layout it
+continues the epoch as a new *segment* (`Segment`): the positions the old layout
 read are known exactly (steps 3-4 are pure), so the new layout splits the positions left
 over, in order, among its ranks and workers as steps 2-4 split a whole epoch. Over the epoch
 no sample is read twice, and only the last segment's tail (fewer than one global batch) is
 dropped. The next epoch is planned from scratch with the new layout.
+
+Decoding (`kiln.training.transforms.image_pixels`): each sample's image becomes ``uint8``
+pixels at the model's input size (with ``fast_decode``, JPEGs are decoded at a reduced DCT
+scale, so the setting is part of the loader's identity), and a batch is normalized to
+``float32`` in one pass (`normalize_batch`).
 """
 
 from __future__ import annotations
@@ -70,6 +75,8 @@ __all__ = [
 ]
 
 LOADER_STATE_VERSION = 2
+#: Identity fields added after version 1, with the value a state without them was written with.
+_STATE_DEFAULTS: dict[str, Any] = {"fast_decode": False}
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -339,6 +346,7 @@ class _EpochStream(IterableDataset):
         self.shuffle_buffer = loader.shuffle_buffer
         self.seed = loader.seed
         self.augment = loader.augment
+        self.fast_decode = loader.fast_decode
         self.image_size = loader.image_size
         self.context_length = loader.context_length
         self.with_text = loader.with_text
@@ -410,8 +418,9 @@ class _EpochStream(IterableDataset):
                     )
 
     # -- decoding --------------------------------------------------------------------------
-    def _decode(self, uid: str, members: dict[str, bytes], url: str) -> tuple[Any, str]:
-        from kiln.training.transforms import decode_rgb, image_to_tensor, sample_rng
+    def _decode(self, uid: str, members: dict[str, bytes], url: str) -> tuple[torch.Tensor, str]:
+        """The sample's transformed ``uint8 [3, S, S]`` pixels and its caption."""
+        from kiln.training.transforms import image_pixels, sample_rng
 
         image_ext = next((e for e in _IMAGE_EXTS if e in members), None)
         if image_ext is None or (self.with_text and "txt" not in members):
@@ -420,18 +429,24 @@ class _EpochStream(IterableDataset):
                 f"sample {uid!r} in shard {url!r} has members {sorted(members)}: each sample "
                 f"needs {need} (re-shard the dataset with `kiln curate`)"
             )
+        rng = sample_rng(self.seed, self.plan.epoch, uid) if self.augment else None
         try:
-            img = decode_rgb(members[image_ext])
+            pixels = image_pixels(
+                members[image_ext],
+                self.image_size,
+                augment=self.augment,
+                rng=rng,
+                fast_decode=self.fast_decode,
+            )
         except ValueError as e:
             raise ValueError(f"sample {uid!r} in shard {url!r}: {e}") from e
-        rng = sample_rng(self.seed, self.plan.epoch, uid)
-        tensor = image_to_tensor(img, self.image_size, augment=self.augment, rng=rng)
         if not self.with_text:
-            return tensor, ""
-        return tensor, members["txt"].decode("utf-8", errors="replace")
+            return pixels, ""
+        return pixels, members["txt"].decode("utf-8", errors="replace")
 
     def _batch(self, samples: list[tuple[str, dict[str, bytes], str]]) -> Batch:
         from kiln.models.tokenizer import tokenize
+        from kiln.training.transforms import normalize_batch
 
         images, texts, uids = [], [], []
         for uid, members, url in samples:
@@ -441,7 +456,7 @@ class _EpochStream(IterableDataset):
             uids.append(uid)
         tokens = tokenize(texts, self.context_length) if self.with_text else None
         seeds = torch.tensor([sample_seed(self.seed, self.plan.epoch, u) for u in uids])
-        return Batch(torch.stack(images), tokens, uids, seeds)
+        return Batch(normalize_batch(images), tokens, uids, seeds)
 
     # -- one logical worker ----------------------------------------------------------------
     def logical_stream(self, logical_worker: int) -> Iterator[Batch]:
@@ -497,6 +512,7 @@ class WebDatasetLoader:
         num_workers: int = 0,
         shuffle_buffer: int = 256,
         augment: bool = True,
+        fast_decode: bool = True,
         image_size: int = 32,
         context_length: int = 48,
         with_text: bool = True,
@@ -514,6 +530,7 @@ class WebDatasetLoader:
         self.effective_workers = max(1, num_workers)
         self.shuffle_buffer = shuffle_buffer
         self.augment = augment
+        self.fast_decode = fast_decode
         self.image_size = image_size
         self.context_length = context_length
         self.with_text = with_text
@@ -552,7 +569,12 @@ class WebDatasetLoader:
 
     # -- state ---------------------------------------------------------------------------
     def _identity_fields(self) -> dict[str, Any]:
-        return {"seed": self.seed, "augment": self.augment, "manifest_hash": self.manifest_hash}
+        return {
+            "seed": self.seed,
+            "augment": self.augment,
+            "fast_decode": self.fast_decode,
+            "manifest_hash": self.manifest_hash,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """Position (epoch, batches read in its current segment, earlier segments' layouts
@@ -581,13 +603,16 @@ class WebDatasetLoader:
         fixes = {
             "seed": "set seed to the value the run started with",
             "augment": "set data.augment to the value the run started with",
+            "fast_decode": "set data.fast_decode to the value the run started with (it "
+            "changes the pixels the model sees)",
             "manifest_hash": "the dataset's shards changed since the checkpoint: point "
             "data.dataset at the original dataset or start a new run",
         }
         for name, mine in self._identity_fields().items():
-            if state.get(name) != mine:
+            theirs = state.get(name, _STATE_DEFAULTS.get(name))
+            if theirs != mine:
                 raise ValueError(
-                    f"cannot resume the data loader: checkpoint has {name}={state.get(name)!r} "
+                    f"cannot resume the data loader: checkpoint has {name}={theirs!r} "
                     f"but this run has {name}={mine!r}; {fixes[name]}"
                 )
         try:
@@ -636,6 +661,11 @@ class WebDatasetLoader:
         if self._iterating:
             raise RuntimeError("WebDatasetLoader supports one active iterator at a time")
         self._iterating = True
+        # Worker processes start per epoch; the next epoch's start once this epoch's last
+        # batches are all prefetched (its workers are done), so the first batch of an
+        # epoch does not wait for a worker to start and decode.
+        ahead = 2 * self.num_workers  # DataLoader's prefetch_factor x workers
+        upcoming: Iterator[Batch] | None = None
         try:
             while True:
                 segment, start = self.segment(), self.step_in_epoch
@@ -644,16 +674,24 @@ class WebDatasetLoader:
                     continue
                 expected = segment.steps - start
                 got = 0
-                for batch in self._dataloader(segment, start):
+                batches = iter(self._dataloader(segment, start)) if upcoming is None else upcoming
+                upcoming = None
+                for batch in batches:
                     got += 1
                     # The position counts batches handed to the consumer, not prefetched ones.
                     self.step_in_epoch += 1
                     if self.step_in_epoch == segment.steps:
                         self._next_epoch()
+                    if ahead and upcoming is None and expected - got <= ahead:
+                        following = plan_segment(
+                            sum(self._sizes), self.seed, segment.epoch + 1, [], self.layout
+                        )
+                        upcoming = iter(self._dataloader(following, 0))
                     yield batch
                 if got != expected:  # pragma: no cover - a bug, not bad input
                     raise RuntimeError(
                         f"epoch {segment.epoch} gave {got} batches, expected {expected}"
                     )
         finally:
+            upcoming = None  # shuts its workers down
             self._iterating = False

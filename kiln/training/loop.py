@@ -77,6 +77,7 @@ FAULT_SIGKILL_AFTER_STEP = "KILN_FAULT_SIGKILL_AFTER_STEP"
 FAULT_SIGKILL_IN_SAVE = "KILN_FAULT_SIGKILL_IN_SAVE"
 FAULT_SIGKILL_RANK = "KILN_FAULT_SIGKILL_RANK"
 METRICS_FILE = "metrics.jsonl"
+_LOSS = "\x00loss"  # the loss's key among the logged scalars (no objective's name)
 SUMMARY_FILE = "train_summary.json"
 
 
@@ -152,16 +153,6 @@ def _next_attempt(metrics: Path) -> int:
         except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
             continue
     return last + 1
-
-
-def _global_mean(value: torch.Tensor, world: int) -> float:
-    t = value.detach().to(torch.float32).reshape(1).clone()
-    if world > 1:
-        if torch.cuda.is_available() and dist.get_backend() == dist.Backend.NCCL:
-            t = t.cuda()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t = t / world
-    return float(t.item())
 
 
 def _global_means(logs: list[dict[str, torch.Tensor]], world: int) -> dict[str, float]:
@@ -255,6 +246,7 @@ def train_worker(
         num_workers=cfg.data.num_workers,
         shuffle_buffer=cfg.data.shuffle_buffer,
         augment=cfg.data.augment,
+        fast_decode=cfg.data.fast_decode,
         image_size=cfg.model.image_size,
         context_length=cfg.model.context_length,
         with_text=objective.needs_text,
@@ -332,8 +324,12 @@ def train_worker(
                 micro_losses.append(loss.detach().float())
                 micro_logs.append(logs)
             step += 1
-            loss_value = _global_mean(torch.stack(micro_losses).mean(), world)
-            extra = _global_means(micro_logs, world)
+            # the loss and the objective's scalars in one all-reduce
+            losses_and_logs = [
+                {**m, _LOSS: x} for m, x in zip(micro_logs, micro_losses, strict=True)
+            ]
+            extra = _global_means(losses_and_logs, world)
+            loss_value = extra.pop(_LOSS)
             dt = time.perf_counter() - t0
             losses.append(loss_value)
             step_times.append(dt)

@@ -1,9 +1,26 @@
-"""Image decoding and the train/eval transforms, with PIL and numpy only.
+"""Image decoding and the train/eval transforms, with PIL, numpy and torch only.
 
 Augmentation randomness comes from `sample_rng(seed, epoch, uid)`, a pure function of its
 arguments: the crop and flip a sample gets do not depend on which worker or rank loads it,
 nor on the order it is loaded in, so runs are reproducible at any world size and a resumed
 run sees the same pixels as one that never stopped.
+
+Fast decode (``data.fast_decode``, `image_pixels(fast_decode=True)`): a JPEG is decoded at
+the smallest DCT scale (1/8, 1/4, 1/2 or 1) at which the region that ends up in the output
+still has at least ``image_size`` pixels on its shorter side, instead of at full size and
+then mostly thrown away by the resize; the crop box is drawn in the original image's
+coordinates (the same draws, so the same region of the photo) and mapped onto the reduced
+image (fractional coordinates: the region is exactly the one drawn). A region decoded at
+full size is resized by torch's vectorized antialiased bicubic kernel on ``uint8`` rather
+than PIL's scalar one. The pixels differ slightly from a full-size decode and PIL resize
+(libjpeg's scaled IDCT is a box-like downsampling), which is why it is a recorded setting
+of the run: a resume with the other setting is refused. Non-JPEG images decode at full
+size. torch's ``uint8`` resize has a vectorized and a scalar code path, so fast-decoded
+pixels are reproducible on one kind of CPU (every worker, rank and resume of a run), not
+promised across kinds of CPU.
+
+The pixels of a batch are normalized in one pass over the whole ``uint8`` batch
+(`normalize_batch`), which computes exactly what the per-image float formula did.
 """
 
 from __future__ import annotations
@@ -11,16 +28,23 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 __all__ = [
     "IMAGE_MEAN",
     "IMAGE_STD",
     "decode_rgb",
+    "draft_factor",
+    "image_pixels",
     "image_to_tensor",
+    "normalize_batch",
+    "open_image",
     "random_resized_crop_box",
     "sample_rng",
 ]
@@ -32,25 +56,48 @@ IMAGE_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 _CROP_SCALE = (0.6, 1.0)
 _CROP_RATIO = (3 / 4, 4 / 3)
 _RESAMPLE = Image.Resampling.BICUBIC
+_MEAN = torch.tensor(IMAGE_MEAN, dtype=torch.float32).reshape(1, 3, 1, 1)
+_STD = torch.tensor(IMAGE_STD, dtype=torch.float32).reshape(1, 3, 1, 1)
 
 
-def decode_rgb(data: bytes) -> Image.Image:
-    """Decode encoded image bytes (JPEG, PNG, WebP, ...) into a fully loaded RGB image."""
+def _bad_image(data: bytes, e: Exception) -> ValueError:
+    return ValueError(
+        f"cannot decode {len(data)} bytes as an image ({type(e).__name__}: {e}): "
+        "the sample's image is corrupt or not an image; curation drops such rows as "
+        "'bad_image'"
+    )
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Encoded image bytes opened lazily: the header is read (size, format), not the pixels.
+
+    `Image.draft` can still pick a reduced JPEG decoding scale before `_load_rgb` decodes.
+    """
     try:
-        img = Image.open(io.BytesIO(data))
+        return Image.open(io.BytesIO(data))
+    except Exception as e:
+        raise _bad_image(data, e) from e
+
+
+def _load_rgb(img: Image.Image, data: bytes) -> Image.Image:
+    """Decode the pixels of an opened image and bring them to RGB (no copy when they are)."""
+    try:
         img.load()
     except Exception as e:
-        raise ValueError(
-            f"cannot decode {len(data)} bytes as an image ({type(e).__name__}: {e}): "
-            "the sample's image is corrupt or not an image; curation drops such rows as "
-            "'bad_image'"
-        ) from e
+        raise _bad_image(data, e) from e
+    if img.mode == "RGB":
+        return img
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         # Composite transparency onto white rather than letting it turn black.
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Decode encoded image bytes (JPEG, PNG, WebP, ...) into a fully loaded RGB image."""
+    return _load_rgb(open_image(data), data)
 
 
 def sample_rng(seed: int, epoch: int, uid: str) -> np.random.Generator:
@@ -89,6 +136,38 @@ def random_resized_crop_box(
     return left, top, left + w, top + h
 
 
+def draft_factor(crop_width: float, crop_height: float, image_size: int) -> int:
+    """The largest JPEG DCT reduction (8, 4, 2 or 1) that keeps a ``crop_width x
+    crop_height`` region at least `image_size` pixels on its shorter side: the resize
+    that follows then only ever shrinks, as it would from the full-size image."""
+    shorter = min(crop_width, crop_height)
+    for factor in (8, 4, 2):
+        if shorter >= factor * image_size:
+            return factor
+    return 1
+
+
+def _draft(img: Image.Image, factor: int) -> int:
+    """Ask a JPEG to decode at 1/`factor` scale; returns the factor it will use (1 when
+    the image is not a JPEG or cannot be reduced)."""
+    if factor == 1 or img.format != "JPEG":
+        return 1
+    width, height = img.size
+    got = img.draft("RGB", (width // factor, height // factor))
+    if got is None:
+        return 1
+    return round(width / got[1][2])
+
+
+def _center_box(width: int, height: int, size: int) -> tuple[float, float, float, float]:
+    """The region of a ``width x height`` image that `_resize_center_crop` keeps."""
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    sx, sy = width / new_w, height / new_h
+    return left * sx, top * sy, (left + size) * sx, (top + size) * sy
+
+
 def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     """Resize so the shorter side is `size`, then take the centred ``size x size`` square."""
     width, height = img.size
@@ -97,6 +176,107 @@ def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     img = img.resize((new_w, new_h), _RESAMPLE)
     left, top = (new_w - size) // 2, (new_h - size) // 2
     return img.crop((left, top, left + size, top + size))
+
+
+def _check_args(image_size: int, augment: bool, rng: np.random.Generator | None) -> None:
+    if image_size < 1:
+        raise ValueError(f"image_size={image_size} must be positive")
+    if augment and rng is None:
+        raise ValueError(
+            "image_to_tensor(augment=True) needs rng: pass sample_rng(seed, epoch, uid) so "
+            "the augmentation is reproducible"
+        )
+
+
+def _chw(img: Image.Image) -> torch.Tensor:
+    """A loaded RGB image as ``uint8 [3, H, W]``: a view of its pixel bytes (no copy
+    beyond PIL's own export; read-only, which is fine for everything that reads it here)."""
+    with warnings.catch_warnings():  # torch warns once about the read-only buffer
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.asarray(img)).permute(2, 0, 1)
+
+
+def _flip(pixels: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """The horizontal flip with probability 1/2 (the draw after the crop box's)."""
+    return pixels.flip(-1) if rng.random() < 0.5 else pixels
+
+
+def _transform(
+    img: Image.Image, image_size: int, augment: bool, rng: np.random.Generator | None
+) -> torch.Tensor:
+    """`image_to_tensor`'s geometry on a loaded RGB image: ``uint8 [3, S, S]``."""
+    if augment:
+        assert rng is not None
+        box = random_resized_crop_box(img.width, img.height, rng)
+        return _flip(_chw(img.resize((image_size, image_size), _RESAMPLE, box=box)), rng)
+    return _chw(_resize_center_crop(img, image_size))
+
+
+def _fast_resize(
+    img: Image.Image, box: tuple[float, float, float, float], factor: int, size: int
+) -> torch.Tensor:
+    """The region `box` (original-image coordinates) of `img` (decoded at 1/`factor`
+    scale) resized to ``size x size``: ``uint8 [3, size, size]``.
+
+    A reduced image gets PIL's bicubic resize on the box divided by `factor` (fractional
+    coordinates, so the region is exactly the one drawn; the source is small by then). A
+    full-size one (integer box) gets torch's antialiased bicubic resize on ``uint8``,
+    vectorized where PIL's is not; the two agree to about one level in 255.
+    """
+    if factor > 1:
+        left, top, right, bottom = box
+        scaled = (left / factor, top / factor, right / factor, bottom / factor)
+        return _chw(img.resize((size, size), _RESAMPLE, box=scaled))
+    left, top, right, bottom = (int(v) for v in box)
+    crop = _chw(img)[None, :, top:bottom, left:right]
+    return F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)[0]
+
+
+def image_pixels(
+    data: bytes,
+    image_size: int,
+    *,
+    augment: bool,
+    rng: np.random.Generator | None,
+    fast_decode: bool,
+) -> torch.Tensor:
+    """The ``uint8 [3, image_size, image_size]`` pixels of encoded image `data` after the
+    train or eval transform (see `image_to_tensor`); normalize a batch of them with
+    `normalize_batch`. May be a read-only or strided view: `normalize_batch` copies.
+
+    ``fast_decode=False`` gives exactly ``image_to_tensor(decode_rgb(data), ...)``'s
+    pixels. ``fast_decode=True`` decodes a JPEG at a reduced DCT scale and resizes with
+    torch (module docstring); the crop box and flip are drawn as without it, from the
+    original image size, so each sample shows the same region of the photo either way.
+    """
+    _check_args(image_size, augment, rng)
+    if not fast_decode:
+        return _transform(decode_rgb(data), image_size, augment, rng)
+    img = open_image(data)
+    width, height = img.size
+    if not augment:
+        box = _center_box(width, height, image_size)
+        factor = _draft(img, draft_factor(box[2] - box[0], box[3] - box[1], image_size))
+        img = _load_rgb(img, data)
+        if factor == 1:
+            return _chw(_resize_center_crop(img, image_size))
+        return _fast_resize(img, box, factor, image_size)
+    assert rng is not None
+    crop = random_resized_crop_box(width, height, rng)
+    factor = _draft(img, draft_factor(crop[2] - crop[0], crop[3] - crop[1], image_size))
+    return _flip(_fast_resize(_load_rgb(img, data), crop, factor, image_size), rng)
+
+
+def normalize_batch(pixels: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``uint8 [3, S, S]`` images -> normalized ``float32 [B, 3, S, S]`` (contiguous).
+
+    One gather of the images into a ``uint8`` batch, one conversion to float, then the
+    same float32 operations, in the same order, as ``((x / 255) - mean) / std`` on each
+    image (in place), so the values are bitwise those of the per-image formula.
+    """
+    batch = torch.stack(list(pixels))
+    out = batch.to(dtype=torch.float32, memory_format=torch.contiguous_format)
+    return out.div_(255.0).sub_(_MEAN).div_(_STD)
 
 
 def image_to_tensor(
@@ -112,24 +292,7 @@ def image_to_tensor(
     Train (``augment=True``): random resized crop (60-100% of the area) then a horizontal
     flip with probability 1/2, both drawn from `rng` (use `sample_rng`).
     """
-    if image_size < 1:
-        raise ValueError(f"image_size={image_size} must be positive")
+    _check_args(image_size, augment, rng)
     if img.mode != "RGB":
         img = img.convert("RGB")
-    if augment:
-        if rng is None:
-            raise ValueError(
-                "image_to_tensor(augment=True) needs rng: pass sample_rng(seed, epoch, uid) so "
-                "the augmentation is reproducible"
-            )
-        box = random_resized_crop_box(img.width, img.height, rng)
-        img = img.resize((image_size, image_size), _RESAMPLE, box=box)
-        if rng.random() < 0.5:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    else:
-        img = _resize_center_crop(img, image_size)
-    pixels = np.asarray(img, dtype=np.float32) / 255.0
-    mean = np.asarray(IMAGE_MEAN, dtype=np.float32)
-    std = np.asarray(IMAGE_STD, dtype=np.float32)
-    pixels = (pixels - mean) / std
-    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+    return normalize_batch([_transform(img, image_size, augment, rng)])[0]

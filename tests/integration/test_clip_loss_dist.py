@@ -125,7 +125,12 @@ def test_two_rank_gradients_equal_global_batch(
 
     assert result["grads"].keys() == ref.keys() and len(ref) > 20
     for name, g in ref.items():
-        assert torch.allclose(result["grads"][name], g, rtol=1e-5, atol=1e-6), name
+        # atol scales with the tensor: each rank's text tower trims the padding after its
+        # own longest caption, so its matrix shapes (and roundings) differ from the global
+        # batch's; entries that are sums of large, nearly cancelling terms keep ~1e-7 of
+        # the tensor's scale as absolute error
+        atol = 1e-6 * max(1.0, float(g.abs().max()))
+        assert torch.allclose(result["grads"][name], g, rtol=1e-5, atol=atol), name
     torch.testing.assert_close(result["loss"], ref_loss.detach(), rtol=1e-6, atol=1e-6)
     # The rank's own loss is its share, not the global loss itself.
     assert not torch.allclose(result["local_loss"], ref_loss.detach(), atol=1e-4)

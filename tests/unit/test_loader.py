@@ -246,6 +246,28 @@ def test_elastic_resume_is_itself_resumable_exactly(dataset: str) -> None:
     assert same(head + take(b, 4), expected)
 
 
+def test_fast_decode_is_part_of_the_state(dataset: str) -> None:
+    loader = make(dataset, fast_decode=True)
+    take(loader, 2)
+    state = loader.state_dict()
+    with pytest.raises(ValueError, match=r"fast_decode=True .*set data\.fast_decode"):
+        make(dataset, fast_decode=False).load_state_dict(state)
+    # a checkpoint written before the setting existed decoded at full size
+    legacy = {k: v for k, v in state.items() if k != "fast_decode"}
+    make(dataset, fast_decode=False).load_state_dict(legacy)
+    with pytest.raises(ValueError, match="checkpoint has fast_decode=False"):
+        make(dataset, fast_decode=True).load_state_dict(legacy)
+
+
+def test_decode_modes_change_pixels_only(dataset: str) -> None:
+    fast, full = take(make(dataset, fast_decode=True), 3), take(make(dataset, fast_decode=False), 3)
+    for a, b in zip(fast, full, strict=True):
+        assert a.uids == b.uids and torch.equal(a.tokens, b.tokens)
+        assert a.images.shape == b.images.shape and a.images.dtype == b.images.dtype
+        # same crops and flips; the resize kernels agree to a few levels in 255
+        assert (a.images - b.images).abs().mean() < 0.05
+
+
 def test_too_small_dataset_names_the_fix(dataset: str) -> None:
     with pytest.raises(ValueError, match=r"lower data\.batch_size"):
         make(dataset, batch_size=64)

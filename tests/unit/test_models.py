@@ -225,3 +225,43 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(arch: str) -
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name, grad in grads[0].items():
         assert torch.equal(grad, grads[1][name]), name
+
+
+def test_pooled_only_towers_equal_the_full_computation() -> None:
+    """CLIP's towers compute their last block for the pooled token only (and the text tower
+    drops positions after the batch's last EOS): same embeddings and gradients as reading
+    that token out of the full computation, up to float rounding."""
+    model = _model(seed=2).train()
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(3, 3, 16, 16, generator=gen)
+    tokens = tokenize(["red", "a green dot", "b"], SMALL.context_length)  # padded, unequal
+
+    def full() -> tuple[torch.Tensor, torch.Tensor]:
+        vis = model.visual
+        x = vis.transformer(vis.ln_pre(vis.embed(images)), causal=False)
+        img = vis.proj(vis.ln_post(x[:, 0]))
+        txt = model.text(tokens)[0]  # the per-position path CoCa uses
+        return img, txt
+
+    def pooled() -> tuple[torch.Tensor, torch.Tensor]:
+        return model.visual(images), model.text(tokens, pooled_only=True)[0]
+
+    grads = []
+    for fn in (full, pooled):
+        model.zero_grad()
+        img, txt = fn()
+        (img.square().sum() + (txt * torch.arange(24.0)).sum()).backward()
+        grads.append([p.grad.clone() if p.grad is not None else None for p in model.parameters()])
+        if fn is full:
+            want = (img.detach(), txt.detach())
+    torch.testing.assert_close(img, want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(txt, want[1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(*grads, strict=True):
+        if a is None or b is None:
+            assert a is None and b is None
+            continue
+        # relative to the gradient's scale: single entries can be sums that nearly cancel
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max(), (a - b).abs().max() / a.abs().max()
+    with torch.no_grad():  # the EOS-only path trims the padding of the batch
+        _, at_eos = model.text(tokens, pooled_only=True)
+    assert at_eos.shape == (3, 1, 32)

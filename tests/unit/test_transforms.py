@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +14,13 @@ from PIL import Image
 from kiln.training.transforms import (
     IMAGE_MEAN,
     IMAGE_STD,
+    _draft,
     decode_rgb,
+    draft_factor,
+    image_pixels,
     image_to_tensor,
+    normalize_batch,
+    open_image,
     random_resized_crop_box,
     sample_rng,
 )
@@ -110,3 +117,121 @@ def test_augment_flip_mirrors_an_image() -> None:
 def test_augment_requires_rng() -> None:
     with pytest.raises(ValueError, match="sample_rng"):
         image_to_tensor(Image.new("RGB", (8, 8)), 8, augment=True, rng=None)
+
+
+# ------------------------------------------------------------------ loader decode path
+
+
+def _photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A smooth colour field with some texture: JPEG-like content, not white noise."""
+    yy, xx = np.mgrid[:height, :width].astype(np.float32)
+    rng = np.random.default_rng(seed)
+    arr = np.stack(
+        [
+            128
+            + 100 * np.sin(xx / (25 + 9 * c) + yy / (31 + 7 * c) + c)
+            + rng.normal(0, 4, xx.shape)
+            for c in range(3)
+        ],
+        axis=-1,
+    )
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def _level_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean absolute difference of two uint8 images, in levels of 255."""
+    return float((a.int() - b.int()).abs().float().mean())
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@pytest.mark.parametrize("augment", [True, False])
+def test_image_pixels_without_fast_decode_equals_image_to_tensor_bitwise(
+    fmt: str, augment: bool
+) -> None:
+    data = _encode(_photo(96, 64), fmt)
+    gray = _encode(_photo(40, 30).convert("L"), fmt)
+    for i, blob in enumerate([data, gray]):
+        uid = f"u{i}"
+        want = image_to_tensor(
+            decode_rgb(blob), 16, augment=augment, rng=sample_rng(3, 1, uid) if augment else None
+        )[None]
+        rng = sample_rng(3, 1, uid) if augment else None
+        pixels = image_pixels(blob, 16, augment=augment, rng=rng, fast_decode=False)
+        assert pixels.dtype == torch.uint8 and pixels.shape == (3, 16, 16)
+        assert torch.equal(normalize_batch([pixels]), want)
+
+
+def test_normalize_batch_is_the_per_image_formula() -> None:
+    rng = np.random.default_rng(1)
+    imgs = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(3)]
+    imgs.append(np.arange(256, dtype=np.uint8).repeat(3).reshape(16, 16, 3))  # every level
+    # HWC images seen as CHW (strided views, as image_pixels gives them) and a contiguous one
+    views = [torch.from_numpy(img).permute(2, 0, 1) for img in imgs]
+    views[1] = views[1].contiguous()
+    got = normalize_batch(views)
+    assert got.shape == (4, 3, 16, 16) and got.dtype == torch.float32 and got.is_contiguous()
+    for i, img in enumerate(imgs):
+        pixels = np.asarray(img, dtype=np.float32) / 255.0
+        mean = np.asarray(IMAGE_MEAN, dtype=np.float32)
+        want = ((pixels - mean) / np.asarray(IMAGE_STD, dtype=np.float32)).transpose(2, 0, 1)
+        assert torch.equal(got[i], torch.from_numpy(np.ascontiguousarray(want)))
+
+
+def test_draft_factor_keeps_the_crop_at_least_the_output_size() -> None:
+    assert draft_factor(512, 400, 32) == 8  # 400 / 8 = 50 >= 32
+    assert draft_factor(512, 255, 32) == 4  # 255 / 8 < 32, 255 / 4 >= 32
+    assert draft_factor(448, 500, 224) == 2
+    assert draft_factor(447, 500, 224) == 1
+    assert draft_factor(100, 100, 224) == 1  # an upscale never decodes smaller
+
+
+def test_fast_decode_decodes_a_jpeg_at_reduced_scale() -> None:
+    img = open_image(_encode(_photo(400, 300), "JPEG"))
+    assert _draft(img, draft_factor(400, 300, 32)) == 8
+    img.load()
+    assert img.size == (50, 38)  # ceil(400 / 8), ceil(300 / 8): an eighth of the pixels
+    png = open_image(_encode(_photo(400, 300), "PNG"))
+    assert _draft(png, 8) == 1  # only JPEG has DCT scaling
+
+
+@pytest.mark.parametrize("size", [16, 48])
+def test_fast_decode_is_deterministic_and_close_to_the_full_decode(size: int) -> None:
+    data = _encode(_photo(320, 240), "JPEG")
+    for i in range(12):
+        uid = f"uid-{i}"
+        fast = image_pixels(data, size, augment=True, rng=sample_rng(0, 0, uid), fast_decode=True)
+        again = image_pixels(data, size, augment=True, rng=sample_rng(0, 0, uid), fast_decode=True)
+        full = image_pixels(data, size, augment=True, rng=sample_rng(0, 0, uid), fast_decode=False)
+        assert fast.shape == (3, size, size) and fast.dtype == torch.uint8
+        assert torch.equal(fast, again)
+        # same crop and flip, a slightly different downsampling: a few levels at most
+        assert _level_diff(fast, full) < 4.0, uid
+    centre = image_pixels(data, size, augment=False, rng=None, fast_decode=True)
+    full = image_pixels(data, size, augment=False, rng=None, fast_decode=False)
+    assert _level_diff(centre, full) < 4.0
+
+
+def test_fast_decode_on_real_photos(shared_data: Path) -> None:
+    """The web-crawled shard's photos (~512-800 px) at the tiny and ViT sizes."""
+    with tarfile.open(shared_data / "cc12m_wds_shard" / "cc12m-train-0000.tar") as tar:
+        blobs = [
+            tar.extractfile(m).read()  # type: ignore[union-attr]
+            for m in tar
+            if m.name.endswith(".jpg")
+        ][:8]
+    for size in (32, 224):
+        for i, data in enumerate(blobs):
+            kw = {"augment": True, "rng": sample_rng(1, 0, str(i))}
+            fast = image_pixels(data, size, fast_decode=True, **kw)  # type: ignore[arg-type]
+            kw["rng"] = sample_rng(1, 0, str(i))
+            full = image_pixels(data, size, fast_decode=False, **kw)  # type: ignore[arg-type]
+            assert _level_diff(fast, full) < 8.0, (size, i)
+
+
+def test_bad_bytes_fail_the_same_way_in_both_decode_modes() -> None:
+    for fast in (True, False):
+        with pytest.raises(ValueError, match="cannot decode 9 bytes"):
+            image_pixels(b"not a jpg", 8, augment=False, rng=None, fast_decode=fast)
+    truncated = _encode(_photo(64, 64), "JPEG")[:200]
+    with pytest.raises(ValueError, match="cannot decode"):
+        image_pixels(truncated, 8, augment=False, rng=None, fast_decode=True)

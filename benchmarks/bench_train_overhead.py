@@ -1,0 +1,231 @@
+"""End-to-end overhead: `kiln train` samples/s over the pure model step's, tiny flavor, CPU.
+
+The pure step: kiln's `clip-tiny` model, CLIP loss, backward, ``torch.optim.AdamW`` (kiln's
+hyperparameters) on batches already in memory (taken from the same dataset beforehand),
+one torch thread per process, no loader, no DeepSpeed, no collectives. For N ranks, N such
+processes run at once (N <= cores), and their rates add up: what the cores can do.
+
+`kiln train`: the local launcher (what ``kiln train --launcher local`` runs) with N ranks of
+one thread each, the quickstart's data settings (batch 32 per rank, one DataLoader worker
+per rank, shuffle buffer 256, ZeRO-2), checkpointing only at the end; its rate is read from
+the run's ``metrics.jsonl`` over the steps after the first few (start-up excluded, epoch
+boundaries included) - the figure the training log prints. Both sides also report CPU
+milliseconds per sample (all processes: ranks and loader workers; start-up cancelled by
+differencing a short and a long run), which other load on the machine barely moves:
+``pure_cpu_over_this_cpu`` is what the rate ratio would be on otherwise idle cores that
+the run keeps busy.
+
+Diagnostic variants, same settings but one thing changed, show where the overhead goes:
+``zero0`` (DeepSpeed ZeRO-0 instead of 2), ``workers0`` (the loader decodes in the rank's
+own process instead of a worker process), and the kiln loader alone (samples/s of one
+worker on one core: the CPU the loader takes from the model per sample).
+
+The dataset: 1,536 generated JPEG photos of 64 px with captions (the quickstart's pool
+image size), in shards of 256 (kiln's layout; `tests/helpers_datasets.write_tiny_dataset`).
+Goal (issue 8): `kiln train` within 15% of the pure step (ratio >= 0.85). Prints JSON.
+Run: python benchmarks/bench_train_overhead.py [--ranks 1 2] [--steps 120] [--variants]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # for tests.helpers_datasets when run as a script
+WORK = REPO / "runs" / "bench" / "train-overhead"
+BATCH = 32
+WARMUP_STEPS = 5
+
+
+def _config(dataset: str, steps: int, **changes: Any) -> Any:
+    from kiln.training.config import TrainConfig
+
+    data = {"dataset": dataset, "batch_size": BATCH, "num_workers": 1, "shuffle_buffer": 256}
+    data.update(changes.get("loader", {}))
+    return TrainConfig.model_validate(
+        {
+            "data": data,
+            "model": {"flavor": "clip-tiny"},
+            "optim": {"lr": 2e-3, "warmup_steps": 8},
+            "zero": {"stage": changes.get("stage", 2)},
+            "checkpoint": {"every_steps": steps, "keep_last": 1},
+            "max_steps": steps,
+            "log_every": steps,
+            "seed": 0,
+        }
+    )
+
+
+def dataset() -> str:
+    from tests.helpers_datasets import write_tiny_dataset
+
+    root = WORK / "dataset"
+    if not (root / "manifest.json").is_file():
+        shutil.rmtree(root, ignore_errors=True)
+        write_tiny_dataset(root, num_samples=1536, shard_sizes=[256] * 6, image_size=64)
+    return str(root)
+
+
+# ------------------------------------------------------------------ the pure step
+
+
+def _pure_rank(data: str, steps: int, out: Any, barrier: Any) -> None:
+    import torch
+
+    from kiln.models.build import build_model
+    from kiln.training.data import WebDatasetLoader
+    from kiln.training.objectives.clip import clip_loss
+
+    torch.set_num_threads(1)
+    cfg = _config(data, steps)
+    torch.manual_seed(0)
+    model = build_model(cfg.model).train()
+    o = cfg.optim
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
+    )
+    loader = WebDatasetLoader(
+        data, batch_size=BATCH, seed=0, image_size=cfg.model.image_size,
+        context_length=cfg.model.context_length,
+    )  # fmt: skip
+    stream = iter(loader)
+    batches = [next(stream) for _ in range(8)]
+    stream.close()  # type: ignore[attr-defined]
+
+    def step(i: int) -> None:
+        b = batches[i % len(batches)]
+        opt.zero_grad(set_to_none=True)
+        out_ = model(b.images, b.tokens)
+        clip_loss(out_["image_embeds"], out_["text_embeds"], out_["logit_scale"]).backward()
+        opt.step()
+
+    for i in range(WARMUP_STEPS):
+        step(i)
+    barrier.wait()  # every process times the same stretch of wall-clock time
+    start, cpu = time.perf_counter(), time.process_time()
+    for i in range(steps):
+        step(i)
+    out.put((steps * BATCH / (time.perf_counter() - start), time.process_time() - cpu))
+
+
+def pure_rate(data: str, ranks: int, steps: int) -> dict[str, float]:
+    """Samples/s of `ranks` concurrent pure-step processes, added up; and CPU seconds per
+    sample (process CPU time over the timed steps)."""
+    ctx = mp.get_context("spawn")
+    q, barrier = ctx.Queue(), ctx.Barrier(ranks)
+    procs = [ctx.Process(target=_pure_rank, args=(data, steps, q, barrier)) for _ in range(ranks)]
+    for p in procs:
+        p.start()
+    results = [q.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return {
+        "samples_per_s": sum(r[0] for r in results),
+        "cpu_ms_per_sample": 1e3 * sum(r[1] for r in results) / (steps * BATCH * ranks),
+    }
+
+
+# ------------------------------------------------------------------ kiln train
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's finished children (and theirs, once reaped)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def train_rate(data: str, ranks: int, steps: int, name: str, **changes: Any) -> dict[str, Any]:
+    """Steady-state samples/s of a `kiln train` run (from its metrics), and the CPU seconds
+    a sample costs all its processes (ranks and loader workers): the CPU of a run of
+    `steps` steps minus that of a run of `steps // 3`, over the extra samples, so start-up
+    and the final checkpoint cancel out."""
+    from kiln.training import train
+
+    cpu, rate = [], 0.0
+    for n in (steps // 3, steps):
+        run = WORK / f"run-{name}-{ranks}"
+        shutil.rmtree(run, ignore_errors=True)
+        before = _children_cpu()
+        train(_config(data, n, **changes), str(run), num_workers=ranks, launcher="local")
+        cpu.append(_children_cpu() - before)
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        first, last = records[WARMUP_STEPS - 1], records[-1]
+        span = last["elapsed_s"] - first["elapsed_s"]
+        rate = BATCH * ranks * (last["step"] - first["step"]) / span
+    extra = BATCH * ranks * (steps - steps // 3)
+    return {"samples_per_s": rate, "cpu_ms_per_sample": 1e3 * (cpu[1] - cpu[0]) / extra}
+
+
+def loader_rate(data: str, seconds: float = 5.0) -> float:
+    """Samples/s of the kiln loader alone, in this process (one core)."""
+    import torch
+
+    from kiln.training.data import WebDatasetLoader
+
+    torch.set_num_threads(1)
+    cfg = _config(data, 1)
+    loader = WebDatasetLoader(
+        data, batch_size=BATCH, seed=0, image_size=cfg.model.image_size,
+        context_length=cfg.model.context_length,
+    )  # fmt: skip
+    stream = iter(loader)
+    next(stream)
+    start, n = time.process_time(), 0
+    while time.process_time() - start < seconds:
+        n += len(next(stream).uids)
+    rate = n / (time.process_time() - start)
+    stream.close()  # type: ignore[attr-defined]
+    return rate
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--variants", action="store_true", help="also the diagnostic variants")
+    args = ap.parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    data = dataset()
+    results = []
+    for ranks in args.ranks:
+        runs = {"pure_step": pure_rate(data, ranks, args.steps)}
+        runs["kiln_train"] = train_rate(data, ranks, args.steps, "default")
+        if args.variants:
+            runs["zero0"] = train_rate(data, ranks, args.steps, "zero0", stage=0)
+            runs["workers0"] = train_rate(
+                data, ranks, args.steps, "workers0", loader={"num_workers": 0}
+            )
+        pure = runs["pure_step"]
+        row: dict[str, Any] = {"ranks": ranks}
+        for k, v in runs.items():
+            row[k] = {key: round(value, 2) for key, value in v.items()}
+            if k != "pure_step":
+                row[k]["rate_over_pure"] = round(v["samples_per_s"] / pure["samples_per_s"], 3)
+                row[k]["pure_cpu_over_this_cpu"] = round(
+                    pure["cpu_ms_per_sample"] / v["cpu_ms_per_sample"], 3
+                )
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    report = {
+        "benchmark": "train_overhead",
+        "flavor": "clip-tiny",
+        "batch_per_rank": BATCH,
+        "goal": "kiln_train rate_over_pure >= 0.85",
+        "loader_samples_per_cpu_s": round(loader_rate(data), 1),
+        "results": results,
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
