@@ -19,7 +19,7 @@ captions, batch 32, shuffle buffer 256:
   "txt")`` then what torchvision's ``RandomResizedCrop`` + ``RandomHorizontalFlip`` +
   ``ToTensor`` + ``Normalize`` do on a PIL image (written out with PIL and torch: kiln's
   venv has no torchvision), batched with ``torch.stack``;
-- ``kiln``: `WebDatasetLoader` with ``fast_decode=True`` (the default for new runs);
+- ``kiln``: `WebDatasetLoader` with ``fast_decode=True`` (`data.fast_decode: true`);
 - ``kiln_full_decode``: `WebDatasetLoader` with ``fast_decode=False`` (full-size decode and
   PIL resize: the pixels of runs started before the setting existed).
 
