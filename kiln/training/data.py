@@ -512,7 +512,7 @@ class WebDatasetLoader:
         num_workers: int = 0,
         shuffle_buffer: int = 256,
         augment: bool = True,
-        fast_decode: bool = True,
+        fast_decode: bool = False,
         image_size: int = 32,
         context_length: int = 48,
         with_text: bool = True,
