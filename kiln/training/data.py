@@ -55,6 +55,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kiln.contracts import DatasetManifest, read_manifest
+from kiln.training.config import TrainConfig
 
 __all__ = [
     "LOADER_STATE_VERSION",
@@ -548,6 +549,27 @@ class WebDatasetLoader:
         self._history: list[tuple[Layout, int]] = []  # earlier segments of this epoch
         self._segment: Segment | None = None
         self._iterating = False
+
+    @classmethod
+    def from_config(
+        cls, cfg: TrainConfig, *, rank: int = 0, world_size: int = 1, with_text: bool = True
+    ) -> WebDatasetLoader:
+        """The loader a training run of `cfg` gives `rank` of `world_size` ranks (what the
+        training loop reads, what a resume check or a test must read alike)."""
+        return cls(
+            cfg.data.dataset,
+            batch_size=cfg.data.batch_size,
+            seed=cfg.seed,
+            rank=rank,
+            world_size=world_size,
+            num_workers=cfg.data.num_workers,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            augment=cfg.data.augment,
+            fast_decode=cfg.data.fast_decode,
+            image_size=cfg.model.image_size,
+            context_length=cfg.model.context_length,
+            with_text=with_text,
+        )
 
     def plan(self, epoch: int) -> EpochPlan:
         """The index plan of `epoch` (pure; see `plan_epoch`)."""

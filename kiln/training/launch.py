@@ -154,15 +154,7 @@ def _preflight(cfg: TrainConfig, world: int, run: Path, resume: bool) -> None:
     tag = resume_checkpoint(run)[0] if resume else None
     if tag is not None:
         check_resumable(run, tag, zero_stage=cfg.zero.stage, model=cfg.model)
-    loader = WebDatasetLoader(
-        cfg.data.dataset,
-        batch_size=cfg.data.batch_size,
-        seed=cfg.seed,
-        rank=0,
-        world_size=world,
-        num_workers=cfg.data.num_workers,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-    )
+    loader = WebDatasetLoader.from_config(cfg, world_size=world)
     objective = cfg.objective.name if cfg.objective is not None else cfg.model.arch
     if cfg.model.needs_text and not dataset_has_text(loader.dataset):
         raise ValueError(

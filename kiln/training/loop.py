@@ -237,19 +237,8 @@ def train_worker(
     engine = build_engine(model, cfg, world, load_universal=elastic and cfg.zero.stage > 0)
     device = engine.device
     image_dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
-    loader = WebDatasetLoader(
-        cfg.data.dataset,
-        batch_size=cfg.data.batch_size,
-        seed=cfg.seed,
-        rank=rank,
-        world_size=world,
-        num_workers=cfg.data.num_workers,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        augment=cfg.data.augment,
-        fast_decode=cfg.data.fast_decode,
-        image_size=cfg.model.image_size,
-        context_length=cfg.model.context_length,
-        with_text=objective.needs_text,
+    loader = WebDatasetLoader.from_config(
+        cfg, rank=rank, world_size=world, with_text=objective.needs_text
     )
 
     step, resumed_from = 0, None

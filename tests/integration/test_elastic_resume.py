@@ -84,17 +84,7 @@ def _first_step_loss_from_checkpoint(cfg: TrainConfig, run: Path, step: int, wor
     objective = build_objective(cfg.objective)  # type: ignore[arg-type]
     parts = []
     for rank in range(world):
-        loader = WebDatasetLoader(
-            cfg.data.dataset,
-            batch_size=cfg.data.batch_size,
-            seed=cfg.seed,
-            rank=rank,
-            world_size=world,
-            num_workers=cfg.data.num_workers,
-            shuffle_buffer=cfg.data.shuffle_buffer,
-            image_size=cfg.model.image_size,
-            context_length=cfg.model.context_length,
-        )
+        loader = WebDatasetLoader.from_config(cfg, rank=rank, world_size=world)
         loader.load_state_dict(states["kiln"]["loader"])
         it = iter(loader)
         parts.append(next(it))
