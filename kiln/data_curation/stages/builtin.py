@@ -5,6 +5,7 @@ from __future__ import annotations
 from kiln.data_curation.stages import (
     caption_pick,
     dedup,
+    download,
     image,
     language,
     metaclip_balance,
@@ -17,6 +18,7 @@ from kiln.data_curation.stages import (
 __all__ = [
     "caption_pick",
     "dedup",
+    "download",
     "image",
     "language",
     "metaclip_balance",

@@ -40,6 +40,7 @@ __all__ = [
     "ImageStage",
     "apply_image_checks",
     "decode_rgb",
+    "encode_jpeg",
     "max_pixels",
     "pixel_sha256",
 ]
@@ -126,7 +127,8 @@ def decode_rgb(data: bytes) -> DecodedImage:
     return DecodedImage(image=_to_rgb(upright), plain_jpeg=plain_jpeg)
 
 
-def _encode_jpeg(image: Image.Image, quality: int) -> bytes:
+def encode_jpeg(image: Image.Image, quality: int) -> bytes:
+    """Baseline (non-progressive, unoptimized) JPEG bytes of `image`: same pixels, same bytes."""
     out = io.BytesIO()
     image.save(out, format="JPEG", quality=quality, optimize=False, progressive=False)
     return out.getvalue()
@@ -187,7 +189,7 @@ def apply_image_checks(table: pa.Table, cfg: ImageConfig) -> pa.Table:
             out[i] = bytes(data)
         else:
             try:
-                out[i] = _encode_jpeg(final, cfg.jpeg_quality)
+                out[i] = encode_jpeg(final, cfg.jpeg_quality)
             except Exception:
                 bad[i] = True
                 hashes[i] = None
