@@ -266,6 +266,13 @@ def test_rows_with_images_or_dropped_are_not_fetched(
     again = download_table(_table([urls[0]] * 5), _cfg())
     assert server.requests == [f"/img/{names[0]}"]
     assert len(set(again.column("image").to_pylist())) == 1
+    # and so is one that the worker's previous batch had (the stage's context)
+    stage = get_stage("download")
+    recent = stage.setup(_cfg(), None)
+    server.reset()
+    for _ in range(2):
+        stage.apply(_table([urls[0], urls[1]]), _cfg(), recent)
+    assert sorted(server.requests) == [f"/img/{names[0]}", f"/img/{names[1]}"]
 
 
 def test_bytes_do_not_depend_on_batches_or_concurrency(

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -54,6 +55,7 @@ __all__ = [
     "DownloadConfig",
     "DownloadStage",
     "Processed",
+    "RecentResults",
     "download_table",
     "process_body",
 ]
@@ -274,8 +276,39 @@ def _ints(table: pa.Table, name: str) -> list[int | None]:
     return [v if isinstance(v, int) else None for v in _strings(table, name)]
 
 
-def download_table(table: pa.Table, cfg: DownloadConfig) -> pa.Table:
-    """Download the images of the alive rows of `table` that have none (module doc)."""
+class RecentResults:
+    """The latest URLs' results of one worker, so rows sharing a URL across two batches (a
+    caption table lists each photo once per caption, in a row) fetch it once. Bounded by
+    entries and by image bytes; a pure cache: results are a function of the response."""
+
+    def __init__(self, max_entries: int = 4096, max_bytes: int = 64 << 20) -> None:
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self._items: OrderedDict[str, tuple[FetchResult, Processed | None]] = OrderedDict()
+        self._bytes = 0
+
+    @staticmethod
+    def _size(item: tuple[FetchResult, Processed | None]) -> int:
+        processed = item[1]
+        return len(processed.image) if processed is not None and processed.image else 0
+
+    def get(self, url: str) -> tuple[FetchResult, Processed | None] | None:
+        return self._items.get(url)
+
+    def put(self, url: str, item: tuple[FetchResult, Processed | None]) -> None:
+        if url in self._items:
+            return
+        self._items[url] = item
+        self._bytes += self._size(item)
+        while self._items and (len(self._items) > self.max_entries or self._bytes > self.max_bytes):
+            _, old = self._items.popitem(last=False)
+            self._bytes -= self._size(old)
+
+
+def download_table(
+    table: pa.Table, cfg: DownloadConfig, recent: RecentResults | None = None
+) -> pa.Table:
+    """Download the images of the alive rows of `table` that have none (module doc);
+    `recent` (the worker's cache) saves refetching URLs the previous batches had."""
     table = ensure_drop_column(table)
     n = table.num_rows
     alive = alive_mask(table)
@@ -299,8 +332,16 @@ def download_table(table: pa.Table, cfg: DownloadConfig) -> pa.Table:
             reasons[i], errors[i] = "missing_url", "no url"
             continue
         wanted.setdefault(_absolute(url, cfg.base_url), []).append(i)
-    done = _run(lambda: _fetch_and_process(list(wanted), cfg)) if wanted else []
-    for rows, (fetched, processed) in zip(wanted.values(), done, strict=True):
+    known = {u: recent.get(u) for u in wanted} if recent is not None else {}
+    todo = [u for u in wanted if known.get(u) is None]
+    got = dict(zip(todo, _run(lambda: _fetch_and_process(todo, cfg)), strict=True)) if todo else {}
+    if recent is not None:
+        for u, item in got.items():
+            recent.put(u, item)
+    for url, rows in wanted.items():
+        item = got.get(url) or known.get(url)
+        assert item is not None
+        fetched, processed = item
         reason = fetched.reason or (processed.reason if processed else None)
         for i in rows:
             status[i], final[i] = fetched.status, fetched.final_url
@@ -367,8 +408,11 @@ class DownloadStage(MapStage[DownloadConfig]):
                 ) from None
         return {}
 
+    def setup(self, cfg: DownloadConfig, state: pa.Table | None) -> RecentResults:
+        return RecentResults()
+
     def apply(self, table: pa.Table, cfg: DownloadConfig, ctx: Any) -> pa.Table:
-        return download_table(table, cfg)
+        return download_table(table, cfg, ctx)
 
 
 register(DownloadStage())
