@@ -1,7 +1,7 @@
 """A real HTTP server on 127.0.0.1 that serves photos and misbehaves on purpose, for the
 download stage's tests and benchmark.
 
-Routes (`NAME` is a file in the served folder):
+Routes (`NAME` is a file in one of the served folders):
 
 - `/img/NAME`: the file, `image/jpeg` (HTTP/1.1 keep-alive);
 - `/status/CODE/NAME`: always HTTP CODE (404, 500, 403, ...);
@@ -17,10 +17,14 @@ Routes (`NAME` is a file in the served folder):
 - `/loop/a`, `/loop/b`: redirect to each other;
 - `/chain/K/NAME`: K redirects (relative Locations), then the file;
 - `/redirect?to=URL`: 302 to URL (anything: e.g. a private address);
-- `/reset`: closes the connection without a response.
+- `/reset`: closes the connection without a response;
+- `/fail/MODE/K/NAME`: misbehaves for the first K requests of this path, then serves the
+  file; MODE is `500`, `slow` (waits `slow_s` seconds, 3 by default), `truncated` or
+  `reset`; with MODE `busy`, K is seconds: HTTP 503 with `Retry-After` for K seconds after
+  the path's first request (a server that wants clients to wait, not to hammer it).
 
 `server.requests` lists every request path, in order, for tests to check what was fetched
-(and what was not). Run as a script (`python -m tests.helpers_http FOLDER`) it serves in its
+(and what was not). Run as a script (`python -m tests.helpers_http FOLDER...`) it serves in its
 own process and prints its port, which is what the benchmark does.
 """
 
@@ -65,10 +69,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
 
     def _file(self, name: str) -> bytes | None:
-        path = (self.server.folder / name).resolve()
-        if path.parent != self.server.folder or not path.is_file():
-            return None
-        return path.read_bytes()
+        for folder in self.server.folders:
+            path = (folder / name).resolve()
+            if path.parent == folder and path.is_file():
+                return path.read_bytes()
+        return None
 
     def do_GET(self) -> None:
         parts = urlsplit(self.path)
@@ -76,12 +81,31 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.server.requests.append(self.path)
             self.server.counts[parts.path] += 1
             count = self.server.counts[parts.path]
+            first = self.server.first_seen.setdefault(parts.path, time.monotonic())
         seg = parts.path.strip("/").split("/")
         kind = seg[0]
         try:
-            self._route(kind, seg, count, parts.query)
+            if kind == "fail" and len(seg) == 4:
+                self._fail(seg[1], float(seg[2]), seg[3], count, first)
+            else:
+                self._route(kind, seg, count, parts.query)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+
+    def _fail(self, mode: str, k: float, name: str, count: int, first: float) -> None:
+        if mode == "busy":
+            left = first + k - time.monotonic()
+            if left > 0:
+                wait = str(max(1, round(left + 0.5)))
+                return self._send(503, b"busy", "text/plain", Retry_After=wait)
+        elif count <= k:
+            if mode == "500":
+                return self._send(500, b"oops", "text/plain")
+            if mode == "slow":
+                time.sleep(self.server.slow_s)
+            elif mode in ("truncated", "reset"):
+                return self._route(mode, [mode, name], count, "")
+        return self._route("img", ["img", name], count, "")
 
     def _route(self, kind: str, seg: list[str], count: int, query: str) -> None:
         if kind == "img" and len(seg) == 2:
@@ -157,13 +181,15 @@ class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 256
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folders: list[Path]) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
-        self.folder = folder.resolve()
+        self.folders = [f.resolve() for f in folders]
         self.lock = threading.Lock()
         self.requests: list[str] = []
         self.counts: Counter[str] = Counter()
+        self.first_seen: dict[str, float] = {}
         self.huge_bytes_sent = 0
+        self.slow_s = 3.0
 
 
 class PhotoServer:
@@ -195,13 +221,15 @@ class PhotoServer:
         with self._server.lock:
             self._server.requests.clear()
             self._server.counts.clear()
+            self._server.first_seen.clear()
             self._server.huge_bytes_sent = 0
 
 
 @contextlib.contextmanager
-def serve_photos(folder: Path) -> Iterator[PhotoServer]:
-    """Serve `folder` on 127.0.0.1 (a free port) until the block ends."""
-    server = _Server(folder)
+def serve_photos(*folders: Path) -> Iterator[PhotoServer]:
+    """Serve the files of `folders` (by name, first match) on 127.0.0.1 (a free port) until
+    the block ends."""
+    server = _Server(list(folders))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -214,9 +242,11 @@ def serve_photos(folder: Path) -> Iterator[PhotoServer]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("folder", type=Path)
+    ap.add_argument("folders", type=Path, nargs="+")
+    ap.add_argument("--slow-s", type=float, default=3.0, help="wait of /fail/slow/ routes")
     args = ap.parse_args(argv)
-    server = _Server(args.folder)
+    server = _Server(args.folders)
+    server.slow_s = args.slow_s
     print(server.server_address[1], flush=True)
     with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,12 @@ from kiln.data_curation.plan import build_plan
 from kiln.data_curation.resize import resize_image
 from kiln.data_curation.stage import get_stage
 from kiln.data_curation.stages import DROP_COLUMN, count_reasons, mark_dropped
-from kiln.data_curation.stages.download import DownloadConfig, download_table, process_body
+from kiln.data_curation.stages.download import (
+    DownloadConfig,
+    DownloadStage,
+    download_table,
+    process_body,
+)
 from tests.helpers_http import PhotoServer, serve_photos
 
 # ------------------------------------------------------------------ connection recorder
@@ -75,7 +80,7 @@ def server(running: PhotoServer) -> PhotoServer:
     return running
 
 
-def _table(urls: list[str | None], images: list[bytes | None] | None = None) -> pa.Table:
+def _table(urls: Sequence[str | None], images: Sequence[bytes | None] | None = None) -> pa.Table:
     columns: dict[str, Any] = {
         "uid": [f"{i:032x}" for i in range(len(urls))],
         "url": pa.array(urls, pa.string()),
@@ -132,7 +137,7 @@ def test_resize_no_keeps_the_served_jpeg_bytes(
 
 def test_every_misbehaviour_has_its_reason(server: PhotoServer, names: list[str]) -> None:
     b, n = server.base, names[0]
-    cases = {
+    cases: dict[str, str | None] = {
         f"{b}/status/404/x": "http_404",
         f"{b}/status/403/x": "http_error",
         f"{b}/status/500/x": "http_error",
@@ -159,7 +164,9 @@ def test_every_misbehaviour_has_its_reason(server: PhotoServer, names: list[str]
     cfg = _cfg(timeout_s=1.0, max_bytes=1 << 20, max_redirects=3)
     out = download_table(_table(urls), cfg)
     got = dict(zip(urls, out.column(DROP_COLUMN).to_pylist(), strict=True))
-    assert got == {**cases, None: "missing_url"}
+    expected: dict[str | None, str | None] = dict(cases.items())
+    expected[None] = "missing_url"
+    assert got == expected
     assert out.num_rows == len(urls)  # nothing lost
     counted = server.requests
     # transient failures are retried (retries=2: three attempts), final ones are not
@@ -176,6 +183,18 @@ def test_every_misbehaviour_has_its_reason(server: PhotoServer, names: list[str]
         f"{b}/ratelimit/1/{names[1]}",
         f"{b}/chain/0/{names[3]}",
     ]
+
+
+def test_retry_after_is_waited_for(server: PhotoServer, names: list[str]) -> None:
+    """A 503 with Retry-After: 1 for 0.5 s: waiting as told succeeds, hammering does not."""
+    url = f"{server.base}/fail/busy/0.5/{names[0]}"
+    out = download_table(_table([url]), _cfg(retries=1, max_backoff_s=5))
+    assert out.column(DROP_COLUMN).to_pylist() == [None]
+    assert server.requests == [f"/fail/busy/0.5/{names[0]}"] * 2
+    server.reset()
+    hasty = download_table(_table([url]), _cfg(retries=3, max_backoff_s=0.02))
+    assert hasty.column(DROP_COLUMN).to_pylist() == ["http_error"]
+    assert hasty.column("download_status").to_pylist() == [503]
 
 
 def test_retries_zero_means_one_attempt(server: PhotoServer, names: list[str]) -> None:
@@ -267,7 +286,7 @@ def test_rows_with_images_or_dropped_are_not_fetched(
     assert server.requests == [f"/img/{names[0]}"]
     assert len(set(again.column("image").to_pylist())) == 1
     # and so is one that the worker's previous batch had (the stage's context)
-    stage = get_stage("download")
+    stage = DownloadStage()
     recent = stage.setup(_cfg(), None)
     server.reset()
     for _ in range(2):

@@ -336,8 +336,8 @@ def download_table(
     todo = [u for u in wanted if known.get(u) is None]
     got = dict(zip(todo, _run(lambda: _fetch_and_process(todo, cfg)), strict=True)) if todo else {}
     if recent is not None:
-        for u, item in got.items():
-            recent.put(u, item)
+        for u, one in got.items():
+            recent.put(u, one)
     for url, rows in wanted.items():
         item = got.get(url) or known.get(url)
         assert item is not None
