@@ -63,6 +63,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/gpu_train.py  # without CUDA: says so and runs its CPU smoke configuration
 	$(PY) benchmarks/bench_loader.py
 	$(PY) benchmarks/bench_openclip.py
+	$(PY) benchmarks/bench_download.py  # img2dataset in its own venv (benchmarks/.img2dataset-venv)
 	$(PY) benchmarks/bench_train_overhead.py --variants
 
 clean:

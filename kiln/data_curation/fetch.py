@@ -20,9 +20,9 @@ not be had, named like a drop reason (`FAILURES` lists them). What it promises:
   hops `too_many_redirects`.
 - **Retries** only for transient failures -- HTTP 429 and 5xx, timeouts, connection resets
   and refusals, bodies cut short -- up to `retries` more attempts, waiting
-  `backoff_s * 2**attempt` (at most `max_backoff_s`, or the server's `Retry-After` when it
-  is shorter than that cap) times a jitter in [0.5, 1.5) drawn from the URL, so the waits
-  are reproducible. 404, other 4xx, refusals, bad URLs and oversized bodies are final.
+  `backoff_s * 2**attempt` times a jitter in [0.5, 1.5) drawn from the URL (so the waits
+  are reproducible), or the server's `Retry-After` when that is longer, never over
+  `max_backoff_s`. 404, other 4xx, refusals, bad URLs and oversized bodies are final.
 - **Size.** A `Content-Length` over `max_bytes` is refused before the body is read; a body
   without one is streamed and abandoned as soon as it passes `max_bytes` (`too_large`).
 - **Content type.** With `content_types` set, a response whose type matches none of them
@@ -425,13 +425,14 @@ async def _fs_once(url: str, policy: FetchPolicy) -> FetchResult:
 
 
 def _backoff(url: str, attempt: int, policy: FetchPolicy, retry_after: float | None) -> float:
-    """Seconds to wait before attempt `attempt + 1`: exponential, capped, with a jitter drawn
-    from (url, attempt), so it is the same on every run."""
-    base = min(policy.max_backoff_s, policy.backoff_s * 2**attempt)
-    if retry_after is not None:
-        base = min(policy.max_backoff_s, max(base, retry_after))
+    """Seconds to wait before attempt `attempt + 1`: exponential with a jitter drawn from
+    (url, attempt), so it is the same on every run; at least what `Retry-After` asked; never
+    over `max_backoff_s`."""
     jitter = 0.5 + (zlib.crc32(f"{attempt}:{url}".encode()) % 1000) / 1000
-    return min(policy.max_backoff_s, base * jitter)
+    wait = policy.backoff_s * 2**attempt * jitter
+    if retry_after is not None:
+        wait = max(wait, retry_after)
+    return min(policy.max_backoff_s, wait)
 
 
 async def _fetch(

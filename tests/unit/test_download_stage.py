@@ -234,9 +234,13 @@ def test_loopback_is_refused_by_default_before_connecting(
         f"{server.base}/img/{names[0]}",
         f"http://localhost:{server.port}/img/{names[0]}",  # a name: checked after lookup
         f"http://[::1]:{server.port}/img/{names[0]}",
+        f"http://2130706433:{server.port}/img/{names[0]}",  # 127.0.0.1 as one number
+        f"http://127.1:{server.port}/img/{names[0]}",
     ]
     out = download_table(_table(urls), DownloadConfig())
-    assert out.column(DROP_COLUMN).to_pylist() == ["refused_address"] * 3
+    reasons = out.column(DROP_COLUMN).to_pylist()
+    assert reasons[:3] == ["refused_address"] * 3
+    assert set(reasons[3:]) <= {"refused_address", "bad_url"}
     assert connects == [] and server.requests == []
     allowed = download_table(_table(urls[1:2]), DownloadConfig(allow_loopback=True))
     assert allowed.column(DROP_COLUMN).to_pylist() == [None]
@@ -399,6 +403,14 @@ def test_config_errors_name_the_fix() -> None:
         build_plan([{"stage": "download", "resize_mode": "crop"}])
     plan = build_plan([{"stage": "download", "allow_loopback": True}, {"stage": "image"}])
     assert plan[0].stage is get_stage("download")
+    with pytest.raises(ValueError, match="allow_loopback: true"):
+        DownloadStage().check(DownloadConfig(base_url="http://127.0.0.1:8765/"))
+    with pytest.raises(ValueError, match="allow_private: true"):
+        DownloadStage().check(DownloadConfig(base_url="http://10.0.0.7/", allow_loopback=True))
+    assert (
+        DownloadStage().check(DownloadConfig(base_url="http://127.0.0.1/", allow_loopback=True))
+        == {}
+    )
 
 
 def test_drop_reasons_are_registered() -> None:

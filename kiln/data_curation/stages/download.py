@@ -39,7 +39,7 @@ from pydantic import Field, field_validator, model_validator
 from yarl import URL
 
 from kiln.contracts import StrictModel
-from kiln.data_curation.fetch import FAILURES, FetchPolicy, FetchResult, fetch_all
+from kiln.data_curation.fetch import FAILURES, FetchPolicy, FetchResult, fetch_all, url_refusal
 from kiln.data_curation.resize import ResizeMode, resize_image
 from kiln.data_curation.stage import MapStage, register
 from kiln.data_curation.stages import (
@@ -398,6 +398,14 @@ class DownloadStage(MapStage[DownloadConfig]):
     drop_reasons: ClassVar[dict[str, str]] = DOWNLOAD_REASONS
 
     def check(self, cfg: DownloadConfig) -> dict[str, Any]:
+        if cfg.base_url is not None:
+            refused = url_refusal(URL(cfg.base_url), cfg.policy())
+            if refused is not None:
+                raise ValueError(
+                    f"download.base_url={cfg.base_url!r} would be refused ({refused[1]}): "
+                    "for a mirror on this machine set download.allow_loopback: true, on your "
+                    "own network download.allow_private: true"
+                )
         for scheme in cfg.fs_schemes:
             try:
                 fsspec.get_filesystem_class(scheme)
