@@ -91,7 +91,7 @@ def _table(urls: Sequence[str | None], images: Sequence[bytes | None] | None = N
 
 
 def _cfg(**kw: Any) -> DownloadConfig:
-    base: dict[str, Any] = dict(allow_loopback=True, timeout_s=2.0, backoff_s=0.01, retries=2)
+    base: dict[str, Any] = dict(allow_loopback=True, timeout_s=10.0, backoff_s=0.01, retries=2)
     return DownloadConfig(**{**base, **kw})
 
 
@@ -143,7 +143,7 @@ def test_every_misbehaviour_has_its_reason(server: PhotoServer, names: list[str]
         f"{b}/status/500/x": "http_error",
         f"{b}/flaky/2/{n}": None,  # 500, 500, then the photo
         f"{b}/ratelimit/1/{names[1]}": None,
-        f"{b}/slow/5/{names[2]}": "timeout",
+        f"{b}/slow/6/{names[2]}": "timeout",  # 3 attempts of 2 s
         f"{b}/truncated/{n}": "truncated_body",
         f"{b}/cut/{n}": "not_an_image",
         f"{b}/huge/64": "too_large",
@@ -161,7 +161,7 @@ def test_every_misbehaviour_has_its_reason(server: PhotoServer, names: list[str]
         "": "missing_url",
     }
     urls: list[str | None] = [*cases, None]
-    cfg = _cfg(timeout_s=1.0, max_bytes=1 << 20, max_redirects=3)
+    cfg = _cfg(timeout_s=2.0, max_bytes=1 << 20, max_redirects=3)
     out = download_table(_table(urls), cfg)
     got = dict(zip(urls, out.column(DROP_COLUMN).to_pylist(), strict=True))
     expected: dict[str | None, str | None] = dict(cases.items())
