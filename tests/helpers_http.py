@@ -12,6 +12,7 @@ Routes (`NAME` is a file in one of the served folders):
 - `/cut/NAME`: the first half of the file with a matching Content-Length (a broken JPEG);
 - `/huge/MB`: `MB` megabytes of zeros, no Content-Length, `image/jpeg`;
 - `/declared/BYTES`: announces `Content-Length: BYTES`, sends 10 bytes;
+- `/gzipbomb`: 64 MB of zeros sent gzip-compressed (`Content-Encoding: gzip`, ~64 KB);
 - `/wrongtype/NAME`: the file as `text/html`;
 - `/notimage`: an HTML page labelled `image/jpeg`;
 - `/loop/a`, `/loop/b`: redirect to each other;
@@ -32,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import gzip
 import http.server
 import socket
 import sys
@@ -154,6 +157,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(b"\xff\xd8" + b"\0" * 8)
             self.close_connection = True
             return None
+        if kind == "gzipbomb":
+            return self._send(200, _gzip_bomb(), Content_Encoding="gzip")
         if kind == "wrongtype":
             return self._send(200, self._file(seg[1]) or b"", "text/html")
         if kind == "notimage":
@@ -175,6 +180,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 )
             return None
         return self._send(404, b"no such route", "text/plain")
+
+
+@functools.lru_cache(maxsize=1)
+def _gzip_bomb() -> bytes:
+    return gzip.compress(b"\0" * (64 << 20), compresslevel=9)
 
 
 class _Server(http.server.ThreadingHTTPServer):

@@ -476,7 +476,9 @@ async def fetch_all(
     """
     connector = aiohttp.TCPConnector(limit=policy.concurrency, resolver=_CheckedResolver(policy))
     gate = asyncio.Semaphore(policy.concurrency)
-    headers = {"User-Agent": policy.user_agent}
+    # images are compressed already: ask for no Content-Encoding (a server that sends one
+    # anyway is decompressed, and max_bytes counts the decompressed bytes)
+    headers = {"User-Agent": policy.user_agent, "Accept-Encoding": "identity"}
     async with aiohttp.ClientSession(
         connector=connector, headers=headers, trust_env=False, auto_decompress=True
     ) as session:
