@@ -54,6 +54,8 @@ bench: $(STAMP)
 	@$(PY) -c "import pywordfreq" 2>/dev/null || $(PY) -m pip install -q -c $(CONSTRAINTS) pywordfreq
 	$(PY) benchmarks/bench_matching.py
 	$(PY) benchmarks/bench_balance.py
+	$(PY) benchmarks/bench_online_balance.py
+	$(PY) benchmarks/bench_metadata_build.py
 	$(PY) benchmarks/bench_language_id.py
 	$(PY) benchmarks/bench_shard_write.py
 	$(PY) benchmarks/bench_image_bytes.py

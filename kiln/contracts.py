@@ -22,8 +22,10 @@ __all__ = [
     "MANIFEST_NAME",
     "PATH_FIELD",
     "SAMPLE_SCHEMA",
+    "BalanceSidecars",
     "DatasetManifest",
     "ShardInfo",
+    "SidecarFile",
     "StrictModel",
     "binary_buffers",
     "canonical_json",
@@ -220,6 +222,28 @@ class ShardInfo(StrictModel):
     sha256: str
 
 
+class SidecarFile(StrictModel):
+    """A file beside the manifest that is part of the dataset (not a shard)."""
+
+    path: str = Field(description="path relative to the manifest's folder")
+    bytes: int = Field(ge=0)
+    sha256: str
+
+
+class BalanceSidecars(StrictModel):
+    """What online balancing (training's `data.balance`) reads beside a manifest: written
+    by curation when its plan has a `metaclip_balance` stage (`kiln.balancing` names the
+    files and their columns)."""
+
+    t: int | None = Field(
+        description="t the dataset was balanced with (null: the matched set, not balanced)"
+    )
+    seed: int = Field(description="seed of curation's balancing draws")
+    entries_sha256: str = Field(description="sha256 of the entries file the entry ids index")
+    entry_counts: SidecarFile
+    sample_entries: SidecarFile
+
+
 class DatasetManifest(StrictModel):
     """`manifest.json` beside the shards: what the loader reads instead of globbing."""
 
@@ -232,6 +256,9 @@ class DatasetManifest(StrictModel):
     inputs: list[str] = Field(default_factory=list)
     stats: dict[str, Any] = Field(default_factory=dict)
     extra: dict[str, Any] = Field(default_factory=dict)
+    balance: BalanceSidecars | None = Field(
+        default=None, description="entry counts and per-sample entries for online balancing"
+    )
 
     def shard_url(self, root: str, shard: ShardInfo) -> str:
         """Absolute URL of `shard` given the folder holding the manifest."""

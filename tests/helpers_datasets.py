@@ -20,7 +20,7 @@ from PIL import Image
 from kiln.contracts import DatasetManifest, ShardInfo, make_uid, sha256_hex, write_manifest
 from kiln.data_curation.synthetic import COLORS as SYNTHETIC_COLORS
 
-__all__ = ["COLORS", "write_tiny_dataset"]
+__all__ = ["COLORS", "curate_matched_dataset", "write_tiny_dataset"]
 
 # the demo pool's palette, so test images look like the data kiln really trains on
 COLORS = SYNTHETIC_COLORS
@@ -104,3 +104,40 @@ def write_tiny_dataset(
     manifest = DatasetManifest(name="tiny", num_samples=num_samples, shards=shards)
     write_manifest(str(root), manifest)
     return root
+
+
+def curate_matched_dataset(
+    root: Path, *, num_samples: int = 400, t: int | None = None, samples_per_shard: int = 50
+) -> Path:
+    """Curate a synthetic pool of `num_samples` rows (16-px images, long-tailed entry use)
+    with `kiln curate`'s own runner (local executor) into `root/run`; returns the dataset
+    folder. `t=None` writes the matched set (metaclip_balance t: null), else a set balanced
+    offline at `t`; either way with the online-balancing sidecars."""
+    from kiln.data_curation import run_curation
+    from kiln.data_curation.config import CurationConfig
+
+    pool = root / "pool"
+    cfg = CurationConfig.model_validate(
+        {
+            "input": {
+                "format": "synthetic",
+                "paths": [str(pool)],
+                "synthetic": {
+                    "num_samples": num_samples,
+                    "num_eval": 0,
+                    "image_size": 16,
+                    "rows_per_file": 200,
+                },
+            },
+            "stages": [
+                {"stage": "text"},
+                {"stage": "text_dedup"},
+                {"stage": "metaclip_match", "entries": str(pool / "metadata.txt")},
+                {"stage": "metaclip_balance", "t": t},
+                {"stage": "image"},
+            ],
+            "execution": {"executor": "local", "workers": 1},
+            "shard": {"samples_per_shard": samples_per_shard},
+        }
+    )
+    return Path(run_curation(cfg, str(root / "run")).dataset_dir)

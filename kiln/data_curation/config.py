@@ -302,9 +302,10 @@ def default_plan_specs(
     if text.dedup:
         specs.append({"stage": "text_dedup"})
     specs.append({"stage": "metaclip_match", **match.model_dump(mode="json")})
-    specs.append(
-        {"stage": "metaclip_balance", **balance.model_dump(mode="json", exclude_none=True)}
-    )
+    balance_spec = balance.model_dump(mode="json")  # t: null (count only) must survive
+    if balance_spec.get("entries") is None:
+        balance_spec.pop("entries", None)
+    specs.append({"stage": "metaclip_balance", **balance_spec})
     specs.append({"stage": "image", **image.model_dump(mode="json", exclude={"dedup"})})
     if image.dedup:
         specs.append({"stage": "image_dedup"})

@@ -48,6 +48,7 @@ from pydantic import BaseModel, Field
 from kiln import storage
 from kiln.contracts import (
     MANIFEST_NAME,
+    BalanceSidecars,
     DatasetManifest,
     ShardInfo,
     fnv1a64_strings,
@@ -56,6 +57,7 @@ from kiln.contracts import (
     read_manifest,
     write_manifest,
 )
+from kiln.data_curation.balance_index import balance_step, write_balance_sidecars
 from kiln.data_curation.blobs import (
     IMAGE_FILE,
     IMAGE_ROW,
@@ -1000,7 +1002,11 @@ class _Runner:
 
     # ---- shards
 
-    def run_shard(self, upstream: str, manifest_stats: dict[str, Any]) -> StepStats:
+    def run_shard(
+        self, upstream: str, manifest_stats: dict[str, Any], balance: PlanStep | None = None
+    ) -> StepStats:
+        """Write the shards and the manifest (with `balance`, the plan's metaclip_balance
+        step, also the online-balancing sidecars, `kiln.data_curation.balance_index`)."""
         shard_cfg = self.cfg.shard
         config = {
             "shard": shard_cfg.model_dump(mode="json"),
@@ -1070,7 +1076,13 @@ class _Runner:
             assembled, r4 = self.executor.run("assemble", job, assemble_items, label="assemble")
             shards += [ShardInfo.model_validate(a["shard"]) for a in assembled]
             shards.sort(key=lambda s: s.path)
-            _write_dataset(self, shards, manifest_stats)
+            sidecars = None
+            if balance is not None:
+                state = f"{self.step_dir(balance.name)}/state.parquet"
+                sidecars = write_balance_sidecars(
+                    self.dataset_dir, self.parts(upstream), state, balance.config
+                )
+            _write_dataset(self, shards, manifest_stats, sidecars)
             storage.remove(f"{job.step_dir}/_frags")
             stats = {
                 "rows_in": total,
@@ -1091,7 +1103,7 @@ class _Runner:
                 "rows_per_task": self.exe.rows_per_task,
                 "ranges": self.exe.shard_rows_per_task,
             },
-            valid=lambda: _manifest_matches(self.dataset_dir, self.recipe),
+            valid=lambda: _manifest_matches(self.dataset_dir, self.recipe, balance is not None),
         )
 
 
@@ -1121,7 +1133,12 @@ def _splitters(samples: list[list[str]], rows: list[int], ranges: int) -> list[s
     return out
 
 
-def _write_dataset(r: _Runner, shards: list[ShardInfo], stats: dict[str, Any]) -> None:
+def _write_dataset(
+    r: _Runner,
+    shards: list[ShardInfo],
+    stats: dict[str, Any],
+    balance: BalanceSidecars | None = None,
+) -> None:
     fs, root = storage.fs_path(r.dataset_dir)
     fs.makedirs(f"{root}/{SHARD_DIR}", exist_ok=True)
     remove_stale_shards(fs, root, {s.path for s in shards})
@@ -1133,19 +1150,23 @@ def _write_dataset(r: _Runner, shards: list[ShardInfo], stats: dict[str, Any]) -
         recipe_hash=json_sha256(r.recipe),
         inputs=list(r.files),
         stats={**stats, "samples_out": sum(s.num_samples for s in shards)},
+        balance=balance,
     )
     write_manifest(r.dataset_dir, manifest)
 
 
-def _manifest_matches(dataset_dir: str, recipe: dict[str, Any]) -> bool:
-    """True when `dataset_dir` holds a readable manifest written for `recipe`."""
+def _manifest_matches(dataset_dir: str, recipe: dict[str, Any], balanced: bool = False) -> bool:
+    """True when `dataset_dir` holds a readable manifest written for `recipe` (`balanced`:
+    listing the online-balancing sidecars, which manifests of older kiln versions lack)."""
     if not storage.exists(f"{dataset_dir}/{MANIFEST_NAME}"):
         return False
     try:
         manifest = read_manifest(dataset_dir)
     except (ValueError, FileNotFoundError):
         return False
-    return manifest.recipe_hash == json_sha256(recipe)
+    return manifest.recipe_hash == json_sha256(recipe) and (
+        not balanced or manifest.balance is not None
+    )
 
 
 def _fingerprint_progress(files: int, seconds: float) -> None:
@@ -1245,7 +1266,7 @@ def _run_plan(
             upstream = step.name
         totals = _totals(plan, r.steps)
         manifest_stats = {**totals, "samples_out": r.steps[upstream].rows_out}
-        r.run_shard(upstream, manifest_stats)
+        r.run_shard(upstream, manifest_stats, balance_step(plan))
     manifest: DatasetManifest = read_manifest(r.dataset_dir)
     dropped_total = sum(totals["dropped_by_reason"].values())
     if totals["samples_in"] != manifest.num_samples + dropped_total:

@@ -18,6 +18,7 @@ from kiln.training.objectives.config import OBJECTIVE_ARCHS, ObjectiveConfig
 
 __all__ = [
     "CheckpointConfig",
+    "DataBalanceConfig",
     "DataConfig",
     "EvalConfig",
     "Launcher",
@@ -36,6 +37,39 @@ Launcher = Literal["ray", "local", "torchrun"]
 Placement = Literal["pack", "spread", "strict_pack", "strict_spread"]
 
 
+class DataBalanceConfig(StrictModel):
+    """Online MetaCLIP balancing: a new balanced sample of the dataset every epoch."""
+
+    mode: Literal["off", "online"] = Field(
+        default="off",
+        description="online: epoch e holds a sample when one of its metadata entries' draws "
+        "from (seed, e, uid, entry) succeeds with p = min(1, t / count), MetaCLIP 1.2's "
+        "online balancing (kiln.training.online_balance); the dataset needs the entry "
+        "counts curation writes with a metaclip_balance stage (best: t: null, the matched "
+        "set); off: every sample, every epoch",
+    )
+    t: int | None = Field(
+        default=None,
+        ge=1,
+        description="per-entry count threshold of online balancing (may differ from the "
+        "curation's t; at most it when the dataset was balanced offline)",
+    )
+
+    @model_validator(mode="after")
+    def _check_t(self) -> DataBalanceConfig:
+        if self.mode == "online" and self.t is None:
+            raise ValueError(
+                "data.balance.mode is online but data.balance.t is not set: give the "
+                "per-entry threshold, e.g. data.balance: {mode: online, t: 20000}"
+            )
+        if self.mode == "off" and self.t is not None:
+            raise ValueError(
+                f"data.balance.t={self.t} is set but data.balance.mode is off: set "
+                "mode: online to balance every epoch, or drop t"
+            )
+        return self
+
+
 class DataConfig(StrictModel):
     """The WebDataset loader: what it reads and how it orders samples."""
 
@@ -52,6 +86,11 @@ class DataConfig(StrictModel):
         "decode evaluation uses (off by default: on the quickstart's small images it cost "
         "zero-shot accuracy and was not faster); a run resumes only with the value it "
         "started with (false: full-size decode + PIL resize, as before the setting existed)",
+    )
+    balance: DataBalanceConfig = Field(
+        default_factory=DataBalanceConfig,
+        description="online balancing (default off); a run resumes only with the balance "
+        "it started with",
     )
 
 

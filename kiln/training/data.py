@@ -33,6 +33,13 @@ over, in order, among its ranks and workers as steps 2-4 split a whole epoch. Ov
 no sample is read twice, and only the last segment's tail (fewer than one global batch) is
 dropped. The next epoch is planned from scratch with the new layout.
 
+Online balancing (`balance_t`, `kiln.training.online_balance`). An epoch then holds only
+the samples MetaCLIP's balancing draws for it, a pure function of (seed, epoch, uid,
+entries, t): step 1's sequence is filtered to the kept positions, and the epoch is planned as
+a segment whose `available` positions are those (steps per epoch vary a little by epoch).
+Steps 2-5, resume and elastic resume work on that list as on a whole epoch; the balance
+config is part of the loader's identity.
+
 Decoding (`kiln.training.transforms.image_pixels`): each sample's image becomes ``uint8``
 pixels at the model's input size (with ``fast_decode``, JPEGs are decoded at a reduced DCT
 scale, so the setting is part of the loader's identity), and a batch is normalized to
@@ -56,6 +63,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kiln.contracts import DatasetManifest, read_manifest
 from kiln.training.config import TrainConfig
+from kiln.training.online_balance import OnlineBalance, kept_positions
 
 __all__ = [
     "LOADER_STATE_VERSION",
@@ -77,7 +85,7 @@ __all__ = [
 
 LOADER_STATE_VERSION = 2
 #: Identity fields added after version 1, with the value a state without them was written with.
-_STATE_DEFAULTS: dict[str, Any] = {"fast_decode": False}
+_STATE_DEFAULTS: dict[str, Any] = {"fast_decode": False, "balance": None}
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -230,11 +238,17 @@ class Segment:
 
 
 def plan_segment(
-    total: int, seed: int, epoch: int, history: Sequence[tuple[Layout, int]], layout: Layout
+    total: int,
+    seed: int,
+    epoch: int,
+    history: Sequence[tuple[Layout, int]],
+    layout: Layout,
+    kept: np.ndarray | None = None,
 ) -> Segment:
     """The segment `layout` reads in `epoch` after the segments of `history` ((layout,
-    batches read) each, in order) read their part. Pure: integers in, positions out."""
-    available: np.ndarray | None = None
+    batches read) each, in order) read their part; `kept`: the sorted positions the epoch
+    holds (online balancing; None: all `total`). Pure: integers in, positions out."""
+    available: np.ndarray | None = kept
     for index, (old, steps_done) in enumerate(history):
         segment = _segment(total, epoch, index, old, available)
         if not 0 <= steps_done <= segment.steps:
@@ -517,6 +531,7 @@ class WebDatasetLoader:
         image_size: int = 32,
         context_length: int = 48,
         with_text: bool = True,
+        balance_t: int | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is outside world_size={world_size}")
@@ -536,14 +551,24 @@ class WebDatasetLoader:
         self.context_length = context_length
         self.with_text = with_text
         self._sizes = [s.num_samples for s in self.manifest.shards]
-        self.steps_per_epoch = self.plan(0).steps_per_epoch
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"dataset {dataset!r} has {self.manifest.num_samples} samples, fewer than one "
-                f"global batch (world_size={world_size} x data.batch_size={batch_size}): "
-                "lower data.batch_size or use a bigger dataset"
-            )
+        self.balance = (
+            OnlineBalance(dataset, self.manifest, balance_t) if balance_t is not None else None
+        )
+        self._kept_cache: dict[int, np.ndarray] = {}
         self.layout = Layout(world_size, self.effective_workers, batch_size, shuffle_buffer)
+        # epoch 0's (with online balancing the count varies a little by epoch)
+        first = self.plan(0).steps_per_epoch if self.balance is None else None
+        self.steps_per_epoch = first if first is not None else self._first_segment(0).steps
+        if self.steps_per_epoch == 0:
+            held = self.manifest.num_samples if self.balance is None else len(self._kept(0))
+            balanced = f" (online balancing at t={balance_t} keeps {held})" if self.balance else ""
+            raise ValueError(
+                f"dataset {dataset!r} has {self.manifest.num_samples} samples{balanced}, fewer "
+                f"than one global batch (world_size={world_size} x data.batch_size="
+                f"{batch_size}): lower data.batch_size"
+                + (", raise data.balance.t" if self.balance else "")
+                + " or use a bigger dataset"
+            )
         self.epoch = 0
         self.step_in_epoch = 0  # batches read in the current segment of the epoch
         self._history: list[tuple[Layout, int]] = []  # earlier segments of this epoch
@@ -569,6 +594,7 @@ class WebDatasetLoader:
             image_size=cfg.model.image_size,
             context_length=cfg.model.context_length,
             with_text=with_text,
+            balance_t=cfg.data.balance.t if cfg.data.balance.mode == "online" else None,
         )
 
     def plan(self, epoch: int) -> EpochPlan:
@@ -581,12 +607,32 @@ class WebDatasetLoader:
             batch_size=self.batch_size,
         )
 
+    def _kept(self, epoch: int) -> np.ndarray:
+        """Sorted global positions online balancing keeps in `epoch` (pure; two cached)."""
+        assert self.balance is not None
+        if epoch not in self._kept_cache:
+            plan = self.plan(epoch)
+            keep = self.balance.keep(self.seed, epoch)
+            if len(self._kept_cache) >= 2:
+                self._kept_cache.pop(min(self._kept_cache))
+            self._kept_cache[epoch] = kept_positions(
+                keep, self._sizes, plan.shard_order, plan.shard_starts
+            )
+        return self._kept_cache[epoch]
+
+    def _plan_segment(
+        self, epoch: int, history: Sequence[tuple[Layout, int]], layout: Layout
+    ) -> Segment:
+        kept = self._kept(epoch) if self.balance is not None else None
+        return plan_segment(sum(self._sizes), self.seed, epoch, history, layout, kept)
+
+    def _first_segment(self, epoch: int) -> Segment:
+        return self._plan_segment(epoch, [], self.layout)
+
     def segment(self) -> Segment:
         """The segment of the current epoch this loader reads (pure; cached)."""
         if self._segment is None or self._segment.epoch != self.epoch:
-            self._segment = plan_segment(
-                sum(self._sizes), self.seed, self.epoch, self._history, self.layout
-            )
+            self._segment = self._plan_segment(self.epoch, self._history, self.layout)
         return self._segment
 
     # -- state ---------------------------------------------------------------------------
@@ -596,6 +642,7 @@ class WebDatasetLoader:
             "augment": self.augment,
             "fast_decode": self.fast_decode,
             "manifest_hash": self.manifest_hash,
+            "balance": self.balance.identity if self.balance is not None else None,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -629,6 +676,8 @@ class WebDatasetLoader:
             "changes the pixels the model sees)",
             "manifest_hash": "the dataset's shards changed since the checkpoint: point "
             "data.dataset at the original dataset or start a new run",
+            "balance": "set data.balance to the value the run started with (it decides "
+            "which samples each epoch holds), or start a new run",
         }
         for name, mine in self._identity_fields().items():
             theirs = state.get(name, _STATE_DEFAULTS.get(name))
@@ -646,7 +695,7 @@ class WebDatasetLoader:
             epoch, step = int(state["epoch"]), int(state["step_in_epoch"])
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"loader state is malformed ({type(e).__name__}: {e})") from e
-        segment = plan_segment(sum(self._sizes), self.seed, epoch, history, saved)
+        segment = self._plan_segment(epoch, history, saved)
         if not 0 <= step < max(1, segment.steps) or epoch < 0:
             raise ValueError(
                 f"loader state epoch={epoch} step_in_epoch={step} is out of range "
@@ -705,9 +754,7 @@ class WebDatasetLoader:
                     if self.step_in_epoch == segment.steps:
                         self._next_epoch()
                     if ahead and upcoming is None and expected - got <= ahead:
-                        following = plan_segment(
-                            sum(self._sizes), self.seed, segment.epoch + 1, [], self.layout
-                        )
+                        following = self._first_segment(segment.epoch + 1)
                         upcoming = iter(self._dataloader(following, 0))
                     yield batch
                 if got != expected:  # pragma: no cover - a bug, not bad input

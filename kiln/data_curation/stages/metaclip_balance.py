@@ -12,7 +12,11 @@ entry's position, so inserting a line in the entries file does not change the dr
 captions that did not change -- and of nothing else, so the result does not depend on
 workers, block sizes or retries. Vectorized: each uid is hashed once, each entry once per
 worker, with FNV-1a vectorized over the Arrow string buffer; the pairs are mixed in numpy
-(`uniform_draw` is the scalar reference).
+(`uniform_draw` is the scalar reference). The hash and the keep rule live in
+`kiln.balancing`, which training's online balancing redraws with every epoch.
+
+`t: null` keeps every matched caption (keep_prob 1): the matched set, with the pool's entry
+counts written beside the dataset (`kiln.data_curation.balance_index`), for online balancing.
 """
 
 from __future__ import annotations
@@ -25,7 +29,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from kiln.contracts import PATH_FIELD, StrictModel, fnv1a64, fnv1a64_strings, mix64, mix64_np
+from kiln.balancing import (
+    any_entry_kept,
+    entry_hashes,
+    keep_probabilities,
+    list_offsets,
+    uid_hashes,
+    uniform_draw,
+    uniform_draws,
+)
+from kiln.contracts import PATH_FIELD, StrictModel
 from kiln.data_curation.matching import load_entries
 from kiln.data_curation.stage import FitApplyStage, register
 from kiln.data_curation.stages import alive_mask, mark_dropped, replace_column
@@ -53,44 +66,21 @@ KEEP_PROB_COLUMN = "keep_prob"
 class BalanceConfig(StrictModel):
     """MetaCLIP balancing: p(entry) = min(1, t / count(entry))."""
 
-    t: int = Field(default=20_000, ge=1, description="per-entry count threshold")
-    seed: int = 0
+    t: int | None = Field(
+        default=20_000,
+        ge=1,
+        description="per-entry count threshold; null: keep every matched caption (count "
+        "only: drops the captions without an entry and writes the entry counts beside the "
+        "dataset, the matched set that training's data.balance: {mode: online} balances "
+        "every epoch, as MetaCLIP 1.2 stores it)",
+    )
+    seed: int = Field(default=0, description="seed of the balancing draws")
     entries: str | None = Field(
         default=None,
         description="entries file the captions were matched against (default: the plan's "
         "metaclip_match entries); draws are keyed by the entry strings",
         json_schema_extra=PATH_FIELD,
     )
-
-
-def uniform_draw(seed: int, uid: str, entry: str) -> float:
-    """Uniform [0, 1) draw that is a pure function of (seed, uid, entry string).
-
-    `h_uid = fnv1a64(uid) XOR mix(seed)`, `h_e = mix(fnv1a64(entry))` (UTF-8 bytes; `mix` is
-    splitmix64's finalizer), then the top 53 bits of `mix(h_uid XOR h_e)` / 2**53.
-    """
-    h_uid = fnv1a64(uid.encode()) ^ mix64(seed)
-    x = mix64(h_uid ^ mix64(fnv1a64(entry.encode())))
-    return (x >> 11) / 2.0**53
-
-
-def uid_hashes(uids: pa.Array | pa.ChunkedArray | list[str], seed: int) -> np.ndarray:
-    """`h_uid` of each uid (uint64), vectorized."""
-    return fnv1a64_strings(uids) ^ np.uint64(mix64(seed))
-
-
-def entry_hashes(entries: list[str]) -> np.ndarray:
-    """`h_e` of each entry string (uint64), indexed by entry id."""
-    return mix64_np(fnv1a64_strings(entries))
-
-
-def uniform_draws(uid_h: np.ndarray, entry_h: np.ndarray) -> np.ndarray:
-    """Vectorized `uniform_draw` for pairs of precomputed hashes (float64 in [0, 1))."""
-    x = mix64_np(np.bitwise_xor(uid_h, entry_h, dtype=np.uint64))
-    x >>= np.uint64(11)
-    out = x.astype(np.float64)
-    out *= 2.0**-53
-    return out
 
 
 def _entry_ids(table: pa.Table) -> pa.ListArray:
@@ -143,15 +133,6 @@ def dense_counts(sparse: pa.Table, num_entries: int) -> np.ndarray:
     return counts
 
 
-def keep_probabilities(counts: np.ndarray, t: int) -> np.ndarray:
-    """Per-entry keep probability `min(1, t / count)` (1 for an entry with count 0)."""
-    counts = np.asarray(counts, dtype=np.float64)
-    probs = np.ones_like(counts)
-    positive = counts > 0
-    probs[positive] = np.minimum(1.0, t / counts[positive])
-    return probs
-
-
 def balance_table(table: pa.Table, probs: np.ndarray, entry_h: np.ndarray, seed: int) -> pa.Table:
     """MetaCLIP balancing with per-entry keep probabilities `probs` and entry hashes
     `entry_h` (both indexed by entry id); adds `keep_prob: float64` (see module doc)."""
@@ -159,10 +140,8 @@ def balance_table(table: pa.Table, probs: np.ndarray, entry_h: np.ndarray, seed:
         raise ValueError("table has no 'uid' column: balancing draws are keyed by uid")
     column = _entry_ids(table)
     n = table.num_rows
-    offsets = column.offsets.to_numpy().astype(np.int64)
-    offsets = offsets - offsets[0]
+    offsets, flat = list_offsets(column)
     lengths = np.diff(offsets)
-    flat = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.int64)
     if flat.size and (flat.min() < 0 or flat.max() >= probs.shape[0]):
         raise ValueError(
             f"entry id outside [0, {probs.shape[0]}): counts must come from the same entry "
@@ -170,10 +149,8 @@ def balance_table(table: pa.Table, probs: np.ndarray, entry_h: np.ndarray, seed:
         )
     keep_prob = np.zeros(n, dtype=np.float64)
     nonempty = lengths > 0
-    starts = offsets[:-1][nonempty]
-    p_flat = probs[flat]
     if flat.size:
-        keep_prob[nonempty] = 1.0 - np.multiply.reduceat(1.0 - p_flat, starts)
+        keep_prob[nonempty] = 1.0 - np.multiply.reduceat(1.0 - probs[flat], offsets[:-1][nonempty])
     alive = alive_mask(table)
     trial = alive & nonempty
     not_sampled = np.zeros(n, dtype=bool)
@@ -181,10 +158,7 @@ def balance_table(table: pa.Table, probs: np.ndarray, entry_h: np.ndarray, seed:
         uids = table.column("uid")
         if uids.null_count and (trial & uids.is_null().to_numpy(zero_copy_only=False)).any():
             raise ValueError("a row has a null uid: every row needs a string uid")
-        uid_h = uid_hashes(uids, seed)
-        draws = uniform_draws(np.repeat(uid_h, lengths), entry_h[flat])
-        kept = np.zeros(n, dtype=bool)
-        kept[nonempty] = np.logical_or.reduceat(draws < p_flat, starts)
+        kept = any_entry_kept(uid_hashes(uids, seed), offsets, flat, probs, entry_h)
         not_sampled = trial & ~kept
     table = replace_column(table, KEEP_PROB_COLUMN, pa.array(keep_prob, type=pa.float64()))
     table = mark_dropped(table, alive & ~nonempty, "no_metadata_match")
