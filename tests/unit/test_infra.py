@@ -386,3 +386,24 @@ def test_sbatch_examples_pass_real_kiln_train_arguments(monkeypatch: pytest.Monk
         if (problem := check_kiln_argv((*train.argv, *args), image_root="/opt/kiln", repo=REPO))
     ]
     assert not problems, "\n".join(problems)
+
+
+def test_rayjob_entrypoint_reaches_ray_job_submit_whole() -> None:
+    """KubeRay's submitter runs `ray job submit --address A -- ENTRYPOINT ; fi` in a shell,
+    the entrypoint pasted in as it is; `ray job submit` joins its words with
+    subprocess.list2cmdline into the command the Ray job runs. An entrypoint with a bare
+    `&&` would leave the rest to the submitter pod's shell: all of it must get through."""
+    (doc,) = yaml.safe_load_all((INFRA / "kuberay" / "rayjob.yaml").read_text())
+    entrypoint = doc["spec"]["entrypoint"].strip()
+    lexer = shlex.shlex(
+        f"ray job submit --address A -- {entrypoint} ; fi", posix=True, punctuation_chars=";&|"
+    )
+    lexer.whitespace_split = True
+    words = list(lexer)
+    submitted = words[words.index("--") + 1 : words.index(";")]
+    assert words[words.index(";") :] == [";", "fi"], words
+    separators = [w for w in submitted if re.fullmatch(r"[;&|]+", w)]
+    assert not separators, f"{separators} in the entrypoint would run in the submitter's shell"
+    ran = shlex.split(subprocess.list2cmdline(submitted))
+    assert ran == shlex.split(entrypoint)
+    assert ran[:2] == ["bash", "-c"] and "kiln train" in ran[2], ran
