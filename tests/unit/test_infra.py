@@ -319,6 +319,13 @@ def test_dockerfile_installs_kiln_as_the_makefile_does() -> None:
             assert src.rstrip("/") in allowed, f"COPY {src}: excluded by the .dockerignore"
 
 
+def test_cluster_images_and_scripts_let_nodes_join() -> None:
+    """RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (kiln's dev setup: Ray on loopback, one node)
+    makes `ray start --address` refuse to join: nothing in infra/ may set it."""
+    for path in [DOCKERFILE, SLURM_SCRIPT, *LAUNCHER_YAMLS, *KUBERAY_MANIFESTS]:
+        assert not re.search(r"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER\W+0", path.read_text()), path
+
+
 # ---------------------------------------------------------------- kiln command lines
 
 
