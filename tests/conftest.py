@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_SCHEMAS = REPO.parent / "shared" / "schemas"
 
 # DeepSpeed picks its accelerator at import; kiln trains on CPU unless a GPU is present.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -29,6 +30,18 @@ def shared_data() -> Path:
             "checkout beside the repo (../shared/data)"
         )
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def shared_schemas() -> Path:
+    """`../shared/schemas` beside the repo: third-party schemas kiln's files are checked
+    against (KubeRay's CRDs; read-only)."""
+    if not SHARED_SCHEMAS.is_dir():
+        pytest.skip(
+            f"schema folder {SHARED_SCHEMAS} is missing: these tests need the shared checkout "
+            "beside the repo (../shared/schemas, e.g. kuberay/ray.io_rayjobs.yaml)"
+        )
+    return SHARED_SCHEMAS
 
 
 @pytest.fixture

@@ -12,9 +12,12 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["build_parser", "main"]
+if TYPE_CHECKING:
+    from kiln.platform.recipes import Recipe
+
+__all__ = ["build_parser", "load_job", "main"]
 
 _USER_ERRORS: tuple[type[BaseException], ...] = (
     FileNotFoundError,
@@ -217,6 +220,41 @@ def _print_result(result: Any) -> None:
     print(format_result(result))
 
 
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """`--set` items plus --address, --launcher, --max-restarts as overrides, so those land
+    in the recorded recipe like any other field."""
+    overrides = list(getattr(args, "overrides", []))
+    for flag, field in (
+        ("address", "ray.address"),
+        ("launcher", "resources.launcher"),
+        ("max_restarts", "resources.max_restarts"),
+    ):
+        if getattr(args, flag, None) is not None:
+            overrides.append(f"{field}={getattr(args, flag)}")
+    return overrides
+
+
+def load_job(args: argparse.Namespace) -> Recipe:
+    """The validated recipe that a parsed `kiln curate|train|eval RECIPE` command line runs,
+    its overrides applied and its kind checked against the verb; nothing runs.
+
+    One function for the CLI and for whatever checks a command line without running it
+    (tests/unit/test_infra.py validates the command lines of infra/ with it).
+    """
+    from kiln.platform.recipes import RecipeError, load_recipe
+
+    path = args.recipe if args.verb in ("curate", "train") else args.target
+    recipe = load_recipe(path, _overrides(args))
+    if recipe.kind != args.verb:
+        how = (
+            "`kiln eval` takes an eval recipe or a train run dir"
+            if args.verb == "eval"
+            else f"run it with `kiln {recipe.kind} {path}`"
+        )
+        raise RecipeError(f"{path} is a `kind: {recipe.kind}` recipe: {how}")
+    return recipe
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.verb == "runs":  # before importing the API: listing runs stays under a second
         from kiln.platform.runs import format_runs, list_runs
@@ -228,45 +266,22 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(format_runs(runs))
         return 0
     from kiln.platform import api
-    from kiln.platform.recipes import RecipeError, load_recipe
 
     if args.verb == "quickstart":
         from kiln.platform.quickstart import run_quickstart
 
         return run_quickstart(args.root, overrides=args.overrides)
-    # --address, --launcher, --max-restarts are overrides, so they land in the recorded
-    # recipe like any other
-    overrides = list(getattr(args, "overrides", []))
-    for flag, field in (
-        ("address", "ray.address"),
-        ("launcher", "resources.launcher"),
-        ("max_restarts", "resources.max_restarts"),
-    ):
-        if getattr(args, flag, None) is not None:
-            overrides.append(f"{field}={getattr(args, flag)}")
     if args.verb in ("curate", "train"):
-        recipe = load_recipe(args.recipe, overrides)
-        if recipe.kind != args.verb:
-            raise RecipeError(
-                f"{args.recipe} is a `kind: {recipe.kind}` recipe: run it with "
-                f"`kiln {recipe.kind} {args.recipe}`"
-            )
-        _print_result(api.run_job(recipe, fresh=getattr(args, "fresh", False)))
+        _print_result(api.run_job(load_job(args), fresh=getattr(args, "fresh", False)))
         return 0
     if args.verb == "resume":
-        _print_result(api.resume_run(args.run_dir, overrides))
+        _print_result(api.resume_run(args.run_dir, _overrides(args)))
         return 0
     if args.verb == "eval":
         if os.path.isdir(args.target):
             result = api.eval_run_dir(args.target, args.overrides)
         else:
-            recipe = load_recipe(args.target, args.overrides)
-            if recipe.kind != "eval":
-                raise RecipeError(
-                    f"{args.target} is a `kind: {recipe.kind}` recipe: `kiln eval` takes an "
-                    "eval recipe or a train run dir"
-                )
-            result = api.run_job(recipe)
+            result = api.run_job(load_job(args))
         _print_result(result)
         return 0
     if args.verb == "export":
