@@ -33,6 +33,9 @@ def start_ray(
         # Read by Ray at import time, so also patch the constant in case Ray is imported already;
         # the env var reaches the raylet and workers Ray spawns.
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        # A private instance reports nothing anywhere: Ray's usage-stats reporter would
+        # otherwise try an outside address (a user opts in with RAY_USAGE_STATS_ENABLED=1).
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     from ray._private import ray_constants
 
