@@ -198,6 +198,7 @@ class _Server(http.server.ThreadingHTTPServer):
         self.requests: list[str] = []
         self.counts: Counter[str] = Counter()
         self.first_seen: dict[str, float] = {}
+        _gzip_bomb()  # compressed now, not inside a request that a client times out
         self.huge_bytes_sent = 0
         self.slow_s = 3.0
 
