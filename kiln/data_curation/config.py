@@ -12,7 +12,7 @@ from typing import Any, Literal
 import fsspec
 from pydantic import Field, field_validator, model_validator
 
-from kiln.contracts import StrictModel
+from kiln.contracts import PATH_FIELD, StrictModel
 from kiln.data_curation.plan import PlanStep, build_plan
 from kiln.data_curation.stage import load_plugins
 from kiln.data_curation.stages.image import ImageConfig
@@ -57,6 +57,7 @@ class InputConfig(StrictModel):
     paths: list[str] = Field(
         default_factory=list,
         description="files, folders or globs (any fsspec URL); for synthetic, the pool folder",
+        json_schema_extra=PATH_FIELD,
     )
     text_column: str = "text"
     text_columns: list[str] | None = Field(
@@ -69,7 +70,9 @@ class InputConfig(StrictModel):
     uid_column: str | None = None
     image_column: str | None = None
     image_dir: str | None = Field(
-        default=None, description="csv/jsonl: folder the image_path_column is relative to"
+        default=None,
+        description="csv/jsonl: folder the image_path_column is relative to",
+        json_schema_extra=PATH_FIELD,
     )
     image_path_column: str | None = None
     allow_absolute_image_paths: bool = Field(
@@ -137,7 +140,7 @@ def missing_folder(image_dir: str, *, local_only: bool = False) -> str | None:
     what = "is a file, not a folder" if fs.exists(path) else "does not exist"
     return (
         f"input.image_dir={image_dir!r} {what}: set it to the folder the paths in "
-        "input.image_path_column are relative to (relative: to the directory kiln runs in)"
+        "input.image_path_column are relative to"
     )
 
 
@@ -158,7 +161,9 @@ class ShardConfig(StrictModel):
 
     samples_per_shard: int = Field(default=1000, ge=1)
     output: str | None = Field(
-        default=None, description="dataset folder; default {run_dir}/dataset"
+        default=None,
+        description="dataset folder; default {run_dir}/dataset",
+        json_schema_extra=PATH_FIELD,
     )
 
 

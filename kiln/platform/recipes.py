@@ -8,6 +8,7 @@ and the fix (for an unknown field: the closest valid name), never as a traceback
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import os
@@ -17,7 +18,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, model_validator
 
-from kiln.contracts import StrictModel, is_path_field, json_sha256
+from kiln.contracts import PATH_FIELD, StrictModel, is_path_field, json_sha256
 from kiln.data_curation.config import CurationConfig
 from kiln.training.config import EvalConfig, Launcher, Placement, TrainConfig
 
@@ -34,7 +35,9 @@ __all__ = [
     "apply_overrides",
     "dump_recipe",
     "load_recipe",
+    "missing_path_hint",
     "parse_recipe",
+    "read_recipe_file",
     "recipe_hash",
     "resolve_paths",
 ]
@@ -99,7 +102,11 @@ class RayConfig(StrictModel):
 
 class _JobFields(StrictModel):
     name: str = Field(min_length=1)
-    run_dir: str = Field(min_length=1, description="where outputs go (relative: to the cwd)")
+    run_dir: str = Field(
+        min_length=1,
+        description="folder the job writes its outputs, recipe and status.json to",
+        json_schema_extra=PATH_FIELD,
+    )
     resources: Resources = Field(default_factory=Resources)
     ray: RayConfig = Field(default_factory=RayConfig)
 
@@ -131,7 +138,8 @@ class EvalRecipe(_JobFields):
     kind: Literal["eval"]
     checkpoint: str = Field(
         description="a train run dir (its latest checkpoint), a checkpoint folder, a model.pt "
-        "or a .safetensors file from `kiln export`"
+        "or a .safetensors file from `kiln export`",
+        json_schema_extra=PATH_FIELD,
     )
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
@@ -271,10 +279,9 @@ def parse_recipe(data: Any, *, source: str = "recipe") -> CurateRecipe | TrainRe
         raise RecipeError("\n".join(lines)) from None
 
 
-def load_recipe(
-    path: str | Path, overrides: list[str] | None = None
-) -> CurateRecipe | TrainRecipe | EvalRecipe:
-    """Read a YAML recipe, apply `--set` overrides, validate."""
+def read_recipe_file(path: str | Path) -> Any:
+    """A recipe file's YAML, with each relative path it writes made absolute against the
+    file's folder (so a recipe runs the same from any directory)."""
     p = Path(path)
     if not p.is_file():
         raise RecipeError(f"recipe file {str(p)!r} does not exist: check the path")
@@ -282,59 +289,132 @@ def load_recipe(
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise RecipeError(f"{p}: not valid YAML: {e}") from None
+    if isinstance(data, dict):
+        _resolve_data(data, os.path.dirname(os.path.abspath(p)))
+    return data
+
+
+def load_recipe(
+    path: str | Path, overrides: list[str] | None = None
+) -> CurateRecipe | TrainRecipe | EvalRecipe:
+    """Read a YAML recipe, apply `--set` overrides, validate; paths come back absolute:
+    the file's against its folder, the overrides' against the current directory."""
+    data = read_recipe_file(path)
     if isinstance(data, dict) and overrides:
         data = apply_overrides(data, overrides)
-    return parse_recipe(data, source=str(p))
+        _resolve_data(data, os.getcwd())  # what is still relative came from --set
+    try:
+        return parse_recipe(data, source=str(path))
+    except RecipeError as e:
+        raise RecipeError(missing_path_hint(str(e), path)) from None
 
 
-#: Fields holding local paths or URLs, per kind (dotted; a list field is resolved item-wise).
-_PATH_FIELDS: dict[str, tuple[str, ...]] = {
-    "curate": ("run_dir", "input.paths", "input.image_dir", "match.entries", "shard.output"),
-    "train": ("run_dir", "data.dataset", "eval.zero_shot", "eval.retrieval"),
-    "eval": ("run_dir", "checkpoint", "eval.zero_shot", "eval.retrieval"),
-}
-
-
-def _absolute(value: str) -> str:
+def _absolute(value: str, base: str) -> str:
+    """`value` as an absolute local path (`~` expanded) against `base`; URLs as they are."""
     if "://" in value or not value:
         return value
-    return os.path.abspath(os.path.expanduser(value))
+    return os.path.abspath(os.path.join(base, os.path.expanduser(value)))
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The one config model inside a field's annotation (`Section`, `Section | None`)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    models = [a for a in getattr(annotation, "__args__", ()) if isinstance(a, type)]
+    models = [a for a in models if issubclass(a, BaseModel)]
+    return models[0] if len(models) == 1 else None
+
+
+def _stage_config(spec: Any) -> type[BaseModel] | None:
+    """The config model of a `stages:` item's stage (None when it names no known stage:
+    validation reports that)."""
+    from kiln.data_curation.stage import get_stage
+
+    if not isinstance(spec, dict) or not isinstance(spec.get("stage"), str):
+        return None
+    try:
+        return get_stage(spec["stage"]).config
+    except KeyError:
+        return None
+
+
+def _resolve_tree(data: dict[str, Any], model: type[BaseModel], base: str) -> None:
+    """Make every path field (`is_path_field`) in `data`, a recipe or section as a dict of
+    `model`, absolute against `base`, in place: strings, lists of them, and maps of them
+    (e.g. language -> entries file). Works on a recipe as written (partial, maybe invalid:
+    what does not fit is left for validation to report) and on a dumped one alike."""
+    for name, info in model.model_fields.items():
+        value = data.get(name)
+        if value is None:
+            continue
+        if is_path_field(info):
+            if isinstance(value, str):
+                data[name] = _absolute(value, base)
+            elif isinstance(value, list):
+                data[name] = [_absolute(v, base) if isinstance(v, str) else v for v in value]
+            elif isinstance(value, dict):
+                data[name] = {
+                    k: _absolute(v, base) if isinstance(v, str) else v for k, v in value.items()
+                }
+        elif name == "stages" and issubclass(model, CurationConfig) and isinstance(value, list):
+            for spec in value:
+                config = _stage_config(spec)
+                if config is not None:
+                    _resolve_tree(spec, config, base)
+        elif isinstance(value, dict):
+            section = _section_model(info.annotation)
+            if section is not None:
+                _resolve_tree(value, section, base)
+
+
+def _resolve_data(data: dict[str, Any], base: str) -> None:
+    """`_resolve_tree` of a recipe dict (of any kind; an unknown kind is left as it is)."""
+    model = _KINDS.get(str(data.get("kind")))
+    if model is None:
+        return
+    plugins = data.get("plugins")
+    if model is CurateRecipe and isinstance(plugins, list) and data.get("stages"):
+        from kiln.data_curation.stage import load_plugins
+
+        with contextlib.suppress(ValueError, TypeError):  # validation names a bad plugin
+            load_plugins([str(p) for p in plugins])
+    _resolve_tree(data, model, base)
 
 
 def resolve_paths(recipe: R) -> R:
     """The recipe with every relative path made absolute against the current directory.
 
-    Recipes are written relative to where `kiln` runs, but Ray workers run in Ray's own
-    session folder; resolving once, up front, means every process sees the same files.
+    `load_recipe` has already resolved what the recipe file wrote (against its folder), so
+    what is left relative here came from `--set` or from a recipe given as a dict or
+    object. Ray workers run in Ray's own session folder; resolving once, up front, means
+    every process sees the same files.
     """
     data = recipe.model_dump(mode="json")
-    if recipe.kind == "curate" and data.get("stages"):  # type: ignore[attr-defined]
-        data["stages"] = [_resolve_stage_paths(spec) for spec in data["stages"]]
-    for dotted in _PATH_FIELDS[recipe.kind]:  # type: ignore[attr-defined]
-        *parents, leaf = dotted.split(".")
-        node = data
-        for part in parents:
-            node = node[part]
-        value = node.get(leaf) if isinstance(node, dict) else None
-        if isinstance(value, str):
-            node[leaf] = _absolute(value)
-        elif isinstance(value, list):
-            node[leaf] = [_absolute(v) for v in value]
+    _resolve_tree(data, type(recipe), os.getcwd())
     return type(recipe).model_validate(data)
 
 
-def _resolve_stage_paths(spec: dict[str, Any]) -> dict[str, Any]:
-    """A `stages:` item with its path fields (`is_path_field`) made absolute."""
-    from kiln.data_curation.stage import get_stage
-
-    config = get_stage(spec["stage"]).config
-    out = dict(spec)
-    for name, info in config.model_fields.items():
-        if is_path_field(info) and isinstance(out.get(name), str):
-            out[name] = _absolute(out[name])
-        elif is_path_field(info) and isinstance(out.get(name), dict):  # e.g. language -> file
-            out[name] = {k: _absolute(v) if isinstance(v, str) else v for k, v in out[name].items()}
-    return out
+def missing_path_hint(message: str, recipe_file: str | Path | None) -> str:
+    """`message` (an error naming a path) plus the folder a relative path in it was resolved
+    against: the recipe file's folder for what the file wrote, the current directory for
+    `--set` values. Unchanged when it names no path under either."""
+    cwd = os.getcwd()
+    folder = os.path.dirname(os.path.abspath(recipe_file)) if recipe_file else None
+    if recipe_file:  # an error starts with the recipe's own path: that is not what is missing
+        message_paths = message.replace(str(recipe_file), "").replace(
+            os.path.abspath(recipe_file), ""
+        )
+    else:
+        message_paths = message
+    if folder and folder != cwd and folder + os.sep in message_paths:
+        return (
+            f"{message}\n(a relative path in {recipe_file} is resolved against its folder "
+            f"{folder}; a --set value against the current directory {cwd})"
+        )
+    if cwd + os.sep in message_paths:
+        also = f"; a path in {recipe_file} against its folder {folder}" if folder else ""
+        return f"{message}\n(a relative --set value is resolved against the current directory {cwd}{also})"
+    return message
 
 
 def recipe_hash(recipe: BaseModel) -> str:
