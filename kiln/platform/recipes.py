@@ -12,6 +12,7 @@ import contextlib
 import difflib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -40,6 +41,7 @@ __all__ = [
     "read_recipe_file",
     "recipe_hash",
     "resolve_paths",
+    "show_recipe",
 ]
 
 
@@ -58,9 +60,15 @@ class Resources(StrictModel):
     """
 
     workers: int = Field(default=2, ge=1, description="training ranks / Ray Train workers")
-    cpus_per_worker: float = Field(default=1.0, gt=0)
-    gpus_per_worker: float = Field(default=0.0, ge=0)
-    launcher: Launcher = "ray"
+    cpus_per_worker: float = Field(
+        default=1.0, gt=0, description="CPUs each rank reserves (and its intra-op threads)"
+    )
+    gpus_per_worker: float = Field(default=0.0, ge=0, description="GPUs each rank reserves")
+    launcher: Launcher = Field(
+        default="ray",
+        description="how ranks start: ray (Ray Train workers), local (processes here), "
+        "torchrun (this process is one rank of a torchrun / srun world)",
+    )
     max_restarts: int = Field(
         default=0,
         ge=0,
@@ -101,20 +109,22 @@ class RayConfig(StrictModel):
 
 
 class _JobFields(StrictModel):
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, description="the job's name (shown by `kiln runs`)")
     run_dir: str = Field(
         min_length=1,
         description="folder the job writes its outputs, recipe and status.json to",
         json_schema_extra=PATH_FIELD,
     )
-    resources: Resources = Field(default_factory=Resources)
-    ray: RayConfig = Field(default_factory=RayConfig)
+    resources: Resources = Field(
+        default_factory=Resources, description="training ranks and how they start"
+    )
+    ray: RayConfig = Field(default_factory=RayConfig, description="which Ray the job uses")
 
 
 class CurateRecipe(_JobFields, CurationConfig):
     """`kind: curate`: raw pool -> curated WebDataset shards."""
 
-    kind: Literal["curate"]
+    kind: Literal["curate"] = Field(description="the kind of job")
 
     @model_validator(mode="after")
     def _executor_matches_ray(self) -> CurateRecipe:
@@ -129,19 +139,19 @@ class CurateRecipe(_JobFields, CurationConfig):
 class TrainRecipe(_JobFields, TrainConfig):
     """`kind: train`: shards -> a trained, checkpointed model."""
 
-    kind: Literal["train"]
+    kind: Literal["train"] = Field(description="the kind of job")
 
 
 class EvalRecipe(_JobFields):
     """`kind: eval`: evaluate a checkpoint (a train run dir, a model.pt or an export)."""
 
-    kind: Literal["eval"]
+    kind: Literal["eval"] = Field(description="the kind of job")
     checkpoint: str = Field(
         description="a train run dir (its latest checkpoint), a checkpoint folder, a model.pt "
         "or a .safetensors file from `kiln export`",
         json_schema_extra=PATH_FIELD,
     )
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="what to evaluate on")
 
 
 Recipe = Annotated[CurateRecipe | TrainRecipe | EvalRecipe, Field(discriminator="kind")]
@@ -290,7 +300,7 @@ def read_recipe_file(path: str | Path) -> Any:
     except yaml.YAMLError as e:
         raise RecipeError(f"{p}: not valid YAML: {e}") from None
     if isinstance(data, dict):
-        _resolve_data(data, os.path.dirname(os.path.abspath(p)))
+        _resolve_data(data, _against(os.path.dirname(os.path.abspath(p))))
     return data
 
 
@@ -302,11 +312,11 @@ def load_recipe(
     data = read_recipe_file(path)
     if isinstance(data, dict) and overrides:
         data = apply_overrides(data, overrides)
-        _resolve_data(data, os.getcwd())  # what is still relative came from --set
+        _resolve_data(data, _against(os.getcwd()))  # what is still relative came from --set
     try:
         return parse_recipe(data, source=str(path))
     except RecipeError as e:
-        raise RecipeError(missing_path_hint(str(e), path)) from None
+        raise RecipeError(missing_path_hint(str(e), path, overrides)) from None
 
 
 def _absolute(value: str, base: str) -> str:
@@ -338,36 +348,39 @@ def _stage_config(spec: Any) -> type[BaseModel] | None:
         return None
 
 
-def _resolve_tree(data: dict[str, Any], model: type[BaseModel], base: str) -> None:
-    """Make every path field (`is_path_field`) in `data`, a recipe or section as a dict of
-    `model`, absolute against `base`, in place: strings, lists of them, and maps of them
-    (e.g. language -> entries file). Works on a recipe as written (partial, maybe invalid:
-    what does not fit is left for validation to report) and on a dumped one alike."""
+def _resolve_tree(
+    data: dict[str, Any], model: type[BaseModel], fix: Callable[[str, str], str], where: str = ""
+) -> None:
+    """Replace each path value (`is_path_field`) in `data`, a recipe or section as a dict of
+    `model`, by `fix(dotted field, value)`, in place: strings, lists of them, and maps of
+    them (e.g. language -> entries file). Works on a recipe as written (partial, maybe
+    invalid: what does not fit is left for validation to report) and on a dumped one."""
     for name, info in model.model_fields.items():
         value = data.get(name)
+        at = f"{where}{name}"
         if value is None:
             continue
         if is_path_field(info):
             if isinstance(value, str):
-                data[name] = _absolute(value, base)
+                data[name] = fix(at, value)
             elif isinstance(value, list):
-                data[name] = [_absolute(v, base) if isinstance(v, str) else v for v in value]
+                data[name] = [fix(at, v) if isinstance(v, str) else v for v in value]
             elif isinstance(value, dict):
                 data[name] = {
-                    k: _absolute(v, base) if isinstance(v, str) else v for k, v in value.items()
+                    k: fix(f"{at}.{k}", v) if isinstance(v, str) else v for k, v in value.items()
                 }
         elif name == "stages" and issubclass(model, CurationConfig) and isinstance(value, list):
-            for spec in value:
+            for i, spec in enumerate(value):
                 config = _stage_config(spec)
                 if config is not None:
-                    _resolve_tree(spec, config, base)
+                    _resolve_tree(spec, config, fix, f"{at}.{i}.")
         elif isinstance(value, dict):
             section = _section_model(info.annotation)
             if section is not None:
-                _resolve_tree(value, section, base)
+                _resolve_tree(value, section, fix, f"{at}.")
 
 
-def _resolve_data(data: dict[str, Any], base: str) -> None:
+def _resolve_data(data: dict[str, Any], fix: Callable[[str, str], str]) -> None:
     """`_resolve_tree` of a recipe dict (of any kind; an unknown kind is left as it is)."""
     model = _KINDS.get(str(data.get("kind")))
     if model is None:
@@ -378,7 +391,11 @@ def _resolve_data(data: dict[str, Any], base: str) -> None:
 
         with contextlib.suppress(ValueError, TypeError):  # validation names a bad plugin
             load_plugins([str(p) for p in plugins])
-    _resolve_tree(data, model, base)
+    _resolve_tree(data, model, fix)
+
+
+def _against(base: str) -> Callable[[str, str], str]:
+    return lambda _field, value: _absolute(value, base)
 
 
 def resolve_paths(recipe: R) -> R:
@@ -390,36 +407,68 @@ def resolve_paths(recipe: R) -> R:
     every process sees the same files.
     """
     data = recipe.model_dump(mode="json")
-    _resolve_tree(data, type(recipe), os.getcwd())
+    _resolve_tree(data, type(recipe), _against(os.getcwd()))
     return type(recipe).model_validate(data)
 
 
-def missing_path_hint(message: str, recipe_file: str | Path | None) -> str:
-    """`message` (an error naming a path) plus the folder a relative path in it was resolved
-    against: the recipe file's folder for what the file wrote, the current directory for
-    `--set` values. Unchanged when it names no path under either."""
+def missing_path_hint(
+    message: str, recipe_file: str | Path | None, overrides: list[str] | None = None
+) -> str:
+    """`message` (an error naming a path) plus, for each relative path of the recipe file or
+    of the `--set` overrides that it names once resolved, where it was written and the
+    folder it was resolved against. Unchanged when it names none."""
     cwd = os.getcwd()
-    folder = os.path.dirname(os.path.abspath(recipe_file)) if recipe_file else None
-    if recipe_file:  # an error starts with the recipe's own path: that is not what is missing
-        message_paths = message.replace(str(recipe_file), "").replace(
-            os.path.abspath(recipe_file), ""
-        )
-    else:
-        message_paths = message
-    if folder and folder != cwd and folder + os.sep in message_paths:
-        return (
-            f"{message}\n(a relative path in {recipe_file} is resolved against its folder "
-            f"{folder}; a --set value against the current directory {cwd})"
-        )
-    if cwd + os.sep in message_paths:
-        also = f"; a path in {recipe_file} against its folder {folder}" if folder else ""
-        return f"{message}\n(a relative --set value is resolved against the current directory {cwd}{also})"
-    return message
+    found: list[str] = []
+    if recipe_file and os.path.isfile(recipe_file):
+        folder = os.path.dirname(os.path.abspath(recipe_file))
+        relative: list[tuple[str, str]] = []
+
+        def note(field: str, value: str) -> str:
+            if not os.path.isabs(os.path.expanduser(value)) and "://" not in value:
+                relative.append((field, value))
+            return value
+
+        with contextlib.suppress(Exception):  # a hint only: never the error itself
+            data = yaml.safe_load(Path(recipe_file).read_text())
+            if isinstance(data, dict):
+                _resolve_data(data, note)
+        for field, value in relative:
+            if _absolute(value, folder) in message:
+                found.append(
+                    f"{field}: {value!r} in {recipe_file} is resolved against the recipe's "
+                    f"folder {folder}"
+                )
+    for item in overrides or []:
+        key, _, raw = item.partition("=")
+        values = _parse_value(raw)
+        for value in values if isinstance(values, list) else [values]:
+            relative = isinstance(value, str) and not os.path.isabs(value) and "://" not in value
+            if relative and value and _absolute(value, cwd) in message:
+                found.append(
+                    f"--set {key}: {value!r} is resolved against the current directory {cwd}"
+                )
+    return message if not found else message + "\n(" + "; ".join(found) + ")"
 
 
 def recipe_hash(recipe: BaseModel) -> str:
     """sha256 of the recipe's canonical JSON: what a dataset or checkpoint was made with."""
     return json_sha256(recipe.model_dump(mode="json"))
+
+
+def show_recipe(recipe: CurateRecipe | TrainRecipe | EvalRecipe) -> str:
+    """The recipe as it runs, as YAML that loads back to the same job: every default
+    filled in, every path absolute, and a plan's stages with each stage's settings."""
+    data = recipe.model_dump(mode="json")
+    if isinstance(recipe, CurateRecipe) and recipe.stages is not None:
+        given = {i: spec.get("resources") for i, spec in enumerate(recipe.plan_specs())}
+        data["stages"] = [
+            {**step.spec(), **({"resources": given[i]} if given.get(i) is not None else {})}
+            for i, step in enumerate(recipe.plan())
+        ]
+    header = (
+        f"# {recipe.kind} recipe {recipe.name!r} as it runs: defaults filled in, paths absolute\n"
+    )
+    return header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
 def dump_recipe(recipe: BaseModel, path: str | Path) -> None:

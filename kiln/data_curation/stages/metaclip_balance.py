@@ -54,7 +54,7 @@ class BalanceConfig(StrictModel):
     """MetaCLIP balancing: p(entry) = min(1, t / count(entry))."""
 
     t: int = Field(default=20_000, ge=1, description="per-entry count threshold")
-    seed: int = 0
+    seed: int = Field(default=0, description="seed of the keep/drop draws")
     entries: str | None = Field(
         default=None,
         description="entries file the captions were matched against (default: the plan's "
