@@ -238,6 +238,18 @@ def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return []
 
 
+def _nested_matches(model: type[BaseModel], loc: tuple[Any, ...], name: str) -> list[str]:
+    """Dotted paths of fields close to `name` one section below `loc` (a field written one
+    level too high, e.g. `model.image_size` for `model.vision.image_size`)."""
+    parent = [str(p) for p in loc]
+    found = []
+    for section in _field_names(model, loc):
+        fields = _field_names(model, (*loc, section))
+        for match in difflib.get_close_matches(name, fields, n=1, cutoff=0.8):
+            found.append(".".join([*parent, section, match]))
+    return found
+
+
 def _describe(error: Any, kind: str, source: str) -> str:
     model = _KINDS[kind]
     loc = tuple(error["loc"])
@@ -250,14 +262,20 @@ def _describe(error: Any, kind: str, source: str) -> str:
         valid = _field_names(model, loc[:-1])
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
         parent = ".".join(str(p) for p in loc[:-1])
-        hint = (
-            f"did you mean {'.'.join([parent, close[0]]) if parent else close[0]!r}?"
-            if close
-            else f"valid fields here: {', '.join(valid)}"
-        )
+        nested = _nested_matches(model, loc[:-1], str(loc[-1]))
+        if close:
+            hint = f"did you mean {'.'.join([parent, close[0]]) if parent else close[0]!r}?"
+        elif nested:  # e.g. model.image_size -> model.vision.image_size
+            hint = f"did you mean {' or '.join(repr(n) for n in nested)}?"
+        else:
+            hint = f"valid fields here: {', '.join(valid)}"
         return f"{source}: unknown field {dotted!r}: {hint}"
     if etype == "value_error":
-        where = f"{dotted}: " if loc else ""
+        where = (
+            f"{dotted}: "
+            if loc and not str(error["msg"]).startswith(f"Value error, {dotted}")
+            else ""
+        )
         return f"{source}: {where}{str(error['msg']).removeprefix('Value error, ')}"
     if etype == "missing":
         return f"{source}: field {dotted!r} is required: add it to the recipe or pass --set {dotted}=..."

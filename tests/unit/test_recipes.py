@@ -305,3 +305,21 @@ def test_resources_restarts_and_placement() -> None:
         load_recipe(train_yaml, ["resources.max_restarts=-1"])
     with pytest.raises(RecipeError, match=r"'resources\.placement' = \"everywhere\" is invalid"):
         load_recipe(train_yaml, ["resources.placement=everywhere"])
+
+
+def test_a_field_set_one_section_too_high_suggests_the_nested_one() -> None:
+    """`--set model.imagesize=60`: the fix is model.vision.image_size, never `--set model=`."""
+    train_yaml = REPO / "recipes/quickstart/train.yaml"
+    with pytest.raises(RecipeError) as e:
+        load_recipe(train_yaml, ["model.imagesize=64"])
+    assert "unknown field 'model.imagesize': did you mean 'model.vision.image_size'?" in str(e.value)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(train_yaml, ["model.width=64"])
+    assert "did you mean 'model.vision.width' or 'model.text.width'" in str(e.value)
+    # the old flat name still works, and a size that does not fit says which field, once
+    assert load_recipe(train_yaml, ["model.image_size=64"]).model.vision.image_size == 64  # type: ignore[union-attr]
+    with pytest.raises(RecipeError) as e:
+        load_recipe(train_yaml, ["model.image_size=60"])
+    message = str(e.value)
+    assert "model.vision.image_size=60 is not a multiple of model.vision.patch_size=8" in message
+    assert "--set model=" not in message and message.count("model.vision") == 2
