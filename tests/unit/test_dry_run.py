@@ -105,7 +105,12 @@ def test_train_dry_run_refuses_resources_the_machine_does_not_have(tmp_path: Pat
 def test_train_dry_run_names_a_bad_flavor(tmp_path: Path) -> None:
     recipe = write_recipe(tmp_path, train_recipe("data"))
     report, _, err = dry_run(
-        tmp_path / "runs/t", "train", str(recipe), "--dry-run", "--set", "model.flavor=clip-vit-b-61"
+        tmp_path / "runs/t",
+        "train",
+        str(recipe),
+        "--dry-run",
+        "--set",
+        "model.flavor=clip-vit-b-61",
     )
     assert report == {"rc": 2, "ray": False, "run_dir": False}
     assert "unknown model flavor 'clip-vit-b-61': did you mean 'clip-vit-b-16'" in err

@@ -70,7 +70,9 @@ def test_recipe_show_fills_every_default_and_loads_back(
     data = yaml.safe_load(shown)
     assert data["execution"]["rows_per_task"] == 50_000  # a default the file does not write
     balance = next(s for s in data["stages"] if s["stage"] == "metaclip_balance")
-    assert balance["t"] == 50 and balance["entries"] == str(REPO / "runs/quickstart/pool/metadata.txt")
+    assert balance["t"] == 50 and balance["entries"] == str(
+        REPO / "runs/quickstart/pool/metadata.txt"
+    )
     text = data["stages"][0]
     assert text["min_words"] == 1 and text["normalize"] is True  # the stage's own defaults
     # what it prints is a recipe that runs the same job

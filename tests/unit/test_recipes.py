@@ -193,11 +193,17 @@ def test_relative_paths_resolve_against_the_recipe_folder_and_set_against_the_cw
     with pytest.raises(RecipeError) as e:
         load_recipe(recipe_file, ["input.image_dir=pics"])
     assert str(elsewhere / "pics") in str(e.value)
-    assert f"resolved against the current directory {elsewhere}" in str(e.value)
+    assert (
+        f"--set input.image_dir: 'pics' is resolved against the current directory {elsewhere}"
+        in str(e.value)
+    )
     (folder / "images").rmdir()
     with pytest.raises(RecipeError) as e:
         load_recipe(recipe_file)
-    assert f"{recipe_file} is resolved against its folder {folder}" in str(e.value)
+    assert (
+        f"input.image_dir: 'images' in {recipe_file} is resolved against the recipe's folder "
+        f"{folder}" in str(e.value)
+    )
 
 
 PLAN = {
@@ -312,7 +318,9 @@ def test_a_field_set_one_section_too_high_suggests_the_nested_one() -> None:
     train_yaml = REPO / "recipes/quickstart/train.yaml"
     with pytest.raises(RecipeError) as e:
         load_recipe(train_yaml, ["model.imagesize=64"])
-    assert "unknown field 'model.imagesize': did you mean 'model.vision.image_size'?" in str(e.value)
+    assert "unknown field 'model.imagesize': did you mean 'model.vision.image_size'?" in str(
+        e.value
+    )
     with pytest.raises(RecipeError) as e:
         load_recipe(train_yaml, ["model.width=64"])
     assert "did you mean 'model.vision.width' or 'model.text.width'" in str(e.value)
