@@ -26,7 +26,7 @@ from kiln.platform.recipes import (
 )
 from kiln.platform.report import write_report
 from kiln.platform.runs import read_status
-from kiln.platform.summary import eval_rows, format_curation
+from kiln.platform.summary import eval_rows, format_curation, funnel_rows
 from kiln.platform.tables import format_kv, format_table
 
 __all__ = ["compare_losses", "find_recipes_dir", "read_losses", "run_quickstart"]
@@ -176,11 +176,7 @@ def run_quickstart(root: str = _DEFAULT_ROOT, overrides: list[str] | None = None
     eval_result = json.loads((Path(interrupted.run_dir) / "eval.json").read_text())
     elapsed = time.time() - t0
     summary_pairs: list[tuple[str, object]] = [
-        ("samples in (raw pool)", cur.samples_in),
-        ("matched metadata", cur.matched),
-        ("kept after balancing", cur.kept_after_balance),
-        ("removed as exact duplicates", cur.deduped),
-        ("samples out", cur.samples_out),
+        *funnel_rows(cur.model_dump(mode="json")),  # in, each step's drops in order, out
         ("shards", cur.num_shards),
         ("training steps", f"{resumed_summary.last_step} (stopped at {stop_at}, resumed)"),
         ("throughput (samples/s)", f"{ref_summary.samples_per_s:.1f}"),
