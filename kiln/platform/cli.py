@@ -77,7 +77,7 @@ def _add_launch_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_recipe_args(p: argparse.ArgumentParser, example: str = "balance.t=50") -> None:
+def _add_recipe_args(p: argparse.ArgumentParser, example: str) -> None:
     p.add_argument("recipe", help="recipe YAML file")
     _add_set(p, example)
     _add_address(p)
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(q, "max_steps=40 (applies to the train recipe)")
 
     c = sub.add_parser("curate", help="curate a raw pool into WebDataset shards")
-    _add_recipe_args(c)
+    _add_recipe_args(c, "stages.metaclip_balance.t=50")
     c.add_argument(
         "--fresh",
         action="store_true",

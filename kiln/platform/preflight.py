@@ -45,10 +45,12 @@ def _check_run_dir(run_dir: str) -> None:
     """The run dir is a folder or can be made one (its nearest existing parent is a
     writable folder): the same refusal `api` gives when it creates it, without creating."""
     path = Path(run_dir)
-    if path.exists() and not path.is_dir():
-        raise RecipeError(f"run_dir {run_dir!r} is a file: choose another run_dir")
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
-    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK):
+    if existing is not None and not existing.is_dir():
+        raise RecipeError(
+            f"run_dir {run_dir!r} cannot be a folder: {existing} is a file; choose another run_dir"
+        )
+    if existing is None or not os.access(existing, os.W_OK):
         raise RecipeError(
             f"run_dir {run_dir!r} cannot be created ({existing} is not a writable folder): "
             "choose a writable run_dir (--set run_dir=...)"
