@@ -175,8 +175,10 @@ def run_quickstart(root: str = _DEFAULT_ROOT, overrides: list[str] | None = None
 
     eval_result = json.loads((Path(interrupted.run_dir) / "eval.json").read_text())
     elapsed = time.time() - t0
+    _, *funnel = funnel_rows(cur.model_dump(mode="json"))  # each step's drops in order, out
     summary_pairs: list[tuple[str, object]] = [
-        *funnel_rows(cur.model_dump(mode="json")),  # in, each step's drops in order, out
+        ("samples in (raw pool)", cur.samples_in),
+        *funnel,
         ("shards", cur.num_shards),
         ("training steps", f"{resumed_summary.last_step} (stopped at {stop_at}, resumed)"),
         ("throughput (samples/s)", f"{ref_summary.samples_per_s:.1f}"),

@@ -271,7 +271,7 @@ def _stage_item_type() -> Any:
                 f"Stage_{name}",
                 __base__=stage.config,
                 __doc__=" ".join((stage.__doc__ or stage.config.__doc__ or "").split()),
-                stage=(Literal[name], Field(description="the stage")),  # type: ignore[valid-type]
+                stage=(Literal[name], Field(description="the stage")),  # type: ignore[arg-type]
                 name=(
                     str | None,
                     Field(default=None, description="step name (default: the stage's)"),

@@ -460,8 +460,8 @@ def missing_path_hint(
         key, _, raw = item.partition("=")
         values = _parse_value(raw)
         for value in values if isinstance(values, list) else [values]:
-            relative = isinstance(value, str) and not os.path.isabs(value) and "://" not in value
-            if relative and value and _absolute(value, cwd) in message:
+            is_relative = isinstance(value, str) and not os.path.isabs(value) and "://" not in value
+            if is_relative and value and _absolute(value, cwd) in message:
                 found.append(
                     f"--set {key}: {value!r} is resolved against the current directory {cwd}"
                 )
