@@ -96,7 +96,8 @@ MANIFEST_NAME = "manifest.json"
 
 
 #: `json_schema_extra` of a config field holding a file path or URL: recipes resolve such
-#: fields against the working directory before a job starts (Ray workers run elsewhere).
+#: fields to absolute paths before a job starts (Ray workers run elsewhere): a value written
+#: in a recipe file against the file's folder, any other (`--set`, a dict) against the cwd.
 PATH_FIELD: dict[str, Any] = {"kiln_path": True}
 
 

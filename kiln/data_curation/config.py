@@ -12,7 +12,7 @@ from typing import Any, Literal
 import fsspec
 from pydantic import Field, field_validator, model_validator
 
-from kiln.contracts import StrictModel
+from kiln.contracts import PATH_FIELD, StrictModel
 from kiln.data_curation.plan import PlanStep, build_plan
 from kiln.data_curation.stage import load_plugins
 from kiln.data_curation.stages.image import ImageConfig
@@ -42,36 +42,57 @@ class SyntheticPoolConfig(StrictModel):
 
     num_samples: int = Field(default=3000, ge=10, description="raw pool rows to generate")
     num_eval: int = Field(default=300, ge=0, description="held-out labelled images for eval")
-    image_size: int = Field(default=64, ge=16, le=512)
-    seed: int = 0
-    junk_fraction: float = Field(default=0.08, ge=0, le=1)
-    duplicate_fraction: float = Field(default=0.05, ge=0, le=1)
-    bad_image_fraction: float = Field(default=0.01, ge=0, le=1)
-    rows_per_file: int = Field(default=1000, ge=1)
+    image_size: int = Field(default=64, ge=16, le=512, description="side of each image, pixels")
+    seed: int = Field(default=0, description="seed of every draw: the same seed, the same pool")
+    junk_fraction: float = Field(
+        default=0.08, ge=0, le=1, description="share of captions that are junk alt-texts"
+    )
+    duplicate_fraction: float = Field(
+        default=0.05, ge=0, le=1, description="share of rows that repeat an earlier sample"
+    )
+    bad_image_fraction: float = Field(
+        default=0.01, ge=0, le=1, description="share of rows whose image bytes cannot decode"
+    )
+    rows_per_file: int = Field(default=1000, ge=1, description="rows per generated parquet file")
 
 
 class InputConfig(StrictModel):
     """Where the raw pool is and how its columns map onto the sample schema."""
 
-    format: Literal["parquet", "jsonl", "csv", "webdataset", "synthetic"]
+    format: Literal["parquet", "jsonl", "csv", "webdataset", "synthetic"] = Field(
+        description="how the pool is stored; synthetic generates the demo's procedural pool"
+    )
     paths: list[str] = Field(
         default_factory=list,
         description="files, folders or globs (any fsspec URL); for synthetic, the pool folder",
+        json_schema_extra=PATH_FIELD,
     )
-    text_column: str = "text"
+    text_column: str = Field(default="text", description="column holding the caption")
     text_columns: list[str] | None = Field(
         default=None,
         description="several texts per record (e.g. [alt, title]), instead of text_column: "
         "one row per text, all with the record's source_row; uids get '#column' when "
         "uid_column gives them (MetaCLIP 1 tests each; a caption_pick stage keeps one)",
     )
-    url_column: str | None = "url"
-    uid_column: str | None = None
-    image_column: str | None = None
-    image_dir: str | None = Field(
-        default=None, description="csv/jsonl: folder the image_path_column is relative to"
+    url_column: str | None = Field(
+        default="url", description="column holding the image URL (None: no URLs)"
     )
-    image_path_column: str | None = None
+    uid_column: str | None = Field(
+        default=None,
+        description="column holding a unique sample id (webdataset: __key__ for the tar key); "
+        "None: a hash of (url, caption)",
+    )
+    image_column: str | None = Field(
+        default=None, description="column holding the image bytes (parquet; webdataset: jpg...)"
+    )
+    image_dir: str | None = Field(
+        default=None,
+        description="csv/jsonl: folder the image_path_column is relative to",
+        json_schema_extra=PATH_FIELD,
+    )
+    image_path_column: str | None = Field(
+        default=None, description="csv/jsonl: column holding each image's path under image_dir"
+    )
     allow_absolute_image_paths: bool = Field(
         default=False,
         description="let image_path_column hold absolute paths (on image_dir's filesystem); "
@@ -84,7 +105,9 @@ class InputConfig(StrictModel):
         description="webdataset: largest tar member kept, after .gz decompression; a sample "
         "with a bigger member is dropped as member_too_large (bounds what one member costs)",
     )
-    synthetic: SyntheticPoolConfig = Field(default_factory=SyntheticPoolConfig)
+    synthetic: SyntheticPoolConfig = Field(
+        default_factory=SyntheticPoolConfig, description="format synthetic: the pool to generate"
+    )
     limit: int | None = Field(default=None, ge=1, description="read at most this many rows")
 
     @model_validator(mode="after")
@@ -137,7 +160,7 @@ def missing_folder(image_dir: str, *, local_only: bool = False) -> str | None:
     what = "is a file, not a folder" if fs.exists(path) else "does not exist"
     return (
         f"input.image_dir={image_dir!r} {what}: set it to the folder the paths in "
-        "input.image_path_column are relative to (relative: to the directory kiln runs in)"
+        "input.image_path_column are relative to"
     )
 
 
@@ -156,9 +179,11 @@ class ImageSection(ImageConfig):
 class ShardConfig(StrictModel):
     """WebDataset shard writing."""
 
-    samples_per_shard: int = Field(default=1000, ge=1)
+    samples_per_shard: int = Field(default=1000, ge=1, description="samples per tar shard")
     output: str | None = Field(
-        default=None, description="dataset folder; default {run_dir}/dataset"
+        default=None,
+        description="dataset folder; default {run_dir}/dataset",
+        json_schema_extra=PATH_FIELD,
     )
 
 
@@ -219,7 +244,7 @@ class CurationConfig(StrictModel):
     With `input.uid_column` set, a `uid_dedup` step runs first (uids must be unique).
     """
 
-    input: InputConfig
+    input: InputConfig = Field(description="the raw pool: where it is and its columns")
     stages: list[dict[str, Any]] | None = Field(
         default=None, description="the plan: stages in order (default: the MetaCLIP plan)"
     )
@@ -227,11 +252,21 @@ class CurationConfig(StrictModel):
         default_factory=list,
         description="modules that register extra stages (imported by the driver and workers)",
     )
-    text: TextSection | None = None
-    match: MatchConfig | None = None
-    balance: BalanceConfig | None = None
-    image: ImageSection | None = None
-    shard: ShardConfig = Field(default_factory=ShardConfig)
+    text: TextSection | None = Field(
+        default=None, description="without stages: the default plan's text stage settings"
+    )
+    match: MatchConfig | None = Field(
+        default=None, description="without stages: the default plan's metaclip_match settings"
+    )
+    balance: BalanceConfig | None = Field(
+        default=None, description="without stages: the default plan's metaclip_balance settings"
+    )
+    image: ImageSection | None = Field(
+        default=None, description="without stages: the default plan's image stage settings"
+    )
+    shard: ShardConfig = Field(
+        default_factory=ShardConfig, description="how the dataset's shards are written"
+    )
     write_rejects: bool = Field(default=True, description="keep dropped rows with drop_reason")
     execution: ExecutionConfig = Field(
         default_factory=ExecutionConfig,

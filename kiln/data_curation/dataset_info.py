@@ -52,13 +52,43 @@ def _first_samples(url: str, num_samples: int) -> list[dict[str, Any]]:
     return samples
 
 
+def _entries_file(recipe: dict[str, Any]) -> str | None:
+    """The MetaCLIP entries file a dataset was matched against, from its recorded recipe
+    (a `metaclip_match` stage, or the pre-plan `match:` section); None when there is none
+    (worldwide matching has one list per language)."""
+    for spec in recipe.get("stages") or []:
+        if isinstance(spec, dict) and spec.get("stage") == "metaclip_match":
+            return spec.get("entries") if isinstance(spec.get("entries"), str) else None
+    match = recipe.get("match")
+    return match.get("entries") if isinstance(match, dict) else None
+
+
+def _with_entry_names(samples: list[dict[str, Any]], recipe: dict[str, Any]) -> None:
+    """Add `entries` (the entry strings of `entry_ids`) to each sample, when the entries
+    file the dataset was matched against is still readable."""
+    url = _entries_file(recipe)
+    if not url or not any(s.get("entry_ids") for s in samples):
+        return
+    from kiln.data_curation.matching import load_entries
+
+    try:
+        names = load_entries(url)
+    except (OSError, ValueError):
+        return  # moved or changed since: the ids are all there is
+    for s in samples:
+        ids = s.get("entry_ids") or []
+        if all(0 <= i < len(names) for i in ids):
+            s["entries"] = [names[i] for i in ids]
+
+
 def inspect_dataset(dataset_dir: str, num_samples: int = 3) -> dict[str, Any]:
     """Summary of the dataset at `dataset_dir` (a folder with `manifest.json`, any fsspec URL;
     a curation run folder works too).
 
     Keys: path, name, num_samples, num_shards, bytes, recipe_hash, inputs, stats, shards
     (path, samples, bytes, sha256 each) and `samples`: the first `num_samples` samples
-    (uid, text, width/height, entry_ids, url, image_bytes).
+    (uid, text, width/height, entry_ids, url, image_bytes; `entries`: the entry strings of
+    entry_ids, when the entries file the dataset was matched against is readable).
     """
     root = dataset_dir[: -len(MANIFEST_NAME)] if dataset_dir.endswith(".json") else dataset_dir
     root = root.rstrip("/")
@@ -71,6 +101,7 @@ def inspect_dataset(dataset_dir: str, num_samples: int = 3) -> dict[str, Any]:
         if len(samples) >= num_samples:
             break
         samples += _first_samples(manifest.shard_url(root, shard), num_samples - len(samples))
+    _with_entry_names(samples, manifest.recipe or {})
     return {
         "path": root,
         "name": manifest.name,
@@ -122,6 +153,6 @@ def format_dataset_info(info: dict[str, Any]) -> str:
         text = (s.get("text") or "").replace("\n", " ")
         if len(text) > 70:
             text = text[:67] + "..."
-        entries = s.get("entry_ids")
+        entries = s.get("entries") or s.get("entry_ids")  # names when the file is there
         lines.append(f"  {s['uid']}  {size:>9}  entries={entries}  {text!r}")
     return "\n".join(lines)

@@ -92,8 +92,10 @@ from kiln.data_curation.stages import DROP_COLUMN, ensure_drop_column, split_dro
 __all__ = [
     "RUNNER_VERSION",
     "SUCCESS_MARKER",
+    "CurationInputs",
     "CurationResult",
     "StepStats",
+    "check_curation",
     "executor_kind",
     "make_executor",
     "run_curation",
@@ -1216,6 +1218,41 @@ def make_executor(cfg: CurationConfig, plan: list[PlanStep]) -> Executor:
     return LocalExecutor(_run_one, cfg.execution.workers or local_workers())
 
 
+@dataclass
+class CurationInputs:
+    """What `check_curation` found: the input files, each step's `check` result, and the
+    synthetic pool folder still to be generated (a dry run generates nothing)."""
+
+    files: list[str]
+    checks: dict[str, dict[str, Any]]
+    pending_pool: str | None = None
+
+
+def check_curation(cfg: CurationConfig, *, generate: bool = True) -> CurationInputs:
+    """Everything a curation checks before any task runs: the input paths name files,
+    `input.image_dir` is a folder, each stage's `check` passes (entries files exist...).
+
+    A synthetic pool is generated first (its entries file is part of it); with `generate`
+    False (`--dry-run`) a pool not generated yet is reported in `pending_pool` and the
+    checks of files it will hold are skipped."""
+    plan = cfg.plan()
+    pool = cfg.input.paths[0] if cfg.input.format == "synthetic" else None
+    if pool is not None and not generate:
+        from kiln.data_curation.synthetic import pool_is_current
+
+        if not pool_is_current(cfg.input.synthetic, pool):
+            checks: dict[str, dict[str, Any]] = {}
+            for step in plan:
+                try:
+                    checks[step.name] = step.stage.check(step.config)
+                except FileNotFoundError as e:
+                    if pool.rstrip("/") + "/" not in str(e):
+                        raise  # not a file the pool generation writes
+            return CurationInputs([], checks, pending_pool=pool)
+    files = input_files(cfg.input)  # generates the synthetic pool (and its entries) if asked
+    return CurationInputs(files, {step.name: step.stage.check(step.config) for step in plan})
+
+
 def run_curation(
     cfg: CurationConfig,
     run_dir: str,
@@ -1223,6 +1260,7 @@ def run_curation(
     name: str = "",
     recipe: dict[str, Any] | None = None,
     fresh: bool = False,
+    inputs: CurationInputs | None = None,
 ) -> CurationResult:
     """Run (or resume) the curation plan of `cfg` in `run_dir`.
 
@@ -1233,16 +1271,17 @@ def run_curation(
     `cfg.shard.output` or `{run_dir}/dataset`. `recipe` is recorded in the manifest
     (default: `cfg` itself). `fresh` redoes every step, whatever the markers say (for
     inputs whose changes the read fingerprint cannot see, `kiln.data_curation.read_fingerprint`).
+    `inputs`: what `check_curation(cfg)` returned, when the caller ran it already (`kiln
+    curate` does, before it starts Ray); otherwise it runs here, before any task.
     """
     start = time.perf_counter()
     recipe = recipe if recipe is not None else cfg.model_dump(mode="json")
     plan = cfg.plan()
-    files = input_files(cfg.input)  # generates the synthetic pool (and its entries) if asked
-    # fail on a missing entries file etc. before anything runs
-    checks = {step.name: step.stage.check(step.config) for step in plan}
+    if inputs is None or inputs.pending_pool is not None:
+        inputs = check_curation(cfg)  # fails on a missing entries file etc. before any work
     r = _Runner(cfg, run_dir, name, recipe, make_executor(cfg, plan))
-    r.checks = checks
-    r.files = files
+    r.checks = inputs.checks
+    r.files = inputs.files
     if fresh:
         for folder in ("steps", "rejects"):
             storage.remove(f"{r.run_dir}/{folder}")

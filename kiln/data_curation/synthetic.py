@@ -50,6 +50,7 @@ __all__ = [
     "config_hash",
     "generate_pool",
     "metadata_entries",
+    "pool_is_current",
     "zero_shot_tasks",
 ]
 
@@ -581,6 +582,27 @@ def _clear_outputs(fs: Any, root: str) -> None:
             fs.rm(path)
 
 
+def _stored_info(cfg: SyntheticPoolConfig, out_dir: str) -> dict[str, Any] | None:
+    """The info `_SUCCESS` in `out_dir` stores for a pool of `cfg` (None: not generated,
+    or for another config)."""
+    fs, root = fsspec.core.url_to_fs(out_dir)
+    marker = f"{root.rstrip('/')}/{SUCCESS_NAME}"
+    if not fs.exists(marker):
+        return None
+    try:
+        stored = json.loads(fs.cat_file(marker))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if stored.get("cfg_hash") == config_hash(cfg) and isinstance(stored.get("info"), dict):
+        return dict(stored["info"])
+    return None
+
+
+def pool_is_current(cfg: SyntheticPoolConfig, out_dir: str) -> bool:
+    """True when `out_dir` holds the pool of `cfg` (`generate_pool` would write nothing)."""
+    return _stored_info(cfg, out_dir) is not None
+
+
 def generate_pool(cfg: SyntheticPoolConfig, out_dir: str) -> dict[str, Any]:
     """Write the pool, `metadata.txt`, `eval/` and `_SUCCESS` into `out_dir`; return its info.
 
@@ -588,17 +610,13 @@ def generate_pool(cfg: SyntheticPoolConfig, out_dir: str) -> dict[str, Any]:
     stored info is returned. Otherwise earlier outputs are removed and the pool is
     regenerated. Paths in the info are relative to `out_dir`.
     """
+    stored = _stored_info(cfg, out_dir)
+    if stored is not None:
+        return stored
     fs, root = fsspec.core.url_to_fs(out_dir)
     root = root.rstrip("/")
     digest = config_hash(cfg)
     marker = f"{root}/{SUCCESS_NAME}"
-    if fs.exists(marker):
-        try:
-            stored = json.loads(fs.cat_file(marker))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            stored = {}
-        if stored.get("cfg_hash") == digest and isinstance(stored.get("info"), dict):
-            return dict(stored["info"])
     fs.makedirs(root, exist_ok=True)
     _clear_outputs(fs, root)
 

@@ -70,11 +70,11 @@ def _check_heads(where: str, width: int, heads: int) -> None:
 class ViTConfig(StrictModel):
     """A Vision Transformer image tower (OpenCLIP's ``vision_cfg``)."""
 
-    image_size: int = Field(default=224, ge=8)
-    patch_size: int = Field(default=16, ge=1)
-    width: int = Field(default=768, ge=8)
-    layers: int = Field(default=12, ge=1)
-    heads: int = Field(default=12, ge=1)
+    image_size: int = Field(default=224, ge=8, description="input side, pixels")
+    patch_size: int = Field(default=16, ge=1, description="patch side, pixels (divides image_size)")
+    width: int = Field(default=768, ge=8, description="token width")
+    layers: int = Field(default=12, ge=1, description="transformer blocks")
+    heads: int = Field(default=12, ge=1, description="attention heads (divide width)")
     mlp_ratio: float = Field(default=4.0, gt=0, description="MLP hidden width / width")
 
     @property
@@ -109,13 +109,19 @@ class TextConfig(StrictModel):
     ``vocab_size >= 259``) and optionally ``model.text.vocab_size: 259``.
     """
 
-    vocab_size: int = Field(default=49408, ge=4)
-    context_length: int = Field(default=77, ge=4)
-    width: int = Field(default=512, ge=8)
-    layers: int = Field(default=12, ge=1)
-    heads: int = Field(default=8, ge=1)
-    mlp_ratio: float = Field(default=4.0, gt=0)
-    tokenizer: Literal["byte", "clip-bpe"] = "clip-bpe"
+    vocab_size: int = Field(default=49408, ge=4, description="token embedding rows")
+    context_length: int = Field(
+        default=77, ge=4, description="tokens per caption (longer ones are cut)"
+    )
+    width: int = Field(default=512, ge=8, description="token width")
+    layers: int = Field(default=12, ge=1, description="transformer blocks")
+    heads: int = Field(default=8, ge=1, description="attention heads (divide width)")
+    mlp_ratio: float = Field(default=4.0, gt=0, description="MLP hidden width / width")
+    tokenizer: Literal["byte", "clip-bpe"] = Field(
+        default="clip-bpe",
+        description="token ids the tower expects: byte (kiln's offline UTF-8 tokenizer, 259 "
+        "ids) or clip-bpe (OpenAI CLIP's BPE, which kiln does not ship)",
+    )
 
     @property
     def mlp_width(self) -> int:
@@ -139,12 +145,14 @@ class TextDecoderConfig(StrictModel):
     is the contrastive image embedding, the others are what the decoder cross-attends to.
     """
 
-    width: int = Field(default=512, ge=8)
-    layers: int = Field(default=12, ge=1)
-    heads: int = Field(default=8, ge=1)
-    mlp_ratio: float = Field(default=4.0, gt=0)
-    pooler_queries: int = Field(default=256, ge=1)
-    pooler_heads: int = Field(default=8, ge=1)
+    width: int = Field(default=512, ge=8, description="token width")
+    layers: int = Field(default=12, ge=1, description="decoder blocks")
+    heads: int = Field(default=8, ge=1, description="attention heads (divide width)")
+    mlp_ratio: float = Field(default=4.0, gt=0, description="MLP hidden width / width")
+    pooler_queries: int = Field(
+        default=256, ge=1, description="image tokens the pooler gives the decoder"
+    )
+    pooler_heads: int = Field(default=8, ge=1, description="the pooler's attention heads")
 
     @property
     def mlp_width(self) -> int:
@@ -164,11 +172,13 @@ class TextDecoderConfig(StrictModel):
 class PixelDecoderConfig(StrictModel):
     """MAE's light decoder (over all patches) and the share of patches masked."""
 
-    width: int = Field(default=512, ge=8)
-    layers: int = Field(default=8, ge=1)
-    heads: int = Field(default=16, ge=1)
-    mlp_ratio: float = Field(default=4.0, gt=0)
-    mask_ratio: float = Field(default=0.75, gt=0, lt=1)
+    width: int = Field(default=512, ge=8, description="token width")
+    layers: int = Field(default=8, ge=1, description="decoder blocks")
+    heads: int = Field(default=16, ge=1, description="attention heads (divide width)")
+    mlp_ratio: float = Field(default=4.0, gt=0, description="MLP hidden width / width")
+    mask_ratio: float = Field(
+        default=0.75, gt=0, lt=1, description="share of patches hidden from the encoder"
+    )
 
     @property
     def mlp_width(self) -> int:
@@ -214,11 +224,17 @@ class ModelConfig(StrictModel):
     """
 
     flavor: str = Field(default=DEFAULT_FLAVOR, description="named size, see `kiln model list`")
-    arch: Literal["clip", "siglip", "coca", "mae"] = "clip"
-    vision: ViTConfig = Field(default_factory=ViTConfig)
-    text: TextConfig | None = None
-    decoder: TextDecoderConfig | None = None
-    pixel_decoder: PixelDecoderConfig | None = None
+    arch: Literal["clip", "siglip", "coca", "mae"] = Field(
+        default="clip", description="model family (and default objective)"
+    )
+    vision: ViTConfig = Field(default_factory=ViTConfig, description="the image tower")
+    text: TextConfig | None = Field(default=None, description="the text tower (clip, siglip, coca)")
+    decoder: TextDecoderConfig | None = Field(
+        default=None, description="coca: the multimodal text decoder and pooler"
+    )
+    pixel_decoder: PixelDecoderConfig | None = Field(
+        default=None, description="mae: the pixel decoder and mask ratio"
+    )
     embed_dim: int = Field(default=512, ge=8, description="shared image-text space")
     init_logit_scale: float = Field(
         default=2.6593, description="CLIP: log(1/0.07) = 2.6593; SigLIP: log(10)"

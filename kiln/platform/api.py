@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel
 
 from kiln.data_curation.config import CurationConfig
+from kiln.platform.preflight import preflight
 from kiln.platform.ray_cluster import ray_session
 from kiln.platform.recipes import (
     CurateRecipe,
@@ -41,6 +42,7 @@ J = TypeVar("J", CurateRecipe, TrainRecipe, EvalRecipe)
 
 __all__ = [
     "curate",
+    "dry_run",
     "eval_run_dir",
     "export",
     "resolve_model_file",
@@ -120,6 +122,7 @@ def run_curate(recipe: CurateRecipe, *, fresh: bool = False) -> Any:
     from kiln.data_curation import run_curation
     from kiln.data_curation.runner import executor_kind
 
+    _, inputs = preflight(resolve_paths(recipe))  # before Ray starts or anything is written
     recipe, run = _start(recipe)
     cfg = _as(recipe, CurationConfig)
     on_ray = executor_kind(cfg, address=recipe.ray.address)
@@ -137,6 +140,7 @@ def run_curate(recipe: CurateRecipe, *, fresh: bool = False) -> Any:
                 name=recipe.name,
                 recipe=recipe.model_dump(mode="json"),
                 fresh=fresh,
+                inputs=inputs,
             )
     except BaseException as e:
         _failed(run, e)
@@ -186,6 +190,7 @@ def run_train(recipe: TrainRecipe, *, resume: bool = False) -> Any:
         lead = ranks.rank == 0
         resources = recipe.resources.model_copy(update={"workers": ranks.world_size})
         recipe = recipe.model_copy(update={"resources": resources})
+    preflight(resolve_paths(recipe), resume=resume)  # before Ray starts or anything is written
     recipe, run = _start(recipe, lead=lead, max_steps=recipe.max_steps, resumed=resume)
     res = recipe.resources
     try:
@@ -208,6 +213,7 @@ def run_train(recipe: TrainRecipe, *, resume: bool = False) -> Any:
                 recipe_hash=recipe_hash(recipe.model_copy(update={"stop_after_step": None})),
                 max_restarts=res.max_restarts,
                 placement=res.placement,
+                checked=True,
             )
         finished = summary.last_step >= recipe.max_steps
         eval_result = None
@@ -266,6 +272,7 @@ def resume_run(run_dir: str, overrides: list[str] | None = None) -> Any:
 
 def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
     """Evaluate a checkpoint; writes `eval.json` into the eval run dir."""
+    preflight(resolve_paths(recipe))
     recipe, run = _start(recipe)
     try:
         result = _evaluate_into(resolve_model_file(recipe.checkpoint), recipe.eval, run)
@@ -276,8 +283,11 @@ def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
     return result
 
 
-def eval_run_dir(run_dir: str, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Evaluate a train run's latest checkpoint with the `eval` section of its recipe."""
+def eval_run_dir(
+    run_dir: str, overrides: list[str] | None = None, *, check_only: bool = False
+) -> Any:
+    """Evaluate a train run's latest checkpoint with the `eval` section of its recipe
+    (`check_only`: `--dry-run`, returning what `dry_run` returns)."""
     train = _train_run_recipe(run_dir, overrides or [], "`kiln eval RUN_DIR` takes a train run")
     recipe_file = Path(run_dir) / "recipe.yaml"
     if not (train.eval.zero_shot or train.eval.retrieval):
@@ -285,8 +295,21 @@ def eval_run_dir(run_dir: str, overrides: list[str] | None = None) -> dict[str, 
             f"{recipe_file}: its eval section names no data: pass "
             "--set eval.zero_shot=EVAL_DIR or --set eval.retrieval=DATASET_DIR"
         )
+    if check_only:
+        as_eval = EvalRecipe(
+            kind="eval", name=train.name, run_dir=run_dir, checkpoint=run_dir, eval=train.eval
+        )
+        return dry_run(as_eval)
     result = _evaluate_into(resolve_model_file(run_dir), train.eval, Path(run_dir))
     return result
+
+
+def dry_run(recipe: CurateRecipe | TrainRecipe | EvalRecipe) -> list[str]:
+    """`--dry-run`: every check the job makes before it starts Ray (`preflight`), and
+    nothing else: no Ray, nothing written. Returns what the job would do, line by line;
+    raises the first problem."""
+    lines, _ = preflight(resolve_paths(recipe), generate=False)
+    return lines
 
 
 def run_job(

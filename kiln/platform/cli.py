@@ -80,10 +80,30 @@ def _add_launch_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+def _add_recipe_args(p: argparse.ArgumentParser, example: str) -> None:
     p.add_argument("recipe", help="recipe YAML file")
-    _add_set(p)
+    _add_set(p, example)
     _add_address(p)
+    _add_dry_run(p)
+
+
+def _add_dry_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="run every check the job makes before it starts (paths, dataset, flavor, "
+        "resources), print what it would do, and exit: no Ray, nothing written",
+    )
+
+
+class _Version(argparse.Action):
+    """`kiln --version`: kiln's version and those of torch, ray, deepspeed (not imported)."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
+        from kiln.platform.versions import version_text
+
+        print(version_text())
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kiln",
         description="Curate image-text data and train vision(-language) models on it.",
+    )
+    parser.add_argument(
+        "--version", action=_Version, nargs=0, help="print the versions of kiln, torch, ray"
     )
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
@@ -102,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(q, "max_steps=40 (applies to the train recipe)")
 
     c = sub.add_parser("curate", help="curate a raw pool into WebDataset shards")
-    _add_recipe_args(c)
+    _add_recipe_args(c, "stages.metaclip_balance.t=50")
     c.add_argument(
         "--fresh",
         action="store_true",
@@ -110,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         "their sizes, times and hashes do not show)",
     )
     t = sub.add_parser("train", help="train a model from a train recipe")
-    _add_recipe_args(t)
+    _add_recipe_args(t, "max_steps=600")
     _add_launch_args(t)
 
     r = sub.add_parser("resume", help="resume a train run from its latest checkpoint")
@@ -122,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a checkpoint (eval recipe, or a train run dir)")
     e.add_argument("target", help="eval recipe YAML, or a train run dir to evaluate as configured")
     _add_set(e, "eval.recall_k=[1,5]")
+    _add_dry_run(e)
 
     x = sub.add_parser(
         "export", help="write a train run's full weights (safetensors), from any checkpoint"
@@ -155,7 +179,20 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("-n", "--samples", type=int, default=3)
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
     _add_metadata(sub)
+    _add_recipe_verb(sub)
     return parser
+
+
+def _add_recipe_verb(sub: Any) -> None:
+    rc = sub.add_parser("recipe", help="print a resolved recipe, or write the field reference")
+    rsub = rc.add_subparsers(dest="recipe_verb", required=True, metavar="ACTION")
+    show = rsub.add_parser("show", help="the recipe as it runs: every default, paths absolute")
+    show.add_argument("recipe", help="recipe YAML file")
+    _add_set(show)
+    docs = rsub.add_parser(
+        "docs", help="write docs/recipes.md and docs/schema/*.schema.json from the models"
+    )
+    docs.add_argument("--out", default=None, help="folder to write (default: the repo's docs/)")
 
 
 def _add_metadata(sub: Any) -> None:
@@ -255,6 +292,14 @@ def load_job(args: argparse.Namespace) -> Recipe:
     return recipe
 
 
+def _print_dry_run(recipe: Any, lines: list[str]) -> int:
+    what = recipe if isinstance(recipe, str) else f"{recipe.kind} {recipe.name!r}"
+    print(f"recipe OK: {what}; nothing was started or written")
+    for line in lines:
+        print(f"  {line}")
+    return 0
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.verb == "runs":  # before importing the API: listing runs stays under a second
         from kiln.platform.runs import format_runs, list_runs
@@ -272,16 +317,24 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_quickstart(args.root, overrides=args.overrides)
     if args.verb in ("curate", "train"):
-        _print_result(api.run_job(load_job(args), fresh=getattr(args, "fresh", False)))
+        recipe = load_job(args)
+        if args.dry_run:
+            return _print_dry_run(recipe, api.dry_run(recipe))
+        _print_result(api.run_job(recipe, fresh=getattr(args, "fresh", False)))
         return 0
     if args.verb == "resume":
         _print_result(api.resume_run(args.run_dir, _overrides(args)))
         return 0
     if args.verb == "eval":
         if os.path.isdir(args.target):
-            result = api.eval_run_dir(args.target, args.overrides)
+            result = api.eval_run_dir(args.target, args.overrides, check_only=args.dry_run)
+            if args.dry_run:
+                return _print_dry_run(args.target, result)
         else:
-            result = api.run_job(load_job(args))
+            recipe = load_job(args)
+            if args.dry_run:
+                return _print_dry_run(recipe, api.dry_run(recipe))
+            result = api.run_job(recipe)
         _print_result(result)
         return 0
     if args.verb == "export":
@@ -318,6 +371,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.verb == "model":
         return _model_command(args)
+    if args.verb == "recipe":
+        from kiln.platform.recipe_docs import recipe_command
+
+        return recipe_command(args)
     if args.verb == "inspect":
         from kiln.data_curation import format_dataset_info, inspect_dataset
 
@@ -389,7 +446,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except _USER_ERRORS as e:
-        print(f"kiln {args.verb}: error: {_root_cause(e)}", file=sys.stderr)
+        from kiln.platform.recipes import missing_path_hint
+
+        target = getattr(args, "target", None)  # `kiln eval`: a recipe file or a run dir
+        recipe_file = getattr(args, "recipe", None) or (
+            target if target and os.path.isfile(target) else None
+        )
+        overrides = getattr(args, "overrides", None)
+        message = missing_path_hint(str(_root_cause(e)), recipe_file, overrides)
+        print(f"kiln {args.verb}: error: {message}", file=sys.stderr)
         return 2
     except OSError as e:
         cause = _root_cause(e)

@@ -9,12 +9,11 @@ reference's; evaluate; print a summary and write `report.html`.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from kiln.platform import api
 from kiln.platform.ray_cluster import ray_session
@@ -23,10 +22,11 @@ from kiln.platform.recipes import (
     TrainRecipe,
     apply_overrides,
     parse_recipe,
+    read_recipe_file,
 )
 from kiln.platform.report import write_report
 from kiln.platform.runs import read_status
-from kiln.platform.summary import eval_rows, format_curation
+from kiln.platform.summary import eval_rows, format_curation, funnel_rows
 from kiln.platform.tables import format_kv, format_table
 
 __all__ = ["compare_losses", "find_recipes_dir", "read_losses", "run_quickstart"]
@@ -47,20 +47,23 @@ def find_recipes_dir() -> Path:
     )
 
 
-def _rebase(node: Any, new_root: str) -> Any:
-    """Replace the recipes' default root `runs/quickstart` by `new_root` in every string."""
+def _rebase(node: Any, old_root: str, new_root: str) -> Any:
+    """Replace the recipes' root folder `old_root` (`runs/quickstart` at the repo root, as
+    the recipe files name it) by `new_root` in every string."""
     if isinstance(node, dict):
-        return {k: _rebase(v, new_root) for k, v in node.items()}
+        return {k: _rebase(v, old_root, new_root) for k, v in node.items()}
     if isinstance(node, list):
-        return [_rebase(v, new_root) for v in node]
-    if isinstance(node, str) and node.startswith(_DEFAULT_ROOT):
-        return new_root + node[len(_DEFAULT_ROOT) :]
+        return [_rebase(v, old_root, new_root) for v in node]
+    if isinstance(node, str) and (node == old_root or node.startswith(old_root + os.sep)):
+        return new_root + node[len(old_root) :]
     return node
 
 
 def _load(name: str, root: str, overrides: list[str]) -> Any:
-    path = find_recipes_dir() / "quickstart" / f"{name}.yaml"
-    data = _rebase(yaml.safe_load(path.read_text()), root)
+    recipes = find_recipes_dir()
+    path = recipes / "quickstart" / f"{name}.yaml"
+    default_root = str(recipes.parent / _DEFAULT_ROOT)  # the files' paths, made absolute
+    data = _rebase(read_recipe_file(path), default_root, os.path.abspath(root))
     return parse_recipe(apply_overrides(data, overrides), source=str(path))
 
 
@@ -172,12 +175,10 @@ def run_quickstart(root: str = _DEFAULT_ROOT, overrides: list[str] | None = None
 
     eval_result = json.loads((Path(interrupted.run_dir) / "eval.json").read_text())
     elapsed = time.time() - t0
+    _, *funnel = funnel_rows(cur.model_dump(mode="json"))  # each step's drops in order, out
     summary_pairs: list[tuple[str, object]] = [
         ("samples in (raw pool)", cur.samples_in),
-        ("matched metadata", cur.matched),
-        ("kept after balancing", cur.kept_after_balance),
-        ("removed as exact duplicates", cur.deduped),
-        ("samples out", cur.samples_out),
+        *funnel,
         ("shards", cur.num_shards),
         ("training steps", f"{resumed_summary.last_step} (stopped at {stop_at}, resumed)"),
         ("throughput (samples/s)", f"{ref_summary.samples_per_s:.1f}"),

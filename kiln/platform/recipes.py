@@ -8,16 +8,18 @@ and the fix (for an unknown field: the closest valid name), never as a traceback
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, model_validator
 
-from kiln.contracts import StrictModel, is_path_field, json_sha256
+from kiln.contracts import PATH_FIELD, StrictModel, is_path_field, json_sha256
 from kiln.data_curation.config import CurationConfig
 from kiln.training.config import EvalConfig, Launcher, Placement, TrainConfig
 
@@ -34,9 +36,12 @@ __all__ = [
     "apply_overrides",
     "dump_recipe",
     "load_recipe",
+    "missing_path_hint",
     "parse_recipe",
+    "read_recipe_file",
     "recipe_hash",
     "resolve_paths",
+    "show_recipe",
 ]
 
 
@@ -55,9 +60,15 @@ class Resources(StrictModel):
     """
 
     workers: int = Field(default=2, ge=1, description="training ranks / Ray Train workers")
-    cpus_per_worker: float = Field(default=1.0, gt=0)
-    gpus_per_worker: float = Field(default=0.0, ge=0)
-    launcher: Launcher = "ray"
+    cpus_per_worker: float = Field(
+        default=1.0, gt=0, description="CPUs each rank reserves (and its intra-op threads)"
+    )
+    gpus_per_worker: float = Field(default=0.0, ge=0, description="GPUs each rank reserves")
+    launcher: Launcher = Field(
+        default="ray",
+        description="how ranks start: ray (Ray Train workers), local (processes here), "
+        "torchrun (this process is one rank of a torchrun / srun world)",
+    )
     max_restarts: int = Field(
         default=0,
         ge=0,
@@ -98,16 +109,22 @@ class RayConfig(StrictModel):
 
 
 class _JobFields(StrictModel):
-    name: str = Field(min_length=1)
-    run_dir: str = Field(min_length=1, description="where outputs go (relative: to the cwd)")
-    resources: Resources = Field(default_factory=Resources)
-    ray: RayConfig = Field(default_factory=RayConfig)
+    name: str = Field(min_length=1, description="the job's name (shown by `kiln runs`)")
+    run_dir: str = Field(
+        min_length=1,
+        description="folder the job writes its outputs, recipe and status.json to",
+        json_schema_extra=PATH_FIELD,
+    )
+    resources: Resources = Field(
+        default_factory=Resources, description="training ranks and how they start"
+    )
+    ray: RayConfig = Field(default_factory=RayConfig, description="which Ray the job uses")
 
 
 class CurateRecipe(_JobFields, CurationConfig):
     """`kind: curate`: raw pool -> curated WebDataset shards."""
 
-    kind: Literal["curate"]
+    kind: Literal["curate"] = Field(description="the kind of job")
 
     @model_validator(mode="after")
     def _executor_matches_ray(self) -> CurateRecipe:
@@ -122,18 +139,19 @@ class CurateRecipe(_JobFields, CurationConfig):
 class TrainRecipe(_JobFields, TrainConfig):
     """`kind: train`: shards -> a trained, checkpointed model."""
 
-    kind: Literal["train"]
+    kind: Literal["train"] = Field(description="the kind of job")
 
 
 class EvalRecipe(_JobFields):
     """`kind: eval`: evaluate a checkpoint (a train run dir, a model.pt or an export)."""
 
-    kind: Literal["eval"]
+    kind: Literal["eval"] = Field(description="the kind of job")
     checkpoint: str = Field(
         description="a train run dir (its latest checkpoint), a checkpoint folder, a model.pt "
-        "or a .safetensors file from `kiln export`"
+        "or a .safetensors file from `kiln export`",
+        json_schema_extra=PATH_FIELD,
     )
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="what to evaluate on")
 
 
 Recipe = Annotated[CurateRecipe | TrainRecipe | EvalRecipe, Field(discriminator="kind")]
@@ -220,6 +238,18 @@ def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return []
 
 
+def _nested_matches(model: type[BaseModel], loc: tuple[Any, ...], name: str) -> list[str]:
+    """Dotted paths of fields close to `name` one section below `loc` (a field written one
+    level too high, e.g. `model.image_size` for `model.vision.image_size`)."""
+    parent = [str(p) for p in loc]
+    found = []
+    for section in _field_names(model, loc):
+        fields = _field_names(model, (*loc, section))
+        for match in difflib.get_close_matches(name, fields, n=1, cutoff=0.8):
+            found.append(".".join([*parent, section, match]))
+    return found
+
+
 def _describe(error: Any, kind: str, source: str) -> str:
     model = _KINDS[kind]
     loc = tuple(error["loc"])
@@ -232,14 +262,20 @@ def _describe(error: Any, kind: str, source: str) -> str:
         valid = _field_names(model, loc[:-1])
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
         parent = ".".join(str(p) for p in loc[:-1])
-        hint = (
-            f"did you mean {'.'.join([parent, close[0]]) if parent else close[0]!r}?"
-            if close
-            else f"valid fields here: {', '.join(valid)}"
-        )
+        nested = _nested_matches(model, loc[:-1], str(loc[-1]))
+        if close:
+            hint = f"did you mean {'.'.join([parent, close[0]]) if parent else close[0]!r}?"
+        elif nested:  # e.g. model.image_size -> model.vision.image_size
+            hint = f"did you mean {' or '.join(repr(n) for n in nested)}?"
+        else:
+            hint = f"valid fields here: {', '.join(valid)}"
         return f"{source}: unknown field {dotted!r}: {hint}"
     if etype == "value_error":
-        where = f"{dotted}: " if loc else ""
+        where = (
+            f"{dotted}: "
+            if loc and not str(error["msg"]).startswith(f"Value error, {dotted}")
+            else ""
+        )
         return f"{source}: {where}{str(error['msg']).removeprefix('Value error, ')}"
     if etype == "missing":
         return f"{source}: field {dotted!r} is required: add it to the recipe or pass --set {dotted}=..."
@@ -271,10 +307,9 @@ def parse_recipe(data: Any, *, source: str = "recipe") -> CurateRecipe | TrainRe
         raise RecipeError("\n".join(lines)) from None
 
 
-def load_recipe(
-    path: str | Path, overrides: list[str] | None = None
-) -> CurateRecipe | TrainRecipe | EvalRecipe:
-    """Read a YAML recipe, apply `--set` overrides, validate."""
+def read_recipe_file(path: str | Path) -> Any:
+    """A recipe file's YAML, with each relative path it writes made absolute against the
+    file's folder (so a recipe runs the same from any directory)."""
     p = Path(path)
     if not p.is_file():
         raise RecipeError(f"recipe file {str(p)!r} does not exist: check the path")
@@ -282,64 +317,176 @@ def load_recipe(
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise RecipeError(f"{p}: not valid YAML: {e}") from None
+    if isinstance(data, dict):
+        _resolve_data(data, _against(os.path.dirname(os.path.abspath(p))))
+    return data
+
+
+def load_recipe(
+    path: str | Path, overrides: list[str] | None = None
+) -> CurateRecipe | TrainRecipe | EvalRecipe:
+    """Read a YAML recipe, apply `--set` overrides, validate; paths come back absolute:
+    the file's against its folder, the overrides' against the current directory."""
+    data = read_recipe_file(path)
     if isinstance(data, dict) and overrides:
         data = apply_overrides(data, overrides)
-    return parse_recipe(data, source=str(p))
+        _resolve_data(data, _against(os.getcwd()))  # what is still relative came from --set
+    try:
+        return parse_recipe(data, source=str(path))
+    except RecipeError as e:
+        raise RecipeError(missing_path_hint(str(e), path, overrides)) from None
 
 
-#: Fields holding local paths or URLs, per kind (dotted; a list field is resolved item-wise).
-_PATH_FIELDS: dict[str, tuple[str, ...]] = {
-    "curate": ("run_dir", "input.paths", "input.image_dir", "match.entries", "shard.output"),
-    "train": ("run_dir", "data.dataset", "eval.zero_shot", "eval.retrieval"),
-    "eval": ("run_dir", "checkpoint", "eval.zero_shot", "eval.retrieval"),
-}
-
-
-def _absolute(value: str) -> str:
+def _absolute(value: str, base: str) -> str:
+    """`value` as an absolute local path (`~` expanded) against `base`; URLs as they are."""
     if "://" in value or not value:
         return value
-    return os.path.abspath(os.path.expanduser(value))
+    return os.path.abspath(os.path.join(base, os.path.expanduser(value)))
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The one config model inside a field's annotation (`Section`, `Section | None`)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    models = [a for a in getattr(annotation, "__args__", ()) if isinstance(a, type)]
+    models = [a for a in models if issubclass(a, BaseModel)]
+    return models[0] if len(models) == 1 else None
+
+
+def _stage_config(spec: Any) -> type[BaseModel] | None:
+    """The config model of a `stages:` item's stage (None when it names no known stage:
+    validation reports that)."""
+    from kiln.data_curation.stage import get_stage
+
+    if not isinstance(spec, dict) or not isinstance(spec.get("stage"), str):
+        return None
+    try:
+        return get_stage(spec["stage"]).config
+    except KeyError:
+        return None
+
+
+def _resolve_tree(
+    data: dict[str, Any], model: type[BaseModel], fix: Callable[[str, str], str], where: str = ""
+) -> None:
+    """Replace each path value (`is_path_field`) in `data`, a recipe or section as a dict of
+    `model`, by `fix(dotted field, value)`, in place: strings, lists of them, and maps of
+    them (e.g. language -> entries file). Works on a recipe as written (partial, maybe
+    invalid: what does not fit is left for validation to report) and on a dumped one."""
+    for name, info in model.model_fields.items():
+        value = data.get(name)
+        at = f"{where}{name}"
+        if value is None:
+            continue
+        if is_path_field(info):
+            if isinstance(value, str):
+                data[name] = fix(at, value)
+            elif isinstance(value, list):
+                data[name] = [fix(at, v) if isinstance(v, str) else v for v in value]
+            elif isinstance(value, dict):
+                data[name] = {
+                    k: fix(f"{at}.{k}", v) if isinstance(v, str) else v for k, v in value.items()
+                }
+        elif name == "stages" and issubclass(model, CurationConfig) and isinstance(value, list):
+            for i, spec in enumerate(value):
+                config = _stage_config(spec)
+                if config is not None:
+                    _resolve_tree(spec, config, fix, f"{at}.{i}.")
+        elif isinstance(value, dict):
+            section = _section_model(info.annotation)
+            if section is not None:
+                _resolve_tree(value, section, fix, f"{at}.")
+
+
+def _resolve_data(data: dict[str, Any], fix: Callable[[str, str], str]) -> None:
+    """`_resolve_tree` of a recipe dict (of any kind; an unknown kind is left as it is)."""
+    model = _KINDS.get(str(data.get("kind")))
+    if model is None:
+        return
+    plugins = data.get("plugins")
+    if model is CurateRecipe and isinstance(plugins, list) and data.get("stages"):
+        from kiln.data_curation.stage import load_plugins
+
+        with contextlib.suppress(ValueError, TypeError):  # validation names a bad plugin
+            load_plugins([str(p) for p in plugins])
+    _resolve_tree(data, model, fix)
+
+
+def _against(base: str) -> Callable[[str, str], str]:
+    return lambda _field, value: _absolute(value, base)
 
 
 def resolve_paths(recipe: R) -> R:
     """The recipe with every relative path made absolute against the current directory.
 
-    Recipes are written relative to where `kiln` runs, but Ray workers run in Ray's own
-    session folder; resolving once, up front, means every process sees the same files.
+    `load_recipe` has already resolved what the recipe file wrote (against its folder), so
+    what is left relative here came from `--set` or from a recipe given as a dict or
+    object. Ray workers run in Ray's own session folder; resolving once, up front, means
+    every process sees the same files.
     """
     data = recipe.model_dump(mode="json")
-    if recipe.kind == "curate" and data.get("stages"):  # type: ignore[attr-defined]
-        data["stages"] = [_resolve_stage_paths(spec) for spec in data["stages"]]
-    for dotted in _PATH_FIELDS[recipe.kind]:  # type: ignore[attr-defined]
-        *parents, leaf = dotted.split(".")
-        node = data
-        for part in parents:
-            node = node[part]
-        value = node.get(leaf) if isinstance(node, dict) else None
-        if isinstance(value, str):
-            node[leaf] = _absolute(value)
-        elif isinstance(value, list):
-            node[leaf] = [_absolute(v) for v in value]
+    _resolve_tree(data, type(recipe), _against(os.getcwd()))
     return type(recipe).model_validate(data)
 
 
-def _resolve_stage_paths(spec: dict[str, Any]) -> dict[str, Any]:
-    """A `stages:` item with its path fields (`is_path_field`) made absolute."""
-    from kiln.data_curation.stage import get_stage
+def missing_path_hint(
+    message: str, recipe_file: str | Path | None, overrides: list[str] | None = None
+) -> str:
+    """`message` (an error naming a path) plus, for each relative path of the recipe file or
+    of the `--set` overrides that it names once resolved, where it was written and the
+    folder it was resolved against. Unchanged when it names none."""
+    cwd = os.getcwd()
+    found: list[str] = []
+    if recipe_file and os.path.isfile(recipe_file):
+        folder = os.path.dirname(os.path.abspath(recipe_file))
+        relative: list[tuple[str, str]] = []
 
-    config = get_stage(spec["stage"]).config
-    out = dict(spec)
-    for name, info in config.model_fields.items():
-        if is_path_field(info) and isinstance(out.get(name), str):
-            out[name] = _absolute(out[name])
-        elif is_path_field(info) and isinstance(out.get(name), dict):  # e.g. language -> file
-            out[name] = {k: _absolute(v) if isinstance(v, str) else v for k, v in out[name].items()}
-    return out
+        def note(field: str, value: str) -> str:
+            if not os.path.isabs(os.path.expanduser(value)) and "://" not in value:
+                relative.append((field, value))
+            return value
+
+        with contextlib.suppress(Exception):  # a hint only: never the error itself
+            data = yaml.safe_load(Path(recipe_file).read_text())
+            if isinstance(data, dict):
+                _resolve_data(data, note)
+        for field, value in relative:
+            if _absolute(value, folder) in message:
+                found.append(
+                    f"{field}: {value!r} in {recipe_file} is resolved against the recipe's "
+                    f"folder {folder}"
+                )
+    for item in overrides or []:
+        key, _, raw = item.partition("=")
+        values = _parse_value(raw)
+        for value in values if isinstance(values, list) else [values]:
+            is_relative = isinstance(value, str) and not os.path.isabs(value) and "://" not in value
+            if is_relative and value and _absolute(value, cwd) in message:
+                found.append(
+                    f"--set {key}: {value!r} is resolved against the current directory {cwd}"
+                )
+    return message if not found else message + "\n(" + "; ".join(found) + ")"
 
 
 def recipe_hash(recipe: BaseModel) -> str:
     """sha256 of the recipe's canonical JSON: what a dataset or checkpoint was made with."""
     return json_sha256(recipe.model_dump(mode="json"))
+
+
+def show_recipe(recipe: CurateRecipe | TrainRecipe | EvalRecipe) -> str:
+    """The recipe as it runs, as YAML that loads back to the same job: every default
+    filled in, every path absolute, and a plan's stages with each stage's settings."""
+    data = recipe.model_dump(mode="json")
+    if isinstance(recipe, CurateRecipe) and recipe.stages is not None:
+        given = {i: spec.get("resources") for i, spec in enumerate(recipe.plan_specs())}
+        data["stages"] = [
+            {**step.spec(), **({"resources": given[i]} if given.get(i) is not None else {})}
+            for i, step in enumerate(recipe.plan())
+        ]
+    header = (
+        f"# {recipe.kind} recipe {recipe.name!r} as it runs: defaults filled in, paths absolute\n"
+    )
+    return header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
 def dump_recipe(recipe: BaseModel, path: str | Path) -> None:

@@ -15,6 +15,7 @@ __all__ = [
     "format_eval",
     "format_result",
     "format_train",
+    "funnel_rows",
     "language_rows",
 ]
 
@@ -48,14 +49,22 @@ def language_rows(curation: dict[str, Any]) -> list[tuple[str, int, int | None, 
     return sorted(rows, key=lambda row: (-row[1], row[0]))
 
 
+def funnel_rows(r: dict[str, Any]) -> list[tuple[str, object]]:
+    """Rows that add up: samples in, then each step's drops in plan order, one row per
+    reason (`- {step}: {reason}`), then samples out."""
+    rows: list[tuple[str, object]] = [("samples in", r.get("samples_in"))]
+    for name, step in (r.get("steps") or {}).items():
+        for reason, n in sorted((step.get("dropped") or {}).items()):
+            if n:
+                rows.append((f"- {name}: {reason}", -int(n)))
+    rows.append(("samples out", r.get("samples_out")))
+    return rows
+
+
 def format_curation(r: dict[str, Any]) -> str:
-    """The curation funnel: rows in, matched, kept, deduped, out; drops by reason."""
+    """The curation funnel: rows in, each step's drops by reason in order, out."""
     pairs: list[tuple[str, object]] = [
-        ("samples in", r.get("samples_in")),
-        ("matched metadata", r.get("matched")),
-        ("kept after balancing", r.get("kept_after_balance")),
-        ("removed as exact duplicates", r.get("deduped")),
-        ("samples out", r.get("samples_out")),
+        *funnel_rows(r),
         ("shards", r.get("num_shards")),
         ("dataset", r.get("dataset_dir")),
         ("seconds", _num(r.get("seconds"))),
@@ -84,10 +93,6 @@ def format_curation(r: dict[str, Any]) -> str:
     languages = language_rows(r)
     if languages:
         out += "\n\n" + format_table(("language", "matched", "t", "kept"), languages)
-    reasons = r.get("dropped_by_reason") or {}
-    if reasons:
-        rows = sorted(reasons.items(), key=lambda kv: -int(kv[1]))
-        out += "\n\n" + format_table(("drop reason", "rows"), rows)
     return out
 
 
@@ -116,11 +121,11 @@ def eval_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
         for k in ("top1", "top5"):
             if k in t:
                 chance = min(1.0, t["chance"] * (5 if k == "top5" else 1))
-                rows.append((f"zero-shot {task} {k}", f"{t[k]:.3f}", f"chance {chance:.3f}"))
+                rows.append((f"zero-shot {task} {k}", f"{t[k]:.3f}", f"chance {_rate(chance)}"))
     for task, t in (r.get("probe") or {}).items():
         for k, label in (("knn_top1", "kNN top1"), ("linear_probe_top1", "linear probe top1")):
             if isinstance(t, dict) and k in t:
-                rows.append((f"{task} {label}", f"{t[k]:.3f}", f"chance {t['chance']:.3f}"))
+                rows.append((f"{task} {label}", f"{t[k]:.3f}", f"chance {_rate(t['chance'])}"))
     for c in r.get("captions") or []:
         rows.append((f"caption {c['uid'][:8]}", repr(c["greedy"]), f"ref {c['reference']!r}"))
     ret = r.get("retrieval") or {}
@@ -129,7 +134,7 @@ def eval_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
         recalls = ret.get(direction) or {}
         for key in sorted(recalls, key=lambda name: int(name.split("@")[-1])):
             at = int(key.split("@")[-1])
-            base = f"chance {min(1.0, at / n):.3f}" if n else ""
+            base = f"chance {_rate(min(1.0, at / n))}" if n else ""
             rows.append((f"{direction.replace('_', ' ')} {key}", f"{recalls[key]:.3f}", base))
     return rows
 
@@ -152,6 +157,12 @@ def format_result(result: Any) -> str:
     if "zero_shot" in r or "retrieval" in r or "probe" in r:
         return format_eval(r)
     return "\n".join(f"{k}: {v}" for k, v in r.items())
+
+
+def _rate(x: float) -> str:
+    """A rate in [0, 1] with three decimals, or two significant digits when smaller than
+    0.01, so a small chance level never prints as 0.000."""
+    return f"{x:.3f}" if x >= 0.01 or x == 0 else f"{x:.2g}"
 
 
 def _num(x: Any) -> str | None:

@@ -252,6 +252,10 @@ def _full_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
     return state
 
 
+#: What DeepSpeed's `save_checkpoint` copies into the checkpoints folder (not kept).
+_RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
+
+
 def save_checkpoint(
     engine: Any,
     run_dir: str | Path,
@@ -288,6 +292,12 @@ def save_checkpoint(
             shutil.rmtree(tag_dir)  # leftovers of a crashed save of the same step
     _barrier()
     engine.save_checkpoint(str(root), tag, client_state=client_state, save_latest=False)
+    if rank == 0:
+        # DeepSpeed copies its recovery scripts beside the checkpoints; its zero_to_fp32.py
+        # needs huggingface_hub, which kiln does not install. `kiln export` is the same
+        # conversion, offline, with kiln's own files: ship no script that fails.
+        for script in _RECOVERY_SCRIPTS:
+            (root / script).unlink(missing_ok=True)
     tag_dir.mkdir(parents=True, exist_ok=True)
     rng_path = tag_dir / f"rng_rank{rank}.pt"
     tmp = rng_path.with_name(rng_path.name + ".tmp")

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from kiln.contracts import StrictModel
+from kiln.contracts import PATH_FIELD, StrictModel
 from kiln.models.config import ModelConfig
 from kiln.training.objectives.config import OBJECTIVE_ARCHS, ObjectiveConfig
 
@@ -73,10 +73,15 @@ class DataBalanceConfig(StrictModel):
 class DataConfig(StrictModel):
     """The WebDataset loader: what it reads and how it orders samples."""
 
-    dataset: str = Field(description="folder holding manifest.json (output of `kiln curate`)")
+    dataset: str = Field(
+        description="folder holding manifest.json (output of `kiln curate`)",
+        json_schema_extra=PATH_FIELD,
+    )
     batch_size: int = Field(default=32, ge=1, description="samples per rank per micro-step")
     num_workers: int = Field(default=1, ge=0, description="DataLoader worker processes per rank")
-    shuffle_buffer: int = Field(default=256, ge=1)
+    shuffle_buffer: int = Field(
+        default=256, ge=1, description="samples each loader worker shuffles among (seeded)"
+    )
     augment: bool = Field(default=True, description="random resized crop + flip, seeded by uid")
     fast_decode: bool = Field(
         default=False,
@@ -97,20 +102,32 @@ class DataConfig(StrictModel):
 class OptimConfig(StrictModel):
     """AdamW with linear warmup then cosine decay; clipping and accumulation."""
 
-    lr: float = Field(default=1e-3, gt=0)
-    weight_decay: float = Field(default=0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = Field(default=1e-6, gt=0)
-    warmup_steps: int = Field(default=10, ge=0)
-    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
-    grad_clip: float = Field(default=1.0, ge=0, description="0 disables clipping")
-    grad_accum: int = Field(default=1, ge=1)
+    lr: float = Field(default=1e-3, gt=0, description="peak learning rate, after warmup")
+    weight_decay: float = Field(default=0.1, ge=0, description="AdamW's decoupled weight decay")
+    betas: tuple[float, float] = Field(default=(0.9, 0.98), description="AdamW's beta1, beta2")
+    eps: float = Field(default=1e-6, gt=0, description="AdamW's epsilon")
+    warmup_steps: int = Field(default=10, ge=0, description="steps of linear warmup from 0 to lr")
+    min_lr_ratio: float = Field(
+        default=0.1, ge=0, le=1, description="the cosine decay ends at lr x this at max_steps"
+    )
+    grad_clip: float = Field(
+        default=1.0, ge=0, description="global gradient norm clip; 0 disables clipping"
+    )
+    grad_accum: int = Field(
+        default=1,
+        ge=1,
+        description="micro-batches per optimizer step (global batch = ranks x batch_size x this)",
+    )
 
 
 class ZeroConfig(StrictModel):
     """DeepSpeed ZeRO sharding, precision and CPU offload."""
 
-    stage: Literal[0, 1, 2, 3] = 2
+    stage: Literal[0, 1, 2, 3] = Field(
+        default=2,
+        description="what is sharded across ranks: 0 nothing, 1 optimizer state, 2 also "
+        "gradients, 3 also parameters",
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto", description="auto: bf16 on GPU, fp32 on CPU"
     )
@@ -157,45 +174,63 @@ class ZeroConfig(StrictModel):
 class CheckpointConfig(StrictModel):
     """When to checkpoint, how many to keep, and whether each holds full weights."""
 
-    every_steps: int = Field(default=20, ge=1)
-    keep_last: int = Field(default=3, ge=1)
+    every_steps: int = Field(default=20, ge=1, description="save a checkpoint every N steps")
+    keep_last: int = Field(
+        default=3, ge=1, description="complete checkpoints kept; older ones are deleted"
+    )
     model_file: Literal["auto", "always", "never"] = Field(
         default="auto",
         description="also gather the full fp32 weights into model.pt at every save (auto: "
         "for models up to model_file_max_params; larger ones are exported on demand with "
         "`kiln export`, or by `kiln eval`, from DeepSpeed's sharded files)",
     )
-    model_file_max_params: int = Field(default=200_000_000, ge=0)
+    model_file_max_params: int = Field(
+        default=200_000_000, ge=0, description="model_file auto: largest model given a model.pt"
+    )
 
 
 class EvalConfig(StrictModel):
     """Evaluation after training (and with `kiln eval`)."""
 
     zero_shot: str | None = Field(
-        default=None, description="folder of a labelled eval set (manifest.json + zero_shot.json)"
+        default=None,
+        description="folder of a labelled eval set (manifest.json + zero_shot.json)",
+        json_schema_extra=PATH_FIELD,
     )
     retrieval: str | None = Field(
-        default=None, description="dataset folder for image-text retrieval recall@k"
+        default=None,
+        description="dataset folder for image-text retrieval recall@k",
+        json_schema_extra=PATH_FIELD,
     )
-    recall_k: list[int] = Field(default_factory=lambda: [1, 5, 10])
-    batch_size: int = Field(default=128, ge=1)
+    recall_k: list[int] = Field(
+        default_factory=lambda: [1, 5, 10], description="k of each retrieval recall@k reported"
+    )
+    batch_size: int = Field(default=128, ge=1, description="images or captions per eval batch")
 
 
 class TrainConfig(StrictModel):
     """Every section of a training run."""
 
-    data: DataConfig
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(description="the dataset and how the loader reads it")
+    model: ModelConfig = Field(
+        default_factory=ModelConfig, description="a flavor (named size) and overrides"
+    )
     objective: ObjectiveConfig | None = Field(
         default=None, description="loss to train with; default: the model family's (model.arch)"
     )
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    zero: ZeroConfig = Field(default_factory=ZeroConfig)
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="optimizer and schedule")
+    zero: ZeroConfig = Field(
+        default_factory=ZeroConfig, description="DeepSpeed ZeRO stage, precision, offload"
+    )
+    checkpoint: CheckpointConfig = Field(
+        default_factory=CheckpointConfig, description="when to save and what to keep"
+    )
+    eval: EvalConfig = Field(
+        default_factory=EvalConfig, description="evaluation when training finishes"
+    )
     max_steps: int = Field(default=100, ge=1, description="optimizer steps in the whole run")
-    log_every: int = Field(default=5, ge=1)
-    seed: int = 0
+    log_every: int = Field(default=5, ge=1, description="print and record metrics every N steps")
+    seed: int = Field(default=0, description="seed of initial weights, data order and augmentation")
     stop_after_step: int | None = Field(
         default=None,
         ge=1,

@@ -62,6 +62,7 @@ __all__ = [
     "ZeroShotSpec",
     "ZeroShotTask",
     "caption_samples",
+    "check_eval_sets",
     "evaluate",
     "iter_samples",
     "knn_accuracy",
@@ -515,6 +516,25 @@ def retrieval(
 # --------------------------------------------------------------------------- entry point
 
 
+def check_eval_sets(cfg: EvalConfig) -> list[str]:
+    """Check, before a model is loaded, that `cfg` names at least one eval set and that
+    each is readable (a manifest; a zero-shot set also its tasks); one line per set."""
+    if cfg.zero_shot is None and cfg.retrieval is None:
+        raise ValueError(
+            "eval.zero_shot and eval.retrieval are both unset: set at least one "
+            "(e.g. --set eval.zero_shot=PATH_TO_LABELLED_SET)"
+        )
+    lines = []
+    if cfg.zero_shot is not None:
+        n = read_manifest(cfg.zero_shot).num_samples
+        tasks = [t.name for t in _read_zero_shot_spec(cfg.zero_shot).tasks]
+        lines.append(f"eval.zero_shot {cfg.zero_shot}: {n} images, tasks {', '.join(tasks)}")
+    if cfg.retrieval is not None:
+        n = read_manifest(cfg.retrieval).num_samples
+        lines.append(f"eval.retrieval {cfg.retrieval}: {n} samples")
+    return lines
+
+
 def evaluate(model_file: str, cfg: EvalConfig, out_path: str | None = None) -> dict[str, Any]:
     """Run every evaluation `cfg` names on the weights in `model_file`; write JSON if asked.
 
@@ -522,11 +542,7 @@ def evaluate(model_file: str, cfg: EvalConfig, out_path: str | None = None) -> d
     CoCa also caption samples; image-only models (MAE) get kNN / linear-probe accuracy on
     the labelled set (``eval.zero_shot``) and no retrieval (noted in the report).
     """
-    if cfg.zero_shot is None and cfg.retrieval is None:
-        raise ValueError(
-            "eval.zero_shot and eval.retrieval are both unset: set at least one "
-            "(e.g. --set eval.zero_shot=PATH_TO_LABELLED_SET)"
-        )
+    check_eval_sets(cfg)
     model, mcfg, step = load_model_file(model_file)
     report: dict[str, Any] = {"model_file": model_file, "step": step, "arch": mcfg.arch}
     if not mcfg.needs_text:

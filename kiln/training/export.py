@@ -40,6 +40,7 @@ __all__ = [
     "consolidate",
     "export_model",
     "load_weights",
+    "locate_weights",
     "resolve_weights",
 ]
 
@@ -155,13 +156,14 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig
     return state, cfg, int(meta.get(_META_STEP, 0))
 
 
-def resolve_weights(source: str | Path, *, step: int | None = None) -> Path:
-    """A weights file for `source`: the file itself, the checkpoint's ``model.pt``, or --
-    when the checkpoint has none (a large model) -- its export under
-    ``{run}/exports/{tag}.safetensors``, written once on first use."""
+def locate_weights(source: str | Path, *, step: int | None = None) -> tuple[Path, bool]:
+    """(weights file for `source`, whether it must first be exported): the file itself, the
+    checkpoint's ``model.pt``, or -- when the checkpoint has none (a large model) -- its
+    export under ``{run}/exports/{tag}.safetensors``. Reads nothing but folder listings
+    and markers, so `--dry-run` can ask."""
     p = Path(source)
     if p.is_file():
-        return p
+        return p, False
     if not p.exists():
         raise FileNotFoundError(
             f"{source!r} does not exist: give a train run dir, a checkpoint folder, a "
@@ -175,8 +177,16 @@ def resolve_weights(source: str | Path, *, step: int | None = None) -> Path:
         run = p
     tag_dir = _tag_dir(run, step)
     if (tag_dir / MODEL_FILE).is_file():
-        return tag_dir / MODEL_FILE
+        return tag_dir / MODEL_FILE, False
     out = run / EXPORTS_DIR / f"{tag_dir.name}.safetensors"
-    if not out.is_file():
-        export_model(run, out, step=step_of_tag(tag_dir.name))
-    return out
+    return out, not out.is_file()
+
+
+def resolve_weights(source: str | Path, *, step: int | None = None) -> Path:
+    """A weights file for `source` (see `locate_weights`), exported once on first use when
+    the checkpoint has no ``model.pt``."""
+    path, needs_export = locate_weights(source, step=step)
+    if needs_export:
+        tag_dir = path.name.removesuffix(".safetensors")
+        export_model(path.parent.parent, path, step=step_of_tag(tag_dir))
+    return path

@@ -49,11 +49,11 @@ from typing import Any
 import torch
 from pydantic import BaseModel, Field
 
-from kiln.training.checkpoint import check_resumable, latest_checkpoint, resume_checkpoint
+from kiln.training.checkpoint import latest_checkpoint
 from kiln.training.config import Launcher, Placement, TrainConfig
-from kiln.training.data import WebDatasetLoader, dataset_has_text
 from kiln.training.engine import prebuild_comm_ops, prebuild_offload_ops, set_runtime_env
-from kiln.training.loop import SUMMARY_FILE, _log, check_run_dir
+from kiln.training.loop import SUMMARY_FILE, _log
+from kiln.training.preflight import preflight
 from kiln.training.torchrun import rank_env, run_rank
 
 __all__ = [
@@ -147,23 +147,6 @@ def _read_summary(
     )
 
 
-def _preflight(cfg: TrainConfig, world: int, run: Path, resume: bool) -> None:
-    """Fail in the caller, not in N ranks, when the dataset is missing, too small, or has
-    no captions for an objective that reads them, or when the checkpoint to resume was
-    trained with another model or ZeRO stage."""
-    tag = resume_checkpoint(run)[0] if resume else None
-    if tag is not None:
-        check_resumable(run, tag, zero_stage=cfg.zero.stage, model=cfg.model)
-    loader = WebDatasetLoader.from_config(cfg, world_size=world)
-    objective = cfg.objective.name if cfg.objective is not None else cfg.model.arch
-    if cfg.model.needs_text and not dataset_has_text(loader.dataset):
-        raise ValueError(
-            f"objective {objective!r} trains on captions but dataset {cfg.data.dataset!r} has "
-            "no text (its samples have no {uid}.txt member): train an image-only objective "
-            "on it (e.g. model.flavor=mae-tiny) or point data.dataset at an image-text dataset"
-        )
-
-
 def train(
     cfg: TrainConfig,
     run_dir: str,
@@ -176,6 +159,7 @@ def train(
     recipe_hash: str = "",
     max_restarts: int = 0,
     placement: Placement = "pack",
+    checked: bool = False,
 ) -> TrainSummary:
     """Train `cfg` on `num_workers` ranks into `run_dir` (resume: from its latest complete
     checkpoint). Returns when every rank is done; raises `TrainLaunchError` if one fails
@@ -184,6 +168,8 @@ def train(
     `placement` (Ray only) is Ray Train's placement strategy for the workers, e.g.
     ``strict_spread`` for one worker per node. With ``launcher="torchrun"`` this process
     is one rank and torchrun / srun set the world size (`num_workers` is not used).
+    `checked`: the caller already ran `kiln.training.preflight.preflight` for this launch
+    (`kiln train` does, before it starts Ray), so it is not run twice.
     """
     if num_workers < 1:
         raise ValueError(f"num_workers={num_workers} must be at least 1")
@@ -205,10 +191,9 @@ def train(
         )
     world = ranks.world_size if ranks is not None else num_workers
     run = Path(run_dir).resolve()
-    _preflight(cfg, world, run, resume)
+    if not checked:  # under torchrun, `run_rank` checks the run dir once it knows of restarts
+        preflight(cfg, world, run, resume, run_dir_check=ranks is None)
     run.mkdir(parents=True, exist_ok=True)
-    if ranks is None:  # under torchrun, `run_rank` checks once it knows of restarts
-        check_run_dir(run, resume)
     if ranks is None or ranks.rank == 0:
         (run / SUMMARY_FILE).unlink(missing_ok=True)
     started = time.perf_counter()

@@ -90,3 +90,35 @@ def test_rerun_clears_only_its_own_training_runs(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError, match="not a quickstart training run"):
         _clear_previous_run(theirs, "quickstart-clip")
     assert (theirs / "precious.txt").exists()
+
+
+def test_curation_summary_adds_up_in_plan_order() -> None:
+    """Every drop reason of every step, in plan order, between samples in and out; no
+    dedup row when nothing deduplicated."""
+    from kiln.platform.summary import format_curation, funnel_rows
+
+    steps = {
+        "read": {"rows_in": 100, "rows_out": 97, "dropped": {"bad_encoding": 3}},
+        "text": {"rows_in": 97, "rows_out": 90, "dropped": {"junk_text": 5, "empty_text": 2}},
+        "metaclip_balance": {"rows_in": 90, "rows_out": 60, "dropped": {"not_sampled": 30}},
+        "image": {"rows_in": 60, "rows_out": 59, "dropped": {"bad_image": 1, "x": 0}},
+    }
+    result = {"samples_in": 100, "samples_out": 59, "deduped": 0, "steps": steps}
+    rows = funnel_rows(result)
+    assert rows == [
+        ("samples in", 100),
+        ("- read: bad_encoding", -3),
+        ("- text: empty_text", -2),
+        ("- text: junk_text", -5),
+        ("- metaclip_balance: not_sampled", -30),
+        ("- image: bad_image", -1),
+        ("samples out", 59),
+    ]
+    assert sum(int(v) for _, v in rows[:-1]) == rows[-1][1]  # type: ignore[call-overload]
+    text = format_curation(result)
+    assert "exact duplicates" not in text and "image: bad_image" in text
+
+
+def test_small_chance_levels_are_not_printed_as_zero() -> None:
+    result = {"retrieval": {"num_samples": 5000, "image_to_text": {"recall@1": 0.01}}}
+    assert eval_rows(result) == [("image to text recall@1", "0.010", "chance 0.0002")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from kiln.platform.recipes import (
     CurateRecipe,
@@ -113,10 +114,13 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
         load_recipe(bad)
 
 
-def test_dump_roundtrip_and_hash(tmp_path: Path) -> None:
-    recipe = parse_recipe(CURATE)
-    dump_recipe(recipe, tmp_path / "recipe.yaml")
-    again = load_recipe(tmp_path / "recipe.yaml")
+def test_dump_roundtrip_and_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kiln.platform.recipes import resolve_paths
+
+    monkeypatch.chdir(tmp_path)
+    recipe = resolve_paths(parse_recipe(CURATE))  # a run dir records its recipe resolved
+    dump_recipe(recipe, tmp_path / "sub" / "recipe.yaml")
+    again = load_recipe(tmp_path / "sub" / "recipe.yaml")
     assert again == recipe
     assert recipe_hash(again) == recipe_hash(recipe)
     changed = parse_recipe(apply_overrides(CURATE, ["balance.t=7"]))
@@ -143,6 +147,63 @@ def test_resolve_paths_makes_local_paths_absolute_and_keeps_urls(
     assert resolved.run_dir == str(tmp_path / "runs/c")
     assert resolved.match.entries == str(tmp_path / "entries.txt")
     assert resolved.shard.output is None
+
+
+def test_relative_paths_resolve_against_the_recipe_folder_and_set_against_the_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A recipe in its own folder with relative paths runs the same from any directory;
+    `--set` values are the user's, typed in the cwd."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "images").mkdir()
+    recipe_file = folder / "curate.yaml"
+    data = {
+        **CURATE,
+        "input": {
+            "format": "csv",
+            "paths": ["data/pool.csv"],
+            "image_dir": "images",
+            "image_path_column": "file",
+        },
+        "stages": [
+            {"stage": "text"},
+            {"stage": "metaclip_match", "entries": "../shared/entries.txt"},
+            {"stage": "metaclip_balance", "t": 10},
+        ],
+    }
+    del data["match"]
+    recipe_file.write_text(yaml.safe_dump(data))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    recipe = load_recipe(recipe_file)
+    assert isinstance(recipe, CurateRecipe)
+    assert recipe.run_dir == str(folder / "runs/c")
+    assert recipe.input.paths == [str(folder / "data/pool.csv")]
+    assert recipe.input.image_dir == str(folder / "images")  # checked to exist: it does
+    assert recipe.stages[1]["entries"] == str(tmp_path / "shared/entries.txt")  # type: ignore[index]
+
+    recipe = load_recipe(recipe_file, ["input.paths=[mine.csv]", "stages.1.entries=e.txt"])
+    assert recipe.input.paths == [str(elsewhere / "mine.csv")]
+    assert recipe.stages[1]["entries"] == str(elsewhere / "e.txt")  # type: ignore[index]
+    assert recipe.run_dir == str(folder / "runs/c")
+
+    # a missing image_dir (checked when the recipe loads) says which folder it was read from
+    with pytest.raises(RecipeError) as e:
+        load_recipe(recipe_file, ["input.image_dir=pics"])
+    assert str(elsewhere / "pics") in str(e.value)
+    assert (
+        f"--set input.image_dir: 'pics' is resolved against the current directory {elsewhere}"
+        in str(e.value)
+    )
+    (folder / "images").rmdir()
+    with pytest.raises(RecipeError) as e:
+        load_recipe(recipe_file)
+    assert (
+        f"input.image_dir: 'images' in {recipe_file} is resolved against the recipe's folder "
+        f"{folder}" in str(e.value)
+    )
 
 
 PLAN = {
@@ -211,7 +272,7 @@ def test_example_objective_recipes_load(arch: str) -> None:
     assert isinstance(recipe, TrainRecipe)
     assert recipe.model.arch == arch and recipe.objective is not None
     assert recipe.objective.name == arch
-    assert recipe.data.dataset == "runs/quickstart/curate/dataset"
+    assert recipe.data.dataset == str(REPO / "runs/quickstart/curate/dataset")
 
 
 def test_unknown_flavor_in_a_recipe_lists_the_valid_ones() -> None:
@@ -250,3 +311,23 @@ def test_resources_restarts_and_placement() -> None:
         load_recipe(train_yaml, ["resources.max_restarts=-1"])
     with pytest.raises(RecipeError, match=r"'resources\.placement' = \"everywhere\" is invalid"):
         load_recipe(train_yaml, ["resources.placement=everywhere"])
+
+
+def test_a_field_set_one_section_too_high_suggests_the_nested_one() -> None:
+    """`--set model.imagesize=60`: the fix is model.vision.image_size, never `--set model=`."""
+    train_yaml = REPO / "recipes/quickstart/train.yaml"
+    with pytest.raises(RecipeError) as e:
+        load_recipe(train_yaml, ["model.imagesize=64"])
+    assert "unknown field 'model.imagesize': did you mean 'model.vision.image_size'?" in str(
+        e.value
+    )
+    with pytest.raises(RecipeError) as e:
+        load_recipe(train_yaml, ["model.width=64"])
+    assert "did you mean 'model.vision.width' or 'model.text.width'" in str(e.value)
+    # the old flat name still works, and a size that does not fit says which field, once
+    assert load_recipe(train_yaml, ["model.image_size=64"]).model.vision.image_size == 64  # type: ignore[union-attr]
+    with pytest.raises(RecipeError) as e:
+        load_recipe(train_yaml, ["model.image_size=60"])
+    message = str(e.value)
+    assert "model.vision.image_size=60 is not a multiple of model.vision.patch_size=8" in message
+    assert "--set model=" not in message and message.count("model.vision") == 2

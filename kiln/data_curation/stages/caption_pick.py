@@ -39,7 +39,7 @@ PICK_SALT = "caption_pick"
 class CaptionPickConfig(StrictModel):
     """MetaCLIP 2's one-text-per-image draw."""
 
-    seed: int = 0
+    seed: int = Field(default=0, description="seed of the draw that picks the text kept")
     by: Literal["record", "url"] = Field(
         default="record",
         description="what one image is: an input record (its texts from input.text_columns) "

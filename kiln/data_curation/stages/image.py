@@ -51,11 +51,19 @@ class ImageConfig(StrictModel):
 
     required: bool = Field(default=True, description="drop rows with no image bytes")
     min_size: int = Field(default=16, ge=1, description="minimum of width and height, pixels")
-    max_aspect_ratio: float = Field(default=3.0, ge=1.0)
+    max_aspect_ratio: float = Field(
+        default=3.0, ge=1.0, description="longer side / shorter side above this is dropped"
+    )
     max_size: int | None = Field(
         default=None, ge=16, description="resize so the longer side is at most this (None: keep)"
     )
-    jpeg_quality: int = Field(default=90, ge=1, le=100)
+    jpeg_quality: int = Field(
+        default=90,
+        ge=1,
+        le=100,
+        description="JPEG quality of images re-encoded for the shards (plain RGB JPEGs are "
+        "kept byte for byte unless resized)",
+    )
 
 
 _WHITE = (255, 255, 255)

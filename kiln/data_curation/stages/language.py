@@ -48,7 +48,12 @@ class LanguageConfig(StrictModel):
     allowed: list[str] | None = Field(
         default=None, description="language codes to keep, e.g. [en] (None: keep all, tag only)"
     )
-    min_confidence: float = Field(default=0.0, ge=0, le=1)
+    min_confidence: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="captions detected with a lower probability are dropped (with allowed set)",
+    )
     max_chars: int = Field(default=200, ge=1, description="caption prefix given to the model")
 
 

@@ -46,9 +46,15 @@ class TextConfig(StrictModel):
     """
 
     normalize: bool = Field(default=True, description="Unicode NFC, strip, collapse whitespace")
-    min_chars: int = Field(default=2, ge=0)
-    max_chars: int = Field(default=1000, ge=1)
-    min_words: int = Field(default=1, ge=0)
+    min_chars: int = Field(
+        default=2, ge=0, description="shorter captions are dropped as text_too_short"
+    )
+    max_chars: int = Field(
+        default=1000, ge=1, description="longer captions are dropped as text_too_long"
+    )
+    min_words: int = Field(
+        default=1, ge=0, description="captions with fewer words are dropped as text_too_short"
+    )
     drop_junk: bool = Field(
         default=True, description="drop filename-like and boilerplate alt-texts ('IMG_2041.jpg')"
     )

@@ -160,7 +160,7 @@ class WorldwideBalanceConfig(StrictModel):
     reference_language: str = Field(
         default="en", description="the language whose t is given (MetaCLIP 2: en, t_en)"
     )
-    seed: int = 0
+    seed: int = Field(default=0, description="seed of the keep/drop draws")
     entries: dict[str, str] | None = Field(
         default=None,
         description="the language -> entries map the captions were matched with (default: "

@@ -26,13 +26,13 @@ __all__ = [
 class ClipObjectiveConfig(StrictModel):
     """CLIP's symmetric InfoNCE over the global batch (embeddings all-gathered)."""
 
-    name: Literal["clip"] = "clip"
+    name: Literal["clip"] = Field(default="clip", description="the objective")
 
 
 class SiglipObjectiveConfig(StrictModel):
     """SigLIP's pairwise sigmoid loss with a learnable bias."""
 
-    name: Literal["siglip"] = "siglip"
+    name: Literal["siglip"] = Field(default="siglip", description="the objective")
     exchange: Literal["ring", "all_gather"] = Field(
         default="ring",
         description="ring: the paper's chunked exchange of text embeddings between ranks "
@@ -43,15 +43,19 @@ class SiglipObjectiveConfig(StrictModel):
 class CocaObjectiveConfig(StrictModel):
     """CoCa: contrastive loss + captioning (next-token cross-entropy) loss."""
 
-    name: Literal["coca"] = "coca"
-    contrastive_weight: float = Field(default=1.0, ge=0)
-    caption_weight: float = Field(default=2.0, ge=0, description="the paper's 2.0")
+    name: Literal["coca"] = Field(default="coca", description="the objective")
+    contrastive_weight: float = Field(
+        default=1.0, ge=0, description="weight of the contrastive loss in the sum"
+    )
+    caption_weight: float = Field(
+        default=2.0, ge=0, description="weight of the captioning loss (the paper's 2.0)"
+    )
 
 
 class MaeObjectiveConfig(StrictModel):
     """MAE: MSE on the masked patches (mask share: ``model.pixel_decoder.mask_ratio``)."""
 
-    name: Literal["mae"] = "mae"
+    name: Literal["mae"] = Field(default="mae", description="the objective")
     norm_pix_loss: bool = Field(
         default=True, description="normalize each target patch by its own mean and std"
     )

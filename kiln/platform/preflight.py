@@ -1,0 +1,175 @@
+"""What a job checks before it starts Ray or writes anything, for the run and `--dry-run`.
+
+`preflight(recipe)` is called by `kiln.platform.api` before each job starts Ray (and before
+it creates the run dir), and alone by `kiln train/curate/eval --dry-run`: one set of
+checks, so a dry run passes exactly when the real command would get past its start.
+
+- curate: the input paths name files, `input.image_dir` is a folder, each stage's own
+  check (entries files...) passes (`kiln.data_curation.runner.check_curation`); a
+  synthetic pool not generated yet is reported, not generated, by a dry run;
+- train: the dataset's manifest is readable and holds a global batch, captions are there
+  for an objective that reads them, a resume matches its checkpoint, a fresh run does not
+  land on a run's checkpoints (`kiln.training.preflight.preflight`);
+- eval: the checkpoint resolves to weights, the eval sets are readable
+  (`kiln.training.evaluate.check_eval_sets`);
+- every kind: the run dir can be created, and the resources fit the machine (an embedded
+  Ray with fewer CPUs than the job's workers ask would wait forever; GPUs asked of a
+  machine that has none likewise).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from kiln.platform.recipes import CurateRecipe, EvalRecipe, RecipeError, TrainRecipe
+
+__all__ = ["preflight", "ray_cpus"]
+
+
+def ray_cpus(recipe: CurateRecipe | TrainRecipe | EvalRecipe) -> float | None:
+    """CPUs of the Ray the job will run on: the one this process is connected to, else the
+    embedded one it would start (`ray.num_cpus`, default all); None for a cluster address
+    (not known before connecting)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return float(ray.cluster_resources().get("CPU", 0))
+    if recipe.ray.address:
+        return None
+    return float(recipe.ray.num_cpus or os.cpu_count() or 1)
+
+
+def _check_run_dir(run_dir: str) -> None:
+    """The run dir is a folder or can be made one (its nearest existing parent is a
+    writable folder): the same refusal `api` gives when it creates it, without creating."""
+    path = Path(run_dir)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise RecipeError(
+            f"run_dir {run_dir!r} cannot be a folder: {existing} is a file; choose another run_dir"
+        )
+    if existing is None or not os.access(existing, os.W_OK):
+        raise RecipeError(
+            f"run_dir {run_dir!r} cannot be created ({existing} is not a writable folder): "
+            "choose a writable run_dir (--set run_dir=...)"
+        )
+
+
+def _gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _check_train_resources(recipe: TrainRecipe) -> str:
+    res = recipe.resources
+    cpus = res.workers * res.cpus_per_worker
+    line = f"{res.workers} ranks ({res.launcher}), {res.cpus_per_worker:g} CPUs each"
+    if res.launcher == "ray":
+        have = ray_cpus(recipe)
+        if have is not None and cpus > have:
+            raise RecipeError(
+                f"resources.workers={res.workers} x resources.cpus_per_worker="
+                f"{res.cpus_per_worker:g} = {cpus:g} CPUs, but the Ray it runs on has "
+                f"{have:g} (ray.num_cpus, default: this machine's {os.cpu_count()}): Ray "
+                "Train would wait forever; lower resources.workers or cpus_per_worker"
+            )
+        if have is not None:
+            line += f" of the {have:g} CPUs of Ray"
+    elif res.launcher == "local" and cpus > (os.cpu_count() or 1):
+        line += f" (more than this machine's {os.cpu_count()} CPUs: the ranks will share)"
+    if res.gpus_per_worker > 0 and res.launcher != "torchrun" and not recipe.ray.address:
+        have_gpus = _gpus()
+        want = res.workers * res.gpus_per_worker
+        if want > have_gpus:
+            raise RecipeError(
+                f"resources.workers={res.workers} x resources.gpus_per_worker="
+                f"{res.gpus_per_worker:g} = {want:g} GPUs, but this machine has {have_gpus}: "
+                "lower them (resources.gpus_per_worker=0 trains on CPU)"
+            )
+        line += f", {res.gpus_per_worker:g} GPUs each"
+    return line
+
+
+def _curate(recipe: CurateRecipe, generate: bool) -> tuple[list[str], Any]:
+    from kiln.data_curation.config import CurationConfig
+    from kiln.data_curation.executors import local_workers
+    from kiln.data_curation.plan import step_names
+    from kiln.data_curation.runner import check_curation, executor_kind
+
+    cfg = CurationConfig.model_validate(recipe.model_dump(include=set(CurationConfig.model_fields)))
+    plan = cfg.plan()
+    where = executor_kind(cfg, plan, address=recipe.ray.address)
+    lines = [f"plan: {' -> '.join(step_names(plan))}"]
+    if where == "ray":
+        have = ray_cpus(recipe)
+        for step in plan:
+            need = step.resources.num_cpus
+            if have is not None and need > have:
+                raise RecipeError(
+                    f"stage {step.name!r} asks for {need:g} CPUs per task (its resources."
+                    f"num_cpus), but the Ray it runs on has {have:g} (ray.num_cpus): its "
+                    "tasks would wait forever; lower the stage's resources.num_cpus"
+                )
+        lines.append(
+            "executor: ray"
+            + (f" ({have:g} CPUs)" if have is not None else f" at {recipe.ray.address}")
+        )
+    else:
+        workers = cfg.execution.workers or local_workers()
+        lines.append(f"executor: local ({workers} worker processes)")
+    inputs = check_curation(cfg, generate=generate)
+    if inputs.pending_pool is not None:
+        n = cfg.input.synthetic.num_samples
+        lines.append(f"input: a synthetic pool of {n} rows, generated into {inputs.pending_pool}")
+    else:
+        lines.append(f"input: {len(inputs.files)} {cfg.input.format} files")
+    lines.append(f"dataset: {cfg.shard.output or recipe.run_dir + '/dataset'}")
+    return lines, inputs
+
+
+def _train(recipe: TrainRecipe, resume: bool) -> list[str]:
+    from kiln.training.config import TrainConfig
+    from kiln.training.preflight import preflight as train_preflight
+
+    lines = [_check_train_resources(recipe)]
+    cfg = TrainConfig.model_validate(recipe.model_dump(include=set(TrainConfig.model_fields)))
+    # under torchrun each rank checks the run dir once it knows of restarts (launch.train)
+    run_dir_check = recipe.resources.launcher != "torchrun"
+    lines.append(
+        train_preflight(
+            cfg, recipe.resources.workers, recipe.run_dir, resume, run_dir_check=run_dir_check
+        )
+    )
+    lines.append(
+        f"model: {recipe.model.flavor} ({recipe.model.arch}), {recipe.max_steps} steps, "
+        f"ZeRO-{recipe.zero.stage}"
+    )
+    return lines
+
+
+def _eval(recipe: EvalRecipe) -> list[str]:
+    from kiln.training.evaluate import check_eval_sets
+    from kiln.training.export import locate_weights
+
+    weights, export = locate_weights(recipe.checkpoint)
+    lines = [f"checkpoint: {weights}" + (" (exported on first use)" if export else "")]
+    return lines + check_eval_sets(recipe.eval)
+
+
+def preflight(
+    recipe: CurateRecipe | TrainRecipe | EvalRecipe, *, resume: bool = False, generate: bool = True
+) -> tuple[list[str], Any]:
+    """Run every check `recipe`'s job makes before it starts Ray; raise the first failure
+    (a `RecipeError`, `FileNotFoundError` or `ValueError` naming the fix). Returns a few
+    lines saying what the job will do, and what the checks found that the job reuses (a
+    curation's `CurationInputs`; None otherwise). `generate=False` (a dry run) writes
+    nothing: a synthetic pool is reported, not generated. `resume`: a `kiln resume`."""
+    _check_run_dir(recipe.run_dir)
+    if isinstance(recipe, CurateRecipe):
+        return _curate(recipe, generate)
+    if isinstance(recipe, TrainRecipe):
+        return _train(recipe, resume), None
+    return _eval(recipe), None
