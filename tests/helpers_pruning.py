@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 
 from kiln.data_curation.embeddings import embedding_array
 from kiln.data_curation.stage import Stage
-from kiln.data_curation.stages import DROP_COLUMN, ensure_drop_column
+from kiln.data_curation.stages import DROP_COLUMN, ensure_drop_column, split_dropped
 
 __all__ = ["embedding_table", "planted_embeddings", "run_stage"]
 
@@ -38,7 +38,7 @@ def run_stage(
     if stage.kind != "keyed":
         outs = [stage.apply(s, cfg, ctx) for s in slices]  # type: ignore[attr-defined]
         for out in outs:
-            s = stage.summarize(out, cfg, ctx)
+            s = stage.summarize(split_dropped(out)[0], cfg, ctx)  # the runner: kept rows
             if s is not None:
                 summaries.append(s)
         return pa.concat_tables(outs), state, summaries

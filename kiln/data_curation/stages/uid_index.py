@@ -80,7 +80,9 @@ def read_uid_index(url: str) -> np.ndarray:
             f"{url!r} holds a {arr.dtype} array of shape {arr.shape}: a uid index is a 1-d "
             "array of dtype u8,u8 (DataComp's format)"
         )
-    if len(arr) > 1 and not (arr[1:] >= arr[:-1]).all():
+    hi, lo = arr["f0"], arr["f1"]
+    ordered = (hi[1:] > hi[:-1]) | ((hi[1:] == hi[:-1]) & (lo[1:] >= lo[:-1]))
+    if not ordered.all():
         arr = np.sort(arr)
     return arr
 
