@@ -172,7 +172,12 @@ class ClipScoreStage(FitApplyStage[ClipScoreConfig]):
         table = pa.table(out)
         if cfg.uids_out is not None:
             pairs = np.sort(uid_pairs(kept.column("uid")))
-            table = pa.table({**out, "hi": [pairs["f0"].tolist()], "lo": [pairs["f1"].tolist()]})
+            offsets = pa.array([0, len(pairs)], pa.int32())
+            table = pa.table(
+                {**out,
+                 "hi": pa.ListArray.from_arrays(offsets, pa.array(pairs["f0"], pa.uint64())),
+                 "lo": pa.ListArray.from_arrays(offsets, pa.array(pairs["f1"], pa.uint64()))}
+            )  # fmt: skip
         return table
 
     def report(
@@ -189,8 +194,8 @@ class ClipScoreStage(FitApplyStage[ClipScoreConfig]):
             pairs = np.empty(0, dtype=np.dtype("u8,u8"))
             parts = []
             for s in summaries:
-                hi = np.asarray(s.column("hi")[0].as_py(), dtype=np.uint64)
-                lo = np.asarray(s.column("lo")[0].as_py(), dtype=np.uint64)
+                hi = s.column("hi").combine_chunks().flatten().to_numpy()
+                lo = s.column("lo").combine_chunks().flatten().to_numpy()
                 part = np.empty(len(hi), dtype=np.dtype("u8,u8"))
                 part["f0"], part["f1"] = hi, lo
                 parts.append(part)
