@@ -9,6 +9,7 @@ results do not depend on how the rows are split into tasks.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,7 @@ def run_stage(
 ) -> tuple[pa.Table, pa.Table | None, list[pa.Table]]:
     """(output rows in input order, fitted state or None, summaries) of `stage` on `table`."""
     bounds = np.linspace(0, table.num_rows, tasks + 1).astype(int)
-    slices = [table.slice(a, b - a) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    slices = [table.slice(a, b - a) for a, b in itertools.pairwise(bounds)]
     state = None
     fitted = stage.kind == "fit_apply" or getattr(stage, "fits", False)
     if fitted:
@@ -50,12 +51,16 @@ def run_stage(
     index = index.sort_by([("_key", "ascending"), ("uid", "ascending"), ("source", "ascending"),
                            ("source_row", "ascending")])  # fmt: skip
     group_keys = index.column("_key").combine_chunks()
-    marked = ensure_drop_column(stage.apply_groups(index.drop_columns(["_key"]), group_keys, cfg, ctx))  # type: ignore[attr-defined]
+    marked = ensure_drop_column(
+        stage.apply_groups(index.drop_columns(["_key"]), group_keys, cfg, ctx)
+    )  # type: ignore[attr-defined]
     summary = stage.summarize_groups(marked, group_keys, cfg, ctx)  # type: ignore[attr-defined]
     if summary is not None:
         summaries.append(summary)
     reasons: list[str | None] = [None] * table.num_rows
-    for row, reason in zip(marked.column("_row").to_pylist(), marked.column(DROP_COLUMN).to_pylist(), strict=True):
+    for row, reason in zip(
+        marked.column("_row").to_pylist(), marked.column(DROP_COLUMN).to_pylist(), strict=True
+    ):
         reasons[row] = reason
     out = ensure_drop_column(table)
     given = pa.array(reasons, pa.string())

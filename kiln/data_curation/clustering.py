@@ -68,7 +68,9 @@ def sample_embeddings(
     ranked = pa.table({"hash": pa.array(h, pa.uint64()), "uid": uids, "_i": np.arange(len(h))})
     ranked = ranked.sort_by([("hash", "ascending"), ("uid", "ascending")]).slice(0, sample_size)
     order = ranked.column("_i").to_numpy()
-    sample = ranked.drop_columns(["_i"]).append_column("embedding", embedding_array(x[usable][order]))
+    sample = ranked.drop_columns(["_i"]).append_column(
+        "embedding", embedding_array(x[usable][order])
+    )
     return _with_rows(sample, int(usable.sum()))
 
 
@@ -106,7 +108,10 @@ def train_centroids(x: np.ndarray, num_clusters: int, *, seed: int, niter: int) 
     k = min(num_clusters, n)
     if k < num_clusters:
         logger.warning(
-            "k-means: %d clusters asked, but the sample has only %d rows: using %d", num_clusters, n, k
+            "k-means: %d clusters asked, but the sample has only %d rows: using %d",
+            num_clusters,
+            n,
+            k,
         )
     km = faiss.Kmeans(
         x.shape[1], k, niter=niter, seed=seed, spherical=True, verbose=False,

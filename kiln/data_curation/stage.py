@@ -168,7 +168,9 @@ class KeyedStage(_Fitted[C]):
         """Columns besides uid, source, source_row that `apply_groups` needs."""
         return ()
 
-    def summarize_groups(self, marked: pa.Table, keys: pa.Array, cfg: C, ctx: Any) -> pa.Table | None:
+    def summarize_groups(
+        self, marked: pa.Table, keys: pa.Array, cfg: C, ctx: Any
+    ) -> pa.Table | None:
         """Optional partial report of one group task (`apply_groups`'s output and the keys),
         passed to `report` with the other summaries."""
         return None

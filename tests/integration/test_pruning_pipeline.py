@@ -56,7 +56,9 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     return save_model_file(str(path), build_model(cfg).eval(), cfg, step=1)
 
 
-def test_embed_semdedup_clip_score_curate(ray_session: None, tiny_model: str, tmp_path: Path) -> None:
+def test_embed_semdedup_clip_score_curate(
+    ray_session: None, tiny_model: str, tmp_path: Path
+) -> None:
     ray_out = str(tmp_path / "ray_kept.npy")
     first = run_curation(
         _cfg(tmp_path, tiny_model, {"executor": "ray", "key_buckets": 2}, ray_out),

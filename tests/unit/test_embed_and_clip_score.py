@@ -67,7 +67,10 @@ def test_embed_with_a_kiln_checkpoint(tmp_path: Path) -> None:
     assert reasons == [None, None, "bad_image", "no_image_to_embed", None]
     img = out.column("image_embedding")
     assert img.type == pa.list_(pa.float32(), 16)
-    assert out.schema.field("image_embedding").metadata[MODEL_METADATA_KEY] == file_sha256(path).encode()
+    assert (
+        out.schema.field("image_embedding").metadata[MODEL_METADATA_KEY]
+        == file_sha256(path).encode()
+    )
     model = kiln.load_model(path)
     ref = model.encode_image([_jpeg("red"), _jpeg("blue")])
     ref = torch.nn.functional.normalize(ref, dim=-1).numpy()
@@ -112,10 +115,12 @@ def test_embed_precomputed_datacomp_style_parquet(tmp_path: Path) -> None:
     assert reasons == [None, "bad_embedding", None, "no_embedding", None]
     got = np.array(out.column("image_embedding").to_pylist()[0])
     np.testing.assert_allclose(got, vecs[0] / np.linalg.norm(vecs[0]), atol=1e-6)
-    with pytest.raises(ValueError, match="8-dimensional|expected 8|no column"):
+    with pytest.raises(ValueError, match="has no column"):
         run_stage(EmbedStage(), EmbedConfig(precomputed={**pre, "image_column": "nope"}), _pool())
     with pytest.raises(ValueError, match="matches no file"):
-        run_stage(EmbedStage(), EmbedConfig(precomputed={**pre, "paths": ["/nonexistent/*.pq"]}), _pool())
+        run_stage(
+            EmbedStage(), EmbedConfig(precomputed={**pre, "paths": ["/nonexistent/*.pq"]}), _pool()
+        )
 
 
 def _scored_table(scores: list[float]) -> pa.Table:
@@ -143,7 +148,13 @@ def test_clip_score_top_fraction_keeps_ties_and_writes_uids(tmp_path: Path) -> N
     cfg = ClipScoreConfig(top_fraction=0.5, uids_out=str(out_path))
     stage = ClipScoreStage()
     out, state, summaries = run_stage(stage, cfg, table, tasks=3)
-    kept = [u for u, r in zip(table.column("uid").to_pylist(), out.column("drop_reason").to_pylist(), strict=True) if r is None]
+    kept = [
+        u
+        for u, r in zip(
+            table.column("uid").to_pylist(), out.column("drop_reason").to_pylist(), strict=True
+        )
+        if r is None
+    ]
     assert len(kept) == 5  # n = 4, but the 4th-largest (0.5) is tied three times
     np.testing.assert_allclose(out.column("clip_score").to_numpy(), scores, atol=1e-6)
     report = stage.report(summaries, cfg, state)
@@ -153,7 +164,9 @@ def test_clip_score_top_fraction_keeps_ties_and_writes_uids(tmp_path: Path) -> N
     assert sorted(index.tolist()) == sorted(uid_pairs(kept).tolist())
     thr, _, _ = run_stage(stage, ClipScoreConfig(threshold=0.6), table)
     assert thr.column("drop_reason").null_count == 2
-    bad = table.set_column(3, "image_embedding", embedding_array(np.full((8, 2), np.nan, np.float32)))
+    bad = table.set_column(
+        3, "image_embedding", embedding_array(np.full((8, 2), np.nan, np.float32))
+    )
     out, _, _ = run_stage(stage, ClipScoreConfig(threshold=0.0), bad)
     assert set(out.column("drop_reason").to_pylist()) == {"bad_embedding"}
 

@@ -111,7 +111,9 @@ def test_bad_embeddings_are_counted_drops_and_bad_settings_are_errors() -> None:
 
 def test_more_clusters_than_rows_and_empty_clusters() -> None:
     x, _ = planted_embeddings(12, 6, 2, duplicates=2, seed=6)
-    out, state, summaries = run_stage(STAGE, SemDedupConfig(num_clusters=50, eps=0.01), embedding_table(x))
+    out, state, summaries = run_stage(
+        STAGE, SemDedupConfig(num_clusters=50, eps=0.01), embedding_table(x)
+    )
     assert state is not None and state.num_rows == 12  # clamped to the rows there are
     assert out.column("drop_reason").null_count >= 10
     report = STAGE.report(summaries, SemDedupConfig(num_clusters=50, eps=0.01), state)

@@ -220,11 +220,9 @@ class DensityPruneStage(FitApplyStage[DensityPruneConfig]):
             m = min(cfg.num_neighbors, len(others) - 1)
             d_inter[others] = np.sort(cd, axis=1)[:, :m].mean(axis=1)
         n_est = n_sample * scale
-        keep = int(round(cfg.keep_fraction * rows))
+        keep = round(cfg.keep_fraction * rows)
         p, budget = cluster_budgets(n_est, d_intra, d_inter, keep, cfg)
-        kept_sample = largest_remainder(
-            budget / scale, int(round(budget.sum() / scale)), n_sample
-        )
+        kept_sample = largest_remainder(budget / scale, round(budget.sum() / scale), n_sample)
         primary = np.full(k, np.inf)
         tie = np.full(k, np.iinfo(np.uint64).max, dtype=np.uint64)
         h = merged.column("hash").to_numpy() if len(x) else np.zeros(0, np.uint64)

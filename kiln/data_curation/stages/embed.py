@@ -348,7 +348,8 @@ class EmbedStage(MapStage[EmbedConfig]):
             x = np.zeros((n, enc.dim), dtype=np.float32)
             ok = np.zeros(n, dtype=bool)
             if len(idx):
-                x[idx], ok[idx] = enc.images([images[i] for i in idx], cfg.batch_size)
+                blobs: list[bytes] = [images[i] for i in idx if images[i] is not None]
+                x[idx], ok[idx] = enc.images(blobs, cfg.batch_size)
             table = mark_dropped(table, alive & ~has, "no_image_to_embed")
             table = mark_dropped(table, has & ~ok, _BAD_IMAGE)
             table = self._set(table, cfg.image_column, x, ok, enc.sha256)

@@ -118,9 +118,7 @@ class SemDedupConfig(StrictModel):
         return list(self.eps) if isinstance(self.eps, list) else [self.eps]
 
 
-def cluster_order(
-    distance: np.ndarray, uids: pa.Array | None, which: str, seed: int
-) -> np.ndarray:
+def cluster_order(distance: np.ndarray, uids: pa.Array | None, which: str, seed: int) -> np.ndarray:
     """Positions of a cluster's members in SemDeDup order (stable: ties keep input order)."""
     if which == "hard":
         return np.argsort(-distance, kind="stable")
@@ -138,13 +136,11 @@ def max_similarity_to_earlier(x: np.ndarray, block_rows: int = 2048) -> np.ndarr
     x = np.ascontiguousarray(x, dtype=np.float32)
     for a in range(0, m, block_rows):
         b = min(m, a + block_rows)
-        if b <= 1:
-            continue
-        sims = x[a:b] @ x[:b].T  # rows a..b against every row before b
-        cols = np.arange(b)
-        rows = np.arange(a, b)[:, None]
-        sims[cols[None, :] >= rows] = 0.0  # only members ranked earlier (and the 0 floor)
-        np.maximum(sims.max(axis=1), 0.0, out=out[a:b])
+        block = x[a:b]
+        best = np.tril(block @ block.T, -1).max(axis=1)  # earlier rows of the block; 0 floor
+        if a:
+            np.maximum(best, (block @ x[:a].T).max(axis=1), out=best)  # rows of earlier blocks
+        np.maximum(best, 0.0, out=out[a:b])
     return out
 
 
@@ -269,7 +265,9 @@ class SemDedupStage(KeyedStage[SemDedupConfig]):
         for s in summaries:
             if "eps" not in s.column_names:
                 continue
-            for e, r in zip(s.column("eps").to_pylist(), s.column("removed").to_pylist(), strict=True):
+            for e, r in zip(
+                s.column("eps").to_pylist(), s.column("removed").to_pylist(), strict=True
+            ):
                 removed[e] = removed.get(e, 0) + r
             rows += s.column("rows")[0].as_py()
             clusters += s.column("clusters")[0].as_py()
