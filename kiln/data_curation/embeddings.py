@@ -35,11 +35,15 @@ MODEL_METADATA_KEY = b"kiln.model"
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows of `x` scaled to unit L2 norm (float32; a zero row stays zero)."""
+    """Rows of `x` scaled to unit L2 norm (float32; a zero row stays zero). Row by row, so
+    a row's result does not depend on its batch; rows already of unit norm (to 1e-6) are
+    left as they are, so normalizing twice changes nothing (and costs no copy)."""
     x = np.asarray(x, dtype=np.float32)
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]  # row by row: batch-independent
-    norms[norms == 0] = 1.0
-    return x / norms
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+    norms[(np.abs(norms - 1.0) <= 1e-6) | (norms == 0)] = 1.0
+    if (norms == 1.0).all():
+        return x
+    return x / norms[:, None]
 
 
 def embedding_array(x: np.ndarray, valid: np.ndarray | None = None) -> pa.FixedSizeListArray:
@@ -64,7 +68,7 @@ def read_embeddings(
     """(`[rows, d]` float32 matrix, bool mask of usable rows) of the embedding `column`.
 
     Bad rows (null, non-finite, all zero, wrong length) get a zero vector and False in the
-    mask. `dim`, when given, is the dimension every vector must have. The column may be a
+    mask. Without bad rows the matrix is a read-only view of the Arrow buffer (no copy). `dim`, when given, is the dimension every vector must have. The column may be a
     fixed-size or variable-length list of floats (DataComp's parquet files hold either).
     """
     if column not in table.column_names:
@@ -86,13 +90,14 @@ def read_embeddings(
         if not (pa.types.is_floating(kind.value_type) or pa.types.is_integer(kind.value_type)):
             raise ValueError(f"column {column!r} has type {kind}: expected a list of floats")
         flat = arr.flatten()  # the values of the non-null rows, in order
-        x = np.zeros((n, width), dtype=np.float32)
-        present = ~np.asarray(arr.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-        if flat is not None and len(flat):
-            x[present] = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(
-                -1, width
-            )
-        valid = present
+        values = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.float32)
+        if arr.null_count == 0:
+            x = values.reshape(n, width)  # no copy
+            valid = np.ones(n, dtype=bool)
+        else:
+            x = np.zeros((n, width), dtype=np.float32)
+            valid = ~np.asarray(arr.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+            x[valid] = values.reshape(-1, width)
     elif pa.types.is_list(kind) or pa.types.is_large_list(kind):
         if not (pa.types.is_floating(kind.value_type) or pa.types.is_integer(kind.value_type)):
             raise ValueError(f"column {column!r} has type {kind}: expected a list of floats")
@@ -111,8 +116,10 @@ def read_embeddings(
             f"column {column!r} has type {kind}: expected a fixed-size list of float32 (what "
             "the embed stage writes) or a list of floats"
         )
-    finite = np.isfinite(x).all(axis=1) if x.size else np.ones(n, dtype=bool)
-    nonzero = np.abs(x).sum(axis=1) > 0 if x.shape[1] else np.zeros(n, dtype=bool)
-    valid = valid & finite & nonzero
-    x[~valid] = 0.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        sq = np.einsum("ij,ij->i", x, x) if x.shape[1] else np.zeros(n, dtype=np.float32)
+    valid = valid & np.isfinite(sq) & (sq > 0)  # one pass: NaN/inf make sq non-finite
+    if not valid.all():
+        x = np.array(x)  # writable copy
+        x[~valid] = 0.0
     return x, valid

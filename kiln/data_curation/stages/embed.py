@@ -340,7 +340,7 @@ class EmbedStage(MapStage[EmbedConfig]):
         alive = alive_mask(table)
         n = table.num_rows
         if cfg.image:
-            images = (
+            images: list[bytes | None] = (
                 table.column("image").to_pylist() if "image" in table.column_names else [None] * n
             )
             has = alive & np.array([b is not None for b in images], dtype=bool)
@@ -348,7 +348,7 @@ class EmbedStage(MapStage[EmbedConfig]):
             x = np.zeros((n, enc.dim), dtype=np.float32)
             ok = np.zeros(n, dtype=bool)
             if len(idx):
-                blobs: list[bytes] = [images[i] for i in idx if images[i] is not None]
+                blobs = [b for b in (images[i] for i in idx) if b is not None]
                 x[idx], ok[idx] = enc.images(blobs, cfg.batch_size)
             table = mark_dropped(table, alive & ~has, "no_image_to_embed")
             table = mark_dropped(table, has & ~ok, _BAD_IMAGE)
