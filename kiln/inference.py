@@ -22,7 +22,7 @@ from torch import nn
 
 from kiln.models.config import ModelConfig
 
-__all__ = ["Dataset", "Model", "Sample", "load_model", "open_dataset"]
+__all__ = ["Dataset", "Model", "Sample", "load_model", "model_file", "open_dataset"]
 
 ImageLike = Image.Image | str | Path | bytes
 
@@ -139,6 +139,13 @@ def load_model(source: str | Path, *, step: int | None = None) -> Model:
 
     module, cfg, at = load_model_file(str(resolve_weights(source, step=step)))
     return Model(module, cfg, at)
+
+
+def model_file(source: str | Path, *, step: int | None = None) -> Path:
+    """The weights file `load_model(source, step=step)` reads (what a model's hash is of)."""
+    from kiln.training.export import resolve_weights
+
+    return resolve_weights(source, step=step)
 
 
 @dataclass

@@ -15,7 +15,8 @@ Step kinds (the stage contract, `kiln.data_curation.stage`):
   (`state.parquet`), then `apply` with the state;
 - keyed: a partition phase writes rows hash-bucketed by key (`_shuffle/b*/`), then one
   task per bucket sorts its keys and calls `apply_groups`; the drop reasons are joined back
-  onto the full rows, streamed file by file.
+  onto the full rows, streamed file by file. A keyed stage that fits (`fits`) runs the
+  fit + merge phases first, and its `carry` columns travel with the keys.
 The shard step sorts by uid without the driver: tasks sample their uids, the driver picks
 range splitters from the samples, tasks scatter rows into uid ranges, each range task sorts
 its rows and writes the shards it owns (shard k holds global rows [k*S, (k+1)*S): the global
@@ -448,7 +449,7 @@ def _task_fit(job: _Job, index: int, item: dict[str, Any]) -> dict[str, Any]:
 
 def _task_merge(job: _Job, index: int, item: dict[str, Any]) -> dict[str, Any]:
     stage, cfg = job.stage_and_config()
-    state = stage.merge([_read_ipc(u) for u in item["partials"]], cfg)
+    state = stage.finish(stage.merge([_read_ipc(u) for u in item["partials"]], cfg), cfg)
     out = _Parquet(item["state_url"], keep_empty=True)
     out.write(state)
     out.close()
@@ -478,7 +479,7 @@ def _task_partition(job: _Job, index: int, item: dict[str, Any]) -> dict[str, An
         n = table.num_rows
         keys = stage.key(table, cfg, ctx)
         buckets = _bucket_of(keys, table.column("uid").combine_chunks(), job.buckets)
-        index_table = table.select(_ORDER).append_column(_KEY, keys)
+        index_table = table.select([*_ORDER, *stage.carry(cfg)]).append_column(_KEY, keys)
         index_table = index_table.append_column("_part", pa.array(np.full(n, index, np.int32)))
         index_table = index_table.append_column("_row", pa.array(np.arange(row, row + n)))
         row += n
@@ -506,6 +507,9 @@ def _task_group(job: _Job, index: int, item: dict[str, Any]) -> dict[str, Any]:
         )
         keys = keyed.column(_KEY).combine_chunks()
         marked = ensure_drop_column(stage.apply_groups(keyed.drop_columns([_KEY]), keys, cfg, ctx))
+        summary = stage.summarize_groups(marked, keys, cfg, ctx)
+        if summary is not None:
+            storage.atomic_write(f"{job.step_dir}/_summary/group-{index:05d}.arrow", _ipc(summary))
         dropped = marked.filter(pc.is_valid(marked.column(DROP_COLUMN)))
         for p in np.unique(dropped.column("_part").to_numpy()):
             mine = dropped.filter(pc.equal(dropped.column("_part"), int(p)))
@@ -941,6 +945,18 @@ class _Runner:
         def body(job: _Job) -> tuple[dict[str, Any], int, int]:
             items = self.slices(upstream)
             summaries_state: pa.Table | None = None
+            if stage.kind == "fit_apply" or (isinstance(stage, KeyedStage) and stage.fits):
+                fits, _ = self.executor.run("fit", job, items, label="fit", resources=res)
+                state_url = f"{job.step_dir}/state.parquet"
+                partials = [f["partial"] for f in fits if f["partial"]]
+                self.executor.run(
+                    "merge",
+                    job,
+                    [{"partials": partials, "state_url": state_url}],
+                    label="merge",
+                )
+                job = _Job(**{**job.__dict__, "state_url": state_url})
+                summaries_state = _read_table(state_url)
             if stage.kind == "keyed":
                 assert isinstance(stage, KeyedStage)
                 _p, reused_p = self.executor.run(
@@ -968,18 +984,6 @@ class _Runner:
                 tasks = len(items) * 2 + len(groups)
                 reused += reused_p + reused_g
             else:
-                if stage.kind == "fit_apply":
-                    fits, _ = self.executor.run("fit", job, items, label="fit", resources=res)
-                    state_url = f"{job.step_dir}/state.parquet"
-                    partials = [f["partial"] for f in fits if f["partial"]]
-                    self.executor.run(
-                        "merge",
-                        job,
-                        [{"partials": partials, "state_url": state_url}],
-                        label="merge",
-                    )
-                    job = _Job(**{**job.__dict__, "state_url": state_url})
-                    summaries_state = _read_table(state_url)
                 results, reused = self.executor.run(
                     "apply", job, items, label="apply", resources=res
                 )

@@ -8,7 +8,12 @@ three kinds:
 - `FitApplyStage`: `fit(table) -> partial` per task, `merge(partials) -> state` (small: entry
   counts, centroids, a threshold; persisted beside the step), then `apply` with the state;
 - `KeyedStage`: `key(table)` per row; the runner brings every row of a key into one task,
-  sorted by (key, uid, source, source_row), and calls `apply_groups` once per task.
+  sorted by (key, uid, source, source_row), and calls `apply_groups` once per task. A keyed
+  stage may fit first (`fits = True`: k-means centroids, whose nearest one is the key) and
+  have columns travel with the keys (`carry`: the embeddings SemDeDup compares).
+
+A fitted stage's `merge` combines partials (per task, then across tasks) and `finish` turns
+the merged partials into the persisted state once (e.g. k-means on a merged sample).
 
 Functions never remove rows: a rejected row gets a `drop_reason` (`mark_dropped`) and the
 runner counts and keeps it. Per-worker setup (building a matcher, loading a model or a fitted
@@ -121,11 +126,8 @@ class MapStage(Stage[C]):
         raise NotImplementedError(f"stage {self.name!r} does not define apply")
 
 
-class FitApplyStage(Stage[C]):
-    """`fit` reduces each task's rows to a small partial table, `merge` combines partials into
-    the persisted state (it must be associative and order-free), `apply` maps with it."""
-
-    kind: ClassVar[StageKind] = "fit_apply"
+class _Fitted(Stage[C]):
+    """The fit half shared by `FitApplyStage` and fitted `KeyedStage`s."""
 
     def fit(self, table: pa.Table, cfg: C, ctx: Any) -> pa.Table:
         raise NotImplementedError(f"stage {self.name!r} does not define fit")
@@ -133,18 +135,45 @@ class FitApplyStage(Stage[C]):
     def merge(self, partials: list[pa.Table], cfg: C) -> pa.Table:
         raise NotImplementedError(f"stage {self.name!r} does not define merge")
 
+    def finish(self, merged: pa.Table, cfg: C) -> pa.Table:
+        """The persisted state from the merge of every partial (called once, on a worker):
+        by default the merged partials themselves."""
+        return merged
+
+
+class FitApplyStage(_Fitted[C]):
+    """`fit` reduces each task's rows to a small partial table, `merge` combines partials
+    (it must be associative and order-free), `finish` makes the persisted state of the
+    merged partials, `apply` maps with it."""
+
+    kind: ClassVar[StageKind] = "fit_apply"
+
     def apply(self, table: pa.Table, cfg: C, ctx: Any) -> pa.Table:
         raise NotImplementedError(f"stage {self.name!r} does not define apply")
 
 
-class KeyedStage(Stage[C]):
+class KeyedStage(_Fitted[C]):
     """Rows grouped by a key: `key` gives each row's key (null: the row joins no group).
     Only the keys travel: `apply_groups` sees, for every row of its keys, the columns uid,
-    source, source_row (and the row's position), sorted by (key, uid, source, source_row) so
-    groups are contiguous runs, and marks drops; the runner writes the reasons back onto the
-    full rows, which never leave their task."""
+    source, source_row, the `carry` columns (and the row's position), sorted by (key, uid,
+    source, source_row) so groups are contiguous runs, and marks drops; the runner writes
+    the reasons back onto the full rows, which never leave their task. With `fits = True`
+    the runner first fits (`fit`, `merge`, `finish`) and gives the state to `setup`."""
 
     kind: ClassVar[StageKind] = "keyed"
+    #: Whether the stage fits a state before the rows are keyed.
+    fits: ClassVar[bool] = False
+
+    def carry(self, cfg: C) -> tuple[str, ...]:
+        """Columns besides uid, source, source_row that `apply_groups` needs."""
+        return ()
+
+    def summarize_groups(
+        self, marked: pa.Table, keys: pa.Array, cfg: C, ctx: Any
+    ) -> pa.Table | None:
+        """Optional partial report of one group task (`apply_groups`'s output and the keys),
+        passed to `report` with the other summaries."""
+        return None
 
     def key(self, table: pa.Table, cfg: C, ctx: Any) -> pa.Array:
         raise NotImplementedError(f"stage {self.name!r} does not define key")
