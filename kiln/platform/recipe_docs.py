@@ -365,5 +365,6 @@ def recipe_command(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    written = write_docs(sys.argv[1] if len(sys.argv) > 1 else None)
-    print("\n".join(f"wrote {p}" for p in written))
+    from kiln.platform.cli import main
+
+    sys.exit(main(["recipe", "docs", *sys.argv[1:]]))
