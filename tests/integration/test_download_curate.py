@@ -44,9 +44,8 @@ def _samples(dataset_dir: str) -> dict[str, dict[str, bytes]]:
 
 
 def test_example_recipe_downloads_only_the_kept_rows_into_shards(
-    server: PhotoServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    server: PhotoServer, tmp_path: Path
 ) -> None:
-    monkeypatch.chdir(REPO)  # the recipe's paths are relative to the repo root
     server.reset()
     recipe = load_recipe(
         REPO / "recipes" / "examples" / "download_curate.yaml",
