@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +21,7 @@ __all__ = [
     "SHORT_RUN_STEPS",
     "TINY_MODEL",
     "clip_loss_of",
+    "rewind_run",
     "seeded_model",
     "short_run_config",
     "tiny_flavor",
@@ -93,3 +96,22 @@ def word_batch(cfg: ModelConfig, words: list[str]) -> tuple[torch.Tensor, torch.
     gen = torch.Generator().manual_seed(1)
     images = torch.randn(len(words), 3, cfg.image_size, cfg.image_size, generator=gen)
     return images, tokenize([f"a {w} thing" for w in words], cfg.context_length)
+
+
+def rewind_run(src: Path, dst: Path, step: int) -> Path:
+    """A copy of finished run `src` at `dst` as it stood when checkpoint `step` was its
+    latest: later checkpoints removed, `latest` naming `step`. Resuming it must retrain
+    the later steps exactly as `src` did, so a resume test needs no killed run of its own
+    (killing runs is tested once, in test_resume.py)."""
+    from kiln.training.checkpoint import checkpoints_dir, step_of_tag, tag_for_step
+
+    shutil.copytree(src, dst)
+    ckpts = checkpoints_dir(dst)
+    for tag_dir in ckpts.iterdir():
+        at = step_of_tag(tag_dir.name)
+        if at is not None and at > step:
+            shutil.rmtree(tag_dir)
+    tag = tag_for_step(step)
+    assert (ckpts / tag).is_dir(), f"{src} kept no checkpoint at step {step}"
+    (ckpts / "latest").write_text(tag)
+    return dst

@@ -3,7 +3,9 @@ short reference run that restarted and multi-node runs are compared with."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -35,13 +37,24 @@ def short_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="session")
-def short_reference(short_dataset: str, tmp_path_factory: pytest.TempPathFactory) -> list[float]:
-    """Per-step losses of `short_run_config` on 2 ranks, uninterrupted, local launcher (the
-    Ray launcher gives the same: tests/integration/test_ray_train.py)."""
+def short_reference_run(short_dataset: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`short_run_config` trained on 2 ranks, uninterrupted, local launcher: the run whose
+    losses and weights restarted, multi-node and Ray Train runs must reproduce."""
     from kiln.training import train
 
     run = tmp_path_factory.mktemp("short") / "reference"
     summary = train(short_run_config(short_dataset), str(run), num_workers=2, launcher="local")
     assert (summary.last_step, summary.restarts) == (SHORT_RUN_STEPS, 0)
     assert len(set(summary.losses)) > 1
-    return summary.losses
+    return run
+
+
+@pytest.fixture(scope="session")
+def short_reference(short_reference_run: Path) -> list[float]:
+    """Per-step losses of `short_reference_run`."""
+    records = [
+        json.loads(x) for x in (short_reference_run / "metrics.jsonl").read_text().splitlines()
+    ]
+    losses = [float(r["loss"]) for r in records]
+    assert [r["step"] for r in records] == list(range(1, SHORT_RUN_STEPS + 1))
+    return losses

@@ -3,8 +3,8 @@ launcher; ZeRO-2 with ``zero.offload_optimizer: cpu`` (fp32 master weights and A
 stepped by DeepSpeed's compiled DeepSpeedCPUAdam), and ZeRO-3 with the parameters offloaded
 as well (``zero.offload_param: cpu``).
 
-A reference run of 6 steps; a run SIGKILLed after step 4 (latest checkpoint: step 3); its
-resume to step 6. The resumed losses must equal the reference's (==) and the final weights
+A reference run of 6 steps; a copy of it rewound to its step-3 checkpoint, resumed to step 6
+(runs killed mid-step and mid-save are test_resume.py's). The resumed losses must equal the reference's (==) and the final weights
 tensor for tensor. The checkpoint must show that the offloaded optimizer really ran: the
 config DeepSpeed saved has the offload section, and the optimizer state is CPU Adam's.
 """
@@ -17,12 +17,11 @@ from typing import Any
 import pytest
 import torch
 
-from kiln.training import TrainLaunchError, latest_checkpoint, train
+from kiln.training import train
 from kiln.training.checkpoint import checkpoints_dir
 from kiln.training.config import TrainConfig
-from kiln.training.loop import FAULT_SIGKILL_AFTER_STEP
 from tests.helpers_datasets import write_tiny_dataset
-from tests.helpers_training import TINY_MODEL
+from tests.helpers_training import TINY_MODEL, rewind_run
 
 MAX_STEPS = 6
 
@@ -67,9 +66,7 @@ def _param_groups(state: dict[str, Any]) -> list[dict[str, Any]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", sorted(OFFLOAD))
-def test_offloaded_run_trains_and_resumes_bitwise(
-    stage: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_offloaded_run_trains_and_resumes_bitwise(stage: int, tmp_path: Path) -> None:
     dataset = str(write_tiny_dataset(tmp_path / "ds", num_samples=48))
     cfg = _config(dataset, stage)
     ref = train(cfg, str(tmp_path / "reference"), num_workers=2, launcher="local")
@@ -85,13 +82,7 @@ def test_offloaded_run_trains_and_resumes_bitwise(
     groups = _param_groups(optim["optimizer_state_dict"])
     assert groups and all("bias_correction" in g for g in groups)  # DeepSpeedCPUAdam's
 
-    run = tmp_path / "run"
-    monkeypatch.setenv(FAULT_SIGKILL_AFTER_STEP, "4")
-    with pytest.raises(TrainLaunchError):
-        train(cfg, str(run), num_workers=2, launcher="local")
-    assert latest_checkpoint(run) == "step_00000003"
-    monkeypatch.delenv(FAULT_SIGKILL_AFTER_STEP)
-
+    run = rewind_run(tmp_path / "reference", tmp_path / "run", 3)
     resumed = train(cfg, str(run), num_workers=2, launcher="local", resume=True)
     assert (resumed.resumed_from, resumed.first_step) == (3, 4)
     assert resumed.losses == ref.losses[3:]  # exact, not approximate

@@ -28,7 +28,7 @@ from kiln.training.checkpoint import COMPLETE_MARKER, checkpoints_dir
 from kiln.training.config import TrainConfig
 from kiln.training.loop import FAULT_SIGKILL_AFTER_STEP, FAULT_SIGKILL_IN_SAVE
 from tests.helpers_datasets import write_tiny_dataset
-from tests.helpers_training import TINY_MODEL
+from tests.helpers_training import TINY_MODEL, rewind_run
 
 MAX_STEPS = 10
 
@@ -54,6 +54,24 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(write_tiny_dataset(tmp_path_factory.mktemp("resume") / "ds", num_samples=64))
 
 
+@pytest.fixture(scope="module")
+def reference(dataset: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """`reference(stage)`: the uninterrupted run of `tiny_config(stage)` (trained once per
+    module) and its losses."""
+    runs: dict[int, tuple[Path, list[float]]] = {}
+
+    def get(stage: int) -> tuple[Path, list[float]]:
+        if stage not in runs:
+            run = tmp_path_factory.mktemp(f"reference-zero{stage}") / "run"
+            ref = train(tiny_config(dataset, stage), str(run), num_workers=2, launcher="local")
+            assert (ref.first_step, ref.last_step, len(ref.losses)) == (1, MAX_STEPS, MAX_STEPS)
+            assert len(set(ref.losses)) > 1
+            runs[stage] = (run, ref.losses)
+        return runs[stage]
+
+    return get
+
+
 def metrics(run: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -67,12 +85,10 @@ def weights(run: Path, tag: str) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_killed_run_resumes_bitwise(
-    stage: int, dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    stage: int, dataset: str, reference: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = tiny_config(dataset, stage)
-    ref = train(cfg, str(tmp_path / "reference"), num_workers=2, launcher="local")
-    assert (ref.first_step, ref.last_step, len(ref.losses)) == (1, MAX_STEPS, MAX_STEPS)
-    assert len(set(ref.losses)) > 1
+    ref_run, ref_losses = reference(stage)
 
     run = tmp_path / "run"
     monkeypatch.setenv(FAULT_SIGKILL_AFTER_STEP, "5")
@@ -93,7 +109,7 @@ def test_killed_run_resumes_bitwise(
 
     resumed = train(cfg, str(run), num_workers=2, launcher="local", resume=True)
     assert (resumed.resumed_from, resumed.first_step, resumed.last_step) == (3, 4, MAX_STEPS)
-    assert resumed.losses == ref.losses[3:]  # exact, not approximate
+    assert resumed.losses == ref_losses[3:]  # exact, not approximate
 
     by_attempt: dict[int, dict[int, float]] = {}
     for rec in metrics(run):
@@ -103,11 +119,11 @@ def test_killed_run_resumes_bitwise(
     assert sorted(by_attempt[2]) == [4, 5, 6]
     for steps in by_attempt.values():
         for step, loss in steps.items():
-            assert loss == ref.losses[step - 1], f"step {step}"
+            assert loss == ref_losses[step - 1], f"step {step}"
 
     final = f"step_{MAX_STEPS:08d}"
     assert latest_checkpoint(run) == final
-    ref_w, run_w = weights(tmp_path / "reference", final), weights(run, final)
+    ref_w, run_w = weights(ref_run, final), weights(run, final)
     assert ref_w.keys() == run_w.keys()
     for name, tensor in ref_w.items():
         assert torch.equal(tensor, run_w[name]), name
@@ -134,25 +150,22 @@ def test_bad_starts_fail_before_any_rank_starts(dataset: str, tmp_path: Path) ->
 
 @pytest.mark.slow
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(
-    dataset: str, tmp_path: Path
+    dataset: str, reference: Any, tmp_path: Path
 ) -> None:
     """A truncated file in the latest checkpoint (checked against its COMPLETE marker's
     sizes and hashes): resume skips it, says so, keeps its folder aside, and continues
     from the previous complete checkpoint exactly as the first attempt ran."""
-    run = tmp_path / "run"
-    cfg = tiny_config(dataset, 2)
-    first = train(
-        cfg.model_copy(update={"stop_after_step": 6}), str(run), num_workers=2, launcher="local"
-    )
-    assert latest_checkpoint(run) == "step_00000006"
-    rng = checkpoints_dir(run) / "step_00000006" / "rng_rank1.pt"
+    ref_run, ref_losses = reference(2)
+    run = rewind_run(ref_run, tmp_path / "run", MAX_STEPS)
+    final = f"step_{MAX_STEPS:08d}"
+    rng = checkpoints_dir(run) / final / "rng_rank1.pt"
     rng.write_bytes(rng.read_bytes()[:100])
 
-    resumed = train(cfg, str(run), num_workers=2, launcher="local", resume=True)
-    assert (resumed.resumed_from, resumed.last_step) == (3, MAX_STEPS)
-    assert resumed.losses[:3] == first.losses[3:6]  # steps 4..6 again, bitwise
-    damaged = checkpoints_dir(run) / "step_00000006.damaged"
+    resumed = train(tiny_config(dataset, 2), str(run), num_workers=2, launcher="local", resume=True)
+    assert (resumed.resumed_from, resumed.last_step) == (MAX_STEPS - 1, MAX_STEPS)
+    assert resumed.losses == ref_losses[MAX_STEPS - 1 :]  # the last step again, bitwise
+    damaged = checkpoints_dir(run) / f"{final}.damaged"
     assert (damaged / "rng_rank1.pt").stat().st_size == 100  # kept as it was, for a look
     log = next((run / "logs").glob("train002-rank0.log")).read_text()
-    assert "skipping damaged checkpoint step_00000006 (rng_rank1.pt is 100 bytes" in log
-    assert latest_checkpoint(run) == f"step_{MAX_STEPS:08d}"
+    assert f"skipping damaged checkpoint {final} (rng_rank1.pt is 100 bytes" in log
+    assert latest_checkpoint(run) == final
