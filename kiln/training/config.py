@@ -53,6 +53,13 @@ class DataConfig(StrictModel):
         "zero-shot accuracy and was not faster); a run resumes only with the value it "
         "started with (false: full-size decode + PIL resize, as before the setting existed)",
     )
+    verify_shards: bool = Field(
+        default=True,
+        description="hash every shard once before the ranks start and compare with the "
+        "sha256 manifest.json records (a damaged shard is one clear error naming it; "
+        "milliseconds for the quickstart, one read of the dataset per launch: turn off for "
+        "datasets much larger than the page cache)",
+    )
 
 
 class OptimConfig(StrictModel):

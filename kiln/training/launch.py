@@ -54,6 +54,7 @@ from kiln.training.config import Launcher, Placement, TrainConfig
 from kiln.training.data import WebDatasetLoader, dataset_has_text
 from kiln.training.engine import prebuild_comm_ops, prebuild_offload_ops, set_runtime_env
 from kiln.training.loop import SUMMARY_FILE, _log, check_run_dir
+from kiln.training.shard_check import verify_shards
 from kiln.training.torchrun import rank_env, run_rank
 
 __all__ = [
@@ -147,14 +148,17 @@ def _read_summary(
     )
 
 
-def _preflight(cfg: TrainConfig, world: int, run: Path, resume: bool) -> None:
-    """Fail in the caller, not in N ranks, when the dataset is missing, too small, or has
+def _preflight(cfg: TrainConfig, world: int, run: Path, resume: bool, verify: bool = True) -> None:
+    """Fail in the caller, not in N ranks, when the dataset is missing, too small, damaged
+    (a shard's sha256 is not the manifest's; `verify` and ``data.verify_shards``), or has
     no captions for an objective that reads them, or when the checkpoint to resume was
     trained with another model or ZeRO stage."""
     tag = resume_checkpoint(run)[0] if resume else None
     if tag is not None:
         check_resumable(run, tag, zero_stage=cfg.zero.stage, model=cfg.model)
     loader = WebDatasetLoader.from_config(cfg, world_size=world)
+    if verify and cfg.data.verify_shards:
+        verify_shards(loader.dataset, loader.manifest, log=lambda m: _log(0, m))
     objective = cfg.objective.name if cfg.objective is not None else cfg.model.arch
     if cfg.model.needs_text and not dataset_has_text(loader.dataset):
         raise ValueError(
@@ -205,7 +209,8 @@ def train(
         )
     world = ranks.world_size if ranks is not None else num_workers
     run = Path(run_dir).resolve()
-    _preflight(cfg, world, run, resume)
+    # under torchrun one process per node hashes the shards
+    _preflight(cfg, world, run, resume, verify=ranks is None or ranks.local_rank == 0)
     run.mkdir(parents=True, exist_ok=True)
     if ranks is None:  # under torchrun, `run_rank` checks once it knows of restarts
         check_run_dir(run, resume)
