@@ -1216,10 +1216,14 @@ def run_curation(
     start = time.perf_counter()
     recipe = recipe if recipe is not None else cfg.model_dump(mode="json")
     plan = cfg.plan()
+    executor = make_executor(cfg, plan)
+    # resources the executor can never give (an actor pool bigger than the cluster) would
+    # hang the step: refuse them before any work
+    executor.check_plan((step.name, step.resources) for step in plan)
     files = input_files(cfg.input)  # generates the synthetic pool (and its entries) if asked
     # fail on a missing entries file etc. before anything runs
     checks = {step.name: step.stage.check(step.config) for step in plan}
-    r = _Runner(cfg, run_dir, name, recipe, make_executor(cfg, plan))
+    r = _Runner(cfg, run_dir, name, recipe, executor)
     r.checks = checks
     r.files = files
     if fresh:

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel
 
 from kiln.data_curation.config import CurationConfig
+from kiln.liveness import identity
 from kiln.platform.ray_cluster import ray_session
 from kiln.platform.recipes import (
     CurateRecipe,
@@ -32,7 +33,8 @@ from kiln.platform.recipes import (
     recipe_hash,
     resolve_paths,
 )
-from kiln.platform.runs import read_status, write_status
+from kiln.platform.runs import heartbeat, read_status, write_status
+from kiln.resource_fit import check_plan_fits, check_train_fits, embedded_capacity
 from kiln.training.checkpoint_index import latest_checkpoint, step_of_tag, tag_for_step
 from kiln.training.config import TrainConfig
 
@@ -40,6 +42,7 @@ M = TypeVar("M", bound=BaseModel)
 J = TypeVar("J", CurateRecipe, TrainRecipe, EvalRecipe)
 
 __all__ = [
+    "check_resources",
     "curate",
     "eval_run_dir",
     "export",
@@ -86,6 +89,7 @@ def _start(recipe: J, *, lead: bool = True, **fields: Any) -> tuple[J, Path]:
     write_status(
         run,
         "running",
+        driver=identity(),  # with the heartbeat, how `kiln runs` tells a dead run
         kind=recipe.kind,
         name=recipe.name,
         recipe_hash=recipe_hash(recipe),
@@ -114,12 +118,35 @@ def _failed(run: Path, exc: BaseException) -> None:
     )
 
 
+def check_resources(recipe: CurateRecipe | TrainRecipe) -> None:
+    """Refuse resource settings the Ray the recipe will start can never satisfy
+    (`kiln.resource_fit`): Ray Train workers or a stage's actor pool needing more CPUs
+    than ``ray.num_cpus`` (or this machine) gives. Starts nothing, so it runs before Ray
+    does (and in a dry run); with a cluster address the check waits for the live cluster."""
+    if recipe.ray.address is not None:
+        return
+    capacity = embedded_capacity(recipe.ray.num_cpus)
+    if isinstance(recipe, TrainRecipe):
+        res = recipe.resources
+        if res.launcher == "ray":
+            check_train_fits(
+                res.workers, res.cpus_per_worker, res.gpus_per_worker, res.placement, capacity
+            )
+        return
+    from kiln.data_curation.runner import executor_kind
+
+    cfg = _as(recipe, CurationConfig)
+    if executor_kind(cfg, address=None) == "ray":
+        check_plan_fits(((s.name, s.resources) for s in cfg.plan()), capacity)
+
+
 def run_curate(recipe: CurateRecipe, *, fresh: bool = False) -> Any:
     """Curate the recipe's pool into WebDataset shards; returns the CurationResult.
     `fresh` redoes every step instead of reusing the finished ones."""
     from kiln.data_curation import run_curation
     from kiln.data_curation.runner import executor_kind
 
+    check_resources(recipe)
     recipe, run = _start(recipe)
     cfg = _as(recipe, CurationConfig)
     on_ray = executor_kind(cfg, address=recipe.ray.address)
@@ -130,7 +157,7 @@ def run_curate(recipe: CurateRecipe, *, fresh: bool = False) -> Any:
             if on_ray == "ray"
             else contextlib.nullcontext()
         )
-        with ray_ctx:
+        with ray_ctx, heartbeat(run):
             result = run_curation(
                 cfg,
                 str(run),
@@ -186,6 +213,7 @@ def run_train(recipe: TrainRecipe, *, resume: bool = False) -> Any:
         lead = ranks.rank == 0
         resources = recipe.resources.model_copy(update={"workers": ranks.world_size})
         recipe = recipe.model_copy(update={"resources": resources})
+    check_resources(recipe)
     recipe, run = _start(recipe, lead=lead, max_steps=recipe.max_steps, resumed=resume)
     res = recipe.resources
     try:
@@ -195,7 +223,8 @@ def run_train(recipe: TrainRecipe, *, resume: bool = False) -> Any:
             if res.launcher == "ray"
             else contextlib.nullcontext()
         )
-        with ray_ctx:
+        beat = heartbeat(run) if lead else contextlib.nullcontext()
+        with beat, ray_ctx:
             summary = train(
                 _as(recipe, TrainConfig),
                 str(run),
@@ -208,11 +237,13 @@ def run_train(recipe: TrainRecipe, *, resume: bool = False) -> Any:
                 recipe_hash=recipe_hash(recipe.model_copy(update={"stop_after_step": None})),
                 max_restarts=res.max_restarts,
                 placement=res.placement,
+                start_timeout_s=res.start_timeout_s,
             )
         finished = summary.last_step >= recipe.max_steps
         eval_result = None
         if lead and finished and (recipe.eval.zero_shot or recipe.eval.retrieval):
-            eval_result = _evaluate_into(resolve_model_file(str(run)), recipe.eval, run)
+            with heartbeat(run):
+                eval_result = _evaluate_into(resolve_model_file(str(run)), recipe.eval, run)
     except BaseException as e:
         if lead:
             _failed(run, e)
@@ -268,7 +299,8 @@ def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
     """Evaluate a checkpoint; writes `eval.json` into the eval run dir."""
     recipe, run = _start(recipe)
     try:
-        result = _evaluate_into(resolve_model_file(recipe.checkpoint), recipe.eval, run)
+        with heartbeat(run):
+            result = _evaluate_into(resolve_model_file(recipe.checkpoint), recipe.eval, run)
     except BaseException as e:
         _failed(run, e)
         raise

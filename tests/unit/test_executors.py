@@ -18,6 +18,7 @@ import pytest
 from kiln import storage
 from kiln.data_curation.executors import LocalExecutor, choose_executor
 from kiln.data_curation.stage import StageResources
+from kiln.resource_fit import ResourceFitError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -114,9 +115,11 @@ def test_a_failing_task_raises_its_error_and_stops_the_pool(tmp_path: Path) -> N
 def test_resources_a_local_pool_cannot_give_are_refused(tmp_path: Path) -> None:
     job = _Job("big", str(tmp_path))
     ex = LocalExecutor(_task, workers=2)
-    with pytest.raises(RuntimeError, match=r"needs 4 CPUs but the local executor"):
+    with pytest.raises(ResourceFitError, match=r"needs 4 CPUs but the local executor"):
         ex.run("apply", job, [{"value": 1}], resources=StageResources(num_cpus=4))
-    with pytest.raises(RuntimeError, match=r"set execution.executor: ray"):
+    with pytest.raises(ResourceFitError, match=r"step big: .* set execution.executor: ray"):
+        ex.check_plan([("big", StageResources(num_gpus=1))])
+    with pytest.raises(ResourceFitError, match=r"set execution.executor: ray"):
         ex.run("apply", job, [{"value": 1}], resources=StageResources(num_gpus=1))
     with pytest.raises(ValueError, match=r"execution\.workers=0"):
         LocalExecutor(_task, workers=0)
