@@ -196,6 +196,12 @@ def _worker_start(driver: int | None) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def _fork_unsafe_threads() -> list[threading.Thread]:
+    """This process's threads but those marked ``kiln_fork_safe`` (a job's heartbeat, which
+    holds no lock a forked worker could need)."""
+    return [t for t in threading.enumerate() if not getattr(t, "kiln_fork_safe", False)]
+
+
 def _call(fn: TaskFn, cpus: int, phase: str, job: Any, index: int, item: dict[str, Any]) -> Any:
     """A task in a pool worker, with Arrow's thread pool sized to the task's CPUs (so N
     workers use N cores, not N x all of them)."""
@@ -242,7 +248,7 @@ class LocalExecutor(Executor):
         # other threads run here (a Ray client, a test runner's helpers): then forkserver.
         # Decided once, before the pool's own manager thread exists.
         if self.start_method is None:
-            unsafe = ray_is_running() or threading.active_count() > 1
+            unsafe = ray_is_running() or len(_fork_unsafe_threads()) > 1
             self.start_method = "forkserver" if unsafe else "fork"
         if self.start_method == "forkserver":
             ctx = multiprocessing.get_context("forkserver")

@@ -108,6 +108,9 @@ def heartbeat(run_dir: str | Path, every_s: float = HEARTBEAT_EVERY_S) -> Iterat
                 _beat(run)
 
     thread = threading.Thread(target=loop, name="kiln-heartbeat", daemon=True)
+    # it takes no lock a forked worker could need: the local curation executor may still
+    # fork (sharing the driver's warmed stage contexts) while it runs
+    thread.kiln_fork_safe = True  # type: ignore[attr-defined]
     thread.start()
     try:
         yield
