@@ -64,6 +64,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_loader.py
 	$(PY) benchmarks/bench_openclip.py
 	$(PY) benchmarks/bench_train_overhead.py --variants
+	$(PY) benchmarks/reliability_campaign.py  # 20 + 20 training kills, 10 curation kills
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

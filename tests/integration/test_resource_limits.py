@@ -71,7 +71,7 @@ def test_actors_that_cannot_start_time_out(
     monkeypatch.setattr(executors, "_PROGRESS_EVERY_S", 1.0)
     ex = RayExecutor(_double)
     items = [{"value": i} for i in range(4)]
-    with pytest.raises(WaitTimeout, match=r"step match: 1 of 2 actors .* started in \d+s"):
+    with pytest.raises(WaitTimeout, match=r"step match: [01] of 2 actors .* started in \d+s"):
         ex.run("apply", _Job(tmp_path), items, resources=StageResources(actors=2))
 
 
