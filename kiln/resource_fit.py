@@ -91,7 +91,7 @@ def ray_capacity() -> Capacity:
     cpus = [float(n.get("CPU", 0.0)) for n in nodes] or [0.0]
     gpus = [float(n.get("GPU", 0.0)) for n in nodes] or [0.0]
     cluster = len(nodes) > 1
-    where = f"the Ray cluster ({len(nodes)} nodes)" if cluster else "the Ray node"
+    where = f"the Ray cluster ({len(nodes)} node{'s' if cluster else ''})"
     more = "add nodes to the cluster" if cluster else "raise ray.num_cpus or join a cluster"
     return Capacity(sum(cpus), max(cpus), len(nodes), sum(gpus), max(gpus), where, more)
 

@@ -58,7 +58,9 @@ def test_actor_pool_bigger_than_the_ray_is_refused(ray_session: None, tmp_path: 
     ex = RayExecutor(_double)
     with pytest.raises(ResourceFitError, match=r"step match: its pool of 3 actors x 1 CPUs"):
         ex.check_plan([("text", StageResources()), ("match", StageResources(actors=3))])
-    with pytest.raises(ResourceFitError, match=r"a task needs 3 CPUs but the Ray node has 2"):
+    with pytest.raises(
+        ResourceFitError, match=r"a task needs 3 CPUs but the Ray cluster \(1 node\) has 2"
+    ):
         ex.run("apply", _Job(tmp_path), [{"value": 1}], resources=StageResources(num_cpus=3))
     results, _ = ex.run("apply", _Job(tmp_path), [{"value": 2}], resources=StageResources())
     assert results == [{"v": 4}]
