@@ -6,7 +6,7 @@ count as the driver. Two users:
 
 - training ranks (Ray Train workers) `watch` their driver and exit when it is gone: a
   SIGKILLed `kiln train` otherwise leaves its ranks training and checkpointing until Ray
-  notices, or forever on a cluster that outlives the driver;
+  notices that the job is gone;
 - `kiln runs` (`kiln.platform.runs`) tells a dead `running` run from a live one.
 
 Only a process on this host can be checked by pid; elsewhere `alive` says it cannot tell

@@ -474,8 +474,8 @@ def _ray_train_loop(config: dict[str, Any]) -> None:
     run = Path(config["run_dir"])
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    # a SIGKILLed driver must not leave its ranks training (Ray notices only seconds later,
-    # a cluster never): each rank on the driver's host exits when the driver's pid is gone
+    # a SIGKILLed driver must not leave its ranks training until Ray notices its job is gone
+    # (steps and checkpoints later): each rank on the driver's host exits when its pid is
     watch(config["driver"], f"Ray Train rank {rank} of {run}")
     tag = latest_checkpoint(run)  # before any collective: see the module docstring
     here = {

@@ -4,8 +4,8 @@ Real processes: `kiln train` on a tiny recipe runs as a subprocess (launcher loc
 subprocesses; launcher ray: a private embedded Ray and two Ray Train workers), is SIGKILLed
 after its first checkpoint, and then no rank of that run may still be alive a few seconds
 later, nor may more than the checkpoint in flight at the kill appear. Before the fix the
-Ray Train workers went on for several steps and checkpoints (and forever on a cluster that
-outlives the driver), and `status.json` said `running` for good.
+Ray Train workers went on for several steps and checkpoints until Ray noticed the job was
+gone, and `status.json` said `running` for good.
 """
 
 from __future__ import annotations
