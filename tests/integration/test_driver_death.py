@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -71,6 +72,17 @@ def _running(pids: set[int]) -> set[int]:
     return alive
 
 
+def _worker_stderr(driver: int, worker: int) -> str:
+    """What Ray logged of `worker`'s stderr in the session the `driver` process started
+    (Ray names a session after the pid that started it)."""
+    root = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray"
+    logs = [
+        p for s in root.glob(f"session_*_{driver}") for p in s.glob(f"logs/worker-*-{worker}.err")
+    ]
+    assert logs, f"no Ray log of worker {worker} under {root}/session_*_{driver}"
+    return "".join(p.read_text(errors="replace") for p in logs)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["local", "ray"])
 def test_killed_driver_stops_its_ranks(launcher: str, short_dataset: str, tmp_path: Path) -> None:
@@ -107,6 +119,10 @@ def test_killed_driver_stops_its_ranks(launcher: str, short_dataset: str, tmp_pa
         assert len(after - at_kill) <= 1  # at most the save in flight at the kill
         time.sleep(3)
         assert set(complete_checkpoints(run)) == after
+
+        if launcher == "ray":  # they stopped because they saw their driver die
+            for pid in ranks:
+                assert f"its driver (pid {proc.pid}" in _worker_stderr(proc.pid, pid)
 
         [info] = list_runs(run)
         assert info.state == "dead", info
