@@ -89,3 +89,16 @@ def test_recipes_are_checked_before_ray_starts() -> None:
     # the local launcher runs no Ray; a cluster is checked once joined
     check_resources(parse_recipe(_recipe(ray={"num_cpus": 1}, resources={"launcher": "local"})))  # type: ignore[arg-type]
     check_resources(parse_recipe(_recipe(ray={"address": "ray://h:10001", "num_cpus": 1})))  # type: ignore[arg-type]
+
+
+def test_joining_a_cluster_nobody_runs_fails_in_seconds_naming_the_address() -> None:
+    import ray
+
+    from kiln.platform.ray_cluster import start_ray
+    from kiln.resource_fit import WaitTimeout
+    from kiln.training.launch import free_port
+
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(WaitTimeout, match=rf"no Ray cluster answers at {address} .*--address"):
+        start_ray(address)
+    assert not ray.is_initialized()
