@@ -13,6 +13,7 @@ import json
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -20,7 +21,7 @@ from PIL import Image
 from kiln.contracts import DatasetManifest, ShardInfo, make_uid, sha256_hex, write_manifest
 from kiln.data_curation.synthetic import COLORS as SYNTHETIC_COLORS
 
-__all__ = ["COLORS", "curate_matched_dataset", "write_tiny_dataset"]
+__all__ = ["COLORS", "curate_matched_dataset", "curate_recipe", "write_tiny_dataset"]
 
 # the demo pool's palette, so test images look like the data kiln really trains on
 COLORS = SYNTHETIC_COLORS
@@ -141,3 +142,29 @@ def curate_matched_dataset(
         }
     )
     return Path(run_curation(cfg, str(root / "run")).dataset_dir)
+
+
+def curate_recipe(root: Path, *, num_samples: int = 240, executor: str = "local") -> dict[str, Any]:
+    """A `kind: curate` recipe (as a dict) of the quickstart's plan on a small procedural
+    pool under `root`: `kiln curate` turns it into a real curated dataset (16-px images,
+    shards of 32 samples) at ``{root}/curate/dataset`` in a few seconds."""
+    return {
+        "kind": "curate",
+        "name": "tiny-curate",
+        "run_dir": str(root / "curate"),
+        "input": {
+            "format": "synthetic",
+            "paths": [str(root / "pool")],
+            "synthetic": {"num_samples": num_samples, "num_eval": 0, "image_size": 16},
+        },
+        "stages": [
+            {"stage": "text", "min_chars": 3, "max_chars": 300},
+            {"stage": "text_dedup"},
+            {"stage": "metaclip_match", "entries": str(root / "pool" / "metadata.txt")},
+            {"stage": "metaclip_balance", "t": 30, "seed": 0},
+            {"stage": "image", "min_size": 8},
+            {"stage": "image_dedup"},
+        ],
+        "shard": {"samples_per_shard": 32},
+        "execution": {"executor": executor, "rows_per_task": 64},
+    }

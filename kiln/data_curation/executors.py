@@ -28,15 +28,17 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Protocol
 
 from kiln import storage
 from kiln.data_curation.stage import StageResources
+from kiln.resource_fit import ResourceFitError, WaitTimeout, ray_capacity, stage_fit_problem
 
 __all__ = [
+    "ACTOR_START_TIMEOUT_S",
     "Executor",
     "LocalExecutor",
     "RayExecutor",
@@ -49,6 +51,9 @@ __all__ = [
 logger = logging.getLogger("kiln.curation")
 
 _PROGRESS_EVERY_S = 10.0
+#: How long an actor pool may take to start before the step fails (a cluster busy with
+#: other jobs, or one that lost a node; impossible pools are refused before this).
+ACTOR_START_TIMEOUT_S = 600.0
 _RETRIES = 3
 _CONTEXT_PHASES = ("apply", "fit", "partition", "group", "join")
 _SHARE_SETUP_S = 0.2  # a stage setup this slow is built once and shared by forking again
@@ -118,7 +123,7 @@ class Executor:
                 todo.append(i)
         reused = len(results)
         if todo:
-            self.check(job, res)
+            self.check_resources(job.step, res)
             start = last = time.perf_counter()
             for done in self.execute(phase, job, items, todo, res):
                 if done is not None:
@@ -136,11 +141,16 @@ class Executor:
                     )
         return [results[i] for i in range(len(items))], reused
 
-    def check(self, job: TaskJob, res: StageResources) -> None:
+    def check_plan(self, steps: Iterable[tuple[str, StageResources]]) -> None:
+        """`check_resources` for every (step name, resources) of a plan: before any work."""
+        for step, res in steps:
+            self.check_resources(step, res)
+
+    def check_resources(self, step: str, res: StageResources) -> None:
         """Refuse (with the fix) a task that could never be scheduled, instead of hanging."""
         if res.num_cpus > self.cpus:
-            raise RuntimeError(
-                f"step {job.step}: a task needs {res.num_cpus:g} CPUs but {self.where()} has "
+            raise ResourceFitError(
+                f"step {step}: a task needs {res.num_cpus:g} CPUs but {self.where()} has "
                 f"{self.cpus:g}: lower the stage's resources.num_cpus"
             )
 
@@ -186,6 +196,12 @@ def _worker_start(driver: int | None) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def _fork_unsafe_threads() -> list[threading.Thread]:
+    """This process's threads but those marked ``kiln_fork_safe`` (a job's heartbeat, which
+    holds no lock a forked worker could need)."""
+    return [t for t in threading.enumerate() if not getattr(t, "kiln_fork_safe", False)]
+
+
 def _call(fn: TaskFn, cpus: int, phase: str, job: Any, index: int, item: dict[str, Any]) -> Any:
     """A task in a pool worker, with Arrow's thread pool sized to the task's CPUs (so N
     workers use N cores, not N x all of them)."""
@@ -216,13 +232,13 @@ class LocalExecutor(Executor):
     def where(self) -> str:
         return "the local executor (execution.workers)"
 
-    def check(self, job: TaskJob, res: StageResources) -> None:
+    def check_resources(self, step: str, res: StageResources) -> None:
         if res.num_gpus:
-            raise RuntimeError(
-                f"step {job.step}: its stage asks for {res.num_gpus:g} GPUs, which only the "
+            raise ResourceFitError(
+                f"step {step}: its stage asks for {res.num_gpus:g} GPUs, which only the "
                 "Ray executor schedules: set execution.executor: ray (or auto)"
             )
-        super().check(job, res)
+        super().check_resources(step, res)
 
     def close(self) -> None:
         self._drop_pool(kill=False)
@@ -232,7 +248,7 @@ class LocalExecutor(Executor):
         # other threads run here (a Ray client, a test runner's helpers): then forkserver.
         # Decided once, before the pool's own manager thread exists.
         if self.start_method is None:
-            unsafe = ray_is_running() or threading.active_count() > 1
+            unsafe = ray_is_running() or len(_fork_unsafe_threads()) > 1
             self.start_method = "forkserver" if unsafe else "fork"
         if self.start_method == "forkserver":
             ctx = multiprocessing.get_context("forkserver")
@@ -372,10 +388,16 @@ class RayExecutor(Executor):
                 "ray.init(...)) first, or set execution.executor: local"
             )
         self._remote = ray.remote(fn)
-        self.cpus = max(1.0, float(ray.cluster_resources().get("CPU", 1.0)))
+        self.capacity = ray_capacity()
+        self.cpus = max(1.0, self.capacity.cpus)
 
     def where(self) -> str:
-        return "the Ray cluster"
+        return self.capacity.where
+
+    def check_resources(self, step: str, res: StageResources) -> None:
+        problem = stage_fit_problem(step, res, self.capacity)
+        if problem:
+            raise ResourceFitError(problem)
 
     def execute(
         self,
@@ -398,6 +420,7 @@ class RayExecutor(Executor):
                 **options, max_restarts=_RETRIES, max_task_retries=_RETRIES
             )
             pool = [worker.remote(self.fn) for _ in range(res.actors)]
+            _wait_started(job.step, pool, res)
             window = 2 * res.actors
         remote = self._remote.options(**options, max_retries=_RETRIES)
         pending: dict[Any, int] = {}
@@ -421,6 +444,39 @@ class RayExecutor(Executor):
         finally:
             for actor in pool:
                 ray.kill(actor)
+
+
+def _wait_started(step: str, pool: list[Any], res: StageResources) -> None:
+    """Wait for every actor of a pool to start, saying so every `_PROGRESS_EVERY_S`;
+    `WaitTimeout` after `ACTOR_START_TIMEOUT_S` (resources taken by another job, a
+    node lost) instead of sending tasks to actors that never run them."""
+    import ray
+
+    pending = [actor.__ray_ready__.remote() for actor in pool]
+    started = time.perf_counter()
+    while True:
+        done, pending = ray.wait(pending, num_returns=len(pending), timeout=_PROGRESS_EVERY_S)
+        ray.get(done)  # an actor whose constructor failed raises here
+        waited = time.perf_counter() - started
+        if not pending:
+            return
+        if waited >= ACTOR_START_TIMEOUT_S:
+            raise WaitTimeout(
+                f"step {step}: {len(pool) - len(pending)} of {len(pool)} actors "
+                f"({res.num_cpus:g} CPUs, {res.num_gpus:g} GPUs each) started in "
+                f"{waited:.0f}s: the Ray cluster has no room for the others (another job "
+                "holds its CPUs, or a node left); check `ray status`, lower the stage's "
+                "resources.actors, and rerun to resume"
+            )
+        logger.info(
+            "step %s: waiting for %d of %d actors to start (%.0fs; Ray needs %g free CPUs "
+            "for each)",
+            step,
+            len(pending),
+            len(pool),
+            waited,
+            res.num_cpus,
+        )
 
 
 def choose_executor(

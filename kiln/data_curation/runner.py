@@ -1281,9 +1281,13 @@ def run_curation(
     start = time.perf_counter()
     recipe = recipe if recipe is not None else cfg.model_dump(mode="json")
     plan = cfg.plan()
+    executor = make_executor(cfg, plan)
+    # resources the executor can never give (an actor pool bigger than the cluster) would
+    # hang the step: refuse them before any work
+    executor.check_plan((step.name, step.resources) for step in plan)
     if inputs is None or inputs.pending_pool is not None:
         inputs = check_curation(cfg)  # fails on a missing entries file etc. before any work
-    r = _Runner(cfg, run_dir, name, recipe, make_executor(cfg, plan))
+    r = _Runner(cfg, run_dir, name, recipe, executor)
     r.checks = inputs.checks
     r.files = inputs.files
     if fresh:

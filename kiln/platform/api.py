@@ -19,7 +19,8 @@ import yaml
 from pydantic import BaseModel
 
 from kiln.data_curation.config import CurationConfig
-from kiln.platform.preflight import preflight
+from kiln.liveness import identity
+from kiln.platform.preflight import check_resources, preflight
 from kiln.platform.ray_cluster import ray_session
 from kiln.platform.recipes import (
     CurateRecipe,
@@ -33,7 +34,7 @@ from kiln.platform.recipes import (
     recipe_hash,
     resolve_paths,
 )
-from kiln.platform.runs import read_status, write_status
+from kiln.platform.runs import heartbeat, read_status, write_status
 from kiln.training.checkpoint_index import latest_checkpoint, step_of_tag, tag_for_step
 from kiln.training.config import TrainConfig
 
@@ -41,6 +42,7 @@ M = TypeVar("M", bound=BaseModel)
 J = TypeVar("J", CurateRecipe, TrainRecipe, EvalRecipe)
 
 __all__ = [
+    "check_resources",
     "curate",
     "dry_run",
     "eval_run_dir",
@@ -88,6 +90,7 @@ def _start(recipe: J, *, lead: bool = True, **fields: Any) -> tuple[J, Path]:
     write_status(
         run,
         "running",
+        driver=identity(),  # with the heartbeat, how `kiln runs` tells a dead run
         kind=recipe.kind,
         name=recipe.name,
         recipe_hash=recipe_hash(recipe),
@@ -133,7 +136,7 @@ def run_curate(recipe: CurateRecipe, *, fresh: bool = False) -> Any:
             if on_ray == "ray"
             else contextlib.nullcontext()
         )
-        with ray_ctx:
+        with ray_ctx, heartbeat(run):
             result = run_curation(
                 cfg,
                 str(run),
@@ -200,7 +203,8 @@ def run_train(recipe: TrainRecipe, *, resume: bool = False) -> Any:
             if res.launcher == "ray"
             else contextlib.nullcontext()
         )
-        with ray_ctx:
+        beat = heartbeat(run) if lead else contextlib.nullcontext()
+        with beat, ray_ctx:
             summary = train(
                 _as(recipe, TrainConfig),
                 str(run),
@@ -214,11 +218,13 @@ def run_train(recipe: TrainRecipe, *, resume: bool = False) -> Any:
                 max_restarts=res.max_restarts,
                 placement=res.placement,
                 checked=True,
+                start_timeout_s=res.start_timeout_s,
             )
         finished = summary.last_step >= recipe.max_steps
         eval_result = None
         if lead and finished and (recipe.eval.zero_shot or recipe.eval.retrieval):
-            eval_result = _evaluate_into(resolve_model_file(str(run)), recipe.eval, run)
+            with heartbeat(run):
+                eval_result = _evaluate_into(resolve_model_file(str(run)), recipe.eval, run)
     except BaseException as e:
         if lead:
             _failed(run, e)
@@ -275,7 +281,8 @@ def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
     preflight(resolve_paths(recipe))
     recipe, run = _start(recipe)
     try:
-        result = _evaluate_into(resolve_model_file(recipe.checkpoint), recipe.eval, run)
+        with heartbeat(run):
+            result = _evaluate_into(resolve_model_file(recipe.checkpoint), recipe.eval, run)
     except BaseException as e:
         _failed(run, e)
         raise

@@ -14,6 +14,8 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from kiln.resource_fit import WaitTimeout
+
 if TYPE_CHECKING:
     from kiln.platform.recipes import Recipe
 
@@ -24,6 +26,7 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (
     FileExistsError,
     ValueError,
     PermissionError,
+    WaitTimeout,  # kiln waited on Ray for something that did not come; the message says what
 )
 #: Storage failures a user fixes outside kiln (space, quota, a read-only mount).
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}

@@ -26,7 +26,7 @@ from typing import Any
 
 from kiln.platform.recipes import CurateRecipe, EvalRecipe, RecipeError, TrainRecipe
 
-__all__ = ["preflight", "ray_cpus"]
+__all__ = ["check_resources", "preflight", "ray_cpus"]
 
 
 def ray_cpus(recipe: CurateRecipe | TrainRecipe | EvalRecipe) -> float | None:
@@ -39,6 +39,31 @@ def ray_cpus(recipe: CurateRecipe | TrainRecipe | EvalRecipe) -> float | None:
     if recipe.ray.address:
         return None
     return float(recipe.ray.num_cpus or os.cpu_count() or 1)
+
+
+def check_resources(recipe: CurateRecipe | TrainRecipe) -> None:
+    """Refuse resource settings the Ray the recipe will start can never satisfy
+    (`kiln.resource_fit`): Ray Train workers or a stage's actor pool needing more CPUs
+    than ``ray.num_cpus`` (or this machine) gives. Starts nothing, so it runs before Ray
+    does (and in a dry run); with a cluster address the check waits for the live cluster."""
+    from kiln.resource_fit import check_plan_fits, check_train_fits, embedded_capacity
+
+    if recipe.ray.address is not None:
+        return
+    capacity = embedded_capacity(recipe.ray.num_cpus)
+    if isinstance(recipe, TrainRecipe):
+        res = recipe.resources
+        if res.launcher == "ray":
+            check_train_fits(
+                res.workers, res.cpus_per_worker, res.gpus_per_worker, res.placement, capacity
+            )
+        return
+    from kiln.data_curation.config import CurationConfig
+    from kiln.data_curation.runner import executor_kind
+
+    cfg = CurationConfig.model_validate(recipe.model_dump(include=set(CurationConfig.model_fields)))
+    if executor_kind(cfg, address=None) == "ray":
+        check_plan_fits(((s.name, s.resources) for s in cfg.plan()), capacity)
 
 
 def _check_run_dir(run_dir: str) -> None:
@@ -69,13 +94,6 @@ def _check_train_resources(recipe: TrainRecipe) -> str:
     line = f"{res.workers} ranks ({res.launcher}), {res.cpus_per_worker:g} CPUs each"
     if res.launcher == "ray":
         have = ray_cpus(recipe)
-        if have is not None and cpus > have:
-            raise RecipeError(
-                f"resources.workers={res.workers} x resources.cpus_per_worker="
-                f"{res.cpus_per_worker:g} = {cpus:g} CPUs, but the Ray it runs on has "
-                f"{have:g} (ray.num_cpus, default: this machine's {os.cpu_count()}): Ray "
-                "Train would wait forever; lower resources.workers or cpus_per_worker"
-            )
         if have is not None:
             line += f" of the {have:g} CPUs of Ray"
     elif res.launcher == "local" and cpus > (os.cpu_count() or 1):
@@ -105,14 +123,6 @@ def _curate(recipe: CurateRecipe, generate: bool) -> tuple[list[str], Any]:
     lines = [f"plan: {' -> '.join(step_names(plan))}"]
     if where == "ray":
         have = ray_cpus(recipe)
-        for step in plan:
-            need = step.resources.num_cpus
-            if have is not None and need > have:
-                raise RecipeError(
-                    f"stage {step.name!r} asks for {need:g} CPUs per task (its resources."
-                    f"num_cpus), but the Ray it runs on has {have:g} (ray.num_cpus): its "
-                    "tasks would wait forever; lower the stage's resources.num_cpus"
-                )
         lines.append(
             "executor: ray"
             + (f" ({have:g} CPUs)" if have is not None else f" at {recipe.ray.address}")
@@ -168,6 +178,8 @@ def preflight(
     curation's `CurationInputs`; None otherwise). `generate=False` (a dry run) writes
     nothing: a synthetic pool is reported, not generated. `resume`: a `kiln resume`."""
     _check_run_dir(recipe.run_dir)
+    if not isinstance(recipe, EvalRecipe):
+        check_resources(recipe)  # what Ray could never give would wait forever
     if isinstance(recipe, CurateRecipe):
         return _curate(recipe, generate)
     if isinstance(recipe, TrainRecipe):

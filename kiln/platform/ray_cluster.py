@@ -10,12 +10,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import sys
 from collections.abc import Iterator
 
-__all__ = ["LOOPBACK", "ray_session", "start_ray"]
+from kiln.resource_fit import WaitTimeout
+
+__all__ = ["JOIN_TIMEOUT_S", "LOOPBACK", "ray_session", "start_ray"]
 
 LOOPBACK = "127.0.0.1"
+#: How long joining a cluster waits for its address to answer before failing.
+JOIN_TIMEOUT_S = 10.0
 
 
 def start_ray(
@@ -66,9 +71,27 @@ def start_ray(
                 "services reachable from the network; unset RAY_ADDRESS / check Ray's version"
             )
     else:
+        _check_reachable(address)
         _say(f"joining the Ray cluster at {address}")
         ray.init(address=address, **kwargs)  # type: ignore[arg-type]
     return True
+
+
+def _check_reachable(address: str, timeout_s: float = JOIN_TIMEOUT_S) -> None:
+    """Fail in seconds, naming the address, when nothing listens at a cluster's HOST:PORT
+    (``ray.init`` would retry for minutes with Ray's own warnings); `auto` and addresses
+    without a port are left to Ray."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise WaitTimeout(
+            f"no Ray cluster answers at {address} ({e.strerror or type(e).__name__}, waited "
+            f"up to {timeout_s:.0f}s): start it (`ray start --head` on the head node) or fix "
+            "ray.address / --address (HEAD:6379, or ray://HEAD:10001 for Ray Client)"
+        ) from e
 
 
 def _say(message: str) -> None:

@@ -227,7 +227,7 @@ def _stage_sections(level: int) -> list[str]:
         "",
         *_table(StageResources, "", {}),
     ]
-    for name, stage in registered_stages().items():
+    for name, stage in sorted(registered_stages().items()):
         config = stage.config
         out += [
             "",
@@ -265,7 +265,7 @@ def _stage_item_type() -> Any:
     from kiln.data_curation.stage import StageResources, registered_stages
 
     items = []
-    for name, stage in registered_stages().items():
+    for name, stage in sorted(registered_stages().items()):
         items.append(
             create_model(
                 f"Stage_{name}",

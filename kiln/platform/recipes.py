@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError, model_valid
 
 from kiln.contracts import PATH_FIELD, StrictModel, is_path_field, json_sha256
 from kiln.data_curation.config import CurationConfig
+from kiln.resource_fit import RAY_START_TIMEOUT_S
 from kiln.training.config import EvalConfig, Launcher, Placement, TrainConfig
 
 R = TypeVar("R", bound=BaseModel)
@@ -79,6 +80,13 @@ class Resources(StrictModel):
         default="pack",
         description="Ray Train worker placement: pack (fewest nodes), spread, strict_pack "
         "(one node), strict_spread (each worker on its own node)",
+    )
+    start_timeout_s: float = Field(
+        default=RAY_START_TIMEOUT_S,
+        gt=0,
+        description="seconds Ray Train may take to start the workers (launcher ray) before "
+        "the run fails saying what it waited for; settings that can never fit are refused "
+        "at once",
     )
 
     @model_validator(mode="after")

@@ -3,31 +3,51 @@
 Layout of a run dir: `recipe.yaml` (resolved), `status.json`, and what the job writes:
 `metrics.jsonl` + `checkpoints/` for training, `steps/` + `dataset/` for curation,
 `eval.json`, `report.html`, `logs/`.
+
+A running job's `status.json` names its driver process (`driver`: pid, host, start time)
+and carries a `heartbeat` (epoch seconds) the driver refreshes every `HEARTBEAT_EVERY_S`
+(`heartbeat`). A killed driver leaves `state: running` behind, so `kiln runs` shows such a
+run as `dead` when the driver's pid is gone on this host, or `stale` when its heartbeat is
+older than `STALE_AFTER_S` (a driver on another host, or one that hangs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from kiln.liveness import alive
 from kiln.platform.tables import format_table
 from kiln.training.checkpoint_index import latest_checkpoint
 
 __all__ = [
+    "HEARTBEAT_EVERY_S",
+    "STALE_AFTER_S",
     "RunInfo",
     "eval_headline",
     "format_runs",
+    "heartbeat",
     "last_metrics",
     "list_runs",
+    "live_state",
     "read_status",
     "write_status",
 ]
+
+#: How often a running job's driver refreshes `heartbeat` in its status.json.
+HEARTBEAT_EVERY_S = 5.0
+#: A `running` run whose heartbeat is older than this is shown as `stale`.
+STALE_AFTER_S = 60.0
+_STATUS_LOCK = threading.Lock()  # the heartbeat thread and the job update one file
 
 RunState = Literal["running", "completed", "stopped", "failed", "interrupted"]
 
@@ -54,13 +74,73 @@ def write_status(run_dir: str | Path, state: RunState, **fields: Any) -> dict[st
     """Merge `fields` into `status.json` with the new state and a timestamp (atomic write)."""
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    status = read_status(run)
-    status.update(fields)
-    status["state"] = state
-    status["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    status.setdefault("host", socket.gethostname())
-    _atomic_write(run / "status.json", json.dumps(status, indent=2, sort_keys=True) + "\n")
+    with _STATUS_LOCK:
+        status = read_status(run)
+        status.update(fields)
+        status["state"] = state
+        status["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        if state == "running":
+            status["heartbeat"] = time.time()
+        status.setdefault("host", socket.gethostname())
+        _atomic_write(run / "status.json", json.dumps(status, indent=2, sort_keys=True) + "\n")
     return status
+
+
+def _beat(run: Path) -> None:
+    with _STATUS_LOCK:
+        status = read_status(run)
+        if status.get("state") != "running":  # the job has recorded how it ended
+            return
+        status["heartbeat"] = time.time()
+        _atomic_write(run / "status.json", json.dumps(status, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def heartbeat(run_dir: str | Path, every_s: float = HEARTBEAT_EVERY_S) -> Iterator[None]:
+    """Refresh the `running` status's `heartbeat` every `every_s` seconds (a daemon thread)
+    for the duration of the block, so `kiln runs` can tell a live job from a dead one."""
+    run = Path(run_dir)
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(every_s):
+            with contextlib.suppress(OSError):  # a full disk must not end the job here
+                _beat(run)
+
+    thread = threading.Thread(target=loop, name="kiln-heartbeat", daemon=True)
+    # it takes no lock a forked worker could need: the local curation executor may still
+    # fork (sharing the driver's warmed stage contexts) while it runs
+    thread.kiln_fork_safe = True  # type: ignore[attr-defined]
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=every_s + 5)
+
+
+def live_state(status: dict[str, Any], now: float | None = None) -> tuple[str, str | None]:
+    """(state, why) of a status: a `running` one whose driver is gone on this host is
+    `dead`, one whose heartbeat is older than `STALE_AFTER_S` is `stale`; others as
+    recorded (why None)."""
+    state = str(status.get("state", "unknown"))
+    if state != "running":
+        return state, None
+    driver = status.get("driver")
+    beat = status.get("heartbeat")
+    age = (time.time() if now is None else now) - beat if isinstance(beat, (int, float)) else None
+    since = f", last heartbeat {age:.0f}s ago" if age is not None else ""
+    if isinstance(driver, dict) and alive(driver) is False:
+        return "dead", (
+            f"driver pid {driver.get('pid')} on {driver.get('host')} is gone{since}: it was "
+            "killed; rerun or `kiln resume` it"
+        )
+    if age is not None and age > STALE_AFTER_S:
+        return "stale", (
+            f"no heartbeat for {age:.0f}s (driver pid {(driver or {}).get('pid')} on "
+            f"{(driver or {}).get('host')}): its driver died or hangs"
+        )
+    return state, None
 
 
 def last_metrics(run_dir: str | Path) -> dict[str, Any] | None:
@@ -132,8 +212,8 @@ def _run_info(run: Path) -> RunInfo:
     summary = ""
     if kind == "curate" and "samples_out" in status:
         summary = f"{status.get('samples_in')} in -> {status['samples_out']} kept"
-    state = str(status.get("state", "unknown"))
-    error = status.get("error") if state in ("failed", "interrupted", "unknown") else None
+    state, why = live_state(status)
+    error = why or (status.get("error") if state in ("failed", "interrupted", "unknown") else None)
     return RunInfo(
         path=str(run),
         name=name,

@@ -97,6 +97,13 @@ class DataConfig(StrictModel):
         description="online balancing (default off); a run resumes only with the balance "
         "it started with",
     )
+    verify_shards: bool = Field(
+        default=True,
+        description="hash every shard once before the ranks start and compare with the "
+        "sha256 manifest.json records (a damaged shard is one clear error naming it; "
+        "milliseconds for the quickstart, one read of the dataset per launch: turn off for "
+        "datasets much larger than the page cache)",
+    )
 
 
 class OptimConfig(StrictModel):

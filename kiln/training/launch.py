@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
+import math
 import os
 import signal
 import socket
@@ -42,13 +44,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import BaseModel, Field
 
+from kiln.liveness import identity, watch
+from kiln.resource_fit import RAY_START_TIMEOUT_S, WaitTimeout, check_train_fits, ray_capacity
 from kiln.training.checkpoint import latest_checkpoint
 from kiln.training.config import Launcher, Placement, TrainConfig
 from kiln.training.engine import prebuild_comm_ops, prebuild_offload_ops, set_runtime_env
@@ -70,6 +74,8 @@ CONFIG_FILE = "train_config.json"
 ATTEMPTS_FILE = "kiln_attempts.jsonl"
 _LOG_TAIL_BYTES = 6000
 _FAULT_PREFIX = "KILN_FAULT_"
+_SAY_WAITING_EVERY_S = 30.0
+_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train's, 60 s
 
 
 class TrainSummary(BaseModel):
@@ -160,6 +166,7 @@ def train(
     max_restarts: int = 0,
     placement: Placement = "pack",
     checked: bool = False,
+    start_timeout_s: float = RAY_START_TIMEOUT_S,
 ) -> TrainSummary:
     """Train `cfg` on `num_workers` ranks into `run_dir` (resume: from its latest complete
     checkpoint). Returns when every rank is done; raises `TrainLaunchError` if one fails
@@ -170,6 +177,11 @@ def train(
     is one rank and torchrun / srun set the world size (`num_workers` is not used).
     `checked`: the caller already ran `kiln.training.preflight.preflight` for this launch
     (`kiln train` does, before it starts Ray), so it is not run twice.
+
+    Ray: workers that can never all be placed (more CPUs than the cluster has, a worker
+    bigger than any node) are refused before Ray Train starts (`ResourceFitError`); a
+    group that does not start within `start_timeout_s` (resources held by another job, a
+    node lost) ends the run with `WaitTimeout`, with a line every 30 s while it waits.
     """
     if num_workers < 1:
         raise ValueError(f"num_workers={num_workers} must be at least 1")
@@ -192,7 +204,9 @@ def train(
     world = ranks.world_size if ranks is not None else num_workers
     run = Path(run_dir).resolve()
     if not checked:  # under torchrun, `run_rank` checks the run dir once it knows of restarts
-        preflight(cfg, world, run, resume, run_dir_check=ranks is None)
+        # (and one process per node hashes the shards)
+        verify = ranks is None or ranks.local_rank == 0
+        preflight(cfg, world, run, resume, run_dir_check=ranks is None, verify=verify)
     run.mkdir(parents=True, exist_ok=True)
     if ranks is None or ranks.rank == 0:
         (run / SUMMARY_FILE).unlink(missing_ok=True)
@@ -221,6 +235,7 @@ def train(
         recipe_hash,
         max_restarts,
         placement,
+        start_timeout_s,
     )
     nodes = [str(w["node_id"]) for w in attempts[-1]["workers"]] if attempts else []
     return _read_summary(run, launcher, started, max(0, len(attempts) - 1), nodes)
@@ -229,13 +244,16 @@ def train(
 # --------------------------------------------------------------------------- local launcher
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: ask the kernel to SIGKILL this child if the launching process dies."""
+def _die_with_parent(parent: int) -> None:  # pragma: no cover - in the child before exec
+    """Linux: ask the kernel to SIGKILL this child if the launching process (`parent`)
+    dies; exit at once if it died before the request took effect."""
     with contextlib.suppress(Exception):
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _log_path(logs: Path, rank: int) -> Path:
@@ -376,7 +394,7 @@ def _run_local_ranks(
                         stderr=subprocess.STDOUT,
                         stdin=subprocess.DEVNULL,
                         start_new_session=True,
-                        preexec_fn=_die_with_parent,
+                        preexec_fn=functools.partial(_die_with_parent, os.getpid()),
                     )
                 )
         failed: int | None = None
@@ -436,9 +454,12 @@ def _ray_train_loop(config: dict[str, Any]) -> None:
     from kiln.training.loop import train_worker
 
     run = Path(config["run_dir"])
-    tag = latest_checkpoint(run)  # before any collective: see the module docstring
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
+    # a SIGKILLed driver must not leave its ranks training until Ray notices its job is gone
+    # (steps and checkpoints later): each rank on the driver's host exits when its pid is
+    watch(config["driver"], f"Ray Train rank {rank} of {run}")
+    tag = latest_checkpoint(run)  # before any collective: see the module docstring
     here = {
         "rank": rank,
         "node_id": ray.get_runtime_context().get_node_id(),
@@ -478,6 +499,7 @@ def _launch_ray(
     recipe_hash: str,
     max_restarts: int,
     placement: Placement,
+    start_timeout_s: float,
 ) -> list[dict[str, Any]]:
     """Run the Ray Train group to the end; returns the attempts it took (see
     `_record_attempt`), more than one when Ray Train restarted it."""
@@ -490,6 +512,13 @@ def _launch_ray(
         )
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    check_train_fits(world, cpus_per_worker, gpus_per_worker, placement, ray_capacity())
+    # Ray Train retries a group that did not start in its own timeout (60 s) forever:
+    # bound the retries to about start_timeout_s (the watchdog in _fit_interruptibly says
+    # what it waits for meanwhile)
+    group_timeout = float(os.environ.get(_GROUP_START_TIMEOUT_ENV, "60") or 60)
+    start_retries = max(1, math.ceil(start_timeout_s / max(group_timeout, 1.0)))
 
     resources: dict[str, float] = {"CPU": cpus_per_worker}
     if gpus_per_worker > 0:
@@ -510,6 +539,7 @@ def _launch_ray(
             "num_threads": _threads(cpus_per_worker),
             "attempts_file": str(attempts_file),
             "max_restarts": max_restarts,
+            "driver": identity(),
         },
         scaling_config=ScalingConfig(
             num_workers=world,
@@ -521,13 +551,21 @@ def _launch_ray(
         run_config=RunConfig(
             storage_path=str(run / "ray_train"),
             name=name,
-            failure_config=FailureConfig(max_failures=max_restarts),
+            # Ray Train v2's FailureConfig (mypy sees the v1 class of ray.air)
+            failure_config=FailureConfig(  # type: ignore[call-arg]
+                max_failures=max_restarts, controller_failure_limit=start_retries
+            ),
             **worker_env,
         ),
     )
+    what = (
+        f"{world} workers with {cpus_per_worker:g} CPUs"
+        + (f" and {gpus_per_worker:g} GPUs" if gpus_per_worker else "")
+        + f" each (placement {placement})"
+    )
     try:
-        _fit_interruptibly(trainer)
-    except KeyboardInterrupt:
+        _fit_interruptibly(trainer, attempts_file.is_file, start_timeout_s, what)
+    except (KeyboardInterrupt, WaitTimeout):
         raise
     except Exception as e:
         restarts = max(0, len(_read_attempts(attempts_file)) - 1)
@@ -536,8 +574,16 @@ def _launch_ray(
     return _read_attempts(attempts_file)
 
 
-def _fit_interruptibly(trainer: Any) -> None:
-    """`trainer.fit()`, with Ctrl-C (SIGINT) ending it as a KeyboardInterrupt.
+def _fit_interruptibly(
+    trainer: Any,
+    started: Callable[[], bool],
+    start_timeout_s: float,
+    what: str,
+) -> None:
+    """`trainer.fit()`, with Ctrl-C (SIGINT) ending it as a KeyboardInterrupt, and a
+    watchdog on the start: until `started()` is true it says every `_SAY_WAITING_EVERY_S`
+    what it waits for (`what`), and after `start_timeout_s` it aborts the run and raises
+    `WaitTimeout`.
 
     Ray Train installs its own SIGINT handler during fit(): it aborts the run's controller,
     and the driver then exits with status 1 as if the run had failed. Kiln's handler aborts
@@ -547,20 +593,49 @@ def _fit_interruptibly(trainer: Any) -> None:
     import ray
 
     interrupted = threading.Event()
+    timed_out = threading.Event()
+    finished = threading.Event()
+    controllers: list[Any] = []
+
+    def abort() -> None:
+        with contextlib.suppress(Exception):
+            # a controller waiting for a placement group answers after that wait (60 s)
+            ray.get(controllers[0].abort.remote(), timeout=90)
 
     def register(controller: Any) -> None:
+        controllers.append(controller)
+
         def on_sigint(signum: int, frame: Any) -> None:
             if interrupted.is_set():  # a second Ctrl-C: stop waiting for the abort
                 raise KeyboardInterrupt
             interrupted.set()
-            with contextlib.suppress(Exception):
-                ray.get(controller.abort.remote(), timeout=60)
+            abort()
 
         signal.signal(signal.SIGINT, on_sigint)
+
+    def watchdog() -> None:
+        begun = time.monotonic()
+        say_at = begun + _SAY_WAITING_EVERY_S
+        while not finished.wait(1.0) and not started():
+            waited = time.monotonic() - begun
+            if waited >= start_timeout_s:
+                timed_out.set()
+                if controllers:
+                    abort()
+                return
+            if time.monotonic() >= say_at:
+                say_at += _SAY_WAITING_EVERY_S
+                _log(
+                    0,
+                    f"waiting for Ray Train to start {what}: {waited:.0f}s of "
+                    f"{start_timeout_s:.0f}s (resources.start_timeout_s); `ray status` "
+                    "shows what the cluster holds",
+                )
 
     if hasattr(trainer, "_register_sigint_handler"):
         trainer._register_sigint_handler = register
     previous = signal.getsignal(signal.SIGINT)
+    threading.Thread(target=watchdog, name="kiln-start-watchdog", daemon=True).start()
     try:
         trainer.fit()
     except KeyboardInterrupt:
@@ -568,12 +643,27 @@ def _fit_interruptibly(trainer: Any) -> None:
     except Exception as e:
         if interrupted.is_set():
             raise KeyboardInterrupt from e
+        if timed_out.is_set():
+            raise _start_timeout(what, start_timeout_s) from e
         raise
     finally:
+        finished.set()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous)
     if interrupted.is_set():
         raise KeyboardInterrupt
+    if timed_out.is_set():
+        raise _start_timeout(what, start_timeout_s)
+
+
+def _start_timeout(what: str, start_timeout_s: float) -> WaitTimeout:
+    return WaitTimeout(
+        f"Ray Train did not start {what} within {start_timeout_s:.0f}s "
+        "(resources.start_timeout_s): the cluster has the CPUs in total, so other work "
+        "holds them or a node left; check `ray status`, free the resources or lower "
+        "resources.workers, then rerun (a run that had checkpoints resumes with `kiln "
+        "resume RUN_DIR`)"
+    )
 
 
 # --------------------------------------------------------------------------- rank entry point

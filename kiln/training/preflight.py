@@ -18,16 +18,24 @@ __all__ = ["preflight"]
 
 
 def preflight(
-    cfg: TrainConfig, world: int, run: str | Path, resume: bool, *, run_dir_check: bool = True
+    cfg: TrainConfig,
+    world: int,
+    run: str | Path,
+    resume: bool,
+    *,
+    run_dir_check: bool = True,
+    verify: bool = True,
 ) -> str:
-    """Fail in the caller, not in `world` ranks, when the dataset is missing, too small, or
-    has no captions for an objective that reads them, when the checkpoint to resume was
+    """Fail in the caller, not in `world` ranks, when the dataset is missing, too small,
+    damaged (a shard's sha256 is not the manifest's; `verify` and ``data.verify_shards``),
+    or has no captions for an objective that reads them, when the checkpoint to resume was
     trained with another model or ZeRO stage, or (`run_dir_check`) when a fresh run would
     start on top of `run`'s checkpoints. Returns a one-line description of the data."""
     manifest = read_manifest(cfg.data.dataset)  # before torch is imported: fails fast
     from kiln.training.checkpoint import check_resumable, resume_checkpoint
     from kiln.training.data import WebDatasetLoader, dataset_has_text
-    from kiln.training.loop import check_run_dir
+    from kiln.training.loop import _log, check_run_dir
+    from kiln.training.shard_check import verify_shards
 
     run = Path(run)
     if run_dir_check:
@@ -36,6 +44,8 @@ def preflight(
     if tag is not None:
         check_resumable(run, tag, zero_stage=cfg.zero.stage, model=cfg.model)
     loader = WebDatasetLoader.from_config(cfg, world_size=world)
+    if verify and cfg.data.verify_shards:
+        verify_shards(loader.dataset, loader.manifest, log=lambda m: _log(0, m))
     objective = cfg.objective.name if cfg.objective is not None else cfg.model.arch
     if cfg.model.needs_text and not dataset_has_text(loader.dataset):
         raise ValueError(

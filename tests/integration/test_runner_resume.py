@@ -22,6 +22,7 @@ import yaml
 from kiln.contracts import read_manifest
 from kiln.data_curation import run_curation
 from kiln.data_curation.config import CurationConfig
+from kiln.resource_fit import ResourceFitError
 
 REPO = Path(__file__).resolve().parents[2]
 ENTRIES = ["the", "of", "and", "for", "with", "in", "to", "on", "by", "Black", "New"]
@@ -196,9 +197,9 @@ def test_one_cpu_runs_and_an_oversized_stage_is_refused(
 
     big = _spec(laion_pool)
     big["stages"][0]["resources"] = {"num_cpus": 64}
-    with pytest.raises(RuntimeError, match=r"needs 64 CPUs but the Ray cluster has 2: lower"):
+    with pytest.raises(ResourceFitError, match=r"needs 64 CPUs but the Ray cluster .* 2: lower"):
         run_curation(CurationConfig.model_validate(big), str(tmp_path / "big"))
     big["execution"]["executor"] = "local"
     big["execution"]["workers"] = 2
-    with pytest.raises(RuntimeError, match=r"needs 64 CPUs but the local executor"):
+    with pytest.raises(ResourceFitError, match=r"needs 64 CPUs but the local executor"):
         run_curation(CurationConfig.model_validate(big), str(tmp_path / "big-local"))

@@ -98,8 +98,8 @@ def test_train_dry_run_refuses_resources_the_machine_does_not_have(tmp_path: Pat
         tmp_path / "runs/t", "train", str(recipe), "--dry-run", "--set", "resources.workers=3"
     )
     assert report == {"rc": 2, "ray": False, "run_dir": False}
-    assert "= 3 CPUs, but the Ray it runs on has 2 (ray.num_cpus" in err
-    assert "lower resources.workers or cpus_per_worker" in err
+    assert "need 3 CPUs but the embedded Ray (ray.num_cpus=2) has 2" in err
+    assert "lower resources.workers or resources.cpus_per_worker, or raise ray.num_cpus" in err
 
 
 def test_train_dry_run_names_a_bad_flavor(tmp_path: Path) -> None:
@@ -175,7 +175,7 @@ def test_curate_dry_run_refuses_a_stage_bigger_than_ray(tmp_path: Path) -> None:
     recipe = write_recipe(folder, data)
     report, _, err = dry_run(folder / "runs/c", "curate", str(recipe), "--dry-run")
     assert report == {"rc": 2, "ray": False, "run_dir": False}
-    assert "stage 'text' asks for 4 CPUs per task" in err and "has 1 (ray.num_cpus)" in err
+    assert "step text: a task needs 4 CPUs but the embedded Ray (ray.num_cpus=1) has 1" in err
 
 
 def test_curate_dry_run_does_not_generate_a_synthetic_pool(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import pytest
 from kiln import storage
 from kiln.data_curation.executors import LocalExecutor, choose_executor
 from kiln.data_curation.stage import StageResources
+from kiln.resource_fit import ResourceFitError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -114,9 +115,11 @@ def test_a_failing_task_raises_its_error_and_stops_the_pool(tmp_path: Path) -> N
 def test_resources_a_local_pool_cannot_give_are_refused(tmp_path: Path) -> None:
     job = _Job("big", str(tmp_path))
     ex = LocalExecutor(_task, workers=2)
-    with pytest.raises(RuntimeError, match=r"needs 4 CPUs but the local executor"):
+    with pytest.raises(ResourceFitError, match=r"needs 4 CPUs but the local executor"):
         ex.run("apply", job, [{"value": 1}], resources=StageResources(num_cpus=4))
-    with pytest.raises(RuntimeError, match=r"set execution.executor: ray"):
+    with pytest.raises(ResourceFitError, match=r"step big: .* set execution.executor: ray"):
+        ex.check_plan([("big", StageResources(num_gpus=1))])
+    with pytest.raises(ResourceFitError, match=r"set execution.executor: ray"):
         ex.run("apply", job, [{"value": 1}], resources=StageResources(num_gpus=1))
     with pytest.raises(ValueError, match=r"execution\.workers=0"):
         LocalExecutor(_task, workers=0)
@@ -162,3 +165,17 @@ def test_workers_die_with_a_killed_driver(tmp_path: Path) -> None:
         else [worker]
     )
     assert gone, f"worker {worker} outlived its killed driver"
+
+
+def test_a_jobs_heartbeat_thread_does_not_stop_the_pool_from_forking(tmp_path: Path) -> None:
+    """`kiln curate` runs a heartbeat thread; the pool still forks (sharing the driver's
+    warmed stage contexts) because that thread holds no lock a worker could need."""
+    from kiln.platform.runs import heartbeat, write_status
+
+    write_status(tmp_path, "running", kind="curate", name="c")
+    with heartbeat(tmp_path, every_s=0.05):
+        ex = LocalExecutor(_task, workers=1)
+        assert ex._mp().get_start_method() == "fork"
+        results, _ = ex.run("apply", _Job("s", str(tmp_path)), [{"value": 3}])
+        ex.close()
+    assert results[0]["v"] == 6

@@ -263,9 +263,8 @@ def test_missing_image_dir_is_refused_at_validation(tmp_path: Path) -> None:
     }
     _error(
         lambda: parse_recipe(recipe),
-        f"recipe: input: input.image_dir={missing!r} does not exist: set it to the folder the "
-        "paths in input.image_path_column are relative to (relative: to the directory kiln "
-        "runs in)",
+        f"recipe: input.image_dir={missing!r} does not exist: set it to the folder the "
+        "paths in input.image_path_column are relative to",
     )
 
 

@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from kiln.platform.runs import format_runs, last_metrics, list_runs, read_status, write_status
+from kiln.liveness import alive, identity
+from kiln.platform.runs import (
+    STALE_AFTER_S,
+    format_runs,
+    heartbeat,
+    last_metrics,
+    list_runs,
+    live_state,
+    read_status,
+    write_status,
+)
 from kiln.platform.tables import format_table
 
 
@@ -59,3 +73,68 @@ def test_format_table_aligns() -> None:
     assert out[0] == "a     bb"
     assert out[2] == "1     -"
     assert out[3] == "long  2"
+
+
+# --------------------------------------------------------------------------- dead or alive
+
+
+def _gone_process() -> dict[str, object]:
+    """The identity of a real process that has exited since."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    ident = identity(proc.pid)
+    proc.kill()
+    proc.wait()
+    return ident
+
+
+def test_running_run_with_a_dead_driver_is_dead(tmp_path: Path) -> None:
+    write_status(tmp_path, "running", kind="train", name="t", driver=_gone_process())
+    [info] = list_runs(tmp_path)
+    assert info.state == "dead"
+    assert info.error is not None and "is gone" in info.error and "kiln resume" in info.error
+    assert "dead" in format_runs([info])
+
+
+def test_live_driver_is_running_until_its_heartbeat_is_stale(tmp_path: Path) -> None:
+    status = write_status(tmp_path, "running", kind="train", name="t", driver=identity())
+    assert live_state(status) == ("running", None)
+    state, why = live_state(status, now=status["heartbeat"] + STALE_AFTER_S + 1)
+    assert state == "stale" and why is not None and "no heartbeat" in why
+
+
+def test_driver_on_another_host_goes_by_heartbeat(tmp_path: Path) -> None:
+    elsewhere = {"pid": 1, "host": "not-" + socket.gethostname(), "start": 1}
+    status = write_status(tmp_path, "running", kind="curate", name="c", driver=elsewhere)
+    assert alive(elsewhere) is None
+    assert live_state(status)[0] == "running"
+    assert live_state(status, now=status["heartbeat"] + STALE_AFTER_S + 1)[0] == "stale"
+
+
+def test_reused_pid_is_not_the_driver() -> None:
+    me = identity()
+    assert alive(me) is True
+    assert alive({**me, "start": (me["start"] or 0) + 1}) is (me["start"] is None)
+
+
+def test_ended_runs_keep_their_state(tmp_path: Path) -> None:
+    write_status(tmp_path, "running", kind="train", name="t", driver=_gone_process())
+    write_status(tmp_path, "completed")
+    assert list_runs(tmp_path)[0].state == "completed"
+
+
+def test_heartbeat_refreshes_a_running_status_and_leaves_an_ended_one(tmp_path: Path) -> None:
+    first = write_status(tmp_path, "running", kind="train", name="t")["heartbeat"]
+    with heartbeat(tmp_path, every_s=0.05):
+        deadline = time.monotonic() + 20
+        while read_status(tmp_path)["heartbeat"] == first and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert read_status(tmp_path)["heartbeat"] > first
+        write_status(tmp_path, "failed", error="boom")
+        time.sleep(0.3)  # beats that come now must not bring `running` back
+        assert read_status(tmp_path)["state"] == "failed"
+
+
+def test_kiln_runs_does_not_import_torch() -> None:
+    code = "import sys, kiln.platform.runs; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,92 @@
+"""Is a job's driver process still alive, and stop this process when it is not.
+
+A driver (the `kiln train` / `kiln curate` process) is identified by pid, host and the
+kernel's start time of that pid, so a pid the kernel reused for another process does not
+count as the driver. Two users:
+
+- training ranks (Ray Train workers) `watch` their driver and exit when it is gone: a
+  SIGKILLed `kiln train` otherwise leaves its ranks training and checkpointing until Ray
+  notices that the job is gone;
+- `kiln runs` (`kiln.platform.runs`) tells a dead `running` run from a live one.
+
+Only a process on this host can be checked by pid; elsewhere `alive` says it cannot tell
+(None) and callers use the run's heartbeat instead. Linux reads the start time from
+/proc; other systems compare the pid only. Imports nothing heavy (`kiln runs` uses it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+__all__ = ["DRIVER_GONE_EXIT", "alive", "identity", "watch"]
+
+#: Exit status of a process that stopped because its driver died (EX_TEMPFAIL).
+DRIVER_GONE_EXIT = 75
+_WATCH_EVERY_S = 0.25
+
+
+def _start_ticks(pid: int) -> int | None:
+    """The kernel's start time of `pid` (clock ticks since boot), None if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()
+    try:
+        return int(fields[19])  # field 22 of proc(5); fields here start at field 3
+    except (IndexError, ValueError):
+        return None
+
+
+def identity(pid: int | None = None) -> dict[str, Any]:
+    """{"pid", "host", "start"} of `pid` (default: this process), as `alive` checks it."""
+    pid = os.getpid() if pid is None else pid
+    return {"pid": pid, "host": socket.gethostname(), "start": _start_ticks(pid)}
+
+
+def alive(ident: dict[str, Any]) -> bool | None:
+    """Whether the process `ident` (from `identity`) still runs; None when it ran on
+    another host (or `ident` is not a process identity), where no pid can be checked."""
+    pid = ident.get("pid")
+    if not isinstance(pid, int) or ident.get("host") != socket.gethostname():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by another user
+    start = ident.get("start")
+    if start is None:
+        return True
+    now = _start_ticks(pid)
+    return now is None or now == start
+
+
+def watch(ident: dict[str, Any], what: str, every_s: float = _WATCH_EVERY_S) -> bool:
+    """Exit this process (status `DRIVER_GONE_EXIT`) soon after the process `ident` ends,
+    saying so on stderr as ``[kiln] {what} ...``. Returns False (and watches nothing) when
+    that process runs on another host."""
+    if alive(ident) is None:
+        return False
+
+    def run() -> None:
+        while alive(ident):
+            time.sleep(every_s)
+        with contextlib.suppress(Exception):
+            sys.stderr.write(
+                f"[kiln] {what}: its driver (pid {ident['pid']} on {ident['host']}) is gone; "
+                "stopping (resume the run with `kiln resume RUN_DIR`)\n"
+            )
+            sys.stderr.flush()
+        os._exit(DRIVER_GONE_EXIT)
+
+    threading.Thread(target=run, name="kiln-driver-watch", daemon=True).start()
+    return True
