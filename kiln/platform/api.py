@@ -18,7 +18,9 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel
 
+from kiln.console import say
 from kiln.data_curation.config import CurationConfig
+from kiln.platform import logs
 from kiln.platform.ray_cluster import ray_session
 from kiln.platform.recipes import (
     CurateRecipe,
@@ -70,6 +72,7 @@ def _start(recipe: J, *, lead: bool = True, **fields: Any) -> tuple[J, Path]:
     try:
         run.mkdir(parents=True, exist_ok=True)
         dump_recipe(recipe, run / "recipe.yaml")
+        logs.attach_run(run)  # the CLI's library logs: RUN/logs/ from here on
     except (FileExistsError, NotADirectoryError) as e:
         raise RecipeError(
             f"run_dir {str(run)!r} cannot be a folder: {e.filename or run} is a file; "
@@ -166,7 +169,16 @@ def export(run_dir: str, out: str | None, *, step: int | None, fmt: str) -> Path
 def _evaluate_into(model_file: Path, cfg: Any, out_dir: Path) -> dict[str, Any]:
     from kiln.training.evaluate import evaluate
 
-    return evaluate(str(model_file), cfg, str(out_dir / "eval.json"))
+    sets = [
+        f"{what} on {where}"
+        for what, where in (("zero-shot", cfg.zero_shot), ("retrieval", cfg.retrieval))
+        if where
+    ]
+    say(f"evaluating {model_file} ({', '.join(sets)})")
+    started = time.perf_counter()
+    result = evaluate(str(model_file), cfg, str(out_dir / "eval.json"))
+    say(f"evaluation done in {time.perf_counter() - started:.0f}s: {out_dir / 'eval.json'}")
+    return result
 
 
 def run_train(recipe: TrainRecipe, *, resume: bool = False) -> Any:
@@ -225,7 +237,7 @@ def run_train(recipe: TrainRecipe, *, resume: bool = False) -> Any:
             restarts=summary.restarts,
             eval=eval_result,
         )
-    return summary
+    return summary.model_copy(update={"eval": eval_result}) if eval_result else summary
 
 
 def _train_run_recipe(run_dir: str, overrides: list[str], not_train: str) -> TrainRecipe:
@@ -285,6 +297,7 @@ def eval_run_dir(run_dir: str, overrides: list[str] | None = None) -> dict[str, 
             f"{recipe_file}: its eval section names no data: pass "
             "--set eval.zero_shot=EVAL_DIR or --set eval.retrieval=DATASET_DIR"
         )
+    logs.attach_run(run_dir)
     result = _evaluate_into(resolve_model_file(run_dir), train.eval, Path(run_dir))
     return result
 

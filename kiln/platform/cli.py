@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kiln",
         description="Curate image-text data and train vision(-language) models on it.",
     )
+    _add_verbose(parser, False)
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     q = sub.add_parser(
@@ -152,7 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("-n", "--samples", type=int, default=3)
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
     _add_metadata(sub)
+    for verb_parser in sub.choices.values():  # `kiln -v train ...` and `kiln train -v ...`
+        _add_verbose(verb_parser, argparse.SUPPRESS)
     return parser
+
+
+def _add_verbose(p: argparse.ArgumentParser, default: object) -> None:
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default,
+        help="also show Ray's, DeepSpeed's and torch's logs (always kept in RUN/logs/)",
+    )
 
 
 def _add_metadata(sub: Any) -> None:
@@ -251,10 +265,14 @@ def _dispatch(args: argparse.Namespace) -> int:
                 f"{args.recipe} is a `kind: {recipe.kind}` recipe: run it with "
                 f"`kiln {recipe.kind} {args.recipe}`"
             )
-        _print_result(api.run_job(recipe, fresh=getattr(args, "fresh", False)))
+        result = api.run_job(recipe, fresh=getattr(args, "fresh", False))
+        _print_result(result)
+        _outputs(args, result)
         return 0
     if args.verb == "resume":
-        _print_result(api.resume_run(args.run_dir, overrides))
+        result = api.resume_run(args.run_dir, overrides)
+        _print_result(result)
+        _outputs(args, result)
         return 0
     if args.verb == "eval":
         if os.path.isdir(args.target):
@@ -268,6 +286,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                 )
             result = api.run_job(recipe)
         _print_result(result)
+        _outputs(args, result)
         return 0
     if args.verb == "export":
         path = api.export(args.run_dir, args.out, step=args.step, fmt=args.fmt)
@@ -368,20 +387,81 @@ def _interrupted_run_dir(args: argparse.Namespace) -> str | None:
         return None
 
 
+def _fail(args: argparse.Namespace, message: str, kept: str = "") -> int:
+    """kiln's one-line error; the traceback (Ray's included) goes to the run's log file,
+    which the line names, and to the terminal only with -v."""
+    from kiln.platform import logs
+
+    logs.write_library_text(traceback.format_exc())
+    log = logs.current_log()
+    where = f" (details: {log})" if log is not None and not args.verbose else ""
+    print(f"kiln {args.verb}: error: {message}{kept}{where}", file=sys.stderr)
+    return 2
+
+
+def _kept(args: argparse.Namespace) -> str:
+    """What a failed job keeps, once it has a run dir."""
+    from kiln.platform import logs
+
+    log = logs.current_log()
+    if log is None:
+        return ""
+    run = log.parent.parent
+    if args.verb == "curate":
+        return (
+            f". Nothing written so far in {run} is lost: the same command reuses its finished steps"
+        )
+    if args.verb in ("train", "resume"):
+        return (
+            f". Nothing written so far in {run} is lost: `kiln resume {run}` continues from "
+            "its latest complete checkpoint"
+        )
+    return ""
+
+
+def _outputs(args: argparse.Namespace, result: Any) -> None:
+    """The last line of a job: where its outputs are."""
+    from kiln.platform import logs
+
+    log = logs.current_log()
+    if log is None or getattr(result, "rank", 0) != 0:
+        return
+    run = log.parent.parent
+    r = result.model_dump(mode="json") if hasattr(result, "model_dump") else result
+    parts = []
+    if isinstance(r, dict) and r.get("dataset_dir"):
+        parts.append(f"dataset {r['dataset_dir']}")
+    if isinstance(r, dict) and r.get("latest_checkpoint"):
+        parts.append(f"checkpoints {run / 'checkpoints'}")
+    if (run / "eval.json").is_file() and (
+        args.verb == "eval" or (isinstance(r, dict) and r.get("eval"))
+    ):
+        parts.append(f"eval {run / 'eval.json'}")
+    parts.append(f"logs {log.parent}")
+    print(f"outputs in {run}: {', '.join(parts)}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `kiln` console script."""
     args = build_parser().parse_args(argv)
+    from kiln.platform import logs
+
+    logs.configure(args.verbose)
     try:
         return _dispatch(args)
     except _USER_ERRORS as e:
-        print(f"kiln {args.verb}: error: {_root_cause(e)}", file=sys.stderr)
-        return 2
+        return _fail(args, str(_root_cause(e)), _kept(args))
     except OSError as e:
         cause = _root_cause(e)
         if not isinstance(cause, OSError) or cause.errno not in _STORAGE_ERRNOS:
             raise
-        print(f"kiln {args.verb}: error: {_storage_message(cause)}", file=sys.stderr)
-        return 2
+        return _fail(args, _storage_message(cause))
+    except RuntimeError as e:  # a rank or Ray Train failed: its story is in the logs
+        launch = sys.modules.get("kiln.training.launch")
+        if launch is None or not isinstance(e, launch.TrainLaunchError):
+            raise
+        log = f"; the failing rank's log: {e.log}" if e.log else ""
+        return _fail(args, f"{e.headline}{log}", _kept(args))
     except BrokenPipeError:  # `kiln runs | head`: the reader left, nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
