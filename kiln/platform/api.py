@@ -207,6 +207,11 @@ def run_train(recipe: TrainRecipe, *, resume: bool = False) -> Any:
             if res.launcher == "ray"
             else contextlib.nullcontext()
         )
+        if logs.is_configured():  # DeepSpeed adds its own stdout handler when imported
+            from kiln.training.engine import import_deepspeed
+
+            import_deepspeed()
+            logs.capture_library_loggers()
         with ray_ctx:
             summary = train(
                 _as(recipe, TrainConfig),

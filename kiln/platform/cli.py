@@ -11,7 +11,6 @@ import errno
 import json
 import os
 import sys
-import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -387,58 +386,19 @@ def _interrupted_run_dir(args: argparse.Namespace) -> str | None:
         return None
 
 
-def _fail(args: argparse.Namespace, message: str, kept: str = "") -> int:
-    """kiln's one-line error; the traceback (Ray's included) goes to the run's log file,
-    which the line names, and to the terminal only with -v."""
+def _fail(args: argparse.Namespace, message: str, kept: bool = False) -> int:
     from kiln.platform import logs
 
-    logs.write_library_text(traceback.format_exc())
-    log = logs.current_log()
-    where = f" (details: {log})" if log is not None and not args.verbose else ""
-    print(f"kiln {args.verb}: error: {message}{kept}{where}", file=sys.stderr)
+    print(logs.error_line(args.verb, message, kept=kept), file=sys.stderr)
     return 2
 
 
-def _kept(args: argparse.Namespace) -> str:
-    """What a failed job keeps, once it has a run dir."""
-    from kiln.platform import logs
-
-    log = logs.current_log()
-    if log is None:
-        return ""
-    run = log.parent.parent
-    if args.verb == "curate":
-        return (
-            f". Nothing written so far in {run} is lost: the same command reuses its finished steps"
-        )
-    if args.verb in ("train", "resume"):
-        return (
-            f". Nothing written so far in {run} is lost: `kiln resume {run}` continues from "
-            "its latest complete checkpoint"
-        )
-    return ""
-
-
 def _outputs(args: argparse.Namespace, result: Any) -> None:
-    """The last line of a job: where its outputs are."""
     from kiln.platform import logs
 
-    log = logs.current_log()
-    if log is None or getattr(result, "rank", 0) != 0:
-        return
-    run = log.parent.parent
-    r = result.model_dump(mode="json") if hasattr(result, "model_dump") else result
-    parts = []
-    if isinstance(r, dict) and r.get("dataset_dir"):
-        parts.append(f"dataset {r['dataset_dir']}")
-    if isinstance(r, dict) and r.get("latest_checkpoint"):
-        parts.append(f"checkpoints {run / 'checkpoints'}")
-    if (run / "eval.json").is_file() and (
-        args.verb == "eval" or (isinstance(r, dict) and r.get("eval"))
-    ):
-        parts.append(f"eval {run / 'eval.json'}")
-    parts.append(f"logs {log.parent}")
-    print(f"outputs in {run}: {', '.join(parts)}")
+    line = logs.outputs_line(args.verb, result)
+    if line:
+        print(line)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -450,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except _USER_ERRORS as e:
-        return _fail(args, str(_root_cause(e)), _kept(args))
+        return _fail(args, str(_root_cause(e)), kept=True)
     except OSError as e:
         cause = _root_cause(e)
         if not isinstance(cause, OSError) or cause.errno not in _STORAGE_ERRNOS:
@@ -461,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if launch is None or not isinstance(e, launch.TrainLaunchError):
             raise
         log = f"; the failing rank's log: {e.log}" if e.log else ""
-        return _fail(args, f"{e.headline}{log}", _kept(args))
+        return _fail(args, f"{e.headline}{log}", kept=True)
     except BrokenPipeError:  # `kiln runs | head`: the reader left, nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -26,6 +26,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,7 +40,9 @@ __all__ = [
     "capture_library_loggers",
     "configure",
     "current_log",
+    "error_line",
     "is_configured",
+    "outputs_line",
     "process_output_to_log",
     "route_ray_worker_output",
     "write_library_text",
@@ -273,3 +276,46 @@ def route_ray_worker_output() -> bool:
     dispatcher.remove_handler("kiln_worker_output")
     dispatcher.add_handler("kiln_worker_output", _on_worker_output)
     return True
+
+
+def error_line(verb: str, message: str, *, kept: bool = False) -> str:
+    """kiln's one-line error for the exception being handled: its traceback (Ray's
+    included) goes to the run log, which the line names (shown on the terminal only with
+    -v); `kept` adds what the failed job keeps, once it has a run dir."""
+    write_library_text(traceback.format_exc())
+    log = current_log()
+    note = ""
+    if kept and log is not None:
+        run = log.parent.parent
+        if verb == "curate":
+            note = (
+                f". Nothing written so far in {run} is lost: once fixed, the same command "
+                "reuses its finished steps"
+            )
+        elif verb in ("train", "resume"):
+            note = (
+                f". Nothing written so far in {run} is lost: `kiln resume {run}` continues "
+                "from its latest complete checkpoint"
+            )
+    where = f" (details: {log})" if log is not None and not verbose() else ""
+    return f"kiln {verb}: error: {message}{note}{where}"
+
+
+def outputs_line(verb: str, result: Any) -> str | None:
+    """The last line of a job: where its outputs are (None outside a run, and on every
+    torchrun rank but 0)."""
+    log = current_log()
+    if log is None or getattr(result, "rank", 0) != 0:
+        return None
+    run = log.parent.parent
+    r = result.model_dump(mode="json") if hasattr(result, "model_dump") else result
+    r = r if isinstance(r, dict) else {}
+    parts = []
+    if r.get("dataset_dir"):
+        parts.append(f"dataset {r['dataset_dir']}")
+    if r.get("latest_checkpoint"):
+        parts.append(f"checkpoints {run / 'checkpoints'}")
+    if (run / "eval.json").is_file() and (verb == "eval" or r.get("eval")):
+        parts.append(f"eval {run / 'eval.json'}")
+    parts.append(f"logs {log.parent}")
+    return f"outputs in {run}: {', '.join(parts)}"

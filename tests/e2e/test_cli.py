@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.helpers_output import library_lines
 
 REPO = Path(__file__).resolve().parents[2]
 KILN = [sys.executable, "-m", "kiln.platform.cli"]
@@ -34,19 +35,6 @@ def kiln(*args: str, cwd: Path = REPO, check: bool = True) -> subprocess.Complet
             f"\n--- stderr\n{proc.stderr[-4000:]}"
         )
     return proc
-
-
-#: what Ray, DeepSpeed and torch print (kiln's own lines never look like this): Ray's
-#: `(name pid=N)` prefix, timestamped log records, tracebacks, colour codes
-_LIBRARY_LINE = re.compile(
-    r"pid=\d+\)|^\[?\d{4}-\d\d-\d\d[ T]\d\d:\d\d|\x1b\[|Traceback|^\s+File \"|DeepSpeed|"
-    r"core_worker|^\s*\^+\s*$|\b(WARNING|INFO|DEBUG)\b"
-)
-
-
-def library_lines(output: str) -> list[str]:
-    """The lines of `output` that Ray / DeepSpeed / torch printed, not kiln."""
-    return [ln for ln in output.splitlines() if _LIBRARY_LINE.search(ln) and "[kiln]" not in ln]
 
 
 @pytest.fixture(scope="module")

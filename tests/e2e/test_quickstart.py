@@ -7,7 +7,8 @@ import os
 import subprocess
 from pathlib import Path
 
-from tests.e2e.test_cli import KILN, REPO, library_lines
+from tests.e2e.test_cli import KILN, REPO
+from tests.helpers_output import library_lines
 
 
 def test_quickstart_small(tmp_path: Path) -> None:
