@@ -1,7 +1,9 @@
 """`kiln` command line: a thin layer over `kiln.platform.api`.
 
-Errors a user can fix (a bad recipe, a missing path) print one clear message and exit 2;
-anything else is a bug and keeps its traceback.
+Errors a user can fix (a bad recipe, a missing path, a full disk, a training rank that
+died) print one clear message and exit 2, with their traceback in the run's `logs/` (on the
+terminal with -v); anything else is a bug and keeps its traceback. What the terminal shows
+and what goes to `RUN/logs/` is `kiln.platform.logs`.
 """
 
 from __future__ import annotations

@@ -597,12 +597,30 @@ def _launch_ray(
     except Exception as e:
         restarts = max(0, len(_read_attempts(attempts_file)) - 1)
         after = f" after {restarts} restart(s)" if restarts else ""
-        cause = last_error_line(str(e)) or type(e).__name__
         raise TrainLaunchError(
             f"Ray Train run failed{after}: {type(e).__name__}: {e}",
-            headline=f"Ray Train run failed{after}: {cause}",
+            headline=f"Ray Train run failed{after}: {_ray_failure(e)}",
         ) from e
     return _read_attempts(attempts_file)
+
+
+def _ray_failure(e: BaseException) -> str:
+    """What failed, in one line: a rank whose worker process died (the others then fail
+    on its lost connection), else the first failing rank's own error."""
+    failures = getattr(e, "worker_failures", None)  # Ray Train's WorkerGroupError
+    if not isinstance(failures, dict) or not failures:
+        return last_error_line(str(e)) or type(e).__name__
+    died = [rank for rank, f in sorted(failures.items()) if "died unexpectedly" in str(f)]
+    if died:
+        ranks = ", ".join(map(str, died))
+        return (
+            f"the worker process of rank {ranks} died (killed, or out of memory: see the "
+            "machine's kernel log)"
+        )
+    rank, failure = sorted(failures.items())[0]
+    cause = getattr(failure, "cause", None) or failure  # a task error wraps the rank's own
+    message = str(cause).strip().splitlines()
+    return f"rank {rank}: {type(cause).__name__}: {message[0] if message else ''}".rstrip(": ")
 
 
 def _fit_interruptibly(trainer: Any) -> None:

@@ -6,6 +6,7 @@ import io
 import logging
 import subprocess
 import sys
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -127,3 +128,25 @@ def test_last_error_line_finds_the_exception() -> None:
     )
     assert last_error_line(tail) == "ray.exceptions.ActorDiedError: The actor died unexpectedly"
     assert last_error_line("no error here\n") is None
+
+
+def test_ray_train_failure_headline_names_the_dead_rank_or_the_error() -> None:
+    """Ray Train's error for a failed group holds every rank's traceback (~285 lines for a
+    dead worker); the CLI prints one line: the rank that died (the others then fail on its
+    lost connection), else the first rank's own error."""
+    from ray.exceptions import ActorDiedError, RayTaskError
+    from ray.train import WorkerGroupError
+
+    from kiln.training.launch import _ray_failure
+
+    try:
+        raise RuntimeError("Connection reset by peer\nmore detail")
+    except RuntimeError as e:
+        reset = RayTaskError("train_fn", traceback.format_exc(), e)
+    died = WorkerGroupError("...", {0: reset, 1: ActorDiedError()})
+    assert _ray_failure(died) == (
+        "the worker process of rank 1 died (killed, or out of memory: see the machine's kernel log)"
+    )
+    assert _ray_failure(WorkerGroupError("...", {0: reset})) == (
+        "rank 0: RuntimeError: Connection reset by peer"
+    )
