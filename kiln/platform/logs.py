@@ -275,7 +275,17 @@ def route_ray_worker_output() -> bool:
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.remove_handler("kiln_worker_output")
     dispatcher.add_handler("kiln_worker_output", _on_worker_output)
+    # the driver's error listener ("A worker died or was killed ...") prints through this
+    # function directly, not through the dispatcher
+    import ray._private.worker as ray_worker
+
+    if hasattr(ray_worker, "print_to_stdstream"):
+        ray_worker.print_to_stdstream = _print_to_stdstream
     return True
+
+
+def _print_to_stdstream(data: dict[str, Any], ignore_prefix: bool = False) -> None:
+    _on_worker_output(data)
 
 
 def error_line(verb: str, message: str, *, kept: bool = False) -> str:

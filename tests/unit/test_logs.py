@@ -150,3 +150,27 @@ def test_ray_train_failure_headline_names_the_dead_rank_or_the_error() -> None:
     assert _ray_failure(WorkerGroupError("...", {0: reset})) == (
         "rank 0: RuntimeError: Connection reset by peer"
     )
+
+
+def test_ray_driver_error_listener_goes_to_the_log(
+    configured: None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Ray's driver prints errors pushed by the raylet ("A worker died or was killed ...")
+    through `print_to_stdstream` directly: routed, they land in the run log only."""
+    import ray._private.worker as ray_worker
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)
+    monkeypatch.setattr(dispatcher, "handlers", list(dispatcher.handlers))
+    path = logs.attach_run(tmp_path)
+    assert path is not None and logs.route_ray_worker_output()
+    ray_worker.print_to_stdstream(
+        {"lines": ["A worker died or was killed"], "pid": "raylet", "is_err": False},
+        ignore_prefix=False,
+    )
+    dispatcher.emit({"lines": ["[kiln] step 1/2"], "pid": 3, "actor_name": "W", "is_err": False})
+    assert capsys.readouterr().out == "[kiln] step 1/2\n"
+    assert "(raylet) A worker died or was killed" in path.read_text()
