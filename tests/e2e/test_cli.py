@@ -144,6 +144,8 @@ def test_train_stop_runs_resume_eval(root: Path) -> None:
     resumed = kiln("-v", "resume", str(run))  # -v: Ray's lines too, not only kiln's
     assert "(RayTrainWorker pid=" in resumed.stdout + resumed.stderr
     assert "[kiln] step 6/6" in resumed.stdout
+    assert "[kiln] evaluating " in resumed.stdout  # the end-of-training eval, as a table
+    assert "zero-shot color top1" in resumed.stdout and "chance " in resumed.stdout
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "completed" and status["last_step"] == 6
     assert status["started"] == first_started and len(status["attempts"]) == 2
