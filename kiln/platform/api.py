@@ -18,8 +18,10 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel
 
+from kiln.console import say
 from kiln.data_curation.config import CurationConfig
 from kiln.liveness import identity
+from kiln.platform import logs
 from kiln.platform.preflight import check_resources, preflight
 from kiln.platform.ray_cluster import ray_session
 from kiln.platform.recipes import (
@@ -74,6 +76,7 @@ def _start(recipe: J, *, lead: bool = True, **fields: Any) -> tuple[J, Path]:
     try:
         run.mkdir(parents=True, exist_ok=True)
         dump_recipe(recipe, run / "recipe.yaml")
+        logs.attach_run(run)  # the CLI's library logs: RUN/logs/ from here on
     except (FileExistsError, NotADirectoryError) as e:
         raise RecipeError(
             f"run_dir {str(run)!r} cannot be a folder: {e.filename or run} is a file; "
@@ -173,7 +176,16 @@ def export(run_dir: str, out: str | None, *, step: int | None, fmt: str) -> Path
 def _evaluate_into(model_file: Path, cfg: Any, out_dir: Path) -> dict[str, Any]:
     from kiln.training.evaluate import evaluate
 
-    return evaluate(str(model_file), cfg, str(out_dir / "eval.json"))
+    sets = [
+        f"{what} on {where}"
+        for what, where in (("zero-shot", cfg.zero_shot), ("retrieval", cfg.retrieval))
+        if where
+    ]
+    say(f"evaluating {model_file} ({', '.join(sets)})")
+    started = time.perf_counter()
+    result = evaluate(str(model_file), cfg, str(out_dir / "eval.json"))
+    say(f"evaluation done in {time.perf_counter() - started:.0f}s: {out_dir / 'eval.json'}")
+    return result
 
 
 def run_train(recipe: TrainRecipe, *, resume: bool = False) -> Any:
@@ -203,6 +215,11 @@ def run_train(recipe: TrainRecipe, *, resume: bool = False) -> Any:
             if res.launcher == "ray"
             else contextlib.nullcontext()
         )
+        if logs.is_configured():  # DeepSpeed adds its own stdout handler when imported
+            from kiln.training.engine import import_deepspeed
+
+            import_deepspeed()
+            logs.capture_library_loggers()
         beat = heartbeat(run) if lead else contextlib.nullcontext()
         with beat, ray_ctx:
             summary = train(
@@ -237,7 +254,7 @@ def run_train(recipe: TrainRecipe, *, resume: bool = False) -> Any:
             restarts=summary.restarts,
             eval=eval_result,
         )
-    return summary
+    return summary.model_copy(update={"eval": eval_result}) if eval_result else summary
 
 
 def _train_run_recipe(run_dir: str, overrides: list[str], not_train: str) -> TrainRecipe:
@@ -307,6 +324,7 @@ def eval_run_dir(
             kind="eval", name=train.name, run_dir=run_dir, checkpoint=run_dir, eval=train.eval
         )
         return dry_run(as_eval)
+    logs.attach_run(run_dir)
     result = _evaluate_into(resolve_model_file(run_dir), train.eval, Path(run_dir))
     return result
 

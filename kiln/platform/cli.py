@@ -1,7 +1,9 @@
 """`kiln` command line: a thin layer over `kiln.platform.api`.
 
-Errors a user can fix (a bad recipe, a missing path) print one clear message and exit 2;
-anything else is a bug and keeps its traceback.
+Errors a user can fix (a bad recipe, a missing path, a full disk, a training rank that
+died) print one clear message and exit 2, with their traceback in the run's `logs/` (on the
+terminal with -v); anything else is a bug and keeps its traceback. What the terminal shows
+and what goes to `RUN/logs/` is `kiln.platform.logs`.
 """
 
 from __future__ import annotations
@@ -118,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--version", action=_Version, nargs=0, help="print the versions of kiln, torch, ray"
     )
+    _add_verbose(parser, False)
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     q = sub.add_parser(
@@ -183,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
     _add_metadata(sub)
     _add_recipe_verb(sub)
+    for verb_parser in sub.choices.values():  # `kiln -v train ...` and `kiln train -v ...`
+        _add_verbose(verb_parser, argparse.SUPPRESS)
     return parser
 
 
@@ -196,6 +201,16 @@ def _add_recipe_verb(sub: Any) -> None:
         "docs", help="write docs/recipes.md and docs/schema/*.schema.json from the models"
     )
     docs.add_argument("--out", default=None, help="folder to write (default: the repo's docs/)")
+
+
+def _add_verbose(p: argparse.ArgumentParser, default: object) -> None:
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default,
+        help="also show Ray's, DeepSpeed's and torch's logs (always kept in RUN/logs/)",
+    )
 
 
 def _add_metadata(sub: Any) -> None:
@@ -323,10 +338,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         recipe = load_job(args)
         if args.dry_run:
             return _print_dry_run(recipe, api.dry_run(recipe))
-        _print_result(api.run_job(recipe, fresh=getattr(args, "fresh", False)))
+        result = api.run_job(recipe, fresh=getattr(args, "fresh", False))
+        _print_result(result)
+        _outputs(args, result)
         return 0
     if args.verb == "resume":
-        _print_result(api.resume_run(args.run_dir, _overrides(args)))
+        result = api.resume_run(args.run_dir, _overrides(args))
+        _print_result(result)
+        _outputs(args, result)
         return 0
     if args.verb == "eval":
         if os.path.isdir(args.target):
@@ -339,6 +358,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                 return _print_dry_run(recipe, api.dry_run(recipe))
             result = api.run_job(recipe)
         _print_result(result)
+        _outputs(args, result)
         return 0
     if args.verb == "export":
         path = api.export(args.run_dir, args.out, step=args.step, fmt=args.fmt)
@@ -443,9 +463,27 @@ def _interrupted_run_dir(args: argparse.Namespace) -> str | None:
         return None
 
 
+def _fail(args: argparse.Namespace, message: str, kept: bool = False) -> int:
+    from kiln.platform import logs
+
+    print(logs.error_line(args.verb, message, kept=kept), file=sys.stderr)
+    return 2
+
+
+def _outputs(args: argparse.Namespace, result: Any) -> None:
+    from kiln.platform import logs
+
+    line = logs.outputs_line(args.verb, result)
+    if line:
+        print(line)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `kiln` console script."""
     args = build_parser().parse_args(argv)
+    from kiln.platform import logs
+
+    logs.configure(args.verbose)
     try:
         return _dispatch(args)
     except _USER_ERRORS as e:
@@ -457,14 +495,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         overrides = getattr(args, "overrides", None)
         message = missing_path_hint(str(_root_cause(e)), recipe_file, overrides)
-        print(f"kiln {args.verb}: error: {message}", file=sys.stderr)
-        return 2
+        return _fail(args, message, kept=True)
     except OSError as e:
         cause = _root_cause(e)
         if not isinstance(cause, OSError) or cause.errno not in _STORAGE_ERRNOS:
             raise
-        print(f"kiln {args.verb}: error: {_storage_message(cause)}", file=sys.stderr)
-        return 2
+        return _fail(args, _storage_message(cause))
+    except RuntimeError as e:  # a rank or Ray Train failed: its story is in the logs
+        launch = sys.modules.get("kiln.training.launch")
+        if launch is None or not isinstance(e, launch.TrainLaunchError):
+            raise
+        log = f"; the failing rank's log: {e.log}" if e.log else ""
+        return _fail(args, f"{e.headline}{log}", kept=True)
     except BrokenPipeError:  # `kiln runs | head`: the reader left, nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

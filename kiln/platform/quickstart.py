@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kiln.platform import api
+from kiln.platform import api, logs
 from kiln.platform.ray_cluster import ray_session
 from kiln.platform.recipes import (
     CurateRecipe,
@@ -136,6 +136,7 @@ def run_quickstart(root: str = _DEFAULT_ROOT, overrides: list[str] | None = None
     for previous in (reference, interrupted):
         _clear_previous_run(Path(previous.run_dir), previous.name)
 
+    logs.attach_run(root)  # Ray starts before the first run dir: its logs go to ROOT/logs/
     with ray_session(curate.ray.address, num_cpus=curate.ray.num_cpus):
         print(f"[1/5] curating the procedural pool into {curate.run_dir}", flush=True)
         cur = api.run_curate(curate)
@@ -204,5 +205,6 @@ def run_quickstart(root: str = _DEFAULT_ROOT, overrides: list[str] | None = None
         eval_result=eval_result,
     )
     print("\n" + format_kv(summary_pairs, "kiln quickstart summary"))
-    print(f"\nreport: {report}")
+    runs = ", ".join(str(Path(r.run_dir).name) for r in (curate, reference, interrupted))
+    print(f"\noutputs in {root}: report {report}, runs {runs} (each with its logs/)")
     return 0 if exact else 1

@@ -12,8 +12,10 @@ import logging
 import os
 import socket
 import sys
+import time
 from collections.abc import Iterator
 
+from kiln.platform import logs
 from kiln.resource_fit import WaitTimeout
 
 __all__ = ["JOIN_TIMEOUT_S", "LOOPBACK", "ray_session", "start_ray"]
@@ -21,6 +23,9 @@ __all__ = ["JOIN_TIMEOUT_S", "LOOPBACK", "ray_session", "start_ray"]
 LOOPBACK = "127.0.0.1"
 #: How long joining a cluster waits for its address to answer before failing.
 JOIN_TIMEOUT_S = 10.0
+#: read by Ray's State API client (Ray Train's actors use it): without it a worker looks
+#: for "the" Ray on the machine and fails when several run (one per kiln run)
+_API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 
 
 def start_ray(
@@ -41,28 +46,47 @@ def start_ray(
         # A private instance reports nothing anywhere: Ray's usage-stats reporter would
         # otherwise try an outside address (a user opts in with RAY_USAGE_STATS_ENABLED=1).
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    imported = sys.modules.get("ray")
+    if imported is not None and imported.is_initialized():
+        return False
+    started = time.perf_counter()  # importing Ray takes seconds: say so before
+    if address is None:
+        _say(f"starting a private Ray on {LOOPBACK} (no address given)")
+    else:
+        _say(f"joining the Ray cluster at {address}")
     import ray
     from ray._private import ray_constants
 
-    if ray.is_initialized():
-        return False
     if address is None:
         ray_constants.ENABLE_RAY_CLUSTER = False
-    kwargs: dict[str, object] = {"logging_level": logging.WARNING, "configure_logging": True}
+    # with kiln's CLI logging (kiln.platform.logs), Ray's driver logs go to the run log:
+    # Ray must not put its own terminal handler back
+    logs.capture_library_loggers()
+    kwargs: dict[str, object] = {
+        "logging_level": logging.WARNING,
+        "configure_logging": not logs.is_configured(),
+    }
     if address is None:
         # address="local": a private instance, even when RAY_ADDRESS is set or another Ray
         # runs on this machine (ray.init(address=None) would join those). The dashboard
         # serves Ray's State API, which Ray Train's controller polls (without it a cleaner
         # actor logs a warning every few seconds); keep it on loopback too.
-        _say(f"starting a private Ray on {LOOPBACK} (no address given)")
-        ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            _node_ip_address=LOOPBACK,
-            include_dashboard=dashboard,
-            dashboard_host=LOOPBACK,
-            **kwargs,  # type: ignore[arg-type]
-        )
+        if dashboard:
+            from kiln.training.launch import free_port
+
+            # its workers (Ray Train's controller) find its State API by this variable,
+            # inherited through the raylet, not by looking for "the" Ray on the machine
+            kwargs["dashboard_port"] = free_port()
+            os.environ[_API_SERVER_ENV] = f"http://{LOOPBACK}:{kwargs['dashboard_port']}"
+        with logs.process_output_to_log():  # Ray's own processes log to the run dir
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                _node_ip_address=LOOPBACK,
+                include_dashboard=dashboard,
+                dashboard_host=LOOPBACK,
+                **kwargs,  # type: ignore[arg-type]
+            )
         node_ip = ray.util.get_node_ip_address()
         if node_ip != LOOPBACK:
             ray.shutdown()
@@ -72,8 +96,11 @@ def start_ray(
             )
     else:
         _check_reachable(address)
-        _say(f"joining the Ray cluster at {address}")
-        ray.init(address=address, **kwargs)  # type: ignore[arg-type]
+        with logs.process_output_to_log():
+            ray.init(address=address, **kwargs)  # type: ignore[arg-type]
+    logs.capture_library_loggers()
+    logs.route_ray_worker_output()
+    _say(f"Ray ready ({time.perf_counter() - started:.0f}s)")
     return True
 
 
@@ -106,9 +133,14 @@ def ray_session(
     """Ray for the duration of a block; shuts down only a Ray this block started."""
     import ray
 
+    api_server = os.environ.get(_API_SERVER_ENV)
     started = start_ray(address, num_cpus=num_cpus, dashboard=dashboard)
     try:
         yield
     finally:
         if started:
             ray.shutdown()
+            if api_server is None:  # the next private Ray gets its own
+                os.environ.pop(_API_SERVER_ENV, None)
+            else:
+                os.environ[_API_SERVER_ENV] = api_server

@@ -108,7 +108,10 @@ def format_train(r: dict[str, Any]) -> str:
     ]
     if r.get("restarts"):
         pairs.append(("restarts", r["restarts"]))
-    return format_kv(pairs, "training")
+    out = format_kv(pairs, "training")
+    if r.get("eval"):  # the end-of-training evaluation, against chance
+        out += "\n\n" + format_eval(r["eval"])
+    return out
 
 
 def eval_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:

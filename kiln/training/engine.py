@@ -14,6 +14,7 @@ import math
 import os
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from types import ModuleType
@@ -23,7 +24,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from kiln.console import say
 from kiln.training.config import TrainConfig
+
+_SLOW_OP_S = 3.0  # an op load longer than this is a compile: say so
 
 __all__ = [
     "WarmupCosine",
@@ -340,7 +344,39 @@ def prebuild_comm_ops() -> None:
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
         return
-    builder.load(verbose=False)
+    _load_op(builder, "CPU collectives", "about a minute")
+
+
+def _load_op(builder: Any, purpose: str, expected: str) -> None:
+    """`builder.load()`, saying what it waits for when that takes more than a few seconds
+    (it compiles the op, or waits for another process compiling it into the shared cache):
+    a silent minute looks like a hang."""
+    cache = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / builder.name
+    done = threading.Event()
+    said = threading.Event()
+    # torch's build lock, there before this load started: someone else is compiling
+    other = (cache / "lock").exists()
+
+    def announce() -> None:
+        if done.wait(_SLOW_OP_S):
+            return
+        who = "waiting for another process compiling it" if other else "compiling it"
+        say(
+            f"loading DeepSpeed's {builder.name} op for {purpose}: {who} (once per "
+            f"environment, {expected} on 2 cores; cached in {cache})"
+        )
+        said.set()
+
+    started = time.perf_counter()
+    watcher = threading.Thread(target=announce, daemon=True)
+    watcher.start()
+    try:
+        builder.load(verbose=False)
+    finally:
+        done.set()
+        watcher.join()
+    if said.is_set():
+        say(f"{builder.name} op ready ({time.perf_counter() - started:.0f}s)")
 
 
 def prebuild_offload_ops(cfg: TrainConfig) -> None:
@@ -363,26 +399,14 @@ def prebuild_offload_ops(cfg: TrainConfig) -> None:
             f"install cannot build on this {get_accelerator().device_name()!r} machine (see "
             "`ds_report`): set zero.offload_optimizer: none"
         )
-    cache = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / builder.name / f"{builder.name}.so"
-    fresh = not cache.is_file()
-    if fresh:
-        sys.stdout.write(
-            f"[kiln] compiling DeepSpeed's {builder.name} op for zero.offload_optimizer "
-            f"(once per environment, about 2 minutes on 2 cores; cached in {cache.parent})\n"
-        )
-        sys.stdout.flush()
-    started = time.perf_counter()
     try:
-        builder.load(verbose=False)
+        _load_op(builder, "zero.offload_optimizer", "about 2 minutes")
     except Exception as e:  # compiler missing or failing: say what to do, not a traceback
         raise RuntimeError(
             f"zero.offload_optimizer=cpu needs DeepSpeed's {builder.name} op, which failed to "
             f"compile ({type(e).__name__}: {e}): install a C++ compiler with OpenMP (g++), "
             "or set zero.offload_optimizer: none"
         ) from e
-    if fresh:
-        sys.stdout.write(f"[kiln] {builder.name} op ready ({time.perf_counter() - started:.0f}s)\n")
-        sys.stdout.flush()
 
 
 def restore_cpu_adam_step(engine: Any) -> None:

@@ -38,6 +38,7 @@ import functools
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -51,6 +52,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, Field
 
+from kiln.console import KILN_PREFIX, kiln_stream, library_output_to, say, verbose
 from kiln.liveness import identity, watch
 from kiln.resource_fit import RAY_START_TIMEOUT_S, WaitTimeout, check_train_fits, ray_capacity
 from kiln.training.checkpoint import latest_checkpoint
@@ -103,14 +105,44 @@ class TrainSummary(BaseModel):
     rank: int = Field(
         default=0, description="rank of the process it describes (launcher torchrun: this one)"
     )
+    eval: dict[str, Any] | None = Field(
+        default=None, description="the end-of-training evaluation, when the run made one"
+    )
 
 
 class TrainLaunchError(RuntimeError):
-    """A rank (or the Ray Train run) failed; `exit_codes` maps rank -> exit status."""
+    """A rank (or the Ray Train run) failed; `exit_codes` maps rank -> exit status.
 
-    def __init__(self, message: str, exit_codes: dict[int, int | None] | None = None) -> None:
+    The message holds the details (a rank's log tail, Ray's traceback); `headline` says what
+    failed in one line and `log` names the file with the whole story, for the CLI to print
+    instead of the details.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        exit_codes: dict[int, int | None] | None = None,
+        *,
+        headline: str | None = None,
+        log: Path | None = None,
+    ) -> None:
         super().__init__(message)
         self.exit_codes = exit_codes or {}
+        self.headline = headline or message.splitlines()[0]
+        self.log = log
+
+
+_ERROR_LINE = re.compile(r"^\s*((?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit)\b.*)$")
+
+
+def last_error_line(text: str) -> str | None:
+    """The last `SomeError: message` line of a traceback or log tail, if it has one."""
+    found = None
+    for line in text.splitlines():
+        match = _ERROR_LINE.match(line)
+        if match:
+            found = match.group(1).strip()
+    return found
 
 
 def _threads(cpus_per_worker: float) -> int:
@@ -216,15 +248,22 @@ def train(
     prebuild_offload_ops(cfg)
     threads = _threads(cpus_per_worker)
     if ranks is not None:
-        restarts = run_rank(
-            cfg, run, ranks, num_threads=threads, resume=resume, recipe_hash=recipe_hash
-        )
+        # torchrun prints every rank's output: the libraries' goes to this rank's log file
+        with library_output_to(run / "logs" / f"torchrun-rank{ranks.rank}.log"):
+            restarts = run_rank(
+                cfg, run, ranks, num_threads=threads, resume=resume, recipe_hash=recipe_hash
+            )
         return _read_summary(run, launcher, started, restarts=restarts, rank=ranks.rank)
     if launcher == "local":
+        say(
+            f"starting {world} local rank(s), {threads} thread(s) each (their logs: "
+            f"{run / 'logs'}/trainNNN-rankR.log)"
+        )
         restarts = _launch_local(
             cfg, run, world, threads, gpus_per_worker, resume, recipe_hash, max_restarts
         )
         return _read_summary(run, launcher, started, restarts=restarts)
+    say(f"starting {world} Ray Train worker(s), {cpus_per_worker:g} CPU each")
     attempts = _launch_ray(
         cfg,
         run,
@@ -274,18 +313,25 @@ def _tail(path: Path, limit: int = _LOG_TAIL_BYTES) -> str:
 
 
 class _Follower(threading.Thread):
-    """Echo a growing log file to stdout until stopped."""
+    """Echo kiln's lines of a growing log file (every line with `kiln -v`) until stopped."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(daemon=True)
         self.path = path
         self.stop = threading.Event()
+        self.partial = ""
+        self.show_all = verbose()
 
-    def _pump(self, f: Any) -> None:
-        chunk = f.read()
-        if chunk:
-            sys.stdout.write(chunk.decode(errors="replace"))
-            sys.stdout.flush()
+    def _pump(self, f: Any, final: bool = False) -> None:
+        self.partial += f.read().decode(errors="replace")
+        *lines, self.partial = self.partial.split("\n")
+        if final and self.partial:
+            lines, self.partial = [*lines, self.partial], ""
+        shown = [ln for ln in lines if self.show_all or KILN_PREFIX in ln]
+        if shown:
+            out = kiln_stream()
+            out.write("".join(f"{ln}\n" for ln in shown))
+            out.flush()
 
     def run(self) -> None:
         while not self.path.exists() and not self.stop.is_set():
@@ -293,7 +339,7 @@ class _Follower(threading.Thread):
         with contextlib.suppress(OSError), open(self.path, "rb") as f:
             while not self.stop.wait(0.2):
                 self._pump(f)
-            self._pump(f)
+            self._pump(f, final=True)
 
 
 def _kill_group(proc: subprocess.Popen[bytes], sig: int) -> None:
@@ -349,11 +395,15 @@ def _launch_local(
         exit_codes = dict(enumerate(codes))
         if restarts >= max_restarts:
             after = f" after {restarts} restart(s)" if restarts else ""
+            tail = _tail(log_path)
+            cause = last_error_line(tail)
             raise TrainLaunchError(
                 f"training rank {failed} exited with code {codes[failed]}{after} "
-                f"(exit codes by rank: {exit_codes}); last lines of {log_path}:\n"
-                f"{_tail(log_path)}",
+                f"(exit codes by rank: {exit_codes}); last lines of {log_path}:\n{tail}",
                 exit_codes,
+                headline=f"training rank {failed} exited with code {codes[failed]}{after}"
+                + (f": {cause}" if cause else ""),
+                log=log_path,
             )
         restarts += 1
         tag = latest_checkpoint(run)
@@ -570,8 +620,30 @@ def _launch_ray(
     except Exception as e:
         restarts = max(0, len(_read_attempts(attempts_file)) - 1)
         after = f" after {restarts} restart(s)" if restarts else ""
-        raise TrainLaunchError(f"Ray Train run failed{after}: {type(e).__name__}: {e}") from e
+        raise TrainLaunchError(
+            f"Ray Train run failed{after}: {type(e).__name__}: {e}",
+            headline=f"Ray Train run failed{after}: {_ray_failure(e)}",
+        ) from e
     return _read_attempts(attempts_file)
+
+
+def _ray_failure(e: BaseException) -> str:
+    """What failed, in one line: a rank whose worker process died (the others then fail
+    on its lost connection), else the first failing rank's own error."""
+    failures = getattr(e, "worker_failures", None)  # Ray Train's WorkerGroupError
+    if not isinstance(failures, dict) or not failures:
+        return last_error_line(str(e)) or type(e).__name__
+    died = [rank for rank, f in sorted(failures.items()) if "died unexpectedly" in str(f)]
+    if died:
+        ranks = ", ".join(map(str, died))
+        return (
+            f"the worker process of rank {ranks} died (killed, or out of memory: see the "
+            "machine's kernel log)"
+        )
+    rank, failure = sorted(failures.items())[0]
+    cause = getattr(failure, "cause", None) or failure  # a task error wraps the rank's own
+    message = str(cause).strip().splitlines()
+    return f"rank {rank}: {type(cause).__name__}: {message[0] if message else ''}".rstrip(": ")
 
 
 def _fit_interruptibly(

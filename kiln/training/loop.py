@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -41,6 +40,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from kiln.console import say
 from kiln.training.checkpoint import (
     atomic_write_text,
     latest_checkpoint,
@@ -173,10 +173,10 @@ def _global_means(logs: list[dict[str, torch.Tensor]], world: int) -> dict[str, 
 
 def _log(rank: int, msg: str) -> None:
     # Written to the stream, not print(): Ray Train patches print() into its logger, which
-    # would show every line twice on the driver.
+    # would show every line twice on the driver. `say` keeps to the terminal while a
+    # torchrun rank's library output goes to its log file (kiln.console).
     if rank == 0:
-        sys.stdout.write(f"[kiln] {msg}\n")
-        sys.stdout.flush()
+        say(msg)
 
 
 def train_worker(

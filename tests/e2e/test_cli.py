@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers_output import library_lines
+
 REPO = Path(__file__).resolve().parents[2]
 KILN = [sys.executable, "-m", "kiln.platform.cli"]
 
@@ -126,8 +128,11 @@ def test_inspect(root: Path) -> None:
 
 
 def test_train_stop_runs_resume_eval(root: Path) -> None:
-    kiln(*train_args(root))
+    trained = kiln(*train_args(root))
     run = root / "train"
+    assert "[kiln] step 3/6" in trained.stdout and "[kiln] starting 2 Ray Train" in trained.stdout
+    assert not library_lines(trained.stdout + trained.stderr), trained.stderr[-3000:]
+    assert trained.stdout.splitlines()[-1].startswith(f"outputs in {run}: checkpoints")
     assert json.loads((run / "status.json").read_text())["state"] == "stopped"
     assert (run / "checkpoints" / "latest").read_text().strip().endswith("3")
 
@@ -136,7 +141,11 @@ def test_train_stop_runs_resume_eval(root: Path) -> None:
     assert "stopped" in line and "3/6" in line
 
     first_started = json.loads((run / "status.json").read_text())["started"]
-    kiln("resume", str(run))
+    resumed = kiln("-v", "resume", str(run))  # -v: Ray's lines too, not only kiln's
+    assert "(RayTrainWorker pid=" in resumed.stdout + resumed.stderr
+    assert "[kiln] step 6/6" in resumed.stdout
+    assert "[kiln] evaluating " in resumed.stdout  # the end-of-training eval, as a table
+    assert "zero-shot color top1" in resumed.stdout and "chance " in resumed.stdout
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "completed" and status["last_step"] == 6
     assert status["started"] == first_started and len(status["attempts"]) == 2
@@ -212,11 +221,16 @@ def test_recipe_typo_is_a_clear_error(root: Path) -> None:
 
 @pytest.mark.parametrize("corrupt", [False, True], ids=["missing", "corrupt"])
 def test_bad_input_file_names_the_path(root: Path, tmp_path: Path, corrupt: bool) -> None:
-    """Missing: caught on the driver. Corrupt: raised in a Ray read task; the CLI must
-    still print the worker's message (which names the file), not Ray's wrapper."""
-    missing = tmp_path / "no-such-pool.parquet"
+    """Missing: caught on the driver. Corrupt (a jsonl line that is not JSON): raised in a
+    Ray read task; the CLI prints the worker's message (which names the file) alone, not
+    Ray's wrapper or traceback, and says where the details are and that nothing is lost."""
     if corrupt:
-        missing.write_bytes(b"PAR1 truncated")
+        bad = tmp_path / "pool.jsonl"
+        bad.write_text('{"text": "a red dog", "url": "u0"}\n{"text": "cut\n')
+        spec = {"format": "jsonl", "paths": [str(bad)]}
+    else:
+        bad = tmp_path / "no-such-pool.parquet"
+        spec = {"format": "parquet", "paths": [str(bad)]}
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         yaml.safe_dump(
@@ -224,17 +238,23 @@ def test_bad_input_file_names_the_path(root: Path, tmp_path: Path, corrupt: bool
                 "kind": "curate",
                 "name": "missing",
                 "run_dir": str(tmp_path / "run"),
-                "input": {"format": "parquet", "paths": [str(missing)]},
+                "input": spec,
                 "match": {"entries": str(root / "pool" / "metadata.txt")},
+                "execution": {"executor": "ray"},
             }
         )
     )
     proc = kiln("curate", str(recipe), check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    error = next(ln for ln in proc.stderr.splitlines() if ln.startswith("kiln curate: error:"))
-    assert str(missing) in error
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("kiln curate: error:")]
+    assert len(errors) == 1 and str(bad) in errors[0]
     if corrupt:  # the run started: its status says how it ended
         assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "failed"
+        assert "line 2 is not valid JSON" in errors[0]
+        assert "Nothing written so far" in errors[0] and "is lost" in errors[0]
+        assert "Traceback" not in proc.stderr and not library_lines(proc.stderr + proc.stdout)
+        log = Path(errors[0].rsplit("(details: ", 1)[1].rstrip(")"))
+        assert log.parent == tmp_path / "run" / "logs" and "Traceback" in log.read_text()
     else:  # caught before the job starts (as --dry-run does): nothing written
         assert not (tmp_path / "run").exists()
 

@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from kiln.training.launch import ATTEMPTS_FILE, free_port
+from tests.helpers_output import library_lines
 from tests.helpers_ray_cluster import loopback_cluster
 from tests.helpers_training import short_run_config
 
@@ -138,6 +139,9 @@ def test_torchrun_two_nodes_then_a_requeued_srun_job(
     )
     assert "[kiln] training clip-tiny" in outs[0] and "steps (this invocation)" in outs[0]
     assert "[kiln]" not in outs[1] and "steps (this invocation)" not in outs[1]  # rank 0 reports
+    # what DeepSpeed / torch print in a rank goes to the rank's log file, not torchrun's output
+    assert not library_lines(outs[0] + outs[1]), outs[0][-3000:] + outs[1][-3000:]
+    assert "DeepSpeed" in (run / "logs" / "torchrun-rank1.log").read_text()
     assert losses(run) == short_reference[:4]  # exact
     assert json.loads((run / "status.json").read_text())["state"] == "stopped"
     recorded = yaml.safe_load((run / "recipe.yaml").read_text())["resources"]
