@@ -68,6 +68,9 @@ class LoopbackCluster:
         self.root = root
         self.port = free_port()
         self.address = f"{LOOPBACK}:{self.port}"
+        self.dashboard_port = free_port()
+        #: the head's dashboard, where Ray Jobs are submitted (`kiln submit --address`)
+        self.dashboard_url = f"http://{LOOPBACK}:{self.dashboard_port}"
         self.env = dict(
             os.environ,
             RAY_AUTH_MODE="token",
@@ -99,10 +102,16 @@ class LoopbackCluster:
         head += ['--resources={"kiln_node_a": 1}', f"--temp-dir={temp}"]
         # Ray Train's controller polls the dashboard's State API
         head += ["--include-dashboard=true", f"--dashboard-host={LOOPBACK}"]
-        head += [f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}"]
+        head += [
+            f"--dashboard-port={self.dashboard_port}",
+            f"--ray-client-server-port={free_port()}",
+        ]
         head += [f"--dashboard-agent-listen-port={free_port()}"]
         self._start_node("head", head)
-        worker = [sys.executable, "-m", "tests.helpers_ray_cluster", self.address, temp]
+        # the worker node's own temp dir, as on another machine: nodes sharing one would
+        # share a session folder, and one node's runtime-env cleanup would delete files
+        # (a job's working_dir, its py_modules) the other still uses
+        worker = [sys.executable, "-m", "tests.helpers_ray_cluster", self.address, f"{temp}/w"]
         self._start_node("worker", [*worker, '{"kiln_node_b": 1}'])
         nodes = self.nodes(2, timeout_s)
         if len(nodes) < 2:
@@ -178,7 +187,7 @@ def _worker_node(address: str, temp_dir: str, resources: str) -> None:
         num_cpus=NODE_CPUS,
         resources=json.loads(resources),
         temp_dir=temp_dir,
-        include_log_monitor=False,  # the head's log monitor covers this machine
+        include_log_monitor=True,  # its own temp dir: the head's monitor does not see its logs
         node_manager_port=0,
         dashboard_agent_listen_port=free_port(),
         min_worker_port=0,

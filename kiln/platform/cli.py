@@ -152,7 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("-n", "--samples", type=int, default=3)
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
     _add_metadata(sub)
+    _add_jobs(sub)
     return parser
+
+
+def _add_jobs(sub: Any) -> None:
+    """`kiln submit | status | logs | stop | jobs`: jobs on a Ray cluster."""
+    from kiln.platform.jobs_cli import add_job_parsers
+
+    add_job_parsers(sub)
 
 
 def _add_metadata(sub: Any) -> None:
@@ -227,6 +235,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         else:
             print(format_runs(runs))
         return 0
+    from kiln.platform.jobs_cli import JOB_VERBS, job_command
+
+    if args.verb in JOB_VERBS:  # jobs on a Ray cluster: nothing of the API runs here
+        return job_command(args)
     from kiln.platform import api
     from kiln.platform.recipes import RecipeError, load_recipe
 

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Iterator
 
-__all__ = ["LOOPBACK", "ray_session", "start_ray"]
+__all__ = ["LOOPBACK", "ray_session", "say", "start_ray"]
 
 LOOPBACK = "127.0.0.1"
 
@@ -46,7 +46,7 @@ def start_ray(
         # runs on this machine (ray.init(address=None) would join those). The dashboard
         # serves Ray's State API, which Ray Train's controller polls (without it a cleaner
         # actor logs a warning every few seconds); keep it on loopback too.
-        _say(f"starting a private Ray on {LOOPBACK} (no address given)")
+        say(f"starting a private Ray on {LOOPBACK} (no address given)")
         ray.init(
             address="local",
             num_cpus=num_cpus,
@@ -63,12 +63,13 @@ def start_ray(
                 "services reachable from the network; unset RAY_ADDRESS / check Ray's version"
             )
     else:
-        _say(f"joining the Ray cluster at {address}")
+        say(f"joining the Ray cluster at {address}")
         ray.init(address=address, **kwargs)  # type: ignore[arg-type]
     return True
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
+    """One of kiln's own `[kiln] ...` lines, on stderr."""
     sys.stderr.write(f"[kiln] {message}\n")
     sys.stderr.flush()
 
