@@ -120,9 +120,12 @@ def follow(job: str, env: dict[str, str]) -> tuple[subprocess.Popen[str], list[s
     return proc, lines
 
 
-def wait_until(check: Any, what: str, timeout_s: float = 420) -> None:
+def wait_until(check: Any, what: str, run: Path, timeout_s: float = 900) -> None:
+    """Poll `check` until it holds; fail at once when `run` failed meanwhile."""
     deadline = time.monotonic() + timeout_s
     while not check():
+        status = json.loads((run / "status.json").read_text()) if run.is_dir() else {}
+        assert status.get("state") in (None, "running"), status
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(1)
 
@@ -176,8 +179,8 @@ def test_curate_then_train_stop_on_the_cluster(cluster: LoopbackCluster, tmp_pat
     assert f"kiln logs {train_id} --follow" in submitted.stderr
     follower, lines = follow(train_id, env)
     run = root / "train"
-    wait_until(lambda: latest_checkpoint(run) is not None, "the train job's first checkpoint")
-    wait_until(lambda: any("[kiln] step" in ln for ln in lines), "a step line in the logs", 60)
+    wait_until(lambda: latest_checkpoint(run) is not None, "the train job's first checkpoint", run)
+    wait_until(lambda: any("[kiln] step" in ln for ln in lines), "a step line in the logs", run, 60)
     follower.send_signal(signal.SIGINT)  # Ctrl-C: stop following, not the job
     _, err = follower.communicate(timeout=60)
     assert follower.returncode == 130, err
