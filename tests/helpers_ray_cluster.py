@@ -54,7 +54,7 @@ while True:
     if len(nodes) >= int(sys.argv[2]) or time.monotonic() > deadline:
         break
     time.sleep(0.5)
-print(json.dumps([
+print("NODES", json.dumps([
     {"node_id": n["NodeID"], "ip": n["NodeManagerAddress"], "resources": n["Resources"]}
     for n in nodes
 ]))
@@ -68,6 +68,9 @@ class LoopbackCluster:
         self.root = root
         self.port = free_port()
         self.address = f"{LOOPBACK}:{self.port}"
+        self.dashboard_port = free_port()
+        #: the head's dashboard, where Ray Jobs are submitted (`kiln submit --address`)
+        self.dashboard_url = f"http://{LOOPBACK}:{self.dashboard_port}"
         self.env = dict(
             os.environ,
             RAY_AUTH_MODE="token",
@@ -91,7 +94,7 @@ class LoopbackCluster:
             )
         )
 
-    def start(self, timeout_s: float = 120.0) -> list[dict[str, Any]]:
+    def start(self, timeout_s: float = 240.0) -> list[dict[str, Any]]:
         """Start both nodes; returns the alive nodes (node_id, ip, resources)."""
         temp = str(self.temp)
         head = [RAY, "start", "--head", "--block", "--disable-usage-stats"]
@@ -99,18 +102,44 @@ class LoopbackCluster:
         head += ['--resources={"kiln_node_a": 1}', f"--temp-dir={temp}"]
         # Ray Train's controller polls the dashboard's State API
         head += ["--include-dashboard=true", f"--dashboard-host={LOOPBACK}"]
-        head += [f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}"]
+        head += [
+            f"--dashboard-port={self.dashboard_port}",
+            f"--ray-client-server-port={free_port()}",
+        ]
         head += [f"--dashboard-agent-listen-port={free_port()}"]
-        self._start_node("head", head)
-        worker = [sys.executable, "-m", "tests.helpers_ray_cluster", self.address, temp]
-        self._start_node("worker", [*worker, '{"kiln_node_b": 1}'])
-        nodes = self.nodes(2, timeout_s)
-        if len(nodes) < 2:
-            logs = "\n".join(
-                f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.root.glob("*.log"))
-            )
-            raise RuntimeError(f"the 2-node Ray cluster did not come up: {nodes}\n{logs}")
-        return nodes
+        deadline = time.monotonic() + timeout_s
+        # the worker node joins once the head is registered (it gives up on a GCS that
+        # knows no head node yet, which on a loaded machine can take a minute)
+        self._start_until_seen("head", head, 1, deadline)
+        worker = [sys.executable, "-m", "tests.helpers_ray_cluster", self.address, f"{temp}/w"]
+        return self._start_until_seen("worker", [*worker, '{"kiln_node_b": 1}'], 2, deadline)
+
+    def _start_until_seen(
+        self, name: str, cmd: list[str], count: int, deadline: float, tries: int = 3
+    ) -> list[dict[str, Any]]:
+        """Start node `name` and wait until a driver sees `count` alive nodes. A Ray node
+        gives its raylet a hard-coded 30 s to register and exits when that passes, which
+        happens on a loaded machine: a node that exited is started again (`tries` times)."""
+        for _ in range(tries):
+            self._start_node(name, cmd)
+            proc = self.procs[-1]
+            while proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    nodes = self.nodes(count, 30.0)
+                except (RuntimeError, subprocess.TimeoutExpired):
+                    nodes = []  # no head yet: a driver cannot connect
+                if len(nodes) >= count:
+                    return nodes
+                time.sleep(2)
+            if proc.poll() is None:
+                break  # past the deadline
+            self.procs.pop()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)  # what it had started
+        logs = "\n".join(
+            f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.root.glob("*.log"))
+        )
+        raise RuntimeError(f"the 2-node Ray cluster did not come up ({name}):\n{logs}")
 
     def nodes(self, wait_for: int = 0, timeout_s: float = 0.0) -> list[dict[str, Any]]:
         """The alive nodes, seen by a driver (waits up to `timeout_s` for `wait_for`)."""
@@ -119,11 +148,13 @@ class LoopbackCluster:
             env=self.env,
             capture_output=True,
             text=True,
-            timeout=timeout_s + 120,
+            timeout=timeout_s + 60,
         )
         if out.returncode != 0:
             raise RuntimeError(f"could not list the cluster's nodes:\n{out.stderr[-3000:]}")
-        nodes: list[dict[str, Any]] = json.loads(out.stdout.strip().splitlines()[-1])
+        # Ray may print other processes' logs to a driver's stdout: take the marked line
+        line = next(ln for ln in reversed(out.stdout.splitlines()) if ln.startswith("NODES "))
+        nodes: list[dict[str, Any]] = json.loads(line.removeprefix("NODES "))
         return nodes
 
     def listening_addresses(self) -> set[str]:
@@ -178,7 +209,7 @@ def _worker_node(address: str, temp_dir: str, resources: str) -> None:
         num_cpus=NODE_CPUS,
         resources=json.loads(resources),
         temp_dir=temp_dir,
-        include_log_monitor=False,  # the head's log monitor covers this machine
+        include_log_monitor=True,  # its own temp dir: the head's monitor does not see its logs
         node_manager_port=0,
         dashboard_agent_listen_port=free_port(),
         min_worker_port=0,

@@ -186,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
     _add_metadata(sub)
     _add_recipe_verb(sub)
+    _add_jobs(sub)
     for verb_parser in sub.choices.values():  # `kiln -v train ...` and `kiln train -v ...`
         _add_verbose(verb_parser, argparse.SUPPRESS)
     return parser
@@ -211,6 +212,13 @@ def _add_verbose(p: argparse.ArgumentParser, default: object) -> None:
         default=default,
         help="also show Ray's, DeepSpeed's and torch's logs (always kept in RUN/logs/)",
     )
+
+
+def _add_jobs(sub: Any) -> None:
+    """`kiln submit | status | logs | stop | jobs`: jobs on a Ray cluster."""
+    from kiln.platform.jobs_cli import add_job_parsers
+
+    add_job_parsers(sub)
 
 
 def _add_metadata(sub: Any) -> None:
@@ -328,6 +336,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         else:
             print(format_runs(runs))
         return 0
+    from kiln.platform.jobs_cli import JOB_VERBS, job_command
+
+    if args.verb in JOB_VERBS:  # jobs on a Ray cluster: nothing of the API runs here
+        return job_command(args)
     from kiln.platform import api
 
     if args.verb == "quickstart":
