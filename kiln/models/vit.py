@@ -45,7 +45,7 @@ class VisionTransformer(nn.Module):
         if c != 3 or h != self.image_size or w != self.image_size:
             raise ValueError(
                 f"images have shape {tuple(images.shape)}, expected [B, 3, {self.image_size}, "
-                f"{self.image_size}]: resize with kiln.training.transforms.image_to_tensor "
+                f"{self.image_size}]: resize with kiln.models.preprocess.preprocess_image "
                 f"(image_size={self.image_size})"
             )
         p, g = self.patch_size, self.grid

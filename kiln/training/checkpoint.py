@@ -275,7 +275,7 @@ def save_checkpoint(
     `before_commit` runs on every rank after all files are written and before the COMPLETE
     marker and `latest` (fault-injection tests kill the process there).
     """
-    from kiln.training.evaluate import save_model_file
+    from kiln.models.weights import save_model_file
 
     rank, world = _rank_world()
     root = checkpoints_dir(run_dir)

@@ -6,16 +6,11 @@
 - image-only models (MAE): kNN (leave-one-out) and linear-probe accuracy of the image
   features on the labelled eval set's tasks (`probe`).
 
-Checkpoint weights file (``checkpoints/{tag}/model.pt``, written at every complete
-checkpoint of a model up to ``checkpoint.model_file_max_params``) is a plain ``torch.save``
-of::
-
-    {"model_config": ModelConfig.model_dump(), "state_dict": {name: fp32 tensor}, "step": int}
-
-so evaluation and embedding for curation need neither DeepSpeed nor its sharded optimizer
-files. `save_model_file` writes it atomically; `load_model_file` rebuilds the model from it
-or from a ``.safetensors`` export (`kiln.training.export`, which also rebuilds the weights
-of a checkpoint without ``model.pt`` from DeepSpeed's files).
+The model comes from a weights file (``checkpoints/{tag}/model.pt`` or a ``.safetensors``
+export), so evaluation needs neither DeepSpeed nor its sharded optimizer files: its format,
+`save_model_file`, `read_model_file` and `load_model_file` live in `kiln.models.weights`
+(shared with curation's embed stage) and are re-exported here; `kiln.training.export`
+rebuilds the weights of a checkpoint without ``model.pt`` from DeepSpeed's files.
 
 Eval sets are kiln datasets: ``manifest.json`` + ``shards/*.tar`` with ``{uid}.jpg``,
 ``{uid}.txt``, ``{uid}.json`` members. A zero-shot set adds ``zero_shot.json``::
@@ -32,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import posixpath
 import tarfile
 from collections import Counter
@@ -42,14 +36,12 @@ from typing import Any
 
 import fsspec
 import torch
-from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from kiln.contracts import read_manifest, require_file
-from kiln.models.build import build_model
-from kiln.models.config import ModelConfig
 from kiln.models.tokenizer import decode, tokenize
+from kiln.models.weights import load_model_file, read_model_file, save_model_file
 from kiln.training.config import EvalConfig
 from kiln.training.transforms import decode_rgb, image_to_tensor
 
@@ -79,82 +71,6 @@ __all__ = [
 
 ZERO_SHOT_NAME = "zero_shot.json"
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-
-
-# --------------------------------------------------------------------------- weights file
-
-
-def save_model_file(
-    path: str, model: nn.Module | Mapping[str, torch.Tensor], cfg: ModelConfig, step: int
-) -> str:
-    """Write the weights file atomically (temp file, then rename); returns `path`.
-
-    `model` is the plain model or an already consolidated state dict (with ZeRO-3, gather
-    the parameters first, e.g. ``engine._zero3_consolidated_16bit_state_dict()``, or pass
-    the module inside ``deepspeed.zero.GatheredParameters``). Tensors are stored as fp32
-    CPU copies. A crash mid-write leaves at most a stray ``.tmp`` file, never a torn file.
-    """
-    state = model.state_dict() if isinstance(model, nn.Module) else model
-    payload = {
-        "model_config": cfg.model_dump(mode="json"),
-        "state_dict": {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()},
-        "step": int(step),
-    }
-    fs, fspath = fsspec.core.url_to_fs(path)
-    parent = posixpath.dirname(fspath)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    tmp = f"{fspath}.tmp{os.getpid()}"
-    if isinstance(fs, LocalFileSystem):
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, fspath)
-    else:
-        with fs.open(tmp, "wb") as f:
-            torch.save(payload, f)
-        fs.mv(tmp, fspath)
-    return path
-
-
-def load_model_file(path: str) -> tuple[nn.Module, ModelConfig, int]:
-    """``(model in eval mode on CPU, its config, the step it was saved at)`` of a
-    ``model.pt`` or a ``.safetensors`` export (`kiln.training.export`)."""
-    from kiln.training.export import load_weights
-
-    state, cfg, step = load_weights(path)
-    model = build_model(cfg)
-    model.load_state_dict(state, strict=True)
-    model.eval()
-    return model, cfg, step
-
-
-def read_model_file(path: str) -> tuple[dict[str, torch.Tensor], ModelConfig, int]:
-    """``(state dict, model config, step)`` of a kiln ``model.pt``."""
-    fs, fspath = require_file(
-        path,
-        f"no model weights file at {path!r}: pass a run dir, a checkpoints/<tag>/model.pt "
-        "or a file written by `kiln export`",
-    )
-    try:
-        with fs.open(fspath, "rb") as f:
-            payload = torch.load(f, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
-        raise ValueError(
-            f"{path!r} cannot be read as a model file ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}): it is truncated or damaged; "
-            "evaluate another checkpoint (kiln eval RUN_DIR picks the latest complete one) "
-            "or re-export it with `kiln export`"
-        ) from e
-    missing = {"model_config", "state_dict", "step"} - set(payload)
-    if missing:
-        raise ValueError(
-            f"{path!r} is not a kiln model file: missing keys {sorted(missing)} "
-            "(expected model_config, state_dict, step; see save_model_file)"
-        )
-    cfg = ModelConfig.model_validate(payload["model_config"])
-    return payload["state_dict"], cfg, int(payload["step"])
 
 
 # --------------------------------------------------------------------------- reading sets

@@ -9,7 +9,9 @@ files offline, on CPU, without a process group (DeepSpeed's own ``zero_to_fp32``
 ZeRO 1-3; the module states for ZeRO-0), and `export_model` writes them as safetensors
 (with the model config and step in its metadata) or as a kiln ``model.pt``.
 `resolve_weights` finds the weights file of a run directory, a checkpoint folder, a
-``model.pt`` or an exported ``.safetensors`` (`kiln.inference.load_model` builds on it).
+``model.pt`` or an exported ``.safetensors`` and exports it first when it is missing
+(`kiln.inference.load_model` builds on it). Reading and finding weights files without
+DeepSpeed is `kiln.models.weights` (re-exported here: `load_weights`, `locate_weights`).
 """
 
 from __future__ import annotations
@@ -19,19 +21,21 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
+from kiln.models.checkpoint_index import read_complete_marker, step_of_tag
 from kiln.models.config import ModelConfig
-from kiln.training.checkpoint import (
-    checkpoints_dir,
-    complete_checkpoints,
-    is_complete,
-    latest_checkpoint,
-    read_complete_marker,
-    step_of_tag,
-    tag_for_step,
+from kiln.models.weights import (
+    EXPORTS_DIR,
+    META_CONFIG,
+    META_STEP,
+    MODEL_FILE,
+    checkpoint_folder,
+    load_weights,
+    locate_weights,
+    save_model_file,
 )
 
 __all__ = [
@@ -44,30 +48,6 @@ __all__ = [
     "resolve_weights",
 ]
 
-MODEL_FILE = "model.pt"
-EXPORTS_DIR = "exports"
-_META_CONFIG = "kiln_model_config"
-_META_STEP = "kiln_step"
-
-
-def _tag_dir(run_dir: Path, step: int | None) -> Path:
-    """The complete checkpoint of `step` (default: the latest) of run `run_dir`."""
-    if step is None:
-        tag = latest_checkpoint(run_dir)
-        if tag is None:
-            raise FileNotFoundError(
-                f"{run_dir} has no complete checkpoint (no checkpoints/latest naming a "
-                "COMPLETE tag): train it first"
-            )
-    else:
-        tag = tag_for_step(step)
-        if not is_complete(run_dir, tag):
-            steps = [step_of_tag(t) for t in complete_checkpoints(run_dir)]
-            raise FileNotFoundError(
-                f"{run_dir} has no complete checkpoint at step {step}: it has steps {steps}"
-            )
-    return checkpoints_dir(run_dir) / tag
-
 
 def consolidate(
     run_dir: str | Path, step: int | None = None
@@ -75,7 +55,7 @@ def consolidate(
     """(full fp32 state dict, model config, step) of a run's checkpoint (default: latest),
     rebuilt from DeepSpeed's files whether or not the checkpoint has a ``model.pt``."""
     run = Path(run_dir)
-    tag_dir = _tag_dir(run, step)
+    tag_dir = checkpoint_folder(run, step)
     marker = read_complete_marker(run, tag_dir.name)
     if "model_config" not in marker:
         raise ValueError(
@@ -113,8 +93,6 @@ def export_model(
     fmt: Literal["safetensors", "pt"] = "safetensors",
 ) -> Path:
     """Write the full weights of a run's checkpoint to `out`; returns its path."""
-    from kiln.training.evaluate import save_model_file
-
     state, cfg, at = consolidate(run_dir, step)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,63 +101,11 @@ def export_model(
         return path
     from safetensors.torch import save_file
 
-    meta = {_META_CONFIG: json.dumps(cfg.model_dump(mode="json")), _META_STEP: str(at)}
+    meta = {META_CONFIG: json.dumps(cfg.model_dump(mode="json")), META_STEP: str(at)}
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     save_file(state, str(tmp), metadata=meta)
     os.replace(tmp, path)
     return path
-
-
-def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig, int]:
-    """(state dict, model config, step) of a ``.safetensors`` export or a ``model.pt``."""
-    p = Path(path)
-    if p.suffix != ".safetensors":
-        from kiln.training.evaluate import read_model_file
-
-        return read_model_file(str(p))
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            meta: dict[str, Any] = f.metadata() or {}
-            if _META_CONFIG not in meta:
-                raise ValueError(
-                    f"{p} has no kiln model config in its metadata: export it with `kiln export`"
-                )
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-    except SafetensorError as e:
-        raise ValueError(
-            f"{str(p)!r} cannot be read as a model file (SafetensorError: {e}): it is "
-            "truncated or damaged; re-export it with `kiln export`"
-        ) from e
-    cfg = ModelConfig.model_validate(json.loads(meta[_META_CONFIG]))
-    return state, cfg, int(meta.get(_META_STEP, 0))
-
-
-def locate_weights(source: str | Path, *, step: int | None = None) -> tuple[Path, bool]:
-    """(weights file for `source`, whether it must first be exported): the file itself, the
-    checkpoint's ``model.pt``, or -- when the checkpoint has none (a large model) -- its
-    export under ``{run}/exports/{tag}.safetensors``. Reads nothing but folder listings
-    and markers, so `--dry-run` can ask."""
-    p = Path(source)
-    if p.is_file():
-        return p, False
-    if not p.exists():
-        raise FileNotFoundError(
-            f"{source!r} does not exist: give a train run dir, a checkpoint folder, a "
-            f"{MODEL_FILE} or an exported .safetensors file"
-        )
-    if step_of_tag(p.name) is not None and p.parent.name == "checkpoints":
-        run, step = p.parent.parent, step_of_tag(p.name)
-    elif (p / "latest").is_file() and p.name == "checkpoints":
-        run = p.parent
-    else:
-        run = p
-    tag_dir = _tag_dir(run, step)
-    if (tag_dir / MODEL_FILE).is_file():
-        return tag_dir / MODEL_FILE, False
-    out = run / EXPORTS_DIR / f"{tag_dir.name}.safetensors"
-    return out, not out.is_file()
 
 
 def resolve_weights(source: str | Path, *, step: int | None = None) -> Path:

@@ -21,20 +21,35 @@ promised across kinds of CPU.
 
 The pixels of a batch are normalized in one pass over the whole ``uint8`` batch
 (`normalize_batch`), which computes exactly what the per-image float formula did.
+
+Decoding, the eval resize / centre crop and the normalization are the model's inference
+preprocessing, so they live in `kiln.models.preprocess` (curation's embed stage uses them
+without importing training); they are re-exported here.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import math
-import warnings
-from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from kiln.models.preprocess import (
+    IMAGE_MEAN,
+    IMAGE_STD,
+    RESAMPLE,
+    center_box,
+    chw,
+    decode_rgb,
+    load_rgb,
+    normalize_batch,
+    open_image,
+    preprocess_image,
+    resize_center_crop,
+)
 
 __all__ = [
     "IMAGE_MEAN",
@@ -49,55 +64,8 @@ __all__ = [
     "sample_rng",
 ]
 
-#: OpenAI CLIP's per-channel pixel statistics (RGB, on a 0-1 scale).
-IMAGE_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-IMAGE_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-
 _CROP_SCALE = (0.6, 1.0)
 _CROP_RATIO = (3 / 4, 4 / 3)
-_RESAMPLE = Image.Resampling.BICUBIC
-_MEAN = torch.tensor(IMAGE_MEAN, dtype=torch.float32).reshape(1, 3, 1, 1)
-_STD = torch.tensor(IMAGE_STD, dtype=torch.float32).reshape(1, 3, 1, 1)
-
-
-def _bad_image(data: bytes, e: Exception) -> ValueError:
-    return ValueError(
-        f"cannot decode {len(data)} bytes as an image ({type(e).__name__}: {e}): "
-        "the sample's image is corrupt or not an image; curation drops such rows as "
-        "'bad_image'"
-    )
-
-
-def open_image(data: bytes) -> Image.Image:
-    """Encoded image bytes opened lazily: the header is read (size, format), not the pixels.
-
-    `Image.draft` can still pick a reduced JPEG decoding scale before `_load_rgb` decodes.
-    """
-    try:
-        return Image.open(io.BytesIO(data))
-    except Exception as e:
-        raise _bad_image(data, e) from e
-
-
-def _load_rgb(img: Image.Image, data: bytes) -> Image.Image:
-    """Decode the pixels of an opened image and bring them to RGB (no copy when they are)."""
-    try:
-        img.load()
-    except Exception as e:
-        raise _bad_image(data, e) from e
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        # Composite transparency onto white rather than letting it turn black.
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def decode_rgb(data: bytes) -> Image.Image:
-    """Decode encoded image bytes (JPEG, PNG, WebP, ...) into a fully loaded RGB image."""
-    return _load_rgb(open_image(data), data)
 
 
 def sample_rng(seed: int, epoch: int, uid: str) -> np.random.Generator:
@@ -159,25 +127,6 @@ def _draft(img: Image.Image, factor: int) -> int:
     return round(width / got[1][2])
 
 
-def _center_box(width: int, height: int, size: int) -> tuple[float, float, float, float]:
-    """The region of a ``width x height`` image that `_resize_center_crop` keeps."""
-    scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    sx, sy = width / new_w, height / new_h
-    return left * sx, top * sy, (left + size) * sx, (top + size) * sy
-
-
-def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Resize so the shorter side is `size`, then take the centred ``size x size`` square."""
-    width, height = img.size
-    scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    img = img.resize((new_w, new_h), _RESAMPLE)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return img.crop((left, top, left + size, top + size))
-
-
 def _check_args(image_size: int, augment: bool, rng: np.random.Generator | None) -> None:
     if image_size < 1:
         raise ValueError(f"image_size={image_size} must be positive")
@@ -186,14 +135,6 @@ def _check_args(image_size: int, augment: bool, rng: np.random.Generator | None)
             "image_to_tensor(augment=True) needs rng: pass sample_rng(seed, epoch, uid) so "
             "the augmentation is reproducible"
         )
-
-
-def _chw(img: Image.Image) -> torch.Tensor:
-    """A loaded RGB image as ``uint8 [3, H, W]``: a view of its pixel bytes (no copy
-    beyond PIL's own export; read-only, which is fine for everything that reads it here)."""
-    with warnings.catch_warnings():  # torch warns once about the read-only buffer
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(np.asarray(img)).permute(2, 0, 1)
 
 
 def _flip(pixels: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -208,8 +149,8 @@ def _transform(
     if augment:
         assert rng is not None
         box = random_resized_crop_box(img.width, img.height, rng)
-        return _flip(_chw(img.resize((image_size, image_size), _RESAMPLE, box=box)), rng)
-    return _chw(_resize_center_crop(img, image_size))
+        return _flip(chw(img.resize((image_size, image_size), RESAMPLE, box=box)), rng)
+    return chw(resize_center_crop(img, image_size))
 
 
 def _fast_resize(
@@ -226,9 +167,9 @@ def _fast_resize(
     if factor > 1:
         left, top, right, bottom = box
         scaled = (left / factor, top / factor, right / factor, bottom / factor)
-        return _chw(img.resize((size, size), _RESAMPLE, box=scaled))
+        return chw(img.resize((size, size), RESAMPLE, box=scaled))
     left, top, right, bottom = (int(v) for v in box)
-    crop = _chw(img)[None, :, top:bottom, left:right]
+    crop = chw(img)[None, :, top:bottom, left:right]
     return F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)[0]
 
 
@@ -255,28 +196,16 @@ def image_pixels(
     img = open_image(data)
     width, height = img.size
     if not augment:
-        box = _center_box(width, height, image_size)
+        box = center_box(width, height, image_size)
         factor = _draft(img, draft_factor(box[2] - box[0], box[3] - box[1], image_size))
-        img = _load_rgb(img, data)
+        img = load_rgb(img, data)
         if factor == 1:
-            return _chw(_resize_center_crop(img, image_size))
+            return chw(resize_center_crop(img, image_size))
         return _fast_resize(img, box, factor, image_size)
     assert rng is not None
     crop = random_resized_crop_box(width, height, rng)
     factor = _draft(img, draft_factor(crop[2] - crop[0], crop[3] - crop[1], image_size))
-    return _flip(_fast_resize(_load_rgb(img, data), crop, factor, image_size), rng)
-
-
-def normalize_batch(pixels: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``uint8 [3, S, S]`` images -> normalized ``float32 [B, 3, S, S]`` (contiguous).
-
-    One gather of the images into a ``uint8`` batch, one conversion to float, then the
-    same float32 operations, in the same order, as ``((x / 255) - mean) / std`` on each
-    image (in place), so the values are bitwise those of the per-image formula.
-    """
-    batch = torch.stack(list(pixels))
-    out = batch.to(dtype=torch.float32, memory_format=torch.contiguous_format)
-    return out.div_(255.0).sub_(_MEAN).div_(_STD)
+    return _flip(_fast_resize(load_rgb(img, data), crop, factor, image_size), rng)
 
 
 def image_to_tensor(
@@ -293,6 +222,8 @@ def image_to_tensor(
     flip with probability 1/2, both drawn from `rng` (use `sample_rng`).
     """
     _check_args(image_size, augment, rng)
+    if not augment:
+        return preprocess_image(img, image_size)
     if img.mode != "RGB":
         img = img.convert("RGB")
     return normalize_batch([_transform(img, image_size, augment, rng)])[0]

@@ -8,6 +8,7 @@ from the live engine at the same save.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 import kiln
+from kiln.data_curation.stages.embed import EmbedConfig, EmbedStage, file_sha256
 from kiln.inference import load_model
 from kiln.training import train
 from kiln.training.checkpoint import checkpoints_dir, read_complete_marker
@@ -115,8 +117,13 @@ def test_a_checkpoint_without_model_file_is_exported_on_demand(
     assert not list(checkpoints_dir(lean).rglob("model.pt"))
     marker = read_complete_marker(lean, f"step_{STEPS:08d}")
     assert marker["model_config"]["flavor"] == "clip-tiny"
+    with pytest.raises(ValueError, match=re.escape(f"`kiln export {lean} --step {STEPS}` first")):
+        EmbedStage().check(EmbedConfig(model=str(lean)))  # curation cannot export
     model = load_model(lean)  # writes exports/step_00000004.safetensors once
-    assert (lean / "exports" / f"step_{STEPS:08d}.safetensors").is_file()
+    export = lean / "exports" / f"step_{STEPS:08d}.safetensors"
+    assert export.is_file()
+    checked = EmbedStage().check(EmbedConfig(model=str(lean)))  # now it reads the export
+    assert checked["model_sha256"] == file_sha256(str(export))
     ref = load_model(run)  # the same training with model.pt: bitwise the same weights
     images, tokens = _images_tokens()
     with torch.no_grad():

@@ -94,6 +94,30 @@ def test_embed_refuses_a_model_without_a_text_tower(tmp_path: Path) -> None:
         EmbedConfig()
 
 
+def test_embed_reads_a_run_dir_and_names_kiln_export_when_it_has_no_weights_file(
+    tmp_path: Path,
+) -> None:
+    """A run's checkpoint folders as `kiln train` leaves them (COMPLETE marker, `latest`):
+    with a model.pt the run dir embeds with it; without one (a large model) the check
+    before the run refuses and names `kiln export`, since curation cannot consolidate
+    DeepSpeed's shards itself."""
+    run = tmp_path / "run"
+    for step in (2, 4):
+        tag = run / "checkpoints" / f"step_{step:08d}"
+        tag.mkdir(parents=True)
+        (tag / "COMPLETE").write_text("{}")
+    (run / "checkpoints" / "latest").write_text("step_00000004")
+    with pytest.raises(ValueError, match=r"no model\.pt .*`kiln export .*run --step 4` first"):
+        EmbedStage().check(EmbedConfig(model=str(run)))
+    assert not (run / "exports").exists()  # nothing written, nothing half-exported
+    older = _model_file(run / "checkpoints" / "step_00000002" / "model.pt", TINY_MODEL)
+    with pytest.raises(ValueError, match="`kiln export"):
+        EmbedStage().check(EmbedConfig(model=str(run)))  # the latest step still has none
+    assert EmbedStage().check(EmbedConfig(model=str(run), step=2))["model_sha256"] == (
+        file_sha256(older)
+    )
+
+
 def test_embed_precomputed_datacomp_style_parquet(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     vecs = rng.standard_normal((4, 8)).astype(np.float32)

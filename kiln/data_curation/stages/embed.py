@@ -5,10 +5,12 @@ Two sources, one output: fixed-size list<float32> columns `image_embedding` and
 of the model that made them in the field metadata (`kiln.model`) and in the step report.
 
 - `model:` a kiln checkpoint (a train run dir, a checkpoint folder, a `model.pt` or an
-  exported `.safetensors`), loaded once per actor with `kiln.inference.load_model`; images
-  go through `kiln eval`'s preprocessing and the model in batches of `batch_size`, on the
-  GPU when there is one (`device: auto`; give the stage `resources: {num_gpus: 1}` on a
-  cluster). The model's kind is checked before anything runs: a text embedding needs a
+  exported `.safetensors`), loaded once per actor as a `kiln.models.trained.Model` (what
+  `kiln.load_model` returns). A checkpoint without `model.pt` (a large model) must be
+  exported first (`kiln export RUN`): curation does not import training's DeepSpeed code,
+  and the check before the run says so. Images go through `kiln eval`'s preprocessing
+  and the model in batches of `batch_size`, on the GPU when there is one (`device: auto`;
+  give the stage `resources: {num_gpus: 1}` on a cluster). The model's kind is checked before anything runs: a text embedding needs a
   text tower (an MAE checkpoint has none).
 - `precomputed:` parquet files holding a uid column and embedding columns (DataComp's
   style: `uid`, `l14_img`, `l14_txt`), joined to the pool by uid (`input.uid_column` must
@@ -163,7 +165,7 @@ def file_sha256(path: str) -> str:
 class ModelEncoder:
     """A loaded kiln model and what the outputs record about it."""
 
-    model: Any  # kiln.inference.Model
+    model: Any  # kiln.models.trained.Model
     sha256: str
     dim: int
     dtype: Any = None  # torch dtype the model runs in
@@ -210,11 +212,12 @@ def load_encoder(
     """The kiln model of `source`, checked to have a text tower when `text` is wanted;
     in float64 when `exact` (torch's float32 kernels give a row results that depend on the
     other rows of its batch, in the last bit; float64 rounded to float32 does not)."""
-    from kiln.inference import load_model, model_file
+    from kiln.models.trained import Model
+    from kiln.models.weights import existing_weights
 
     try:
-        path = model_file(source, step=step)
-        model = load_model(path)
+        path = existing_weights(source, step=step)
+        model = Model.from_file(path)
     except (FileNotFoundError, ValueError) as e:
         raise ValueError(f"embed model {source!r}: {e}") from None
     if text and not hasattr(model.module, "encode_text"):
