@@ -8,6 +8,7 @@ that on machines without CUDA (otherwise it probes for GPUs and may pick a wrong
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import math
@@ -16,6 +17,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -36,6 +38,7 @@ __all__ = [
     "default_extensions_dir",
     "import_deepspeed",
     "init_distributed",
+    "op_build_lock",
     "param_groups",
     "prebuild_comm_ops",
     "prebuild_offload_ops",
@@ -347,6 +350,31 @@ def prebuild_comm_ops() -> None:
     _load_op(builder, "CPU collectives", "about a minute")
 
 
+@contextlib.contextmanager
+def op_build_lock(cache: Path) -> Iterator[None]:
+    """Hold kiln's lock on one op's build folder while the op loads (or compiles).
+
+    torch's own build lock is a file that a killed build leaves behind, and every later
+    load then waits for it forever. kiln's lock is an `flock`, which the kernel releases
+    when its holder dies; whoever holds it is the only kiln process building this op, so a
+    torch `lock` file found then is a killed build's leftover: it is removed, saying so.
+    (A non-kiln process building the same op at that moment would lose its lock.)
+    """
+    import fcntl
+
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".kiln-build.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # another kiln process building: wait for it
+        try:
+            leftover = cache / "lock"
+            if leftover.exists():
+                say(f"removing {leftover}, left by a build that was killed")
+                leftover.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _load_op(builder: Any, purpose: str, expected: str) -> None:
     """`builder.load()`, saying what it waits for when that takes more than a few seconds
     (it compiles the op, or waits for another process compiling it into the shared cache):
@@ -371,7 +399,8 @@ def _load_op(builder: Any, purpose: str, expected: str) -> None:
     watcher = threading.Thread(target=announce, daemon=True)
     watcher.start()
     try:
-        builder.load(verbose=False)
+        with op_build_lock(cache):
+            builder.load(verbose=False)
     finally:
         done.set()
         watcher.join()

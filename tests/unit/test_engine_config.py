@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import fcntl
 import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from kiln.training.config import TrainConfig
-from kiln.training.engine import build_ds_config
+from kiln.training.engine import build_ds_config, op_build_lock
 
 
 def _cfg(**zero: object) -> TrainConfig:
@@ -69,3 +75,60 @@ def test_offload_needs_a_stage_that_partitions_what_it_offloads(
 ) -> None:
     with pytest.raises(ValidationError, match=re.escape(needle)):
         _cfg(**zero)
+
+
+def test_op_build_lock_removes_a_killed_builds_lock_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """torch's build `lock` file outlives a killed build and blocks every later load; with
+    kiln's flock held, such a file can only be a leftover: it is removed, saying so."""
+    cache = tmp_path / "deepspeed_shm_comm"
+    cache.mkdir()
+    (cache / "lock").write_text("")
+    with op_build_lock(cache):
+        assert not (cache / "lock").exists()
+    said = capsys.readouterr()
+    assert "left by a build that was killed" in said.out + said.err
+
+
+def test_op_build_lock_waits_for_a_live_builder_and_not_for_a_dead_one(tmp_path: Path) -> None:
+    """A live kiln builder's flock makes the next one wait (its torch lock is left alone);
+    the kernel drops the flock of a builder that is killed, so nothing waits on it."""
+    cache = tmp_path / "op"
+    cache.mkdir()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time\n"
+            f"f = open({str(cache / '.kiln-build.lock')!r}, 'a')\n"
+            "fcntl.flock(f, fcntl.LOCK_EX)\n"
+            f"open({str(cache / 'lock')!r}, 'w').close()\n"
+            "print('held', flush=True)\n"
+            "time.sleep(600)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        entered = threading.Event()
+
+        def build() -> None:
+            with op_build_lock(cache):
+                entered.set()
+
+        waiter = threading.Thread(target=build, daemon=True)
+        waiter.start()
+        assert not entered.wait(2.0)  # the live builder holds it
+        assert (cache / "lock").exists()  # and its torch lock is left alone
+        holder.send_signal(signal.SIGKILL)  # killed mid-build: its flock goes with it
+        holder.wait()
+        assert entered.wait(30.0)
+        waiter.join(30.0)
+        assert not (cache / "lock").exists()
+        with open(cache / ".kiln-build.lock", "a") as f:  # and kiln released its own
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        holder.kill()
+        holder.wait()
