@@ -4,8 +4,9 @@ bigrams, 61,235 titles; 500,000 total).
 
 Sources: WordNet (Debian `wordnet-base`) and the English Wikipedia unigrams of PyPI
 `pywordfreq` are the real ones (the benchmark stops with how to install them when missing).
-Unigrams WordNet already gave are duplicates, so the unigram cap is raised by the shortfall
-(one rebuild) until the list holds 500,000; the timed build is the last one.
+Unigrams WordNet already gave are duplicates, so the unigram cap is raised by the shortfall,
+and pywordfreq's count threshold (`min_unigram_count`, 100) halved when it has no more
+words above it, rebuilding until the list holds 500,000; the timed build is the last one.
 MetaCLIP's Wikipedia bigram corpus and title list are not obtainable, so those two are
 synthetic, of the right sizes: the bigram corpus is the shared data's real COCO + LAION
 captions plus generated captions in which `--bigrams` word pairs (drawn from the unigram
@@ -92,7 +93,8 @@ def write_inputs(folder: Path, *, bigrams: int, titles: int, data: Path) -> dict
 def _child(folder: Path) -> None:
     """Build the list (in the child process) and print its per-source counts as JSON."""
     caps = MetadataCaps()
-    for _ in range(2):
+    min_count = 100  # `kiln metadata build`'s default
+    for _ in range(4):
         start = time.perf_counter()
         built = build_metadata(
             folder / "entries.txt",
@@ -103,16 +105,22 @@ def _child(folder: Path) -> None:
             titles=folder / "titles.txt",
             caps=caps,
             bigram_min_count=BIGRAM_MIN_COUNT,
+            min_unigram_count=min_count,
         )
         if built.entries >= caps.total:
             break
-        # unigrams that WordNet already gave count against MetaCLIP's cap here: take more
+        # unigrams that WordNet already gave count against MetaCLIP's cap here: take more,
+        # and when pywordfreq has no more above the count threshold, lower the threshold
+        unigrams = next(s for s in built.sources if s.name == "unigrams")
+        if unigrams.cut_by_source_cap == 0:
+            min_count //= 2
         caps = replace(caps, unigrams=caps.unigrams + caps.total - built.entries)
     print(
         json.dumps(
             {
                 "seconds": time.perf_counter() - start,
                 "unigram_cap": caps.unigrams,
+                "min_unigram_count": min_count,
                 "entries": built.entries,
                 "sha256": built.sha256,
                 "sources": {

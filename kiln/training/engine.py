@@ -57,12 +57,31 @@ def default_extensions_dir() -> str:
 
 def set_runtime_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """Put DS_ACCELERATOR (cpu when no CUDA) and TORCH_EXTENSIONS_DIR into `env` (default
-    os.environ) unless already set; returns `env`."""
+    os.environ) unless already set, and kiln's `ninja` first on its PATH; returns `env`.
+
+    torch compiles DeepSpeed's ops with the first `ninja` on PATH. A machine with its own
+    ninja (Debian's 1.11) beside kiln's pinned pip one (1.13) gave launchers one and Ray
+    workers the other; the two hash build commands differently, so each rebuilt the op the
+    other had just built (minutes per launch, and a stale lock when one was killed)."""
     target: Any = os.environ if env is None else env
     if not torch.cuda.is_available():
         target.setdefault("DS_ACCELERATOR", "cpu")
     target.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())
+    ninja_dir = _ninja_bin_dir()
+    if ninja_dir is not None:
+        rest = [p for p in target.get("PATH", "").split(os.pathsep) if p and p != ninja_dir]
+        target["PATH"] = os.pathsep.join([ninja_dir, *rest])
     return target
+
+
+def _ninja_bin_dir() -> str | None:
+    """The folder of the `ninja` that kiln's dependencies install (PyPI `ninja`), if any."""
+    try:
+        import ninja
+    except ImportError:
+        return None
+    folder = getattr(ninja, "BIN_DIR", None)
+    return str(folder) if folder and os.path.isfile(os.path.join(folder, "ninja")) else None
 
 
 def import_deepspeed() -> ModuleType:

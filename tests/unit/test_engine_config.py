@@ -14,7 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from kiln.training.config import TrainConfig
-from kiln.training.engine import build_ds_config, op_build_lock
+from kiln.training.engine import build_ds_config, op_build_lock, set_runtime_env
 
 
 def _cfg(**zero: object) -> TrainConfig:
@@ -132,3 +132,13 @@ def test_op_build_lock_waits_for_a_live_builder_and_not_for_a_dead_one(tmp_path:
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_runtime_env_puts_kilns_ninja_first_on_path() -> None:
+    """Every process (launcher, local ranks, Ray workers) builds ops with the same ninja:
+    two versions rebuilt each other's DeepSpeed ops on every launch."""
+    import ninja
+
+    env = set_runtime_env({"PATH": f"/usr/bin:{ninja.BIN_DIR}:/bin"})
+    assert env["PATH"].split(":") == [ninja.BIN_DIR, "/usr/bin", "/bin"]
+    assert set_runtime_env(dict(env))["PATH"] == env["PATH"]  # idempotent
