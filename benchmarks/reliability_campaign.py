@@ -14,8 +14,9 @@ Kills are chained within a run (kill, resume, kill again later, ..., resume to t
 each kill is followed by a resume from the latest complete checkpoint. A kill counts as
 identical when the attempt that resumed after it reproduced the uninterrupted run's loss
 at every step it ran (``==`` on the floats ``metrics.jsonl`` records), resumed from a
-complete checkpoint no later than the kill, and, for the last one of a run, ended with
-final weights equal tensor for tensor.
+complete checkpoint no later than the kill (or, killed before the first checkpoint was
+complete, started again at step 1), and, for the last one of a run, ended with final
+weights equal tensor for tensor.
 
 Curation (``--curation-kills``; the quickstart's plan on a 240-row procedural pool, local
 executor, `kiln curate` as a subprocess): alternately one worker process of the pool or
@@ -140,6 +141,11 @@ def _plan_chain(
     return chain
 
 
+def checked_from_start(records: list[dict[str, Any]]) -> bool:
+    """The attempt's records start at step 1 (a run that had no checkpoint to resume)."""
+    return bool(records) and int(records[0]["step"]) == 1
+
+
 def training_campaign(step_kills: int, save_kills: int, rng: random.Random) -> dict[str, Any]:
     from tests.helpers_datasets import write_tiny_dataset
 
@@ -180,7 +186,12 @@ def training_campaign(step_kills: int, save_kills: int, rng: random.Random) -> d
                     r["loss"] == reference[r["step"]] for r in records
                 )
                 limit = before[1] if before[0] == "step" else before[1] - 1
-                resume_ok = resumed is not None and resumed <= limit
+                # killed before any checkpoint was complete: the run starts again at step 1
+                # (and must reproduce it); otherwise it resumes from one at or before the kill
+                if limit < EVERY:
+                    resume_ok = resumed is None and checked_from_start(records)
+                else:
+                    resume_ok = resumed is not None and resumed <= limit
                 weights_ok = fault is not None or _same_weights(_weights(run), ref_weights)
                 checked = [int(r["step"]) for r in records] or [0]
                 outcome = {
