@@ -508,7 +508,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides = getattr(args, "overrides", None)
         message = missing_path_hint(str(_root_cause(e)), recipe_file, overrides)
         return _fail(args, message, kept=True)
-    except OSError as e:
+    except BrokenPipeError:  # `kiln runs | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as e:  # (after BrokenPipeError, an OSError too)
         cause = _root_cause(e)
         if not isinstance(cause, OSError) or cause.errno not in _STORAGE_ERRNOS:
             raise
@@ -519,9 +522,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         log = f"; the failing rank's log: {e.log}" if e.log else ""
         return _fail(args, f"{e.headline}{log}", kept=True)
-    except BrokenPipeError:  # `kiln runs | head`: the reader left, nothing is wrong
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
     except KeyboardInterrupt:
         run_dir = getattr(args, "run_dir", None) or _interrupted_run_dir(args)
         hint = f"; resume with `kiln resume {run_dir}`" if run_dir else ""

@@ -322,7 +322,8 @@ def test_run_dir_that_cannot_be_written_is_one_clear_line(root: Path, tmp_path: 
 
 
 def test_disk_full_and_read_only_are_one_clear_line(root: Path, tiny_disk: Path) -> None:
-    """Curating onto a 1 MiB disk fills it; remounted read-only, it cannot be written."""
+    """Curating onto a 1 MiB disk fills it (one line: what filled, nothing lost); remounted
+    read-only, the run dir cannot be created, said before anything starts."""
     full = kiln(*curate_args(root, "--set", f"run_dir={tiny_disk}/run"), check=False)
     assert full.returncode == 2, full.stderr[-3000:]
     assert (
@@ -331,5 +332,7 @@ def test_disk_full_and_read_only_are_one_clear_line(root: Path, tiny_disk: Path)
     assert "Traceback" not in full.stderr
     subprocess.run(["mount", "-o", "remount,ro", str(tiny_disk)], check=True)
     ro = kiln(*curate_args(root, "--set", f"run_dir={tiny_disk}/other"), check=False)
-    assert ro.returncode == 2 and "Read-only file system" in ro.stderr, ro.stderr[-3000:]
+    # caught by the run-dir check before anything starts (as --dry-run does)
+    assert ro.returncode == 2 and "is not a writable folder" in ro.stderr, ro.stderr[-3000:]
+    assert not (tiny_disk / "other").exists()
     assert "Traceback" not in ro.stderr
