@@ -227,7 +227,7 @@ def _stage_sections(level: int) -> list[str]:
         "",
         *_table(StageResources, "", {}),
     ]
-    for name, stage in sorted(registered_stages().items()):
+    for name, stage in _kiln_stages(registered_stages()):
         config = stage.config
         out += [
             "",
@@ -259,13 +259,20 @@ def render_reference() -> str:
 # --------------------------------------------------------------------------- JSON schema
 
 
+def _kiln_stages(stages: dict[str, Any]) -> list[tuple[str, Any]]:
+    """kiln's own stages, by name: the reference documents what kiln ships, not stages a
+    process registered besides (a recipe's `plugins:`, a test's), which would also make
+    the generated files depend on what else was imported."""
+    return sorted((n, s) for n, s in stages.items() if s.config.__module__.startswith("kiln."))
+
+
 def _stage_item_type() -> Any:
     """A discriminated union of one model per registered stage: `stage: NAME`, `name`,
     `resources` and the stage's settings (for the schema of `stages:` items only)."""
     from kiln.data_curation.stage import StageResources, registered_stages
 
     items = []
-    for name, stage in sorted(registered_stages().items()):
+    for name, stage in _kiln_stages(registered_stages()):
         items.append(
             create_model(
                 f"Stage_{name}",

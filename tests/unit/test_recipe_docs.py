@@ -99,3 +99,12 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert out.startswith(f"kiln {kiln.__version__} (torch ")
     assert "ray " in out and "deepspeed " in out
+
+
+def test_stages_registered_besides_kilns_do_not_change_the_docs() -> None:
+    """A test's (or a plugin's) stage in the registry must not leak into the reference: the
+    full suite registers tests/helpers_stages.py's before this module runs."""
+    before = generated_files()
+    import tests.helpers_stages  # noqa: F401  (registers its stages)
+
+    assert generated_files() == before
