@@ -61,12 +61,13 @@ def kiln_stream() -> TextIO:
     return _terminal if _terminal is not None else sys.stdout
 
 
-def say(message: str) -> None:
-    """Print one `[kiln] message` line on `kiln_stream()`, flushed (a progress note must
-    show before the wait it announces)."""
-    stream = kiln_stream()
-    stream.write(f"{KILN_PREFIX}{message}\n")
-    stream.flush()
+def say(message: str, *, stream: TextIO | None = None) -> None:
+    """Print one `[kiln] message` line on `stream` (default `kiln_stream()`), flushed (a
+    progress note must show before the wait it announces). Commands whose stdout is for
+    scripts (`kiln submit` prints the job id) pass `sys.stderr`."""
+    out = stream if stream is not None else kiln_stream()
+    out.write(f"{KILN_PREFIX}{message}\n")
+    out.flush()
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from kiln.console import say
 from kiln.data_curation.config import CurationConfig
 from kiln.liveness import identity
+from kiln.models.checkpoint_index import latest_checkpoint, step_of_tag, tag_for_step
 from kiln.platform import logs
 from kiln.platform.preflight import check_resources, preflight
 from kiln.platform.ray_cluster import ray_session
@@ -37,7 +38,6 @@ from kiln.platform.recipes import (
     resolve_paths,
 )
 from kiln.platform.runs import heartbeat, read_status, write_status
-from kiln.training.checkpoint_index import latest_checkpoint, step_of_tag, tag_for_step
 from kiln.training.config import TrainConfig
 
 M = TypeVar("M", bound=BaseModel)

@@ -28,6 +28,7 @@ import os
 import re
 import secrets
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -37,7 +38,7 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel
 
-from kiln.platform.ray_cluster import say
+from kiln.console import say
 from kiln.platform.recipes import (
     CurateRecipe,
     EvalRecipe,
@@ -271,7 +272,10 @@ def submit(
             },
         }
         entrypoint = f"exec {python} -m kiln {recipe.kind} recipe.yaml"
-        say(f"submitting {recipe.kind} {recipe.name!r} to {url} (kiln code + resolved recipe)")
+        say(
+            f"submitting {recipe.kind} {recipe.name!r} to {url} (kiln code + resolved recipe)",
+            stream=sys.stderr,
+        )
         try:
             client.submit_job(
                 entrypoint=entrypoint,
@@ -355,7 +359,9 @@ def follow_logs(job_id: str, write: Callable[[str], Any], *, address: str | None
     try:
         asyncio.run(tail())
     except (RuntimeError, OSError) as e:  # the stream broke: the job's state says the rest
-        say(f"log stream of {job_id} ended early ({e}); checking the job's state")
+        say(
+            f"log stream of {job_id} ended early ({e}); checking the job's state", stream=sys.stderr
+        )
     return wait_for_job(job_id, address=url)
 
 
@@ -382,7 +388,10 @@ def stop_job(job_id: str, *, address: str | None = None) -> tuple[JobInfo, bool]
     client, url = _client(address)
     was_running = bool(_call("stopping job", job_id, url, lambda: client.stop_job(job_id)))
     if was_running:
-        say(f"stopping {job_id}: its run gets Ctrl-C and up to {STOP_GRACE_S}s to record it")
+        say(
+            f"stopping {job_id}: its run gets Ctrl-C and up to {STOP_GRACE_S}s to record it",
+            stream=sys.stderr,
+        )
     info = wait_for_job(job_id, address=url, timeout_s=STOP_GRACE_S + 30)
     if info.status == "STOPPED" and info.run_dir and info.run_state == "running":
         kind = read_status(info.run_dir).get("kind")

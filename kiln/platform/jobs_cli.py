@@ -12,7 +12,7 @@ import json
 import sys
 from typing import Any
 
-from kiln.platform.ray_cluster import say
+from kiln.console import say
 
 __all__ = ["JOB_VERBS", "add_job_parsers", "job_command"]
 
@@ -76,7 +76,7 @@ def add_job_parsers(sub: Any) -> None:
 def _ended(job: Any) -> int:
     """One line on how a followed job ended; its exit code (0: it succeeded)."""
     run = f"; run {job.run_dir}: {job.run_state}" if job.run_state else ""
-    say(f"job {job.id} {job.status}{run}")
+    say(f"job {job.id} {job.status}{run}", stream=sys.stderr)
     return 0 if job.status == "SUCCEEDED" else 1
 
 
@@ -92,7 +92,8 @@ def _follow(job_id: str, address: str | None) -> int:
     except KeyboardInterrupt:
         say(
             f"stopped following {job_id}; the job keeps running on the cluster "
-            f"(`kiln logs {job_id} --follow` to follow again, `kiln stop {job_id}` to stop it)"
+            f"(`kiln logs {job_id} --follow` to follow again, `kiln stop {job_id}` to stop it)",
+            stream=sys.stderr,
         )
         return 130
 
@@ -104,10 +105,16 @@ def job_command(args: argparse.Namespace) -> int:
     if args.verb == "submit":
         job = jobs.submit(args.recipe, args.overrides, address=args.address, python=args.python)
         print(job.id, flush=True)
-        say(f"submitted job {job.id}: {job.kind} {job.name!r}, outputs in {job.run_dir}")
-        say(f"dashboard: {job.dashboard_url}")
+        say(
+            f"submitted job {job.id}: {job.kind} {job.name!r}, outputs in {job.run_dir}",
+            stream=sys.stderr,
+        )
+        say(f"dashboard: {job.dashboard_url}", stream=sys.stderr)
         if not args.wait:
-            say(f"follow it: kiln logs {job.id} --follow; stop it: kiln stop {job.id}")
+            say(
+                f"follow it: kiln logs {job.id} --follow; stop it: kiln stop {job.id}",
+                stream=sys.stderr,
+            )
             return 0
         return _follow(job.id, job.dashboard_url.split("/#/")[0])
     if args.verb == "status":
@@ -122,7 +129,9 @@ def job_command(args: argparse.Namespace) -> int:
     if args.verb == "stop":
         job, was_running = jobs.stop_job(args.job, address=args.address)
         if not was_running:
-            say(f"job {job.id} had already ended ({job.status}): nothing to stop")
+            say(
+                f"job {job.id} had already ended ({job.status}): nothing to stop", stream=sys.stderr
+            )
         print(jobs.format_job(job))
         return 0
     if args.verb == "jobs":

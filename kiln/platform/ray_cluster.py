@@ -15,10 +15,11 @@ import sys
 import time
 from collections.abc import Iterator
 
+from kiln.console import say
 from kiln.platform import logs
 from kiln.resource_fit import WaitTimeout
 
-__all__ = ["JOIN_TIMEOUT_S", "LOOPBACK", "ray_session", "say", "start_ray"]
+__all__ = ["JOIN_TIMEOUT_S", "LOOPBACK", "ray_session", "start_ray"]
 
 LOOPBACK = "127.0.0.1"
 #: How long joining a cluster waits for its address to answer before failing.
@@ -51,9 +52,9 @@ def start_ray(
         return False
     started = time.perf_counter()  # importing Ray takes seconds: say so before
     if address is None:
-        say(f"starting a private Ray on {LOOPBACK} (no address given)")
+        say(f"starting a private Ray on {LOOPBACK} (no address given)", stream=sys.stderr)
     else:
-        say(f"joining the Ray cluster at {address}")
+        say(f"joining the Ray cluster at {address}", stream=sys.stderr)
     import ray
     from ray._private import ray_constants
 
@@ -100,7 +101,7 @@ def start_ray(
             ray.init(address=address, **kwargs)  # type: ignore[arg-type]
     logs.capture_library_loggers()
     logs.route_ray_worker_output()
-    say(f"Ray ready ({time.perf_counter() - started:.0f}s)")
+    say(f"Ray ready ({time.perf_counter() - started:.0f}s)", stream=sys.stderr)
     return True
 
 
@@ -119,13 +120,6 @@ def _check_reachable(address: str, timeout_s: float = JOIN_TIMEOUT_S) -> None:
             f"up to {timeout_s:.0f}s): start it (`ray start --head` on the head node) or fix "
             "ray.address / --address (HEAD:6379, or ray://HEAD:10001 for Ray Client)"
         ) from e
-
-
-def say(message: str) -> None:
-    """One of kiln's own `[kiln] ...` lines, on stderr (stdout stays for what a command
-    prints for scripts, e.g. `kiln submit`'s job id)."""
-    sys.stderr.write(f"[kiln] {message}\n")
-    sys.stderr.flush()
 
 
 @contextlib.contextmanager

@@ -26,8 +26,8 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from kiln.liveness import alive
+from kiln.models.checkpoint_index import latest_checkpoint
 from kiln.platform.tables import format_table
-from kiln.training.checkpoint_index import latest_checkpoint
 
 __all__ = [
     "HEARTBEAT_EVERY_S",

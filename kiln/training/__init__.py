@@ -30,11 +30,11 @@ _EXPORTS = {
     "train": "kiln.training.launch",
     "train_worker": "kiln.training.loop",
     "WebDatasetLoader": "kiln.training.data",
-    "latest_checkpoint": "kiln.training.checkpoint_index",
+    "latest_checkpoint": "kiln.models.checkpoint_index",
 }
 
 if TYPE_CHECKING:
-    from kiln.training.checkpoint_index import latest_checkpoint
+    from kiln.models.checkpoint_index import latest_checkpoint
     from kiln.training.data import WebDatasetLoader
     from kiln.training.launch import TrainLaunchError, TrainSummary, train
     from kiln.training.loop import train_worker

@@ -50,8 +50,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from kiln.models.config import ModelConfig
-from kiln.training.checkpoint_index import (
+from kiln.models.checkpoint_index import (
     CHECKPOINTS_DIR,
     COMPLETE_MARKER,
     LATEST_FILE,
@@ -63,6 +62,7 @@ from kiln.training.checkpoint_index import (
     step_of_tag,
     tag_for_step,
 )
+from kiln.models.config import ModelConfig
 from kiln.training.engine import restore_cpu_adam_step
 
 __all__ = [

@@ -45,7 +45,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -566,9 +566,11 @@ def _launch_ray(
     check_train_fits(world, cpus_per_worker, gpus_per_worker, placement, ray_capacity())
     # Ray Train retries a group that did not start in its own timeout (60 s) forever:
     # bound the retries to about start_timeout_s (the watchdog in _fit_interruptibly says
-    # what it waits for meanwhile)
-    group_timeout = float(os.environ.get(_GROUP_START_TIMEOUT_ENV, "60") or 60)
-    start_retries = max(1, math.ceil(start_timeout_s / max(group_timeout, 1.0)))
+    # what it waits for meanwhile). A start_timeout_s under Ray's group timeout shortens
+    # that too, or aborting a start that timed out would wait out Ray's 60 s.
+    set_timeout = os.environ.get(_GROUP_START_TIMEOUT_ENV)
+    group_timeout = min(float(set_timeout or 60), max(start_timeout_s, 1.0))
+    start_retries = max(1, math.ceil(start_timeout_s / group_timeout))
 
     resources: dict[str, float] = {"CPU": cpus_per_worker}
     if gpus_per_worker > 0:
@@ -614,7 +616,9 @@ def _launch_ray(
         + f" each (placement {placement})"
     )
     try:
-        _fit_interruptibly(trainer, attempts_file.is_file, start_timeout_s, what)
+        # Ray Train hands this variable to its controller when fit() starts it
+        with _env(_GROUP_START_TIMEOUT_ENV, f"{group_timeout:g}"):
+            _fit_interruptibly(trainer, attempts_file.is_file, start_timeout_s, what)
     except (KeyboardInterrupt, WaitTimeout):
         raise
     except Exception as e:
@@ -625,6 +629,20 @@ def _launch_ray(
             headline=f"Ray Train run failed{after}: {_ray_failure(e)}",
         ) from e
     return _read_attempts(attempts_file)
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    """Environment variable `name` set to `value` for a block, then as it was."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def _ray_failure(e: BaseException) -> str:

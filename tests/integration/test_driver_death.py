@@ -24,8 +24,8 @@ import psutil
 import pytest
 import yaml
 
+from kiln.models.checkpoint_index import complete_checkpoints
 from kiln.platform.runs import list_runs
-from kiln.training.checkpoint_index import complete_checkpoints
 from kiln.training.launch import ATTEMPTS_FILE
 from tests.helpers_training import TINY_MODEL
 

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kiln.training.checkpoint_index import latest_checkpoint
+from kiln.models.checkpoint_index import latest_checkpoint
 from kiln.training.launch import free_port
 from tests.helpers_ray_cluster import LoopbackCluster
 from tests.helpers_training import TINY_MODEL
