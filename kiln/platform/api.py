@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from kiln.console import say
 from kiln.data_curation.config import CurationConfig
 from kiln.liveness import identity
+from kiln.metrics import write_metrics
 from kiln.platform import logs
 from kiln.platform.preflight import check_resources, preflight
 from kiln.platform.ray_cluster import ray_session
@@ -37,6 +38,7 @@ from kiln.platform.recipes import (
     resolve_paths,
 )
 from kiln.platform.runs import heartbeat, read_status, write_status
+from kiln.platform.summary import curation_step_records
 from kiln.training.checkpoint_index import latest_checkpoint, step_of_tag, tag_for_step
 from kiln.training.config import TrainConfig
 
@@ -106,6 +108,20 @@ def _start(recipe: J, *, lead: bool = True, **fields: Any) -> tuple[J, Path]:
     return recipe, run
 
 
+def _report(run: Path) -> None:
+    """`report.html` of a finished job (`kiln report`); a report that cannot be written is
+    said, and does not fail the job whose results are already on disk."""
+    from kiln.platform.report import write_run_report
+
+    try:
+        write_run_report(str(run))
+    except Exception as e:
+        say(
+            f"could not write {run / 'report.html'} ({type(e).__name__}: {e}): the run's "
+            f"results are complete; retry with `kiln report {run}`"
+        )
+
+
 def _failed(run: Path, exc: BaseException) -> None:
     """Record how a job ended early: `interrupted` for Ctrl-C / a stop signal (nothing is
     wrong; `kiln resume` continues a train run), `failed` with the error otherwise."""
@@ -152,6 +168,8 @@ def run_curate(recipe: CurateRecipe, *, fresh: bool = False) -> Any:
         _failed(run, e)
         raise
     write_status(run, "completed", **result.model_dump(mode="json"))
+    write_metrics(str(run), curation_step_records(result.model_dump(mode="json")))
+    _report(run)
     return result
 
 
@@ -254,6 +272,7 @@ def run_train(recipe: TrainRecipe, *, resume: bool = False) -> Any:
             restarts=summary.restarts,
             eval=eval_result,
         )
+        _report(run)
     return summary.model_copy(update={"eval": eval_result}) if eval_result else summary
 
 
@@ -304,6 +323,7 @@ def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
         _failed(run, e)
         raise
     write_status(run, "completed", eval=result)
+    _report(run)
     return result
 
 
@@ -326,6 +346,7 @@ def eval_run_dir(
         return dry_run(as_eval)
     logs.attach_run(run_dir)
     result = _evaluate_into(resolve_model_file(run_dir), train.eval, Path(run_dir))
+    _report(Path(run_dir))
     return result
 
 

@@ -10,6 +10,7 @@ from kiln.platform.tables import format_kv, format_table
 
 __all__ = [
     "balance_effect_of",
+    "curation_step_records",
     "eval_rows",
     "format_curation",
     "format_eval",
@@ -47,6 +48,29 @@ def language_rows(curation: dict[str, Any]) -> list[tuple[str, int, int | None, 
     t, kept = balance.get("t_by_language") or {}, balance.get("kept_by_language") or {}
     rows = [(code, int(n), t.get(code), int(kept.get(code, 0))) for code, n in matched.items()]
     return sorted(rows, key=lambda row: (-row[1], row[0]))
+
+
+def curation_step_records(curation: dict[str, Any]) -> list[dict[str, Any]]:
+    """One `metrics.jsonl` record per step of a curation result, in plan order (`step` 1
+    is the read): rows in and out, rows dropped (in all and by reason), seconds, rows/s."""
+    records = []
+    for i, (name, s) in enumerate((curation.get("steps") or {}).items(), start=1):
+        seconds = float(s.get("seconds") or 0.0)
+        dropped = {str(k): int(v) for k, v in (s.get("dropped") or {}).items()}
+        records.append(
+            {
+                "step": i,
+                "name": name,
+                "rows_in": s.get("rows_in"),
+                "rows_out": s.get("rows_out"),
+                "dropped": sum(dropped.values()),
+                "seconds": seconds,
+                "rows_per_s": (s.get("rows_in") or 0) / seconds if seconds > 0 else None,
+                "reused": bool(s.get("reused")),
+                "dropped_by_reason": dropped,
+            }
+        )
+    return records
 
 
 def funnel_rows(r: dict[str, Any]) -> list[tuple[str, object]]:
