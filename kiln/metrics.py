@@ -19,6 +19,7 @@ import resource
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -90,12 +91,13 @@ def memory_stats(device: Any = None) -> dict[str, float]:
 
 class TensorBoardLog:
     """TensorBoard event files in `{run_dir}/tensorboard/`: `add(record)` writes the
-    record's `scalars_of` at its `step`. A run dir on object storage gets its events
-    written in a local temporary folder and uploaded by `close` (event files are appended
-    to, which object stores cannot do)."""
+    record's `scalars_of` at its `step`, as one event (TensorBoard's own event writer, which
+    queues to a background thread; no torch import, so a curation driver stays light). A
+    run dir on object storage gets its events written in a local temporary folder and
+    uploaded by `close` (event files are appended to, which object stores cannot do)."""
 
     def __init__(self, run_dir: str, *, flush_secs: int = 10) -> None:
-        from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
         self.target = f"{str(run_dir).rstrip('/')}/{TENSORBOARD_DIR}"
         fs, path = storage.fs_path(self.target)
@@ -104,12 +106,19 @@ class TensorBoardLog:
             log_dir = path
         else:
             self._staging = log_dir = tempfile.mkdtemp(prefix="kiln-tensorboard-")
-        self.writer = SummaryWriter(log_dir=log_dir, flush_secs=flush_secs)
+        self.writer = EventFileWriter(log_dir, flush_secs=flush_secs)
 
     def add(self, record: Mapping[str, Any]) -> None:
-        step = int(record["step"])
-        for tag, value in scalars_of(record).items():
-            self.writer.add_scalar(tag, value, global_step=step)
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        values = [
+            Summary.Value(tag=tag, simple_value=value) for tag, value in scalars_of(record).items()
+        ]
+        if values:
+            event = Event(wall_time=time.time(), step=int(record["step"]))
+            event.summary.value.extend(values)
+            self.writer.add_event(event)
 
     def close(self) -> None:
         self.writer.close()
