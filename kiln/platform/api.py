@@ -108,17 +108,20 @@ def _start(recipe: J, *, lead: bool = True, **fields: Any) -> tuple[J, Path]:
     return recipe, run
 
 
-def _report(run: Path) -> None:
-    """`report.html` of a finished job (`kiln report`); a report that cannot be written is
-    said, and does not fail the job whose results are already on disk."""
+def _report(run: Path, records: list[dict[str, Any]] | None = None) -> None:
+    """A finished job's last outputs: its metrics `records` (a job that knows them only at
+    the end: curation), then `report.html` (`kiln report`). Either failing is said, and
+    does not fail the job, whose results are already on disk."""
     from kiln.platform.report import write_run_report
 
     try:
+        if records is not None:
+            write_metrics(str(run), records)
         write_run_report(str(run))
     except Exception as e:
         say(
-            f"could not write {run / 'report.html'} ({type(e).__name__}: {e}): the run's "
-            f"results are complete; retry with `kiln report {run}`"
+            f"could not write the metrics or report.html of {run} ({type(e).__name__}: {e}): "
+            f"the run's results are complete; retry the report with `kiln report {run}`"
         )
 
 
@@ -168,8 +171,7 @@ def run_curate(recipe: CurateRecipe, *, fresh: bool = False) -> Any:
         _failed(run, e)
         raise
     write_status(run, "completed", **result.model_dump(mode="json"))
-    write_metrics(str(run), curation_step_records(result.model_dump(mode="json")))
-    _report(run)
+    _report(run, curation_step_records(result.model_dump(mode="json")))
     return result
 
 

@@ -1,8 +1,9 @@
 """Run directories: the resolved recipe, a status file, and a listing of runs under a root.
 
 Layout of a run dir: `recipe.yaml` (resolved), `status.json`, and what the job writes:
-`metrics.jsonl` + `checkpoints/` for training, `steps/` + `dataset/` for curation,
-`eval.json`, `report.html`, `logs/`.
+`metrics.jsonl` + `tensorboard/` (every job that measures something, `kiln.metrics`),
+`checkpoints/` for training, `steps/` + `dataset/` for curation, `eval.json`,
+`report.html` (`kiln.platform.report`), `logs/`.
 
 A running job's `status.json` names its driver process (`driver`: pid, host, start time)
 and carries a `heartbeat` (epoch seconds) the driver refreshes every `HEARTBEAT_EVERY_S`

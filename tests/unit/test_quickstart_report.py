@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from kiln.platform.quickstart import compare_losses, read_losses
 from kiln.platform.report import (
     html_table,
@@ -82,8 +84,6 @@ def test_run_report_of_a_train_run(tmp_path: Path) -> None:
 
 
 def test_report_of_a_folder_that_is_no_run(tmp_path: Path) -> None:
-    import pytest
-
     with pytest.raises(FileNotFoundError, match="not a kiln run dir"):
         write_run_report(str(tmp_path))
 
@@ -150,3 +150,16 @@ def test_curation_summary_adds_up_in_plan_order() -> None:
 def test_small_chance_levels_are_not_printed_as_zero() -> None:
     result = {"retrieval": {"num_samples": 5000, "image_to_text": {"recall@1": 0.01}}}
     assert eval_rows(result) == [("image to text recall@1", "0.010", "chance 0.0002")]
+
+
+def test_a_report_that_fails_does_not_fail_the_job(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The end of a job: its results are on disk; a report that cannot be written is said,
+    with the command to retry, and raises nothing."""
+    from kiln.platform.api import _report
+
+    _report(tmp_path)  # no status.json: write_run_report raises, _report says it
+    out = capsys.readouterr().out
+    assert out.startswith("[kiln] could not write the metrics or report.html of ")
+    assert f"`kiln report {tmp_path}`" in out and not (tmp_path / "report.html").exists()
