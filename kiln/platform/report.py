@@ -139,6 +139,7 @@ def svg_lines(
             parts.append(
                 f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{pad}" y2="{height - pad}" stroke="#eee"/>'
             )
+    legend_x = float(left)  # the legend runs along the top, above the plot area
     for i, (name, pts) in enumerate(clean.items()):
         color = _COLORS[i % len(_COLORS)]
         coords = " ".join(
@@ -152,9 +153,10 @@ def svg_lines(
             f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="2"{dash}/>'
         )
         parts.append(
-            f'<text x="{width - pad - 6}" y="{pad + 16 + 14 * i}" font-size="12" '
-            f'text-anchor="end" fill="{color}">{_esc(name)}</text>'
+            f'<text x="{legend_x:.0f}" y="{pad - 8}" font-size="12" fill="{color}">'
+            f"{'- - ' if i else '— '}{_esc(name)}</text>"
         )
+        legend_x += 7.5 * (len(name) + 4) + 12
     parts.append("</svg>")
     return "".join(parts)
 
@@ -410,8 +412,29 @@ def eval_sections(result: Mapping[str, Any]) -> list[str]:
     """The evaluation tables (against chance) and the full `eval.json`."""
     rows = eval_rows(dict(result))
     out = ["<h2>Evaluation</h2>"]
+    if result.get("model_file"):
+        step = f" (step {result['step']})" if result.get("step") is not None else ""
+        out.append(f"<p>model: {_esc(result['model_file'])}{_esc(step)}</p>")
     if rows:
         out.append(html_table(("metric", "value", "baseline"), rows))
+    for task, t in sorted((result.get("zero_shot") or {}).items()):
+        per_class = t.get("per_class") if isinstance(t, dict) else None
+        if per_class:
+            out += [
+                f"<h3>Zero-shot {_esc(task)}: top-1 accuracy per class "
+                f"(chance {t.get('chance', 0):.3g})</h3>",
+                svg_bars(sorted(((str(k), float(v)) for k, v in per_class.items()))),
+            ]
+    retrieval = result.get("retrieval") or {}
+    curves = {
+        way.replace("_", " "): {
+            float(k.split("@")[-1]): float(v) for k, v in (retrieval.get(way) or {}).items()
+        }
+        for way in ("image_to_text", "text_to_image")
+        if retrieval.get(way)
+    }
+    if curves:
+        out += ["<h3>Retrieval: recall@k</h3>", svg_lines(curves, x_label="k")]
     out.append(
         "<details><summary>eval.json</summary><pre>"
         f"{_esc(json.dumps(result, indent=2, default=str))}</pre></details>"

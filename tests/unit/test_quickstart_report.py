@@ -72,14 +72,19 @@ def test_run_report_of_a_train_run(tmp_path: Path) -> None:
         for s in (1, 2, 3)
     ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    color = {"top1": 0.5, "top5": 0.9, "chance": 0.125, "per_class": {"red": 0.75, "blue": 0.25}}
+    retrieval = {"num_samples": 64, "image_to_text": {"recall@1": 0.1, "recall@5": 0.3}}
     (tmp_path / "eval.json").write_text(
-        json.dumps({"zero_shot": {"color": {"top1": 0.5, "top5": 0.9, "chance": 0.125}}})
+        json.dumps({"zero_shot": {"color": color}, "retrieval": retrieval})
     )
     page = Path(write_run_report(str(tmp_path))).read_text()
     for title in ("Loss", "Learning rate", "Throughput (samples/s)", "Memory (MiB)"):
         assert f"<h2>{title}</h2>" in page
     assert "Gradient norm" not in page and "Curation" not in page  # no data, no section
     assert "<td>zero-shot color top1</td><td>0.500</td><td>chance 0.125</td>" in page
+    per_class = page.split("<h3>Zero-shot color: top-1 accuracy per class")[1]
+    assert per_class.index(">blue<") < per_class.index(">red<") and ">0.75<" in per_class
+    assert "<h3>Retrieval: recall@k</h3>" in page
     assert "<td>state</td><td>completed</td>" in page
 
 
