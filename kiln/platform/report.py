@@ -12,7 +12,8 @@ there only when the run has its data:
   `source` / `source_row`) with their captions and drop reasons;
 - training (`metrics.jsonl`): loss, learning rate, throughput, gradient norm, data wait
   time and memory per step;
-- evaluation (`eval.json`): zero-shot, probe, caption and retrieval tables against chance.
+- evaluation (`eval.json`, or the status's `eval`): zero-shot, probe, caption and
+  retrieval tables against chance, per-class accuracy, recall@k.
 
 No plotting library: charts are inline SVG written here and images inline base64 JPEG, so
 the file opens anywhere, offline, with no other file beside it.
@@ -479,6 +480,9 @@ def run_sections(run_dir: str) -> list[str]:
     if records:
         out += train_sections(records)
     result = storage.read_json(f"{run}/eval.json")
+    status = storage.read_json(f"{run}/status.json")
+    if not isinstance(result, dict) and isinstance(status, dict):  # the status keeps it too
+        result = status.get("eval")
     if isinstance(result, dict):
         out += eval_sections(result)
     return out

@@ -11,6 +11,7 @@ from kiln.platform.tables import format_kv, format_table
 __all__ = [
     "balance_effect_of",
     "curation_step_records",
+    "eval_record",
     "eval_rows",
     "format_curation",
     "format_eval",
@@ -71,6 +72,29 @@ def curation_step_records(curation: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
     return records
+
+
+#: leaves of an evaluation report that describe the eval set, not the model
+_EVAL_NOT_SCALARS = frozenset({"step", "num_samples", "num_classes", "chance"})
+
+
+def eval_record(result: dict[str, Any]) -> dict[str, Any]:
+    """An evaluation report as one `metrics.jsonl` record: `step` (the checkpoint's) and
+    every numeric leaf but the eval set's sizes and chance levels, as `eval/a/b/c` (e.g.
+    `eval/zero_shot/color/top1`, `eval/retrieval/image_to_text/recall@5`)."""
+    record: dict[str, Any] = {"step": int(result.get("step") or 0)}
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k not in _EVAL_NOT_SCALARS:
+                    walk(v, f"{path}/{k}")
+        elif isinstance(node, (int, float)) and not isinstance(node, bool):
+            record[path] = float(node)
+
+    for section in ("zero_shot", "retrieval", "probe"):
+        walk(result.get(section), f"eval/{section}")
+    return record
 
 
 def funnel_rows(r: dict[str, Any]) -> list[tuple[str, object]]:

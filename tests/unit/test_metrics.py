@@ -65,3 +65,38 @@ def test_memory_is_this_process_rss() -> None:
     stats = memory_stats()
     assert set(stats) == {"rss_mb"} and stats["rss_mb"] > 64
     del blob
+
+
+def test_an_evaluation_is_one_record_of_its_scalars(tmp_path: Path) -> None:
+    """An eval run's metrics: one record at the checkpoint's step, in metrics.jsonl and
+    TensorBoard alike; a train run's end-of-training eval goes to its TensorBoard only."""
+    from kiln.platform.api import _report
+    from kiln.platform.runs import write_status
+    from kiln.platform.summary import eval_record
+
+    result = {
+        "step": 6,
+        "model_file": "x/model.pt",
+        "zero_shot": {"color": {"top1": 0.5, "chance": 0.125, "per_class": {"red": 1.0}}},
+        "retrieval": {"num_samples": 64, "image_to_text": {"recall@5": 0.25}},
+    }
+    record = eval_record(result)
+    assert record == {
+        "step": 6,
+        "eval/zero_shot/color/top1": 0.5,
+        "eval/zero_shot/color/per_class/red": 1.0,
+        "eval/retrieval/image_to_text/recall@5": 0.25,
+    }
+    evaluated = tmp_path / "eval"
+    write_status(evaluated, "completed", kind="eval", name="e", eval=result)
+    _report(evaluated, [record])
+    assert read_metrics(str(evaluated)) == [record]
+    assert tensorboard_scalars(evaluated)["eval/zero_shot/color/top1"] == {6: 0.5}
+    assert "<h2>Evaluation</h2>" in (evaluated / "report.html").read_text()
+
+    trained = tmp_path / "train"
+    write_status(trained, "completed", kind="train", name="t")
+    (trained / METRICS_FILE).write_text(json.dumps({"step": 6, "loss": 1.0}) + "\n")
+    _report(trained, eval_result=result)
+    assert read_metrics(str(trained)) == [{"step": 6, "loss": 1.0}]
+    assert tensorboard_scalars(trained)["eval/retrieval/image_to_text/recall@5"] == {6: 0.25}
