@@ -12,7 +12,7 @@ export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: install demo test test-fast lint format bench clean
+.PHONY: install demo test test-fast lint format bench clean chromium
 
 install: $(STAMP)
 
@@ -27,8 +27,19 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 demo: $(STAMP)
 	$(VENV)/bin/kiln quickstart
 
-test: $(STAMP)
+# tests/integration/test_report.py renders reports in headless Chromium: installed here when
+# it is missing and we can (root with apt-get); otherwise that test skips, saying how.
+test: $(STAMP) chromium
 	$(PY) -m pytest -q
+
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "make test: installing chromium (headless report rendering test)"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends chromium; } >/dev/null 2>&1 || \
+	      echo "make test: could not install chromium; its test will skip"; \
+	  fi; }
 
 # The inner loop: unit tests only (no Ray, no DeepSpeed), under a minute.
 test-fast: $(STAMP)

@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from kiln.console import say
 from kiln.data_curation.config import CurationConfig
 from kiln.liveness import identity
+from kiln.metrics import TensorBoardLog, write_metrics
 from kiln.models.checkpoint_index import latest_checkpoint, step_of_tag, tag_for_step
 from kiln.platform import logs
 from kiln.platform.preflight import check_resources, preflight
@@ -38,6 +39,7 @@ from kiln.platform.recipes import (
     resolve_paths,
 )
 from kiln.platform.runs import heartbeat, read_status, write_status
+from kiln.platform.summary import curation_step_records, eval_record
 from kiln.training.config import TrainConfig
 
 M = TypeVar("M", bound=BaseModel)
@@ -106,6 +108,32 @@ def _start(recipe: J, *, lead: bool = True, **fields: Any) -> tuple[J, Path]:
     return recipe, run
 
 
+def _report(
+    run: Path,
+    records: list[dict[str, Any]] | None = None,
+    eval_result: dict[str, Any] | None = None,
+) -> None:
+    """A finished job's last outputs: its metrics `records` (a job that knows them only at
+    the end: curation, evaluation), a training run's end-of-training evaluation as
+    TensorBoard scalars (`eval/...` at the checkpoint's step; its metrics.jsonl keeps one
+    record per training step), then `report.html` (`kiln report`). Any of it failing is
+    said, and does not fail the job, whose results are already on disk."""
+    from kiln.platform.report import write_run_report
+
+    try:
+        if records is not None:
+            write_metrics(str(run), records)
+        if eval_result:
+            with TensorBoardLog(str(run)) as tb:
+                tb.add(eval_record(eval_result))
+        write_run_report(str(run))
+    except Exception as e:
+        say(
+            f"could not write the metrics or report.html of {run} ({type(e).__name__}: {e}): "
+            f"the run's results are complete; retry the report with `kiln report {run}`"
+        )
+
+
 def _failed(run: Path, exc: BaseException) -> None:
     """Record how a job ended early: `interrupted` for Ctrl-C / a stop signal (nothing is
     wrong; `kiln resume` continues a train run), `failed` with the error otherwise."""
@@ -152,6 +180,7 @@ def run_curate(recipe: CurateRecipe, *, fresh: bool = False) -> Any:
         _failed(run, e)
         raise
     write_status(run, "completed", **result.model_dump(mode="json"))
+    _report(run, curation_step_records(result.model_dump(mode="json")))
     return result
 
 
@@ -254,6 +283,7 @@ def run_train(recipe: TrainRecipe, *, resume: bool = False) -> Any:
             restarts=summary.restarts,
             eval=eval_result,
         )
+        _report(run, eval_result=eval_result)
     return summary.model_copy(update={"eval": eval_result}) if eval_result else summary
 
 
@@ -304,6 +334,7 @@ def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
         _failed(run, e)
         raise
     write_status(run, "completed", eval=result)
+    _report(run, [eval_record(result)])
     return result
 
 
@@ -326,6 +357,7 @@ def eval_run_dir(
         return dry_run(as_eval)
     logs.attach_run(run_dir)
     result = _evaluate_into(resolve_model_file(run_dir), train.eval, Path(run_dir))
+    _report(Path(run_dir), eval_result=result)
     return result
 
 

@@ -165,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     ru.add_argument("root", nargs="?", default="runs")
     ru.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    rp = sub.add_parser(
+        "report", help="write RUN_DIR/report.html: plots and tables of a curate/train/eval run"
+    )
+    rp.add_argument("run_dir", help="the run folder a `kiln curate|train|eval` wrote")
+
     m = sub.add_parser("model", help="model flavors: list them, or show one's size and FLOPs")
     msub = m.add_subparsers(dest="model_verb", required=True, metavar="ACTION")
     mi = msub.add_parser("info", help="parameters per tower and total, FLOPs per sample")
@@ -335,6 +340,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(json.dumps([r.model_dump(mode="json") for r in runs], indent=2))
         else:
             print(format_runs(runs))
+        return 0
+    if args.verb == "report":  # reads the run dir only: no Ray, no job
+        from kiln.platform.report import write_run_report
+
+        print(f"report: {write_run_report(args.run_dir)}")
         return 0
     from kiln.platform.jobs_cli import JOB_VERBS, job_command
 

@@ -327,5 +327,7 @@ def outputs_line(verb: str, result: Any) -> str | None:
         parts.append(f"checkpoints {run / 'checkpoints'}")
     if (run / "eval.json").is_file() and (verb == "eval" or r.get("eval")):
         parts.append(f"eval {run / 'eval.json'}")
+    if (run / "report.html").is_file():
+        parts.append(f"report {run / 'report.html'}")
     parts.append(f"logs {log.parent}")
     return f"outputs in {run}: {', '.join(parts)}"

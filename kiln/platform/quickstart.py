@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kiln.metrics import read_metrics
 from kiln.platform import api, logs
 from kiln.platform.ray_cluster import ray_session
 from kiln.platform.recipes import (
@@ -24,7 +25,7 @@ from kiln.platform.recipes import (
     parse_recipe,
     read_recipe_file,
 )
-from kiln.platform.report import write_report
+from kiln.platform.report import html_table, render_report, run_sections, svg_lines
 from kiln.platform.runs import read_status
 from kiln.platform.summary import eval_rows, format_curation, funnel_rows
 from kiln.platform.tables import format_kv, format_table
@@ -88,18 +89,11 @@ def _clear_previous_run(run: Path, name: str) -> None:
 def read_losses(run_dir: str | Path) -> dict[int, float]:
     """step -> loss from `metrics.jsonl`; a step logged twice (redone after a resume) keeps
     its last value, which is the one the finished run is built on."""
-    losses: dict[int, float] = {}
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return losses
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and "step" in rec and "loss" in rec:
-            losses[int(rec["step"])] = float(rec["loss"])
-    return losses
+    return {
+        int(rec["step"]): float(rec["loss"])
+        for rec in read_metrics(str(run_dir))
+        if "step" in rec and "loss" in rec
+    }
 
 
 def compare_losses(
@@ -195,14 +189,21 @@ def run_quickstart(root: str = _DEFAULT_ROOT, overrides: list[str] | None = None
         ("report", f"{root}/report.html"),
         ("wall time", f"{elapsed:.0f} s"),
     ]
-    report = write_report(
-        Path(root) / "report.html",
-        title="kiln quickstart",
-        summary=summary_pairs,
-        curation=cur.model_dump(mode="json"),
-        loss_curves={"reference": ref_losses, "stopped + resumed": res_losses},
-        resume_rows=rows,
-        eval_result=eval_result,
+    report = render_report(
+        f"{root}/report.html",
+        "kiln quickstart",
+        [
+            html_table(("", ""), summary_pairs),
+            "<h2>Training loss: the reference and the stopped + resumed run</h2>",
+            svg_lines({"reference": ref_losses, "stopped + resumed": res_losses}),
+            "<h2>Resume check (steps after the resume point)</h2>",
+            html_table(
+                ("step", "reference", "resumed", "bitwise equal"),
+                [(s, repr(a), repr(b), "yes" if eq else "NO") for s, a, b, eq in rows],
+            ),
+            *run_sections(curate.run_dir),
+            *run_sections(interrupted.run_dir),
+        ],
     )
     print("\n" + format_kv(summary_pairs, "kiln quickstart summary"))
     runs = ", ".join(str(Path(r.run_dir).name) for r in (curate, reference, interrupted))

@@ -1,8 +1,9 @@
 """Run directories: the resolved recipe, a status file, and a listing of runs under a root.
 
 Layout of a run dir: `recipe.yaml` (resolved), `status.json`, and what the job writes:
-`metrics.jsonl` + `checkpoints/` for training, `steps/` + `dataset/` for curation,
-`eval.json`, `report.html`, `logs/`.
+`metrics.jsonl` + `tensorboard/` (every job that measures something, `kiln.metrics`),
+`checkpoints/` for training, `steps/` + `dataset/` for curation, `eval.json`,
+`report.html` (`kiln.platform.report`), `logs/`.
 
 A running job's `status.json` names its driver process (`driver`: pid, host, start time)
 and carries a `heartbeat` (epoch seconds) the driver refreshes every `HEARTBEAT_EVERY_S`
@@ -173,6 +174,8 @@ class RunInfo(BaseModel):
     last_step: int | None = None
     max_steps: int | None = None
     loss: float | None = None
+    samples_per_s: float | None = None
+    metrics: dict[str, Any] | None = None  # the last record of metrics.jsonl
     eval: str = ""
     latest_checkpoint: str | None = None
     started: str | None = None
@@ -207,8 +210,11 @@ def _run_info(run: Path) -> RunInfo:
     kind = str(status.get("kind", "?"))
     name = str(status.get("name", run.name))
     metrics = last_metrics(run)
-    last_step = metrics.get("step") if metrics else status.get("last_step")
-    loss = metrics.get("loss") if metrics else None
+    # a curation's records are its plan steps: its progress is its summary, not a step
+    trained = metrics if metrics and kind != "curate" else None
+    last_step = trained.get("step") if trained else status.get("last_step")
+    loss = trained.get("loss") if trained else None
+    speed = trained.get("samples_per_s") if trained else None
     summary = ""
     if kind == "curate" and "samples_out" in status:
         summary = f"{status.get('samples_in')} in -> {status['samples_out']} kept"
@@ -222,6 +228,8 @@ def _run_info(run: Path) -> RunInfo:
         last_step=last_step if isinstance(last_step, int) else None,
         max_steps=status.get("max_steps"),
         loss=loss if isinstance(loss, (int, float)) else None,
+        samples_per_s=float(speed) if isinstance(speed, (int, float)) else None,
+        metrics=metrics,
         eval=eval_headline(status.get("eval")),
         latest_checkpoint=latest_checkpoint(run),
         started=status.get("started"),
@@ -248,8 +256,9 @@ def _clip(text: str, width: int) -> str:
 
 
 def format_runs(runs: list[RunInfo]) -> str:
-    """A plain-text table of runs for the terminal; NOTE is the curation summary, or the
-    error of a failed or interrupted run."""
+    """A plain-text table of runs for the terminal: state and the last metrics record (step,
+    loss, samples/s); NOTE is the curation summary, or the error of a failed or
+    interrupted run."""
     if not runs:
         return "no runs found"
     rows = []
@@ -258,11 +267,34 @@ def format_runs(runs: list[RunInfo]) -> str:
         if r.last_step is not None:
             step = f"{r.last_step}/{r.max_steps}" if r.max_steps else str(r.last_step)
         loss = f"{r.loss:.4f}" if r.loss is not None else None
+        speed = f"{r.samples_per_s:.1f}" if r.samples_per_s is not None else None
         note = r.error or r.summary
         if len(note) > 60:
             note = note[:57] + "..."
         rows.append(
-            (r.path, r.kind, r.state, step, loss, r.eval, r.latest_checkpoint, r.updated, note)
+            (
+                r.path,
+                r.kind,
+                r.state,
+                step,
+                loss,
+                speed,
+                r.eval,
+                r.latest_checkpoint,
+                r.updated,
+                note,
+            )
         )
-    header = ("RUN", "KIND", "STATE", "STEP", "LOSS", "EVAL", "LATEST CKPT", "UPDATED", "NOTE")
+    header = (
+        "RUN",
+        "KIND",
+        "STATE",
+        "STEP",
+        "LOSS",
+        "SAMPLES/S",
+        "EVAL",
+        "LATEST CKPT",
+        "UPDATED",
+        "NOTE",
+    )
     return format_table(header, rows)

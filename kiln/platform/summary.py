@@ -10,6 +10,8 @@ from kiln.platform.tables import format_kv, format_table
 
 __all__ = [
     "balance_effect_of",
+    "curation_step_records",
+    "eval_record",
     "eval_rows",
     "format_curation",
     "format_eval",
@@ -47,6 +49,52 @@ def language_rows(curation: dict[str, Any]) -> list[tuple[str, int, int | None, 
     t, kept = balance.get("t_by_language") or {}, balance.get("kept_by_language") or {}
     rows = [(code, int(n), t.get(code), int(kept.get(code, 0))) for code, n in matched.items()]
     return sorted(rows, key=lambda row: (-row[1], row[0]))
+
+
+def curation_step_records(curation: dict[str, Any]) -> list[dict[str, Any]]:
+    """One `metrics.jsonl` record per step of a curation result, in plan order (`step` 1
+    is the read): rows in and out, rows dropped (in all and by reason), seconds, rows/s."""
+    records = []
+    for i, (name, s) in enumerate((curation.get("steps") or {}).items(), start=1):
+        seconds = float(s.get("seconds") or 0.0)
+        dropped = {str(k): int(v) for k, v in (s.get("dropped") or {}).items()}
+        records.append(
+            {
+                "step": i,
+                "name": name,
+                "rows_in": s.get("rows_in"),
+                "rows_out": s.get("rows_out"),
+                "dropped": sum(dropped.values()),
+                "seconds": seconds,
+                "rows_per_s": (s.get("rows_in") or 0) / seconds if seconds > 0 else None,
+                "reused": bool(s.get("reused")),
+                "dropped_by_reason": dropped,
+            }
+        )
+    return records
+
+
+#: leaves of an evaluation report that describe the eval set, not the model
+_EVAL_NOT_SCALARS = frozenset({"step", "num_samples", "num_classes", "chance"})
+
+
+def eval_record(result: dict[str, Any]) -> dict[str, Any]:
+    """An evaluation report as one `metrics.jsonl` record: `step` (the checkpoint's) and
+    every numeric leaf but the eval set's sizes and chance levels, as `eval/a/b/c` (e.g.
+    `eval/zero_shot/color/top1`, `eval/retrieval/image_to_text/recall@5`)."""
+    record: dict[str, Any] = {"step": int(result.get("step") or 0)}
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k not in _EVAL_NOT_SCALARS:
+                    walk(v, f"{path}/{k}")
+        elif isinstance(node, (int, float)) and not isinstance(node, bool):
+            record[path] = float(node)
+
+    for section in ("zero_shot", "retrieval", "probe"):
+        walk(result.get(section), f"eval/{section}")
+    return record
 
 
 def funnel_rows(r: dict[str, Any]) -> list[tuple[str, object]]:

@@ -236,7 +236,12 @@ class TrainConfig(StrictModel):
         default_factory=EvalConfig, description="evaluation when training finishes"
     )
     max_steps: int = Field(default=100, ge=1, description="optimizer steps in the whole run")
-    log_every: int = Field(default=5, ge=1, description="print and record metrics every N steps")
+    log_every: int = Field(
+        default=5,
+        ge=1,
+        description="print the step line every N steps (at most every 5 s; the first and last "
+        "step always); metrics.jsonl records every step",
+    )
     seed: int = Field(default=0, description="seed of initial weights, data order and augmentation")
     stop_after_step: int | None = Field(
         default=None,

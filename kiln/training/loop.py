@@ -6,7 +6,15 @@ the latest complete checkpoint when asked, trains to ``cfg.max_steps`` (or stops
 and appends one record per step to ``{run_dir}/metrics.jsonl`` (rank 0)::
 
     {"step", "loss", "lr", "epoch", "samples_per_s", "elapsed_s", "attempt", "resumed_from",
+     "step_s", "data_wait_s", "grad_norm", "rss_mb", ("cuda_max_allocated_mb" on a GPU),
      ...the objective's logged scalars (e.g. "logit_scale", "caption_loss")}
+
+and writes the same scalars to TensorBoard event files in ``{run_dir}/tensorboard/``
+(`kiln.metrics`). ``data_wait_s`` is the time the step waited for its batches (a loader
+that cannot keep up shows here), ``grad_norm`` the global gradient 2-norm before clipping.
+The step line (``[kiln] step 120/400  61.3 samples/s  loss 2.3100  lr 0.001  ETA 1m20s``)
+is printed at the first and last step and every ``log_every`` steps, at most every
+``STEP_LINE_EVERY_S`` seconds.
 
 The loop is objective-agnostic: the run's objective (`kiln.training.objectives`) says which
 batch fields it reads and turns the model's outputs into the loss.
@@ -41,6 +49,7 @@ import torch
 import torch.distributed as dist
 
 from kiln.console import say
+from kiln.metrics import METRICS_FILE, TensorBoardLog, memory_stats
 from kiln.training.checkpoint import (
     atomic_write_text,
     latest_checkpoint,
@@ -66,6 +75,7 @@ __all__ = [
     "FAULT_SIGKILL_IN_SAVE",
     "FAULT_SIGKILL_RANK",
     "METRICS_FILE",
+    "STEP_LINE_EVERY_S",
     "SUMMARY_FILE",
     "check_run_dir",
     "format_duration",
@@ -76,7 +86,8 @@ __all__ = [
 FAULT_SIGKILL_AFTER_STEP = "KILN_FAULT_SIGKILL_AFTER_STEP"
 FAULT_SIGKILL_IN_SAVE = "KILN_FAULT_SIGKILL_IN_SAVE"
 FAULT_SIGKILL_RANK = "KILN_FAULT_SIGKILL_RANK"
-METRICS_FILE = "metrics.jsonl"
+#: the step line is printed at most this often (the first and the last step always)
+STEP_LINE_EVERY_S = 5.0
 _LOSS = "\x00loss"  # the loss's key among the logged scalars (no objective's name)
 SUMMARY_FILE = "train_summary.json"
 
@@ -169,6 +180,13 @@ def _global_means(logs: list[dict[str, torch.Tensor]], world: int) -> dict[str, 
         dist.all_reduce(local, op=dist.ReduceOp.SUM)
         local = local / world
     return {k: float(v) for k, v in zip(names, local.tolist(), strict=True)}
+
+
+def _grad_norm(module: torch.nn.Module) -> float:
+    """Global 2-norm of the module's gradients (ZeRO-0: every rank holds the averaged
+    gradients, so the local norm is the global one)."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 def _log(rank: int, msg: str) -> None:
@@ -295,23 +313,33 @@ def train_worker(
 
     t_start = time.perf_counter()
     batches = iter(loader)
+    tb = TensorBoardLog(str(run)) if rank == 0 else None
+    last_line = float("-inf")
     try:
         while step < end:
             t0 = time.perf_counter()
             lr = float(engine.get_lr()[0])
             micro_losses = []
             micro_logs: list[dict[str, torch.Tensor]] = []
-            for _ in range(cfg.optim.grad_accum):
+            data_wait = 0.0
+            own_norm = None
+            for micro in range(cfg.optim.grad_accum):
+                t_wait = time.perf_counter()
                 batch: Batch = next(batches)
+                data_wait += time.perf_counter() - t_wait
                 fields = batch.to(device, image_dtype, objective.batch_fields)
                 outputs = engine(**objective.model_inputs(fields))
                 if not step_times and not micro_logs:  # first micro-step of this invocation
                     objective.check_outputs(outputs)
                 loss, logs = objective.loss(outputs, fields)
                 engine.backward(loss)
+                if rank == 0 and cfg.zero.stage == 0 and micro == cfg.optim.grad_accum - 1:
+                    own_norm = _grad_norm(engine.module)  # DeepSpeed's basic optimizer has none
                 engine.step()
                 micro_losses.append(loss.detach().float())
                 micro_logs.append(logs)
+            ds_norm = engine.get_global_grad_norm()
+            grad_norm = float(ds_norm) if ds_norm is not None else own_norm
             step += 1
             # the loss and the objective's scalars in one all-reduce
             losses_and_logs = [
@@ -332,18 +360,26 @@ def train_worker(
                     "elapsed_s": time.perf_counter() - t_start,
                     "attempt": attempt,
                     "resumed_from": resumed_from,
+                    "step_s": dt,
+                    "data_wait_s": data_wait,
+                    **({"grad_norm": grad_norm} if grad_norm is not None else {}),
+                    **memory_stats(device),
                     **extra,
                 }
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
-                if step % cfg.log_every == 0 or step == end:
+                assert tb is not None
+                tb.add(record)
+                now = time.perf_counter()
+                due = step % cfg.log_every == 0 and now - last_line >= STEP_LINE_EVERY_S
+                if due or step in (first_step, end):
+                    last_line = now
                     mean_dt = sum(step_times) / len(step_times)
                     _log(
                         rank,
-                        f"step {step}/{cfg.max_steps} loss {loss_value:.4f} lr {lr:.3g} "
-                        f"{samples_per_step / mean_dt:.1f} samples/s "
-                        f"elapsed {format_duration(time.perf_counter() - t_start)} "
-                        f"eta {format_duration((end - step) * mean_dt)}",
+                        f"step {step}/{cfg.max_steps}  {samples_per_step / mean_dt:.1f} "
+                        f"samples/s  loss {loss_value:.4f}  lr {lr:.3g}  "
+                        f"ETA {format_duration((end - step) * mean_dt)}",
                     )
             if step % cfg.checkpoint.every_steps == 0 or step == end:
                 save(step)
@@ -355,6 +391,8 @@ def train_worker(
         close = getattr(batches, "close", None)
         if close is not None:
             close()
+        if tb is not None:
+            tb.close()
 
     total_time = sum(step_times)
     summary = {

@@ -5,8 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from kiln.platform.quickstart import compare_losses, read_losses
-from kiln.platform.report import svg_lines, write_report
+from kiln.platform.report import (
+    html_table,
+    render_report,
+    svg_bars,
+    svg_lines,
+    write_run_report,
+)
 from kiln.platform.summary import eval_rows, format_result
 
 
@@ -34,30 +42,55 @@ def test_compare_losses_is_bitwise() -> None:
     assert not exact
 
 
-def test_report_has_tables_and_curves(tmp_path: Path) -> None:
+def test_report_pieces_escape_and_draw(tmp_path: Path) -> None:
     svg = svg_lines({"a": {1: 2.0, 2: 1.0}, "b": {1: 2.0, 2: 1.5}})
     assert svg.count("<polyline") == 2
-    out = write_report(
-        tmp_path / "r" / "report.html",
-        title="t <x>",
-        summary=[("samples", 3)],
-        curation={
-            "dropped_by_reason": {"bad_image": 2},
-            "steps": {
-                "balance": {
-                    "extra": {
-                        "entry_counts": {"top": [["dog", 90, 30]], "max_over_median": [9.0, 3.0]}
-                    }
-                }
-            },
-        },
-        loss_curves={"a": {1: 2.0}},
-        resume_rows=[(2, 0.5, 0.5, True)],
-        eval_result={"zero_shot": {}},
+    # log-log: points at 0 cannot be drawn and are left out; a grid line per decade
+    log = svg_lines({"before": {1: 1000.0, 2: 100.0, 3: 0.0}}, log=True)
+    assert log.count("<polyline") == 1 and log.count(",") == 2 and ">1000<" in log
+    assert svg_lines({"a": {}}) == "<p>no data</p>"
+    bars = svg_bars([("bad_image", 30.0), ("junk_text", 10.0)])
+    assert bars.count("<rect") == 2 and ">bad_image<" in bars
+    url = render_report(
+        str(tmp_path / "r" / "report.html"),
+        "t <x>",
+        [html_table(("k", "v"), [("a", None), ("<b>", 2)])],
     )
-    html = out.read_text()
-    assert "t &lt;x&gt;" in html and "bad_image" in html and "<svg" in html
-    assert "<td>dog</td><td>90</td><td>30</td>" in html and "9.0 before, 3.0 after" in html
+    page = Path(url).read_text()
+    assert "<title>t &lt;x&gt;</title>" in page
+    assert "<td>a</td><td>-</td>" in page and "<td>&lt;b&gt;</td><td>2</td>" in page
+
+
+def test_run_report_of_a_train_run(tmp_path: Path) -> None:
+    """Sections come from the files the run has: curves from metrics.jsonl, tables from
+    eval.json; no curation section without curation_stats.json."""
+    from kiln.platform.runs import write_status
+
+    write_status(tmp_path, "completed", kind="train", name="t", max_steps=3)
+    records = [
+        {"step": s, "loss": 3.0 - s, "lr": 1e-3, "samples_per_s": 10.0 * s, "rss_mb": 100.0}
+        for s in (1, 2, 3)
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    color = {"top1": 0.5, "top5": 0.9, "chance": 0.125, "per_class": {"red": 0.75, "blue": 0.25}}
+    retrieval = {"num_samples": 64, "image_to_text": {"recall@1": 0.1, "recall@5": 0.3}}
+    (tmp_path / "eval.json").write_text(
+        json.dumps({"zero_shot": {"color": color}, "retrieval": retrieval})
+    )
+    page = Path(write_run_report(str(tmp_path))).read_text()
+    for title in ("Loss", "Learning rate", "Throughput (samples/s)", "Memory (MiB)"):
+        assert f"<h2>{title}</h2>" in page
+    assert "Gradient norm" not in page and "Curation" not in page  # no data, no section
+    assert "<td>zero-shot color top1</td><td>0.500</td><td>chance 0.125</td>" in page
+    per_class = page.split("<h3>Zero-shot color: top-1 accuracy per class")[1]
+    assert per_class.index(">blue<") < per_class.index(">red<") and ">0.75<" in per_class
+    assert "<h3>Retrieval: recall@k</h3>" in page
+    assert "<td>state</td><td>completed</td>" in page
+
+
+def test_report_of_a_folder_that_is_no_run(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not a kiln run dir"):
+        write_run_report(str(tmp_path))
 
 
 def test_eval_rows_report_chance() -> None:
@@ -122,3 +155,16 @@ def test_curation_summary_adds_up_in_plan_order() -> None:
 def test_small_chance_levels_are_not_printed_as_zero() -> None:
     result = {"retrieval": {"num_samples": 5000, "image_to_text": {"recall@1": 0.01}}}
     assert eval_rows(result) == [("image to text recall@1", "0.010", "chance 0.0002")]
+
+
+def test_a_report_that_fails_does_not_fail_the_job(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The end of a job: its results are on disk; a report that cannot be written is said,
+    with the command to retry, and raises nothing."""
+    from kiln.platform.api import _report
+
+    _report(tmp_path)  # no status.json: write_run_report raises, _report says it
+    out = capsys.readouterr().out
+    assert out.startswith("[kiln] could not write the metrics or report.html of ")
+    assert f"`kiln report {tmp_path}`" in out and not (tmp_path / "report.html").exists()

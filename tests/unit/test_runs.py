@@ -36,19 +36,26 @@ def test_list_runs_reads_metrics_and_checkpoints(tmp_path: Path) -> None:
     run = tmp_path / "exp" / "train"
     write_status(run, "stopped", kind="train", name="t", max_steps=40)
     (run / "metrics.jsonl").write_text(
-        json.dumps({"step": 19, "loss": 1.0}) + "\n" + json.dumps({"step": 20, "loss": 0.9}) + "\n"
+        json.dumps({"step": 19, "loss": 1.0})
+        + "\n"
+        + json.dumps({"step": 20, "loss": 0.9, "samples_per_s": 12.5})
+        + "\n"
     )
     ckpt = run / "checkpoints"
     (ckpt / "step_00000020").mkdir(parents=True)
     (ckpt / "step_00000020" / "COMPLETE").write_text("{}")
     (ckpt / "latest").write_text("step_00000020\n")
     write_status(tmp_path / "cur", "completed", kind="curate", samples_in=10, samples_out=4)
+    # a curation's records are its plan steps, not training steps
+    (tmp_path / "cur" / "metrics.jsonl").write_text(json.dumps({"step": 8, "name": "shard"}))
     runs = {r.name: r for r in list_runs(tmp_path)}
     assert runs["t"].last_step == 20 and runs["t"].latest_checkpoint == "step_00000020"
-    assert runs["t"].state == "stopped"
+    assert runs["t"].state == "stopped" and runs["t"].samples_per_s == 12.5
+    assert runs["cur"].last_step is None and runs["cur"].metrics == {"step": 8, "name": "shard"}
     assert "10 in -> 4 kept" in runs["cur"].summary
     text = format_runs(list(runs.values()))
-    assert "20/40" in text and "step_00000020" in text
+    assert "20/40" in text and "step_00000020" in text and " 12.5 " in text
+    assert text.splitlines()[0].split()[4:6] == ["LOSS", "SAMPLES/S"]
 
 
 def test_incomplete_checkpoint_is_not_reported(tmp_path: Path) -> None:
