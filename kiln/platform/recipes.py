@@ -499,8 +499,7 @@ def show_recipe(recipe: CurateRecipe | TrainRecipe | EvalRecipe) -> str:
 
 def dump_recipe(recipe: BaseModel, path: str | Path) -> None:
     """Write the resolved recipe (defaults filled in) as YAML."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    from kiln import storage
+
     text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    storage.atomic_write(path, text.encode())
