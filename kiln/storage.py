@@ -124,18 +124,29 @@ def staging_dir(url: str) -> str:
     return os.path.join(os.path.abspath(os.path.expanduser(root)), f"{name}-{digest}")
 
 
+def _credentials_env() -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+
+
+@functools.lru_cache(maxsize=8)
+def _quick_fs(protocol: str | None, env: tuple[tuple[str, str], ...]) -> Any:
+    """A filesystem of `protocol` that fails at once: no retries, short timeouts (the
+    cached one kiln reads with keeps fsspec's patient defaults); one per credentials
+    environment `env`."""
+    return fsspec.filesystem(protocol, skip_instance_cache=True, **_QUICK.get(protocol, {}))
+
+
 def check_access(url: str, *, write: bool = False) -> None:
     """Raise `StorageError` (one line: the URL, the cause, what to set) unless `url`'s
     filesystem answers: its bucket exists and the credentials are accepted (`write`: a
-    probe file can be written and deleted). Nothing to check for local paths."""
+    probe file can be written in folder `url` and deleted). Nothing to check for local
+    paths."""
     if not is_remote(url):
         return
     try:
         protocol, path = fsspec.core.split_protocol(url)
         path = (path or "").rstrip("/")
-        # a fresh instance that fails at once: no retries, short timeouts (the cached one
-        # kiln reads with keeps fsspec's patient defaults)
-        fs = fsspec.filesystem(protocol, skip_instance_cache=True, **_QUICK.get(protocol, {}))
+        fs = _quick_fs(protocol, _credentials_env())
         bucket = path.split("/", 1)[0]
         try:
             fs.ls(bucket, detail=False)

@@ -227,9 +227,25 @@ def export(run_dir: str, out: str | None, *, step: int | None, fmt: str) -> Path
     (default: `{run_dir}/exports/{tag}.{fmt}`)."""
     from kiln.training.export import EXPORTS_DIR, export_model
 
-    tag = tag_for_step(step) if step is not None else latest_checkpoint(run_dir)
-    target = out or f"{run_dir}/{EXPORTS_DIR}/{tag}.{fmt}"
-    return export_model(run_dir, target, step=step, fmt=fmt)  # type: ignore[arg-type]
+    source, tag = run_dir, tag_for_step(step) if step is not None else None
+    if storage.is_remote(run_dir):  # DeepSpeed's files are read from a local copy
+        from kiln.training.remote_run import pull_run
+
+        storage.check_access(run_dir)
+        source = str(local_run_dir(run_dir))
+        tag = pull_run(run_dir, source, resume=True, tag=tag)
+        if tag is None:
+            raise FileNotFoundError(f"{run_dir!r} holds no complete checkpoint to export")
+    tag = tag or latest_checkpoint(source)
+    target = out or f"{run_dir.rstrip('/')}/{EXPORTS_DIR}/{tag}.{fmt}"
+    at = step_of_tag(tag) if tag else step
+    if not storage.is_remote(target):
+        return export_model(source, target, step=at, fmt=fmt)  # type: ignore[arg-type]
+    storage.check_access(target.rstrip("/").rsplit("/", 1)[0], write=True)  # its folder
+    local = local_run_dir(target) / target.rstrip("/").rsplit("/", 1)[-1]
+    export_model(source, local, step=at, fmt=fmt)  # type: ignore[arg-type]
+    storage.upload(local, target)
+    return local
 
 
 def _evaluate_into(model_file: Path, cfg: Any, out_dir: Path) -> dict[str, Any]:

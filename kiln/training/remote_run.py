@@ -68,10 +68,11 @@ def remote_latest(url: str) -> str | None:
     return complete[-1] if complete else None
 
 
-def pull_run(url: str, local: str | Path, *, resume: bool) -> str | None:
+def pull_run(url: str, local: str | Path, *, resume: bool, tag: str | None = None) -> str | None:
     """Prepare staging folder `local` for a run into remote `url`; returns the tag it will
     resume from (None: a fresh start). A fresh run refuses a run dir that holds
-    checkpoints, as a local one does."""
+    checkpoints, as a local one does. `tag`: download that complete checkpoint instead of
+    the newest (`kiln export --step`)."""
     from kiln.training.checkpoint import verify_checkpoint
 
     complete = complete_remote_checkpoints(url)
@@ -88,14 +89,20 @@ def pull_run(url: str, local: str | Path, *, resume: bool) -> str | None:
     base = url.rstrip("/")
     if storage.exists(f"{base}/{_METRICS}"):
         storage.download(f"{base}/{_METRICS}", local / _METRICS)
-    first = remote_latest(url)
+    if tag is not None and tag not in complete:
+        raise FileNotFoundError(
+            f"{url!r} holds no complete checkpoint {tag}: its complete ones are "
+            f"{', '.join(complete) or 'none'}"
+        )
+    first = tag or remote_latest(url)
     order = [first] if first else []
-    order += [t for t in reversed(complete) if t != first]
-    for tag in order:
-        storage.download_tree(f"{base}/{CHECKPOINTS_DIR}/{tag}", local / CHECKPOINTS_DIR / tag)
-        if verify_checkpoint(local, tag) is None:
-            (local / CHECKPOINTS_DIR / LATEST_FILE).write_text(tag + "\n")
-            return tag
+    order += [t for t in reversed(complete) if t != first and tag is None]
+    for candidate in order:
+        remote_tag = f"{base}/{CHECKPOINTS_DIR}/{candidate}"
+        storage.download_tree(remote_tag, local / CHECKPOINTS_DIR / candidate)
+        if verify_checkpoint(local, candidate) is None:
+            (local / CHECKPOINTS_DIR / LATEST_FILE).write_text(candidate + "\n")
+            return candidate
         # kept: the resume sets it aside as damaged and falls back to an older tag
     return None
 

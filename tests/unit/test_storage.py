@@ -71,3 +71,20 @@ def test_check_access_names_the_url_and_what_to_set(tmp_path: Path) -> None:
         storage.check_access(missing)
     assert missing in str(e.value) and "AWS_ENDPOINT_URL" in str(e.value)
     assert "does not exist" in str(e.value)
+
+
+def test_a_recipe_on_object_storage_resolves_its_paths_beside_it() -> None:
+    from kiln.platform.recipes import load_recipe
+
+    root = _mem()
+    storage.atomic_write(
+        f"{root}/recipes/train.yaml",
+        b"kind: train\nname: t\nrun_dir: ../runs/t\ndata: {dataset: ../data/ds}\n"
+        b"eval: {zero_shot: /abs/eval}\n",
+    )
+    recipe = load_recipe(f"{root}/recipes/train.yaml", ["eval.retrieval=s3://b/ret"])
+    assert recipe.run_dir == f"{root}/runs/t"
+    assert recipe.data.dataset == f"{root}/data/ds"
+    assert (recipe.eval.zero_shot, recipe.eval.retrieval) == ("/abs/eval", "s3://b/ret")
+    with pytest.raises(ValueError, match="does not exist"):
+        load_recipe(f"{root}/recipes/missing.yaml")
