@@ -153,6 +153,15 @@ def _train(recipe: TrainRecipe, resume: bool) -> list[str]:
     cfg = TrainConfig.model_validate(recipe.model_dump(include=set(TrainConfig.model_fields)))
     # under torchrun each rank checks the run dir once it knows of restarts (launch.train)
     run_dir_check = recipe.resources.launcher != "torchrun"
+    if storage.is_remote(recipe.run_dir):  # (`kiln train` checks its staged copy instead)
+        from kiln.training.remote_run import complete_remote_checkpoints
+
+        if not resume and complete_remote_checkpoints(recipe.run_dir):
+            raise FileExistsError(
+                f"run dir {recipe.run_dir!r} already holds checkpoints: resume it (`kiln "
+                f"resume {recipe.run_dir}`) or train into a new run_dir"
+            )
+        run_dir_check = False
     lines.append(
         train_preflight(
             cfg, recipe.resources.workers, recipe.run_dir, resume, run_dir_check=run_dir_check
