@@ -1,39 +1,98 @@
-"""The one fsspec layer for files kiln writes and reads back: atomic writes, JSON, listing.
+"""The one fsspec layer for files kiln writes and reads back: atomic writes, JSON, listing,
+copies between a local staging folder and object storage.
 
 Every helper takes a URL (a local path, `memory://`, `s3://`, ...). Writes go to a temporary
 name beside the target and are renamed into place, so a reader (or a rerun after a crash)
 never sees a half-written file under its final name.
+
+Object storage: ``s3://`` needs ``s3fs`` (``pip install kiln[s3]``) and takes its endpoint
+and credentials the way every AWS tool does: ``AWS_ENDPOINT_URL`` (an S3-compatible server:
+MinIO, SeaweedFS, Ceph, R2...), ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (or
+``AWS_PROFILE``), ``AWS_DEFAULT_REGION``. Files that a library can only write to a local
+folder (DeepSpeed's checkpoints, logs) are written under `staging_dir(url)` and copied up.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
+import re
+import shutil
+import tarfile
 import uuid
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import fsspec
-import pyarrow.parquet as pq
+
+if TYPE_CHECKING:  # pyarrow loads in a fraction of a second: not for `kiln runs`
+    import pyarrow.parquet as pq
 
 __all__ = [
+    "STAGING_ENV",
     "AtomicFile",
+    "StorageError",
+    "atomic_open",
+    "atomic_path",
     "atomic_write",
+    "check_access",
+    "download",
+    "download_tree",
     "exists",
     "file_identity",
     "file_version",
     "fs_path",
+    "fsync_dir",
     "is_local",
+    "is_remote",
     "list_files",
     "open_parquet",
     "parquet_metadata",
     "read_json",
+    "read_text",
     "remove",
+    "sample_key",
+    "staging_dir",
     "stat_identity",
+    "tar_bytes",
+    "tar_end",
+    "tar_member",
+    "tar_samples",
+    "upload",
+    "upload_tree",
     "write_json",
 ]
+
+#: Environment variable: the local folder under which remote run dirs are staged.
+STAGING_ENV = "KILN_STAGING_DIR"
+#: What a user sets to reach object storage (named by every error about it).
+_CREDENTIALS_HINT = (
+    "set AWS_ENDPOINT_URL (for an S3-compatible server), AWS_ACCESS_KEY_ID and "
+    "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and check the bucket exists"
+)
+
+
+#: Storage options per protocol for `check_access`: answer within seconds.
+_QUICK: dict[str | None, dict[str, Any]] = {
+    "s3": {
+        "config_kwargs": {
+            "connect_timeout": 3,
+            "read_timeout": 10,
+            "retries": {"max_attempts": 1, "mode": "standard"},
+        },
+    },
+}
+# Several processes write a run dir (ranks, the driver): a listing cached by one must not
+# hide what another wrote since.
+fsspec.config.conf.setdefault("s3", {}).setdefault("use_listings_cache", False)
+
+
+class StorageError(ValueError):
+    """A URL kiln cannot read or write (unreachable endpoint, missing bucket, no
+    credentials): one line naming the URL and what to set."""
 
 
 def fs_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -47,14 +106,92 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in protocols or "local" in protocols
 
 
+def is_remote(url: str | os.PathLike[str]) -> bool:
+    """True when `url` names another filesystem than this machine's (``s3://``, ``gs://``,
+    ``memory://``...): a path `pathlib` must never be given (``Path("s3://b/x")`` is the
+    local folder ``s3:/b/x``)."""
+    text = os.fspath(url)
+    return "://" in text and not text.startswith(("file://", "local://"))
+
+
+def staging_dir(url: str) -> str:
+    """The local folder that stands in for remote folder `url` while a job runs: under
+    ``$KILN_STAGING_DIR`` (default ``~/.cache/kiln/staging``), named after the URL plus a
+    hash of it, the same in every process of the machine."""
+    root = os.environ.get(STAGING_ENV) or os.path.join("~", ".cache", "kiln", "staging")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", url.split("://", 1)[-1]).strip("_")[-80:]
+    digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:12]
+    return os.path.join(os.path.abspath(os.path.expanduser(root)), f"{name}-{digest}")
+
+
+def _credentials_env() -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+
+
+@functools.lru_cache(maxsize=8)
+def _quick_fs(protocol: str | None, env: tuple[tuple[str, str], ...]) -> Any:
+    """A filesystem of `protocol` that fails at once: no retries, short timeouts (the
+    cached one kiln reads with keeps fsspec's patient defaults); one per credentials
+    environment `env`."""
+    return fsspec.filesystem(protocol, skip_instance_cache=True, **_QUICK.get(protocol, {}))
+
+
+def check_access(url: str, *, write: bool = False) -> None:
+    """Raise `StorageError` (one line: the URL, the cause, what to set) unless `url`'s
+    filesystem answers: its bucket exists and the credentials are accepted (`write`: a
+    probe file can be written in folder `url` and deleted). Nothing to check for local
+    paths."""
+    if not is_remote(url):
+        return
+    try:
+        protocol, path = fsspec.core.split_protocol(url)
+        path = (path or "").rstrip("/")
+        fs = _quick_fs(protocol, _credentials_env())
+        bucket = path.split("/", 1)[0]
+        try:
+            fs.ls(bucket, detail=False)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"bucket {bucket!r} does not exist") from None
+        if write:
+            probe = f"{path}/.kiln-probe-{uuid.uuid4().hex[:8]}"
+            fs.pipe_file(probe, b"")
+            fs.rm(probe)
+        else:
+            fs.exists(path)
+    except ImportError as e:
+        raise StorageError(
+            f"cannot open {url}: {e}; install the filesystem's package (s3://: "
+            "pip install 'kiln[s3]')"
+        ) from None
+    except Exception as e:
+        cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise StorageError(
+            f"cannot {'write' if write else 'read'} {url} ({cause}): {_CREDENTIALS_HINT}"
+        ) from None
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """fsync local folder `path`: a rename into it survives a power loss."""
+    fd = os.open(os.fspath(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class AtomicFile:
     """A file streamed to a temporary name beside `url` (`.tmp-` plus a random suffix, which
     `list_files` never lists) and renamed into place by `commit`, or deleted by `abort`: a
-    reader, or a rerun after a crash, never sees it half-written under its final name."""
+    reader, or a rerun after a crash, never sees it half-written under its final name.
 
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.fs, self.path = fs_path(url)
+    `durable` (local files): `commit` also fsyncs the file before the rename and its folder
+    after, so the new contents survive a power loss (checkpoints, `latest`); object stores
+    make a finished upload durable themselves."""
+
+    def __init__(self, url: str | os.PathLike[str], *, durable: bool = False) -> None:
+        self.url = os.fspath(url)
+        self.fs, self.path = fs_path(self.url)
+        self.durable = durable and is_local(self.fs)
         parent = self.path.rsplit("/", 1)[0]
         if parent:
             self.fs.makedirs(parent, exist_ok=True)
@@ -62,8 +199,13 @@ class AtomicFile:
         self.file: Any = self.fs.open(self.tmp, "wb")
 
     def commit(self) -> None:
+        if self.durable:
+            self.file.flush()
+            os.fsync(self.file.fileno())
         self.file.close()
         self.fs.mv(self.tmp, self.path)
+        if self.durable:
+            fsync_dir(os.path.dirname(self.path))
 
     def abort(self) -> None:
         self.file.close()
@@ -71,20 +213,124 @@ class AtomicFile:
             self.fs.rm(self.tmp)
 
 
-def atomic_write(url: str, data: bytes) -> None:
-    """Write `data` to `url` through a temporary file renamed into place."""
-    out = AtomicFile(url)
+@contextlib.contextmanager
+def atomic_open(url: str | os.PathLike[str], *, durable: bool = False) -> Iterator[Any]:
+    """A binary file to write `url` through (`AtomicFile`): renamed into place when the
+    block ends, deleted when it raises."""
+    out = AtomicFile(url, durable=durable)
     try:
-        out.file.write(data)
+        yield out.file
     except BaseException:
         out.abort()
         raise
     out.commit()
 
 
-def write_json(url: str, doc: Any, *, sort_keys: bool = True) -> None:
+@contextlib.contextmanager
+def atomic_path(url: str | os.PathLike[str], *, durable: bool = False) -> Iterator[str]:
+    """A local file name to write `url` through, for libraries that take a file name
+    (safetensors' `save_file`): a temporary name beside `url` renamed into place when the
+    block ends (`url` local), or a local temporary file uploaded to `url`; removed when
+    the block raises."""
+    fs, path = fs_path(os.fspath(url))
+    local = is_local(fs)
+    if local:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    else:
+        import tempfile
+
+        fd, tmp = tempfile.mkstemp(prefix="kiln-upload-")
+        os.close(fd)
+    try:
+        yield tmp
+        if not local:
+            upload(tmp, os.fspath(url))
+        else:
+            if durable:
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+            if durable:
+                fsync_dir(os.path.dirname(path))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def atomic_write(url: str | os.PathLike[str], data: bytes, *, durable: bool = False) -> None:
+    """Write `data` to `url` through a temporary file renamed into place (`AtomicFile`)."""
+    with atomic_open(url, durable=durable) as f:
+        f.write(data)
+
+
+def write_json(
+    url: str | os.PathLike[str], doc: Any, *, sort_keys: bool = True, durable: bool = False
+) -> None:
     """Write `doc` as indented JSON, atomically."""
-    atomic_write(url, (json.dumps(doc, indent=2, sort_keys=sort_keys) + "\n").encode())
+    text = json.dumps(doc, indent=2, sort_keys=sort_keys) + "\n"
+    atomic_write(url, text.encode(), durable=durable)
+
+
+def read_text(url: str) -> str | None:
+    """The text of file `url`, or None when it is missing."""
+    fs, path = fs_path(url)
+    try:
+        with fs.open(path, "rb") as f:
+            return bytes(f.read()).decode()
+    except FileNotFoundError:
+        return None
+
+
+def upload(local: str | os.PathLike[str], url: str) -> None:
+    """Copy local file `local` to `url`, atomically (streamed to a temporary name beside it,
+    then renamed)."""
+    with open(local, "rb") as f, atomic_open(url) as out:
+        shutil.copyfileobj(f, out, 1 << 22)
+
+
+def upload_tree(local: str | os.PathLike[str], url: str, *, skip: tuple[str, ...] = ()) -> None:
+    """Copy every file under local folder `local` to the same relative name under `url`
+    (each atomically), in name order; relative names in `skip` (and below them) are left."""
+    root = os.fspath(local)
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            rel = os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/")
+            if any(rel == s or rel.startswith(s.rstrip("/") + "/") for s in skip):
+                continue
+            upload(os.path.join(folder, name), f"{url.rstrip('/')}/{rel}")
+
+
+def download(url: str, local: str | os.PathLike[str]) -> None:
+    """Copy file `url` to local path `local` (a temporary name renamed into place)."""
+    fs, path = fs_path(url)
+    target = os.fspath(local)
+    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+    tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with fs.open(path, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 22)
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def download_tree(url: str, local: str | os.PathLike[str]) -> list[str]:
+    """Copy every file under folder `url` to the same relative name under local folder
+    `local`; returns the relative names, sorted. Nothing when `url` does not exist."""
+    fs, root = fs_path(url)
+    if not fs.exists(root):
+        return []
+    names = []
+    for path in sorted(fs.find(root)):
+        rel = path[len(root) :].lstrip("/")
+        if not rel or ".tmp-" in rel.rsplit("/", 1)[-1]:
+            continue
+        download(str(fs.unstrip_protocol(path)), os.path.join(os.fspath(local), rel))
+        names.append(rel)
+    return names
 
 
 def read_json(url: str) -> Any:
@@ -127,11 +373,96 @@ def list_files(url: str, *, prefix: str = "", suffix: str = "") -> list[str]:
     return [str(fs.unstrip_protocol(p)) for p in names]
 
 
+# ------------------------------------------------------------------ WebDataset tar files
+
+_BLOCK = 512
+_RECORD = 20 * _BLOCK
+_HEAD = b"0000644\x00" + b"0000000\x00" * 2  # mode, uid, gid
+_MTIME = b"00000000000\x00"
+_TAIL = b"0" + b"\x00" * 100 + b"ustar  \x00" + b"\x00" * (32 + 32 + 8 + 8 + 155 + 12)
+_FIXED_SUM = sum(_HEAD) + sum(_MTIME) + sum(b" " * 8) + sum(_TAIL)
+
+
+def tar_member(name: str, data: bytes) -> bytes:
+    """One regular-file tar member (GNU header + data + NUL padding to 512 bytes).
+
+    The header carries nothing about the machine or the clock: mode 0644, uid/gid 0, mtime
+    0, empty user/group names; it is the same bytes Python's `tarfile` writes for those
+    fields in GNU format, built directly (the checksum from the few fields that vary)
+    because `TarInfo.tobuf` costs ~10x more per member. Same members, same bytes: what
+    makes shards byte-reproducible.
+    """
+    raw = name.encode()
+    if len(raw) > 100:
+        raise ValueError(f"tar member name {name!r} is over 100 bytes: use shorter uids")
+    size = len(data)
+    size_field = b"%011o\x00" % size
+    checksum = b"%06o\x00 " % (_FIXED_SUM + sum(raw) + sum(size_field))
+    header = raw.ljust(100, b"\x00") + _HEAD + size_field + _MTIME + checksum + _TAIL
+    return header + data + b"\x00" * (-size % _BLOCK)
+
+
+def tar_end(length: int) -> bytes:
+    """What closes a tar stream of `length` member bytes: two zero blocks, then zeros up to
+    the next 10240-byte record (as `tarfile` and GNU tar write it)."""
+    end = length + 2 * _BLOCK
+    return b"\x00" * (2 * _BLOCK + (-end % _RECORD))
+
+
+def tar_bytes(members: Iterable[tuple[str, bytes]]) -> bytes:
+    """A whole tar of `(name, data)` members, in order (`tar_member` + `tar_end`)."""
+    body = b"".join(tar_member(name, data) for name, data in members)
+    return body + tar_end(len(body))
+
+
+def sample_key(member_name: str) -> tuple[str, str]:
+    """(key, extension) of a WebDataset tar member: the key is the path up to the first dot
+    of the basename (``dir/abc.seg.json`` -> ``dir/abc``, ``seg.json``), as webdataset
+    groups members."""
+    head, _, base = member_name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext
+
+
+def tar_samples(
+    url: str, *, read: Callable[[int], bool] | None = None
+) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+    """``(index, key, {extension: bytes})`` of each sample of WebDataset tar `url`, in
+    order: consecutive members with the same `sample_key` (members without an extension,
+    and webdataset's ``__``-prefixed meta members, are not samples' parts).
+
+    `read(index)` False: the sample is yielded with no members and its bytes are skipped,
+    not read (a rank reading its part of a shard). Any fsspec URL; a gzip'd tar works too.
+    A damaged archive raises `tarfile.TarError`.
+    """
+    index, key, want = -1, None, True
+    members: dict[str, bytes] = {}
+    with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            k, ext = sample_key(m.name)
+            if not ext or k.rpartition("/")[2].startswith("__"):
+                continue
+            if k != key:
+                if key is not None:
+                    yield index, key, members
+                index, key, members = index + 1, k, {}
+                want = read is None or read(index)
+            if want:
+                fh = tar.extractfile(m)
+                members[ext] = fh.read() if fh is not None else b""
+    if key is not None:
+        yield index, key, members
+
+
 @contextlib.contextmanager
 def open_parquet(url: str) -> Iterator[pq.ParquetFile]:
     """Parquet file `url` to read from: memory-mapped when it is local (Arrow reads the
     pages in place instead of through a Python file object, several times faster for
     image columns), through fsspec otherwise."""
+    import pyarrow.parquet as pq
+
     fs, path = fs_path(url)
     if is_local(fs):
         with pq.ParquetFile(path, memory_map=True) as pf:

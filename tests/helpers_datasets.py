@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from kiln import storage
 from kiln.contracts import DatasetManifest, ShardInfo, make_uid, sha256_hex, write_manifest
 from kiln.data_curation.synthetic import COLORS as SYNTHETIC_COLORS
 
@@ -50,14 +50,6 @@ def _image(rng: np.random.Generator, color: tuple[int, int, int], shape: str, si
     return buf.getvalue()
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    tar.addfile(info, io.BytesIO(data))
-
-
 def write_tiny_dataset(
     root: Path,
     *,
@@ -83,21 +75,20 @@ def write_tiny_dataset(
     shards, i = [], 0
     for index, count in enumerate(shard_sizes):
         rel = f"shards/{index:06d}.tar"
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for _ in range(count):
-                color = names[int(rng.integers(len(names)))]
-                shape = SHAPES[int(rng.integers(len(SHAPES)))]
-                text = f"a {color} {shape} number {i}"
-                url = f"http://example.com/{i}.jpg"
-                uid = make_uid(url, text)
-                meta = {"url": url, "width": image_size, "height": image_size}
-                _add(tar, f"{uid}.jpg", _image(rng, COLORS[color], shape, image_size))
-                if with_text:
-                    _add(tar, f"{uid}.txt", text.encode())
-                _add(tar, f"{uid}.json", json.dumps(meta, sort_keys=True).encode())
-                i += 1
-        data = buf.getvalue()
+        members: list[tuple[str, bytes]] = []
+        for _ in range(count):
+            color = names[int(rng.integers(len(names)))]
+            shape = SHAPES[int(rng.integers(len(SHAPES)))]
+            text = f"a {color} {shape} number {i}"
+            url = f"http://example.com/{i}.jpg"
+            uid = make_uid(url, text)
+            meta = {"url": url, "width": image_size, "height": image_size}
+            members.append((f"{uid}.jpg", _image(rng, COLORS[color], shape, image_size)))
+            if with_text:
+                members.append((f"{uid}.txt", text.encode()))
+            members.append((f"{uid}.json", json.dumps(meta, sort_keys=True).encode()))
+            i += 1
+        data = storage.tar_bytes(members)
         (root / rel).write_bytes(data)
         shards.append(
             ShardInfo(path=rel, num_samples=count, bytes=len(data), sha256=sha256_hex(data))

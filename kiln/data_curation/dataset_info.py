@@ -9,11 +9,11 @@ library's `inspect` module.
 from __future__ import annotations
 
 import json
-import tarfile
 from typing import Any
 
 import fsspec
 
+from kiln import storage
 from kiln.contracts import MANIFEST_NAME, read_manifest
 
 __all__ = ["format_dataset_info", "inspect_dataset"]
@@ -24,31 +24,21 @@ _JSON_FIELDS = ("width", "height", "entry_ids", "url", "keep_prob")
 def _first_samples(url: str, num_samples: int) -> list[dict[str, Any]]:
     """The first `num_samples` samples of the shard at `url` (members grouped by key)."""
     samples: list[dict[str, Any]] = []
-    current: dict[str, Any] | None = None
-    with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-        for info in tar:
-            if not info.isfile() or "." not in info.name:
-                continue
-            key, ext = info.name.split(".", 1)
-            if current is None or current["uid"] != key:
-                if current is not None:
-                    samples.append(current)
-                    if len(samples) >= num_samples:
-                        return samples
-                current = {"uid": key, "text": None, "image_bytes": 0}
-            extracted = tar.extractfile(info)
-            data = extracted.read() if extracted is not None else b""
+    for _, key, members in storage.tar_samples(url):
+        if len(samples) >= num_samples:
+            break
+        sample: dict[str, Any] = {"uid": key, "text": None, "image_bytes": 0}
+        for ext, data in members.items():
             if ext == "txt":
-                current["text"] = data.decode("utf-8", errors="replace")
+                sample["text"] = data.decode("utf-8", errors="replace")
             elif ext == "json":
                 meta = json.loads(data)
                 for field in _JSON_FIELDS:
                     if field in meta:
-                        current[field] = meta[field]
+                        sample[field] = meta[field]
             elif ext in ("jpg", "jpeg", "png", "webp"):
-                current["image_bytes"] = len(data)
-    if current is not None and len(samples) < num_samples:
-        samples.append(current)
+                sample["image_bytes"] = len(data)
+        samples.append(sample)
     return samples
 
 

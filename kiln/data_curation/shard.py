@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 
 from kiln import storage
 from kiln.contracts import DatasetManifest, ShardInfo, binary_buffers, json_sha256, write_manifest
+from kiln.storage import tar_end, tar_member
 
 __all__ = [
     "ENCODE_ROWS",
@@ -38,8 +39,6 @@ __all__ = [
     "sample_json",
     "sample_records",
     "shard_name",
-    "tar_end",
-    "tar_member",
     "uid_problem",
     "write_shards",
 ]
@@ -109,39 +108,7 @@ def check_uid(uid: Any, previous: str | None) -> str:
     return uid
 
 
-_BLOCK = 512
-_RECORD = 20 * _BLOCK
-_HEAD = b"0000644\x00" + b"0000000\x00" * 2  # mode, uid, gid
-_MTIME = b"00000000000\x00"
-_TAIL = b"0" + b"\x00" * 100 + b"ustar  \x00" + b"\x00" * (32 + 32 + 8 + 8 + 155 + 12)
-
-
-_FIXED_SUM = sum(_HEAD) + sum(_MTIME) + sum(b" " * 8) + sum(_TAIL)
-
-
-def tar_member(name: str, data: bytes) -> bytes:
-    """One regular-file tar member (GNU header + data + NUL padding to 512 bytes).
-
-    The header carries nothing about the machine or the clock: mode 0644, uid/gid 0, mtime
-    0, empty user/group names; it is the same bytes Python's `tarfile` writes for those
-    fields in GNU format, built directly (the checksum from the few fields that vary)
-    because `TarInfo.tobuf` costs ~10x more per member.
-    """
-    raw = name.encode()
-    if len(raw) > 100:
-        raise ValueError(f"tar member name {name!r} is over 100 bytes: use shorter uids")
-    size = len(data)
-    size_field = b"%011o\x00" % size
-    checksum = b"%06o\x00 " % (_FIXED_SUM + sum(raw) + sum(size_field))
-    header = raw.ljust(100, b"\x00") + _HEAD + size_field + _MTIME + checksum + _TAIL
-    return header + data + b"\x00" * (-size % _BLOCK)
-
-
-def tar_end(length: int) -> bytes:
-    """What closes a tar stream of `length` member bytes: two zero blocks, then zeros up to
-    the next 10240-byte record (as `tarfile` and GNU tar write it)."""
-    end = length + 2 * _BLOCK
-    return b"\x00" * (2 * _BLOCK + (-end % _RECORD))
+_BLOCK = 512  # a tar block (`kiln.storage.tar_member` writes the headers)
 
 
 def sample_columns(schema: pa.Schema) -> list[str]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from kiln import storage
 from kiln.contracts import DatasetManifest, ShardInfo, make_uid, sha256_hex, write_manifest
 from kiln.data_curation.config import SyntheticPoolConfig
 
@@ -491,21 +491,6 @@ def _pool_rows(cfg: SyntheticPoolConfig) -> tuple[list[_Row], dict[str, int]]:
     return rows, counts
 
 
-def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    """A tar with deterministic headers (mtime 0, root ids, empty names, mode 0644)."""
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = 0
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            info.mode = 0o644
-            tar.addfile(info, io.BytesIO(data))
-    return out.getvalue()
-
-
 def _write_eval(
     cfg: SyntheticPoolConfig, fs: Any, root: str, eval_url: str, cfg_digest: str
 ) -> dict[str, Any]:
@@ -535,7 +520,7 @@ def _write_eval(
     per_shard = cfg.rows_per_file
     for index, start in enumerate(range(0, len(samples), per_shard)):
         chunk = samples[start : start + per_shard]
-        data = _tar_bytes([m for _uid, members in chunk for m in members])
+        data = storage.tar_bytes([m for _uid, members in chunk for m in members])
         rel = f"shards/{index:06d}.tar"
         fs.pipe_file(f"{eval_root}/{rel}", data)
         shards.append(

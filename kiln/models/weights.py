@@ -22,18 +22,15 @@ curation reads models, never training).
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import posixpath
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import torch
-from fsspec.implementations.local import LocalFileSystem
 from torch import nn
 
+from kiln import storage
 from kiln.contracts import require_file
 from kiln.models.build import build_model
 from kiln.models.checkpoint_index import (
@@ -83,21 +80,8 @@ def save_model_file(
         "state_dict": {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()},
         "step": int(step),
     }
-    fs, fspath = fsspec.core.url_to_fs(path)
-    parent = posixpath.dirname(fspath)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    tmp = f"{fspath}.tmp{os.getpid()}"
-    if isinstance(fs, LocalFileSystem):
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, fspath)
-    else:
-        with fs.open(tmp, "wb") as f:
-            torch.save(payload, f)
-        fs.mv(tmp, fspath)
+    with storage.atomic_open(path, durable=True) as f:
+        torch.save(payload, f)
     return path
 
 

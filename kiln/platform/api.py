@@ -3,6 +3,11 @@
 Each job writes its resolved recipe and a `status.json` (running -> completed / stopped /
 failed, with the error) so `kiln runs` can tell what happened, and starts or joins Ray as
 the recipe's `ray` section says.
+
+A `run_dir` on object storage (``s3://...``) is written through a local staging folder
+(`kiln.storage.staging_dir`): curation writes its steps and shards to the URL directly,
+training's checkpoints are copied up as each one completes (`kiln.training.remote_run`),
+and the rest of the run dir (recipe, status, metrics, logs, eval) when the job ends.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel
 
+from kiln import storage
 from kiln.console import say
 from kiln.data_curation.config import CurationConfig
 from kiln.liveness import identity
@@ -67,14 +73,30 @@ def _as(model: BaseModel, cls: type[M]) -> M:
     return cls.model_validate(model.model_dump(include=set(cls.model_fields)))
 
 
+def local_run_dir(run_dir: str) -> Path:
+    """The folder a job writes to: `run_dir` itself, or for a run dir on object storage its
+    local staging folder (never a relative folder named ``s3:``)."""
+    return Path(storage.staging_dir(run_dir) if storage.is_remote(run_dir) else run_dir)
+
+
+def _push(recipe: CurateRecipe | TrainRecipe | EvalRecipe, run: Path) -> None:
+    """Copy the staging folder of a run dir on object storage up to it (not checkpoints:
+    those went up as each completed)."""
+    if storage.is_remote(recipe.run_dir):
+        from kiln.training.remote_run import push_run_files
+
+        push_run_files(run, recipe.run_dir)
+
+
 def _start(recipe: J, *, lead: bool = True, **fields: Any) -> tuple[J, Path]:
     """Resolve the recipe's paths, create its run dir, record the recipe and a `running`
-    status; returns the resolved recipe and the run dir. `lead=False` (every rank but 0 of
-    a torchrun world, each of which runs this) only resolves the paths."""
+    status; returns the resolved recipe and the (local) run dir. `lead=False` (every rank
+    but 0 of a torchrun world, each of which runs this) only resolves the paths."""
     recipe = resolve_paths(recipe)
-    run = Path(recipe.run_dir)
+    run = local_run_dir(recipe.run_dir)
     if not lead:
         return recipe, run
+    storage.check_access(recipe.run_dir, write=True)
     try:
         run.mkdir(parents=True, exist_ok=True)
         dump_recipe(recipe, run / "recipe.yaml")
@@ -170,7 +192,7 @@ def run_curate(recipe: CurateRecipe, *, fresh: bool = False) -> Any:
         with ray_ctx, heartbeat(run):
             result = run_curation(
                 cfg,
-                str(run),
+                recipe.run_dir if storage.is_remote(recipe.run_dir) else str(run),
                 name=recipe.name,
                 recipe=recipe.model_dump(mode="json"),
                 fresh=fresh,
@@ -178,18 +200,55 @@ def run_curate(recipe: CurateRecipe, *, fresh: bool = False) -> Any:
             )
     except BaseException as e:
         _failed(run, e)
+        _push(recipe, run)
         raise
     write_status(run, "completed", **result.model_dump(mode="json"))
     _report(run, curation_step_records(result.model_dump(mode="json")))
+    _push(recipe, run)
     return result
 
 
 def resolve_model_file(checkpoint: str) -> Path:
     """A weights file for a train run dir (its latest complete checkpoint), a checkpoint
-    folder, or a file: the checkpoint's model.pt, or its export when it has none."""
+    folder, or a file: the checkpoint's model.pt, or its export when it has none. On object
+    storage: a weights file, or a run dir's latest complete checkpoint's model.pt,
+    downloaded to the URL's staging folder."""
     from kiln.training.export import resolve_weights
 
+    if storage.is_remote(checkpoint):
+        return _download_weights(checkpoint)
     return resolve_weights(checkpoint)
+
+
+def _download_weights(url: str) -> Path:
+    from kiln.training.checkpoint_index import COMPLETE_MARKER
+    from kiln.training.remote_run import remote_latest
+
+    storage.check_access(url)
+    staging = local_run_dir(url)
+    if url.endswith((".pt", ".safetensors")):
+        target = staging / url.rstrip("/").rsplit("/", 1)[-1]
+        storage.download(url, target)
+        return target
+    tag = remote_latest(url)
+    if tag is None:
+        raise FileNotFoundError(
+            f"{url!r} holds no complete checkpoint: give a train run dir, or a model.pt or "
+            ".safetensors file"
+        )
+    remote_tag = f"{url.rstrip('/')}/checkpoints/{tag}"
+    if not storage.exists(f"{remote_tag}/model.pt"):
+        raise FileNotFoundError(
+            f"checkpoint {remote_tag} has no model.pt (a large model's checkpoints hold only "
+            f"DeepSpeed's shards): run `kiln export {url}` on a machine that can read it and "
+            "give its .safetensors file"
+        )
+    for name in (COMPLETE_MARKER, "model.pt"):
+        storage.download(f"{remote_tag}/{name}", staging / "checkpoints" / tag / name)
+    (staging / "checkpoints" / "latest").write_text(tag + "\n")
+    from kiln.training.export import resolve_weights
+
+    return resolve_weights(str(staging))
 
 
 def export(run_dir: str, out: str | None, *, step: int | None, fmt: str) -> Path:
@@ -197,9 +256,25 @@ def export(run_dir: str, out: str | None, *, step: int | None, fmt: str) -> Path
     (default: `{run_dir}/exports/{tag}.{fmt}`)."""
     from kiln.training.export import EXPORTS_DIR, export_model
 
-    tag = tag_for_step(step) if step is not None else latest_checkpoint(run_dir)
-    target = out or f"{run_dir}/{EXPORTS_DIR}/{tag}.{fmt}"
-    return export_model(run_dir, target, step=step, fmt=fmt)  # type: ignore[arg-type]
+    source, tag = run_dir, tag_for_step(step) if step is not None else None
+    if storage.is_remote(run_dir):  # DeepSpeed's files are read from a local copy
+        from kiln.training.remote_run import pull_run
+
+        storage.check_access(run_dir)
+        source = str(local_run_dir(run_dir))
+        tag = pull_run(run_dir, source, resume=True, tag=tag)
+        if tag is None:
+            raise FileNotFoundError(f"{run_dir!r} holds no complete checkpoint to export")
+    tag = tag or latest_checkpoint(source)
+    target = out or f"{run_dir.rstrip('/')}/{EXPORTS_DIR}/{tag}.{fmt}"
+    at = step_of_tag(tag) if tag else step
+    if not storage.is_remote(target):
+        return export_model(source, target, step=at, fmt=fmt)  # type: ignore[arg-type]
+    storage.check_access(target.rstrip("/").rsplit("/", 1)[0], write=True)  # its folder
+    local = local_run_dir(target) / target.rstrip("/").rsplit("/", 1)[-1]
+    export_model(source, local, step=at, fmt=fmt)  # type: ignore[arg-type]
+    storage.upload(local, target)
+    return local
 
 
 def _evaluate_into(model_file: Path, cfg: Any, out_dir: Path) -> dict[str, Any]:
@@ -234,7 +309,11 @@ def run_train(recipe: TrainRecipe, *, resume: bool = False) -> Any:
         lead = ranks.rank == 0
         resources = recipe.resources.model_copy(update={"workers": ranks.world_size})
         recipe = recipe.model_copy(update={"resources": resources})
-    preflight(resolve_paths(recipe), resume=resume)  # before Ray starts or anything is written
+    url = recipe.run_dir if storage.is_remote(recipe.run_dir) else None
+    checked = recipe
+    if url is not None:
+        checked = _stage_remote_run(recipe, url, resume=resume)
+    preflight(resolve_paths(checked), resume=resume)  # before Ray starts or anything is written
     recipe, run = _start(recipe, lead=lead, max_steps=recipe.max_steps, resumed=resume)
     res = recipe.resources
     try:
@@ -250,7 +329,8 @@ def run_train(recipe: TrainRecipe, *, resume: bool = False) -> Any:
             import_deepspeed()
             logs.capture_library_loggers()
         beat = heartbeat(run) if lead else contextlib.nullcontext()
-        with beat, ray_ctx:
+        mirror = _run_url_env(url) if url else contextlib.nullcontext()
+        with beat, ray_ctx, mirror:
             summary = train(
                 _as(recipe, TrainConfig),
                 str(run),
@@ -274,6 +354,7 @@ def run_train(recipe: TrainRecipe, *, resume: bool = False) -> Any:
     except BaseException as e:
         if lead:
             _failed(run, e)
+            _push(recipe, run)
         raise
     if lead:
         write_status(
@@ -284,18 +365,59 @@ def run_train(recipe: TrainRecipe, *, resume: bool = False) -> Any:
             eval=eval_result,
         )
         _report(run, eval_result=eval_result)
+        _push(recipe, run)
     return summary.model_copy(update={"eval": eval_result}) if eval_result else summary
+
+
+@contextlib.contextmanager
+def _run_url_env(url: str) -> Any:
+    """Tell the ranks started in this block (through their environment) which remote run
+    dir their staging folder mirrors."""
+    from kiln.training.remote_run import RUN_URL_ENV
+
+    before = os.environ.get(RUN_URL_ENV)
+    os.environ[RUN_URL_ENV] = url
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(RUN_URL_ENV, None)
+        else:
+            os.environ[RUN_URL_ENV] = before
+
+
+def _stage_remote_run(recipe: TrainRecipe, url: str, *, resume: bool) -> TrainRecipe:
+    """Prepare the staging folder of train run dir `url` (a resume downloads its newest
+    complete checkpoint, metrics and status); returns the recipe bound to that folder,
+    for the checks that read it."""
+    from kiln.training.remote_run import pull_run
+
+    if recipe.resources.launcher == "torchrun":
+        raise RecipeError(
+            f"run_dir {url!r} is on object storage, which the torchrun launcher does not "
+            "stage yet: use resources.launcher=ray or local, or a shared local run_dir"
+        )
+    storage.check_access(url, write=True)
+    staging = local_run_dir(url)
+    staging.mkdir(parents=True, exist_ok=True)
+    pull_run(url, staging, resume=resume)
+    (staging / "status.json").unlink(missing_ok=True)
+    if resume and storage.exists(f"{url.rstrip('/')}/status.json"):
+        storage.download(f"{url.rstrip('/')}/status.json", staging / "status.json")
+    return recipe.model_copy(update={"run_dir": str(staging)})
 
 
 def _train_run_recipe(run_dir: str, overrides: list[str], not_train: str) -> TrainRecipe:
     """The recorded recipe of a train run dir (with `overrides`), bound to that dir."""
-    recipe_file = Path(run_dir) / "recipe.yaml"
-    if not recipe_file.is_file():
+    recipe_file = f"{run_dir.rstrip('/')}/recipe.yaml"
+    storage.check_access(run_dir)
+    text = storage.read_text(recipe_file) if storage.is_remote(run_dir) else None
+    if text is None and not (not storage.is_remote(run_dir) and Path(recipe_file).is_file()):
         raise RecipeError(
             f"{run_dir!r} is not a kiln run dir (no recipe.yaml): give the folder a "
             "`kiln train` run wrote"
         )
-    data = yaml.safe_load(recipe_file.read_text())
+    data = yaml.safe_load(text if text is not None else Path(recipe_file).read_text())
     if not isinstance(data, dict) or data.get("kind") != "train":
         raise RecipeError(f"{recipe_file}: {not_train}")
     data["run_dir"] = str(run_dir)
@@ -313,7 +435,12 @@ def resume_run(run_dir: str, overrides: list[str] | None = None) -> Any:
     recipe = _train_run_recipe(
         run_dir, ["stop_after_step=null", *(overrides or [])], "only train runs can be resumed"
     )
-    tag = latest_checkpoint(run_dir)
+    if storage.is_remote(run_dir):
+        from kiln.training.remote_run import remote_latest
+
+        tag = remote_latest(run_dir)
+    else:
+        tag = latest_checkpoint(run_dir)
     step = step_of_tag(tag) if tag else None
     if step is not None and step >= recipe.max_steps and recipe.stop_after_step is None:
         return (
@@ -332,9 +459,11 @@ def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
             result = _evaluate_into(resolve_model_file(recipe.checkpoint), recipe.eval, run)
     except BaseException as e:
         _failed(run, e)
+        _push(recipe, run)
         raise
     write_status(run, "completed", eval=result)
     _report(run, [eval_record(result)])
+    _push(recipe, run)
     return result
 
 
@@ -344,7 +473,7 @@ def eval_run_dir(
     """Evaluate a train run's latest checkpoint with the `eval` section of its recipe
     (`check_only`: `--dry-run`, returning what `dry_run` returns)."""
     train = _train_run_recipe(run_dir, overrides or [], "`kiln eval RUN_DIR` takes a train run")
-    recipe_file = Path(run_dir) / "recipe.yaml"
+    recipe_file = f"{run_dir.rstrip('/')}/recipe.yaml"
     if not (train.eval.zero_shot or train.eval.retrieval):
         raise RecipeError(
             f"{recipe_file}: its eval section names no data: pass "
@@ -355,9 +484,11 @@ def eval_run_dir(
             kind="eval", name=train.name, run_dir=run_dir, checkpoint=run_dir, eval=train.eval
         )
         return dry_run(as_eval)
-    logs.attach_run(run_dir)
-    result = _evaluate_into(resolve_model_file(run_dir), train.eval, Path(run_dir))
-    _report(Path(run_dir), eval_result=result)
+    run = local_run_dir(run_dir)
+    logs.attach_run(run)
+    result = _evaluate_into(resolve_model_file(run_dir), train.eval, run)
+    _report(run, eval_result=result)
+    _push(train, run)
     return result
 
 

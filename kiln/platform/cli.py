@@ -370,7 +370,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         _outputs(args, result)
         return 0
     if args.verb == "eval":
-        if os.path.isdir(args.target):
+        from kiln import storage
+
+        if os.path.isdir(args.target) or storage.is_remote(args.target):
             result = api.eval_run_dir(args.target, args.overrides, check_only=args.dry_run)
             if args.dry_run:
                 return _print_dry_run(args.target, result)

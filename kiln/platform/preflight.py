@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kiln import storage
 from kiln.platform.recipes import CurateRecipe, EvalRecipe, RecipeError, TrainRecipe
 
 __all__ = ["check_resources", "preflight", "ray_cpus"]
@@ -68,7 +69,11 @@ def check_resources(recipe: CurateRecipe | TrainRecipe) -> None:
 
 def _check_run_dir(run_dir: str) -> None:
     """The run dir is a folder or can be made one (its nearest existing parent is a
-    writable folder): the same refusal `api` gives when it creates it, without creating."""
+    writable folder): the same refusal `api` gives when it creates it, without creating.
+    On object storage: its bucket answers and takes writes (`kiln.storage.check_access`)."""
+    if storage.is_remote(run_dir):
+        storage.check_access(run_dir, write=True)
+        return
     path = Path(run_dir)
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
@@ -148,6 +153,15 @@ def _train(recipe: TrainRecipe, resume: bool) -> list[str]:
     cfg = TrainConfig.model_validate(recipe.model_dump(include=set(TrainConfig.model_fields)))
     # under torchrun each rank checks the run dir once it knows of restarts (launch.train)
     run_dir_check = recipe.resources.launcher != "torchrun"
+    if storage.is_remote(recipe.run_dir):  # (`kiln train` checks its staged copy instead)
+        from kiln.training.remote_run import complete_remote_checkpoints
+
+        if not resume and complete_remote_checkpoints(recipe.run_dir):
+            raise FileExistsError(
+                f"run dir {recipe.run_dir!r} already holds checkpoints: resume it (`kiln "
+                f"resume {recipe.run_dir}`) or train into a new run_dir"
+            )
+        run_dir_check = False
     lines.append(
         train_preflight(
             cfg, recipe.resources.workers, recipe.run_dir, resume, run_dir_check=run_dir_check
@@ -164,6 +178,10 @@ def _eval(recipe: EvalRecipe) -> list[str]:
     from kiln.training.evaluate import check_eval_sets
     from kiln.training.export import locate_weights
 
+    if storage.is_remote(recipe.checkpoint):
+        storage.check_access(recipe.checkpoint)
+        lines = [f"checkpoint: {recipe.checkpoint} (its weights are downloaded)"]
+        return lines + check_eval_sets(recipe.eval)
     weights, export = locate_weights(recipe.checkpoint)
     lines = [f"checkpoint: {weights}" + (" (exported on first use)" if export else "")]
     return lines + check_eval_sets(recipe.eval)

@@ -12,6 +12,7 @@ import contextlib
 import difflib
 import json
 import os
+import posixpath
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -317,16 +318,27 @@ def parse_recipe(data: Any, *, source: str = "recipe") -> CurateRecipe | TrainRe
 
 def read_recipe_file(path: str | Path) -> Any:
     """A recipe file's YAML, with each relative path it writes made absolute against the
-    file's folder (so a recipe runs the same from any directory)."""
-    p = Path(path)
-    if not p.is_file():
-        raise RecipeError(f"recipe file {str(p)!r} does not exist: check the path")
+    file's folder (so a recipe runs the same from any directory). `path` may be a URL
+    (``s3://bucket/recipes/train.yaml``): its relative paths then resolve against the
+    URL's folder."""
+    from kiln import storage
+
+    text: str | None
+    if storage.is_remote(path):
+        storage.check_access(str(path))
+        text, folder = storage.read_text(str(path)), str(path).rsplit("/", 1)[0]
+    else:
+        p = Path(path)
+        text = p.read_text() if p.is_file() else None
+        folder = os.path.dirname(os.path.abspath(p))
+    if text is None:
+        raise RecipeError(f"recipe file {str(path)!r} does not exist: check the path")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise RecipeError(f"{p}: not valid YAML: {e}") from None
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
     if isinstance(data, dict):
-        _resolve_data(data, _against(os.path.dirname(os.path.abspath(p))))
+        _resolve_data(data, _against(folder))
     return data
 
 
@@ -346,9 +358,15 @@ def load_recipe(
 
 
 def _absolute(value: str, base: str) -> str:
-    """`value` as an absolute local path (`~` expanded) against `base`; URLs as they are."""
+    """`value` as an absolute local path (`~` expanded) against `base`; URLs as they are. A
+    relative path against a URL `base` (a recipe on object storage) is a URL beside it."""
     if "://" in value or not value:
         return value
+    if "://" in base:
+        if value.startswith(("/", "~")):
+            return os.path.abspath(os.path.expanduser(value))
+        protocol, _, rest = base.partition("://")
+        return f"{protocol}://{posixpath.normpath(posixpath.join(rest, value))}"
     return os.path.abspath(os.path.join(base, os.path.expanduser(value)))
 
 
@@ -499,8 +517,7 @@ def show_recipe(recipe: CurateRecipe | TrainRecipe | EvalRecipe) -> str:
 
 def dump_recipe(recipe: BaseModel, path: str | Path) -> None:
     """Write the resolved recipe (defaults filled in) as YAML."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    from kiln import storage
+
     text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    storage.atomic_write(path, text.encode())

@@ -53,10 +53,10 @@ _STATUS_LOCK = threading.Lock()  # the heartbeat thread and the job update one f
 RunState = Literal["running", "completed", "stopped", "failed", "interrupted"]
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
+def _write_status_file(run: Path, status: dict[str, Any]) -> None:
+    from kiln import storage  # fsspec: not imported by `kiln runs`, which only reads
+
+    storage.write_json(run / "status.json", status)
 
 
 def read_status(run_dir: str | Path) -> dict[str, Any]:
@@ -83,7 +83,7 @@ def write_status(run_dir: str | Path, state: RunState, **fields: Any) -> dict[st
         if state == "running":
             status["heartbeat"] = time.time()
         status.setdefault("host", socket.gethostname())
-        _atomic_write(run / "status.json", json.dumps(status, indent=2, sort_keys=True) + "\n")
+        _write_status_file(run, status)
     return status
 
 
@@ -93,7 +93,7 @@ def _beat(run: Path) -> None:
         if status.get("state") != "running":  # the job has recorded how it ended
             return
         status["heartbeat"] = time.time()
-        _atomic_write(run / "status.json", json.dumps(status, indent=2, sort_keys=True) + "\n")
+        _write_status_file(run, status)
 
 
 @contextlib.contextmanager

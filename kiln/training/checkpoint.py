@@ -50,6 +50,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from kiln import storage
 from kiln.models.checkpoint_index import (
     CHECKPOINTS_DIR,
     COMPLETE_MARKER,
@@ -72,7 +73,6 @@ __all__ = [
     "HASHED_FILE_MAX_BYTES",
     "LATEST_FILE",
     "UNIVERSAL_DIR",
-    "atomic_write_text",
     "check_resumable",
     "checkpoints_dir",
     "complete_checkpoints",
@@ -103,23 +103,10 @@ DAMAGED_SUFFIX = ".damaged"
 _FREE_MODEL_FIELDS = {"flavor", "activation_checkpointing", "init_logit_scale", "init_logit_bias"}
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` so readers see the old content or the new, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+def _write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` so readers see the old content or the new, never a mix, and
+    it survives a power loss (`kiln.storage.atomic_write`, durable)."""
+    storage.atomic_write(path, text.encode(), durable=True)
 
 
 def _sha256(path: Path) -> str:
@@ -177,10 +164,10 @@ def set_aside_damaged(
             target = root / f"{tag}{DAMAGED_SUFFIX}{n}"
         os.replace(root / tag, target)
     if fallback is not None:
-        atomic_write_text(root / LATEST_FILE, fallback + "\n")
+        _write_text(root / LATEST_FILE, fallback + "\n")
     else:
         (root / LATEST_FILE).unlink(missing_ok=True)
-    _fsync_dir(root)
+    storage.fsync_dir(root)
 
 
 def rng_state() -> dict[str, Any]:
@@ -266,6 +253,7 @@ def save_checkpoint(
     keep_last: int,
     model_file: bool = True,
     before_commit: Callable[[], None] | None = None,
+    mirror: str | None = None,
 ) -> str:
     """Write checkpoint `step` on every rank (collective: all ranks call it); returns its tag.
 
@@ -274,6 +262,10 @@ def save_checkpoint(
 
     `before_commit` runs on every rank after all files are written and before the COMPLETE
     marker and `latest` (fault-injection tests kill the process there).
+
+    `mirror`: the remote run dir `run_dir` stages (`kiln.training.remote_run`): each node's
+    first rank uploads the tag's files before the commit, rank 0 uploads the marker, then
+    `latest`, once they are written locally.
     """
     from kiln.models.weights import save_model_file
 
@@ -299,13 +291,8 @@ def save_checkpoint(
         for script in _RECOVERY_SCRIPTS:
             (root / script).unlink(missing_ok=True)
     tag_dir.mkdir(parents=True, exist_ok=True)
-    rng_path = tag_dir / f"rng_rank{rank}.pt"
-    tmp = rng_path.with_name(rng_path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with storage.atomic_open(tag_dir / f"rng_rank{rank}.pt", durable=True) as f:
         torch.save(rng_state(), f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, rng_path)
     if model_file:
         state = _full_state_dict(engine)
         if rank == 0:
@@ -314,6 +301,12 @@ def save_checkpoint(
     _barrier()
     if before_commit is not None:
         before_commit()
+    if mirror is not None:
+        from kiln.training.remote_run import push_checkpoint
+
+        if int(os.environ.get("LOCAL_RANK", rank)) == 0:
+            push_checkpoint(run_dir, mirror, tag, files=True, commit=False)
+        _barrier()
     if rank == 0:
         files, hashes = {}, {}
         for p in sorted(tag_dir.rglob("*")):
@@ -324,7 +317,7 @@ def save_checkpoint(
                 files[name] = p.stat().st_size
                 if files[name] <= HASHED_FILE_MAX_BYTES:
                     hashes[name] = _sha256(p)
-        _fsync_dir(tag_dir)
+        storage.fsync_dir(tag_dir)
         marker = {
             "tag": tag,
             "step": step,
@@ -335,8 +328,13 @@ def save_checkpoint(
             "files": files,
             "sha256": hashes,
         }
-        atomic_write_text(tag_dir / COMPLETE_MARKER, json.dumps(marker, indent=2) + "\n")
-        atomic_write_text(root / LATEST_FILE, tag + "\n")
+        _write_text(tag_dir / COMPLETE_MARKER, json.dumps(marker, indent=2) + "\n")
+        _write_text(root / LATEST_FILE, tag + "\n")
+        if mirror is not None:
+            from kiln.training.remote_run import prune_remote, push_checkpoint
+
+            push_checkpoint(run_dir, mirror, tag, files=False, commit=True)
+            prune_remote(mirror, keep_last, tag)
     _barrier()
     if rank == 0:
         prune_checkpoints(run_dir, keep_last)
@@ -409,8 +407,8 @@ def _to_universal(run_dir: str | Path, tag: str) -> Path:
             f"output:\n{(proc.stdout + proc.stderr)[-4000:]}"
         )
     (tmp / COMPLETE_MARKER).write_text(json.dumps({"tag": tag}) + "\n")
-    os.replace(tmp, target)
-    _fsync_dir(tag_dir)
+    os.replace(tmp, target)  # a folder: renamed whole
+    storage.fsync_dir(tag_dir)
     return target
 
 

@@ -51,16 +51,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from kiln import storage
 from kiln.contracts import DatasetManifest, read_manifest
 from kiln.training.config import TrainConfig
 from kiln.training.online_balance import OnlineBalance, kept_positions
@@ -79,7 +78,6 @@ __all__ = [
     "manifest_hash",
     "plan_epoch",
     "plan_segment",
-    "sample_key",
     "sample_seed",
 ]
 
@@ -273,13 +271,6 @@ def _segment(
     return Segment(epoch, index, layout, total, available, steps)
 
 
-def sample_key(member_name: str) -> tuple[str, str]:
-    """(key, extension) of a tar member: key = path up to the first dot of the basename."""
-    head, _, base = member_name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{head}/{stem}" if head else stem), ext
-
-
 def dataset_has_text(dataset: str) -> bool:
     """True when the dataset's first sample has a caption (``{uid}.txt``).
 
@@ -290,18 +281,9 @@ def dataset_has_text(dataset: str) -> bool:
     if not manifest.shards:
         return False
     url = manifest.shard_url(dataset, manifest.shards[0])
-    first, exts = None, set()
-    with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-        for m in tar:
-            if not m.isfile():
-                continue
-            key, ext = sample_key(m.name)
-            if first is None:
-                first = key
-            if key != first:
-                break
-            exts.add(ext)
-    return "txt" in exts
+    for _, _, members in storage.tar_samples(url):
+        return "txt" in members
+    return False
 
 
 @dataclass
@@ -404,33 +386,21 @@ class _EpochStream(IterableDataset):
         expected: int,
         needed: Callable[[int], bool],
     ) -> Iterator[tuple[int, str, dict[str, bytes]]]:
-        idx, key, want = -1, "\x00", False
-        members: dict[str, bytes] = {}
-        with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                k, ext = sample_key(m.name)
-                if k != key:
-                    if want:
-                        yield g0 + idx, key.rpartition("/")[2], members
-                    idx, key, members = idx + 1, k, {}
-                    if idx >= b:
-                        break
-                    want = idx >= a and needed(g0 + idx)
-                if want:
-                    fh = tar.extractfile(m)
-                    assert fh is not None
-                    members[ext] = fh.read()
-            else:
-                if want:
-                    yield g0 + idx, key.rpartition("/")[2], members
-                if idx + 1 != expected:
-                    raise ValueError(
-                        f"shard {url!r} holds {idx + 1} samples but the manifest says "
-                        f"{expected}: the dataset changed after its manifest was written; "
-                        "re-run `kiln curate` or fix manifest.json"
-                    )
+        count = 0
+        samples = storage.tar_samples(url, read=lambda i: a <= i < b and needed(g0 + i))
+        for i, key, members in samples:
+            if i >= b:
+                break
+            count = i + 1
+            if i >= a and needed(g0 + i):
+                yield g0 + i, key.rpartition("/")[2], members
+        else:
+            if count != expected:
+                raise ValueError(
+                    f"shard {url!r} holds {count} samples but the manifest says "
+                    f"{expected}: the dataset changed after its manifest was written; "
+                    "re-run `kiln curate` or fix manifest.json"
+                )
 
     # -- decoding --------------------------------------------------------------------------
     def _decode(self, uid: str, members: dict[str, bytes], url: str) -> tuple[torch.Tensor, str]:

@@ -19,7 +19,8 @@ Eval sets are kiln datasets: ``manifest.json`` + ``shards/*.tar`` with ``{uid}.j
                 "templates": ["a photo of a {} shape.", ...]}]}
 
 and each sample's json holds ``{"labels": {"color": "red", ...}}``. Shards are read member
-by member with `tarfile` through fsspec (any URL), grouped by key the way webdataset does.
+by member through fsspec (any URL), grouped by key the way webdataset does
+(`kiln.storage.tar_samples`).
 Samples that cannot be used are counted by reason (``skipped``), never silently lost.
 """
 
@@ -31,7 +32,7 @@ import posixpath
 import tarfile
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -39,6 +40,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
+from kiln import storage
 from kiln.contracts import read_manifest, require_file
 from kiln.models.tokenizer import decode, tokenize
 from kiln.models.weights import load_model_file, read_model_file, save_model_file
@@ -129,44 +131,21 @@ def _read_zero_shot_spec(eval_dir: str) -> ZeroShotSpec:
         raise ValueError(f"{url!r} is not a valid zero-shot spec: {e}") from e
 
 
-@dataclass
-class _Sample:
-    key: str
-    members: dict[str, bytes] = field(default_factory=dict)
-
-
-def _split_member(name: str) -> tuple[str, str]:
-    """webdataset's rule: key = path up to the first dot of the basename, ext = the rest."""
-    folder, base = posixpath.split(name)
-    stem, _, ext = base.partition(".")
-    return posixpath.join(folder, stem), ext.lower()
-
-
 def iter_samples(dataset_dir: str) -> Iterator[tuple[str, str, dict[str, bytes]]]:
-    """``(shard url, key, {ext: bytes})`` for every sample of the manifest's shards, in order."""
+    """``(shard url, key, {ext: bytes})`` for every sample of the manifest's shards, in
+    order (extensions lower-cased: ``.JPG`` is an image too)."""
     manifest = read_manifest(dataset_dir)
     for shard in manifest.shards:
         url = manifest.shard_url(dataset_dir, shard)
-        current: _Sample | None = None
-        try:
-            with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    key, ext = _split_member(member.name)
-                    if not ext or posixpath.basename(key).startswith("__"):
-                        continue
-                    if current is None or current.key != key:
-                        if current is not None:
-                            yield url, current.key, current.members
-                        current = _Sample(key)
-                    fobj = tar.extractfile(member)
-                    if fobj is not None:
-                        current.members[ext] = fobj.read()
-        except (tarfile.TarError, OSError) as e:
-            raise ValueError(f"cannot read shard {url!r} listed in the manifest: {e}") from e
-        if current is not None:
-            yield url, current.key, current.members
+        samples = storage.tar_samples(url)
+        while True:
+            try:
+                _, key, members = next(samples)
+            except StopIteration:
+                break
+            except (tarfile.TarError, OSError) as e:
+                raise ValueError(f"cannot read shard {url!r} listed in the manifest: {e}") from e
+            yield url, key, {ext.lower(): data for ext, data in members.items()}
 
 
 def image_member(members: Mapping[str, bytes]) -> bytes | None:

@@ -19,12 +19,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 from pathlib import Path
 from typing import Literal
 
 import torch
 
+from kiln import storage
 from kiln.models.checkpoint_index import read_complete_marker, step_of_tag
 from kiln.models.config import ModelConfig
 from kiln.models.weights import (
@@ -102,9 +102,8 @@ def export_model(
     from safetensors.torch import save_file
 
     meta = {META_CONFIG: json.dumps(cfg.model_dump(mode="json")), META_STEP: str(at)}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with storage.atomic_path(path, durable=True) as tmp:
+        save_file(state, tmp, metadata=meta)
     return path
 
 

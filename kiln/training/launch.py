@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, Field
 
+from kiln import storage
 from kiln.console import KILN_PREFIX, kiln_stream, library_output_to, say, verbose
 from kiln.liveness import identity, watch
 from kiln.resource_fit import RAY_START_TIMEOUT_S, WaitTimeout, check_train_fits, ray_capacity
@@ -60,6 +61,7 @@ from kiln.training.config import Launcher, Placement, TrainConfig
 from kiln.training.engine import prebuild_comm_ops, prebuild_offload_ops, set_runtime_env
 from kiln.training.loop import SUMMARY_FILE, _log
 from kiln.training.preflight import preflight
+from kiln.training.remote_run import RUN_URL_ENV
 from kiln.training.torchrun import rank_env, run_rank
 
 __all__ = [
@@ -234,6 +236,11 @@ def train(
             "max_restarts needs launcher 'ray' or 'local': torchrun / srun start ranks"
         )
     world = ranks.world_size if ranks is not None else num_workers
+    if storage.is_remote(run_dir):
+        raise ValueError(
+            f"run_dir {run_dir!r} is a URL: train it with kiln.train / `kiln train`, which "
+            "stage it in a local folder and copy the checkpoints up (kiln.training.remote_run)"
+        )
     run = Path(run_dir).resolve()
     if not checked:  # under torchrun, `run_rank` checks the run dir once it knows of restarts
         # (and one process per node hashes the shards)
@@ -577,9 +584,12 @@ def _launch_ray(
         resources["GPU"] = gpus_per_worker
     name = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     attempts_file = run / "ray_train" / name / ATTEMPTS_FILE
-    # fault injection reaches the workers even on a Ray that started before it was set
-    # (Ray Train v2's RunConfig.worker_runtime_env; passed only when there is one)
-    faults = {k: v for k, v in os.environ.items() if k.startswith(_FAULT_PREFIX)}
+    # fault injection and a staged run's remote URL reach the workers even on a Ray that
+    # started before they were set (Ray Train v2's RunConfig.worker_runtime_env; passed
+    # only when there is one)
+    faults = {
+        k: v for k, v in os.environ.items() if k.startswith(_FAULT_PREFIX) or k == RUN_URL_ENV
+    }
     worker_env: dict[str, Any] = {"worker_runtime_env": {"env_vars": faults}} if faults else {}
     trainer = TorchTrainer(
         _ray_train_loop,

@@ -48,10 +48,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from kiln import storage
 from kiln.console import say
 from kiln.metrics import METRICS_FILE, TensorBoardLog, memory_stats
 from kiln.training.checkpoint import (
-    atomic_write_text,
     latest_checkpoint,
     load_checkpoint,
     prepare_resume,
@@ -69,6 +69,7 @@ from kiln.training.engine import (
     init_distributed,
     use_bf16,
 )
+from kiln.training.remote_run import RUN_URL_ENV
 
 __all__ = [
     "FAULT_SIGKILL_AFTER_STEP",
@@ -288,6 +289,7 @@ def train_worker(
     )
 
     write_model_file = wants_model_file(cfg)
+    mirror = os.environ.get(RUN_URL_ENV) or None  # a run dir on object storage, staged in `run`
 
     def save(at: int) -> str:
         hook = _sigkill_self if kill_in_save == at else None
@@ -309,6 +311,7 @@ def train_worker(
             keep_last=cfg.checkpoint.keep_last,
             model_file=write_model_file,
             before_commit=hook,
+            mirror=mirror,
         )
 
     t_start = time.perf_counter()
@@ -407,7 +410,7 @@ def train_worker(
         "train_s": time.perf_counter() - t_start,
     }
     if rank == 0:
-        atomic_write_text(run / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+        storage.write_json(run / SUMMARY_FILE, summary, sort_keys=False, durable=True)
         _log(
             rank,
             f"done: steps {first_step}..{step}, latest checkpoint "

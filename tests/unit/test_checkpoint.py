@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from kiln import storage
 from kiln.models.config import ModelConfig
 from kiln.training.checkpoint import (
     COMPLETE_MARKER,
-    atomic_write_text,
     checkpoints_dir,
     complete_checkpoints,
     latest_checkpoint,
@@ -41,7 +41,7 @@ def fake_checkpoint(run: Path, step: int, *, complete: bool = True) -> str:
 
 
 def point_latest(run: Path, tag: str) -> None:
-    atomic_write_text(checkpoints_dir(run) / "latest", tag + "\n")
+    storage.atomic_write(checkpoints_dir(run) / "latest", (tag + "\n").encode())
 
 
 def test_tags_round_trip() -> None:
@@ -83,8 +83,8 @@ def test_prune_keeps_last_and_latest_and_drops_torn(tmp_path: Path) -> None:
 
 def test_atomic_write_replaces_without_leftovers(tmp_path: Path) -> None:
     p = tmp_path / "latest"
-    atomic_write_text(p, "a\n")
-    atomic_write_text(p, "b\n")
+    storage.atomic_write(p, b"a\n", durable=True)
+    storage.atomic_write(p, b"b\n", durable=True)
     assert p.read_text() == "b\n"
     assert [x.name for x in tmp_path.iterdir()] == ["latest"]
 
@@ -230,7 +230,7 @@ def test_resume_with_another_model_or_stage_names_the_difference(tmp_path: Path)
     tag_dir = checkpoints_dir(tmp_path) / "step_00000002"
     tag_dir.mkdir(parents=True)
     marker = {"step": 2, "world_size": 2, "zero_stage": 2, "model_config": model.model_dump()}
-    atomic_write_text(tag_dir / COMPLETE_MARKER, json.dumps(marker))
+    storage.atomic_write(tag_dir / COMPLETE_MARKER, json.dumps(marker).encode())
 
     assert check_resumable(tmp_path, "step_00000002", zero_stage=2, model=model)["step"] == 2
     # settings that do not change the weights may change on resume

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from kiln.storage import sample_key
 from kiln.training.data import (
     Batch,
     WebDatasetLoader,
     buffer_shuffle,
     derive_rng,
     plan_epoch,
-    sample_key,
 )
 from tests.helpers_datasets import write_tiny_dataset
 

@@ -198,7 +198,7 @@ def test_tar_member_is_what_tarfile_writes() -> None:
     import io
     import tarfile
 
-    from kiln.data_curation.shard import tar_end, tar_member
+    from kiln.storage import tar_end, tar_member
 
     members = [
         ("0123abcd.jpg", b"\xff\xd8" * 700),

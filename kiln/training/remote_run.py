@@ -1,0 +1,152 @@
+"""A train run dir on object storage (``run_dir: s3://...``): staged locally, mirrored up.
+
+DeepSpeed writes checkpoints to a local folder only, so a run whose `run_dir` is a URL trains
+into `kiln.storage.staging_dir(url)` and copies up what it writes:
+
+- each checkpoint, once every rank wrote it (`push_checkpoint`, from `save_checkpoint`):
+  the tag's files first (on each node its first rank uploads what that node wrote), then
+  the ``COMPLETE`` marker, then ``latest`` and ``metrics.jsonl``; so the remote run dir,
+  like a local one, never names a checkpoint that is not whole. Older tags are pruned
+  there as they are locally (``checkpoint.keep_last``);
+- the rest of the run dir (recipe, status, metrics, summary, logs, eval) when the job ends
+  (`push_run_files`, from the platform).
+
+A resume downloads (`pull_run`): the staging folder's checkpoints are cleared (the remote
+run dir is the truth), then ``metrics.jsonl`` and the newest complete checkpoint whose files
+verify against its marker come down, and training resumes from the staging folder as from
+any local run dir.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from kiln import storage
+from kiln.training.checkpoint_index import (
+    CHECKPOINTS_DIR,
+    COMPLETE_MARKER,
+    LATEST_FILE,
+    step_of_tag,
+)
+
+__all__ = [
+    "RUN_URL_ENV",
+    "complete_remote_checkpoints",
+    "prune_remote",
+    "pull_run",
+    "push_checkpoint",
+    "push_run_files",
+    "remote_latest",
+]
+
+#: Set (by `kiln.platform.api`, for the ranks it starts) to the URL a staged run mirrors to.
+RUN_URL_ENV = "KILN_RUN_URL"
+_METRICS = "metrics.jsonl"
+
+
+def complete_remote_checkpoints(url: str) -> list[str]:
+    """Tags under ``{url}/checkpoints`` with a COMPLETE marker, oldest first."""
+    root = f"{url.rstrip('/')}/{CHECKPOINTS_DIR}"
+    fs, path = storage.fs_path(root)
+    if not fs.exists(path):
+        return []
+    tags = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    tags = [t for t in tags if step_of_tag(t) is not None]
+    complete = [t for t in tags if fs.exists(f"{path}/{t}/{COMPLETE_MARKER}")]
+    return sorted(complete, key=lambda t: step_of_tag(t) or 0)
+
+
+def remote_latest(url: str) -> str | None:
+    """The checkpoint a resume of remote run dir `url` starts from: the one ``latest``
+    names when it is complete, else the newest complete tag, else None."""
+    complete = complete_remote_checkpoints(url)
+    named = (storage.read_text(f"{url.rstrip('/')}/{CHECKPOINTS_DIR}/{LATEST_FILE}") or "").strip()
+    if named in complete:
+        return named
+    return complete[-1] if complete else None
+
+
+def pull_run(url: str, local: str | Path, *, resume: bool, tag: str | None = None) -> str | None:
+    """Prepare staging folder `local` for a run into remote `url`; returns the tag it will
+    resume from (None: a fresh start). A fresh run refuses a run dir that holds
+    checkpoints, as a local one does. `tag`: download that complete checkpoint instead of
+    the newest (`kiln export --step`)."""
+    from kiln.training.checkpoint import verify_checkpoint
+
+    complete = complete_remote_checkpoints(url)
+    if not resume and complete:
+        raise FileExistsError(
+            f"run dir {url!r} already holds checkpoints: resume it (`kiln resume {url}` / "
+            "resume=True) or train into a new run_dir"
+        )
+    local = Path(local)
+    shutil.rmtree(local / CHECKPOINTS_DIR, ignore_errors=True)
+    (local / _METRICS).unlink(missing_ok=True)
+    if not resume:
+        return None
+    base = url.rstrip("/")
+    if storage.exists(f"{base}/{_METRICS}"):
+        storage.download(f"{base}/{_METRICS}", local / _METRICS)
+    if tag is not None and tag not in complete:
+        raise FileNotFoundError(
+            f"{url!r} holds no complete checkpoint {tag}: its complete ones are "
+            f"{', '.join(complete) or 'none'}"
+        )
+    first = tag or remote_latest(url)
+    order = [first] if first else []
+    order += [t for t in reversed(complete) if t != first and tag is None]
+    for candidate in order:
+        remote_tag = f"{base}/{CHECKPOINTS_DIR}/{candidate}"
+        storage.download_tree(remote_tag, local / CHECKPOINTS_DIR / candidate)
+        if verify_checkpoint(local, candidate) is None:
+            (local / CHECKPOINTS_DIR / LATEST_FILE).write_text(candidate + "\n")
+            return candidate
+        # kept: the resume sets it aside as damaged and falls back to an older tag
+    return None
+
+
+def push_checkpoint(local: str | Path, url: str, tag: str, *, files: bool, commit: bool) -> None:
+    """Copy checkpoint `tag` of staging folder `local` up to `url`.
+
+    `files`: its files but the COMPLETE marker (each node's first rank, before the commit
+    barrier). `commit` (rank 0, after the local marker is written): the marker, then
+    ``latest``, then ``metrics.jsonl``.
+    """
+    base = url.rstrip("/")
+    tag_dir = Path(local) / CHECKPOINTS_DIR / tag
+    remote_tag = f"{base}/{CHECKPOINTS_DIR}/{tag}"
+    if files:
+        storage.upload_tree(tag_dir, remote_tag, skip=(COMPLETE_MARKER,))
+    if commit:
+        storage.upload(tag_dir / COMPLETE_MARKER, f"{remote_tag}/{COMPLETE_MARKER}")
+        storage.atomic_write(f"{base}/{CHECKPOINTS_DIR}/{LATEST_FILE}", (tag + "\n").encode())
+        metrics = Path(local) / _METRICS
+        if metrics.is_file():
+            storage.upload(metrics, f"{base}/{_METRICS}")
+
+
+def prune_remote(url: str, keep_last: int, current: str) -> list[str]:
+    """Delete remote tags older than the newest `keep_last` complete ones, and half-written
+    ones other than `current`; never the one ``latest`` names. Returns the removed tags."""
+    base = f"{url.rstrip('/')}/{CHECKPOINTS_DIR}"
+    fs, path = storage.fs_path(base)
+    complete = complete_remote_checkpoints(url)
+    latest = remote_latest(url)
+    keep = set(complete[-keep_last:]) | {current} | ({latest} if latest else set())
+    removed = []
+    for p in sorted(fs.ls(path, detail=False)):
+        tag = p.rstrip("/").rsplit("/", 1)[-1]
+        if step_of_tag(tag) is None or tag in keep:
+            continue
+        fs.rm(p, recursive=True)
+        removed.append(tag)
+    return removed
+
+
+def push_run_files(local: str | Path, url: str) -> None:
+    """Copy the staging folder's files but its checkpoints (recipe, status, metrics,
+    summary, logs, eval, exports) up to `url`. A no-op when `local` does not exist."""
+    if os.path.isdir(local):
+        storage.upload_tree(local, url, skip=(CHECKPOINTS_DIR,))
