@@ -208,6 +208,9 @@ def comparison_markdown(doc: dict[str, Any]) -> str:
         f"(duplicates: {', '.join(doc['duplicate_reasons'])}; mismatches: "
         f"{', '.join(doc['mismatch_reasons'])}).",
     ]
+    chance = _chance(doc["arms"][0]["eval"]) if doc["arms"] else ""
+    if chance:
+        lines.append(f"Chance: {chance}.")
     if doc.get("filter_eval"):
         f = doc["filter_eval"]
         lines.append(
@@ -217,6 +220,18 @@ def comparison_markdown(doc: dict[str, Any]) -> str:
         )
     lines.append(f"Wall time {doc['seconds']:.0f} s.")
     return "\n".join(lines) + "\n"
+
+
+def _chance(result: dict[str, Any]) -> str:
+    """What a model guessing at random scores on each metric of the table."""
+    parts = []
+    for task, t in (result.get("zero_shot") or {}).items():
+        if isinstance(t, dict) and "chance" in t:
+            parts.append(f"{task} top1 {t['chance']:.3f}")
+    n = (result.get("retrieval") or {}).get("num_samples")
+    if n:
+        parts.append(f"R@5 {min(1.0, 5 / n):.3f}")
+    return ", ".join(parts)
 
 
 def _num(x: Any) -> str:

@@ -125,7 +125,10 @@ def test_comparison_table_and_markdown() -> None:
         "rows_kept": 100,
         "steps": 10,
         "samples_per_step": 64,
-        "eval": {"zero_shot": {"color": {"top1": 0.25}}, "retrieval": {}},
+        "eval": {
+            "zero_shot": {"color": {"top1": 0.25, "chance": 0.125}},
+            "retrieval": {"num_samples": 40},
+        },
         "duplicates": None,
         "mismatches": None,
     }
@@ -157,3 +160,4 @@ def test_comparison_table_and_markdown() -> None:
     md = comparison_markdown(doc)
     assert "| pruned | 60 | 10 x 64 | 0.250 |" in md
     assert "10 planted near-duplicates, 5 planted mismatched captions" in md
+    assert "Chance: color top1 0.125, R@5 0.125." in md
