@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="curate one pool several ways, train each at equal compute, compare their evals",
     )
     ex.add_argument("recipe", help="experiment YAML (kind: experiment)")
-    _add_set(ex, "train.set=[max_steps=100]")
+    _add_set(ex, "pool.plant.mismatched=0.5")
 
     x = sub.add_parser(
         "export", help="write a train run's full weights (safetensors), from any checkpoint"

@@ -212,8 +212,9 @@ def parse_experiment(data: Any, *, source: str = "experiment") -> ExperimentReci
 
 
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentRecipe:
-    """Read an experiment file (plus `a.b=c` overrides); `run_dir` and `train.recipe` come
-    back absolute, against the file's folder."""
+    """Read an experiment file (plus `a.b=c` overrides); `run_dir`, `train.recipe` and the
+    stages' paths come back absolute: the file's against its folder, the overrides' (as
+    with every recipe) against the current directory."""
     p = Path(path)
     if not p.is_file():
         raise RecipeError(f"experiment file {str(p)!r} does not exist: check the path")
@@ -221,15 +222,24 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise RecipeError(f"{p}: not valid YAML: {e}") from None
-    if isinstance(data, dict) and overrides:
-        data = apply_overrides(data, overrides)
-    recipe = parse_experiment(data, source=str(p))
     folder = os.path.dirname(os.path.abspath(p))
-    train = recipe.train.model_copy(
-        update={"recipe": os.path.join(folder, os.path.expanduser(recipe.train.recipe))}
-    )
-    run_dir = os.path.abspath(os.path.join(folder, os.path.expanduser(recipe.run_dir)))
-    values = variables(run_dir)
+
+    def absolute(value: Any, base: str) -> Any:
+        if not isinstance(value, str) or not value or "://" in value:
+            return value
+        return os.path.abspath(os.path.join(base, os.path.expanduser(value)))
+
+    if isinstance(data, dict):
+        data["run_dir"] = absolute(data.get("run_dir"), folder)
+        if isinstance(data.get("train"), dict):
+            data["train"]["recipe"] = absolute(data["train"].get("recipe"), folder)
+        if overrides:
+            data = apply_overrides(data, overrides)
+            data["run_dir"] = absolute(data.get("run_dir"), os.getcwd())
+            if isinstance(data.get("train"), dict):
+                data["train"]["recipe"] = absolute(data["train"].get("recipe"), os.getcwd())
+    recipe = parse_experiment(data, source=str(p))
+    values = variables(recipe.run_dir)
 
     def plan(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         doc = {"kind": "curate", "stages": substitute(stages, values)}
@@ -239,9 +249,7 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     filt = recipe.filter
     if filt is not None:
         filt = filt.model_copy(update={"stages": plan(filt.stages)})
-    return recipe.model_copy(
-        update={"run_dir": run_dir, "train": train, "arms": arms, "filter": filt}
-    )
+    return recipe.model_copy(update={"arms": arms, "filter": filt})
 
 
 def variables(run_dir: str) -> dict[str, str]:

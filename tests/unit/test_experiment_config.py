@@ -36,7 +36,7 @@ def _minimal(**changes: Any) -> dict[str, Any]:
 def test_the_shipped_experiment_loads_with_absolute_paths() -> None:
     exp = load_experiment(SHIPPED)
     assert exp.run_dir == str(REPO / "runs" / "experiments" / "pruning")
-    assert exp.train.recipe == str(REPO / "recipes" / "experiments" / "../quickstart/train.yaml")
+    assert exp.train.recipe == str(REPO / "recipes" / "quickstart" / "train.yaml")
     assert Path(exp.train.recipe).is_file()
     assert [a.name for a in exp.arms] == ["baseline", "pruned"]
     embed = next(s for s in exp.arms[1].stages if s["stage"] == "embed")
@@ -45,9 +45,16 @@ def test_the_shipped_experiment_loads_with_absolute_paths() -> None:
     assert exp.filter.pool.plant is None  # the filter's pool is clean
 
 
-def test_overrides_apply(tmp_path: Path) -> None:
+def test_overrides_apply_and_their_paths_are_relative_to_the_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
     exp = load_experiment(SHIPPED, ["pool.num_samples=500", "train.set=[max_steps=7]"])
     assert exp.pool.num_samples == 500 and exp.train.set == ["max_steps=7"]
+    moved = load_experiment(SHIPPED, ["run_dir=runs/other"])
+    assert moved.run_dir == str(tmp_path / "runs" / "other")
+    embed = next(s for s in moved.arms[1].stages if s["stage"] == "embed")
+    assert embed["model"] == str(tmp_path / "runs" / "other" / "filter" / "train")
 
 
 @pytest.mark.parametrize(
