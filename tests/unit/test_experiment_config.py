@@ -45,6 +45,15 @@ def test_the_shipped_experiment_loads_with_absolute_paths() -> None:
     assert exp.filter.pool.plant is None  # the filter's pool is clean
 
 
+def test_the_ablation_extends_the_experiment_so_its_runs_are_reused() -> None:
+    base = load_experiment(SHIPPED)
+    ablation = load_experiment(SHIPPED.with_name("pruning_ablation.yaml"))
+    assert ablation.run_dir == base.run_dir
+    assert ablation.model_dump(exclude={"arms"}) == base.model_dump(exclude={"arms"})
+    assert ablation.arms[:2] == base.arms
+    assert [a.name for a in ablation.arms[2:]] == ["semdedup_only", "clip_score_only"]
+
+
 def test_overrides_apply_and_their_paths_are_relative_to_the_cwd(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
