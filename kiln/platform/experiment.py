@@ -45,6 +45,7 @@ from kiln.platform.recipes import (
     CurateRecipe,
     RecipeError,
     TrainRecipe,
+    apply_overrides,
     load_recipe,
     parse_recipe,
     recipe_hash,
@@ -81,8 +82,6 @@ def _curate_recipe(
     exp: ExperimentRecipe, name: str, run_dir: str, pool: dict[str, Any], pool_dir: str,
     stages: list[dict[str, Any]], overrides: list[str],
 ) -> CurateRecipe:  # fmt: skip
-    from kiln.platform.recipes import apply_overrides
-
     data = {
         "kind": "curate",
         "name": f"{exp.name}-{name}",
@@ -141,10 +140,11 @@ def _train_or_skip(recipe: TrainRecipe) -> dict[str, Any]:
     status = read_status(run) if run.exists() else {}
     wanted = _inputs_id(recipe)
     same = marker.is_file() and json.loads(marker.read_text()) == wanted
-    if status and not same and status.get("name") != recipe.name:
+    ours = marker.is_file() or status.get("name") == recipe.name
+    if run.exists() and not ours:  # never remove what this experiment did not write
         raise FileExistsError(
-            f"{run} holds another run ({status.get('name')!r}): move it away or choose "
-            "another experiment run_dir"
+            f"{run} exists and is not a run of this experiment ({status.get('name')!r}): "
+            "move it away or choose another experiment run_dir"
         )
     if same and status.get("state") == "completed" and eval_file.is_file():
         say(f"{recipe.name}: trained and evaluated already ({run}), reused")
