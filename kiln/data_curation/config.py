@@ -28,6 +28,7 @@ __all__ = [
     "ImageSection",
     "InputConfig",
     "MatchConfig",
+    "PlantConfig",
     "ShardConfig",
     "SyntheticPoolConfig",
     "TextConfig",
@@ -35,6 +36,27 @@ __all__ = [
     "default_plan_specs",
     "missing_folder",
 ]
+
+
+class PlantConfig(StrictModel):
+    """Corruption planted in the synthetic pool, with its ground truth, so pruning can be
+    scored: near-duplicates (re-encoded, slightly cropped, recoloured copies of a clean row,
+    with its caption or a paraphrase) and mismatched captions (a clean image captioned with
+    another concept). The uids of what was planted go to `planted.json` beside the pool."""
+
+    near_duplicates: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="near-duplicate copies to add, as a share of num_samples (added on top)",
+    )
+    mismatched: float = Field(
+        default=0.0,
+        ge=0,
+        le=0.9,
+        description="share of num_samples whose caption is swapped for another concept's",
+    )
+    seed: int = Field(default=0, description="seed of the planting (its own RNG stream)")
 
 
 class SyntheticPoolConfig(StrictModel):
@@ -54,6 +76,12 @@ class SyntheticPoolConfig(StrictModel):
         default=0.01, ge=0, le=1, description="share of rows whose image bytes cannot decode"
     )
     rows_per_file: int = Field(default=1000, ge=1, description="rows per generated parquet file")
+    plant: PlantConfig | None = Field(
+        default=None,
+        description="plant scored near-duplicates and mismatched captions (None: the plain "
+        "pool, byte-identical to earlier versions)",
+        exclude_if=lambda v: v is None,  # absent from dumps: the default pool's hash is kept
+    )
 
 
 class InputConfig(StrictModel):

@@ -153,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(e, "eval.recall_k=[1,5]")
     _add_dry_run(e)
 
+    ex = sub.add_parser(
+        "experiment",
+        help="curate one pool several ways, train each at equal compute, compare their evals",
+    )
+    ex.add_argument("recipe", help="experiment YAML (kind: experiment)")
+    _add_set(ex, "pool.plant.mismatched=0.5")
+
     x = sub.add_parser(
         "export", help="write a train run's full weights (safetensors), from any checkpoint"
     )
@@ -356,6 +363,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         from kiln.platform.quickstart import run_quickstart
 
         return run_quickstart(args.root, overrides=args.overrides)
+    if args.verb == "experiment":
+        from kiln.platform.experiment import experiment
+
+        experiment(args.recipe, args.overrides)
+        return 0
     if args.verb in ("curate", "train"):
         recipe = load_job(args)
         if args.dry_run:

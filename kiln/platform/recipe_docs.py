@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field, TypeAdapter, create_model
 from pydantic.fields import FieldInfo
 
 from kiln.contracts import is_path_field
+from kiln.platform.experiment_config import ExperimentRecipe
 from kiln.platform.recipes import (
     CurateRecipe,
     EvalRecipe,
@@ -39,6 +40,7 @@ _KINDS: dict[str, type[BaseModel]] = {
     "curate": CurateRecipe,
     "train": TrainRecipe,
     "eval": EvalRecipe,
+    "experiment": ExperimentRecipe,  # `kiln experiment`: arms of curate + train, compared
 }
 _RECIPES = (CurateRecipe, TrainRecipe, EvalRecipe)
 _PATH_NOTE = "a path: relative to the recipe file's folder; a `--set` value, to the cwd"
@@ -51,7 +53,8 @@ _HEADER = """\
 
 Every field a recipe accepts, with its type, default and meaning, for the three kinds of
 recipe: `kind: curate` (raw pool -> WebDataset shards), `kind: train` (shards -> a model)
-and `kind: eval` (a checkpoint -> metrics). `kiln recipe show RECIPE` prints a recipe with
+and `kind: eval` (a checkpoint -> metrics), plus `kind: experiment` (`kiln experiment`:
+several curations of one pool, each trained at equal compute, compared). `kiln recipe show RECIPE` prints a recipe with
 every default filled in; `kiln train|curate|eval RECIPE --dry-run` checks it without
 running it. JSON schemas for editors (e.g. VS Code's YAML extension: `# yaml-language-server:
 $schema=../docs/schema/train.schema.json` as a recipe's first line) are in `schema/`.

@@ -43,6 +43,7 @@ __all__ = [
     "read_recipe_file",
     "recipe_hash",
     "resolve_paths",
+    "resolve_recipe_data",
     "show_recipe",
 ]
 
@@ -440,6 +441,15 @@ def _resolve_data(data: dict[str, Any], fix: Callable[[str, str], str]) -> None:
 
 def _against(base: str) -> Callable[[str, str], str]:
     return lambda _field, value: _absolute(value, base)
+
+
+def resolve_recipe_data(data: dict[str, Any], base: str) -> dict[str, Any]:
+    """A recipe dict (not yet validated) with each relative path made absolute against the
+    folder `base`, as `read_recipe_file` does for a file (for recipes built in code, e.g.
+    the arms of `kiln experiment`, whose paths are relative to the experiment's file)."""
+    out = json.loads(json.dumps(data))
+    _resolve_data(out, _against(base))
+    return out
 
 
 def resolve_paths(recipe: R) -> R:

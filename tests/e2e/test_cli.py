@@ -89,6 +89,18 @@ def test_help_lists_verbs() -> None:
     out = kiln("--help").stdout
     for verb in ("quickstart", "curate", "train", "resume", "eval", "runs", "inspect"):
         assert verb in out
+    assert "experiment" in out
+
+
+def test_experiment_mistakes_are_one_line_with_the_fix() -> None:
+    typo = kiln(
+        "experiment", "recipes/experiments/pruning.yaml", "--set", "pool.plant.mismatchd=0.5",
+        check=False,
+    )  # fmt: skip
+    assert typo.returncode == 2 and "Traceback" not in typo.stderr
+    assert "unknown field 'pool.plant.mismatchd': did you mean 'mismatched'?" in typo.stderr
+    wrong = kiln("experiment", "recipes/quickstart/train.yaml", check=False)
+    assert wrong.returncode == 2 and "runs `kind: experiment` recipes" in wrong.stderr
 
 
 def test_curate_then_rerun_with_new_threshold(root: Path) -> None:
