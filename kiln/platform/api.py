@@ -221,7 +221,7 @@ def resolve_model_file(checkpoint: str) -> Path:
 
 
 def _download_weights(url: str) -> Path:
-    from kiln.training.checkpoint_index import COMPLETE_MARKER
+    from kiln.models.checkpoint_index import COMPLETE_MARKER
     from kiln.training.remote_run import remote_latest
 
     storage.check_access(url)

@@ -33,6 +33,7 @@ from kiln.console import kiln_stream, say
 from kiln.contracts import sha256_hex
 from kiln.data_curation.pruning_scores import removed_uids, score_duplicates, score_mismatches
 from kiln.data_curation.synthetic import PLANTED_NAME, generate_pool, read_planted
+from kiln.models.checkpoint_index import latest_checkpoint
 from kiln.platform import api, logs
 from kiln.platform.experiment_config import (
     ExperimentRecipe,
@@ -53,7 +54,6 @@ from kiln.platform.recipes import (
 )
 from kiln.platform.runs import read_status
 from kiln.platform.tables import format_table
-from kiln.training.checkpoint_index import latest_checkpoint
 
 __all__ = [
     "COMPARISON_JSON",

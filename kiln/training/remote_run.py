@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 
 from kiln import storage
-from kiln.training.checkpoint_index import (
+from kiln.models.checkpoint_index import (
     CHECKPOINTS_DIR,
     COMPLETE_MARKER,
     LATEST_FILE,
