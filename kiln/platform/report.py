@@ -34,12 +34,14 @@ import numpy as np
 
 from kiln import storage
 from kiln.metrics import read_metrics
+from kiln.platform.comparison import COMPARISON_JSON, comparison_markdown, comparison_rows
 from kiln.platform.summary import balance_effect_of, eval_rows, funnel_rows
 
 __all__ = [
     "REPORT_FILE",
     "curation_sections",
     "eval_sections",
+    "experiment_sections",
     "html_table",
     "render_report",
     "run_sections",
@@ -424,7 +426,8 @@ def eval_sections(result: Mapping[str, Any]) -> list[str]:
             out += [
                 f"<h3>Zero-shot {_esc(task)}: top-1 accuracy per class "
                 f"(chance {t.get('chance', 0):.3g})</h3>",
-                svg_bars(sorted(((str(k), float(v)) for k, v in per_class.items()))),
+                # a class without held-out samples has no accuracy (None): no bar
+                svg_bars(sorted((str(k), float(v)) for k, v in per_class.items() if v is not None)),
             ]
     retrieval = result.get("retrieval") or {}
     curves = {
@@ -440,6 +443,22 @@ def eval_sections(result: Mapping[str, Any]) -> list[str]:
         "<details><summary>eval.json</summary><pre>"
         f"{_esc(json.dumps(result, indent=2, default=str))}</pre></details>"
     )
+    return out
+
+
+def experiment_sections(doc: Mapping[str, Any]) -> list[str]:
+    """An experiment's comparison (`kiln experiment`'s `comparison.json`): the table of its
+    arms at equal compute, one bar chart per eval metric, and its notes."""
+    header, rows = comparison_rows(dict(doc))
+    out = ["<h2>Comparison of the arms (equal compute)</h2>", html_table(header, rows)]
+    for col, name in enumerate(header[3:], start=3):
+        if "P / R" in name:  # the eval metrics only, not precision / recall pairs
+            continue
+        values = [(r[0], float(r[col])) for r in rows if r[col] not in ("-", "")]
+        if values:
+            out += [f"<h3>{_esc(name)}</h3>", svg_bars(values)]
+    notes = comparison_markdown(dict(doc)).split("\n\n")[-1]  # the paragraph after the table
+    out += [f"<p>{_esc(line)}</p>" for line in notes.strip().splitlines()]
     return out
 
 
@@ -493,6 +512,10 @@ def write_run_report(run_dir: str) -> str:
     FileNotFoundError when `run_dir` is not a kiln run dir."""
     run = str(run_dir).rstrip("/")
     status = storage.read_json(f"{run}/status.json")
+    comparison = storage.read_json(f"{run}/{COMPARISON_JSON}")
+    if not isinstance(status, dict) and isinstance(comparison, dict):
+        title = f"kiln experiment: {comparison.get('name') or run.rsplit('/', 1)[-1]}"
+        return render_report(f"{run}/{REPORT_FILE}", title, experiment_sections(comparison))
     if not isinstance(status, dict):
         raise FileNotFoundError(
             f"{run!r} is not a kiln run dir (no status.json): give a folder that `kiln "

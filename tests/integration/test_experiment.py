@@ -18,7 +18,8 @@ import yaml
 
 from kiln.models.build import build_model
 from kiln.models.config import ModelConfig
-from kiln.platform.experiment import COMPARISON_JSON, COMPARISON_MD, experiment
+from kiln.platform.comparison import COMPARISON_JSON, COMPARISON_MD
+from kiln.platform.experiment import experiment
 from kiln.training.evaluate import save_model_file
 from tests.helpers_training import TINY_MODEL
 
@@ -99,6 +100,10 @@ def test_tiny_experiment_end_to_end_and_resumed(
     assert "| baseline | " in md and "| pruned | " in md
     out = capsys.readouterr().out
     assert "dup P / R" in out and "[kiln] comparison written to" in out
+    page = (run / "report.html").read_text()  # the comparison is in the run's report too
+    assert "<h2>Comparison of the arms (equal compute)</h2>" in page
+    assert "<td>baseline</td>" in page and "<td>pruned</td>" in page
+    assert "<h3>color top1</h3>" in page and "<svg" in page
 
     again = experiment(path)  # every run is complete: reused, same numbers
     assert [a["eval"] for a in again["arms"]] == [a["eval"] for a in doc["arms"]]

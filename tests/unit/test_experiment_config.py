@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kiln.platform.experiment import comparison_markdown, comparison_rows
+from kiln.platform.comparison import comparison_markdown, comparison_rows
 from kiln.platform.experiment_config import load_experiment, parse_experiment, substitute
 from kiln.platform.recipes import RecipeError
 

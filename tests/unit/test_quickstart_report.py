@@ -168,3 +168,39 @@ def test_a_report_that_fails_does_not_fail_the_job(
     out = capsys.readouterr().out
     assert out.startswith("[kiln] could not write the metrics or report.html of ")
     assert f"`kiln report {tmp_path}`" in out and not (tmp_path / "report.html").exists()
+
+
+def test_per_class_accuracy_of_a_class_without_eval_samples_is_no_bar() -> None:
+    """A tiny held-out set can miss a class: its per-class accuracy is None (found by a
+    4-step experiment arm, whose report failed on float(None))."""
+    from kiln.platform.report import eval_sections
+
+    result = {"zero_shot": {"color": {"top1": 0.5, "chance": 0.5,
+                                      "per_class": {"red": 1.0, "blue": 0.0, "teal": None}}}}  # fmt: skip
+    page = "".join(eval_sections(result))
+    assert ">red</text>" in page and ">blue</text>" in page and ">teal</text>" not in page
+
+
+def test_experiment_report_shows_the_comparison(tmp_path: Path) -> None:
+    """A `kiln experiment` run dir (comparison.json, no status.json) gets a report with the
+    arms' table and one bar chart per eval metric."""
+    from kiln import storage
+    from kiln.platform.comparison import COMPARISON_JSON
+
+    ev = {"zero_shot": {"color": {"top1": 0.2, "chance": 0.125}}, "retrieval": {"num_samples": 40}}
+    arm = {"rows_kept": 90, "steps": 4, "samples_per_step": 8, "eval": ev}
+    doc = {
+        "name": "exp", "pool": {"num_samples": 100, "seed": 0}, "planted": {},
+        "eval_samples": 40, "steps": 4, "samples_per_step": 8, "batch_size": 4, "workers": 2,
+        "duplicate_reasons": ["semantic_duplicate"], "mismatch_reasons": ["low_clip_score"],
+        "seconds": 12.0,
+        "arms": [{**arm, "name": "baseline"},
+                 {**arm, "name": "pruned", "rows_kept": 70,
+                  "duplicates": {"precision": 0.5, "recall": 0.25}}],
+    }  # fmt: skip
+    storage.write_json(str(tmp_path / COMPARISON_JSON), doc)
+    page = Path(write_run_report(str(tmp_path))).read_text()
+    assert "<title>kiln experiment: exp</title>" in page
+    assert "<td>pruned</td><td>70</td><td>4 x 8</td><td>0.200</td>" in page
+    assert "<td>0.500 / 0.250</td>" in page
+    assert "<h3>color top1</h3>" in page and "<h3>dup P / R</h3>" not in page
