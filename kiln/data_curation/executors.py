@@ -175,10 +175,18 @@ class Executor:
 # --------------------------------------------------------------------------- local
 
 
-def _worker_start(driver: int | None) -> None:
+def _worker_start(driver: int | None, environ: dict[str, str] | None = None) -> None:
     """Pool worker start: exit when the parent dies (a SIGKILLed `kiln curate` must not
     leave its workers behind, waiting forever on a queue the siblings keep open). The
-    parent is the driver (`driver`, fork) or the forkserver, which exits with the driver."""
+    parent is the driver (`driver`, fork) or the forkserver, which exits with the driver.
+
+    `environ`: the driver's environment when the pool started. A forkserver keeps the
+    environment of the moment it started (once per process), so without it a worker of a
+    long-lived process (the Python API, `kiln experiment`) would miss what was set since:
+    storage credentials such as AWS_ENDPOINT_URL, kiln's own settings."""
+    if environ is not None and environ != dict(os.environ):
+        os.environ.clear()
+        os.environ.update(environ)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
     parent = os.getppid()
     if sys.platform.startswith("linux"):
@@ -268,7 +276,7 @@ class LocalExecutor(Executor):
                 max_workers=self.workers,
                 mp_context=mp,
                 initializer=_worker_start,
-                initargs=(os.getpid() if fork else None,),
+                initargs=(os.getpid() if fork else None, None if fork else dict(os.environ)),
             )
         return self._pool
 

@@ -55,6 +55,28 @@ def _task(phase: str, job: _Job, index: int, item: dict[str, Any]) -> dict[str, 
     return result
 
 
+def _env_task(phase: str, job: _Job, index: int, item: dict[str, Any]) -> dict[str, Any]:
+    return {"v": os.environ.get(item["name"])}
+
+
+def test_workers_see_the_environment_of_the_run_not_of_the_forkserver(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The forkserver starts once per process and keeps its environment: a variable set
+    after it (storage credentials a later job sets, as the s3 test found) must still reach
+    the workers of a pool started after it."""
+    first = LocalExecutor(_env_task, workers=1, start_method="forkserver")
+    first.run("apply", _Job("a", str(tmp_path / "a")), [{"name": "KILN_TEST_LATE_VAR"}])
+    first.close()  # the forkserver now runs, without the variable
+    monkeypatch.setenv("KILN_TEST_LATE_VAR", "set later")
+    monkeypatch.delenv("KILN_TEST_GONE_VAR", raising=False)
+    ex = LocalExecutor(_env_task, workers=1, start_method="forkserver")
+    items = [{"name": "KILN_TEST_LATE_VAR"}, {"name": "KILN_TEST_GONE_VAR"}]
+    results, _ = ex.run("apply", _Job("b", str(tmp_path / "b")), items)
+    ex.close()
+    assert [r["v"] for r in results] == ["set later", None]
+
+
 def _runs(root: Path) -> int:
     return len(list(root.glob("ran-*")))
 
