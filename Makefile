@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install -q -c $(CONSTRAINTS) "torch==2.13.0"
 	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[dev]"
 	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	# DeepSpeed's host-side ops (CPU collectives, CPU Adam), compiled once into the venv
+	$(PY) -c "from kiln.training.engine import prebuild_cpu_ops; prebuild_cpu_ops()"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -41,6 +41,7 @@ __all__ = [
     "op_build_lock",
     "param_groups",
     "prebuild_comm_ops",
+    "prebuild_cpu_ops",
     "prebuild_offload_ops",
     "restore_cpu_adam_step",
     "set_runtime_env",
@@ -435,8 +436,11 @@ def prebuild_offload_ops(cfg: TrainConfig) -> None:
     under TORCH_EXTENSIONS_DIR afterwards); compiled here, the ranks only load it. The same
     op serves CPU and GPU machines (it runs on the host either way). No-op without offload.
     """
-    if cfg.zero.offload_optimizer == "none":
-        return
+    if cfg.zero.offload_optimizer != "none":
+        _build_cpu_adam()
+
+
+def _build_cpu_adam() -> None:
     deepspeed = import_deepspeed()
     from deepspeed.accelerator import get_accelerator
 
@@ -455,6 +459,23 @@ def prebuild_offload_ops(cfg: TrainConfig) -> None:
             f"compile ({type(e).__name__}: {e}): install a C++ compiler with OpenMP (g++), "
             "or set zero.offload_optimizer: none"
         ) from e
+
+
+def prebuild_cpu_ops() -> None:
+    """Compile DeepSpeed's host-side ops kiln loads (the CPU shared-memory collectives, and
+    CPU Adam for `zero.offload_optimizer`) into TORCH_EXTENSIONS_DIR now, as DeepSpeed's
+    `DS_BUILD_OPS` would at install time: `make install` runs it, so a first training run,
+    or the test suite in a fresh clone, does not spend minutes compiling. An op that cannot
+    build here is said and skipped: training names the fix when a recipe needs it."""
+    set_runtime_env()
+    for build, what in (
+        (prebuild_comm_ops, "CPU collectives"),
+        (_build_cpu_adam, "CPU Adam (zero.offload_optimizer)"),
+    ):
+        try:
+            build()
+        except Exception as e:  # a missing compiler: the install goes on
+            say(f"DeepSpeed's op for {what} was not compiled ({e}); it is compiled on first use")
 
 
 def restore_cpu_adam_step(engine: Any) -> None:
