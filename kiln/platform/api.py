@@ -26,6 +26,7 @@ from pydantic import BaseModel
 from kiln import storage
 from kiln.console import say
 from kiln.data_curation.config import CurationConfig
+from kiln.environ import scoped_env
 from kiln.liveness import identity
 from kiln.metrics import TensorBoardLog, write_metrics
 from kiln.models.checkpoint_index import latest_checkpoint, step_of_tag, tag_for_step
@@ -47,6 +48,7 @@ from kiln.platform.recipes import (
 from kiln.platform.runs import heartbeat, read_status, write_status
 from kiln.platform.summary import curation_step_records, eval_record
 from kiln.training.config import TrainConfig
+from kiln.training.remote_run import RUN_URL_ENV
 
 M = TypeVar("M", bound=BaseModel)
 J = TypeVar("J", CurateRecipe, TrainRecipe, EvalRecipe)
@@ -329,7 +331,8 @@ def run_train(recipe: TrainRecipe, *, resume: bool = False) -> Any:
             import_deepspeed()
             logs.capture_library_loggers()
         beat = heartbeat(run) if lead else contextlib.nullcontext()
-        mirror = _run_url_env(url) if url else contextlib.nullcontext()
+        # the ranks started in this block learn which remote run dir their staging mirrors
+        mirror = scoped_env(RUN_URL_ENV, url) if url else contextlib.nullcontext()
         with beat, ray_ctx, mirror:
             summary = train(
                 _as(recipe, TrainConfig),
@@ -367,23 +370,6 @@ def run_train(recipe: TrainRecipe, *, resume: bool = False) -> Any:
         _report(run, eval_result=eval_result)
         _push(recipe, run)
     return summary.model_copy(update={"eval": eval_result}) if eval_result else summary
-
-
-@contextlib.contextmanager
-def _run_url_env(url: str) -> Any:
-    """Tell the ranks started in this block (through their environment) which remote run
-    dir their staging folder mirrors."""
-    from kiln.training.remote_run import RUN_URL_ENV
-
-    before = os.environ.get(RUN_URL_ENV)
-    os.environ[RUN_URL_ENV] = url
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(RUN_URL_ENV, None)
-        else:
-            os.environ[RUN_URL_ENV] = before
 
 
 def _stage_remote_run(recipe: TrainRecipe, url: str, *, resume: bool) -> TrainRecipe:

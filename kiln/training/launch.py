@@ -45,7 +45,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ from pydantic import BaseModel, Field
 
 from kiln import storage
 from kiln.console import KILN_PREFIX, kiln_stream, library_output_to, say, verbose
+from kiln.environ import scoped_env
 from kiln.liveness import identity, watch
 from kiln.resource_fit import RAY_START_TIMEOUT_S, WaitTimeout, check_train_fits, ray_capacity
 from kiln.training.checkpoint import latest_checkpoint
@@ -627,7 +628,7 @@ def _launch_ray(
     )
     try:
         # Ray Train hands this variable to its controller when fit() starts it
-        with _env(_GROUP_START_TIMEOUT_ENV, f"{group_timeout:g}"):
+        with scoped_env(_GROUP_START_TIMEOUT_ENV, f"{group_timeout:g}"):
             _fit_interruptibly(trainer, attempts_file.is_file, start_timeout_s, what)
     except (KeyboardInterrupt, WaitTimeout):
         raise
@@ -639,20 +640,6 @@ def _launch_ray(
             headline=f"Ray Train run failed{after}: {_ray_failure(e)}",
         ) from e
     return _read_attempts(attempts_file)
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str) -> Iterator[None]:
-    """Environment variable `name` set to `value` for a block, then as it was."""
-    before = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = before
 
 
 def _ray_failure(e: BaseException) -> str:
