@@ -264,24 +264,30 @@ def _kept_cells(dataset_dir: str) -> list[tuple[str | None, str, str]]:
     return cells
 
 
-def _source_image(source: str, row: int, columns: Sequence[str]) -> bytes | None:
-    """The image bytes of row `row` of parquet input file `source` (None for other formats,
-    a missing file or no image column)."""
+def _source_images(
+    source: str, rows: Sequence[int], columns: Sequence[str]
+) -> dict[int, bytes | None]:
+    """The image bytes of rows `rows` of parquet input file `source`, each row group read
+    once for all its rows (empty for other formats, a missing file or no image column)."""
     if not source.endswith(".parquet") or not storage.exists(source):
-        return None
+        return {}
     with storage.open_parquet(source) as pf:
         names = set(pf.schema_arrow.names)
         column = next((c for c in columns if c in names), None)
         if column is None:
-            return None
+            return {}
+        found: dict[int, bytes | None] = {}
         start = 0
         for g in range(pf.metadata.num_row_groups):
             n = pf.metadata.row_group(g).num_rows
-            if row < start + n:
-                value = pf.read_row_group(g, columns=[column]).column(0)[row - start].as_py()
-                return value if isinstance(value, bytes) else None
+            inside = sorted({r for r in rows if start <= r < start + n})
+            if inside:
+                values = pf.read_row_group(g, columns=[column]).column(0)
+                for r in inside:
+                    value = values[r - start].as_py()
+                    found[r] = value if isinstance(value, bytes) else None
             start += n
-    return None
+    return found
 
 
 def _rejected_cells(
@@ -308,11 +314,20 @@ def _rejected_cells(
         for rows in per_reason.values():
             if rows and len(picked) < _GRID_REJECTED:
                 picked.append(rows.pop(0))
+    by_source: dict[str, list[int]] = {}
+    for r in picked:
+        if r.get("source") and r.get("source_row") is not None:
+            by_source.setdefault(str(r["source"]), []).append(int(r["source_row"]))
+    images = {
+        (source, row): image
+        for source, rows in by_source.items()
+        for row, image in _source_images(source, rows, image_columns).items()
+    }
     cells = []
     for r in picked:
         image = None
         if r.get("source") and r.get("source_row") is not None:
-            image = _source_image(str(r["source"]), int(r["source_row"]), image_columns)
+            image = images.get((str(r["source"]), int(r["source_row"])))
         cells.append((_thumb(image), str(r.get("text") or ""), str(r["drop_reason"])))
     return cells
 
