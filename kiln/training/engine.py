@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import ipaddress
 import math
 import os
@@ -90,9 +91,42 @@ def import_deepspeed() -> ModuleType:
     set_runtime_env()
     import deepspeed
 
+    _patch_lazy_compile(deepspeed)
     _patch_scalar_broadcast(deepspeed)
     _patch_zero3_fp32_master(deepspeed)
     return deepspeed
+
+
+def _patch_lazy_compile(deepspeed: ModuleType) -> None:
+    """Make DeepSpeed's ``compiler.compile()`` decorator compile on first call, not at import.
+
+    ``deepspeed.initialize`` and ZeRO's gradient reduction import DeepSpeed's Muon optimizer
+    module (to check whether the optimizer is Muon), and that import runs ``torch.compile`` on
+    three kernels, which loads TorchInductor: 2.7 s of every rank's start on a CPU core, for an
+    optimizer kiln never uses. Muon is only that decorator's user; with the patch its kernels
+    are compiled by ``torch.compile`` when first run. Idempotent; must run before Muon's import.
+    """
+    compiler = deepspeed.runtime.compiler
+    if getattr(compiler.compile, "_kiln_lazy", False):
+        return
+
+    def compile() -> Any:
+        def decorate(fn: Any) -> Any:
+            compiled: Any = None
+
+            @functools.wraps(fn)
+            def run(*args: Any, **kwargs: Any) -> Any:
+                nonlocal compiled
+                if compiled is None:
+                    compiled = torch.compile(fn)
+                return compiled(*args, **kwargs)
+
+            return run
+
+        return decorate
+
+    compile._kiln_lazy = True  # type: ignore[attr-defined]
+    compiler.compile = compile
 
 
 def _patch_scalar_broadcast(deepspeed: ModuleType) -> None:
