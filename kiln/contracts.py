@@ -11,22 +11,28 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+import os
+import posixpath
+from typing import Annotated, Any, get_args, get_origin
 
 import fsspec
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo
 
 __all__ = [
     "MANIFEST_NAME",
-    "PATH_FIELD",
+    "PATH_BASE",
+    "PATH_NOTES",
     "SAMPLE_SCHEMA",
     "BalanceSidecars",
+    "CwdRelative",
     "DatasetManifest",
+    "RecipePath",
     "ShardInfo",
     "SidecarFile",
     "StrictModel",
+    "absolute_path",
     "binary_buffers",
     "canonical_json",
     "drop_reasons",
@@ -95,16 +101,84 @@ def drop_reasons() -> dict[str, str]:
 MANIFEST_NAME = "manifest.json"
 
 
-#: `json_schema_extra` of a config field holding a file path or URL: recipes resolve such
-#: fields to absolute paths before a job starts (Ray workers run elsewhere): a value written
-#: in a recipe file against the file's folder, any other (`--set`, a dict) against the cwd.
-PATH_FIELD: dict[str, Any] = {"kiln_path": True}
+#: The key of pydantic's validation context that holds the folder a `RecipePath` written
+#: relative resolves against (`model_validate(data, context={PATH_BASE: folder})`).
+PATH_BASE = "path_base"
+#: An optional key of that context: a list each resolved `RecipePath` appends
+#: `(field name, value as written, absolute path)` to (which paths an error may name).
+PATH_NOTES = "path_notes"
+
+
+class CwdRelative(str):
+    """A string typed on the command line (`--set a.b=c`): as a `RecipePath` it is relative
+    to the current directory, where the user typed it, not to the recipe file's folder.
+    Otherwise it is a plain `str` (validation turns it into one)."""
+
+    __slots__ = ()
+
+
+def absolute_path(value: str, base: str) -> str:
+    """`value` as an absolute local path (`~` expanded) against the folder `base`; URLs
+    (``s3://...``, ``file://...``: anything with ``://``) as they are. A relative path
+    against a URL `base` (a recipe on object storage) is a URL beside it."""
+    if "://" in value or not value:
+        return value
+    if "://" in base:
+        if value.startswith(("/", "~")):
+            return os.path.abspath(os.path.expanduser(value))
+        protocol, _, rest = base.partition("://")
+        return f"{protocol}://{posixpath.normpath(posixpath.join(rest, value))}"
+    return os.path.abspath(os.path.join(base, os.path.expanduser(value)))
+
+
+def _resolve_path(value: Any, info: ValidationInfo) -> Any:
+    """`RecipePath`'s validator: with `PATH_BASE` in the validation context, a relative
+    value comes back absolute against it (a `CwdRelative` one against the cwd); without
+    it, as it is (a config built in code keeps its values; `resolve_paths` resolves them
+    against the cwd before a job starts)."""
+    if not isinstance(value, str):
+        return value  # the str validation names what is wrong
+    context = info.context if isinstance(info.context, dict) else {}
+    base = context.get(PATH_BASE)
+    if base is None:
+        return str(value)
+    out = absolute_path(value, os.getcwd() if isinstance(value, CwdRelative) else str(base))
+    notes = context.get(PATH_NOTES)
+    if isinstance(notes, list) and out != value:
+        notes.append((info.field_name, str(value), out))
+    return out
+
+
+#: The type of a config field holding a file path or URL (also as `list[RecipePath]`,
+#: `dict[str, RecipePath]`, `RecipePath | None`). A relative value resolves itself during
+#: validation against the folder in the validation context (`PATH_BASE`): a recipe file's
+#: values against its folder, `--set` values (`CwdRelative`) and recipes built in code
+#: against the cwd, so Ray workers, which run elsewhere, see the same files. Its JSON schema
+#: says it is a path (`kiln_path`, which the recipe reference turns into a note).
+RecipePath = Annotated[
+    str, BeforeValidator(_resolve_path), Field(json_schema_extra={"kiln_path": True})
+]
+
+
+def _is_path_marker(meta: Any) -> bool:
+    return isinstance(meta, BeforeValidator) and meta.func is _resolve_path
+
+
+def _holds_path(annotation: Any) -> bool:
+    """True when `annotation` is `RecipePath` or has one inside (`list[RecipePath]`...)."""
+    args = get_args(annotation)
+    if get_origin(annotation) is Annotated and any(_is_path_marker(m) for m in args[1:]):
+        return True
+    return any(_holds_path(a) for a in args)
 
 
 def is_path_field(info: Any) -> bool:
-    """True when pydantic `FieldInfo` `info` was declared with `PATH_FIELD`."""
-    extra = getattr(info, "json_schema_extra", None)
-    return isinstance(extra, dict) and bool(extra.get("kiln_path"))
+    """True when pydantic `FieldInfo` `info` holds `RecipePath` values (itself, or inside a
+    list, a dict or an optional): what the recipe reference marks as a path."""
+    metadata = getattr(info, "metadata", ())
+    return any(_is_path_marker(m) for m in metadata) or _holds_path(
+        getattr(info, "annotation", None)
+    )
 
 
 def canonical_json(value: Any) -> str:

@@ -7,13 +7,14 @@ under `kiln.data_curation.stages` (re-exported here for the default plan's secti
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Literal
 
 import fsspec
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from kiln.contracts import PATH_FIELD, StrictModel
-from kiln.data_curation.plan import PlanStep, build_plan
+from kiln.contracts import PATH_BASE, RecipePath, StrictModel
+from kiln.data_curation.plan import PlanStep, build_plan, resolve_spec_paths
 from kiln.data_curation.stage import load_plugins
 from kiln.data_curation.stages.image import ImageConfig
 from kiln.data_curation.stages.metaclip_balance import BalanceConfig
@@ -90,10 +91,9 @@ class InputConfig(StrictModel):
     format: Literal["parquet", "jsonl", "csv", "webdataset", "synthetic"] = Field(
         description="how the pool is stored; synthetic generates the demo's procedural pool"
     )
-    paths: list[str] = Field(
+    paths: list[RecipePath] = Field(
         default_factory=list,
         description="files, folders or globs (any fsspec URL); for synthetic, the pool folder",
-        json_schema_extra=PATH_FIELD,
     )
     text_column: str = Field(default="text", description="column holding the caption")
     text_columns: list[str] | None = Field(
@@ -113,10 +113,9 @@ class InputConfig(StrictModel):
     image_column: str | None = Field(
         default=None, description="column holding the image bytes (parquet; webdataset: jpg...)"
     )
-    image_dir: str | None = Field(
+    image_dir: RecipePath | None = Field(
         default=None,
         description="csv/jsonl: folder the image_path_column is relative to",
-        json_schema_extra=PATH_FIELD,
     )
     image_path_column: str | None = Field(
         default=None, description="csv/jsonl: column holding each image's path under image_dir"
@@ -208,10 +207,9 @@ class ShardConfig(StrictModel):
     """WebDataset shard writing."""
 
     samples_per_shard: int = Field(default=1000, ge=1, description="samples per tar shard")
-    output: str | None = Field(
+    output: RecipePath | None = Field(
         default=None,
         description="dataset folder; default {run_dir}/dataset",
-        json_schema_extra=PATH_FIELD,
     )
 
 
@@ -300,6 +298,24 @@ class CurationConfig(StrictModel):
         default_factory=ExecutionConfig,
         description="parallelism knobs; results never depend on them",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_stage_paths(cls, data: Any, info: ValidationInfo) -> Any:
+        """Resolve the paths in `stages:` items, which stay dicts (a recipe's hash is over
+        them as written), with the context that resolves the recipe's own `RecipePath`
+        fields (`PATH_BASE`): each item's paths are its stage config's `RecipePath` fields,
+        so `plugins:` are loaded first (a bad one is reported by validation)."""
+        context = info.context
+        if not (isinstance(data, dict) and isinstance(context, dict) and PATH_BASE in context):
+            return data
+        if not data.get("stages"):
+            return data
+        plugins = data.get("plugins")
+        if isinstance(plugins, list):
+            with contextlib.suppress(ValueError, TypeError):
+                load_plugins([str(p) for p in plugins])
+        return {**data, "stages": resolve_spec_paths(data["stages"], context)}
 
     @field_validator("text", "image", mode="before")
     @classmethod

@@ -6,20 +6,25 @@ inserting a stage never renames the others) and `resources:`; every other key is
 stage's own config. Checks made here, before anything runs: the stage exists, its config
 validates (errors name the item, the field and the fix), step names are unique, and every
 column a stage needs is added by an earlier stage or the reader.
+
+A recipe keeps its `stages:` items as written (its hash is taken over them), so the paths
+in them (`RecipePath` fields of the stages' configs) are resolved in place by
+`resolve_spec_paths`, with the validation context that resolves the recipe's own paths.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from kiln.data_curation.stage import Stage, StageResources, get_stage
 
-__all__ = ["READER_COLUMNS", "PlanStep", "build_plan", "step_names"]
+__all__ = ["READER_COLUMNS", "PlanStep", "build_plan", "resolve_spec_paths", "step_names"]
 
 #: Columns every reader produces (the sample schema plus `source_row`).
 READER_COLUMNS = ("uid", "text", "url", "image", "width", "height", "source", "source_row")
@@ -115,6 +120,61 @@ def build_plan(specs: list[dict[str, Any]]) -> list[PlanStep]:
         earlier.append((stage.name, config))
         steps.append(PlanStep(name=name, stage=stage, config=config, resources=resources))
     return steps
+
+
+@functools.cache
+def _field_adapter(model: type[BaseModel], name: str) -> TypeAdapter[Any]:
+    """Validates one field of `model` on its own (its type, constraints and sections)."""
+    return TypeAdapter(model.model_fields[name].rebuild_annotation())
+
+
+def _take_resolved(written: Any, plain: Any, resolved: Any) -> Any:
+    """`written` with each string that validation with a path context changed (`resolved`
+    differs from `plain`, validated without one) replaced by its resolved form; every other
+    value as written. Markers of `--set` strings (`CwdRelative`) become plain strings."""
+    if isinstance(written, dict) and isinstance(plain, dict) and isinstance(resolved, dict):
+        return {k: _take_resolved(v, plain.get(k), resolved.get(k)) for k, v in written.items()}
+    if (
+        isinstance(written, list)
+        and isinstance(plain, list)
+        and isinstance(resolved, list)
+        and len(written) == len(plain) == len(resolved)
+    ):
+        return [_take_resolved(*values) for values in zip(written, plain, resolved, strict=True)]
+    if isinstance(written, str) and isinstance(resolved, str) and resolved != plain:
+        return resolved
+    return str(written) if isinstance(written, str) else written
+
+
+def resolve_spec_paths(specs: Any, context: dict[str, Any]) -> Any:
+    """`specs` (a `stages:` list as written) with the paths of each item resolved as
+    validating its stage's config with `context` (see `kiln.contracts.RecipePath`) resolves
+    them; every other value stays as written. Items and values that do not validate are
+    left as they are for `build_plan` to report. Stages of `plugins:` must be loaded first."""
+    if not isinstance(specs, list):
+        return specs
+    out: list[Any] = []
+    for raw in specs:
+        try:
+            stage = get_stage(raw["stage"])
+        except (KeyError, TypeError):  # not an item naming a known stage
+            out.append(raw)
+            continue
+        item = dict(raw)
+        for key, value in raw.items():
+            if key in _SPEC_KEYS or key not in stage.config.model_fields:
+                continue
+            adapter = _field_adapter(stage.config, key)
+            try:
+                plain = adapter.dump_python(adapter.validate_python(value), mode="json")
+                resolved = adapter.dump_python(
+                    adapter.validate_python(value, context=context), mode="json"
+                )
+            except ValidationError:
+                continue
+            item[key] = _take_resolved(value, plain, resolved)
+        out.append(item)
+    return out
 
 
 def step_names(plan: list[PlanStep]) -> list[str]:

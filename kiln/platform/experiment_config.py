@@ -22,9 +22,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from kiln.contracts import PATH_FIELD, StrictModel
+from kiln.contracts import PATH_BASE, RecipePath, StrictModel
 from kiln.data_curation.config import SyntheticPoolConfig
-from kiln.platform.recipes import RayConfig, RecipeError, apply_overrides, resolve_recipe_data
+from kiln.data_curation.plan import resolve_spec_paths
+from kiln.platform.recipes import RayConfig, RecipeError, apply_overrides
 
 __all__ = [
     "ArmConfig",
@@ -44,10 +45,9 @@ _VARIABLES = ("run_dir", "pool", "filter")
 class TrainRef(StrictModel):
     """The train recipe every arm (and the filter model) trains with."""
 
-    recipe: str = Field(
+    recipe: RecipePath = Field(
         description="a `kind: train` recipe file; each arm's run_dir, dataset and eval sets "
         "are set by the experiment",
-        json_schema_extra=PATH_FIELD,
     )
     set: list[str] = Field(
         default_factory=list,
@@ -102,10 +102,9 @@ class ExperimentRecipe(StrictModel):
 
     kind: Literal["experiment"] = Field(description="the kind of job")
     name: str = Field(min_length=1, description="the experiment's name")
-    run_dir: str = Field(
+    run_dir: RecipePath = Field(
         min_length=1,
         description="folder for the pool, the filter model, each arm and the comparison",
-        json_schema_extra=PATH_FIELD,
     )
     pool: SyntheticPoolConfig = Field(
         description="the synthetic pool every arm curates (`plant:` gives the ground truth "
@@ -196,8 +195,12 @@ def _describe(error: Any, source: str) -> str:
     return f"{source}: field {dotted!r} is invalid: {msg}; fix it in the recipe or --set it"
 
 
-def parse_experiment(data: Any, *, source: str = "experiment") -> ExperimentRecipe:
-    """Validate an experiment dict; errors name the field and the fix."""
+def parse_experiment(
+    data: Any, *, source: str = "experiment", base: str | None = None
+) -> ExperimentRecipe:
+    """Validate an experiment dict; errors name the field and the fix. With `base` (a
+    folder), `run_dir` and `train.recipe` come back absolute against it (`--set` values
+    against the cwd), as `parse_recipe` does."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: an experiment is a YAML mapping, got {type(data).__name__}")
     if data.get("kind") != "experiment":
@@ -206,7 +209,9 @@ def parse_experiment(data: Any, *, source: str = "experiment") -> ExperimentReci
             "`kind: experiment` recipes (run curate / train / eval recipes with their verbs)"
         )
     try:
-        return ExperimentRecipe.model_validate(data)
+        return ExperimentRecipe.model_validate(
+            data, context=None if base is None else {PATH_BASE: base}
+        )
     except ValidationError as e:
         raise RecipeError("\n".join(_describe(err, source) for err in e.errors())) from None
 
@@ -223,27 +228,13 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     except yaml.YAMLError as e:
         raise RecipeError(f"{p}: not valid YAML: {e}") from None
     folder = os.path.dirname(os.path.abspath(p))
-
-    def absolute(value: Any, base: str) -> Any:
-        if not isinstance(value, str) or not value or "://" in value:
-            return value
-        return os.path.abspath(os.path.join(base, os.path.expanduser(value)))
-
-    if isinstance(data, dict):
-        data["run_dir"] = absolute(data.get("run_dir"), folder)
-        if isinstance(data.get("train"), dict):
-            data["train"]["recipe"] = absolute(data["train"].get("recipe"), folder)
-        if overrides:
-            data = apply_overrides(data, overrides)
-            data["run_dir"] = absolute(data.get("run_dir"), os.getcwd())
-            if isinstance(data.get("train"), dict):
-                data["train"]["recipe"] = absolute(data["train"].get("recipe"), os.getcwd())
-    recipe = parse_experiment(data, source=str(p))
+    if isinstance(data, dict) and overrides:
+        data = apply_overrides(data, overrides)
+    recipe = parse_experiment(data, source=str(p), base=folder)
     values = variables(recipe.run_dir)
 
     def plan(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        doc = {"kind": "curate", "stages": substitute(stages, values)}
-        return list(resolve_recipe_data(doc, folder)["stages"])
+        return list(resolve_spec_paths(substitute(stages, values), {PATH_BASE: folder}))
 
     arms = [a.model_copy(update={"stages": plan(a.stages)}) for a in recipe.arms]
     filt = recipe.filter

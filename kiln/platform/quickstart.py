@@ -22,8 +22,8 @@ from kiln.platform.recipes import (
     CurateRecipe,
     TrainRecipe,
     apply_overrides,
+    load_recipe,
     parse_recipe,
-    read_recipe_file,
 )
 from kiln.platform.report import html_table, render_report, run_sections, svg_lines
 from kiln.platform.runs import read_status
@@ -64,7 +64,8 @@ def _load(name: str, root: str, overrides: list[str]) -> Any:
     recipes = find_recipes_dir()
     path = recipes / "quickstart" / f"{name}.yaml"
     default_root = str(recipes.parent / _DEFAULT_ROOT)  # the files' paths, made absolute
-    data = _rebase(read_recipe_file(path), default_root, os.path.abspath(root))
+    resolved = load_recipe(path).model_dump(mode="json")  # its paths absolute, as it runs
+    data = _rebase(resolved, default_root, os.path.abspath(root))
     return parse_recipe(apply_overrides(data, overrides), source=str(path))
 
 

@@ -295,11 +295,20 @@ def _stage_item_type() -> Any:
     return typing.Annotated[Union[tuple(items)], Field(discriminator="stage")]  # noqa: UP007
 
 
+def _pop_path_mark(node: dict[str, Any]) -> bool:
+    """Remove `RecipePath`'s `kiln_path` mark from a field's schema `node` and from the
+    schemas of its values (`items` of a list, `additionalProperties` of a map, `anyOf` of
+    an optional): True when there was one (the field holds paths)."""
+    inner = [node.get("items"), node.get("additionalProperties"), *node.get("anyOf", ())]
+    found = [_pop_path_mark(n) for n in inner if isinstance(n, dict)]
+    return bool(node.pop("kiln_path", False)) or any(found)
+
+
 def _patch(node: Any) -> None:
     """Turn kiln's markers into what editors show: a path field's note in its description;
     no misleading class defaults for fields a model flavor sets."""
     if isinstance(node, dict):
-        if node.pop("kiln_path", False):
+        if _pop_path_mark(node):
             node["description"] = f"{node.get('description', '')} ({_PATH_NOTE})".strip()
         for value in node.values():
             _patch(value)

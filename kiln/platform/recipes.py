@@ -4,6 +4,11 @@ A recipe is one job: `kind` (curate | train | eval), `name`, `run_dir`, `resourc
 and the kind's own config sections. The same file runs locally or, later, on a cluster.
 Every mistake in a recipe is reported as a `RecipeError` that names the field, the value
 and the fix (for an unknown field: the closest valid name), never as a traceback.
+
+Paths are `kiln.contracts.RecipePath` fields, which resolve themselves while a recipe is
+validated: `load_recipe` validates a file's recipe against the file's folder, and marks
+`--set` values (`CwdRelative`) so they resolve against the current directory;
+`resolve_paths` resolves a recipe built in code against the current directory.
 """
 
 from __future__ import annotations
@@ -12,15 +17,21 @@ import contextlib
 import difflib
 import json
 import os
-import posixpath
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, model_validator
 
-from kiln.contracts import PATH_FIELD, StrictModel, is_path_field, json_sha256
+from kiln.contracts import (
+    PATH_BASE,
+    PATH_NOTES,
+    CwdRelative,
+    RecipePath,
+    StrictModel,
+    absolute_path,
+    json_sha256,
+)
 from kiln.data_curation.config import CurationConfig
 from kiln.resource_fit import RAY_START_TIMEOUT_S
 from kiln.training.config import EvalConfig, Launcher, Placement, TrainConfig
@@ -43,7 +54,6 @@ __all__ = [
     "read_recipe_file",
     "recipe_hash",
     "resolve_paths",
-    "resolve_recipe_data",
     "show_recipe",
 ]
 
@@ -120,10 +130,9 @@ class RayConfig(StrictModel):
 
 class _JobFields(StrictModel):
     name: str = Field(min_length=1, description="the job's name (shown by `kiln runs`)")
-    run_dir: str = Field(
+    run_dir: RecipePath = Field(
         min_length=1,
         description="folder the job writes its outputs, recipe and status.json to",
-        json_schema_extra=PATH_FIELD,
     )
     resources: Resources = Field(
         default_factory=Resources, description="training ranks and how they start"
@@ -156,10 +165,9 @@ class EvalRecipe(_JobFields):
     """`kind: eval`: evaluate a checkpoint (a train run dir, a model.pt or an export)."""
 
     kind: Literal["eval"] = Field(description="the kind of job")
-    checkpoint: str = Field(
+    checkpoint: RecipePath = Field(
         description="a train run dir (its latest checkpoint), a checkpoint folder, a model.pt "
         "or a .safetensors file from `kiln export`",
-        json_schema_extra=PATH_FIELD,
     )
     eval: EvalConfig = Field(default_factory=EvalConfig, description="what to evaluate on")
 
@@ -181,8 +189,21 @@ def _parse_value(raw: str) -> Any:
         return raw
 
 
+def _typed_here(value: Any) -> Any:
+    """A `--set` value with each string in it marked `CwdRelative`: as a path, it is
+    relative to the directory the command was typed in."""
+    if isinstance(value, str):
+        return CwdRelative(value)
+    if isinstance(value, list):
+        return [_typed_here(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _typed_here(v) for k, v in value.items()}
+    return value
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b=c` overrides to a nested dict (a copy); unknown keys are caught by validation."""
+    """Apply `a.b=c` overrides to a nested dict (a copy); unknown keys are caught by
+    validation. The strings they set are `CwdRelative` (paths relative to the cwd)."""
     out = json.loads(json.dumps(data))
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -209,7 +230,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 f"override {item!r}: {'.'.join(parts[:-1])!r} is a list: name one of its "
                 "items, e.g. --set stages.metaclip_balance.t=50"
             )
-        node[parts[-1]] = _parse_value(raw)
+        node[parts[-1]] = _typed_here(_parse_value(raw))
     return out
 
 
@@ -298,8 +319,12 @@ def _describe(error: Any, kind: str, source: str) -> str:
     )
 
 
-def parse_recipe(data: Any, *, source: str = "recipe") -> CurateRecipe | TrainRecipe | EvalRecipe:
-    """Validate a recipe dict; `source` (a path) prefixes every error message."""
+def parse_recipe(
+    data: Any, *, source: str = "recipe", base: str | None = None
+) -> CurateRecipe | TrainRecipe | EvalRecipe:
+    """Validate a recipe dict; `source` (a path) prefixes every error message. With `base`
+    (a folder), relative paths come back absolute against it (`CwdRelative` ones, from
+    `--set`, against the cwd); without it, as they are (see `resolve_paths`)."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a YAML mapping, got {type(data).__name__}")
     kind = data.get("kind")
@@ -311,17 +336,19 @@ def parse_recipe(data: Any, *, source: str = "recipe") -> CurateRecipe | TrainRe
             f"set kind to one of {', '.join(_KINDS)}"
         )
     try:
-        return _RECIPE_ADAPTER.validate_python(data)
+        return _RECIPE_ADAPTER.validate_python(
+            data, context=None if base is None else {PATH_BASE: base}
+        )
     except ValidationError as e:
         lines = [_describe(err, kind, source) for err in e.errors()]
         raise RecipeError("\n".join(lines)) from None
 
 
-def read_recipe_file(path: str | Path) -> Any:
-    """A recipe file's YAML, with each relative path it writes made absolute against the
-    file's folder (so a recipe runs the same from any directory). `path` may be a URL
-    (``s3://bucket/recipes/train.yaml``): its relative paths then resolve against the
-    URL's folder."""
+def read_recipe_file(path: str | Path) -> tuple[Any, str]:
+    """A recipe file's YAML as written, and the folder its relative paths are relative to
+    (so a recipe runs the same from any directory). `path` may be a URL
+    (``s3://bucket/recipes/train.yaml``): its relative paths then resolve against the URL's
+    folder."""
     from kiln import storage
 
     text: str | None
@@ -335,12 +362,9 @@ def read_recipe_file(path: str | Path) -> Any:
     if text is None:
         raise RecipeError(f"recipe file {str(path)!r} does not exist: check the path")
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text), folder
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {e}") from None
-    if isinstance(data, dict):
-        _resolve_data(data, _against(folder))
-    return data
 
 
 def load_recipe(
@@ -348,121 +372,40 @@ def load_recipe(
 ) -> CurateRecipe | TrainRecipe | EvalRecipe:
     """Read a YAML recipe, apply `--set` overrides, validate; paths come back absolute:
     the file's against its folder, the overrides' against the current directory."""
-    data = read_recipe_file(path)
+    data, folder = read_recipe_file(path)
     if isinstance(data, dict) and overrides:
         data = apply_overrides(data, overrides)
-        _resolve_data(data, _against(os.getcwd()))  # what is still relative came from --set
     try:
-        return parse_recipe(data, source=str(path))
+        return parse_recipe(data, source=str(path), base=folder)
     except RecipeError as e:
         raise RecipeError(missing_path_hint(str(e), path, overrides)) from None
-
-
-def _absolute(value: str, base: str) -> str:
-    """`value` as an absolute local path (`~` expanded) against `base`; URLs as they are. A
-    relative path against a URL `base` (a recipe on object storage) is a URL beside it."""
-    if "://" in value or not value:
-        return value
-    if "://" in base:
-        if value.startswith(("/", "~")):
-            return os.path.abspath(os.path.expanduser(value))
-        protocol, _, rest = base.partition("://")
-        return f"{protocol}://{posixpath.normpath(posixpath.join(rest, value))}"
-    return os.path.abspath(os.path.join(base, os.path.expanduser(value)))
-
-
-def _section_model(annotation: Any) -> type[BaseModel] | None:
-    """The one config model inside a field's annotation (`Section`, `Section | None`)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    models = [a for a in getattr(annotation, "__args__", ()) if isinstance(a, type)]
-    models = [a for a in models if issubclass(a, BaseModel)]
-    return models[0] if len(models) == 1 else None
-
-
-def _stage_config(spec: Any) -> type[BaseModel] | None:
-    """The config model of a `stages:` item's stage (None when it names no known stage:
-    validation reports that)."""
-    from kiln.data_curation.stage import get_stage
-
-    if not isinstance(spec, dict) or not isinstance(spec.get("stage"), str):
-        return None
-    try:
-        return get_stage(spec["stage"]).config
-    except KeyError:
-        return None
-
-
-def _resolve_tree(
-    data: dict[str, Any], model: type[BaseModel], fix: Callable[[str, str], str], where: str = ""
-) -> None:
-    """Replace each path value (`is_path_field`) in `data`, a recipe or section as a dict of
-    `model`, by `fix(dotted field, value)`, in place: strings, lists of them, and maps of
-    them (e.g. language -> entries file). Works on a recipe as written (partial, maybe
-    invalid: what does not fit is left for validation to report) and on a dumped one."""
-    for name, info in model.model_fields.items():
-        value = data.get(name)
-        at = f"{where}{name}"
-        if value is None:
-            continue
-        if is_path_field(info):
-            if isinstance(value, str):
-                data[name] = fix(at, value)
-            elif isinstance(value, list):
-                data[name] = [fix(at, v) if isinstance(v, str) else v for v in value]
-            elif isinstance(value, dict):
-                data[name] = {
-                    k: fix(f"{at}.{k}", v) if isinstance(v, str) else v for k, v in value.items()
-                }
-        elif name == "stages" and issubclass(model, CurationConfig) and isinstance(value, list):
-            for i, spec in enumerate(value):
-                config = _stage_config(spec)
-                if config is not None:
-                    _resolve_tree(spec, config, fix, f"{at}.{i}.")
-        elif isinstance(value, dict):
-            section = _section_model(info.annotation)
-            if section is not None:
-                _resolve_tree(value, section, fix, f"{at}.")
-
-
-def _resolve_data(data: dict[str, Any], fix: Callable[[str, str], str]) -> None:
-    """`_resolve_tree` of a recipe dict (of any kind; an unknown kind is left as it is)."""
-    model = _KINDS.get(str(data.get("kind")))
-    if model is None:
-        return
-    plugins = data.get("plugins")
-    if model is CurateRecipe and isinstance(plugins, list) and data.get("stages"):
-        from kiln.data_curation.stage import load_plugins
-
-        with contextlib.suppress(ValueError, TypeError):  # validation names a bad plugin
-            load_plugins([str(p) for p in plugins])
-    _resolve_tree(data, model, fix)
-
-
-def _against(base: str) -> Callable[[str, str], str]:
-    return lambda _field, value: _absolute(value, base)
-
-
-def resolve_recipe_data(data: dict[str, Any], base: str) -> dict[str, Any]:
-    """A recipe dict (not yet validated) with each relative path made absolute against the
-    folder `base`, as `read_recipe_file` does for a file (for recipes built in code, e.g.
-    the arms of `kiln experiment`, whose paths are relative to the experiment's file)."""
-    out = json.loads(json.dumps(data))
-    _resolve_data(out, _against(base))
-    return out
 
 
 def resolve_paths(recipe: R) -> R:
     """The recipe with every relative path made absolute against the current directory.
 
-    `load_recipe` has already resolved what the recipe file wrote (against its folder), so
-    what is left relative here came from `--set` or from a recipe given as a dict or
-    object. Ray workers run in Ray's own session folder; resolving once, up front, means
-    every process sees the same files.
+    `load_recipe` has already resolved what the recipe file wrote (against its folder) and
+    the `--set` values (against the cwd), so what is left relative here came from a recipe
+    given as a dict or object. Ray workers run in Ray's own session folder; resolving once,
+    up front, means every process sees the same files.
     """
     data = recipe.model_dump(mode="json")
-    _resolve_tree(data, type(recipe), _against(os.getcwd()))
-    return type(recipe).model_validate(data)
+    return type(recipe).model_validate(data, context={PATH_BASE: os.getcwd()})
+
+
+def _written_at(node: Any, name: str, value: str, at: tuple[str | int, ...] = ()) -> list[str]:
+    """Where in `node` (a recipe as written) the path field `name` holds `value`, dotted:
+    `input.image_dir`, `stages.1.entries`, `stages.2.entries.en` (a map's entry); a list's
+    items are named by their field (`input.paths`)."""
+    if isinstance(node, dict):
+        return [w for k, v in node.items() for w in _written_at(v, name, value, (*at, str(k)))]
+    if isinstance(node, list):
+        return [w for i, v in enumerate(node) for w in _written_at(v, name, value, (*at, i))]
+    if node != value or name not in at:
+        return []
+    i = len(at) - 1 - at[::-1].index(name)
+    key = [p for p in at[i + 1 : i + 2] if isinstance(p, str)]
+    return [".".join(str(p) for p in (*at[: i + 1], *key))]
 
 
 def missing_path_hint(
@@ -475,32 +418,30 @@ def missing_path_hint(
     found: list[str] = []
     if recipe_file and os.path.isfile(recipe_file):
         folder = os.path.dirname(os.path.abspath(recipe_file))
-        relative: list[tuple[str, str]] = []
-
-        def note(field: str, value: str) -> str:
-            if not os.path.isabs(os.path.expanduser(value)) and "://" not in value:
-                relative.append((field, value))
-            return value
-
+        data: Any = None
+        notes: list[tuple[str, str, str]] = []  # (field name, as written, resolved)
         with contextlib.suppress(Exception):  # a hint only: never the error itself
             data = yaml.safe_load(Path(recipe_file).read_text())
-            if isinstance(data, dict):
-                _resolve_data(data, note)
-        for field, value in relative:
-            if _absolute(value, folder) in message:
-                found.append(
+            if isinstance(data, dict) and data.get("kind") in _KINDS:
+                context = {PATH_BASE: folder, PATH_NOTES: notes}
+                _RECIPE_ADAPTER.validate_python(data, context=context)
+        for name, value, resolved in dict.fromkeys(notes):
+            if resolved in message:
+                found += [
                     f"{field}: {value!r} in {recipe_file} is resolved against the recipe's "
                     f"folder {folder}"
-                )
+                    for field in _written_at(data, name, value)
+                ]
     for item in overrides or []:
         key, _, raw = item.partition("=")
         values = _parse_value(raw)
         for value in values if isinstance(values, list) else [values]:
             is_relative = isinstance(value, str) and not os.path.isabs(value) and "://" not in value
-            if is_relative and value and _absolute(value, cwd) in message:
+            if is_relative and value and absolute_path(value, cwd) in message:
                 found.append(
                     f"--set {key}: {value!r} is resolved against the current directory {cwd}"
                 )
+    found = list(dict.fromkeys(found))
     return message if not found else message + "\n(" + "; ".join(found) + ")"
 
 

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from kiln.contracts import PATH_FIELD, StrictModel
+from kiln.contracts import RecipePath, StrictModel
 from kiln.models.config import ModelConfig
 from kiln.training.objectives.config import OBJECTIVE_ARCHS, ObjectiveConfig
 
@@ -73,9 +73,8 @@ class DataBalanceConfig(StrictModel):
 class DataConfig(StrictModel):
     """The WebDataset loader: what it reads and how it orders samples."""
 
-    dataset: str = Field(
+    dataset: RecipePath = Field(
         description="folder holding manifest.json (output of `kiln curate`)",
-        json_schema_extra=PATH_FIELD,
     )
     batch_size: int = Field(default=32, ge=1, description="samples per rank per micro-step")
     num_workers: int = Field(default=1, ge=0, description="DataLoader worker processes per rank")
@@ -199,15 +198,13 @@ class CheckpointConfig(StrictModel):
 class EvalConfig(StrictModel):
     """Evaluation after training (and with `kiln eval`)."""
 
-    zero_shot: str | None = Field(
+    zero_shot: RecipePath | None = Field(
         default=None,
         description="folder of a labelled eval set (manifest.json + zero_shot.json)",
-        json_schema_extra=PATH_FIELD,
     )
-    retrieval: str | None = Field(
+    retrieval: RecipePath | None = Field(
         default=None,
         description="dataset folder for image-text retrieval recall@k",
-        json_schema_extra=PATH_FIELD,
     )
     recall_k: list[int] = Field(
         default_factory=lambda: [1, 5, 10], description="k of each retrieval recall@k reported"

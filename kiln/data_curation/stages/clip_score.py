@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from kiln.contracts import PATH_FIELD, StrictModel
+from kiln.contracts import RecipePath, StrictModel
 from kiln.data_curation.embeddings import (
     BAD_EMBEDDING,
     IMAGE_EMBEDDING,
@@ -65,10 +65,9 @@ class ClipScoreConfig(StrictModel):
         le=1.0,
         description="keep the top fraction of the pool by score (DataComp's rule, ties kept)",
     )
-    uids_out: str | None = Field(
+    uids_out: RecipePath | None = Field(
         default=None,
         description="write the kept uids here as a sorted u8,u8 .npy (DataComp's format)",
-        json_schema_extra=PATH_FIELD,
     )
 
     @model_validator(mode="after")

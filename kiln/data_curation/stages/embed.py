@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from kiln import storage
-from kiln.contracts import PATH_FIELD, StrictModel
+from kiln.contracts import RecipePath, StrictModel
 from kiln.data_curation.embeddings import (
     BAD_EMBEDDING,
     IMAGE_EMBEDDING,
@@ -77,9 +77,8 @@ _BAD_IMAGE = "bad_image"
 class PrecomputedConfig(StrictModel):
     """Embeddings made elsewhere: parquet files with a uid column and embedding columns."""
 
-    paths: list[str] = Field(
+    paths: list[RecipePath] = Field(
         description="parquet files, folders or globs holding the embeddings (any fsspec URL)",
-        json_schema_extra=PATH_FIELD,
     )
     uid_column: str = Field(default="uid", description="the column holding the pool's uids")
     image_column: str | None = Field(
@@ -107,11 +106,10 @@ class PrecomputedConfig(StrictModel):
 class EmbedConfig(StrictModel):
     """Image and text embeddings from a kiln checkpoint, or precomputed ones."""
 
-    model: str | None = Field(
+    model: RecipePath | None = Field(
         default=None,
         description="a kiln checkpoint: train run dir, checkpoint folder, model.pt or "
         "exported .safetensors",
-        json_schema_extra=PATH_FIELD,
     )
     step: int | None = Field(
         default=None, ge=0, description="checkpoint step of a run dir (None: the latest)"

@@ -38,7 +38,7 @@ from kiln.balancing import (
     uniform_draw,
     uniform_draws,
 )
-from kiln.contracts import PATH_FIELD, StrictModel
+from kiln.contracts import RecipePath, StrictModel
 from kiln.data_curation.matching import load_entries
 from kiln.data_curation.stage import FitApplyStage, register
 from kiln.data_curation.stages import alive_mask, mark_dropped, replace_column
@@ -75,11 +75,10 @@ class BalanceConfig(StrictModel):
         "every epoch, as MetaCLIP 1.2 stores it)",
     )
     seed: int = Field(default=0, description="seed of the balancing draws")
-    entries: str | None = Field(
+    entries: RecipePath | None = Field(
         default=None,
         description="entries file the captions were matched against (default: the plan's "
         "metaclip_match entries); draws are keyed by the entry strings",
-        json_schema_extra=PATH_FIELD,
     )
 
 

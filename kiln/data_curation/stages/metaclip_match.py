@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from kiln.contracts import PATH_FIELD, StrictModel, require_file, sha256_hex
+from kiln.contracts import RecipePath, StrictModel, require_file, sha256_hex
 from kiln.data_curation.matching import EntryMatcher, load_entries, unmatchable_entries
 from kiln.data_curation.stage import MapStage, register
 from kiln.data_curation.stages import alive_mask, replace_column
@@ -38,9 +38,8 @@ class MatchConfig(StrictModel):
         "normalize); only decides which entries are reported as unmatchable",
     )
 
-    entries: str = Field(
+    entries: RecipePath = Field(
         description="text file, one metadata entry per line (any fsspec URL)",
-        json_schema_extra=PATH_FIELD,
     )
 
 

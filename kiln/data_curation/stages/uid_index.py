@@ -24,7 +24,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from kiln import storage
-from kiln.contracts import PATH_FIELD, StrictModel, require_file
+from kiln.contracts import RecipePath, StrictModel, require_file
 from kiln.data_curation.stage import MapStage, register
 from kiln.data_curation.stages import alive_mask, mark_dropped
 
@@ -98,9 +98,8 @@ def in_index(pairs: np.ndarray, index: np.ndarray) -> np.ndarray:
 class UidIndexConfig(StrictModel):
     """Keep (or drop) the rows whose uid is in a DataComp-style uid index file."""
 
-    path: str = Field(
+    path: RecipePath = Field(
         description="the .npy index file (dtype u8,u8, e.g. a DFN or DataComp subset)",
-        json_schema_extra=PATH_FIELD,
     )
     keep: bool = Field(
         default=True,

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
-from kiln.contracts import PATH_FIELD, StrictModel
+from kiln.contracts import RecipePath, StrictModel
 from kiln.data_curation.matching import load_entries
 from kiln.data_curation.stage import FitApplyStage, register
 from kiln.data_curation.stages import alive_mask, replace_column
@@ -161,11 +161,10 @@ class WorldwideBalanceConfig(StrictModel):
         default="en", description="the language whose t is given (MetaCLIP 2: en, t_en)"
     )
     seed: int = Field(default=0, description="seed of the keep/drop draws")
-    entries: dict[str, str] | None = Field(
+    entries: dict[str, RecipePath] | None = Field(
         default=None,
         description="the language -> entries map the captions were matched with (default: "
         "the plan's worldwide_match entries)",
-        json_schema_extra=PATH_FIELD,
     )
 
     @model_validator(mode="after")

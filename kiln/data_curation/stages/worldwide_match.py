@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
-from kiln.contracts import PATH_FIELD, StrictModel, require_file, sha256_hex
+from kiln.contracts import RecipePath, StrictModel, require_file, sha256_hex
 from kiln.data_curation.matching import (
     EntryMatcher,
     NoSpaceMatcher,
@@ -65,10 +65,9 @@ def check_language(code: str, where: str) -> None:
 class WorldwideMatchConfig(StrictModel):
     """MetaCLIP 2 matching: one entry list per language, the no-space rule."""
 
-    entries: dict[str, str] = Field(
+    entries: dict[str, RecipePath] = Field(
         description="language code (as the language stage gives it: en, de, zh, ...) -> "
         "entries file (any fsspec URL)",
-        json_schema_extra=PATH_FIELD,
     )
     fallback: str | None = Field(
         default=None,
