@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from kiln.contracts import PATH_NOTES
 from kiln.data_curation.stage import Stage, StageResources, get_stage
 
 __all__ = ["READER_COLUMNS", "PlanStep", "build_plan", "resolve_spec_paths", "step_names"]
@@ -153,6 +154,7 @@ def resolve_spec_paths(specs: Any, context: dict[str, Any]) -> Any:
     left as they are for `build_plan` to report. Stages of `plugins:` must be loaded first."""
     if not isinstance(specs, list):
         return specs
+    notes = context.get(PATH_NOTES)
     out: list[Any] = []
     for raw in specs:
         try:
@@ -165,14 +167,17 @@ def resolve_spec_paths(specs: Any, context: dict[str, Any]) -> Any:
             if key in _SPEC_KEYS or key not in stage.config.model_fields:
                 continue
             adapter = _field_adapter(stage.config, key)
+            field_context = {**context, PATH_NOTES: []}
             try:
                 plain = adapter.dump_python(adapter.validate_python(value), mode="json")
                 resolved = adapter.dump_python(
-                    adapter.validate_python(value, context=context), mode="json"
+                    adapter.validate_python(value, context=field_context), mode="json"
                 )
             except ValidationError:
                 continue
             item[key] = _take_resolved(value, plain, resolved)
+            if isinstance(notes, list):  # a field validated on its own has no name: its key
+                notes += [(name or key, *rest) for name, *rest in field_context[PATH_NOTES]]
         out.append(item)
     return out
 
