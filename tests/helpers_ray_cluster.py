@@ -29,7 +29,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ import psutil
 
 from kiln.training.launch import free_port
 
-__all__ = ["LOOPBACK", "NODE_CPUS", "LoopbackCluster", "loopback_cluster"]
+__all__ = ["LOOPBACK", "NODE_CPUS", "LoopbackCluster"]
 
 LOOPBACK = "127.0.0.1"
 NODE_CPUS = 2
@@ -171,7 +170,9 @@ class LoopbackCluster:
 
     def stop(self, grace_s: float = 20.0) -> None:
         """SIGTERM each node (worker first; `ray start --block` then stops its own
-        processes), SIGKILL its session if it has not exited within `grace_s`."""
+        processes), SIGKILL its session if it has not exited within `grace_s`. Idempotent."""
+        if not self.procs:
+            return
         for p in reversed(self.procs):
             with contextlib.suppress(ProcessLookupError):
                 p.send_signal(signal.SIGTERM)
@@ -181,20 +182,9 @@ class LoopbackCluster:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+        self.procs.clear()
         time.sleep(1)  # let raylets reap their workers
         shutil.rmtree(self.temp, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def loopback_cluster(root: Path) -> Iterator[tuple[LoopbackCluster, list[dict[str, Any]]]]:
-    """A started `LoopbackCluster` and its nodes, stopped at the end of the block."""
-    root.mkdir(parents=True, exist_ok=True)
-    cluster = LoopbackCluster(root)
-    try:
-        nodes = cluster.start()
-        yield cluster, nodes
-    finally:
-        cluster.stop()
 
 
 def _worker_node(address: str, temp_dir: str, resources: str) -> None:

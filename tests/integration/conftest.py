@@ -1,16 +1,22 @@
-"""Integration fixtures: one embedded Ray per test session, bound to 127.0.0.1 only; the
-short reference run that restarted and multi-node runs are compared with."""
+"""Integration fixtures: one embedded Ray per test session, bound to 127.0.0.1 only; one
+two-node Ray cluster for the tests that need a real cluster; the short reference run that
+restarted and multi-node runs are compared with."""
 
 from __future__ import annotations
 
 import json
+import os
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from kiln.platform.ray_cluster import start_ray
 from tests.helpers_datasets import write_tiny_dataset
+from tests.helpers_ray_cluster import LoopbackCluster
 from tests.helpers_training import SHORT_RUN_STEPS, short_run_config
 
 
@@ -28,6 +34,61 @@ def ray_session() -> Iterator[None]:
     finally:
         if started:
             ray.shutdown()
+
+
+TWO_NODE_CLUSTER = "two_node_cluster"
+
+
+class _ClusterUse:
+    """How many collected tests still need the two-node cluster, the cluster once up, and
+    the thread that stops it."""
+
+    left = 0
+    cluster: LoopbackCluster | None = None
+    stopping: threading.Thread | None = None
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    _ClusterUse.left = sum(
+        TWO_NODE_CLUSTER in getattr(i, "fixturenames", ()) for i in session.items
+    )
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Stop the two-node cluster after the last test that uses it, not at the session's
+    end (idle, its nodes would still take CPU from every test after it), in a thread: its
+    nodes wind down their workers for up to ~20 s, mostly waiting, while the next tests
+    run. The fixture's teardown waits for that thread."""
+    if TWO_NODE_CLUSTER not in getattr(item, "fixturenames", ()):
+        return
+    _ClusterUse.left -= 1
+    cluster = _ClusterUse.cluster
+    if _ClusterUse.left <= 0 and cluster is not None and _ClusterUse.stopping is None:
+        _ClusterUse.stopping = threading.Thread(target=cluster.stop, name="stop-two-node-cluster")
+        _ClusterUse.stopping.start()
+
+
+@pytest.fixture(scope="session")
+def two_node_cluster(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[LoopbackCluster, list[dict[str, Any]]]]:
+    """A started two-node loopback cluster (`tests.helpers_ray_cluster`) and its nodes,
+    shared by the tests that need one (starting one takes ~15 s). Its `env` is what a
+    `kiln` client needs: the auth token, KILN_ADDRESS (the dashboard, where jobs are
+    submitted), and this venv's `python` first on PATH, as a cluster image would have."""
+    cluster = LoopbackCluster(tmp_path_factory.mktemp("two-node-cluster"))
+    path = cluster.env.get("PATH", "")
+    cluster.env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{path}"
+    try:
+        nodes = cluster.start()
+        cluster.env["KILN_ADDRESS"] = cluster.dashboard_url
+        _ClusterUse.cluster = cluster
+        yield cluster, nodes
+    finally:
+        if _ClusterUse.stopping is not None:
+            _ClusterUse.stopping.join()
+        _ClusterUse.cluster = _ClusterUse.stopping = None
+        cluster.stop()  # a no-op once stopped
 
 
 @pytest.fixture(scope="session")

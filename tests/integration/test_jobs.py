@@ -1,6 +1,7 @@
 """Jobs on a real Ray cluster: `kiln submit | status | logs | stop | jobs` end to end.
 
-One two-node cluster on 127.0.0.1 for the module (`tests.helpers_ray_cluster`: a `ray start
+One two-node cluster on 127.0.0.1 (the session's `two_node_cluster`, shared with
+tests/integration/test_multinode.py; `tests.helpers_ray_cluster`: a `ray start
 --head --block` with its own temp dir, ports and dashboard, plus a worker node; both ended
 by pid, never `ray stop`). The cluster's PATH has this venv's `python` first, as a cluster
 image would, and the jobs find kiln only because its code travels in the runtime env.
@@ -19,7 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,18 +49,11 @@ def ok(proc: subprocess.CompletedProcess[str]) -> str:
     return proc.stdout
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackCluster]:
-    """A started two-node loopback cluster; `env` is what a `kiln` client needs (the auth
-    token, and KILN_ADDRESS: the verbs below also find the address there)."""
-    c = LoopbackCluster(tmp_path_factory.mktemp("jobs-cluster"))
-    c.env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{c.env.get('PATH', '')}"
-    try:
-        c.start()
-        c.env["KILN_ADDRESS"] = c.dashboard_url
-        yield c
-    finally:
-        c.stop()
+@pytest.fixture
+def cluster(two_node_cluster: tuple[LoopbackCluster, Any]) -> LoopbackCluster:
+    """The session's two-node loopback cluster; its `env` is what a `kiln` client needs
+    (the auth token, and KILN_ADDRESS: the verbs below also find the address there)."""
+    return two_node_cluster[0]
 
 
 def job_ids(env: dict[str, str]) -> list[str]:

@@ -2,10 +2,11 @@
 2-rank run on one node (bitwise: CPU fp32, the same world size and threads per rank).
 
 - Ray: a real two-node cluster on 127.0.0.1 (`ray start --head` plus a worker node with
-  its own resources, see `tests.helpers_ray_cluster`), `kiln train --address HEAD` with
-  `resources.placement: strict_spread`, so each of the 2 Ray Train workers runs on its own
-  node (either node has room for both: it is the placement that separates them); where
-  they ran is read back from the launch's attempts file and checked against the cluster.
+  its own resources, see `tests.helpers_ray_cluster`; the session's `two_node_cluster`),
+  `kiln train --address HEAD` with `resources.placement: strict_spread`, so each of the 2
+  Ray Train workers runs on its own node (either node has room for both: it is the
+  placement that separates them); where they ran is read back from the launch's attempts
+  file and checked against the cluster.
 - torchrun: two torchrun agents (``--nnodes 2 --nproc_per_node 1``, node ranks 0 and 1, the
   rendezvous on 127.0.0.1) each start one `kiln train --launcher torchrun` process; then
   two processes with srun's variables of a requeued job finish the run from its checkpoint.
@@ -26,7 +27,7 @@ import yaml
 
 from kiln.training.launch import ATTEMPTS_FILE, free_port
 from tests.helpers_output import library_lines
-from tests.helpers_ray_cluster import loopback_cluster
+from tests.helpers_ray_cluster import LoopbackCluster
 from tests.helpers_training import short_run_config
 
 pytestmark = pytest.mark.slow
@@ -62,27 +63,30 @@ def is_loopback(address: str) -> bool:
 
 
 def test_ray_train_workers_on_two_nodes(
-    short_dataset: str, short_reference: list[float], tmp_path: Path
+    two_node_cluster: tuple[LoopbackCluster, list[dict[str, Any]]],
+    short_dataset: str,
+    short_reference: list[float],
+    tmp_path: Path,
 ) -> None:
     run = tmp_path / "run"
-    with loopback_cluster(tmp_path / "cluster") as (cluster, nodes):
-        node_of = {n["node_id"]: n["resources"] for n in nodes}
-        assert len(node_of) == 2
-        listening = cluster.listening_addresses()
-        assert listening and all(map(is_loopback, listening)), listening
-        recipe = write_recipe(
-            tmp_path / "two_nodes.yaml",
-            short_dataset,
-            run,
-            {"workers": 2, "cpus_per_worker": 1, "launcher": "ray", "placement": "strict_spread"},
-        )
-        proc = subprocess.run(
-            [*KILN, "train", str(recipe), "--address", cluster.address],
-            env=cluster.env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+    cluster, nodes = two_node_cluster
+    node_of = {n["node_id"]: n["resources"] for n in nodes}
+    assert len(node_of) == 2
+    listening = cluster.listening_addresses()
+    assert listening and all(map(is_loopback, listening)), listening
+    recipe = write_recipe(
+        tmp_path / "two_nodes.yaml",
+        short_dataset,
+        run,
+        {"workers": 2, "cpus_per_worker": 1, "launcher": "ray", "placement": "strict_spread"},
+    )
+    proc = subprocess.run(
+        [*KILN, "train", str(recipe), "--address", cluster.address],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     assert "[kiln] 2 Ray Train workers on 2 nodes" in proc.stdout
     assert losses(run) == short_reference  # exact
