@@ -11,8 +11,18 @@ Architectures, checked to have equal parameter counts (the report has both):
 - ``vit-s-32``: kiln's ``clip-vit-s-32`` against OpenCLIP's ``ViT-S-32`` (224 px, 12 + 12
   layers of width 384, CLIP BPE vocabulary, context 77).
 
-Tokens are random ids with the largest id last, so OpenCLIP's argmax pooling and kiln's
-end-of-text pooling read the same position. Both use exact GELU, pre-LayerNorm blocks and no
+Tokens, two settings (``--tokens``):
+
+- ``random`` (every model): random ids filling the whole context with the largest id last,
+  so OpenCLIP's argmax pooling and kiln's end-of-text pooling read the same position. Every
+  position is text: the worst case for kiln, which computes no position after the batch's
+  last end-of-text token (causal attention: they cannot change the pooled features);
+- ``coco`` (BPE models: ``vit-s-32``): the first ``batch`` human captions of COCO val2017
+  (``../shared/data/coco_captions_val2017``), tokenized by OpenCLIP's own tokenizer for
+  the model in its worker; kiln gets the same ids. Padding is id 0 on both sides and the
+  end-of-text token is the largest id, so both pool the same position of the same rows.
+  OpenCLIP computes all 77 positions of every row, kiln those up to the batch's longest
+  caption: what training on real captions costs each. Both use exact GELU, pre-LayerNorm blocks and no
 dropout; OpenCLIP runs its default attention path (``nn.MultiheadAttention``, which calls
 ``scaled_dot_product_attention`` with its float causal mask), kiln its own.
 
@@ -36,7 +46,7 @@ the installed packages are left untouched.
 
 Goal (issue 8): kiln >= 1.2x OpenCLIP samples/s. Prints JSON.
 Run: python benchmarks/bench_openclip.py [--models tiny vit-s-32] [--batch 64 32]
-[--steps 20 3] [--rounds 3] [--threads 1] [--setup]
+[--steps 30 3] [--rounds 3] [--threads 1] [--tokens random coco] [--setup]
 """
 
 from __future__ import annotations
@@ -94,15 +104,30 @@ MODELS: dict[str, dict[str, Any]] = {
 # ------------------------------------------------------------------ shared by both sides
 
 
-def _inputs(spec: dict[str, Any], batch: int) -> tuple[Any, Any]:
+COCO_CAPTIONS = HERE.parents[1] / "shared" / "data" / "coco_captions_val2017"
+
+
+def coco_captions(count: int) -> list[str]:
+    """The first `count` captions of COCO val2017, in file order."""
+    path = COCO_CAPTIONS / "captions_val2017.json"
+    if not path.is_file():
+        raise SystemExit(f"--tokens coco needs {path} (the shared data folder beside the repo)")
+    annotations = json.loads(path.read_text())["annotations"]
+    return [str(a["caption"]).strip() for a in annotations[:count]]
+
+
+def _inputs(spec: dict[str, Any], batch: int, tokens: Any = None) -> tuple[Any, Any]:
+    """Random images, and `tokens` (ids, [batch, context]) or random ids (module doc)."""
     import torch
 
     g = torch.Generator().manual_seed(0)
     size, ctx, vocab = spec["image_size"], spec["context_length"], spec["vocab_size"]
     images = torch.randn(batch, 3, size, size, generator=g)
-    tokens = torch.randint(3, vocab - 1, (batch, ctx), generator=g)
-    tokens[:, -1] = vocab - 1  # argmax pooling == last-position pooling
-    return images, tokens
+    if tokens is not None:
+        return images, torch.as_tensor(tokens, dtype=torch.long)
+    ids = torch.randint(3, vocab - 1, (batch, ctx), generator=g)
+    ids[:, -1] = vocab - 1  # argmax pooling == last-position pooling
+    return images, ids
 
 
 def _loss(img: Any, txt: Any, scale: Any) -> Any:
@@ -118,11 +143,13 @@ def _loss(img: Any, txt: Any, scale: Any) -> Any:
 class _Stepper:
     """Builds one side's model + AdamW once; `run(k)` times k training steps."""
 
-    def __init__(self, model: Any, step: Any, spec: dict[str, Any], batch: int) -> None:
+    def __init__(
+        self, model: Any, step: Any, spec: dict[str, Any], batch: int, tokens: Any = None
+    ) -> None:
         import torch
 
         self.model, self.step = model, step
-        self.images, self.tokens = _inputs(spec, batch)
+        self.images, self.tokens = _inputs(spec, batch, tokens)
         self.opt = torch.optim.AdamW(
             model.parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6
         )
@@ -145,8 +172,9 @@ class _Stepper:
 # ------------------------------------------------------------------ OpenCLIP (its venv)
 
 
-def _openclip_worker(name: str, batch: int, threads: int) -> None:
-    """Runs inside the OpenCLIP venv: build once, then one JSON line per 'run K' command."""
+def _openclip_worker(name: str, batch: int, threads: int, captions: bool) -> None:
+    """Runs inside the OpenCLIP venv: build once, then one JSON line per 'run K' command.
+    `captions`: train on COCO captions tokenized by OpenCLIP (sent back for kiln)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -174,7 +202,10 @@ def _openclip_worker(name: str, batch: int, threads: int) -> None:
         out = m(images, tokens)
         return _loss(out["image_features"], out["text_features"], out["logit_scale"])
 
-    stepper = _Stepper(model, step, spec, batch)
+    tokens = None
+    if captions:
+        tokens = open_clip.get_tokenizer(cfg)(coco_captions(batch)).tolist()
+    stepper = _Stepper(model, step, spec, batch, tokens)
     print(
         json.dumps(
             {
@@ -182,6 +213,7 @@ def _openclip_worker(name: str, batch: int, threads: int) -> None:
                 "params": stepper.params,
                 "torch": torch.__version__,
                 "open_clip": open_clip.__version__,
+                "tokens": tokens,
             }
         ),
         flush=True,
@@ -194,7 +226,7 @@ def _openclip_worker(name: str, batch: int, threads: int) -> None:
 # ------------------------------------------------------------------ kiln (this process)
 
 
-def _kiln_stepper(name: str, batch: int) -> _Stepper:
+def _kiln_stepper(name: str, batch: int, tokens: Any = None) -> _Stepper:
     import torch
 
     from kiln.models.build import build_model
@@ -209,7 +241,7 @@ def _kiln_stepper(name: str, batch: int) -> _Stepper:
         out = m(images, tokens)
         return _loss(out["image_embeds"], out["text_embeds"], out["logit_scale"])
 
-    return _Stepper(model, step, spec, batch)
+    return _Stepper(model, step, spec, batch, tokens)
 
 
 def setup() -> None:
@@ -225,20 +257,22 @@ def setup() -> None:
     subprocess.run([*pip, TORCH_PIN, "open_clip_torch"], check=True)
 
 
-def compare(name: str, batch: int, steps: int, rounds: int, threads: int) -> dict[str, Any]:
+def compare(
+    name: str, batch: int, steps: int, rounds: int, threads: int, tokens: str = "random"
+) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(threads)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     cmd = [str(VENV_PY), __file__, "--worker", name, "--batch", str(batch)]
-    cmd += ["--threads", str(threads)]
+    cmd += ["--threads", str(threads), "--tokens", tokens]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdin is not None and proc.stdout is not None
     try:
         hello = json.loads(proc.stdout.readline() or "{}")
         if not hello.get("ready"):
             raise RuntimeError(f"the OpenCLIP worker did not start (exit {proc.wait()})")
-        kiln = _kiln_stepper(name, batch)
+        kiln = _kiln_stepper(name, batch, hello.get("tokens"))
         best: dict[str, dict[str, float]] = {"kiln": {}, "open_clip": {}}
         for _ in range(rounds):
             proc.stdin.write(f"run {steps}\n")
@@ -256,6 +290,8 @@ def compare(name: str, batch: int, steps: int, rounds: int, threads: int) -> dic
         "kiln_flavor": MODELS[name]["kiln"],
         "batch": batch,
         "threads": threads,
+        "tokens": tokens,
+        "text_positions": _text_positions(hello.get("tokens"), MODELS[name]),
         "params": {"kiln": kiln.params, "open_clip": hello["params"]},
         "same_params": kiln.params == hello["params"],
         "samples_per_cpu_s": {k: round(v["cpu_samples_per_s"], 2) for k, v in best.items()},
@@ -267,6 +303,16 @@ def compare(name: str, batch: int, steps: int, rounds: int, threads: int) -> dic
     }
 
 
+def _text_positions(tokens: Any, spec: dict[str, Any]) -> dict[str, float]:
+    """Positions each side's text tower computes per row: OpenCLIP the whole context,
+    kiln up to the batch's longest text; and the mean caption length, for scale."""
+    ctx = spec["context_length"]
+    if tokens is None:
+        return {"open_clip": ctx, "kiln": ctx, "mean_text": ctx}
+    lengths = [sum(1 for t in row if t != 0) for row in tokens]
+    return {"open_clip": ctx, "kiln": max(lengths), "mean_text": sum(lengths) / len(lengths)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["tiny", "vit-s-32"], choices=list(MODELS))
@@ -274,11 +320,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=[30, 3], help="per round, per model")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--tokens",
+        nargs="+",
+        default=["random", "coco"],
+        choices=["random", "coco"],
+        help="token settings to run (module doc); coco only for the BPE models",
+    )
     ap.add_argument("--setup", action="store_true", help="only create the OpenCLIP venv")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker is not None:
-        _openclip_worker(args.worker, args.batch[0], args.threads)
+        _openclip_worker(args.worker, args.batch[0], args.threads, "coco" in args.tokens)
         return
     setup()
     if args.setup:
@@ -287,8 +340,11 @@ def main() -> None:
     for i, name in enumerate(args.models):
         batch = args.batch[min(i, len(args.batch) - 1)]
         steps = args.steps[min(i, len(args.steps) - 1)]
-        results.append(compare(name, batch, steps, args.rounds, args.threads))
-        print(json.dumps(results[-1]), flush=True)
+        for tokens in args.tokens:
+            if tokens == "coco" and MODELS[name]["vocab_size"] < 1000:
+                continue  # a byte vocabulary: OpenCLIP's argmax pooling would read another row
+            results.append(compare(name, batch, steps, args.rounds, args.threads, tokens))
+            print(json.dumps(results[-1]), flush=True)
     print(
         json.dumps({"benchmark": "openclip", "goal": "kiln >= 1.2x", "results": results}, indent=2)
     )
