@@ -356,14 +356,19 @@ def remove(url: str) -> None:
         fs.rm(path, recursive=True)
 
 
-def list_files(url: str, *, prefix: str = "", suffix: str = "") -> list[str]:
+def list_files(
+    url: str, *, prefix: str = "", suffix: str = "", recursive: bool = False
+) -> list[str]:
     """Sorted URLs of the files directly in folder `url` named `prefix*suffix` (local paths
-    come back plain); an empty list when the folder does not exist."""
+    come back plain); an empty list when the folder does not exist. `recursive`: the files
+    at any depth below `url` (on object storage one flat listing of the prefix, paged by
+    the server, instead of a request per folder)."""
     fs, path = fs_path(url)
     if not fs.exists(path):
         return []
     names = []
-    for p in fs.ls(path, detail=False):
+    found = fs.find(path) if recursive else fs.ls(path, detail=False)
+    for p in found:
         base = p.rstrip("/").rsplit("/", 1)[-1]
         if base.startswith(prefix) and base.endswith(suffix) and ".tmp-" not in base:
             names.append(p)

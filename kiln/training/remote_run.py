@@ -8,13 +8,20 @@ into `kiln.storage.staging_dir(url)` and copies up what it writes:
   the ``COMPLETE`` marker, then ``latest`` and ``metrics.jsonl``; so the remote run dir,
   like a local one, never names a checkpoint that is not whole. Older tags are pruned
   there as they are locally (``checkpoint.keep_last``);
-- the rest of the run dir (recipe, status, metrics, summary, logs, eval) when the job ends
+- the run's status.json while it runs (`kiln.platform.runs.heartbeat`), and the rest of the
+  run dir (recipe, status, metrics, summary, logs, eval) when the job ends
   (`push_run_files`, from the platform).
 
-A resume downloads (`pull_run`): the staging folder's checkpoints are cleared (the remote
-run dir is the truth), then ``metrics.jsonl`` and the newest complete checkpoint whose files
-verify against its marker come down, and training resumes from the staging folder as from
-any local run dir.
+Several nodes (torchrun / srun on several hosts): every process stages into its machine's
+staging folder (`KILN_STAGING_DIR`, which must be a folder of the node's own, not one
+shared between nodes); each node's first rank uploads the checkpoint files its node wrote,
+the COMPLETE marker lists every node's files, and only then does rank 0 upload it and
+``latest``. At the end each other node uploads its own ``logs/`` (`push_node_logs`).
+
+A resume downloads (`pull_run`, on every node): the staging folder's checkpoints are
+cleared (the remote run dir is the truth), then ``metrics.jsonl`` and the newest complete
+checkpoint whose files verify against its marker come down, and training resumes from the
+staging folder as from any local run dir.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ __all__ = [
     "prune_remote",
     "pull_run",
     "push_checkpoint",
+    "push_node_logs",
     "push_run_files",
     "remote_latest",
 ]
@@ -150,3 +158,12 @@ def push_run_files(local: str | Path, url: str) -> None:
     summary, logs, eval, exports) up to `url`. A no-op when `local` does not exist."""
     if os.path.isdir(local):
         storage.upload_tree(local, url, skip=(CHECKPOINTS_DIR,))
+
+
+def push_node_logs(local: str | Path, url: str) -> None:
+    """Copy the ``logs/`` of a node's staging folder up to ``{url}/logs`` (a torchrun node
+    other than rank 0's: its ranks' log files). Nothing else: that node's copies of the
+    run dir's files (metrics downloaded for a resume) are not the run's."""
+    logs = Path(local) / "logs"
+    if logs.is_dir():
+        storage.upload_tree(logs, f"{url.rstrip('/')}/logs")
