@@ -334,10 +334,19 @@ def list_runs(root: str | Path) -> list[RunInfo]:
     if not (storage.exists(base) if remote else os.path.isdir(base)):
         raise FileNotFoundError(f"runs root {base!r} is not a folder")
     statuses = storage.list_files(base, prefix=_STATUS, suffix=_STATUS, recursive=True)
-    found = {p.rsplit("/", 1)[0] for p in statuses if p.rsplit("/", 1)[-1] == _STATUS}
-    if not remote:  # named as the root was given (local listings come back absolute)
-        absolute = storage.fs_path(base)[1]
-        found = {os.path.normpath(os.path.join(base, os.path.relpath(p, absolute))) for p in found}
+    # each run dir named as the root was given (a listing names files its own way: local
+    # paths absolute, memory:// with a leading slash)
+    root_path = storage.fs_path(base)[1]
+    found = set()
+    for url in statuses:
+        folder, name = storage.fs_path(url)[1].rsplit("/", 1)
+        rel = folder[len(root_path) :].strip("/")
+        if name == _STATUS:
+            found.add(
+                f"{base.rstrip('/')}/{rel}".rstrip("/")
+                if remote
+                else os.path.normpath(os.path.join(base, rel))
+            )
     infos = [_run_info(run) for run in sorted(found)]
     infos.sort(key=lambda r: r.updated or "", reverse=True)
     return infos

@@ -331,6 +331,13 @@ def test_bad_bucket_or_endpoint_is_one_clear_line(
     err = capsys.readouterr().err
     assert "s3://no-such-bucket/run" in err and "AWS_ENDPOINT_URL" in err, err
     assert "does not exist" in err and "Traceback" not in err, err
+    assert kiln_main(["runs", "s3://no-such-bucket/runs"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kiln runs: error: cannot read s3://no-such-bucket/runs"), err
+    assert "AWS_ENDPOINT_URL" in err and len(err.strip().splitlines()) == 1, err
+    assert kiln_main(["runs", f"{ROOT}/no-such-root"]) == 2
+    err = capsys.readouterr().err
+    assert f"runs root '{ROOT}/no-such-root' is not a folder" in err and "Traceback" not in err
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")  # nothing listens there
     recipe.write_text(f"kind: eval\nname: e\nrun_dir: {ROOT}/bad\ncheckpoint: x.pt\n")
