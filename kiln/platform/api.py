@@ -398,7 +398,7 @@ def _stage_remote_run(
     restarted resumes, as `run_rank` does for a local run dir), the other ranks only bind
     to it. They read it once the process group is up, which no rank joins before its
     node's first rank is done here."""
-    from kiln.training.remote_run import pull_run, remote_latest
+    from kiln.training.remote_run import mark_node_staging, pull_run, remote_latest
 
     staging = local_run_dir(url)
     bound = recipe.model_copy(update={"run_dir": str(staging)})
@@ -408,6 +408,8 @@ def _stage_remote_run(
     staging.mkdir(parents=True, exist_ok=True)
     restarted = ranks is not None and ranks.restarts > 0 and remote_latest(url) is not None
     pull_run(url, staging, resume=resume or restarted)
+    if ranks is not None:  # checked once every node has staged (`run_rank`)
+        mark_node_staging(staging, ranks.rank)
     if ranks is None or ranks.rank == 0:  # the run's status is the lead's to write
         (staging / "status.json").unlink(missing_ok=True)
         if resume and storage.exists(f"{url.rstrip('/')}/status.json"):

@@ -36,6 +36,7 @@ from pydantic import BaseModel
 
 from kiln.training.checkpoint import latest_checkpoint
 from kiln.training.config import TrainConfig
+from kiln.training.remote_run import RUN_URL_ENV, check_node_staging
 
 __all__ = ["RankEnv", "export_rank_env", "rank_env", "run_rank"]
 
@@ -158,7 +159,9 @@ def run_rank(
         if dist.get_backend() == dist.Backend.NCCL:
             count = count.cuda()
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        restarts = int(count.item())
+        restarts = int(count.item())  # (every node has staged a remote run dir by now)
+        if os.environ.get(RUN_URL_ENV) and ranks.local_rank == 0:
+            check_node_staging(run, ranks.rank)
         if restarts and latest_checkpoint(run) is not None:
             resume = True
         check_run_dir(run, resume)
