@@ -112,7 +112,8 @@ def _start(recipe: J, *, lead: bool = True, **fields: Any) -> tuple[J, Path]:
     try:
         run.mkdir(parents=True, exist_ok=True)
         dump_recipe(recipe, run / "recipe.yaml")
-        logs.attach_run(run)  # the CLI's library logs: RUN/logs/ from here on
+        # the CLI's library logs: RUN/logs/ from here on
+        logs.attach_run(run, shown_as=recipe.run_dir if storage.is_remote(recipe.run_dir) else None)
     except (FileExistsError, NotADirectoryError) as e:
         raise RecipeError(
             f"run_dir {str(run)!r} cannot be a folder: {e.filename or run} is a file; "
@@ -495,7 +496,7 @@ def eval_run_dir(
         )
         return dry_run(as_eval)
     run = local_run_dir(run_dir)
-    logs.attach_run(run)
+    logs.attach_run(run, shown_as=run_dir if storage.is_remote(run_dir) else None)
     result = _evaluate_into(resolve_model_file(run_dir), train.eval, run)
     _report(run, eval_result=result)
     _push(train, run)

@@ -131,6 +131,25 @@ def export_rank_env(ranks: RankEnv, environ: MutableMapping[str, str] | None = N
     )
 
 
+def _check_staging_folders(run: Path, ranks: RankEnv) -> None:
+    """Collective: every rank raises the same ValueError if some node shares its staging
+    folder with another (`check_node_staging`), instead of that node alone stopping while
+    the others wait for it in their next collective."""
+    import torch.distributed as dist
+
+    problem = ""
+    if ranks.local_rank == 0:
+        try:
+            check_node_staging(run, ranks.rank)
+        except ValueError as e:
+            problem = str(e)
+    found: list[str] = [""] * ranks.world_size
+    dist.all_gather_object(found, problem)
+    first = next((p for p in found if p), None)
+    if first is not None:
+        raise ValueError(first)
+
+
 def run_rank(
     cfg: TrainConfig,
     run: Path,
@@ -159,9 +178,9 @@ def run_rank(
         if dist.get_backend() == dist.Backend.NCCL:
             count = count.cuda()
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        restarts = int(count.item())  # (every node has staged a remote run dir by now)
-        if os.environ.get(RUN_URL_ENV) and ranks.local_rank == 0:
-            check_node_staging(run, ranks.rank)
+        restarts = int(count.item())
+        if os.environ.get(RUN_URL_ENV):  # every node has staged the remote run dir by now
+            _check_staging_folders(run, ranks)
         if restarts and latest_checkpoint(run) is not None:
             resume = True
         check_run_dir(run, resume)

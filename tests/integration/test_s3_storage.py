@@ -22,7 +22,7 @@ Beside it: a live run's status.json follows it on the bucket (running, its step)
 SIGKILLed driver's run is listed as dead (stale from another host); a two-node torchrun
 world (two agents on this machine, each "node" with its own KILN_STAGING_DIR) trains into
 the bucket, stops, and resumes from the bucket alone with the losses of an uninterrupted
-run.
+run (and two nodes that share a staging folder both stop with an error saying so).
 """
 
 from __future__ import annotations
@@ -268,7 +268,8 @@ def test_torchrun_world_on_s3_stops_and_resumes_from_the_bucket(
     """Two torchrun agents ("nodes" 0 and 1, one rank each, each its own staging folder)
     train steps 1..4 into the bucket and stop; their staging folders are deleted and two
     agents `kiln resume` the run from the bucket to step 6: the losses of the uninterrupted
-    2-rank run, exactly."""
+    2-rank run, exactly. Between the two, a world whose nodes share one staging folder
+    stops at its start with the error on both nodes."""
     url = f"{ROOT}/torchrun"
     resources = {"workers": 1, "cpus_per_worker": 1, "launcher": "torchrun"}
     spec = {"kind": "train", "name": "s3-torchrun", "run_dir": url, "resources": resources}
@@ -278,7 +279,7 @@ def test_torchrun_world_on_s3_stops_and_resumes_from_the_bucket(
     staging = [tmp_path / f"node{n}-staging" for n in (0, 1)]
     envs = [dict(os.environ, **{storage.STAGING_ENV: str(root)}) for root in staging]
 
-    def world(verb: list[str], name: str) -> list[str]:
+    def world(verb: list[str], name: str, envs: list[dict[str, str]] = envs) -> list[str]:
         agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2"]
         agent += ["--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
         cmd = [*verb, "--launcher", "torchrun"]
@@ -286,6 +287,7 @@ def test_torchrun_world_on_s3_stops_and_resumes_from_the_bucket(
             [[*agent, f"--node_rank={n}", "-m", "kiln", *cmd] for n in (0, 1)],
             envs,
             [tmp_path / f"{name}{n}.log" for n in (0, 1)],
+            ok=name != "shared",
         )
 
     world(["train", str(recipe), "--set", "stop_after_step=4"], "train")
@@ -307,10 +309,18 @@ def test_torchrun_world_on_s3_stops_and_resumes_from_the_bucket(
         assert storage.file_identity(f"{url}/{tag}/{name}")[0] == size, name
     assert storage.exists(f"{url}/logs/torchrun-rank1.log")  # node 1's own logs
 
+    # two nodes that share one staging folder are told so, both of them (not one failing
+    # while the other waits for it in a collective)
+    shared = ["train", str(recipe), "--set", f"run_dir={url}-shared"]
+    for out in world(shared, "shared", [envs[0], envs[0]]):
+        assert "kiln train: error: staging folder" in out and "set KILN_STAGING_DIR" in out, out
+
     for root in staging:  # resume on "other machines": the bucket only
         shutil.rmtree(root)
     outs = world(["resume", url], "resume")
     assert "[kiln] resumed from step_00000004" in outs[0]
+    ends = [line for line in outs[0].splitlines() if line.startswith("outputs in")]
+    assert ends and ends[-1].startswith(f"outputs in {url}: checkpoints {url}/checkpoints"), ends
     summary = storage.read_json(f"{url}/train_summary.json")
     assert (summary["resumed_from"], summary["last_step"]) == (4, 6)
     assert summary["losses"] == short_reference[4:]  # exact
