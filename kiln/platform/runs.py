@@ -181,7 +181,8 @@ def heartbeat(
 
     thread = threading.Thread(target=loop, name="kiln-heartbeat", daemon=True)
     # it takes no lock a forked worker could need: the local curation executor may still
-    # fork (sharing the driver's warmed stage contexts) while it runs
+    # fork (sharing the driver's warmed stage contexts) while it runs (a mirror's upload
+    # goes through fsspec's IO loop, whose lock fsspec itself resets in a forked child)
     thread.kiln_fork_safe = True  # type: ignore[attr-defined]
     thread.start()
     try:
