@@ -117,7 +117,9 @@ def is_remote(url: str | os.PathLike[str]) -> bool:
 def staging_dir(url: str) -> str:
     """The local folder that stands in for remote folder `url` while a job runs: under
     ``$KILN_STAGING_DIR`` (default ``~/.cache/kiln/staging``), named after the URL plus a
-    hash of it, the same in every process of the machine."""
+    hash of it, the same in every process of the machine. Each node of a multi-node run
+    needs its own: where home folders are shared between nodes, point
+    ``$KILN_STAGING_DIR`` at node-local disk (`kiln.training.remote_run`)."""
     root = os.environ.get(STAGING_ENV) or os.path.join("~", ".cache", "kiln", "staging")
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", url.split("://", 1)[-1]).strip("_")[-80:]
     digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:12]
@@ -356,14 +358,19 @@ def remove(url: str) -> None:
         fs.rm(path, recursive=True)
 
 
-def list_files(url: str, *, prefix: str = "", suffix: str = "") -> list[str]:
+def list_files(
+    url: str, *, prefix: str = "", suffix: str = "", recursive: bool = False
+) -> list[str]:
     """Sorted URLs of the files directly in folder `url` named `prefix*suffix` (local paths
-    come back plain); an empty list when the folder does not exist."""
+    come back plain); an empty list when the folder does not exist. `recursive`: the files
+    at any depth below `url` (on object storage one flat listing of the prefix, paged by
+    the server, instead of a request per folder)."""
     fs, path = fs_path(url)
     if not fs.exists(path):
         return []
     names = []
-    for p in fs.ls(path, detail=False):
+    found = fs.find(path) if recursive else fs.ls(path, detail=False)
+    for p in found:
         base = p.rstrip("/").rsplit("/", 1)[-1]
         if base.startswith(prefix) and base.endswith(suffix) and ".tmp-" not in base:
             names.append(p)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ __all__ = [
     "TINY_MODEL",
     "clip_loss_of",
     "rewind_run",
+    "run_world",
     "seeded_model",
     "short_run_config",
     "tiny_flavor",
@@ -115,3 +117,24 @@ def rewind_run(src: Path, dst: Path, step: int) -> Path:
     assert (ckpts / tag).is_dir(), f"{src} kept no checkpoint at step {step}"
     (ckpts / "latest").write_text(tag)
     return dst
+
+
+def run_world(
+    cmds: list[list[str]], envs: list[dict[str, str]], logs: list[Path], *, ok: bool = True
+) -> list[str]:
+    """Start one process per command, wait for all; returns their outputs. `ok`: every
+    process must exit 0 (False: every one must fail)."""
+    procs = []
+    for cmd, env, path in zip(cmds, envs, logs, strict=True):
+        with open(path, "wb") as log:
+            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+    try:
+        codes = [p.wait(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    outs = [path.read_text() for path in logs]
+    assert all((code == 0) == ok for code in codes), "\n".join(o[-4000:] for o in outs)
+    return outs

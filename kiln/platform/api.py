@@ -7,7 +7,8 @@ the recipe's `ray` section says.
 A `run_dir` on object storage (``s3://...``) is written through a local staging folder
 (`kiln.storage.staging_dir`): curation writes its steps and shards to the URL directly,
 training's checkpoints are copied up as each one completes (`kiln.training.remote_run`),
-and the rest of the run dir (recipe, status, metrics, logs, eval) when the job ends.
+the status while the job runs (`kiln.platform.runs.heartbeat`), and the rest of the run dir
+(recipe, status, metrics, logs, eval) when the job ends.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import socket
 import time
 import traceback
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 from pydantic import BaseModel
@@ -48,7 +49,10 @@ from kiln.platform.recipes import (
 from kiln.platform.runs import heartbeat, read_status, write_status
 from kiln.platform.summary import curation_step_records, eval_record
 from kiln.training.config import TrainConfig
-from kiln.training.remote_run import RUN_URL_ENV
+from kiln.training.remote_run import RUN_URL_ENV, push_node_logs
+
+if TYPE_CHECKING:
+    from kiln.training.torchrun import RankEnv
 
 M = TypeVar("M", bound=BaseModel)
 J = TypeVar("J", CurateRecipe, TrainRecipe, EvalRecipe)
@@ -81,6 +85,12 @@ def local_run_dir(run_dir: str) -> Path:
     return Path(storage.staging_dir(run_dir) if storage.is_remote(run_dir) else run_dir)
 
 
+def _heartbeat(recipe: CurateRecipe | TrainRecipe | EvalRecipe, run: Path) -> Any:
+    """The job's heartbeat in `run` (`kiln.platform.runs.heartbeat`); a run dir on object
+    storage gets its status.json copied up while the job runs."""
+    return heartbeat(run, mirror=recipe.run_dir if storage.is_remote(recipe.run_dir) else None)
+
+
 def _push(recipe: CurateRecipe | TrainRecipe | EvalRecipe, run: Path) -> None:
     """Copy the staging folder of a run dir on object storage up to it (not checkpoints:
     those went up as each completed)."""
@@ -102,7 +112,8 @@ def _start(recipe: J, *, lead: bool = True, **fields: Any) -> tuple[J, Path]:
     try:
         run.mkdir(parents=True, exist_ok=True)
         dump_recipe(recipe, run / "recipe.yaml")
-        logs.attach_run(run)  # the CLI's library logs: RUN/logs/ from here on
+        # the CLI's library logs: RUN/logs/ from here on
+        logs.attach_run(run, shown_as=recipe.run_dir if storage.is_remote(recipe.run_dir) else None)
     except (FileExistsError, NotADirectoryError) as e:
         raise RecipeError(
             f"run_dir {str(run)!r} cannot be a folder: {e.filename or run} is a file; "
@@ -191,7 +202,7 @@ def run_curate(recipe: CurateRecipe, *, fresh: bool = False) -> Any:
             if on_ray == "ray"
             else contextlib.nullcontext()
         )
-        with ray_ctx, heartbeat(run):
+        with ray_ctx, _heartbeat(recipe, run):
             result = run_curation(
                 cfg,
                 recipe.run_dir if storage.is_remote(recipe.run_dir) else str(run),
@@ -303,7 +314,7 @@ def run_train(recipe: TrainRecipe, *, resume: bool = False) -> Any:
     """
     from kiln.training import train
 
-    lead = True
+    lead, ranks = True, None
     if recipe.resources.launcher == "torchrun":
         from kiln.training.torchrun import rank_env
 
@@ -314,7 +325,7 @@ def run_train(recipe: TrainRecipe, *, resume: bool = False) -> Any:
     url = recipe.run_dir if storage.is_remote(recipe.run_dir) else None
     checked = recipe
     if url is not None:
-        checked = _stage_remote_run(recipe, url, resume=resume)
+        checked = _stage_remote_run(recipe, url, resume=resume, ranks=ranks)
     preflight(resolve_paths(checked), resume=resume)  # before Ray starts or anything is written
     recipe, run = _start(recipe, lead=lead, max_steps=recipe.max_steps, resumed=resume)
     res = recipe.resources
@@ -330,7 +341,7 @@ def run_train(recipe: TrainRecipe, *, resume: bool = False) -> Any:
 
             import_deepspeed()
             logs.capture_library_loggers()
-        beat = heartbeat(run) if lead else contextlib.nullcontext()
+        beat = _heartbeat(recipe, run) if lead else contextlib.nullcontext()
         # the ranks started in this block learn which remote run dir their staging mirrors
         mirror = scoped_env(RUN_URL_ENV, url) if url else contextlib.nullcontext()
         with beat, ray_ctx, mirror:
@@ -352,12 +363,14 @@ def run_train(recipe: TrainRecipe, *, resume: bool = False) -> Any:
         finished = summary.last_step >= recipe.max_steps
         eval_result = None
         if lead and finished and (recipe.eval.zero_shot or recipe.eval.retrieval):
-            with heartbeat(run):
+            with _heartbeat(recipe, run):
                 eval_result = _evaluate_into(resolve_model_file(str(run)), recipe.eval, run)
     except BaseException as e:
         if lead:
             _failed(run, e)
             _push(recipe, run)
+        elif url is not None and ranks is not None and ranks.local_rank == 0:
+            push_node_logs(run, url)
         raise
     if lead:
         write_status(
@@ -369,28 +382,40 @@ def run_train(recipe: TrainRecipe, *, resume: bool = False) -> Any:
         )
         _report(run, eval_result=eval_result)
         _push(recipe, run)
+    elif url is not None and ranks is not None and ranks.local_rank == 0:
+        push_node_logs(run, url)  # this node's rank logs (rank 0's node pushes the rest)
     return summary.model_copy(update={"eval": eval_result}) if eval_result else summary
 
 
-def _stage_remote_run(recipe: TrainRecipe, url: str, *, resume: bool) -> TrainRecipe:
+def _stage_remote_run(
+    recipe: TrainRecipe, url: str, *, resume: bool, ranks: RankEnv | None = None
+) -> TrainRecipe:
     """Prepare the staging folder of train run dir `url` (a resume downloads its newest
     complete checkpoint, metrics and status); returns the recipe bound to that folder,
-    for the checks that read it."""
-    from kiln.training.remote_run import pull_run
+    for the checks that read it.
 
-    if recipe.resources.launcher == "torchrun":
-        raise RecipeError(
-            f"run_dir {url!r} is on object storage, which the torchrun launcher does not "
-            "stage yet: use resources.launcher=ray or local, or a shared local run_dir"
-        )
-    storage.check_access(url, write=True)
+    Under torchrun / srun (`ranks`) every process runs this: each node's first rank
+    prepares its node's folder (a resume downloads on every node; a world its starter
+    restarted resumes, as `run_rank` does for a local run dir), the other ranks only bind
+    to it. They read it once the process group is up, which no rank joins before its
+    node's first rank is done here."""
+    from kiln.training.remote_run import mark_node_staging, pull_run, remote_latest
+
     staging = local_run_dir(url)
+    bound = recipe.model_copy(update={"run_dir": str(staging)})
+    if ranks is not None and ranks.local_rank != 0:
+        return bound
+    storage.check_access(url, write=True)
     staging.mkdir(parents=True, exist_ok=True)
-    pull_run(url, staging, resume=resume)
-    (staging / "status.json").unlink(missing_ok=True)
-    if resume and storage.exists(f"{url.rstrip('/')}/status.json"):
-        storage.download(f"{url.rstrip('/')}/status.json", staging / "status.json")
-    return recipe.model_copy(update={"run_dir": str(staging)})
+    restarted = ranks is not None and ranks.restarts > 0 and remote_latest(url) is not None
+    pull_run(url, staging, resume=resume or restarted)
+    if ranks is not None:  # checked once every node has staged (`run_rank`)
+        mark_node_staging(staging, ranks.rank)
+    if ranks is None or ranks.rank == 0:  # the run's status is the lead's to write
+        (staging / "status.json").unlink(missing_ok=True)
+        if resume and storage.exists(f"{url.rstrip('/')}/status.json"):
+            storage.download(f"{url.rstrip('/')}/status.json", staging / "status.json")
+    return bound
 
 
 def _train_run_recipe(run_dir: str, overrides: list[str], not_train: str) -> TrainRecipe:
@@ -441,7 +466,7 @@ def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
     preflight(resolve_paths(recipe))
     recipe, run = _start(recipe)
     try:
-        with heartbeat(run):
+        with _heartbeat(recipe, run):
             result = _evaluate_into(resolve_model_file(recipe.checkpoint), recipe.eval, run)
     except BaseException as e:
         _failed(run, e)
@@ -471,7 +496,7 @@ def eval_run_dir(
         )
         return dry_run(as_eval)
     run = local_run_dir(run_dir)
-    logs.attach_run(run)
+    logs.attach_run(run, shown_as=run_dir if storage.is_remote(run_dir) else None)
     result = _evaluate_into(resolve_model_file(run_dir), train.eval, run)
     _report(run, eval_result=result)
     _push(train, run)

@@ -59,6 +59,7 @@ class _Sink:
         self.lock = threading.Lock()
         self.file: TextIO | None = None
         self.path: Path | None = None
+        self.shown_as: str | None = None  # the run dir's URL, when `path` is in its staging
         self.pending: deque[str] = deque(maxlen=_PENDING_LINES)
         self.configured = False
 
@@ -179,12 +180,14 @@ def capture_library_loggers() -> None:
             lg.addHandler(_handler)
 
 
-def attach_run(run_dir: str | Path) -> Path | None:
+def attach_run(run_dir: str | Path, *, shown_as: str | None = None) -> Path | None:
     """From now on this process's library output goes to `RUN/logs/kiln-{time}-{pid}.log`
     (with whatever was logged before a run dir was known); returns that path. No-op (None)
-    unless configured."""
+    unless configured. `shown_as`: the URL that local folder `run_dir` stages (a run dir on
+    object storage), which the job's last lines name instead."""
     if not _sink.configured:
         return None
+    _sink.shown_as = shown_as
     name = f"kiln-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     path = Path(run_dir) / LOGS_DIR / name
     try:
@@ -296,7 +299,7 @@ def error_line(verb: str, message: str, *, kept: bool = False) -> str:
     log = current_log()
     note = ""
     if kept and log is not None:
-        run = log.parent.parent
+        run = _sink.shown_as or log.parent.parent
         if verb == "curate":
             note = (
                 f". Nothing written so far in {run} is lost: once fixed, the same command "
@@ -317,17 +320,18 @@ def outputs_line(verb: str, result: Any) -> str | None:
     log = current_log()
     if log is None or getattr(result, "rank", 0) != 0:
         return None
-    run = log.parent.parent
+    run = log.parent.parent  # what the job wrote here is (a copy of) what it names
+    shown = (_sink.shown_as or str(run)).rstrip("/")
     r = result.model_dump(mode="json") if hasattr(result, "model_dump") else result
     r = r if isinstance(r, dict) else {}
     parts = []
     if r.get("dataset_dir"):
         parts.append(f"dataset {r['dataset_dir']}")
     if r.get("latest_checkpoint"):
-        parts.append(f"checkpoints {run / 'checkpoints'}")
+        parts.append(f"checkpoints {shown}/checkpoints")
     if (run / "eval.json").is_file() and (verb == "eval" or r.get("eval")):
-        parts.append(f"eval {run / 'eval.json'}")
+        parts.append(f"eval {shown}/eval.json")
     if (run / "report.html").is_file():
-        parts.append(f"report {run / 'report.html'}")
-    parts.append(f"logs {log.parent}")
-    return f"outputs in {run}: {', '.join(parts)}"
+        parts.append(f"report {shown}/report.html")
+    parts.append(f"logs {shown}/{log.parent.name}")
+    return f"outputs in {shown}: {', '.join(parts)}"

@@ -301,23 +301,22 @@ def save_checkpoint(
     _barrier()
     if before_commit is not None:
         before_commit()
+    node_first = int(os.environ.get("LOCAL_RANK", rank)) == 0
+    listed: list[tuple[dict[str, int], dict[str, str]]] = []
     if mirror is not None:
         from kiln.training.remote_run import push_checkpoint
 
-        if int(os.environ.get("LOCAL_RANK", rank)) == 0:
+        if node_first:
             push_checkpoint(run_dir, mirror, tag, files=True, commit=False)
-        _barrier()
+        # each node stages into a folder of its own (torchrun on several hosts): the marker
+        # lists what every node wrote, as each node's first rank found it (also a barrier:
+        # every node's files are up before rank 0 commits)
+        listed = _gather(_tag_files(tag_dir) if node_first else ({}, {}))
     if rank == 0:
         files, hashes = {}, {}
-        for p in sorted(tag_dir.rglob("*")):
-            if p.is_file():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-                name = str(p.relative_to(tag_dir))
-                files[name] = p.stat().st_size
-                if files[name] <= HASHED_FILE_MAX_BYTES:
-                    hashes[name] = _sha256(p)
-        storage.fsync_dir(tag_dir)
+        for node_files, node_hashes in listed or [_tag_files(tag_dir)]:
+            files.update(node_files)
+            hashes.update(node_hashes)
         marker = {
             "tag": tag,
             "step": step,
@@ -338,7 +337,49 @@ def save_checkpoint(
     _barrier()
     if rank == 0:
         prune_checkpoints(run_dir, keep_last)
+    elif mirror is not None and node_first:
+        _prune_node_staging(run_dir, tag)
     return tag
+
+
+def _tag_files(tag_dir: Path) -> tuple[dict[str, int], dict[str, str]]:
+    """(size, sha256 of those up to `HASHED_FILE_MAX_BYTES`) of each file in checkpoint
+    folder `tag_dir`, every file and the folder fsynced: what its COMPLETE marker records."""
+    files, hashes = {}, {}
+    for p in sorted(tag_dir.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+            name = str(p.relative_to(tag_dir))
+            files[name] = p.stat().st_size
+            if files[name] <= HASHED_FILE_MAX_BYTES:
+                hashes[name] = _sha256(p)
+    storage.fsync_dir(tag_dir)
+    return files, hashes
+
+
+def _gather(obj: Any) -> list[Any]:
+    """`obj` of every rank, in rank order (collective)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _prune_node_staging(run_dir: str | Path, current: str) -> None:
+    """On a node other than rank 0's, in a staged run: remove the tag folders of this
+    node's staging folder but `current` that have no COMPLETE marker here. Rank 0 writes
+    the marker on its own node, so another node's own folder never gets one (and its
+    files are on object storage once the commit is done); where the nodes share one
+    folder, complete tags are rank 0's to prune."""
+    root = checkpoints_dir(run_dir)
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
+        tag = p.name
+        if step_of_tag(tag) is None or tag == current or not p.is_dir():
+            continue
+        if not is_complete(run_dir, tag):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[str]:

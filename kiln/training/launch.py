@@ -248,7 +248,7 @@ def train(
         verify = ranks is None or ranks.local_rank == 0
         preflight(cfg, world, run, resume, run_dir_check=ranks is None, verify=verify)
     run.mkdir(parents=True, exist_ok=True)
-    if ranks is None or ranks.rank == 0:
+    if ranks is None or ranks.local_rank == 0:  # (a staged run: each node's own copy)
         (run / SUMMARY_FILE).unlink(missing_ok=True)
     started = time.perf_counter()
     set_runtime_env()

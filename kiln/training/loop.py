@@ -409,8 +409,16 @@ def train_worker(
         "attempt": attempt,
         "train_s": time.perf_counter() - t_start,
     }
-    if rank == 0:
+    if mirror is not None:
+        # a staged run: each node has its own staging folder, where `launch.train` reads
+        # the summary (rank 0's, which knows the latest complete checkpoint)
+        box = [summary]
+        dist.broadcast_object_list(box, src=0)
+        summary = box[0]
+    node_first = int(os.environ.get("LOCAL_RANK", rank)) == 0
+    if rank == 0 or (mirror is not None and node_first):
         storage.write_json(run / SUMMARY_FILE, summary, sort_keys=False, durable=True)
+    if rank == 0:
         _log(
             rank,
             f"done: steps {first_step}..{step}, latest checkpoint "

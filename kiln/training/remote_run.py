@@ -8,13 +8,24 @@ into `kiln.storage.staging_dir(url)` and copies up what it writes:
   the ``COMPLETE`` marker, then ``latest`` and ``metrics.jsonl``; so the remote run dir,
   like a local one, never names a checkpoint that is not whole. Older tags are pruned
   there as they are locally (``checkpoint.keep_last``);
-- the rest of the run dir (recipe, status, metrics, summary, logs, eval) when the job ends
+- the run's status.json while it runs (`kiln.platform.runs.heartbeat`), and the rest of the
+  run dir (recipe, status, metrics, summary, logs, eval) when the job ends
   (`push_run_files`, from the platform).
 
-A resume downloads (`pull_run`): the staging folder's checkpoints are cleared (the remote
-run dir is the truth), then ``metrics.jsonl`` and the newest complete checkpoint whose files
-verify against its marker come down, and training resumes from the staging folder as from
-any local run dir.
+Several nodes (torchrun / srun on several hosts): every process stages into its machine's
+staging folder (`KILN_STAGING_DIR`, which must be a folder of the node's own, not one
+shared between nodes); each node's first rank uploads the checkpoint files its node wrote,
+the COMPLETE marker lists every node's files, and only then does rank 0 upload it and
+``latest``. At the end each other node uploads its own ``logs/`` (`push_node_logs`). Two
+nodes that share one staging folder (a home folder on NFS) would clear and download into
+each other's files: each node marks the folder it staged (`mark_node_staging`) and the
+run stops with an error naming the fix if one holds another node's mark
+(`check_node_staging`).
+
+A resume downloads (`pull_run`, on every node): the staging folder's checkpoints are
+cleared (the remote run dir is the truth), then ``metrics.jsonl`` and the newest complete
+checkpoint whose files verify against its marker come down, and training resumes from the
+staging folder as from any local run dir.
 """
 
 from __future__ import annotations
@@ -33,10 +44,13 @@ from kiln.models.checkpoint_index import (
 
 __all__ = [
     "RUN_URL_ENV",
+    "check_node_staging",
     "complete_remote_checkpoints",
+    "mark_node_staging",
     "prune_remote",
     "pull_run",
     "push_checkpoint",
+    "push_node_logs",
     "push_run_files",
     "remote_latest",
 ]
@@ -44,6 +58,8 @@ __all__ = [
 #: Set (by `kiln.platform.api`, for the ranks it starts) to the URL a staged run mirrors to.
 RUN_URL_ENV = "KILN_RUN_URL"
 _METRICS = "metrics.jsonl"
+#: Folder of a staging folder where each node that staged it leaves a mark (not uploaded).
+_NODES_DIR = ".kiln-nodes"
 
 
 def complete_remote_checkpoints(url: str) -> list[str]:
@@ -149,4 +165,37 @@ def push_run_files(local: str | Path, url: str) -> None:
     """Copy the staging folder's files but its checkpoints (recipe, status, metrics,
     summary, logs, eval, exports) up to `url`. A no-op when `local` does not exist."""
     if os.path.isdir(local):
-        storage.upload_tree(local, url, skip=(CHECKPOINTS_DIR,))
+        storage.upload_tree(local, url, skip=(CHECKPOINTS_DIR, _NODES_DIR))
+
+
+def push_node_logs(local: str | Path, url: str) -> None:
+    """Copy the ``logs/`` of a node's staging folder up to ``{url}/logs`` (a torchrun node
+    other than rank 0's: its ranks' log files). Nothing else: that node's copies of the
+    run dir's files (metrics downloaded for a resume) are not the run's."""
+    logs = Path(local) / "logs"
+    if logs.is_dir():
+        storage.upload_tree(logs, f"{url.rstrip('/')}/logs")
+
+
+def mark_node_staging(local: str | Path, rank: int) -> None:
+    """Mark staging folder `local` as staged by the node whose first rank is `rank` (each
+    node's first rank, as it stages, before the process group is up), the marks of earlier
+    launches removed."""
+    nodes = Path(local) / _NODES_DIR
+    shutil.rmtree(nodes, ignore_errors=True)
+    nodes.mkdir(parents=True, exist_ok=True)
+    (nodes / f"rank{rank}").touch()
+
+
+def check_node_staging(local: str | Path, rank: int) -> None:
+    """Raise ValueError if staging folder `local` holds another node's mark besides that of
+    `rank`'s node: the nodes share it. Each node's first rank calls it once every node has
+    staged (after a collective: then whichever node marked last, another one sees it)."""
+    nodes = Path(local) / _NODES_DIR
+    others = sorted(p.name for p in nodes.glob("rank*") if p.name != f"rank{rank}")
+    if others:
+        raise ValueError(
+            f"staging folder {local} is shared by several nodes (also staged by the node of "
+            f"{', '.join(others)}): every node stages an object-storage run dir in a folder of "
+            f"its own; set {storage.STAGING_ENV} to a folder on each node's local disk"
+        )

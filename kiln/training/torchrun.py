@@ -36,6 +36,7 @@ from pydantic import BaseModel
 
 from kiln.training.checkpoint import latest_checkpoint
 from kiln.training.config import TrainConfig
+from kiln.training.remote_run import RUN_URL_ENV, check_node_staging
 
 __all__ = ["RankEnv", "export_rank_env", "rank_env", "run_rank"]
 
@@ -130,6 +131,25 @@ def export_rank_env(ranks: RankEnv, environ: MutableMapping[str, str] | None = N
     )
 
 
+def _check_staging_folders(run: Path, ranks: RankEnv) -> None:
+    """Collective: every rank raises the same ValueError if some node shares its staging
+    folder with another (`check_node_staging`), instead of that node alone stopping while
+    the others wait for it in their next collective."""
+    import torch.distributed as dist
+
+    problem = ""
+    if ranks.local_rank == 0:
+        try:
+            check_node_staging(run, ranks.rank)
+        except ValueError as e:
+            problem = str(e)
+    found: list[str] = [""] * ranks.world_size
+    dist.all_gather_object(found, problem)
+    first = next((p for p in found if p), None)
+    if first is not None:
+        raise ValueError(first)
+
+
 def run_rank(
     cfg: TrainConfig,
     run: Path,
@@ -159,6 +179,8 @@ def run_rank(
             count = count.cuda()
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
         restarts = int(count.item())
+        if os.environ.get(RUN_URL_ENV):  # every node has staged the remote run dir by now
+            _check_staging_folders(run, ranks)
         if restarts and latest_checkpoint(run) is not None:
             resume = True
         check_run_dir(run, resume)

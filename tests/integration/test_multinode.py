@@ -28,7 +28,7 @@ import yaml
 from kiln.training.launch import ATTEMPTS_FILE, free_port
 from tests.helpers_output import library_lines
 from tests.helpers_ray_cluster import LoopbackCluster
-from tests.helpers_training import short_run_config
+from tests.helpers_training import run_world, short_run_config
 
 pytestmark = pytest.mark.slow
 
@@ -100,24 +100,6 @@ def test_ray_train_workers_on_two_nodes(
         next(k for k in node_of[w["node_id"]] if k.startswith("kiln_node_")) for w in workers
     )
     assert placed == ["kiln_node_a", "kiln_node_b"]
-
-
-def run_world(cmds: list[list[str]], envs: list[dict[str, str]], logs: list[Path]) -> list[str]:
-    """Start one process per command, wait for all; returns their outputs."""
-    procs = []
-    for cmd, env, path in zip(cmds, envs, logs, strict=True):
-        with open(path, "wb") as log:
-            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
-    try:
-        codes = [p.wait(timeout=600) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    outs = [path.read_text() for path in logs]
-    assert codes == [0] * len(cmds), "\n".join(o[-4000:] for o in outs)
-    return outs
 
 
 def test_torchrun_two_nodes_then_a_requeued_srun_job(

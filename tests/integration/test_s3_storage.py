@@ -12,9 +12,17 @@ One scenario (each part needs the one before):
    resume at every step and ZeRO stage is tests/integration/test_resume.py's);
 3. eval from s3: the run's weights downloaded, zero-shot on the pool's s3 eval set, eval.json
    written back to the bucket;
+4. `kiln runs s3://...` (table and --json) lists the three runs from the bucket alone, and
+   `kiln report s3://.../train` writes the run's report.html there;
 
 plus: no local folder named `s3:` appears, and a missing bucket or an unreachable endpoint
 gives one `[kiln]` line naming the URL and the variables to set.
+
+Beside it: a live run's status.json follows it on the bucket (running, its step) and a
+SIGKILLed driver's run is listed as dead (stale from another host); a two-node torchrun
+world (two agents on this machine, each "node" with its own KILN_STAGING_DIR) trains into
+the bucket, stops, and resumes from the bucket alone with the losses of an uninterrupted
+run (and two nodes that share a staging folder both stop with an error saying so).
 """
 
 from __future__ import annotations
@@ -22,6 +30,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,12 +44,14 @@ import yaml
 from kiln import storage
 from kiln.platform import api
 from kiln.platform.cli import main as kiln_main
+from kiln.platform.runs import STALE_AFTER_S, live_state
 from kiln.training import TrainLaunchError
+from kiln.training.launch import free_port
 from kiln.training.loop import FAULT_SIGKILL_AFTER_STEP
 from kiln.training.remote_run import complete_remote_checkpoints, remote_latest
 from tests.helpers_datasets import curate_recipe
 from tests.helpers_s3 import BUCKET, S3_ENV, s3_server
-from tests.helpers_training import TINY_MODEL
+from tests.helpers_training import TINY_MODEL, run_world, short_run_config
 
 pytestmark = pytest.mark.slow
 
@@ -100,8 +114,18 @@ def _metrics(url: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines()]
 
 
+def _kiln_runs(capsys: pytest.CaptureFixture[str], root: str) -> dict[str, dict[str, Any]]:
+    """`kiln runs ROOT --json`, by run dir."""
+    capsys.readouterr()
+    assert kiln_main(["runs", root, "--json"]) == 0
+    return {r["path"]: r for r in json.loads(capsys.readouterr().out)}
+
+
 def test_curate_train_resume_eval_on_s3(
-    s3: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    s3: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.chdir(tmp_path)  # where a `Path("s3://...")` would have made a folder
 
@@ -137,6 +161,9 @@ def test_curate_train_resume_eval_on_s3(
     assert complete_remote_checkpoints(url) == ["step_00000002"]
     assert storage.read_json(f"{url}/status.json")["state"] == "failed"
     assert storage.exists(f"{url}/recipe.yaml") and storage.list_files(f"{url}/logs")
+    killed = _kiln_runs(capsys, ROOT)[url]  # read from the bucket alone
+    assert (killed["state"], killed["last_step"], killed["max_steps"]) == ("failed", 3, MAX_STEPS)
+    assert killed["latest_checkpoint"] == "step_00000002" and "Error" in killed["error"]
     shutil.rmtree(storage.staging_dir(url))  # resume on "another machine": the bucket only
     with pytest.raises(FileExistsError, match="already holds checkpoints"):
         api.train(_train_recipe(url, dataset))  # a fresh run would mix two runs
@@ -173,7 +200,132 @@ def test_curate_train_resume_eval_on_s3(
     assert written is not None and written == json.loads(json.dumps(out))
     assert storage.read_json(f"{ROOT}/eval/status.json")["state"] == "completed"
 
+    # 4. `kiln runs` and `kiln report` on the bucket
+    runs = _kiln_runs(capsys, ROOT)
+    assert set(runs) == {f"{ROOT}/curate", url, f"{ROOT}/eval"}
+    assert all(r["state"] == "completed" for r in runs.values())
+    assert "kept" in runs[f"{ROOT}/curate"]["summary"]
+    trained = runs[url]
+    assert (trained["last_step"], trained["latest_checkpoint"]) == (4, f"step_{MAX_STEPS:08d}")
+    assert trained["loss"] == resumed.losses[-1] and trained["samples_per_s"] > 0
+    assert "top1" in runs[f"{ROOT}/eval"]["eval"]
+    assert kiln_main(["runs", ROOT]) == 0
+    table = capsys.readouterr().out
+    assert f"{url} " in table and f"{MAX_STEPS}/{MAX_STEPS}" in table, table
+    storage.remove(f"{url}/report.html")
+    assert kiln_main(["report", url]) == 0
+    assert f"report: {url}/report.html" in capsys.readouterr().out
+    assert "<svg" in (storage.read_text(f"{url}/report.html") or "")
+
     assert not any(p.name.startswith("s3:") for p in tmp_path.iterdir())
+
+
+def test_live_run_on_s3_is_listed_running_then_dead(
+    s3: dict[str, str], short_dataset: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """While `kiln train` runs into the bucket its status.json there says `running` with
+    the step it reached; once its driver is SIGKILLed the listing says so."""
+    url = f"{ROOT}/live"
+    spec = _train_recipe(url, short_dataset)
+    spec.update(name="s3-live", max_steps=1000, checkpoint={"every_steps": 2, "keep_last": 1})
+    recipe = tmp_path / "live.yaml"
+    recipe.write_text(yaml.safe_dump(spec))
+    log = open(tmp_path / "live.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kiln", "train", str(recipe)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # the driver and its rank, killed together below
+    )
+    try:
+        deadline = time.monotonic() + 300
+        status: dict[str, Any] = {}
+        while status.get("state") != "running" or (status.get("last_step") or 0) < 2:
+            assert proc.poll() is None, (tmp_path / "live.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, f"the bucket's status.json: {status}"
+            time.sleep(0.5)
+            status = storage.read_json(f"{url}/status.json") or {}
+        assert status["driver"]["pid"] == proc.pid
+        live = _kiln_runs(capsys, url)[url]
+        assert live["state"] == "running" and live["last_step"] >= 2, live
+        assert live["latest_checkpoint"] is not None and live["samples_per_s"] > 0, live
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+    dead = _kiln_runs(capsys, url)[url]
+    assert dead["state"] == "dead" and f"pid {proc.pid}" in dead["error"], dead
+    # seen from another host (no pid to check) it goes stale once its heartbeat is old
+    status = storage.read_json(f"{url}/status.json")
+    elsewhere = {**status, "driver": {**status["driver"], "host": "another-host"}}
+    assert live_state(elsewhere, now=status["heartbeat"] + 1)[0] == "running"
+    assert live_state(elsewhere, now=status["heartbeat"] + STALE_AFTER_S + 1)[0] == "stale"
+
+
+def test_torchrun_world_on_s3_stops_and_resumes_from_the_bucket(
+    s3: dict[str, str], short_dataset: str, short_reference: list[float], tmp_path: Path
+) -> None:
+    """Two torchrun agents ("nodes" 0 and 1, one rank each, each its own staging folder)
+    train steps 1..4 into the bucket and stop; their staging folders are deleted and two
+    agents `kiln resume` the run from the bucket to step 6: the losses of the uninterrupted
+    2-rank run, exactly. Between the two, a world whose nodes share one staging folder
+    stops at its start with the error on both nodes."""
+    url = f"{ROOT}/torchrun"
+    resources = {"workers": 1, "cpus_per_worker": 1, "launcher": "torchrun"}
+    spec = {"kind": "train", "name": "s3-torchrun", "run_dir": url, "resources": resources}
+    spec |= short_run_config(short_dataset).model_dump(mode="json")
+    recipe = tmp_path / "torchrun.yaml"
+    recipe.write_text(yaml.safe_dump(spec, sort_keys=False))
+    staging = [tmp_path / f"node{n}-staging" for n in (0, 1)]
+    envs = [dict(os.environ, **{storage.STAGING_ENV: str(root)}) for root in staging]
+
+    def world(verb: list[str], name: str, envs: list[dict[str, str]] = envs) -> list[str]:
+        agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2"]
+        agent += ["--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+        cmd = [*verb, "--launcher", "torchrun"]
+        return run_world(
+            [[*agent, f"--node_rank={n}", "-m", "kiln", *cmd] for n in (0, 1)],
+            envs,
+            [tmp_path / f"{name}{n}.log" for n in (0, 1)],
+            ok=name != "shared",
+        )
+
+    world(["train", str(recipe), "--set", "stop_after_step=4"], "train")
+    summary = storage.read_json(f"{url}/train_summary.json")
+    assert summary["losses"] == short_reference[:4]  # exact
+    assert storage.read_json(f"{url}/status.json")["state"] == "stopped"
+    assert remote_latest(url) == "step_00000004"
+    # node 1 staged what its rank wrote (never a marker), node 0 the rest; the marker on
+    # the bucket lists both nodes' files, and each is there
+    node = [root / Path(storage.staging_dir(url)).name for root in staging]
+    tag = "checkpoints/step_00000004"
+    assert (node[1] / tag / "rng_rank1.pt").is_file() and not (
+        node[0] / tag / "rng_rank1.pt"
+    ).exists()
+    assert not (node[1] / tag / "COMPLETE").exists()
+    marker = json.loads(storage.read_text(f"{url}/{tag}/COMPLETE") or "{}")
+    assert {"rng_rank0.pt", "rng_rank1.pt"} <= set(marker["files"])
+    for name, size in marker["files"].items():
+        assert storage.file_identity(f"{url}/{tag}/{name}")[0] == size, name
+    assert storage.exists(f"{url}/logs/torchrun-rank1.log")  # node 1's own logs
+
+    # two nodes that share one staging folder are told so, both of them (not one failing
+    # while the other waits for it in a collective)
+    shared = ["train", str(recipe), "--set", f"run_dir={url}-shared"]
+    for out in world(shared, "shared", [envs[0], envs[0]]):
+        assert "kiln train: error: staging folder" in out and "set KILN_STAGING_DIR" in out, out
+
+    for root in staging:  # resume on "other machines": the bucket only
+        shutil.rmtree(root)
+    outs = world(["resume", url], "resume")
+    assert "[kiln] resumed from step_00000004" in outs[0]
+    ends = [line for line in outs[0].splitlines() if line.startswith("outputs in")]
+    assert ends and ends[-1].startswith(f"outputs in {url}: checkpoints {url}/checkpoints"), ends
+    summary = storage.read_json(f"{url}/train_summary.json")
+    assert (summary["resumed_from"], summary["last_step"]) == (4, 6)
+    assert summary["losses"] == short_reference[4:]  # exact
+    status = storage.read_json(f"{url}/status.json")
+    assert (status["state"], status["last_step"], len(status["attempts"])) == ("completed", 6, 2)
 
 
 def test_bad_bucket_or_endpoint_is_one_clear_line(
@@ -189,6 +341,13 @@ def test_bad_bucket_or_endpoint_is_one_clear_line(
     err = capsys.readouterr().err
     assert "s3://no-such-bucket/run" in err and "AWS_ENDPOINT_URL" in err, err
     assert "does not exist" in err and "Traceback" not in err, err
+    assert kiln_main(["runs", "s3://no-such-bucket/runs"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kiln runs: error: cannot read s3://no-such-bucket/runs"), err
+    assert "AWS_ENDPOINT_URL" in err and len(err.strip().splitlines()) == 1, err
+    assert kiln_main(["runs", f"{ROOT}/no-such-root"]) == 2
+    err = capsys.readouterr().err
+    assert f"runs root '{ROOT}/no-such-root' is not a folder" in err and "Traceback" not in err
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")  # nothing listens there
     recipe.write_text(f"kind: eval\nname: e\nrun_dir: {ROOT}/bad\ncheckpoint: x.pt\n")

@@ -7,6 +7,8 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -145,3 +147,65 @@ def test_kiln_runs_does_not_import_torch() -> None:
     code = "import sys, kiln.platform.runs; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# --------------------------------------------------------------------------- object storage
+
+
+def test_list_runs_on_a_url_reads_it_like_a_folder(tmp_path: Path) -> None:
+    """The same run dir listed from a local folder and from a copy on fsspec's in-memory
+    filesystem (what `kiln runs s3://...` reads through) gives the same rows."""
+    from kiln import storage
+
+    run = tmp_path / "exp" / "train"
+    write_status(run, "completed", kind="train", name="t", max_steps=40)
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 40, "loss": 0.5}) + "\n")
+    (run / "checkpoints" / "step_00000040").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000040" / "COMPLETE").write_text("{}")
+    (run / "checkpoints" / "latest").write_text("step_00000040\n")
+    url = f"memory://kiln-runs-{uuid.uuid4().hex[:8]}"
+    storage.upload_tree(tmp_path, url)
+    [local] = list_runs(tmp_path)
+    [remote] = list_runs(url)
+    assert remote.path == f"{url}/exp/train" and local.path == str(run)
+    assert remote.model_dump(exclude={"path"}) == local.model_dump(exclude={"path"})
+    assert (remote.last_step, remote.latest_checkpoint) == (40, "step_00000040")
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        list_runs(f"{url}/nope")
+
+
+def test_heartbeat_mirrors_the_status_on_start_new_checkpoint_and_interval(
+    tmp_path: Path,
+) -> None:
+    """Copied up when the heartbeat starts and when the latest checkpoint changes, not on
+    every beat; with it the train run's last step (from its metrics)."""
+    from kiln import storage
+
+    url = f"memory://kiln-mirror-{uuid.uuid4().hex[:8]}/run"
+    write_status(tmp_path, "running", kind="train", name="t")
+
+    def remote() -> dict[str, object]:
+        return read_status(url)
+
+    def wait_for(check: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 20
+        while not check():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+
+    with heartbeat(tmp_path, every_s=0.05, mirror=url, mirror_every_s=3600):
+        first = remote()
+        assert first["state"] == "running" and "last_step" not in first
+        (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 2, "loss": 1.0}) + "\n")
+        wait_for(lambda: read_status(tmp_path).get("last_step") == 2)
+        time.sleep(0.3)  # beats, but nothing new for the bucket
+        assert remote() == first
+        (tmp_path / "checkpoints").mkdir()
+        (tmp_path / "checkpoints" / "latest").write_text("step_00000002\n")
+        wait_for(lambda: remote().get("last_step") == 2)
+        assert remote()["heartbeat"] > first["heartbeat"]  # type: ignore[operator]
+    with heartbeat(tmp_path, every_s=0.05, mirror=url, mirror_every_s=0.1):
+        beat = remote()["heartbeat"]
+        wait_for(lambda: remote()["heartbeat"] != beat)  # the interval alone
+    write_status(tmp_path, "completed")
+    assert storage.read_json(f"{url}/status.json")["state"] == "running"  # the job's end pushes

@@ -3,6 +3,8 @@ variables, and their absence is a clear error naming what to set."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from kiln.training.torchrun import export_rank_env, rank_env
@@ -57,3 +59,22 @@ def test_outside_torchrun_or_srun_is_a_clear_error() -> None:
         rank_env(
             {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", **RENDEZVOUS, "MASTER_PORT": "x"}
         )
+
+
+def test_nodes_sharing_a_staging_folder_are_told_to_set_their_own(tmp_path: Path) -> None:
+    """Each node's first rank marks the staging folder it staged; once all have, a folder
+    with another node's mark is shared, whichever node marked it last."""
+    from kiln.training.remote_run import check_node_staging, mark_node_staging
+
+    own = [tmp_path / "node0", tmp_path / "node1"]
+    for rank, folder in zip((0, 1), own, strict=True):
+        mark_node_staging(folder, rank)
+    for rank, folder in zip((0, 1), own, strict=True):
+        check_node_staging(folder, rank)
+    shared = tmp_path / "shared"
+    mark_node_staging(shared, 0)
+    mark_node_staging(shared, 1)  # clears the earlier launch's marks, so rank 0's too
+    with pytest.raises(ValueError, match=r"node of rank1.*set KILN_STAGING_DIR"):
+        check_node_staging(shared, 0)
+    mark_node_staging(shared, 0)  # a later launch with one node: its own mark only
+    check_node_staging(shared, 0)
