@@ -5,6 +5,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kiln-installed
 CONSTRAINTS := constraints/cpu.txt
+# pytest-xdist workers for the unit tests: the cores, up to 8 (each worker imports torch)
+TEST_CPUS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n > 8 ? 8 : n )))
 
 # DeepSpeed on CPU; its small C++ op is compiled once into the venv.
 export DS_ACCELERATOR ?= cpu
@@ -31,8 +33,11 @@ demo: $(STAMP)
 
 # tests/integration/test_report.py renders reports in headless Chromium: installed here when
 # it is missing and we can (root with apt-get); otherwise that test skips, saying how.
+# The unit tests run on every core (pytest-xdist: pure functions, no shared state); the
+# integration and end-to-end tests one at a time, since each one uses the whole machine.
 test: $(STAMP) chromium
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_CPUS) tests/unit
+	$(PY) -m pytest -q --ignore=tests/unit
 
 chromium:
 	@command -v chromium >/dev/null 2>&1 || { \
@@ -45,7 +50,7 @@ chromium:
 
 # The inner loop: unit tests only (no Ray, no DeepSpeed), under a minute.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q -n $(TEST_CPUS) tests/unit
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -254,6 +254,12 @@ def run_loader(cfg: TrainConfig, world: int, warmup: int, steps: int, cuda: bool
     }
 
 
+def _significant(value: float, digits: int = 4) -> float:
+    """`value` to `digits` significant digits: a CPU smoke run's MFU (~0.002) keeps its
+    precision, which rounding to decimal places did not."""
+    return float(f"{value:.{digits}g}")
+
+
 def _log(msg: str) -> None:
     sys.stdout.write(f"[kiln] {msg}\n")
     sys.stdout.flush()
@@ -361,10 +367,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "samples_per_s": round(samples_per_s, 2),
         "samples_per_s_per_gpu": round(samples_per_s / world, 2),
         "train_gflops_per_sample": round(train_flops / 1e9, 3),
-        "achieved_tflops_per_gpu": round(achieved, 4),
+        "achieved_tflops_per_gpu": _significant(achieved),
         "peak_tflops_per_gpu": peak,
         "peak_source": peak_source,
-        "mfu": round(achieved / peak, 4) if peak else None,
+        "mfu": _significant(achieved / peak) if peak else None,
         "max_memory_gb": result["max_memory_gb"],
         "final_loss": result["final_loss"],
     }
