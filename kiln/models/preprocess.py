@@ -115,9 +115,10 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def chw(img: Image.Image) -> torch.Tensor:
-    """A loaded RGB image as ``uint8 [3, H, W]``: a view of its pixel bytes (no copy
-    beyond PIL's own export; read-only, which is fine for everything that reads it here)."""
+def chw(img: Image.Image | np.ndarray) -> torch.Tensor:
+    """A loaded RGB image (or its ``uint8 [H, W, 3]`` array) as ``uint8 [3, H, W]``: a view
+    of its pixel bytes (no copy beyond PIL's own export; read-only, which is fine for
+    everything that reads it here)."""
     with warnings.catch_warnings():  # torch warns once about the read-only buffer
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(np.asarray(img)).permute(2, 0, 1)

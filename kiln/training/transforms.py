@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from kiln.models.jpeg import decode_jpeg, draft_scale, jpeg_size
 from kiln.models.preprocess import (
     IMAGE_MEAN,
     IMAGE_STD,
@@ -153,10 +154,34 @@ def _transform(
     return chw(resize_center_crop(img, image_size))
 
 
+Pixels = Image.Image | np.ndarray  # a loaded RGB image, or its ``uint8 [H, W, 3]`` array
+
+
+def _as_image(pixels: Pixels) -> Image.Image:
+    return pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels, "RGB")
+
+
+def _decode_for(
+    data: bytes, img: Image.Image | None, size: tuple[int, int], factor: int
+) -> tuple[Pixels, int]:
+    """The RGB pixels of `data` decoded at the DCT scale PIL's ``Image.draft`` picks for a
+    reduction by `factor`, and that scale. A JPEG `kiln.models.jpeg.jpeg_size` accepted
+    (`img` None) is decoded by libjpeg-turbo directly, with PIL's pixels; anything else,
+    or a JPEG libjpeg-turbo reports a problem with, by PIL (which names what is wrong)."""
+    if img is None:
+        scale = draft_scale(size[0], size[1], factor)
+        pixels = decode_jpeg(data, size[0], size[1], scale)
+        if pixels is not None:
+            return pixels, scale
+        img = open_image(data)
+    scale = _draft(img, factor)
+    return load_rgb(img, data), scale
+
+
 def _fast_resize(
-    img: Image.Image, box: tuple[float, float, float, float], factor: int, size: int
+    pixels: Pixels, box: tuple[float, float, float, float], factor: int, size: int
 ) -> torch.Tensor:
-    """The region `box` (original-image coordinates) of `img` (decoded at 1/`factor`
+    """The region `box` (original-image coordinates) of `pixels` (decoded at 1/`factor`
     scale) resized to ``size x size``: ``uint8 [3, size, size]``.
 
     A reduced image gets PIL's bicubic resize on the box divided by `factor` (fractional
@@ -167,9 +192,9 @@ def _fast_resize(
     if factor > 1:
         left, top, right, bottom = box
         scaled = (left / factor, top / factor, right / factor, bottom / factor)
-        return chw(img.resize((size, size), RESAMPLE, box=scaled))
+        return chw(_as_image(pixels).resize((size, size), RESAMPLE, box=scaled))
     left, top, right, bottom = (int(v) for v in box)
-    crop = chw(img)[None, :, top:bottom, left:right]
+    crop = chw(pixels)[None, :, top:bottom, left:right]
     return F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)[0]
 
 
@@ -193,19 +218,21 @@ def image_pixels(
     _check_args(image_size, augment, rng)
     if not fast_decode:
         return _transform(decode_rgb(data), image_size, augment, rng)
-    img = open_image(data)
-    width, height = img.size
+    size = jpeg_size(data)  # a JPEG libjpeg-turbo decodes as PIL would: no PIL image needed
+    img = open_image(data) if size is None else None
+    width, height = size or img.size  # type: ignore[union-attr]
     if not augment:
         box = center_box(width, height, image_size)
-        factor = _draft(img, draft_factor(box[2] - box[0], box[3] - box[1], image_size))
-        img = load_rgb(img, data)
+        wanted = draft_factor(box[2] - box[0], box[3] - box[1], image_size)
+        pixels, factor = _decode_for(data, img, (width, height), wanted)
         if factor == 1:
-            return chw(resize_center_crop(img, image_size))
-        return _fast_resize(img, box, factor, image_size)
+            return chw(resize_center_crop(_as_image(pixels), image_size))
+        return _fast_resize(pixels, box, factor, image_size)
     assert rng is not None
     crop = random_resized_crop_box(width, height, rng)
-    factor = _draft(img, draft_factor(crop[2] - crop[0], crop[3] - crop[1], image_size))
-    return _flip(_fast_resize(load_rgb(img, data), crop, factor, image_size), rng)
+    wanted = draft_factor(crop[2] - crop[0], crop[3] - crop[1], image_size)
+    pixels, factor = _decode_for(data, img, (width, height), wanted)
+    return _flip(_fast_resize(pixels, crop, factor, image_size), rng)
 
 
 def image_to_tensor(
