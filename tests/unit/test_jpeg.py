@@ -102,7 +102,7 @@ def test_corrupt_jpeg_is_pil_s_error() -> None:
     assert jpeg.jpeg_size(truncated) == (64, 64)  # the header is whole
     assert jpeg.decode_jpeg(truncated, 64, 64, 1) is None  # libjpeg-turbo's warning
     rng = sample_rng(0, 0, "x")
-    with pytest.raises(ValueError, match="truncated|broken|cannot"):
+    with pytest.raises(ValueError, match=r"cannot decode \d+ bytes as an image"):
         image_pixels(truncated, 32, augment=True, rng=rng, fast_decode=True)
 
 
