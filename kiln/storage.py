@@ -95,6 +95,38 @@ class StorageError(ValueError):
     credentials): one line naming the URL and what to set."""
 
 
+#: What a forked child must never close: the parent's fsspec IO loop and filesystems.
+_PARENT_IO: list[Any] = []
+
+
+def _hold_io_for_child() -> None:
+    """Before a fork: keep references to fsspec's IO loop, its thread and the cached
+    filesystem instances, so that in the child (a DataLoader worker, a curation worker)
+    they are never garbage-collected or closed.
+
+    fsspec drops them in a forked child and starts a new loop there. Their copies, once
+    collected or closed in the child, unregister the parent's sockets from the epoll
+    instance that both processes share after a fork: the parent's next request on a pooled
+    connection then waits ~15 s for a timeout (every checkpoint upload of a rank whose
+    loader workers read shards from object storage did). Held here, they stay untouched;
+    a child ends with ``os._exit``, which runs no finalizers."""
+    import fsspec.asyn
+
+    held: list[Any] = [fsspec.asyn.loop[0], fsspec.asyn.iothread[0]]
+    stack: list[type] = [fsspec.AbstractFileSystem]
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        cache = cls.__dict__.get("_cache")
+        if isinstance(cache, dict):
+            held.extend(cache.values())
+    _PARENT_IO[:] = [x for x in held if x is not None]
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_hold_io_for_child)
+
+
 def fs_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path) of `url`, the path without a trailing slash."""
     fs, path = fsspec.core.url_to_fs(url)
