@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from collections.abc import Mapping
@@ -14,6 +15,7 @@ from torch import nn
 from kiln.models.build import build_model
 from kiln.models.config import ModelConfig
 from kiln.models.tokenizer import tokenize
+from kiln.training import TrainSummary
 from kiln.training.config import TrainConfig
 from kiln.training.objectives.clip import clip_loss
 
@@ -138,3 +140,24 @@ def run_world(
     outs = [path.read_text() for path in logs]
     assert all((code == 0) == ok for code in codes), "\n".join(o[-4000:] for o in outs)
     return outs
+
+
+def last_loss_per_step(run: Path) -> dict[int, float]:
+    """Each step's loss in `metrics.jsonl`; a later attempt's record of a step wins."""
+    out: dict[int, float] = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = rec["loss"]
+    return out
+
+
+def check_healed(run: Path, summary: TrainSummary, reference: list[float]) -> None:
+    """A `short_run_config` run whose rank 1 was SIGKILLed after step 5 once was restarted
+    from step 4 and finished with the uninterrupted `reference` losses, bitwise."""
+    assert summary.restarts == 1
+    assert (summary.resumed_from, summary.first_step, summary.last_step) == (4, 5, SHORT_RUN_STEPS)
+    assert summary.losses == reference[4:]  # exact
+    assert last_loss_per_step(run) == dict(enumerate(reference, start=1))
+    assert (run / ".fault-sigkill-rank1-step5").is_file()  # the fault did fire
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps.count(5) == 2  # trained once before the kill and once after the restart

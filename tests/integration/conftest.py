@@ -8,9 +8,9 @@ import json
 import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -19,53 +19,46 @@ from tests.helpers_datasets import write_tiny_dataset
 from tests.helpers_ray_cluster import LoopbackCluster
 from tests.helpers_training import SHORT_RUN_STEPS, short_run_config
 
-
-@pytest.fixture(scope="session")
-def ray_session() -> Iterator[None]:
-    """The embedded Ray kiln starts for a user (2 CPUs, loopback, no dashboard).
-
-    Shut down at the end of the session, unless something else had started it.
-    """
-    import ray
-
-    started = start_ray(num_cpus=2)
-    try:
-        yield
-    finally:
-        if started:
-            ray.shutdown()
-
-
+RAY_SESSION = "ray_session"
 TWO_NODE_CLUSTER = "two_node_cluster"
 
 
-class _ClusterUse:
-    """How many collected tests still need the two-node cluster, the cluster once up, and
-    the thread that stops it."""
+class _LastUse:
+    """The session fixtures stopped after the last test that uses them, not at the
+    session's end (idle, a Ray still takes CPU from every test after it: its dashboard
+    agent alone samples every process every few seconds): how many collected tests still
+    need each, and what stops each once it is up."""
 
-    left = 0
-    cluster: LoopbackCluster | None = None
-    stopping: threading.Thread | None = None
+    left: ClassVar[dict[str, int]] = {}
+    stop: ClassVar[dict[str, Callable[[], None]]] = {}
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    _ClusterUse.left = sum(
-        TWO_NODE_CLUSTER in getattr(i, "fixturenames", ()) for i in session.items
-    )
+    for name in (RAY_SESSION, TWO_NODE_CLUSTER):
+        _LastUse.left[name] = sum(name in getattr(i, "fixturenames", ()) for i in session.items)
 
 
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
-    """Stop the two-node cluster after the last test that uses it, not at the session's
-    end (idle, its nodes would still take CPU from every test after it), in a thread: its
-    nodes wind down their workers for up to ~20 s, mostly waiting, while the next tests
-    run. The fixture's teardown waits for that thread."""
-    if TWO_NODE_CLUSTER not in getattr(item, "fixturenames", ()):
-        return
-    _ClusterUse.left -= 1
-    cluster = _ClusterUse.cluster
-    if _ClusterUse.left <= 0 and cluster is not None and _ClusterUse.stopping is None:
-        _ClusterUse.stopping = threading.Thread(target=cluster.stop, name="stop-two-node-cluster")
-        _ClusterUse.stopping.start()
+    for name in set(getattr(item, "fixturenames", ())) & _LastUse.left.keys():
+        _LastUse.left[name] -= 1
+        if _LastUse.left[name] <= 0 and name in _LastUse.stop:
+            _LastUse.stop.pop(name)()
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """The embedded Ray kiln starts for a user (2 CPUs, loopback, with the dashboard that
+    Ray Train's controller polls), shut down after its last test, unless something else
+    had started it."""
+    import ray
+
+    started = start_ray(num_cpus=2)
+    if started:
+        _LastUse.stop[RAY_SESSION] = ray.shutdown
+    try:
+        yield
+    finally:
+        _LastUse.stop.pop(RAY_SESSION, lambda: None)()  # not yet stopped: -k, -x
 
 
 @pytest.fixture(scope="session")
@@ -79,15 +72,18 @@ def two_node_cluster(
     cluster = LoopbackCluster(tmp_path_factory.mktemp("two-node-cluster"))
     path = cluster.env.get("PATH", "")
     cluster.env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{path}"
+    # stopped in a thread: its nodes wind down their workers for up to ~20 s, mostly
+    # waiting, while the next tests run; the teardown below waits for that thread
+    stopping = threading.Thread(target=cluster.stop, name="stop-two-node-cluster")
     try:
         nodes = cluster.start()
         cluster.env["KILN_ADDRESS"] = cluster.dashboard_url
-        _ClusterUse.cluster = cluster
+        _LastUse.stop[TWO_NODE_CLUSTER] = stopping.start
         yield cluster, nodes
     finally:
-        if _ClusterUse.stopping is not None:
-            _ClusterUse.stopping.join()
-        _ClusterUse.cluster = _ClusterUse.stopping = None
+        _LastUse.stop.pop(TWO_NODE_CLUSTER, None)
+        if stopping.is_alive():
+            stopping.join()
         cluster.stop()  # a no-op once stopped
 
 

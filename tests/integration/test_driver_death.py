@@ -90,7 +90,7 @@ def test_killed_driver_stops_its_ranks(launcher: str, short_dataset: str, tmp_pa
     run = tmp_path / "run"
     log = open(tmp_path / "kiln-train.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kiln", "train", str(recipe)],
+        [sys.executable, "-m", "kiln", "-v", "train", str(recipe)],  # -v: Ray's lines too
         cwd=REPO,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -123,6 +123,8 @@ def test_killed_driver_stops_its_ranks(launcher: str, short_dataset: str, tmp_pa
         if launcher == "ray":  # they stopped because they saw their driver die
             for pid in ranks:
                 assert f"its driver (pid {proc.pid}" in _worker_stderr(proc.pid, pid)
+            # -v: the workers' lines reached the terminal, as Ray prints them
+            assert "(RayTrainWorker pid=" in (tmp_path / "kiln-train.log").read_text()
 
         [info] = list_runs(run)
         assert info.state == "dead", info

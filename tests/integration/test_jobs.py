@@ -203,3 +203,5 @@ def test_curate_then_train_stop_on_the_cluster(cluster: LoopbackCluster, tmp_pat
     assert (rows[train_id]["kind"], rows[train_id]["status"]) == ("train", "STOPPED")
     logs = ok(kiln("logs", train_id, env=env))
     assert "[kiln] step" in logs
+    # the Ray launcher's Ctrl-C as a user sees it: the resume command, no traceback
+    assert f"kiln resume {run}" in logs and "Traceback" not in logs

@@ -1,13 +1,17 @@
-"""The Ray Train launcher trains exactly like the local one (embedded Ray, 2 gloo workers).
+"""The Ray Train launcher trains exactly like the local one (embedded Ray, 2 gloo workers),
+through a stop, a resume and a worker SIGKILLed mid-run.
 
 Same config (`short_run_config`) and world size, same pinned thread count: the per-step
 losses must equal the local launcher's session reference run (==) and so must the final
-weights. The Ray run is also stopped after step 2 and resumed through Ray, so checkpointing
-and resume are covered under Ray Train too.
+weights. The Ray run is stopped after step 2 and resumed through Ray; in the resumed launch
+rank 1 is SIGKILLed after step 5 (self-healing, as `test_restarts` checks for the local
+launcher), so Ray Train (`FailureConfig.max_failures`) restarts the group from step 4. One
+test, not three: each Ray Train launch costs ~20 s of process starts on 2 cores.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -15,7 +19,9 @@ import torch
 
 from kiln.training import train
 from kiln.training.checkpoint import checkpoints_dir
+from kiln.training.loop import FAULT_SIGKILL_RANK
 from tests.helpers_training import SHORT_RUN_STEPS as MAX_STEPS
+from tests.helpers_training import check_healed
 from tests.helpers_training import short_run_config as config
 
 pytestmark = pytest.mark.slow
@@ -28,11 +34,12 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def test_ray_train_matches_local_launcher_bitwise(
+def test_ray_train_matches_local_launcher_bitwise_through_stop_resume_and_restart(
     short_dataset: str,
     short_reference_run: Path,
     short_reference: list[float],
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     ray_session: None,
 ) -> None:
     run = tmp_path / "ray"
@@ -45,6 +52,10 @@ def test_ray_train_matches_local_launcher_bitwise(
     )
     assert (first.launcher, first.world_size, first.last_step) == ("ray", 2, 2)
     assert first.latest_checkpoint == "step_00000002"
+    assert first.losses == short_reference[:2]  # exact
+
+    # set after the session's Ray started: the launcher must pass it to the workers itself
+    monkeypatch.setenv(FAULT_SIGKILL_RANK, "1@5")
     rest = train(
         config(short_dataset),
         str(run),
@@ -52,10 +63,18 @@ def test_ray_train_matches_local_launcher_bitwise(
         cpus_per_worker=1,
         launcher="ray",
         resume=True,
+        max_restarts=1,
     )
-    assert (rest.resumed_from, rest.first_step, rest.last_step) == (2, 3, MAX_STEPS)
+    # resumed from step 2, trained 3..5, rank 1 killed, the group restarted from step 4
+    check_healed(run, rest, short_reference)
+    assert rest.launcher == "ray" and len(rest.nodes) == 2
+    attempts_files = sorted((run / "ray_train").glob("*/kiln_attempts.jsonl"))
+    attempts = [
+        [(a["attempt"], a["resume_from"]) for a in map(json.loads, f.read_text().splitlines())]
+        for f in attempts_files
+    ]
+    assert sorted(attempts, key=len) == [[(1, None)], [(1, "step_00000002"), (2, "step_00000004")]]
 
-    assert first.losses + rest.losses == short_reference  # exact
     ray_w, local_w = final_weights(run), final_weights(short_reference_run)
     assert ray_w.keys() == local_w.keys()
     for name, tensor in local_w.items():
