@@ -149,9 +149,11 @@ def is_remote(url: str | os.PathLike[str]) -> bool:
 def staging_dir(url: str) -> str:
     """The local folder that stands in for remote folder `url` while a job runs: under
     ``$KILN_STAGING_DIR`` (default ``~/.cache/kiln/staging``), named after the URL plus a
-    hash of it, the same in every process of the machine. Each node of a multi-node run
-    needs its own: where home folders are shared between nodes, point
-    ``$KILN_STAGING_DIR`` at node-local disk (`kiln.training.remote_run`)."""
+    hash of it, the same in every process of the machine. Under torchrun / srun each node
+    of a multi-node run needs its own: where home folders are shared between nodes, point
+    ``$KILN_STAGING_DIR`` at node-local disk (`kiln.training.remote_run`). Ray Train
+    workers on several nodes train into the driver's, so there the nodes share one
+    (`kiln.training.launch`)."""
     root = os.environ.get(STAGING_ENV) or os.path.join("~", ".cache", "kiln", "staging")
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", url.split("://", 1)[-1]).strip("_")[-80:]
     digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:12]

@@ -17,7 +17,9 @@ same losses.
   reuses that group. A dead worker makes Ray Train restart the whole group (up to
   ``max_restarts`` times, its ``FailureConfig.max_failures``); each attempt resumes from
   the latest complete checkpoint, and records where its ranks ran in
-  ``{run_dir}/ray_train/{name}/kiln_attempts.jsonl``.
+  ``{run_dir}/ray_train/{name}/kiln_attempts.jsonl``. Every rank trains into the driver's
+  run dir (a staged one's staging folder), so workers on other nodes must mount it: a
+  group with a rank that cannot see it stops before training (`_run_dir_unseen`).
 - ``launcher="torchrun"``: this process is one rank of a world started by torchrun or srun
   (`kiln.training.torchrun`); a requeued Slurm job resumes from the latest checkpoint.
 
@@ -501,6 +503,33 @@ def _read_attempts(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _run_dir_unseen(run: Path, workers: list[dict[str, Any]], *, staged: bool) -> str | None:
+    """Why a Ray Train group cannot train into `run` (one line, naming the fix), or None.
+
+    Every rank reads and writes the driver's run dir (rank 0 its attempts file, metrics and
+    status, which the driver reads; every rank its checkpoint shards), so Ray Train
+    workers on other nodes need it on storage they mount too. Without this check, those
+    ranks would train into a folder of their own and the driver would wait out its start
+    timeout. `workers`: each rank's `sees_run_dir` and node, gathered by every rank."""
+    blind = [w for w in workers if not w["sees_run_dir"]]
+    if not blind:
+        return None
+    ranks = ", ".join(str(w["rank"]) for w in blind)
+    nodes = ", ".join(sorted({str(w["node_ip"]) for w in blind}))
+    fix = (
+        "a run dir on object storage is staged there: set KILN_STAGING_DIR to a folder "
+        "every node mounts (the same path on each), or launch with torchrun/srun, which "
+        "stages on each node"
+        if staged
+        else "put run_dir on a filesystem every node mounts, at the same path on each "
+        "(infra/kuberay mounts one at /mnt/kiln)"
+    )
+    return (
+        f"Ray Train rank(s) {ranks} on node(s) {nodes} cannot see the run dir {run}, "
+        f"which is on the driver's node only: {fix}"
+    )
+
+
 def _ray_train_loop(config: dict[str, Any]) -> None:
     """Per-worker function of the Ray TorchTrainer; Ray Train calls it again on every
     worker of a restarted group."""
@@ -523,9 +552,14 @@ def _ray_train_loop(config: dict[str, Any]) -> None:
         "node_id": ray.get_runtime_context().get_node_id(),
         "node_ip": ray.util.get_node_ip_address(),
         "pid": os.getpid(),
+        # the launch's folder, made by the driver: proof this node sees the driver's run dir
+        "sees_run_dir": Path(config["attempts_file"]).parent.is_dir(),
     }
     workers: list[Any] = [None] * ctx.get_world_size()
     dist.all_gather_object(workers, here)
+    unseen = _run_dir_unseen(run, workers, staged=bool(os.environ.get(RUN_URL_ENV)))
+    if unseen:  # every rank stops with the same error, before any writes
+        raise RuntimeError(unseen)
     if rank == 0:
         attempt = _record_attempt(Path(config["attempts_file"]), workers, tag)
         nodes = {w["node_id"] for w in workers}
@@ -585,6 +619,9 @@ def _launch_ray(
         resources["GPU"] = gpus_per_worker
     name = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     attempts_file = run / "ray_train" / name / ATTEMPTS_FILE
+    attempts_file.parent.mkdir(
+        parents=True, exist_ok=True
+    )  # the workers look for it (`_run_dir_unseen`)
     # fault injection and a staged run's remote URL reach the workers even on a Ray that
     # started before they were set (Ray Train v2's RunConfig.worker_runtime_env; passed
     # only when there is one)

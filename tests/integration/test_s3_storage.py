@@ -179,6 +179,15 @@ def test_curate_train_resume_eval_on_s3(
     assert complete_remote_checkpoints(url) == [f"step_{MAX_STEPS:08d}"]  # keep_last 1
     status = storage.read_json(f"{url}/status.json")
     assert status["state"] == "completed" and len(status["attempts"]) == 2
+    # the ranks' logs on the bucket end cleanly: no asyncio "Task exception was never
+    # retrieved" from the parent's s3 session closed in a forked loader worker (storage's
+    # before-fork hold; without it this fails); the killed rank was SIGKILLed: no output
+    rank_logs = storage.list_files(f"{url}/logs", suffix=".log")
+    rank_logs = [log for log in rank_logs if "-rank" in log]
+    assert rank_logs
+    for log in rank_logs:
+        text = storage.read_text(log) or ""
+        assert "Traceback" not in text and "never retrieved" not in text, text[-3000:]
     exported = api.export(url, None, step=None, fmt="safetensors")  # `kiln export s3://...`
     remote_export = f"{url}/exports/step_{MAX_STEPS:08d}.safetensors"
     assert storage.exists(remote_export)
