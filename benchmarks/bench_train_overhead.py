@@ -1,6 +1,6 @@
-"""End-to-end overhead: `kiln train` samples/s over the pure model step's, tiny flavor, CPU.
+"""End-to-end overhead: `kiln train` samples/s over the pure model step's, CPU.
 
-The pure step: kiln's `clip-tiny` model, CLIP loss, backward, ``torch.optim.AdamW`` (kiln's
+The pure step: kiln's model (``--flavor``, default `clip-tiny`), CLIP loss, backward, ``torch.optim.AdamW`` (kiln's
 hyperparameters) on batches already in memory (taken from the same dataset beforehand),
 one torch thread per process, no loader, no DeepSpeed, no collectives. For N ranks, N such
 processes run at once (N <= cores), and their rates add up: what the cores can do.
@@ -20,10 +20,14 @@ Diagnostic variants, same settings but one thing changed, show where the overhea
 own process instead of a worker process), and the kiln loader alone (samples/s of one
 worker on one core: the CPU the loader takes from the model per sample).
 
-The dataset: 1,536 generated JPEG photos of 64 px with captions (the quickstart's pool
-image size), in shards of 256 (kiln's layout; `tests/helpers_datasets.write_tiny_dataset`).
+The dataset: for `clip-tiny`, 1,536 generated JPEG photos of 64 px with captions (the
+quickstart's pool image size), in shards of 256 (kiln's layout;
+`tests/helpers_datasets.write_tiny_dataset`). For any other flavor (its own input size,
+224 px for the ViT-B/S ones): `bench_loader`'s 512 real web photos (~512-840 px), loaded
+with ``data.fast_decode: true``, the setting made for photos.
 Goal (issue 8): `kiln train` within 15% of the pure step (ratio >= 0.85). Prints JSON.
 Run: python benchmarks/bench_train_overhead.py [--ranks 1 2] [--steps 120] [--variants]
+[--flavor clip-vit-s-32 --steps 18]
 """
 
 from __future__ import annotations
@@ -46,15 +50,19 @@ BATCH = 32
 WARMUP_STEPS = 5
 
 
-def _config(dataset: str, steps: int, **changes: Any) -> Any:
+TINY = "clip-tiny"
+
+
+def _config(dataset: str, steps: int, flavor: str, **changes: Any) -> Any:
     from kiln.training.config import TrainConfig
 
     data = {"dataset": dataset, "batch_size": BATCH, "num_workers": 1, "shuffle_buffer": 256}
+    data["fast_decode"] = flavor != TINY  # real photos: the setting made for them
     data.update(changes.get("loader", {}))
     return TrainConfig.model_validate(
         {
             "data": data,
-            "model": {"flavor": "clip-tiny"},
+            "model": {"flavor": flavor},
             "optim": {"lr": 2e-3, "warmup_steps": 8},
             "zero": {"stage": changes.get("stage", 2)},
             "checkpoint": {"every_steps": steps, "keep_last": 1},
@@ -65,9 +73,14 @@ def _config(dataset: str, steps: int, **changes: Any) -> Any:
     )
 
 
-def dataset() -> str:
+def dataset(flavor: str) -> str:
     from tests.helpers_datasets import write_tiny_dataset
 
+    if flavor != TINY:  # photos at the model's input size and above
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        from bench_loader import web_dataset
+
+        return web_dataset()
     root = WORK / "dataset"
     if not (root / "manifest.json").is_file():
         shutil.rmtree(root, ignore_errors=True)
@@ -78,7 +91,7 @@ def dataset() -> str:
 # ------------------------------------------------------------------ the pure step
 
 
-def _pure_rank(data: str, steps: int, out: Any, barrier: Any) -> None:
+def _pure_rank(data: str, steps: int, flavor: str, out: Any, barrier: Any) -> None:
     import torch
 
     from kiln.models.build import build_model
@@ -86,7 +99,7 @@ def _pure_rank(data: str, steps: int, out: Any, barrier: Any) -> None:
     from kiln.training.objectives.clip import clip_loss
 
     torch.set_num_threads(1)
-    cfg = _config(data, steps)
+    cfg = _config(data, steps, flavor)
     torch.manual_seed(0)
     model = build_model(cfg.model).train()
     o = cfg.optim
@@ -95,7 +108,7 @@ def _pure_rank(data: str, steps: int, out: Any, barrier: Any) -> None:
     )
     loader = WebDatasetLoader(
         data, batch_size=BATCH, seed=0, image_size=cfg.model.image_size,
-        context_length=cfg.model.context_length,
+        context_length=cfg.model.context_length, fast_decode=cfg.data.fast_decode,
     )  # fmt: skip
     stream = iter(loader)
     batches = [next(stream) for _ in range(8)]
@@ -117,12 +130,14 @@ def _pure_rank(data: str, steps: int, out: Any, barrier: Any) -> None:
     out.put((steps * BATCH / (time.perf_counter() - start), time.process_time() - cpu))
 
 
-def pure_rate(data: str, ranks: int, steps: int) -> dict[str, float]:
+def pure_rate(data: str, ranks: int, steps: int, flavor: str) -> dict[str, float]:
     """Samples/s of `ranks` concurrent pure-step processes, added up; and CPU seconds per
     sample (process CPU time over the timed steps)."""
     ctx = mp.get_context("spawn")
     q, barrier = ctx.Queue(), ctx.Barrier(ranks)
-    procs = [ctx.Process(target=_pure_rank, args=(data, steps, q, barrier)) for _ in range(ranks)]
+    procs = [
+        ctx.Process(target=_pure_rank, args=(data, steps, flavor, q, barrier)) for _ in range(ranks)
+    ]
     for p in procs:
         p.start()
     results = [q.get() for _ in procs]
@@ -143,7 +158,9 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def train_rate(data: str, ranks: int, steps: int, name: str, **changes: Any) -> dict[str, Any]:
+def train_rate(
+    data: str, ranks: int, steps: int, flavor: str, name: str, **changes: Any
+) -> dict[str, Any]:
     """Steady-state samples/s of a `kiln train` run (from its metrics), and the CPU seconds
     a sample costs all its processes (ranks and loader workers): the CPU of a run of
     `steps` steps minus that of a run of `steps // 3`, over the extra samples, so start-up
@@ -155,7 +172,7 @@ def train_rate(data: str, ranks: int, steps: int, name: str, **changes: Any) -> 
         run = WORK / f"run-{name}-{ranks}"
         shutil.rmtree(run, ignore_errors=True)
         before = _children_cpu()
-        train(_config(data, n, **changes), str(run), num_workers=ranks, launcher="local")
+        train(_config(data, n, flavor, **changes), str(run), num_workers=ranks, launcher="local")
         cpu.append(_children_cpu() - before)
         lines = (run / "metrics.jsonl").read_text().splitlines()
         records = [json.loads(line) for line in lines]
@@ -166,17 +183,17 @@ def train_rate(data: str, ranks: int, steps: int, name: str, **changes: Any) -> 
     return {"samples_per_s": rate, "cpu_ms_per_sample": 1e3 * (cpu[1] - cpu[0]) / extra}
 
 
-def loader_rate(data: str, seconds: float = 5.0) -> float:
+def loader_rate(data: str, flavor: str, seconds: float = 5.0) -> float:
     """Samples/s of the kiln loader alone, in this process (one core)."""
     import torch
 
     from kiln.training.data import WebDatasetLoader
 
     torch.set_num_threads(1)
-    cfg = _config(data, 1)
+    cfg = _config(data, 1, flavor)
     loader = WebDatasetLoader(
         data, batch_size=BATCH, seed=0, image_size=cfg.model.image_size,
-        context_length=cfg.model.context_length,
+        context_length=cfg.model.context_length, fast_decode=cfg.data.fast_decode,
     )  # fmt: skip
     stream = iter(loader)
     next(stream)
@@ -193,17 +210,21 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--variants", action="store_true", help="also the diagnostic variants")
+    ap.add_argument("--flavor", default=TINY, help="the model (kiln model info --list)")
     args = ap.parse_args()
+    if args.steps < 3 * WARMUP_STEPS:
+        ap.error(f"--steps must be at least {3 * WARMUP_STEPS}: the rate skips the first steps")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    data = dataset()
+    flavor = args.flavor
+    data = dataset(flavor)
     results = []
     for ranks in args.ranks:
-        runs = {"pure_step": pure_rate(data, ranks, args.steps)}
-        runs["kiln_train"] = train_rate(data, ranks, args.steps, "default")
+        runs = {"pure_step": pure_rate(data, ranks, args.steps, flavor)}
+        runs["kiln_train"] = train_rate(data, ranks, args.steps, flavor, "default")
         if args.variants:
-            runs["zero0"] = train_rate(data, ranks, args.steps, "zero0", stage=0)
+            runs["zero0"] = train_rate(data, ranks, args.steps, flavor, "zero0", stage=0)
             runs["workers0"] = train_rate(
-                data, ranks, args.steps, "workers0", loader={"num_workers": 0}
+                data, ranks, args.steps, flavor, "workers0", loader={"num_workers": 0}
             )
         pure = runs["pure_step"]
         row: dict[str, Any] = {"ranks": ranks}
@@ -218,10 +239,10 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     report = {
         "benchmark": "train_overhead",
-        "flavor": "clip-tiny",
+        "flavor": flavor,
         "batch_per_rank": BATCH,
         "goal": "kiln_train rate_over_pure >= 0.85",
-        "loader_samples_per_cpu_s": round(loader_rate(data), 1),
+        "loader_samples_per_cpu_s": round(loader_rate(data, flavor), 1),
         "results": results,
     }
     print(json.dumps(report, indent=2))
