@@ -39,7 +39,7 @@ from kiln.training.data import WebDatasetLoader
 from kiln.training.evaluate import load_model_file
 from kiln.training.objectives import build_objective
 from tests.helpers_datasets import write_tiny_dataset
-from tests.helpers_training import TINY_MODEL
+from tests.helpers_training import TINY_MODEL, last_loss_per_step
 
 MAX_STEPS = 8
 
@@ -62,15 +62,6 @@ def _config(dataset: str, stage: int, stop_after: int | None = None) -> TrainCon
             "seed": 3,
         }
     )
-
-
-def _losses(run: Path) -> dict[int, float]:
-    """The last recorded loss of every step in the run's metrics."""
-    out: dict[int, float] = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        out[rec["step"]] = rec["loss"]
-    return out
 
 
 def _first_step_loss_from_checkpoint(cfg: TrainConfig, run: Path, step: int, world: int) -> float:
@@ -125,7 +116,7 @@ def test_resume_onto_another_world_size(stage: int, dataset: str, tmp_path: Path
         _first_step_loss_from_checkpoint(cfg, run, 6, world), rel=1e-5
     )
     assert all(math.isfinite(x) for x in up.losses)
-    assert sorted(_losses(run)) == list(range(1, MAX_STEPS + 1))
+    assert sorted(last_loss_per_step(run)) == list(range(1, MAX_STEPS + 1))
 
 
 @pytest.mark.slow
