@@ -1,9 +1,10 @@
 """End-to-end overhead: `kiln train` samples/s over the pure model step's, CPU.
 
-The pure step: kiln's model (``--flavor``, default `clip-tiny`), CLIP loss, backward, ``torch.optim.AdamW`` (kiln's
-hyperparameters) on batches already in memory (taken from the same dataset beforehand),
-one torch thread per process, no loader, no DeepSpeed, no collectives. For N ranks, N such
-processes run at once (N <= cores), and their rates add up: what the cores can do.
+The pure step: kiln's model (``--flavor``, default `clip-tiny`), CLIP loss, backward,
+``torch.optim.AdamW`` (kiln's hyperparameters) on batches already in memory (taken from
+the same dataset beforehand), one torch thread per process, no loader, no DeepSpeed, no
+collectives. For N ranks, N such processes run at once (N <= cores), and their rates add
+up: what the cores can do.
 
 `kiln train`: the local launcher (what ``kiln train --launcher local`` runs) with N ranks of
 one thread each, the quickstart's data settings (batch 32 per rank, one DataLoader worker
@@ -74,13 +75,13 @@ def _config(dataset: str, steps: int, flavor: str, **changes: Any) -> Any:
 
 
 def dataset(flavor: str) -> str:
-    from tests.helpers_datasets import write_tiny_dataset
-
     if flavor != TINY:  # photos at the model's input size and above
         sys.path.insert(0, str(REPO / "benchmarks"))
         from bench_loader import web_dataset
 
         return web_dataset()
+    from tests.helpers_datasets import write_tiny_dataset
+
     root = WORK / "dataset"
     if not (root / "manifest.json").is_file():
         shutil.rmtree(root, ignore_errors=True)

@@ -619,9 +619,8 @@ def _launch_ray(
         resources["GPU"] = gpus_per_worker
     name = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     attempts_file = run / "ray_train" / name / ATTEMPTS_FILE
-    attempts_file.parent.mkdir(
-        parents=True, exist_ok=True
-    )  # the workers look for it (`_run_dir_unseen`)
+    # made here, where the driver reads it: each worker looks for it (`_run_dir_unseen`)
+    attempts_file.parent.mkdir(parents=True, exist_ok=True)
     # fault injection and a staged run's remote URL reach the workers even on a Ray that
     # started before they were set (Ray Train v2's RunConfig.worker_runtime_env; passed
     # only when there is one)
