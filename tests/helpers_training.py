@@ -104,9 +104,9 @@ def word_batch(cfg: ModelConfig, words: list[str]) -> tuple[torch.Tensor, torch.
 
 def rewind_run(src: Path, dst: Path, step: int) -> Path:
     """A copy of finished run `src` at `dst` as it stood when checkpoint `step` was its
-    latest: later checkpoints removed, `latest` naming `step`. Resuming it must retrain
-    the later steps exactly as `src` did, so a resume test needs no killed run of its own
-    (killing runs is tested once, in test_resume.py)."""
+    latest: later checkpoints removed, `latest` naming `step`, `metrics.jsonl` ending at
+    `step`. Resuming it must retrain the later steps exactly as `src` did, so a resume test
+    needs no killed run of its own (killing runs is tested once, in test_resume.py)."""
     from kiln.training.checkpoint import checkpoints_dir, step_of_tag, tag_for_step
 
     shutil.copytree(src, dst)
@@ -118,6 +118,14 @@ def rewind_run(src: Path, dst: Path, step: int) -> Path:
     tag = tag_for_step(step)
     assert (ckpts / tag).is_dir(), f"{src} kept no checkpoint at step {step}"
     (ckpts / "latest").write_text(tag)
+    metrics = dst / "metrics.jsonl"
+    if metrics.is_file():
+        kept = [
+            line
+            for line in metrics.read_text().splitlines(keepends=True)
+            if json.loads(line).get("step", 0) <= step
+        ]
+        metrics.write_text("".join(kept))
     return dst
 
 
