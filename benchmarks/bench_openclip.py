@@ -44,9 +44,14 @@ before importing open_clip; every other torchvision op registration is already s
 the extension is absent, and nothing in this benchmark calls a torchvision op. The venv and
 the installed packages are left untouched.
 
+``--host-memory reuse`` runs both processes with kiln's allocator setting for training
+ranks (`kiln.training.host_memory`: glibc keeps freed blocks for reuse instead of
+faulting them in again every step); the default compares both with glibc's defaults.
+
 Goal (issue 8): kiln >= 1.2x OpenCLIP samples/s. Prints JSON.
 Run: python benchmarks/bench_openclip.py [--models tiny vit-s-32] [--batch 64 32]
-[--steps 30 3] [--rounds 3] [--threads 1] [--tokens random coco] [--setup]
+[--steps 30 3] [--rounds 3] [--threads 1] [--tokens random coco] [--host-memory reuse]
+[--setup]
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 VENV = HERE / ".openclip-venv"
 VENV_PY = VENV / "bin" / "python"
 TORCH_PIN = "torch==2.13.0"
@@ -172,9 +178,25 @@ class _Stepper:
 # ------------------------------------------------------------------ OpenCLIP (its venv)
 
 
-def _openclip_worker(name: str, batch: int, threads: int, captions: bool) -> None:
+def _keep_freed_memory() -> None:
+    """kiln's `host_memory: reuse` allocator setting in this process. Loaded from its file,
+    not through the `kiln` package, so the OpenCLIP venv (which has no kiln) can run it."""
+    import importlib.util
+
+    path = REPO / "kiln" / "training" / "host_memory.py"
+    spec = importlib.util.spec_from_file_location("kiln_host_memory", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not module.keep_freed_memory():
+        raise SystemExit("--host-memory reuse needs glibc (mallopt)")
+
+
+def _openclip_worker(name: str, batch: int, threads: int, captions: bool, host_memory: str) -> None:
     """Runs inside the OpenCLIP venv: build once, then one JSON line per 'run K' command.
     `captions`: train on COCO captions tokenized by OpenCLIP (sent back for kiln)."""
+    if host_memory == "reuse":
+        _keep_freed_memory()
     import torch
 
     torch.set_num_threads(threads)
@@ -258,14 +280,20 @@ def setup() -> None:
 
 
 def compare(
-    name: str, batch: int, steps: int, rounds: int, threads: int, tokens: str = "random"
+    name: str,
+    batch: int,
+    steps: int,
+    rounds: int,
+    threads: int,
+    tokens: str = "random",
+    host_memory: str = "release",
 ) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(threads)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     cmd = [str(VENV_PY), __file__, "--worker", name, "--batch", str(batch)]
-    cmd += ["--threads", str(threads), "--tokens", tokens]
+    cmd += ["--threads", str(threads), "--tokens", tokens, "--host-memory", host_memory]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdin is not None and proc.stdout is not None
     try:
@@ -291,6 +319,7 @@ def compare(
         "batch": batch,
         "threads": threads,
         "tokens": tokens,
+        "host_memory": host_memory,
         "text_positions": _text_positions(hello.get("tokens"), MODELS[name]),
         "params": {"kiln": kiln.params, "open_clip": hello["params"]},
         "same_params": kiln.params == hello["params"],
@@ -327,15 +356,26 @@ def main() -> None:
         choices=["random", "coco"],
         help="token settings to run (module doc); coco only for the BPE models",
     )
+    ap.add_argument(
+        "--host-memory",
+        default="release",
+        choices=["release", "reuse"],
+        help="glibc's allocator defaults (release), or kiln's `host_memory: reuse` setting "
+        "in both processes (kiln.training.host_memory)",
+    )
     ap.add_argument("--setup", action="store_true", help="only create the OpenCLIP venv")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker is not None:
-        _openclip_worker(args.worker, args.batch[0], args.threads, "coco" in args.tokens)
+        _openclip_worker(
+            args.worker, args.batch[0], args.threads, "coco" in args.tokens, args.host_memory
+        )
         return
     setup()
     if args.setup:
         return
+    if args.host_memory == "reuse":
+        _keep_freed_memory()
     results = []
     for i, name in enumerate(args.models):
         batch = args.batch[min(i, len(args.batch) - 1)]
@@ -343,7 +383,9 @@ def main() -> None:
         for tokens in args.tokens:
             if tokens == "coco" and MODELS[name]["vocab_size"] < 1000:
                 continue  # a byte vocabulary: OpenCLIP's argmax pooling would read another row
-            results.append(compare(name, batch, steps, args.rounds, args.threads, tokens))
+            results.append(
+                compare(name, batch, steps, args.rounds, args.threads, tokens, args.host_memory)
+            )
             print(json.dumps(results[-1]), flush=True)
     print(
         json.dumps({"benchmark": "openclip", "goal": "kiln >= 1.2x", "results": results}, indent=2)

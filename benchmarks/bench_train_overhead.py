@@ -18,8 +18,11 @@ the run keeps busy.
 
 Diagnostic variants, same settings but one thing changed, show where the overhead goes:
 ``zero0`` (DeepSpeed ZeRO-0 instead of 2), ``workers0`` (the loader decodes in the rank's
-own process instead of a worker process), and the kiln loader alone (samples/s of one
-worker on one core: the CPU the loader takes from the model per sample).
+own process instead of a worker process), ``release`` (``host_memory: release``: glibc's
+allocator defaults instead of kiln's reuse of freed blocks, `kiln.training.host_memory`),
+``pure_step_reuse`` (the pure step with kiln's allocator setting, which a plain loop does
+not have), and the kiln loader alone (samples/s of one worker on one core: the CPU the
+loader takes from the model per sample).
 
 The dataset: for `clip-tiny`, 1,536 generated JPEG photos of 64 px with captions (the
 quickstart's pool image size), in shards of 256 (kiln's layout;
@@ -70,6 +73,7 @@ def _config(dataset: str, steps: int, flavor: str, **changes: Any) -> Any:
             "max_steps": steps,
             "log_every": steps,
             "seed": 0,
+            "host_memory": changes.get("host_memory", "reuse"),
         }
     )
 
@@ -92,9 +96,13 @@ def dataset(flavor: str) -> str:
 # ------------------------------------------------------------------ the pure step
 
 
-def _pure_rank(data: str, steps: int, flavor: str, out: Any, barrier: Any) -> None:
+def _pure_rank(data: str, steps: int, flavor: str, reuse: bool, out: Any, barrier: Any) -> None:
     import torch
 
+    from kiln.training.host_memory import keep_freed_memory
+
+    if reuse:
+        keep_freed_memory()
     from kiln.models.build import build_model
     from kiln.training.data import WebDatasetLoader
     from kiln.training.objectives.clip import clip_loss
@@ -131,13 +139,17 @@ def _pure_rank(data: str, steps: int, flavor: str, out: Any, barrier: Any) -> No
     out.put((steps * BATCH / (time.perf_counter() - start), time.process_time() - cpu))
 
 
-def pure_rate(data: str, ranks: int, steps: int, flavor: str) -> dict[str, float]:
+def pure_rate(
+    data: str, ranks: int, steps: int, flavor: str, reuse: bool = False
+) -> dict[str, float]:
     """Samples/s of `ranks` concurrent pure-step processes, added up; and CPU seconds per
-    sample (process CPU time over the timed steps)."""
+    sample (process CPU time over the timed steps). `reuse`: with kiln's `host_memory:
+    reuse` allocator setting (`kiln.training.host_memory`), which the plain loop lacks."""
     ctx = mp.get_context("spawn")
     q, barrier = ctx.Queue(), ctx.Barrier(ranks)
     procs = [
-        ctx.Process(target=_pure_rank, args=(data, steps, flavor, q, barrier)) for _ in range(ranks)
+        ctx.Process(target=_pure_rank, args=(data, steps, flavor, reuse, q, barrier))
+        for _ in range(ranks)
     ]
     for p in procs:
         p.start()
@@ -223,6 +235,10 @@ def main() -> None:
         runs = {"pure_step": pure_rate(data, ranks, args.steps, flavor)}
         runs["kiln_train"] = train_rate(data, ranks, args.steps, flavor, "default")
         if args.variants:
+            runs["pure_step_reuse"] = pure_rate(data, ranks, args.steps, flavor, reuse=True)
+            runs["release"] = train_rate(
+                data, ranks, args.steps, flavor, "release", host_memory="release"
+            )
             runs["zero0"] = train_rate(data, ranks, args.steps, flavor, "zero0", stage=0)
             runs["workers0"] = train_rate(
                 data, ranks, args.steps, flavor, "workers0", loader={"num_workers": 0}

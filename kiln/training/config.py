@@ -14,6 +14,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from kiln.contracts import RecipePath, StrictModel
 from kiln.models.config import ModelConfig
+from kiln.training.host_memory import HostMemory
 from kiln.training.objectives.config import OBJECTIVE_ARCHS, ObjectiveConfig
 
 __all__ = [
@@ -245,6 +246,14 @@ class TrainConfig(StrictModel):
         ge=1,
         description="end this invocation after this step (a checkpoint is written first); "
         "`kiln resume` continues to max_steps",
+    )
+    host_memory: HostMemory = Field(
+        default="reuse",
+        description="reuse: each rank keeps the host memory it frees for its next step "
+        "(glibc malloc without mmap or trimming) instead of faulting large blocks in again "
+        "every step (ViT-S/32 on CPU, one rank: 9% more samples/s), so its resident memory "
+        "stays at its peak, which grows a little (+14% there); release: glibc's defaults, "
+        "for runs short of host memory. Values are the same either way",
     )
 
     @model_validator(mode="before")

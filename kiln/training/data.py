@@ -26,8 +26,9 @@ Plan of one epoch (all index arithmetic, no I/O):
 
 Elastic resume. The loader state records its *layout* (world size, workers, batch size,
 shuffle buffer) and the (seed, augmentation, fast decode, manifest hash) it is valid for.
-Loading it into a loader with another of those is an error; into one with another layout it
-continues the epoch as a new *segment* (`Segment`): the positions the old layout
+Loading it into a loader with another of those is an error (the version of the fast-decode
+pixels it records is adopted: a run keeps the pixels it started with); into one with another
+layout it continues the epoch as a new *segment* (`Segment`): the positions the old layout
 read are known exactly (steps 3-4 are pure), so the new layout splits the positions left
 over, in order, among its ranks and workers as steps 2-4 split a whole epoch. Over the epoch
 no sample is read twice, and only the last segment's tail (fewer than one global batch) is
@@ -63,6 +64,7 @@ from kiln import storage
 from kiln.contracts import DatasetManifest, read_manifest
 from kiln.training.config import TrainConfig
 from kiln.training.online_balance import OnlineBalance, kept_positions
+from kiln.training.transforms import FAST_DECODE_VERSION, FAST_DECODE_VERSIONS
 
 __all__ = [
     "LOADER_STATE_VERSION",
@@ -81,9 +83,11 @@ __all__ = [
     "sample_seed",
 ]
 
-LOADER_STATE_VERSION = 2
+LOADER_STATE_VERSION = 3  # 3: fast_decode_version (an older kiln must not resume it)
 #: Identity fields added after version 1, with the value a state without them was written with.
 _STATE_DEFAULTS: dict[str, Any] = {"fast_decode": False, "balance": None}
+#: The fast-decode pixels of a state written before versions were recorded.
+_FIRST_FAST_DECODE_VERSION = 1
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -344,6 +348,7 @@ class _EpochStream(IterableDataset):
         self.seed = loader.seed
         self.augment = loader.augment
         self.fast_decode = loader.fast_decode
+        self.fast_decode_version = loader.fast_decode_version
         self.image_size = loader.image_size
         self.context_length = loader.context_length
         self.with_text = loader.with_text
@@ -422,6 +427,7 @@ class _EpochStream(IterableDataset):
                 augment=self.augment,
                 rng=rng,
                 fast_decode=self.fast_decode,
+                fast_decode_version=self.fast_decode_version,
             )
         except ValueError as e:
             raise ValueError(f"sample {uid!r} in shard {url!r}: {e}") from e
@@ -517,6 +523,8 @@ class WebDatasetLoader:
         self.shuffle_buffer = shuffle_buffer
         self.augment = augment
         self.fast_decode = fast_decode
+        # the version of the fast-decode pixels: a resumed run's is its state's
+        self.fast_decode_version = FAST_DECODE_VERSION
         self.image_size = image_size
         self.context_length = context_length
         self.with_text = with_text
@@ -626,6 +634,7 @@ class WebDatasetLoader:
             "history": [{**lay.as_dict(), "steps": n} for lay, n in self._history],
             **self.layout.as_dict(),
             **self._identity_fields(),
+            "fast_decode_version": self.fast_decode_version,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -634,7 +643,7 @@ class WebDatasetLoader:
         if self._iterating:
             raise RuntimeError("load_state_dict() must be called before iterating the loader")
         version = state.get("version")
-        if version not in (1, LOADER_STATE_VERSION):
+        if version not in (1, 2, LOADER_STATE_VERSION):
             raise ValueError(
                 f"loader state version {version!r} is not {LOADER_STATE_VERSION}: this "
                 "checkpoint was written by another kiln version"
@@ -663,6 +672,7 @@ class WebDatasetLoader:
                 for h in state.get("history", [])
             ]
             epoch, step = int(state["epoch"]), int(state["step_in_epoch"])
+            pixels = int(state.get("fast_decode_version", _FIRST_FAST_DECODE_VERSION))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"loader state is malformed ({type(e).__name__}: {e})") from e
         segment = self._plan_segment(epoch, history, saved)
@@ -675,7 +685,13 @@ class WebDatasetLoader:
             if step > 0:  # the old layout's part of this epoch is read
                 history.append((saved, step))
             step = 0  # (a segment that read nothing is simply replaced)
+        if pixels not in FAST_DECODE_VERSIONS:
+            raise ValueError(
+                f"loader state has fast_decode_version={pixels}, which this kiln does not "
+                f"know (it knows {FAST_DECODE_VERSIONS}): resume with the kiln that wrote it"
+            )
         self.epoch, self.step_in_epoch, self._history = epoch, step, history
+        self.fast_decode_version = pixels  # the pixels the run started with
         self._segment = None
 
     # -- iteration -----------------------------------------------------------------------

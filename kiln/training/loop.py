@@ -69,6 +69,7 @@ from kiln.training.engine import (
     init_distributed,
     use_bf16,
 )
+from kiln.training.host_memory import keep_freed_memory
 from kiln.training.remote_run import RUN_URL_ENV
 
 __all__ = [
@@ -213,6 +214,8 @@ def train_worker(
     """
     # DeepSpeed's ZeRO calls torch collectives torch has renamed; the warnings are not ours.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated")
+    if cfg.host_memory == "reuse":
+        keep_freed_memory()  # before the model and the engine allocate anything large
     created_group = init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     if num_threads:

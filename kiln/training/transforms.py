@@ -10,14 +10,19 @@ the smallest DCT scale (1/8, 1/4, 1/2 or 1) at which the region that ends up in 
 still has at least ``image_size`` pixels on its shorter side, instead of at full size and
 then mostly thrown away by the resize; the crop box is drawn in the original image's
 coordinates (the same draws, so the same region of the photo) and mapped onto the reduced
-image (fractional coordinates: the region is exactly the one drawn). A region decoded at
-full size is resized by torch's vectorized antialiased bicubic kernel on ``uint8`` rather
-than PIL's scalar one. The pixels differ slightly from a full-size decode and PIL resize
-(libjpeg's scaled IDCT is a box-like downsampling), which is why it is a recorded setting
-of the run: a resume with the other setting is refused. Non-JPEG images decode at full
-size. torch's ``uint8`` resize has a vectorized and a scalar code path, so fast-decoded
-pixels are reproducible on one kind of CPU (every worker, rank and resume of a run), not
-promised across kinds of CPU.
+image. The region is resized by torch's vectorized antialiased bicubic kernel on ``uint8``
+rather than PIL's scalar one (2.5-4x faster on 256-800 px regions). The pixels differ
+slightly from a full-size decode and PIL resize (libjpeg's scaled IDCT is a box-like
+downsampling), which is why it is a recorded setting of the run: a resume with the other
+setting is refused. Non-JPEG images decode at full size. torch's ``uint8`` resize has a
+vectorized and a scalar code path, so fast-decoded pixels are reproducible on one kind of
+CPU (every worker, rank and resume of a run), not promised across kinds of CPU.
+
+Fast-decode pixels have versions (`FAST_DECODE_VERSION`, recorded in the loader state of
+every checkpoint, so a run resumes with the pixels it started with): 1 resized a reduced
+decode with PIL's bicubic on the exact fractional box; 2 (new runs) resizes every decode
+with torch, the box mapped onto the reduced image's pixel grid (edges rounded to the
+nearest reduced pixel: at most half a reduced pixel off the drawn region).
 
 The pixels of a batch are normalized in one pass over the whole ``uint8`` batch
 (`normalize_batch`), which computes exactly what the per-image float formula did.
@@ -53,6 +58,8 @@ from kiln.models.preprocess import (
 )
 
 __all__ = [
+    "FAST_DECODE_VERSION",
+    "FAST_DECODE_VERSIONS",
     "IMAGE_MEAN",
     "IMAGE_STD",
     "decode_rgb",
@@ -64,6 +71,10 @@ __all__ = [
     "random_resized_crop_box",
     "sample_rng",
 ]
+
+#: Versions of the fast-decode pixels (module docstring); new runs get the last.
+FAST_DECODE_VERSIONS = (1, 2)
+FAST_DECODE_VERSION = FAST_DECODE_VERSIONS[-1]
 
 _CROP_SCALE = (0.6, 1.0)
 _CROP_RATIO = (3 / 4, 4 / 3)
@@ -178,23 +189,37 @@ def _decode_for(
     return load_rgb(img, data), scale
 
 
+def _grid_box(
+    box: tuple[float, float, float, float], factor: int, width: int, height: int
+) -> tuple[int, int, int, int]:
+    """`box` (original-image coordinates) on the pixel grid of the image decoded at
+    1/`factor` scale (`width` x `height`): each edge rounded to the nearest pixel, at
+    least one pixel wide and high, inside the image."""
+    left, top, right, bottom = (math.floor(v / factor + 0.5) for v in box)
+    left, top = min(max(left, 0), width - 1), min(max(top, 0), height - 1)
+    right, bottom = min(max(right, left + 1), width), min(max(bottom, top + 1), height)
+    return left, top, right, bottom
+
+
 def _fast_resize(
-    pixels: Pixels, box: tuple[float, float, float, float], factor: int, size: int
+    pixels: Pixels,
+    box: tuple[float, float, float, float],
+    factor: int,
+    size: int,
+    version: int = FAST_DECODE_VERSION,
 ) -> torch.Tensor:
     """The region `box` (original-image coordinates) of `pixels` (decoded at 1/`factor`
-    scale) resized to ``size x size``: ``uint8 [3, size, size]``.
-
-    A reduced image gets PIL's bicubic resize on the box divided by `factor` (fractional
-    coordinates, so the region is exactly the one drawn; the source is small by then). A
-    full-size one (integer box) gets torch's antialiased bicubic resize on ``uint8``,
-    vectorized where PIL's is not; the two agree to about one level in 255.
-    """
-    if factor > 1:
+    scale) resized to ``size x size``: ``uint8 [3, size, size]``, by torch's antialiased
+    bicubic resize on ``uint8`` (vectorized where PIL's is not; the two agree to about one
+    level in 255), the box on the decoded image's pixel grid. Version 1 resized a reduced
+    image with PIL's bicubic on the box divided by `factor` (fractional coordinates)."""
+    if factor > 1 and version == 1:
         left, top, right, bottom = box
         scaled = (left / factor, top / factor, right / factor, bottom / factor)
         return chw(_as_image(pixels).resize((size, size), RESAMPLE, box=scaled))
-    left, top, right, bottom = (int(v) for v in box)
-    crop = chw(pixels)[None, :, top:bottom, left:right]
+    image = chw(pixels)
+    left, top, right, bottom = _grid_box(box, factor, image.shape[2], image.shape[1])
+    crop = image[None, :, top:bottom, left:right]
     return F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)[0]
 
 
@@ -205,6 +230,7 @@ def image_pixels(
     augment: bool,
     rng: np.random.Generator | None,
     fast_decode: bool,
+    fast_decode_version: int = FAST_DECODE_VERSION,
 ) -> torch.Tensor:
     """The ``uint8 [3, image_size, image_size]`` pixels of encoded image `data` after the
     train or eval transform (see `image_to_tensor`); normalize a batch of them with
@@ -214,8 +240,14 @@ def image_pixels(
     pixels. ``fast_decode=True`` decodes a JPEG at a reduced DCT scale and resizes with
     torch (module docstring); the crop box and flip are drawn as without it, from the
     original image size, so each sample shows the same region of the photo either way.
+    `fast_decode_version`: which version of the fast-decode pixels (module docstring).
     """
     _check_args(image_size, augment, rng)
+    if fast_decode and fast_decode_version not in FAST_DECODE_VERSIONS:
+        raise ValueError(
+            f"fast_decode_version={fast_decode_version} is not one of {FAST_DECODE_VERSIONS}: "
+            "this checkpoint was written by a newer kiln; resume it with that version"
+        )
     if not fast_decode:
         return _transform(decode_rgb(data), image_size, augment, rng)
     size = jpeg_size(data)  # a JPEG libjpeg-turbo decodes as PIL would: no PIL image needed
@@ -227,12 +259,12 @@ def image_pixels(
         pixels, factor = _decode_for(data, img, (width, height), wanted)
         if factor == 1:
             return chw(resize_center_crop(_as_image(pixels), image_size))
-        return _fast_resize(pixels, box, factor, image_size)
+        return _fast_resize(pixels, box, factor, image_size, fast_decode_version)
     assert rng is not None
     crop = random_resized_crop_box(width, height, rng)
     wanted = draft_factor(crop[2] - crop[0], crop[3] - crop[1], image_size)
     pixels, factor = _decode_for(data, img, (width, height), wanted)
-    return _flip(_fast_resize(pixels, crop, factor, image_size), rng)
+    return _flip(_fast_resize(pixels, crop, factor, image_size, fast_decode_version), rng)
 
 
 def image_to_tensor(

@@ -20,6 +20,7 @@ from kiln.training.data import (
     derive_rng,
     plan_epoch,
 )
+from kiln.training.transforms import FAST_DECODE_VERSION
 from tests.helpers_datasets import write_tiny_dataset
 
 BATCH = 4
@@ -257,6 +258,32 @@ def test_fast_decode_is_part_of_the_state(dataset: str) -> None:
     make(dataset, fast_decode=False).load_state_dict(legacy)
     with pytest.raises(ValueError, match="checkpoint has fast_decode=False"):
         make(dataset, fast_decode=True).load_state_dict(legacy)
+
+
+def test_a_run_keeps_the_fast_decode_pixels_it_started_with(tmp_path: Path) -> None:
+    """A checkpoint's loader state records the version of the fast-decode pixels; a
+    resumed loader adopts it (a state from before versions existed: version 1), so a run
+    resumed by a newer kiln sees the pixels it started with."""
+    # 128 px photos at 16 px: every crop decodes at a reduced scale, where versions differ
+    root = str(write_tiny_dataset(tmp_path / "ds", num_samples=16, image_size=128))
+    kw = {"world_size": 1, "fast_decode": True}
+    started = make(root, **kw)
+    take(started, 1)
+    state = started.state_dict()
+    assert (state["version"], state["fast_decode_version"]) == (3, FAST_DECODE_VERSION)
+    legacy = {k: v for k, v in state.items() if k != "fast_decode_version"} | {"version": 2}
+    old, new = make(root, **kw), make(root, **kw)
+    old.load_state_dict(legacy)
+    new.load_state_dict(state)
+    (a,), (b,) = take(old, 1), take(new, 1)
+    assert a.uids == b.uids and not torch.equal(a.images, b.images)
+    carried = json.loads(json.dumps(old.state_dict()))
+    assert carried["fast_decode_version"] == 1  # into the resumed run's next checkpoint
+    again = make(root, **kw)
+    again.load_state_dict(carried)
+    assert same(take(again, 1), take(old, 1))  # and from there on, version 1 still
+    with pytest.raises(ValueError, match="fast_decode_version=9, which this kiln does not know"):
+        make(root, **kw).load_state_dict({**state, "fast_decode_version": 9})
 
 
 def test_decode_modes_change_pixels_only(dataset: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
 from pathlib import Path
@@ -11,10 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
+from kiln.models.jpeg import draft_scale
+from kiln.models.preprocess import center_box, chw
 from kiln.training.transforms import (
+    FAST_DECODE_VERSION,
     IMAGE_MEAN,
     IMAGE_STD,
     _draft,
+    _grid_box,
     decode_rgb,
     draft_factor,
     image_pixels,
@@ -194,21 +199,75 @@ def test_fast_decode_decodes_a_jpeg_at_reduced_scale() -> None:
     assert _draft(png, 8) == 1  # only JPEG has DCT scaling
 
 
+def _full_decode_of(data: bytes, size: int, uid: str | None, version: int) -> torch.Tensor:
+    """What fast decode approximates: the full-size decode resized by PIL from the region
+    it shows (version 1: the drawn box; version 2: that box on the reduced image's grid)."""
+    img = decode_rgb(data)
+    width, height = img.size
+    rng = sample_rng(0, 0, uid) if uid is not None else None
+    box: tuple[float, ...] = (
+        random_resized_crop_box(width, height, rng) if rng else center_box(width, height, size)
+    )
+    factor = draft_scale(width, height, draft_factor(box[2] - box[0], box[3] - box[1], size))
+    if version == 2:
+        grid = _grid_box(box, factor, -(-width // factor), -(-height // factor))  # type: ignore[arg-type]
+        box = tuple(
+            min(v * factor, edge) for v, edge in zip(grid, (width, height) * 2, strict=True)
+        )
+    pixels = chw(img.resize((size, size), Image.Resampling.BICUBIC, box=box))
+    return pixels.flip(-1) if rng is not None and rng.random() < 0.5 else pixels
+
+
+@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("size", [16, 48])
-def test_fast_decode_is_deterministic_and_close_to_the_full_decode(size: int) -> None:
+def test_fast_decode_is_deterministic_and_close_to_the_full_decode(size: int, version: int) -> None:
     data = _encode(_photo(320, 240), "JPEG")
-    for i in range(12):
-        uid = f"uid-{i}"
-        fast = image_pixels(data, size, augment=True, rng=sample_rng(0, 0, uid), fast_decode=True)
-        again = image_pixels(data, size, augment=True, rng=sample_rng(0, 0, uid), fast_decode=True)
-        full = image_pixels(data, size, augment=True, rng=sample_rng(0, 0, uid), fast_decode=False)
+    for uid in [f"uid-{i}" for i in range(12)] + [None]:  # None: the eval centre crop
+        kw = {"augment": uid is not None, "fast_decode": True, "fast_decode_version": version}
+        fast = image_pixels(data, size, rng=sample_rng(0, 0, uid) if uid else None, **kw)  # type: ignore[arg-type]
+        again = image_pixels(data, size, rng=sample_rng(0, 0, uid) if uid else None, **kw)  # type: ignore[arg-type]
         assert fast.shape == (3, size, size) and fast.dtype == torch.uint8
         assert torch.equal(fast, again)
-        # same crop and flip, a slightly different downsampling: a few levels at most
-        assert _level_diff(fast, full) < 4.0, uid
-    centre = image_pixels(data, size, augment=False, rng=None, fast_decode=True)
-    full = image_pixels(data, size, augment=False, rng=None, fast_decode=False)
-    assert _level_diff(centre, full) < 4.0
+        # the same region and flip, a slightly different downsampling: a few levels at most
+        assert _level_diff(fast, _full_decode_of(data, size, uid, version)) < 4.0, uid
+
+
+#: sha256 of `_versions_digest(1)`: the pixels fast decode gave before it had versions
+#: (kiln a5a9063), which a run started then must keep getting when it resumes.
+FAST_DECODE_V1_SHA256 = "f80ed20f7bcf4e8f43b75da5056a8ab3f454190aa27682caeed008c5954295e9"
+
+
+def _versions_digest(version: int) -> tuple[str, list[torch.Tensor]]:
+    """Train and eval pixels of a 400x300 JPEG at 32 px, eight crops: all decoded at 1/8."""
+    data = _encode(_photo(400, 300), "JPEG")
+    h, out = hashlib.sha256(), []
+    for i in range(8):
+        for augment in (True, False):
+            rng = sample_rng(0, 0, f"uid-{i}") if augment else None
+            pixels = image_pixels(
+                data, 32, augment=augment, rng=rng, fast_decode=True, fast_decode_version=version
+            )
+            h.update(pixels.contiguous().numpy().tobytes())
+            out.append(pixels)
+    return h.hexdigest(), out
+
+
+def test_fast_decode_versions_keep_their_pixels() -> None:
+    v1_digest, v1 = _versions_digest(1)
+    assert v1_digest == FAST_DECODE_V1_SHA256  # PIL's resize only: the same on every CPU
+    assert FAST_DECODE_VERSION == 2
+    _, v2 = _versions_digest(2)
+    assert any(not torch.equal(a, b) for a, b in zip(v1, v2, strict=True))
+    # the same regions on a grid half a reduced pixel away, resized by another kernel
+    assert max(_level_diff(a, b) for a, b in zip(v1, v2, strict=True)) < 8.0
+    with pytest.raises(ValueError, match="fast_decode_version=3 is not one of"):
+        image_pixels(b"", 8, augment=False, rng=None, fast_decode=True, fast_decode_version=3)
+
+
+def test_grid_box_rounds_each_edge_and_stays_inside() -> None:
+    assert _grid_box((10.2, 3.7, 50.9, 41.0), 2, 40, 30) == (5, 2, 25, 21)
+    assert _grid_box((76, 4, 391, 282), 1, 400, 300) == (76, 4, 391, 282)  # whole pixels
+    assert _grid_box((-3.0, 0.0, 999.0, 2.0), 8, 50, 38) == (0, 0, 50, 1)  # >= 1 pixel
 
 
 def test_fast_decode_on_real_photos(shared_data: Path) -> None:
