@@ -17,9 +17,11 @@ Plan of one epoch (all index arithmetic, no I/O):
    shuffled by a shuffle buffer whose rng is seeded by (seed, epoch, rank, v). The buffer
    is simulated on integer positions, so the emit order is known before any byte is read.
 5. torch's DataLoader takes IterableDataset batches from its workers round-robin, in order.
-   When an epoch starts at batch s0 (a resume), physical worker w plays logical worker
-   ``(w + s0) % W`` and skips that worker's batches below s0; the k-th batch out of the
-   DataLoader is then batch ``s0 + k`` of the epoch. Skipped samples are never decoded and
+   One DataLoader serves every epoch from the loader's position on (its worker processes
+   start once). When an epoch starts at batch s0 (a resume) and d batches came out of the
+   DataLoader before it, physical worker w plays logical worker ``(w - d + s0) % W`` in
+   it and skips that worker's batches below s0; the k-th batch out of the DataLoader in
+   that epoch is then batch ``s0 + k`` of the epoch. Skipped samples are never decoded and
    their bytes never read: a worker walks tar headers up to the first sample it needs.
 
 ``num_workers=0`` reads in-process and yields the same batches as ``num_workers=1``.
@@ -331,9 +333,9 @@ def _identity(x: Any) -> Any:
     return x
 
 
-class _EpochStream(IterableDataset):
-    """One epoch of one rank, from batch `start_step` on; each DataLoader worker reads one
-    logical worker's slice (see the module docstring)."""
+class _EpochStream:
+    """One epoch of one rank, from batch `start_step` on: what each logical worker reads
+    of it (see the module docstring)."""
 
     def __init__(self, loader: WebDatasetLoader, segment: Segment, start_step: int) -> None:
         self.root = loader.dataset
@@ -475,12 +477,39 @@ class _EpochStream(IterableDataset):
                 f"loader emitted {ptr} of {len(rest)} samples for worker {logical_worker}"
             )
 
+
+class _RunStream(IterableDataset):
+    """Every epoch of one rank from the loader's position on, for one DataLoader that lives
+    as long as the loader's iterator: its worker processes start once, not once per epoch
+    (a worker forked from a rank copies each page the rank writes while it lives, so a
+    fresh worker per epoch cost a large model's rank seconds of page faults each epoch).
+
+    DataLoader takes batches from its W workers round-robin, so the k-th batch out of it
+    (counting from this stream's start) is made by physical worker ``k % W``. In an epoch
+    whose first batch handed out is segment batch `start` and whose batches begin at
+    ``k = delivered``, batch j is the ``delivered + j - start``-th out: physical worker w
+    plays logical worker ``(w - delivered + start) % W`` (module docstring, step 5).
+    """
+
+    def __init__(self, loader: WebDatasetLoader, segment: Segment, start_step: int) -> None:
+        self.loader = loader
+        self.segment = segment
+        self.start_step = start_step
+
     def __iter__(self) -> Iterator[Batch]:
+        loader = self.loader
         info = get_worker_info()
         physical, count = (info.id, info.num_workers) if info is not None else (0, 1)
-        if count != self.num_workers:  # pragma: no cover - guarded by WebDatasetLoader
-            raise RuntimeError(f"expected {self.num_workers} workers, DataLoader has {count}")
-        yield from self.logical_stream((physical + self.start_step) % self.num_workers)
+        workers = loader.effective_workers
+        if count != workers:  # pragma: no cover - guarded by WebDatasetLoader
+            raise RuntimeError(f"expected {workers} workers, DataLoader has {count}")
+        segment, start, delivered = self.segment, self.start_step, 0
+        while True:
+            if start < segment.steps:  # (an elastic resume can leave less than a batch)
+                epoch = _EpochStream(loader, segment, start)
+                yield from epoch.logical_stream((physical - delivered + start) % workers)
+                delivered += segment.steps - start
+            segment, start = loader._first_segment(segment.epoch + 1), 0
 
 
 class WebDatasetLoader:
@@ -696,7 +725,7 @@ class WebDatasetLoader:
 
     # -- iteration -----------------------------------------------------------------------
     def _dataloader(self, segment: Segment, start: int) -> DataLoader:
-        stream = _EpochStream(self, segment, start)
+        stream = _RunStream(self, segment, start)
         # An explicit generator keeps DataLoader from drawing its worker base seed from the
         # global torch RNG, which would make the training RNG depend on when epochs start.
         gen = torch.Generator().manual_seed(int(derive_rng("dl", self.seed).integers(2**62)))
@@ -714,39 +743,26 @@ class WebDatasetLoader:
     def _next_epoch(self) -> None:
         self.epoch, self.step_in_epoch, self._history = self.epoch + 1, 0, []
 
+    def _skip_spent_epochs(self) -> None:
+        """Move past segments with no batch left (an elastic resume can leave less than a
+        global batch of an epoch), as `_RunStream` does."""
+        while self.step_in_epoch >= self.segment().steps:
+            self._next_epoch()
+
     def __iter__(self) -> Iterator[Batch]:
         if self._iterating:
             raise RuntimeError("WebDatasetLoader supports one active iterator at a time")
         self._iterating = True
-        # Worker processes start per epoch; the next epoch's start once this epoch's last
-        # batches are all prefetched (its workers are done), so the first batch of an
-        # epoch does not wait for a worker to start and decode.
-        ahead = 2 * self.num_workers  # DataLoader's prefetch_factor x workers
-        upcoming: Iterator[Batch] | None = None
         try:
-            while True:
-                segment, start = self.segment(), self.step_in_epoch
-                if start >= segment.steps:  # an elastic resume left too little for a batch
+            self._skip_spent_epochs()
+            # one DataLoader for every epoch from here on (`_RunStream`); the position
+            # counts batches handed to the consumer, not prefetched ones
+            for batch in self._dataloader(self.segment(), self.step_in_epoch):
+                self.step_in_epoch += 1
+                if self.step_in_epoch == self.segment().steps:
                     self._next_epoch()
-                    continue
-                expected = segment.steps - start
-                got = 0
-                batches = iter(self._dataloader(segment, start)) if upcoming is None else upcoming
-                upcoming = None
-                for batch in batches:
-                    got += 1
-                    # The position counts batches handed to the consumer, not prefetched ones.
-                    self.step_in_epoch += 1
-                    if self.step_in_epoch == segment.steps:
-                        self._next_epoch()
-                    if ahead and upcoming is None and expected - got <= ahead:
-                        following = self._first_segment(segment.epoch + 1)
-                        upcoming = iter(self._dataloader(following, 0))
-                    yield batch
-                if got != expected:  # pragma: no cover - a bug, not bad input
-                    raise RuntimeError(
-                        f"epoch {segment.epoch} gave {got} batches, expected {expected}"
-                    )
+                    self._skip_spent_epochs()
+                yield batch
+            raise RuntimeError("the loader's stream ended")  # pragma: no cover - endless
         finally:
-            upcoming = None  # shuts its workers down
             self._iterating = False

@@ -155,6 +155,22 @@ def test_resume_yields_exactly_the_uninterrupted_batches(dataset: str, workers: 
         assert same(head + tail, reference), f"cut={cut} workers={workers}"
 
 
+def test_one_dataloader_serves_every_epoch_with_an_odd_number_of_steps(dataset: str) -> None:
+    """9 steps per epoch, 2 workers: epoch boundaries fall mid-way through DataLoader's
+    round-robin. Reading three epochs through one DataLoader gives the batches of loaders
+    started fresh at each epoch's first batch, or at any batch in between."""
+    kw = {"world_size": 1, "batch_size": 7, "workers": 2}  # 64 // 7 = 9 steps per epoch
+    steps = make(dataset, **kw).steps_per_epoch
+    assert steps == 9
+    reference = take(make(dataset, **kw), 3 * steps)
+    for cut in (steps, 2 * steps, 4, steps + 5, 2 * steps + 1):
+        first = make(dataset, **kw)
+        head = take(first, cut)
+        resumed = make(dataset, **kw)
+        resumed.load_state_dict(first.state_dict())
+        assert same(head + take(resumed, 3 * steps - cut), reference), cut
+
+
 def test_state_from_another_run_is_refused(dataset: str) -> None:
     loader = make(dataset, workers=2)
     take(loader, 3)
