@@ -25,7 +25,6 @@ there is nothing to set and both settings mean the system's allocator.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 from typing import Literal
 
 __all__ = ["HostMemory", "keep_freed_memory"]
@@ -43,9 +42,7 @@ def keep_freed_memory() -> bool:
     large blocks, no trimming of the heap. Applies to blocks allocated from now on; child
     processes forked later (DataLoader workers) inherit it. Returns whether it was set
     (False where the C library is not glibc)."""
-    if ctypes.util.find_library("c") is None:
-        return False
-    libc = ctypes.CDLL(None)
+    libc = ctypes.CDLL(None)  # this process's own symbols: its C library among them
     mallopt = getattr(libc, "mallopt", None)
     if mallopt is None or not hasattr(libc, "gnu_get_libc_version"):
         return False

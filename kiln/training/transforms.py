@@ -245,8 +245,7 @@ def image_pixels(
     _check_args(image_size, augment, rng)
     if fast_decode and fast_decode_version not in FAST_DECODE_VERSIONS:
         raise ValueError(
-            f"fast_decode_version={fast_decode_version} is not one of {FAST_DECODE_VERSIONS}: "
-            "this checkpoint was written by a newer kiln; resume it with that version"
+            f"fast_decode_version={fast_decode_version} is not one of {FAST_DECODE_VERSIONS}"
         )
     if not fast_decode:
         return _transform(decode_rgb(data), image_size, augment, rng)
