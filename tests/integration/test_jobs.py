@@ -117,13 +117,17 @@ def wait_until(check: Any, what: str, run: Path, timeout_s: float = 900) -> None
     """Poll `check` until it holds; fail at once when `run` failed meanwhile."""
     deadline = time.monotonic() + timeout_s
     while not check():
-        status = json.loads((run / "status.json").read_text()) if run.is_dir() else {}
+        # the job makes its run folder a moment before it writes status.json there
+        written = (run / "status.json").is_file()
+        status = json.loads((run / "status.json").read_text()) if written else {}
         assert status.get("state") in (None, "running"), status
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(1)
 
 
-def test_curate_then_train_stop_on_the_cluster(cluster: LoopbackCluster, tmp_path: Path) -> None:
+def test_curate_then_train_stop_on_the_cluster(
+    cluster: LoopbackCluster, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     env = cluster.env
     root = tmp_path / "runs"  # absolute: the jobs write where this test reads
     # a quickstart-sized curation (the quickstart recipe, a smaller pool), waited for
@@ -169,6 +173,9 @@ def test_curate_then_train_stop_on_the_cluster(cluster: LoopbackCluster, tmp_pat
     recipe.write_text(yaml.safe_dump(train))
     submitted = kiln("submit", str(recipe), env=env)
     train_id = ok(submitted).splitlines()[0]
+    # should an assertion below fail, the job that runs until stopped must not outlive this
+    # test: the next tests share the cluster (test_multinode checks what it listens on)
+    request.addfinalizer(lambda: kiln("stop", train_id, env=env, timeout=300))
     assert f"kiln logs {train_id} --follow" in submitted.stderr
     follower, lines = follow(train_id, env)
     run = root / "train"
