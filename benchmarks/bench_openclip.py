@@ -172,7 +172,11 @@ class _Stepper:
             self.opt.step()
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         n = steps * self.batch
-        return {"cpu_samples_per_s": n / cpu, "wall_samples_per_s": n / wall, "loss": float(loss)}
+        return {
+            "cpu_samples_per_s": n / cpu,
+            "wall_samples_per_s": n / wall,
+            "loss": float(loss.detach()),
+        }
 
 
 # ------------------------------------------------------------------ OpenCLIP (its venv)
