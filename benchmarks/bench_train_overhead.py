@@ -1,6 +1,7 @@
 """End-to-end overhead: `kiln train` samples/s over the pure model step's, CPU.
 
 The pure step: kiln's model (``--flavor``, default `clip-tiny`), CLIP loss, backward,
+the recipe's gradient clipping (``optim.grad_clip``, 1.0: torch's ``clip_grad_norm_``),
 ``torch.optim.AdamW`` (kiln's hyperparameters) on batches already in memory (taken from
 the same dataset beforehand), one torch thread per process, no loader, no DeepSpeed, no
 collectives. For N ranks, N such processes run at once (N <= cores), and their rates add
@@ -128,6 +129,8 @@ def _pure_rank(data: str, steps: int, flavor: str, reuse: bool, out: Any, barrie
         opt.zero_grad(set_to_none=True)
         out_ = model(b.images, b.tokens)
         clip_loss(out_["image_embeds"], out_["text_embeds"], out_["logit_scale"]).backward()
+        if o.grad_clip > 0:  # the recipe's math, which `kiln train` does too
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
         opt.step()
 
     for i in range(WARMUP_STEPS):
