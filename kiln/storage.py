@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import tarfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -474,15 +475,13 @@ def tar_samples(
 
     `read(index)` False: the sample is yielded with no members and its bytes are skipped,
     not read (a rank reading its part of a shard). Any fsspec URL; a gzip'd tar works too.
-    A damaged archive raises `tarfile.TarError`.
+    A damaged archive raises `tarfile.TarError` where `tarfile` raises it (`_tar_files`).
     """
     index, key, want = -1, None, True
     members: dict[str, bytes] = {}
-    with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tar:
-        for m in tar:
-            if not m.isfile():
-                continue
-            k, ext = sample_key(m.name)
+    with fsspec.open(url, "rb") as f:
+        for name, data in _tar_files(f):
+            k, ext = sample_key(name)
             if not ext or k.rpartition("/")[2].startswith("__"):
                 continue
             if k != key:
@@ -491,10 +490,119 @@ def tar_samples(
                 index, key, members = index + 1, k, {}
                 want = read is None or read(index)
             if want:
-                fh = tar.extractfile(m)
-                members[ext] = fh.read() if fh is not None else b""
+                members[ext] = data()
     if key is not None:
         yield index, key, members
+
+
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")  # gzip, bzip2, xz
+#: member types `tarfile` reads beyond their header (GNU long names and sparse files, pax
+#: headers): the rest of such an archive is read by `tarfile` itself
+_SPECIAL_TYPES = frozenset(b"LKSxgX")
+_FILE_TYPES = frozenset(b"07\x00")  # regular (also the old NUL type) and contiguous files
+_KNOWN_TYPES = frozenset(t[0] for t in tarfile.SUPPORTED_TYPES)  # tarfile reads these
+
+
+def _tar_files(f: Any) -> Iterator[tuple[str, Callable[[], bytes]]]:
+    """``(name, data)`` of each regular file of the tar stream `f`, in order; call
+    ``data()`` for its bytes before taking the next file, or its bytes are skipped.
+
+    What `tarfile` gives, member for member, at ~4x the speed where a sample's members are
+    small (`tarfile` builds a full TarInfo, twelve parsed fields, per member; a caption is
+    ~60 bytes): headers of regular files are parsed here (checksum, name with its ustar
+    prefix, size), and `tarfile` takes over at the first header it treats specially (a GNU
+    long name, a pax header, a sparse file) and for compressed archives. Damage is met as
+    `tarfile` meets it: an unreadable first header or a file cut short raises
+    `tarfile.ReadError`, a bad header after the first ends the archive there.
+    """
+    head = f.read(512)
+    if head[:5].startswith(_COMPRESSED_MAGIC):
+        f.seek(0)
+        with tarfile.open(fileobj=f, mode="r:*") as tar:
+            yield from _tarfile_files(tar)
+        return
+    pos = 0
+    while True:
+        block = head if pos == 0 else f.read(512)
+        if len(block) < 512 or block.count(0) == 512:
+            if pos == 0:
+                raise tarfile.ReadError("empty file" if not block else "truncated header")
+            if not block:
+                _check_end(f, pos)
+            return  # the end-of-archive block, or a cut-off header: the end (as tarfile)
+        kind = block[156]
+        if kind in _SPECIAL_TYPES:
+            f.seek(pos)
+            with tarfile.open(fileobj=f, mode="r:") as tar:
+                yield from _tarfile_files(tar)
+            return
+        try:
+            size, stored = _number(block, 124, 136), _number(block, 148, 156)
+        except ValueError as e:
+            if pos == 0:
+                raise tarfile.ReadError("invalid header") from e
+            return
+        if stored != sum(block) - sum(block[148:156]) + 256 and stored != 256 + sum(
+            struct.unpack_from("148b8x356b", block)  # the signed sum some old tars wrote
+        ):
+            if pos == 0:
+                raise tarfile.ReadError("bad checksum")
+            return
+        data_at = pos + 512
+        name = _text(block, 0, 100) if kind in _FILE_TYPES else ""
+        is_file = kind in _FILE_TYPES and not (kind == 0 and name.endswith("/"))  # old dirs
+        # tarfile's rule: data follows a regular file's header, and an unknown type's
+        skip = is_file or kind not in _KNOWN_TYPES
+        pos = data_at + size + (-size % 512) if skip else data_at
+        if is_file:
+            if block[345]:
+                name = _text(block, 345, 500) + "/" + name
+            yield name, functools.partial(_read_exact, f, data_at, size)
+        f.seek(pos)
+
+
+def _number(block: bytes, start: int, end: int) -> int:
+    """A numeric header field as `tarfile` reads it: octal digits, or GNU's base-256."""
+    field = block[start:end]
+    if field[0] in (0o200, 0o377):
+        n = int.from_bytes(field[1:], "big")
+        return n - 256 ** (len(field) - 1) if field[0] == 0o377 else n
+    cut = field.find(0)
+    return int((field if cut < 0 else field[:cut]).strip() or b"0", 8)
+
+
+def _text(block: bytes, start: int, end: int) -> str:
+    field = block[start:end]
+    cut = field.find(0)
+    return (field if cut < 0 else field[:cut]).decode(tarfile.ENCODING, "surrogateescape")
+
+
+def _read_exact(f: Any, at: int, size: int) -> bytes:
+    if f.tell() != at:
+        f.seek(at)
+    data: bytes = f.read(size)
+    if len(data) != size:
+        raise tarfile.ReadError("unexpected end of data")
+    return data
+
+
+def _check_end(f: Any, pos: int) -> None:
+    """At the end of the stream, where the next header should have been at `pos`: the last
+    member's data must have been all there (`tarfile`'s check after a skipped member)."""
+    f.seek(pos - 1)
+    if not f.read(1):
+        raise tarfile.ReadError("unexpected end of data")
+
+
+def _tarfile_files(tar: tarfile.TarFile) -> Iterator[tuple[str, Callable[[], bytes]]]:
+    for m in tar:
+        if m.isfile():
+            yield m.name, functools.partial(_extract, tar, m)
+
+
+def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    fh = tar.extractfile(member)
+    return fh.read() if fh is not None else b""
 
 
 @contextlib.contextmanager
