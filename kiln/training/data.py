@@ -701,7 +701,7 @@ class WebDatasetLoader:
                 for h in state.get("history", [])
             ]
             epoch, step = int(state["epoch"]), int(state["step_in_epoch"])
-            pixels = int(state.get("fast_decode_version", _FIRST_FAST_DECODE_VERSION))
+            decode_version = int(state.get("fast_decode_version", _FIRST_FAST_DECODE_VERSION))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"loader state is malformed ({type(e).__name__}: {e})") from e
         segment = self._plan_segment(epoch, history, saved)
@@ -714,13 +714,13 @@ class WebDatasetLoader:
             if step > 0:  # the old layout's part of this epoch is read
                 history.append((saved, step))
             step = 0  # (a segment that read nothing is simply replaced)
-        if pixels not in FAST_DECODE_VERSIONS:
+        if decode_version not in FAST_DECODE_VERSIONS:
             raise ValueError(
-                f"loader state has fast_decode_version={pixels}, which this kiln does not "
+                f"loader state has fast_decode_version={decode_version}, which this kiln does not "
                 f"know (it knows {FAST_DECODE_VERSIONS}): resume with the kiln that wrote it"
             )
         self.epoch, self.step_in_epoch, self._history = epoch, step, history
-        self.fast_decode_version = pixels  # the pixels the run started with
+        self.fast_decode_version = decode_version  # the pixels the run started with
         self._segment = None
 
     # -- iteration -----------------------------------------------------------------------
