@@ -128,9 +128,15 @@ class CoCa(nn.Module):
         """Caption token ids per image (``BOS ... EOS``; EOS missing if cut at the length).
 
         ``num_beams=1`` is greedy decoding; more keeps that many hypotheses per image and
-        returns the one with the best mean token log-probability.
+        returns the one with the best mean token log-probability. `max_length` counts the
+        ids of a caption, BOS included: the context length by default, and at most.
         """
-        length = min(max_length or self.context_length, self.context_length)
+        if max_length is not None and not 2 <= max_length <= self.context_length:
+            raise ValueError(
+                f"max_length={max_length} must be between 2 (BOS and one token) and the "
+                f"model's context length {self.context_length}"
+            )
+        length = self.context_length if max_length is None else max_length
         if num_beams < 1:
             raise ValueError(f"num_beams={num_beams} must be at least 1")
         _, image_tokens = self._image(images)

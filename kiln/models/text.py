@@ -57,7 +57,7 @@ class TextTransformer(nn.Module):
             )
         # Last non-pad position = EOS (BOS guarantees at least one non-pad token).
         eos = ((tokens != PAD_ID).sum(dim=1) - 1).clamp(min=0)
-        if pooled_only:
+        if pooled_only and tokens.shape[0]:  # an empty batch has no last end-of-text
             tokens = tokens[:, : int(eos.max()) + 1]
         n = tokens.shape[1]
         x = self.token_embedding(tokens)

@@ -61,7 +61,9 @@ class Model:
             batch = images if images.ndim == 4 else images.unsqueeze(0)
         else:
             items = [images] if isinstance(images, (Image.Image, str, Path, bytes)) else images
-            batch = torch.stack([self.preprocess(x) for x in items])
+            size = self.cfg.image_size  # no images: an empty batch, as no texts give one
+            pixels = [self.preprocess(x) for x in items]
+            batch = torch.stack(pixels) if pixels else torch.empty(0, 3, size, size)
         return batch.to(self.device)
 
     def _tokens(self, texts: str | Sequence[str] | torch.Tensor) -> torch.Tensor:
@@ -109,7 +111,8 @@ class Model:
         max_length: int | None = None,
         num_beams: int = 1,
     ) -> list[str]:
-        """Captions of `images` (CoCa models): greedy, or beam search with `num_beams`."""
+        """Captions of `images` (CoCa models): greedy, or beam search with `num_beams`;
+        `max_length` tokens at most (BOS included; default and limit: the context length)."""
         from kiln.models.tokenizer import decode
 
         if not hasattr(self.module, "generate"):

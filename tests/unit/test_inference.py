@@ -47,6 +47,20 @@ def test_model_takes_pil_images_and_strings(tmp_path: Path) -> None:
         model.generate(images)
 
 
+def test_empty_inputs_give_empty_results(tmp_path: Path) -> None:
+    """A batch job's last chunk may be empty: no images and no texts give empty results,
+    as a list of them does (not a torch error from stacking nothing or pooling nothing)."""
+    clip = kiln.load_model(_saved(tmp_path, TINY_MODEL)[0])
+    dim = clip.cfg.embed_dim
+    assert clip.encode_image([]).shape == clip.encode_text([]).shape == (0, dim)
+    assert clip.similarity([], ["red"]).shape == (0, 1)
+    coca_dir = tmp_path / "coca"
+    coca_dir.mkdir()
+    coca = kiln.load_model(_saved(coca_dir, tiny_flavor("coca"))[0])
+    assert coca.generate([]) == [] and coca.generate([], num_beams=2) == []
+    assert coca.encode_text([]).shape[0] == 0
+
+
 def test_coca_model_writes_captions_and_mae_has_no_text(tmp_path: Path) -> None:
     path, _ = _saved(tmp_path, tiny_flavor("coca"))
     captions = kiln.load_model(path).generate([Image.new("RGB", (20, 20), "red")], max_length=6)

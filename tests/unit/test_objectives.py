@@ -114,6 +114,11 @@ def test_coca_captions_greedy_and_beam() -> None:
         assert EOS_ID not in seq[1:-1]
     with pytest.raises(ValueError, match="num_beams"):
         model.generate(images, num_beams=0)
+    full = model.generate(images, max_length=cfg.context_length)
+    assert model.generate(images) == full  # the default is the context length
+    for bad in (0, 1, cfg.context_length + 1):  # 0 was read as "no limit", more was cut
+        with pytest.raises(ValueError, match=f"max_length={bad} must be between 2"):
+            model.generate(images, max_length=bad)
 
 
 def test_image_only_dataset(images_only: str, dataset: str, tmp_path: Path) -> None:
