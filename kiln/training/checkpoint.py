@@ -409,14 +409,20 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(dotted.key, old value, new value)`` for each leaf of two nested config dumps
+    that differs (a key missing on one side has value None there), in key order."""
+    a, b = _flatten(old), _flatten(new)
+    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
 def _check_model_config(tag: str, saved: dict[str, Any] | None, model: ModelConfig) -> None:
     if saved is None:  # markers of older kiln versions do not record it
         return
-    old, new = _flatten(saved), _flatten(model.model_dump(mode="json"))
     diffs = [
-        f"model.{k}={old.get(k)!r} (this run: {new.get(k)!r})"
-        for k in sorted(old.keys() | new.keys())
-        if k.split(".")[-1] not in _FREE_MODEL_FIELDS and old.get(k) != new.get(k)
+        f"model.{k}={old!r} (this run: {new!r})"
+        for k, old, new in changed_fields(saved, model.model_dump(mode="json"))
+        if k.split(".")[-1] not in _FREE_MODEL_FIELDS
     ]
     if diffs:
         raise ValueError(

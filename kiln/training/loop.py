@@ -52,6 +52,7 @@ from kiln import storage
 from kiln.console import say
 from kiln.metrics import METRICS_FILE, TensorBoardLog, memory_stats
 from kiln.training.checkpoint import (
+    changed_fields,
     latest_checkpoint,
     load_checkpoint,
     prepare_resume,
@@ -199,6 +200,28 @@ def _log(rank: int, msg: str) -> None:
         say(msg)
 
 
+def _note_recipe_changes(
+    rank: int, tag: str, client: dict[str, Any], cfg: TrainConfig, recipe_hash: str
+) -> None:
+    """Say which training settings a resume changes since checkpoint `tag` (those it may
+    change: the model and ZeRO stage were checked before), each as ``key: old -> new``."""
+    saved = client.get("train_config")
+    if saved is not None:
+        changes = changed_fields(saved, cfg.model_dump(mode="json"))
+        if changes:
+            shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes[:12])
+            more = f" and {len(changes) - 12} more" if len(changes) > 12 else ""
+            _log(rank, f"note: resuming {tag} with changed settings: {shown}{more}")
+        return
+    old_hash = client.get("recipe_hash", "")  # a checkpoint of a kiln that kept only the hash
+    if recipe_hash and old_hash and old_hash != recipe_hash:
+        _log(
+            rank,
+            f"note: the recipe changed since {tag} (its hash differs; this checkpoint "
+            "does not record which settings)",
+        )
+
+
 def train_worker(
     cfg: TrainConfig,
     run_dir: str,
@@ -268,9 +291,7 @@ def train_worker(
         client = load_checkpoint(engine, run, tag, seed=cfg.seed)["kiln"]
         step = resumed_from = int(client["step"])
         loader.load_state_dict(client["loader"])
-        old_hash = client.get("recipe_hash", "")
-        if recipe_hash and old_hash and old_hash != recipe_hash:
-            _log(rank, f"note: recipe hash {recipe_hash} differs from the checkpoint's {old_hash}")
+        _note_recipe_changes(rank, tag, client, cfg, recipe_hash)
         _log(rank, f"resumed from {tag} (epoch {loader.epoch}, batch {loader.step_in_epoch})")
 
     metrics_path = run / METRICS_FILE
@@ -302,6 +323,7 @@ def train_worker(
                 "epoch": loader.epoch,
                 "loader": loader.state_dict(),
                 "recipe_hash": recipe_hash,
+                "train_config": cfg.model_dump(mode="json"),  # what a resume compares with
                 "world_size": world,
             }
         }

@@ -241,3 +241,39 @@ def test_resume_with_another_model_or_stage_names_the_difference(tmp_path: Path)
         check_resumable(tmp_path, "step_00000002", zero_stage=2, model=wider)
     with pytest.raises(ValueError, match=r"zero\.stage=2 but this run uses zero\.stage=3"):
         check_resumable(tmp_path, "step_00000002", zero_stage=3, model=model)
+
+
+def test_resume_names_the_settings_it_changes(capsys: pytest.CaptureFixture[str]) -> None:
+    """A resume that changes allowed settings says which, old -> new (it printed two
+    recipe hashes); a checkpoint that kept only the hash still gets a note; an unchanged
+    recipe, none."""
+    from kiln.training.checkpoint import changed_fields
+    from kiln.training.loop import _note_recipe_changes
+    from tests.helpers_training import TINY_MODEL
+
+    base = {"data": {"dataset": "ds"}, "model": TINY_MODEL, "max_steps": 10}
+    cfg = TrainConfig.model_validate(base)
+    saved = cfg.model_dump(mode="json")
+    changed = TrainConfig.model_validate(
+        {**base, "max_steps": 20, "optim": {"lr": 5e-4}, "data": {"dataset": "ds", "batch_size": 8}}
+    )
+    assert [k for k, _, _ in changed_fields(saved, changed.model_dump(mode="json"))] == [
+        "data.batch_size",
+        "max_steps",
+        "optim.lr",
+    ]
+    assert changed_fields({"a": {"b": 1}}, {"a": {"b": 1, "c": 2}}) == [("a.c", None, 2)]
+
+    _note_recipe_changes(0, "step_00000004", {"train_config": saved}, changed, "h2")
+    out = capsys.readouterr()
+    assert (
+        "note: resuming step_00000004 with changed settings: data.batch_size: 32 -> 8, "
+        "max_steps: 10 -> 20, optim.lr: 0.001 -> 0.0005" in out.out + out.err
+    )
+    _note_recipe_changes(0, "step_00000004", {"train_config": saved}, cfg, "h2")
+    _note_recipe_changes(1, "step_00000004", {"train_config": saved}, changed, "h2")  # rank 1
+    out = capsys.readouterr()
+    assert "note" not in out.out + out.err
+    _note_recipe_changes(0, "step_00000004", {"recipe_hash": "h1"}, cfg, "h2")
+    out = capsys.readouterr()
+    assert "the recipe changed since step_00000004" in out.out + out.err
