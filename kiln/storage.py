@@ -263,12 +263,26 @@ def atomic_open(url: str | os.PathLike[str], *, durable: bool = False) -> Iterat
     out.commit()
 
 
+def _new_file_mode() -> int:
+    """The mode ``open()`` gives a new file in this process: 0o666 less the umask (read
+    from /proc, which leaves the umask alone; elsewhere set and restored at once)."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(x for x in f if x.startswith("Umask:"))
+        mask = int(line.split()[1], 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(url: str | os.PathLike[str], *, durable: bool = False) -> Iterator[str]:
     """A local file name to write `url` through, for libraries that take a file name
     (safetensors' `save_file`): a temporary name beside `url` renamed into place when the
     block ends (`url` local), or a local temporary file uploaded to `url`; removed when
-    the block raises."""
+    the block raises. A local file gets the mode ``open()`` would give it, whatever mode
+    the library created it with (safetensors makes its files private, 0o600)."""
     fs, path = fs_path(os.fspath(url))
     local = is_local(fs)
     if local:
@@ -284,6 +298,7 @@ def atomic_path(url: str | os.PathLike[str], *, durable: bool = False) -> Iterat
         if not local:
             upload(tmp, os.fspath(url))
         else:
+            os.chmod(tmp, _new_file_mode())
             if durable:
                 with open(tmp, "rb+") as f:
                     os.fsync(f.fileno())

@@ -66,6 +66,9 @@ def consolidate(
     if marker.get("zero_stage", 0) == 0:
         state = _zero0_weights(tag_dir)
     else:
+        from kiln.training.engine import import_deepspeed
+
+        import_deepspeed()  # with the environment it reads (DS_ACCELERATOR: no CPU warning)
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         quiet = io.StringIO()  # it prints its progress and a tqdm bar

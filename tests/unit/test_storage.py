@@ -34,6 +34,28 @@ def test_atomic_writes_leave_only_the_file(where: str, tmp_path: Path) -> None:
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)) == names  # no tmp
 
 
+def test_atomic_path_gives_a_librarys_file_the_usual_mode(tmp_path: Path) -> None:
+    """safetensors' `save_file` creates its file 0o600: an exported model was unreadable
+    by the rest of a team sharing the run folder, unlike every other file kiln writes."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    storage.write_json(tmp_path / "ref.json", {})  # kiln's own atomic write: open()'s mode
+    expected = os.stat(tmp_path / "ref.json")
+    with storage.atomic_path(tmp_path / "m.safetensors") as tmp:
+        save_file({"w": torch.zeros(2)}, tmp)
+    assert os.stat(tmp_path / "m.safetensors").st_mode == expected.st_mode
+    old = os.umask(0o077)
+    try:
+        with storage.atomic_path(tmp_path / "private.safetensors") as tmp:
+            save_file({"w": torch.zeros(2)}, tmp)
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "private.safetensors").st_mode & 0o777 == 0o600
+
+
 def test_upload_and_download_trees_round_trip(tmp_path: Path) -> None:
     src = tmp_path / "src"
     (src / "checkpoints" / "t").mkdir(parents=True)
