@@ -200,6 +200,37 @@ def _log(rank: int, msg: str) -> None:
         say(msg)
 
 
+def _trained_summary(
+    metrics: Path, end: int, samples_per_step: int, base: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The summary of the last attempt that trained up to step `end` (the run's end), from
+    its per-step records in `metrics`; None when no attempt reached `end`. For an attempt
+    with nothing to train (a group restarted after the run had ended: a rank that died
+    while shutting down), whose own summary would be empty. `base`: this attempt's
+    summary, for the fields the records do not hold."""
+    records = []
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line torn by a kill: not a step
+    if not records or records[-1].get("step") != end:
+        return None
+    last = records[-1]["attempt"]
+    mine = [r for r in records if r.get("attempt") == last]
+    step_s = sum(float(r.get("step_s", 0.0)) for r in mine)
+    return {
+        **base,
+        "first_step": mine[0]["step"],
+        "last_step": end,
+        "losses": [r["loss"] for r in mine],
+        "samples_per_s": samples_per_step * len(mine) / step_s if step_s else 0.0,
+        "resumed_from": mine[0]["resumed_from"],
+        "attempt": last,
+        "train_s": step_s,
+    }
+
+
 def _note_recipe_changes(
     rank: int, tag: str, client: dict[str, Any], cfg: TrainConfig, recipe_hash: str
 ) -> None:
@@ -434,6 +465,10 @@ def train_worker(
         "attempt": attempt,
         "train_s": time.perf_counter() - t_start,
     }
+    finished = None
+    if first_step > end and rank == 0:  # nothing to train: the attempt that trained counts
+        finished = _trained_summary(metrics_path, end, samples_per_step, summary)
+        summary = finished or summary
     if mirror is not None:
         # a staged run: each node has its own staging folder, where `launch.train` reads
         # the summary (rank 0's, which knows the latest complete checkpoint)
@@ -443,7 +478,13 @@ def train_worker(
     node_first = int(os.environ.get("LOCAL_RANK", rank)) == 0
     if rank == 0 or (mirror is not None and node_first):
         storage.write_json(run / SUMMARY_FILE, summary, sort_keys=False, durable=True)
-    if rank == 0:
+    if rank == 0 and finished is not None:
+        _log(
+            rank,
+            f"nothing to train: attempt {finished['attempt']} had already trained to step "
+            f"{step}; its summary stands",
+        )
+    elif rank == 0:
         _log(
             rank,
             f"done: steps {first_step}..{step}, latest checkpoint "

@@ -19,7 +19,7 @@ import pytest
 
 from kiln.training import TrainLaunchError, train
 from kiln.training.loop import FAULT_SIGKILL_AFTER_STEP, FAULT_SIGKILL_RANK
-from tests.helpers_training import check_healed
+from tests.helpers_training import SHORT_RUN_STEPS, check_healed
 from tests.helpers_training import short_run_config as config
 
 pytestmark = pytest.mark.slow
@@ -41,6 +41,30 @@ def test_local_launcher_restarts_a_killed_rank(
     out = capfd.readouterr().out
     assert "[kiln] rank 1 exited with code -9 at " in out
     assert "restarting from step_00000004 (restart 1 of 2)" in out
+
+
+def test_a_rank_killed_after_the_last_checkpoint_leaves_the_trained_summary(
+    short_dataset: str,
+    short_reference: list[float],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """Rank 1 dies once the last checkpoint is complete: the restarted group has nothing
+    to train, and the run's summary is the trained attempt's (it was an empty one:
+    'steps 7 -> 6', no losses, 0 samples/s)."""
+    monkeypatch.setenv(FAULT_SIGKILL_RANK, f"1@{SHORT_RUN_STEPS}")
+    run = tmp_path / "run"
+    summary = train(
+        config(short_dataset), str(run), num_workers=2, launcher="local", max_restarts=1
+    )
+    assert summary.restarts == 1
+    assert (summary.first_step, summary.last_step) == (1, SHORT_RUN_STEPS)
+    assert summary.resumed_from is None and summary.samples_per_s > 0
+    assert summary.losses == short_reference  # exact
+    assert summary.latest_checkpoint == f"step_{SHORT_RUN_STEPS:08d}"
+    out = capfd.readouterr().out
+    assert f"nothing to train: attempt 1 had already trained to step {SHORT_RUN_STEPS}" in out
 
 
 def test_local_launcher_gives_up_when_restarts_are_spent(
