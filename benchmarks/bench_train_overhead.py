@@ -226,7 +226,7 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--variants", action="store_true", help="also the diagnostic variants")
-    ap.add_argument("--flavor", default=TINY, help="the model (kiln model info --list)")
+    ap.add_argument("--flavor", default=TINY, help="the model (`kiln model list`)")
     args = ap.parse_args()
     if args.steps < 3 * WARMUP_STEPS:
         ap.error(f"--steps must be at least {3 * WARMUP_STEPS}: the rate skips the first steps")
