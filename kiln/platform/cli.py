@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from kiln.platform import signals
 from kiln.resource_fit import WaitTimeout
 
 if TYPE_CHECKING:
@@ -520,6 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from kiln.platform import logs
 
     logs.configure(args.verbose)
+    signals.install()  # SIGTERM: stop as Ctrl-C does (ranks stopped, run `interrupted`)
     try:
         return _dispatch(args)
     except _USER_ERRORS as e:
@@ -549,8 +551,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         run_dir = getattr(args, "run_dir", None) or _interrupted_run_dir(args)
         hint = f"; resume with `kiln resume {run_dir}`" if run_dir else ""
-        print(f"kiln {args.verb}: interrupted{hint}", file=sys.stderr)
-        return 130
+        how = "terminated (SIGTERM)" if signals.terminated() else "interrupted"
+        print(f"kiln {args.verb}: {how}{hint}", file=sys.stderr)
+        return 143 if signals.terminated() else 130  # 128 + the signal, as a shell says
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 
 from kiln.console import say
-from kiln.platform import logs
+from kiln.platform import logs, signals
 from kiln.resource_fit import WaitTimeout
 
 __all__ = ["JOIN_TIMEOUT_S", "LOOPBACK", "ray_session", "start_ray"]
@@ -99,6 +99,7 @@ def start_ray(
         _check_reachable(address)
         with logs.process_output_to_log():
             ray.init(address=address, **kwargs)  # type: ignore[arg-type]
+    signals.reclaim()  # ray.init put its own SIGTERM handler (a stack dump, then abort)
     logs.capture_library_loggers()
     logs.route_ray_worker_output()
     say(f"Ray ready ({time.perf_counter() - started:.0f}s)", stream=sys.stderr)

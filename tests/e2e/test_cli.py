@@ -197,16 +197,37 @@ def test_train_stop_runs_resume_eval(root: Path) -> None:
     assert runs[str(root / "eval")]["state"] == "completed"
 
 
-def test_ctrl_c_is_an_interruption_not_a_failure(root: Path) -> None:
-    """SIGINT to a real `kiln train` (local launcher) mid-training: exit 130, status
-    `interrupted` with the resume command, no traceback. The Ray launcher's Ctrl-C is
-    `test_jobs`'s `kiln stop` (Ray Jobs stops a job with SIGINT)."""
-    run = root / "interrupted"
+def _processes_naming(text: str) -> list[int]:
+    """Pids of this machine's processes whose command line contains `text`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and entry.name != str(os.getpid()):
+            try:
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                    found.append(int(entry.name))
+            except OSError:  # gone meanwhile
+                continue
+    return found
+
+
+@pytest.mark.parametrize(
+    ("sig", "code", "said"),
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated (SIGTERM)")],
+)
+def test_ctrl_c_and_sigterm_are_an_interruption_not_a_failure(
+    root: Path, sig: signal.Signals, code: int, said: str
+) -> None:
+    """SIGINT, and SIGTERM (`kill`, `docker stop`, a pod's end: it killed kiln at once, the
+    ranks with it, and the run read as dead), to a real `kiln train` (local launcher)
+    mid-training: exit 128 + the signal, status `interrupted` with the resume command, no
+    rank left running, no traceback. The Ray launcher's Ctrl-C is `test_jobs`'s `kiln
+    stop` (Ray Jobs stops a job with SIGINT)."""
+    run = root / f"interrupted-{sig.name}"
     args = [*train_args(root), "--set", f"run_dir={run}", "--set", "max_steps=100000"]
     args += ["--set", "resources.launcher=local"]
     args += ["--set", "stop_after_step=null", "--set", "eval.zero_shot=null"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
-    err_path = root / "interrupted.stderr"
+    err_path = root / f"interrupted-{sig.name}.stderr"
     with open(err_path, "w") as err_file:  # a file, not a pipe: Ray's stderr must not block
         proc = subprocess.Popen(
             [*KILN, *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err_file, text=True
@@ -219,14 +240,17 @@ def test_ctrl_c_is_an_interruption_not_a_failure(root: Path) -> None:
                 break
         else:
             raise AssertionError("training never started:\n" + "".join(seen))
-        proc.send_signal(signal.SIGINT)
+        assert _processes_naming(f"--run-dir {run} ")  # the ranks run
+        proc.send_signal(sig)
         out, _ = proc.communicate(timeout=120)
     err = err_path.read_text()
-    assert proc.returncode == 130, err[-3000:]
+    assert proc.returncode == code, err[-3000:]
     assert "Traceback" not in err and "Traceback" not in out
+    assert f"kiln train: {said}; resume with `kiln resume {run}`" in err
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "interrupted"
-    assert f"kiln resume {run}" in status["error"] and f"kiln resume {run}" in err
+    assert f"kiln resume {run}" in status["error"]
+    assert not _processes_naming(f"--run-dir {run} ")  # the ranks were stopped with it
 
 
 def test_recipe_typo_is_a_clear_error(root: Path) -> None:

@@ -59,11 +59,21 @@ def test_start_ray_leaves_a_running_ray_alone(ray_session: None) -> None:
 def test_no_address_means_a_private_ray_even_with_ray_address_set(tmp_path: Path) -> None:
     """RAY_ADDRESS (or another Ray on the machine) must not be joined when the recipe gives
     no address: the embedded Ray is started fresh, and kiln says which it did. The address
-    here is a closed port, so joining it would fail."""
+    here is a closed port, so joining it would fail. Also: kiln's SIGTERM handling
+    survives `ray.init`, which installs Ray's own (a stack dump, then abort: a `kill` of
+    `kiln train` on the Ray launcher ended with exit -6 and no `interrupted` record)."""
     code = (
+        "import os, signal, time\n"
+        "from kiln.platform import signals\n"
         "from kiln.platform.ray_cluster import start_ray; import ray\n"
+        "signals.install()\n"
         "assert start_ray(num_cpus=1, dashboard=False)\n"
         "print('gcs', ray.get_runtime_context().gcs_address)\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(10)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('sigterm handled', signals.terminated())\n"
         "ray.shutdown()\n"
     )
     env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9"}
@@ -74,3 +84,4 @@ def test_no_address_means_a_private_ray_even_with_ray_address_set(tmp_path: Path
     assert "[kiln] starting a private Ray on 127.0.0.1" in proc.stderr
     gcs = next(ln for ln in proc.stdout.splitlines() if ln.startswith("gcs "))
     assert gcs.split()[1].startswith("127.0.0.1:") and not gcs.endswith(":9")
+    assert "sigterm handled True" in proc.stdout
