@@ -159,10 +159,14 @@ def last_loss_per_step(run: Path) -> dict[int, float]:
     return out
 
 
-def check_healed(run: Path, summary: TrainSummary, reference: list[float]) -> None:
+def check_healed(
+    run: Path, summary: TrainSummary, reference: list[float], restarts: int = 1
+) -> None:
     """A `short_run_config` run whose rank 1 was SIGKILLed after step 5 once was restarted
-    from step 4 and finished with the uninterrupted `reference` losses, bitwise."""
-    assert summary.restarts == 1
+    from step 4 and finished with the uninterrupted `reference` losses, bitwise (in
+    `restarts` restarts: more when a rank was also killed after the last checkpoint, which
+    leaves the restarted group nothing to train and the summary of the attempt that did)."""
+    assert summary.restarts == restarts
     assert (summary.resumed_from, summary.first_step, summary.last_step) == (4, 5, SHORT_RUN_STEPS)
     assert summary.losses == reference[4:]  # exact
     assert last_loss_per_step(run) == dict(enumerate(reference, start=1))

@@ -29,10 +29,10 @@ Fault injection, for tests of crash recovery (environment variables, off by defa
 - ``KILN_FAULT_SIGKILL_IN_SAVE=N``: every rank SIGKILLs itself in the middle of saving the
   checkpoint of step N: after DeepSpeed, RNG and model files are written, before the
   COMPLETE marker and ``latest``.
-- ``KILN_FAULT_SIGKILL_RANK=R@N``: after step N is done (and its checkpoint), rank R alone
-  SIGKILLs itself, once per run dir: it first writes ``{run_dir}/.fault-sigkill-rankR-stepN``
-  and does not fire when that file exists, so a restarted attempt passes step N (tests of
-  self-healing restarts).
+- ``KILN_FAULT_SIGKILL_RANK=R@N`` (or several, ``R@N,R@M``): after step N is done (and its
+  checkpoint), rank R alone SIGKILLs itself, once per run dir: it first writes
+  ``{run_dir}/.fault-sigkill-rankR-stepN`` and does not fire when that file exists, so a
+  restarted attempt passes step N (tests of self-healing restarts).
 """
 
 from __future__ import annotations
@@ -116,14 +116,18 @@ def _fault_step(name: str) -> int | None:
         raise ValueError(f"{name}={value!r} must be a step number (or unset)") from e
 
 
-def _fault_rank_step() -> tuple[int, int] | None:
+def _fault_rank_steps() -> set[tuple[int, int]]:
     value = os.environ.get(FAULT_SIGKILL_RANK, "").strip()
-    if not value:
-        return None
-    rank, sep, step = value.partition("@")
-    if not (sep and rank.isdigit() and step.isdigit()):
-        raise ValueError(f"{FAULT_SIGKILL_RANK}={value!r} must be RANK@STEP, e.g. 1@5 (or unset)")
-    return int(rank), int(step)
+    points = set()
+    for item in value.split(",") if value else []:
+        rank, sep, step = item.strip().partition("@")
+        if not (sep and rank.isdigit() and step.isdigit()):
+            raise ValueError(
+                f"{FAULT_SIGKILL_RANK}={value!r} must be RANK@STEP[,RANK@STEP...], e.g. 1@5 "
+                "(or unset)"
+            )
+        points.add((int(rank), int(step)))
+    return points
 
 
 def _sigkill_self() -> None:
@@ -329,7 +333,7 @@ def train_worker(
     attempt = _next_attempt(metrics_path) if rank == 0 else 0
     kill_after = _fault_step(FAULT_SIGKILL_AFTER_STEP)
     kill_in_save = _fault_step(FAULT_SIGKILL_IN_SAVE)
-    kill_rank = _fault_rank_step()
+    kill_ranks = _fault_rank_steps()
     end = cfg.max_steps if cfg.stop_after_step is None else min(cfg.max_steps, cfg.stop_after_step)
     samples_per_step = cfg.data.batch_size * cfg.optim.grad_accum * world
     first_step = step + 1
@@ -444,7 +448,7 @@ def train_worker(
                 save(step)
             if kill_after == step:
                 _sigkill_self()
-            if kill_rank == (rank, step):
+            if (rank, step) in kill_ranks:
                 _sigkill_once(run, rank, step)
     finally:
         close = getattr(batches, "close", None)
