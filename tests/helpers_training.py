@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -9,6 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from torch import nn
 
@@ -173,3 +175,13 @@ def check_healed(
     assert (run / ".fault-sigkill-rank1-step5").is_file()  # the fault did fire
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps.count(5) == 2  # trained once before the kill and once after the restart
+
+
+def running(pids: set[int]) -> set[int]:
+    """Those of `pids` whose process still runs (a zombie, waiting to be reaped, does not)."""
+    alive = set()
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.add(pid)
+    return alive

@@ -37,6 +37,7 @@ Fault injection, for tests of crash recovery (environment variables, off by defa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -50,7 +51,7 @@ import torch.distributed as dist
 
 from kiln import storage
 from kiln.console import say
-from kiln.metrics import METRICS_FILE, TensorBoardLog, memory_stats
+from kiln.metrics import METRICS_FILE, TensorBoardLog, memory_stats, read_metrics
 from kiln.training.checkpoint import (
     changed_fields,
     latest_checkpoint,
@@ -161,15 +162,12 @@ def format_duration(seconds: float) -> str:
     return f"{m}m{sec:02d}s" if m else f"{sec}s"
 
 
-def _next_attempt(metrics: Path) -> int:
-    if not metrics.is_file():
-        return 1
+def _next_attempt(run: Path) -> int:
+    """The number of the attempt starting now in `run`: one more than its metrics' last."""
     last = 0
-    for line in metrics.read_text().splitlines():
-        try:
-            last = max(last, int(json.loads(line).get("attempt", 0)))
-        except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
-            continue
+    for record in read_metrics(str(run)):  # lines torn by a kill are skipped there
+        with contextlib.suppress(TypeError, ValueError):
+            last = max(last, int(record.get("attempt", 0)))
     return last + 1
 
 
@@ -205,19 +203,14 @@ def _log(rank: int, msg: str) -> None:
 
 
 def _trained_summary(
-    metrics: Path, end: int, samples_per_step: int, base: dict[str, Any]
+    run: Path, end: int, samples_per_step: int, base: dict[str, Any]
 ) -> dict[str, Any] | None:
     """The summary of the last attempt that trained up to step `end` (the run's end), from
-    its per-step records in `metrics`; None when no attempt reached `end`. For an attempt
-    with nothing to train (a group restarted after the run had ended: a rank that died
-    while shutting down), whose own summary would be empty. `base`: this attempt's
+    its per-step records in the run's metrics; None when no attempt reached `end`. For an
+    attempt with nothing to train (a group restarted after the run had ended: a rank that
+    died while shutting down), whose own summary would be empty. `base`: this attempt's
     summary, for the fields the records do not hold."""
-    records = []
-    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line torn by a kill: not a step
+    records = read_metrics(str(run))
     if not records or records[-1].get("step") != end:
         return None
     last = records[-1]["attempt"]
@@ -330,7 +323,7 @@ def train_worker(
         _log(rank, f"resumed from {tag} (epoch {loader.epoch}, batch {loader.step_in_epoch})")
 
     metrics_path = run / METRICS_FILE
-    attempt = _next_attempt(metrics_path) if rank == 0 else 0
+    attempt = _next_attempt(run) if rank == 0 else 0
     kill_after = _fault_step(FAULT_SIGKILL_AFTER_STEP)
     kill_in_save = _fault_step(FAULT_SIGKILL_IN_SAVE)
     kill_ranks = _fault_rank_steps()
@@ -471,7 +464,7 @@ def train_worker(
     }
     finished = None
     if first_step > end and rank == 0:  # nothing to train: the attempt that trained counts
-        finished = _trained_summary(metrics_path, end, samples_per_step, summary)
+        finished = _trained_summary(run, end, samples_per_step, summary)
         summary = finished or summary
     if mirror is not None:
         # a staged run: each node has its own staging folder, where `launch.train` reads

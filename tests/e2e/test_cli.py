@@ -14,10 +14,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
 from tests.helpers_output import library_lines
+from tests.helpers_training import running
 
 REPO = Path(__file__).resolve().parents[2]
 KILN = [sys.executable, "-m", "kiln.platform.cli"]
@@ -197,19 +199,6 @@ def test_train_stop_runs_resume_eval(root: Path) -> None:
     assert runs[str(root / "eval")]["state"] == "completed"
 
 
-def _processes_naming(text: str) -> list[int]:
-    """Pids of this machine's processes whose command line contains `text`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and entry.name != str(os.getpid()):
-            try:
-                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
-                    found.append(int(entry.name))
-            except OSError:  # gone meanwhile
-                continue
-    return found
-
-
 @pytest.mark.parametrize(
     ("sig", "code", "said"),
     [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated (SIGTERM)")],
@@ -240,7 +229,8 @@ def test_ctrl_c_and_sigterm_are_an_interruption_not_a_failure(
                 break
         else:
             raise AssertionError("training never started:\n" + "".join(seen))
-        assert _processes_naming(f"--run-dir {run} ")  # the ranks run
+        ranks = {p.pid for p in psutil.Process(proc.pid).children()}  # local launcher
+        assert running(ranks)
         proc.send_signal(sig)
         out, _ = proc.communicate(timeout=120)
     err = err_path.read_text()
@@ -250,7 +240,7 @@ def test_ctrl_c_and_sigterm_are_an_interruption_not_a_failure(
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "interrupted"
     assert f"kiln resume {run}" in status["error"]
-    assert not _processes_naming(f"--run-dir {run} ")  # the ranks were stopped with it
+    assert not running(ranks)  # the ranks were stopped with it
 
 
 def test_recipe_typo_is_a_clear_error(root: Path) -> None:

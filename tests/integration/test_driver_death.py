@@ -27,7 +27,7 @@ import yaml
 from kiln.models.checkpoint_index import complete_checkpoints
 from kiln.platform.runs import list_runs
 from kiln.training.launch import ATTEMPTS_FILE
-from tests.helpers_training import TINY_MODEL
+from tests.helpers_training import TINY_MODEL, running
 
 REPO = Path(__file__).resolve().parents[2]
 GONE_WITHIN_S = 20.0
@@ -61,15 +61,6 @@ def _rank_pids(run: Path, launcher: str, driver: psutil.Process) -> set[int]:
     assert attempts, "the Ray launcher recorded no attempt"
     record = json.loads(attempts[0].read_text().splitlines()[-1])
     return {int(w["pid"]) for w in record["workers"]}
-
-
-def _running(pids: set[int]) -> set[int]:
-    alive = set()
-    for pid in pids:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                alive.add(pid)
-    return alive
 
 
 def _worker_stderr(driver: int, worker: int) -> str:
@@ -112,9 +103,9 @@ def test_killed_driver_stops_its_ranks(launcher: str, short_dataset: str, tmp_pa
         at_kill = set(complete_checkpoints(run))
 
         deadline = time.monotonic() + GONE_WITHIN_S
-        while _running(ranks) and time.monotonic() < deadline:
+        while running(ranks) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _running(ranks), f"ranks still running {GONE_WITHIN_S}s after the kill"
+        assert not running(ranks), f"ranks still running {GONE_WITHIN_S}s after the kill"
         after = set(complete_checkpoints(run))
         assert len(after - at_kill) <= 1  # at most the save in flight at the kill
         time.sleep(3)
