@@ -185,3 +185,16 @@ def running(pids: set[int]) -> set[int]:
             if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
                 alive.add(pid)
     return alive
+
+
+def local_ranks(driver: psutil.Process) -> set[int]:
+    """The pids of the local launcher's ranks under `driver` (forked by its rank fork
+    server, or started as fresh processes), not their DataLoader workers."""
+    named = {p.pid: p for p in driver.children(recursive=True) if _is_rank(p)}
+    return {pid for pid, p in named.items() if p.ppid() not in named}
+
+
+def _is_rank(p: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.NoSuchProcess):
+        return p.name().startswith("kiln-rank")
+    return False

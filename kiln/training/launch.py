@@ -5,8 +5,9 @@
 number of intra-op threads per rank, so for the same config and world size they produce the
 same losses.
 
-- ``launcher="local"``: ``num_workers`` subprocesses of ``python -m kiln.training.launch``
-  on this machine, each in its own session (process group) so the parent can stop a rank
+- ``launcher="local"``: ``num_workers`` processes of ``python -m kiln.training.launch``
+  on this machine (CPU ranks forked from a warm `kiln.training.rank_fork` server, which
+  has imported torch), each in its own session (process group) so the parent can stop a rank
   together with its DataLoader workers; rank 0's log is echoed to stdout; per-rank logs go
   to ``{run_dir}/logs/``. If any rank fails, the others are stopped; with restarts left
   (``max_restarts``) every rank is started again from the latest complete checkpoint,
@@ -59,11 +60,13 @@ from kiln.console import KILN_PREFIX, kiln_stream, library_output_to, say, verbo
 from kiln.environ import scoped_env
 from kiln.liveness import identity, watch
 from kiln.resource_fit import RAY_START_TIMEOUT_S, WaitTimeout, check_train_fits, ray_capacity
+from kiln.training import rank_fork
 from kiln.training.checkpoint import latest_checkpoint
 from kiln.training.config import Launcher, Placement, TrainConfig
 from kiln.training.engine import prebuild_comm_ops, prebuild_offload_ops, set_runtime_env
 from kiln.training.loop import SUMMARY_FILE, _log
 from kiln.training.preflight import preflight
+from kiln.training.rank_fork import RankProcess, die_with_parent
 from kiln.training.remote_run import RUN_URL_ENV
 from kiln.training.torchrun import rank_env, run_rank
 
@@ -293,18 +296,6 @@ def train(
 # --------------------------------------------------------------------------- local launcher
 
 
-def _die_with_parent(parent: int) -> None:  # pragma: no cover - in the child before exec
-    """Linux: ask the kernel to SIGKILL this child if the launching process (`parent`)
-    dies; exit at once if it died before the request took effect."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:
-        os._exit(1)
-
-
 def _log_path(logs: Path, rank: int) -> Path:
     n = 1
     while (logs / f"train{n:03d}-rank0.log").exists():
@@ -352,12 +343,12 @@ class _Follower(threading.Thread):
             self._pump(f, final=True)
 
 
-def _kill_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+def _kill_group(proc: RankProcess, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)
 
 
-def _stop_all(procs: Sequence[subprocess.Popen[bytes]], grace_s: float = 10.0) -> None:
+def _stop_all(procs: Sequence[RankProcess], grace_s: float = 10.0) -> None:
     for p in procs:
         _kill_group(p, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
@@ -398,7 +389,9 @@ def _launch_local(
     cmd += ["--run-dir", str(run), "--threads", str(threads), "--recipe-hash", recipe_hash]
     restarts = 0
     while True:
-        failure = _run_local_ranks(run, world, base_env, cmd + (["--resume"] if resume else []))
+        failure = _run_local_ranks(
+            run, world, base_env, cmd + (["--resume"] if resume else []), fork=not gpus_per_worker
+        )
         if failure is None:
             return restarts
         failed, codes, log_path = failure
@@ -427,10 +420,11 @@ def _launch_local(
 
 
 def _run_local_ranks(
-    run: Path, world: int, base_env: dict[str, str], cmd: list[str]
+    run: Path, world: int, base_env: dict[str, str], cmd: list[str], fork: bool
 ) -> tuple[int, list[int | None], Path] | None:
     """One attempt: start every rank, wait for all; None when all exited 0, else (the
-    first rank that failed, every rank's exit code, that rank's log) with all stopped."""
+    first rank that failed, every rank's exit code, that rank's log) with all stopped.
+    `fork`: CPU ranks, forked from a warm `kiln.training.rank_fork` server when it can."""
     logs = run / "logs"
     logs.mkdir(exist_ok=True)
     log_paths = [_log_path(logs, 0)]
@@ -439,13 +433,23 @@ def _run_local_ranks(
         for r in range(1, world)
     ]
     base_env = dict(base_env, MASTER_PORT=str(free_port()))
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[RankProcess] = []
     follower = _Follower(log_paths[0])
     follower.start()
+    server = rank_fork.server_for(base_env) if fork else None
     try:
         for rank in range(world):
             env = dict(base_env, RANK=str(rank), LOCAL_RANK=str(rank))
             with open(log_paths[rank], "wb") as log:
+                if server is not None:
+                    try:
+                        procs.append(server.spawn(cmd[3:], env, str(log_paths[rank])))
+                        continue
+                    except RuntimeError as e:
+                        if procs:  # the attempt's ranks must all start alike
+                            raise
+                        say(f"note: {e}; starting the ranks as fresh processes")
+                        server = None
                 procs.append(
                     subprocess.Popen(
                         cmd,
@@ -454,7 +458,7 @@ def _run_local_ranks(
                         stderr=subprocess.STDOUT,
                         stdin=subprocess.DEVNULL,
                         start_new_session=True,
-                        preexec_fn=functools.partial(_die_with_parent, os.getpid()),
+                        preexec_fn=functools.partial(die_with_parent, os.getpid()),
                     )
                 )
         failed: int | None = None
@@ -801,6 +805,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--recipe-hash", default="")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
+    rank_fork.name_process(f"kiln-rank{os.environ.get('RANK', '')}")
     set_runtime_env()
     from kiln.training.loop import train_worker
 

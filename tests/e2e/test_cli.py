@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.helpers_output import library_lines
-from tests.helpers_training import running
+from tests.helpers_training import local_ranks, running
 
 REPO = Path(__file__).resolve().parents[2]
 KILN = [sys.executable, "-m", "kiln.platform.cli"]
@@ -229,8 +229,8 @@ def test_ctrl_c_and_sigterm_are_an_interruption_not_a_failure(
                 break
         else:
             raise AssertionError("training never started:\n" + "".join(seen))
-        ranks = {p.pid for p in psutil.Process(proc.pid).children()}  # local launcher
-        assert running(ranks)
+        ranks = local_ranks(psutil.Process(proc.pid))
+        assert len(ranks) == 2 and running(ranks)
         proc.send_signal(sig)
         out, _ = proc.communicate(timeout=120)
     err = err_path.read_text()

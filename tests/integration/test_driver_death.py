@@ -27,7 +27,7 @@ import yaml
 from kiln.models.checkpoint_index import complete_checkpoints
 from kiln.platform.runs import list_runs
 from kiln.training.launch import ATTEMPTS_FILE
-from tests.helpers_training import TINY_MODEL, running
+from tests.helpers_training import TINY_MODEL, local_ranks, running
 
 REPO = Path(__file__).resolve().parents[2]
 GONE_WITHIN_S = 20.0
@@ -56,7 +56,7 @@ def _recipe(tmp_path: Path, dataset: str, launcher: str) -> Path:
 
 def _rank_pids(run: Path, launcher: str, driver: psutil.Process) -> set[int]:
     if launcher == "local":
-        return {p.pid for p in driver.children()}
+        return local_ranks(driver)
     attempts = list((run / "ray_train").rglob(ATTEMPTS_FILE))
     assert attempts, "the Ray launcher recorded no attempt"
     record = json.loads(attempts[0].read_text().splitlines()[-1])

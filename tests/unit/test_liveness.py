@@ -8,7 +8,10 @@ import sys
 import time
 from pathlib import Path
 
-from kiln.liveness import DRIVER_GONE_EXIT, identity
+import psutil
+import pytest
+
+from kiln.liveness import DRIVER_GONE_EXIT, alive, identity
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -21,7 +24,10 @@ time.sleep(120)
 """
 
 
-def test_a_watcher_exits_soon_after_its_driver_dies() -> None:
+@pytest.mark.parametrize("reaped", [True, False], ids=["reaped", "zombie"])
+def test_a_watcher_exits_soon_after_its_driver_dies(reaped: bool) -> None:
+    """Also while the dead driver is a zombie its parent has not reaped yet: it has exited,
+    though kill(pid, 0) still finds it."""
     driver = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     watcher = subprocess.Popen(
         [sys.executable, "-c", WATCHER, json.dumps(identity(driver.pid))],
@@ -35,7 +41,14 @@ def test_a_watcher_exits_soon_after_its_driver_dies() -> None:
         time.sleep(0.5)
         assert watcher.poll() is None  # the driver lives: the watcher goes on
         driver.kill()
-        driver.wait()
+        if reaped:
+            driver.wait()
+        else:
+            deadline = time.monotonic() + 30
+            while psutil.Process(driver.pid).status() != psutil.STATUS_ZOMBIE:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert alive(identity(driver.pid)) is False
         assert watcher.wait(timeout=30) == DRIVER_GONE_EXIT
         assert watcher.stderr is not None
         assert f"its driver (pid {driver.pid}" in watcher.stderr.read()
