@@ -5,10 +5,10 @@ A rank started as ``python -m kiln.training.launch`` spends about 2.5 s of CPU i
 torch and as much again importing ``torch._dynamo`` (``torch.optim`` imports it when the
 first optimizer is built), on every rank of every launch: a restart after a failure, and
 each launch from one Python process (the API in a notebook, a sweep, the test suite) paid
-it again. The fork server imports them, and kiln's rank code, once; per rank it forks a
-child that becomes that rank: its own session, the rank's environment, working directory,
-argv and log file as stdin/stdout/stderr, then ``kiln.training.launch.main`` and the
-interpreter's normal exit. The child dies with the server (PR_SET_PDEATHSIG), as a rank
+it again. The fork server imports them, kiln's rank code and DeepSpeed once; per rank it
+forks a child that becomes that rank: its own session, the rank's environment, working
+directory, argv and log file as stdin/stdout/stderr, then ``kiln.training.launch.main``
+and the interpreter's normal exit. The child dies with the server (PR_SET_PDEATHSIG), as a rank
 started by `subprocess` dies with its launcher.
 
 CPU ranks only: a process that has touched CUDA cannot fork usable CUDA children, so GPU
@@ -60,8 +60,18 @@ FORK_RANKS_ENV = "KILN_FORK_RANKS"
 #: Variables that differ between the ranks and attempts of one launch: not part of the
 #: server's identity, and never read at import time.
 PER_LAUNCH_ENV = frozenset({"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT"})
-#: What the server imports before it forks: torch, torch._dynamo and kiln's rank code.
-_PREIMPORT = ("torch", "torch._dynamo", "torch.distributed", "kiln.training.launch")
+#: What the server imports before it forks: torch, torch._dynamo, kiln's rank code and
+#: rank 0's TensorBoard writer; DeepSpeed too where it runs on CPU (`_serve`).
+_PREIMPORT = (
+    "torch",
+    "torch._dynamo",
+    "torch.distributed",
+    "kiln.training.launch",
+    "kiln.training.loop",
+    "tensorboard.summary.writer.event_file_writer",
+    "tensorboard.compat.proto.event_pb2",
+    "tensorboard.compat.proto.summary_pb2",
+)
 _KEEP = 2  # idle servers kept per launching process (e.g. one per world size)
 _START_TIMEOUT_S = 600.0  # imports on a slow, loaded machine
 
@@ -277,6 +287,11 @@ def _serve() -> dict[str, Any]:
     name_process("kiln-forkserver")
     for module in _PREIMPORT:
         importlib.import_module(module)
+    if os.environ.get("DS_ACCELERATOR") == "cpu":
+        # elsewhere DeepSpeed's import probes for CUDA, which a forked child cannot use
+        from kiln.training.engine import import_deepspeed
+
+        import_deepspeed()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.signal(signal.SIGCHLD, lambda *_: None)
