@@ -442,12 +442,10 @@ def _run_local_ranks(
             env = dict(base_env, RANK=str(rank), LOCAL_RANK=str(rank))
             with open(log_paths[rank], "wb") as log:
                 if server is not None:
-                    try:
+                    try:  # the arguments after `python -m kiln.training.launch`
                         procs.append(server.spawn(cmd[3:], env, str(log_paths[rank])))
                         continue
                     except RuntimeError as e:
-                        if procs:  # the attempt's ranks must all start alike
-                            raise
                         say(f"note: {e}; starting the ranks as fresh processes")
                         server = None
                 procs.append(

@@ -20,9 +20,11 @@ OMP_NUM_THREADS as torch loads it) sees in the server what it would in a fresh r
 kiln's own variables (``KILN_*``, e.g. the fault-injection ones) are read as kiln runs,
 never as it is imported, so they do not make another server.
 The launching process keeps at most `_KEEP` idle servers; a server ends when its launcher
-does (its stdin closes; the kernel also kills it: PR_SET_PDEATHSIG), killing its ranks.
+does (its stdin closes; started from the main thread, the kernel also kills it:
+PR_SET_PDEATHSIG), killing its ranks.
 
-Protocol on the server's stdin/stdout, JSON lines: the launcher writes
+Protocol on the server's stdin/stdout (its fd 1 is pointed at its stderr once it has
+taken the pipe, for whatever a library prints), JSON lines: the launcher writes
 ``{"argv", "env", "cwd", "log"}``; the server answers ``{"pid"}`` or ``{"error"}``, and
 ``{"exit": pid, "code": c}`` when a rank exits, ``c`` as `subprocess.Popen.returncode`
 reads (negative: killed by that signal).
@@ -144,7 +146,11 @@ class RankServer:
             env=env,
             cwd=cwd,
             start_new_session=True,  # Ctrl-C goes to the launcher, which stops the ranks
-            preexec_fn=functools.partial(die_with_parent, os.getpid()),
+            # the kernel's parent death is the death of the *thread* that started it: a
+            # server started from another thread outlives it, ending at its stdin's close
+            preexec_fn=functools.partial(die_with_parent, os.getpid())
+            if threading.current_thread() is threading.main_thread()
+            else None,
         )
         self._lock = threading.Lock()  # one spawn at a time
         self._changed = threading.Condition()
@@ -157,7 +163,10 @@ class RankServer:
     def _read(self) -> None:
         assert self._proc.stdout is not None
         for line in self._proc.stdout:
-            msg = json.loads(line)
+            try:
+                msg = json.loads(line)
+            except ValueError:  # not an answer (the server writes only answers there)
+                continue
             with self._changed:
                 if "exit" in msg:
                     self._codes[msg["exit"]] = msg["code"]
@@ -273,10 +282,10 @@ def _close_all() -> None:
 # --------------------------------------------------------------------------- server side
 
 
-def _send(msg: dict[str, Any]) -> None:
+def _send(replies: int, msg: dict[str, Any]) -> None:
     data = (json.dumps(msg) + "\n").encode()
     while data:
-        data = data[os.write(1, data) :]
+        data = data[os.write(replies, data) :]
 
 
 def _serve() -> dict[str, Any]:
@@ -285,6 +294,10 @@ def _serve() -> dict[str, Any]:
     import importlib
 
     name_process("kiln-forkserver")
+    # the answers go to the launcher's pipe; fd 1 becomes stderr, so that a library that
+    # prints as it is imported cannot corrupt them
+    replies = os.dup(1)
+    os.dup2(2, 1)
     for module in _PREIMPORT:
         importlib.import_module(module)
     if os.environ.get("DS_ACCELERATOR") == "cpu":
@@ -307,7 +320,7 @@ def _serve() -> dict[str, Any]:
             if pid == 0:
                 break
             ranks.discard(pid)
-            _send({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
+            _send(replies, {"exit": pid, "code": os.waitstatus_to_exitcode(status)})
         if 0 not in readable:
             continue
         chunk = os.read(0, 65536)
@@ -323,17 +336,17 @@ def _serve() -> dict[str, Any]:
             try:
                 pid = os.fork()
             except OSError as e:
-                _send({"error": str(e)})
+                _send(replies, {"error": str(e)})
                 continue
             if pid == 0:
                 signal.set_wakeup_fd(-1)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                for fd in (wake_r, wake_w):
+                for fd in (wake_r, wake_w, replies):
                     os.close(fd)
                 _become(request, me)
                 return dict(request)
             ranks.add(pid)
-            _send({"pid": pid})
+            _send(replies, {"pid": pid})
 
 
 def _become(request: dict[str, Any], server: int) -> None:

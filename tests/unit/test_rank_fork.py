@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,13 +20,21 @@ from kiln.training import rank_fork
 from kiln.training.rank_fork import RankServer, server_for
 from tests.helpers_training import running
 
+REPO = Path(__file__).resolve().parents[2]
+
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[RankServer]:
+    """A server started by a thread that has ended since (a launch from a worker thread):
+    it serves on (the kernel's parent-death signal follows the thread, not the process)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    srv = RankServer({k: v for k, v in env.items() if k not in rank_fork.PER_LAUNCH_ENV}, ".")
-    yield srv
-    srv.close()
+    env = {k: v for k, v in env.items() if k not in rank_fork.PER_LAUNCH_ENV}
+    started: list[RankServer] = []
+    thread = threading.Thread(target=lambda: started.append(RankServer(env, ".")))
+    thread.start()
+    thread.join()
+    yield started[0]
+    started[0].close()
 
 
 def _env(rank: int) -> dict[str, str]:
@@ -73,7 +82,12 @@ def test_a_rank_runs_in_its_own_session_and_folder_and_can_be_killed(
 
 def test_ranks_die_with_their_server_and_a_dead_server_says_so(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in rank_fork.PER_LAUNCH_ENV}
-    srv = RankServer(env, ".")
+    # a module that prints to stdout as the interpreter starts: not an answer, skipped
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("print('hello from sitecustomize', flush=True)\n")
+    env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", str(REPO))])
+    srv = RankServer(env, str(REPO))
     try:
         fifo = tmp_path / "config.fifo"
         os.mkfifo(fifo)
