@@ -233,7 +233,8 @@ class RankServer:
             return self._codes.get(pid)
 
     def close(self) -> None:
-        """End the server; one still running ranks kills their process groups first."""
+        """End the server (a server still running ranks kills their process groups as its
+        stdin closes, and is given 10 s for that)."""
         with contextlib.suppress(OSError):
             if self._proc.stdin is not None:
                 self._proc.stdin.close()
