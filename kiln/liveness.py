@@ -9,6 +9,9 @@ count as the driver. Two users:
   notices that the job is gone;
 - `kiln runs` (`kiln.platform.runs`) tells a dead `running` run from a live one.
 
+`die_with_parent` is the other direction, for a process's own children: the kernel kills
+them when it dies (local training ranks, the rank fork server, curation pool workers).
+
 Only a process on this host can be checked by pid; elsewhere `alive` says it cannot tell
 (None) and callers use the run's heartbeat instead. Linux reads the start time from
 /proc; other systems compare the pid only. Imports nothing heavy (`kiln runs` uses it).
@@ -23,13 +26,14 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import signal
 import socket
 import sys
 import threading
 import time
 from typing import Any
 
-__all__ = ["DRIVER_GONE_EXIT", "alive", "identity", "watch"]
+__all__ = ["DRIVER_GONE_EXIT", "alive", "die_with_parent", "identity", "watch"]
 
 #: Exit status of a process that stopped because its driver died (EX_TEMPFAIL).
 DRIVER_GONE_EXIT = 75
@@ -120,3 +124,16 @@ def watch(ident: dict[str, Any], what: str, every_s: float = _WATCH_EVERY_S) -> 
 
     threading.Thread(target=run, name="kiln-driver-watch", daemon=True).start()
     return True
+
+
+def die_with_parent(parent: int | None = None) -> None:
+    """Ask the kernel to SIGKILL this process when the thread that started it ends (Linux:
+    PR_SET_PDEATHSIG; elsewhere nothing). `parent`: exit at once when this process's
+    parent is no longer that pid (it died before the request took effect)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)

@@ -19,7 +19,6 @@ same bytes whichever runs them. They differ in what they cost and reach:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import logging
 import multiprocessing
@@ -35,6 +34,7 @@ from typing import Any, Protocol
 
 from kiln import storage
 from kiln.data_curation.stage import StageResources
+from kiln.liveness import die_with_parent
 from kiln.resource_fit import ResourceFitError, WaitTimeout, ray_capacity, stage_fit_problem
 
 __all__ = [
@@ -189,12 +189,7 @@ def _worker_start(driver: int | None, environ: dict[str, str] | None = None) -> 
         os.environ.update(environ)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
     parent = os.getppid()
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if driver is not None and parent != driver:  # the driver died before prctl took effect
-        os._exit(1)
+    die_with_parent(driver)
 
     def watch() -> None:  # for systems without PR_SET_PDEATHSIG
         while os.getppid() == parent:

@@ -58,7 +58,7 @@ from pydantic import BaseModel, Field
 from kiln import storage
 from kiln.console import KILN_PREFIX, kiln_stream, library_output_to, say, verbose
 from kiln.environ import scoped_env
-from kiln.liveness import identity, watch
+from kiln.liveness import die_with_parent, identity, watch
 from kiln.resource_fit import RAY_START_TIMEOUT_S, WaitTimeout, check_train_fits, ray_capacity
 from kiln.training import rank_fork
 from kiln.training.checkpoint import latest_checkpoint
@@ -66,7 +66,7 @@ from kiln.training.config import Launcher, Placement, TrainConfig
 from kiln.training.engine import prebuild_comm_ops, prebuild_offload_ops, set_runtime_env
 from kiln.training.loop import SUMMARY_FILE, _log
 from kiln.training.preflight import preflight
-from kiln.training.rank_fork import RankProcess, die_with_parent
+from kiln.training.rank_fork import RankProcess
 from kiln.training.remote_run import RUN_URL_ENV
 from kiln.training.torchrun import rank_env, run_rank
 
@@ -385,7 +385,7 @@ def _launch_local(
         }
     )
     base_env.pop("LOCAL_SIZE", None)  # keeps DeepSpeed's shared-memory allreduce off
-    cmd = [sys.executable, "-m", "kiln.training.launch", "--config", str(config_path)]
+    cmd = [*rank_fork.RANK_COMMAND, "--config", str(config_path)]
     cmd += ["--run-dir", str(run), "--threads", str(threads), "--recipe-hash", recipe_hash]
     restarts = 0
     while True:
@@ -436,14 +436,14 @@ def _run_local_ranks(
     procs: list[RankProcess] = []
     follower = _Follower(log_paths[0])
     follower.start()
-    server = rank_fork.server_for(base_env) if fork else None
     try:
+        server = rank_fork.server_for(base_env) if fork else None
         for rank in range(world):
             env = dict(base_env, RANK=str(rank), LOCAL_RANK=str(rank))
             with open(log_paths[rank], "wb") as log:
                 if server is not None:
-                    try:  # the arguments after `python -m kiln.training.launch`
-                        procs.append(server.spawn(cmd[3:], env, str(log_paths[rank])))
+                    try:
+                        procs.append(server.spawn(cmd, env, str(log_paths[rank])))
                         continue
                     except RuntimeError as e:
                         say(f"note: {e}; starting the ranks as fresh processes")

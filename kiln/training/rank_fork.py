@@ -47,16 +47,20 @@ import threading
 from collections import OrderedDict
 from typing import Any, Protocol
 
+from kiln.liveness import die_with_parent
+
 __all__ = [
     "FORK_RANKS_ENV",
     "PER_LAUNCH_ENV",
+    "RANK_COMMAND",
     "RankProcess",
     "RankServer",
-    "die_with_parent",
     "name_process",
     "server_for",
 ]
 
+#: How a local rank starts as a fresh interpreter (its arguments follow).
+RANK_COMMAND = [sys.executable, "-m", "kiln.training.launch"]
 #: "0" starts every local rank as a fresh interpreter.
 FORK_RANKS_ENV = "KILN_FORK_RANKS"
 #: Variables that differ between the ranks and attempts of one launch: not part of the
@@ -86,18 +90,6 @@ class RankProcess(Protocol):
     def poll(self) -> int | None: ...
 
     def wait(self, timeout: float | None = None) -> int: ...
-
-
-def die_with_parent(parent: int) -> None:  # pragma: no cover - in a child, before it runs
-    """Linux: ask the kernel to SIGKILL this process when `parent` (the thread that
-    started it) dies; exit at once if it died before the request took effect."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:
-        os._exit(1)
 
 
 def name_process(name: str) -> None:
@@ -196,10 +188,13 @@ class RankServer:
         lines = self._log.read().decode(errors="replace").strip().splitlines()
         return lines[-1] if lines else f"exit status {self._proc.poll()}"
 
-    def spawn(self, argv: list[str], env: dict[str, str], log: str) -> ForkedRank:
-        """Fork a rank running ``python -m kiln.training.launch *argv``; raises
-        RuntimeError (naming why) when the server cannot."""
-        request = {"argv": argv, "env": env, "cwd": os.getcwd(), "log": log}
+    def spawn(self, cmd: list[str], env: dict[str, str], log: str) -> ForkedRank:
+        """Fork the rank `subprocess.Popen(cmd, env=env)` would start, `cmd` being
+        ``python -m kiln.training.launch ARGS``, with `log` as its stdout and stderr;
+        raises RuntimeError (naming why) when the server cannot."""
+        if cmd[:3] != RANK_COMMAND:
+            raise ValueError(f"{cmd[:3]} is not a rank's command ({RANK_COMMAND})")
+        request = {"argv": cmd[3:], "env": env, "cwd": os.getcwd(), "log": log}
         with self._lock:
             assert self._proc.stdin is not None
             try:
@@ -221,7 +216,7 @@ class RankServer:
                 pid = int(reply["pid"])
                 if pid not in self._codes:
                     self._live.add(pid)
-        return ForkedRank(self, pid, [sys.executable, "-m", "kiln.training.launch", *argv])
+        return ForkedRank(self, pid, cmd)
 
     def exit_code(self, pid: int) -> int | None:
         with self._changed:

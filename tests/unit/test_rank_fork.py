@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from kiln.training import rank_fork
-from kiln.training.rank_fork import RankServer, server_for
+from kiln.training.rank_fork import RANK_COMMAND, RankServer, server_for
 from tests.helpers_training import running
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,12 +45,12 @@ def test_a_rank_writes_to_its_log_and_exits_with_its_status(
     server: RankServer, tmp_path: Path
 ) -> None:
     log = tmp_path / "help.log"
-    rank = server.spawn(["--help"], _env(0), str(log))
+    rank = server.spawn([*RANK_COMMAND, "--help"], _env(0), str(log))
     assert rank.wait(timeout=120) == 0
     assert "usage:" in log.read_text() and "--run-dir" in log.read_text()
 
     log = tmp_path / "bad.log"
-    rank = server.spawn(["--threads", "x"], _env(0), str(log))
+    rank = server.spawn([*RANK_COMMAND, "--threads", "x"], _env(0), str(log))
     assert rank.wait(timeout=120) == 2  # argparse's status, its message on stderr
     assert "--config" in log.read_text()
     assert rank.poll() == 2
@@ -63,7 +63,9 @@ def test_a_rank_runs_in_its_own_session_and_folder_and_can_be_killed(
     os.mkfifo(fifo)  # reading the config blocks: the rank waits there
     monkeypatch.chdir(tmp_path)
     rank = server.spawn(
-        ["--config", str(fifo), "--run-dir", str(tmp_path)], _env(1), str(tmp_path / "r.log")
+        [*RANK_COMMAND, "--config", str(fifo), "--run-dir", str(tmp_path)],
+        _env(1),
+        str(tmp_path / "r.log"),
     )
     proc = psutil.Process(rank.pid)
     deadline = time.monotonic() + 60
@@ -92,7 +94,9 @@ def test_ranks_die_with_their_server_and_a_dead_server_says_so(tmp_path: Path) -
         fifo = tmp_path / "config.fifo"
         os.mkfifo(fifo)
         rank = srv.spawn(
-            ["--config", str(fifo), "--run-dir", str(tmp_path)], _env(0), str(tmp_path / "r.log")
+            [*RANK_COMMAND, "--config", str(fifo), "--run-dir", str(tmp_path)],
+            _env(0),
+            str(tmp_path / "r.log"),
         )
         assert running({rank.pid})
         srv._proc.kill()
@@ -103,7 +107,7 @@ def test_ranks_die_with_their_server_and_a_dead_server_says_so(tmp_path: Path) -
             time.sleep(0.1)
         assert not srv.alive
         with pytest.raises(RuntimeError, match="rank fork server"):
-            srv.spawn(["--help"], _env(0), str(tmp_path / "h.log"))
+            srv.spawn([*RANK_COMMAND, "--help"], _env(0), str(tmp_path / "h.log"))
     finally:
         srv.close()
 
