@@ -1,8 +1,10 @@
 """Model step throughput: kiln vs OpenCLIP on the same architecture, CPU fp32, one process.
 
 What is timed, for each side at the same batch: forward of both towers, the CLIP loss
-(symmetric InfoNCE, fp32), backward, and one ``torch.optim.AdamW`` step (lr 1e-3, weight
-decay 0.1, betas (0.9, 0.98), eps 1e-6: kiln's defaults), on random images and tokens.
+(symmetric InfoNCE, fp32), backward, and one AdamW step (lr 1e-3, weight decay 0.1, betas
+(0.9, 0.98), eps 1e-6: kiln's defaults), on random images and tokens. Each side steps with
+the AdamW its trainer builds on CPU: ``torch.optim.AdamW`` for OpenCLIP, kiln's
+(`kiln.training.optim`: torch's numbers bitwise, stepped in cache-sized slices) for kiln.
 Architectures, checked to have equal parameter counts (the report has both):
 
 - ``tiny``: kiln's ``clip-tiny`` (32 px, patch 8, 2 layers of width 64 and 4 heads per
@@ -150,13 +152,19 @@ class _Stepper:
     """Builds one side's model + AdamW once; `run(k)` times k training steps."""
 
     def __init__(
-        self, model: Any, step: Any, spec: dict[str, Any], batch: int, tokens: Any = None
+        self,
+        model: Any,
+        step: Any,
+        spec: dict[str, Any],
+        batch: int,
+        tokens: Any = None,
+        adamw: Any = None,
     ) -> None:
         import torch
 
         self.model, self.step = model, step
         self.images, self.tokens = _inputs(spec, batch, tokens)
-        self.opt = torch.optim.AdamW(
+        self.opt = (adamw or torch.optim.AdamW)(
             model.parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6
         )
         self.params = sum(p.numel() for p in model.parameters())
@@ -257,6 +265,7 @@ def _kiln_stepper(name: str, batch: int, tokens: Any = None) -> _Stepper:
 
     from kiln.models.build import build_model
     from kiln.models.config import ModelConfig
+    from kiln.training.optim import AdamW
 
     spec = MODELS[name]
     torch.manual_seed(0)
@@ -267,7 +276,7 @@ def _kiln_stepper(name: str, batch: int, tokens: Any = None) -> _Stepper:
         out = m(images, tokens)
         return _loss(out["image_embeds"], out["text_embeds"], out["logit_scale"])
 
-    return _Stepper(model, step, spec, batch, tokens)
+    return _Stepper(model, step, spec, batch, tokens, adamw=AdamW)
 
 
 def setup() -> None:

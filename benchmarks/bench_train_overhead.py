@@ -2,20 +2,27 @@
 
 The pure step: kiln's model (``--flavor``, default `clip-tiny`), CLIP loss, backward,
 the recipe's gradient clipping (``optim.grad_clip``, 1.0: torch's ``clip_grad_norm_``),
-``torch.optim.AdamW`` (kiln's hyperparameters) on batches already in memory (taken from
+kiln's AdamW (`kiln.training.optim`: torch's, bitwise, stepped in cache-sized slices; the
+one `kiln train` builds; kiln's hyperparameters) on batches already in memory (taken from
 the same dataset beforehand), one torch thread per process, no loader, no DeepSpeed, no
 collectives. For N ranks, N such processes run at once (N <= cores), and their rates add
 up: what the cores can do.
 
-`kiln train`: the local launcher (what ``kiln train --launcher local`` runs) with N ranks of
-one thread each, the quickstart's data settings (batch 32 per rank, one DataLoader worker
+`kiln train`: the local launcher (what ``kiln train --launcher local`` runs; ``--launcher
+ray``: Ray Train workers on a private Ray started once beforehand, what ``kiln train``
+runs by default) with N ranks of one thread each, the quickstart's data settings (batch 32 per rank, one DataLoader worker
 per rank, shuffle buffer 256, ZeRO-2), checkpointing only at the end; its rate is read from
 the run's ``metrics.jsonl`` over the steps after the first few (start-up excluded, epoch
 boundaries included) - the figure the training log prints. Both sides also report CPU
-milliseconds per sample (all processes: ranks and loader workers; start-up cancelled by
-differencing a short and a long run), which other load on the machine barely moves:
-``pure_cpu_over_this_cpu`` is what the rate ratio would be on otherwise idle cores that
-the run keeps busy.
+milliseconds per sample: the pure step its processes' CPU time over the timed steps;
+`kiln train` the whole machine's busy CPU (``/proc/stat``) over a run of ``steps`` minus
+that over a run of ``steps // 3``, per extra sample, so start-up and the final checkpoint
+cancel out. The machine's, because a run's processes are not all this process's children:
+local ranks are forked by kiln's rank server (`kiln.training.rank_fork`), which outlives
+the run, and Ray Train workers are the raylet's. It counts everything the run costs (ranks,
+loader workers, the launcher, Ray's GCS, raylet and dashboard) and whatever else runs, so
+run the benchmark on an otherwise quiet machine. ``pure_cpu_over_this_cpu`` is what the
+rate ratio would be on otherwise idle cores that the run keeps busy.
 
 Diagnostic variants, same settings but one thing changed, show where the overhead goes:
 ``zero0`` (DeepSpeed ZeRO-0 instead of 2), ``workers0`` (the loader decodes in the rank's
@@ -32,7 +39,7 @@ quickstart's pool image size), in shards of 256 (kiln's layout;
 with ``data.fast_decode: true``, the setting made for photos.
 Goal (issue 8): `kiln train` within 15% of the pure step (ratio >= 0.85). Prints JSON.
 Run: python benchmarks/bench_train_overhead.py [--ranks 1 2] [--steps 120] [--variants]
-[--flavor clip-vit-s-32 --steps 18]
+[--flavor clip-vit-s-32 --steps 18] [--launcher ray]
 """
 
 from __future__ import annotations
@@ -41,7 +48,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import resource
 import shutil
 import sys
 import time
@@ -107,15 +113,14 @@ def _pure_rank(data: str, steps: int, flavor: str, reuse: bool, out: Any, barrie
     from kiln.models.build import build_model
     from kiln.training.data import WebDatasetLoader
     from kiln.training.objectives.clip import clip_loss
+    from kiln.training.optim import AdamW
 
     torch.set_num_threads(1)
     cfg = _config(data, steps, flavor)
     torch.manual_seed(0)
     model = build_model(cfg.model).train()
     o = cfg.optim
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
-    )
+    opt = AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     loader = WebDatasetLoader(
         data, batch_size=BATCH, seed=0, image_size=cfg.model.image_size,
         context_length=cfg.model.context_length, fast_decode=cfg.data.fast_decode,
@@ -168,28 +173,36 @@ def pure_rate(
 # ------------------------------------------------------------------ kiln train
 
 
-def _children_cpu() -> float:
-    """CPU seconds of this process's finished children (and theirs, once reaped)."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+def _machine_cpu() -> float:
+    """CPU seconds the whole machine has spent busy (``/proc/stat``: all but idle, iowait)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def train_rate(
-    data: str, ranks: int, steps: int, flavor: str, name: str, **changes: Any
+    data: str,
+    ranks: int,
+    steps: int,
+    flavor: str,
+    name: str,
+    launcher: str = "local",
+    **changes: Any,
 ) -> dict[str, Any]:
     """Steady-state samples/s of a `kiln train` run (from its metrics), and the CPU seconds
     a sample costs all its processes (ranks and loader workers): the CPU of a run of
     `steps` steps minus that of a run of `steps // 3`, over the extra samples, so start-up
-    and the final checkpoint cancel out."""
+    and the final checkpoint cancel out (the machine's CPU: module doc)."""
     from kiln.training import train
 
     cpu, rate = [], 0.0
     for n in (steps // 3, steps):
-        run = WORK / f"run-{name}-{ranks}"
+        run = WORK / f"run-{name}-{launcher}-{ranks}"
         shutil.rmtree(run, ignore_errors=True)
-        before = _children_cpu()
-        train(_config(data, n, flavor, **changes), str(run), num_workers=ranks, launcher="local")
-        cpu.append(_children_cpu() - before)
+        before = _machine_cpu()
+        cfg = _config(data, n, flavor, **changes)
+        train(cfg, str(run), num_workers=ranks, launcher=launcher)  # type: ignore[arg-type]
+        cpu.append(_machine_cpu() - before)
         lines = (run / "metrics.jsonl").read_text().splitlines()
         records = [json.loads(line) for line in lines]
         first, last = records[WARMUP_STEPS - 1], records[-1]
@@ -227,24 +240,30 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--variants", action="store_true", help="also the diagnostic variants")
     ap.add_argument("--flavor", default=TINY, help="the model (`kiln model list`)")
+    ap.add_argument("--launcher", default="local", choices=["local", "ray"])
     args = ap.parse_args()
     if args.steps < 3 * WARMUP_STEPS:
         ap.error(f"--steps must be at least {3 * WARMUP_STEPS}: the rate skips the first steps")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     flavor = args.flavor
     data = dataset(flavor)
+    if args.launcher == "ray":
+        from kiln.platform.ray_cluster import start_ray
+
+        start_ray(num_cpus=os.cpu_count())  # once: its start is not the step's overhead
     results = []
     for ranks in args.ranks:
         runs = {"pure_step": pure_rate(data, ranks, args.steps, flavor)}
-        runs["kiln_train"] = train_rate(data, ranks, args.steps, flavor, "default")
+        runs["kiln_train"] = train_rate(data, ranks, args.steps, flavor, "default", args.launcher)
         if args.variants:
             runs["pure_step_reuse"] = pure_rate(data, ranks, args.steps, flavor, reuse=True)
+            launcher = args.launcher
             runs["release"] = train_rate(
-                data, ranks, args.steps, flavor, "release", host_memory="release"
+                data, ranks, args.steps, flavor, "release", launcher, host_memory="release"
             )
-            runs["zero0"] = train_rate(data, ranks, args.steps, flavor, "zero0", stage=0)
+            runs["zero0"] = train_rate(data, ranks, args.steps, flavor, "zero0", launcher, stage=0)
             runs["workers0"] = train_rate(
-                data, ranks, args.steps, flavor, "workers0", loader={"num_workers": 0}
+                data, ranks, args.steps, flavor, "workers0", launcher, loader={"num_workers": 0}
             )
         pure = runs["pure_step"]
         row: dict[str, Any] = {"ranks": ranks}
@@ -260,6 +279,7 @@ def main() -> None:
     report = {
         "benchmark": "train_overhead",
         "flavor": flavor,
+        "launcher": args.launcher,
         "batch_per_rank": BATCH,
         "goal": "kiln_train rate_over_pure >= 0.85",
         "loader_samples_per_cpu_s": round(loader_rate(data, flavor), 1),

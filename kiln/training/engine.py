@@ -18,7 +18,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -29,6 +29,7 @@ from torch import nn
 
 from kiln.console import say
 from kiln.training.config import TrainConfig
+from kiln.training.optim import AdamW
 
 _SLOW_OP_S = 3.0  # an op load longer than this is a compile: say so
 
@@ -40,6 +41,7 @@ __all__ = [
     "import_deepspeed",
     "init_distributed",
     "op_build_lock",
+    "optimizer_factory",
     "param_groups",
     "prebuild_comm_ops",
     "prebuild_cpu_ops",
@@ -94,7 +96,21 @@ def import_deepspeed() -> ModuleType:
     _patch_lazy_compile(deepspeed)
     _patch_scalar_broadcast(deepspeed)
     _patch_zero3_fp32_master(deepspeed)
+    _register_zero_optimizer()
     return deepspeed
+
+
+def _register_zero_optimizer() -> None:
+    """List kiln's AdamW among the optimizers DeepSpeed's ZeRO has tested.
+
+    ZeRO checks the optimizer's exact type against that list (``type(opt) in ...``, not
+    ``isinstance``), so torch's AdamW passes and kiln's subclass of it, with the same
+    numbers, would put "untested optimizer, proceed with caution" in every rank-0 log.
+    DeepSpeed appends to the same list for its own Muon. Idempotent."""
+    from deepspeed.runtime.zero import utils
+
+    if AdamW not in utils.ZERO_SUPPORTED_OPTIMIZERS:
+        utils.ZERO_SUPPORTED_OPTIMIZERS.append(AdamW)
 
 
 def _patch_lazy_compile(deepspeed: ModuleType) -> None:
@@ -207,24 +223,13 @@ def build_ds_config(
     """The DeepSpeed config dict for `cfg` on `world_size` ranks (`cuda`: whether the
     ranks train on GPUs; default: whether this machine has one).
 
-    The optimizer is torch's AdamW: on GPU its fused kernel (one launch for all
-    parameters); on CPU the default, so CPU runs keep their exact numbers. With
-    ``zero.offload_optimizer: cpu`` it is DeepSpeed's vectorized DeepSpeedCPUAdam instead
-    (AdamW mode), which steps the offloaded fp32 master weights in CPU memory; its op is
-    compiled once by `prebuild_ops`."""
+    The config names an optimizer only with ``zero.offload_optimizer: cpu``: DeepSpeed then
+    builds its vectorized DeepSpeedCPUAdam (AdamW mode), which steps the offloaded fp32
+    master weights in CPU memory; its op is compiled once by `prebuild_ops`. Otherwise kiln
+    hands DeepSpeed its own optimizer (`optimizer_factory`)."""
     o, z = cfg.optim, cfg.zero
     if cuda is None:
         cuda = torch.cuda.is_available()
-    adamw: dict[str, Any] = {
-        "lr": o.lr,
-        "betas": list(o.betas),
-        "eps": o.eps,
-        "weight_decay": o.weight_decay,
-    }
-    if z.offload_optimizer == "none":
-        adamw["torch_adam"] = True
-        if cuda:
-            adamw["fused"] = True
     zero: dict[str, Any] = {"stage": z.stage}
     if z.stage == 3 and z.param_persistence_threshold is not None:
         zero["stage3_param_persistence_threshold"] = z.param_persistence_threshold
@@ -236,12 +241,11 @@ def build_ds_config(
     if z.offload_param != "none":
         zero["offload_param"] = {"device": z.offload_param, "pin_memory": z.offload_pin_memory}
     bf16 = use_bf16(cfg, cuda=cuda)
-    return {
+    config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": o.grad_accum,
         "train_batch_size": cfg.data.batch_size * o.grad_accum * world_size,
         "zero_optimization": zero,
-        "optimizer": {"type": "AdamW", "params": adamw},
         "gradient_clipping": o.grad_clip,
         "bf16": {"enabled": bf16},
         "fp16": {"enabled": False},
@@ -249,6 +253,35 @@ def build_ds_config(
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
+    if z.offload_optimizer != "none":
+        config["optimizer"] = {"type": "AdamW", "params": _adamw_args(cfg)}
+    return config
+
+
+def _adamw_args(cfg: TrainConfig) -> dict[str, Any]:
+    o = cfg.optim
+    return {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
+
+
+def optimizer_factory(
+    cfg: TrainConfig, *, cuda: bool | None = None
+) -> Callable[[Any], torch.optim.Optimizer] | None:
+    """What builds the optimizer from DeepSpeed's parameter groups: kiln's AdamW
+    (`kiln.training.optim`: torch's numbers, stepped in cache-sized slices on CPU), with
+    torch's fused kernel on GPU (one launch for all parameters). None with
+    ``zero.offload_optimizer``, where the DeepSpeed config names DeepSpeedCPUAdam."""
+    if cfg.zero.offload_optimizer != "none":
+        return None
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    args = _adamw_args(cfg)
+    args["betas"] = tuple(args["betas"])
+    fused = True if cuda else None
+
+    def build(params: Any) -> torch.optim.Optimizer:
+        return AdamW(params, fused=fused, **args)
+
+    return build
 
 
 class WarmupCosine:
@@ -378,6 +411,7 @@ def build_engine(
         config["checkpoint"] = {"load_universal": True}
     engine, _, _, _ = deepspeed.initialize(
         model=model,
+        optimizer=optimizer_factory(cfg),
         model_parameters=param_groups(model, cfg.optim.weight_decay),
         config=config,
         lr_scheduler=make_scheduler,

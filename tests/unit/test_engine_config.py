@@ -11,10 +11,17 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 from pydantic import ValidationError
 
 from kiln.training.config import TrainConfig
-from kiln.training.engine import build_ds_config, op_build_lock, set_runtime_env
+from kiln.training.engine import (
+    build_ds_config,
+    op_build_lock,
+    optimizer_factory,
+    set_runtime_env,
+)
+from kiln.training.optim import AdamW
 
 
 def _cfg(**zero: object) -> TrainConfig:
@@ -24,11 +31,20 @@ def _cfg(**zero: object) -> TrainConfig:
 
 
 def test_gpu_ranks_get_fused_adamw_and_bf16_cpu_ranks_keep_exact_fp32() -> None:
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    gpu_build, cpu_build = (
+        optimizer_factory(_cfg(), cuda=True),
+        optimizer_factory(_cfg(), cuda=False),
+    )
+    assert gpu_build is not None and cpu_build is not None
+    gpu_opt, cpu_opt = gpu_build(params), cpu_build(params)
+    assert isinstance(gpu_opt, AdamW) and gpu_opt.defaults["fused"] is True
+    assert isinstance(cpu_opt, AdamW) and not cpu_opt.defaults["fused"]
+    assert cpu_opt.defaults["betas"] == (0.9, 0.98) and cpu_opt.defaults["eps"] == 1e-6
     gpu = build_ds_config(_cfg(), 4, cuda=True)
-    assert gpu["optimizer"]["params"]["fused"] is True and gpu["bf16"]["enabled"] is True
+    assert "optimizer" not in gpu and gpu["bf16"]["enabled"] is True
     cpu = build_ds_config(_cfg(), 4, cuda=False)
-    assert "fused" not in cpu["optimizer"]["params"] and cpu["bf16"]["enabled"] is False
-    assert cpu["optimizer"]["params"]["torch_adam"] is True
+    assert "optimizer" not in cpu and cpu["bf16"]["enabled"] is False
     assert build_ds_config(_cfg(precision="fp32"), 4, cuda=True)["bf16"]["enabled"] is False
     assert cpu["train_batch_size"] == 8 * 2 * 4
 
@@ -49,6 +65,7 @@ def test_optimizer_offload_hands_deepspeed_its_cpu_adam_on_cpu_and_gpu() -> None
         params = ds["optimizer"]["params"]
         assert "torch_adam" not in params and "fused" not in params
         assert ds["optimizer"]["type"] == "AdamW" and ds["bf16"]["enabled"] is cuda
+        assert optimizer_factory(_cfg(stage=2, offload_optimizer="cpu"), cuda=cuda) is None
 
 
 def test_zero3_offloads_parameters_and_optimizer_with_pinning_from_the_recipe() -> None:
@@ -59,7 +76,9 @@ def test_zero3_offloads_parameters_and_optimizer_with_pinning_from_the_recipe() 
     # parameters alone: the optimizer stays torch's fused AdamW on the GPU
     alone = build_ds_config(_cfg(stage=3, offload_param="cpu"), 4, cuda=True)
     assert "offload_optimizer" not in alone["zero_optimization"]
-    assert alone["optimizer"]["params"]["fused"] is True
+    assert "optimizer" not in alone
+    build = optimizer_factory(_cfg(stage=3, offload_param="cpu"), cuda=True)
+    assert build is not None and build([torch.nn.Parameter(torch.zeros(2))]).defaults["fused"]
 
 
 @pytest.mark.parametrize(
