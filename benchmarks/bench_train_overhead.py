@@ -10,19 +10,20 @@ up: what the cores can do.
 
 `kiln train`: the local launcher (what ``kiln train --launcher local`` runs; ``--launcher
 ray``: Ray Train workers on a private Ray started once beforehand, what ``kiln train``
-runs by default) with N ranks of one thread each, the quickstart's data settings (batch 32 per rank, one DataLoader worker
-per rank, shuffle buffer 256, ZeRO-2), checkpointing only at the end; its rate is read from
-the run's ``metrics.jsonl`` over the steps after the first few (start-up excluded, epoch
-boundaries included) - the figure the training log prints. Both sides also report CPU
-milliseconds per sample: the pure step its processes' CPU time over the timed steps;
-`kiln train` the whole machine's busy CPU (``/proc/stat``) over a run of ``steps`` minus
-that over a run of ``steps // 3``, per extra sample, so start-up and the final checkpoint
-cancel out. The machine's, because a run's processes are not all this process's children:
-local ranks are forked by kiln's rank server (`kiln.training.rank_fork`), which outlives
-the run, and Ray Train workers are the raylet's. It counts everything the run costs (ranks,
-loader workers, the launcher, Ray's GCS, raylet and dashboard) and whatever else runs, so
-run the benchmark on an otherwise quiet machine. ``pure_cpu_over_this_cpu`` is what the
-rate ratio would be on otherwise idle cores that the run keeps busy.
+runs by default) with N ranks of one thread each, the quickstart's data settings (batch 32
+per rank, one DataLoader worker per rank, shuffle buffer 256, ZeRO-2), checkpointing only
+at the end; its rate is read from the run's ``metrics.jsonl`` over the steps after the
+first few (start-up excluded, epoch boundaries included) - the figure the training log
+prints. Both sides also report CPU milliseconds per sample: the pure step its processes'
+CPU time over the timed steps; `kiln train` the whole machine's busy CPU (``/proc/stat``)
+over a run of ``steps`` minus that over a run of ``steps // 3``, per extra sample, so
+start-up and the final checkpoint cancel out. The machine's, because a run's processes are
+not all this process's children: local ranks are forked by kiln's rank server
+(`kiln.training.rank_fork`), which outlives the run, and Ray Train workers are the
+raylet's. It counts everything the run costs (ranks, loader workers, the launcher, Ray's
+GCS, raylet and dashboard) and whatever else runs, so run the benchmark on an otherwise
+quiet machine. ``pure_cpu_over_this_cpu`` is what the rate ratio would be on otherwise
+idle cores that the run keeps busy.
 
 Diagnostic variants, same settings but one thing changed, show where the overhead goes:
 ``zero0`` (DeepSpeed ZeRO-0 instead of 2), ``workers0`` (the loader decodes in the rank's
