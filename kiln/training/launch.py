@@ -45,7 +45,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -84,6 +83,7 @@ CONFIG_FILE = "train_config.json"
 ATTEMPTS_FILE = "kiln_attempts.jsonl"
 _LOG_TAIL_BYTES = 6000
 _FAULT_PREFIX = "KILN_FAULT_"
+_SAY_STARTING_AFTER_S = 10.0  # the first line while Ray Train starts a group, then every:
 _SAY_WAITING_EVERY_S = 30.0
 _GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train's, 60 s
 
@@ -221,7 +221,8 @@ def train(
     Ray: workers that can never all be placed (more CPUs than the cluster has, a worker
     bigger than any node) are refused before Ray Train starts (`ResourceFitError`); a
     group that does not start within `start_timeout_s` (resources held by another job, a
-    node lost) ends the run with `WaitTimeout`, with a line every 30 s while it waits.
+    node lost) ends the run with `WaitTimeout`. While a group starts, a line says what it
+    waits for (the cluster's resources, or the workers' processes) after 10 s, then every 30 s.
     """
     if num_workers < 1:
         raise ValueError(f"num_workers={num_workers} must be at least 1")
@@ -667,7 +668,7 @@ def _launch_ray(
     try:
         # Ray Train hands this variable to its controller when fit() starts it
         with scoped_env(_GROUP_START_TIMEOUT_ENV, f"{group_timeout:g}"):
-            _fit_interruptibly(trainer, attempts_file.is_file, start_timeout_s, what)
+            _fit_interruptibly(trainer, attempts_file.is_file, start_timeout_s, what, world)
     except (KeyboardInterrupt, WaitTimeout):
         raise
     except Exception as e:
@@ -704,10 +705,12 @@ def _fit_interruptibly(
     started: Callable[[], bool],
     start_timeout_s: float,
     what: str,
+    workers: int,
 ) -> None:
     """`trainer.fit()`, with Ctrl-C (SIGINT) ending it as a KeyboardInterrupt, and a
-    watchdog on the start: until `started()` is true it says every `_SAY_WAITING_EVERY_S`
-    what it waits for (`what`), and after `start_timeout_s` it aborts the run and raises
+    watchdog on the start: until `started()` is true it says what the start waits for
+    (`what`: the `workers` Ray Train places), after `_SAY_STARTING_AFTER_S` and then every
+    `_SAY_WAITING_EVERY_S`, and after `start_timeout_s` it aborts the run and raises
     `WaitTimeout`.
 
     Ray Train installs its own SIGINT handler during fit(): it aborts the run's controller,
@@ -721,6 +724,7 @@ def _fit_interruptibly(
     timed_out = threading.Event()
     finished = threading.Event()
     controllers: list[Any] = []
+    known_groups = _placement_groups()
 
     def abort() -> None:
         with contextlib.suppress(Exception):
@@ -740,7 +744,7 @@ def _fit_interruptibly(
 
     def watchdog() -> None:
         begun = time.monotonic()
-        say_at = begun + _SAY_WAITING_EVERY_S
+        say_at = begun + _SAY_STARTING_AFTER_S
         while not finished.wait(1.0) and not started():
             waited = time.monotonic() - begun
             if waited >= start_timeout_s:
@@ -749,13 +753,9 @@ def _fit_interruptibly(
                     abort()
                 return
             if time.monotonic() >= say_at:
-                say_at += _SAY_WAITING_EVERY_S
-                _log(
-                    0,
-                    f"waiting for Ray Train to start {what}: {waited:.0f}s of "
-                    f"{start_timeout_s:.0f}s (resources.start_timeout_s); `ray status` "
-                    "shows what the cluster holds",
-                )
+                say_at = time.monotonic() + _SAY_WAITING_EVERY_S
+                state = _group_state(known_groups, workers)
+                _log(0, _start_progress(state, what, waited, start_timeout_s))
 
     if hasattr(trainer, "_register_sigint_handler"):
         trainer._register_sigint_handler = register
@@ -779,6 +779,58 @@ def _fit_interruptibly(
         raise KeyboardInterrupt
     if timed_out.is_set():
         raise _start_timeout(what, start_timeout_s)
+
+
+def _placement_groups() -> set[str] | None:
+    """The ids of the placement groups the cluster holds now; None where Ray cannot say."""
+    from ray.util import placement_group_table
+
+    try:
+        return set(placement_group_table())
+    except Exception:  # a GCS that does not answer: the progress lines stay generic
+        return None
+
+
+def _group_state(known: set[str] | None, workers: int) -> str | None:
+    """The state of the placement group Ray Train made for this start (one of `workers`
+    bundles, not among the `known` ones): PENDING while the cluster lacks the resources,
+    CREATED once the workers are placed; "" before Ray Train has made it (its controller is
+    starting); None where Ray cannot say."""
+    from ray.util import placement_group_table
+
+    if known is None:
+        return None
+    try:
+        table = placement_group_table()
+    except Exception:
+        return None
+    states = [
+        str(info.get("state", ""))
+        for pg, info in table.items()
+        if pg not in known and len(info.get("bundles") or {}) == workers
+    ]
+    live = [s for s in states if s != "REMOVED"]  # (a start Ray Train retries: a new group)
+    return live[-1] if live else ""
+
+
+def _start_progress(state: str | None, what: str, waited: float, start_timeout_s: float) -> str:
+    """The line the start's watchdog says, for the placement group's `state`."""
+    limit = f"{waited:.0f}s of {start_timeout_s:.0f}s (resources.start_timeout_s)"
+    if state == "CREATED":
+        return (
+            f"Ray Train placed {what} and is starting their processes ({waited:.0f}s so "
+            "far): each imports torch and DeepSpeed before it builds the model"
+        )
+    if state in ("PENDING", "RESCHEDULING"):
+        return (
+            f"waiting for the cluster to free the resources of {what}: {limit}; other work "
+            "holds them or a node left (`ray status` shows what the cluster holds)"
+        )
+    if state == "":
+        return f"Ray Train is starting its controller for {what} ({waited:.0f}s so far)"
+    return (
+        f"waiting for Ray Train to start {what}: {limit}; `ray status` shows what the cluster holds"
+    )
 
 
 def _start_timeout(what: str, start_timeout_s: float) -> WaitTimeout:
@@ -819,4 +871,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from kiln.process_exit import exit_now
+
+    exit_now(main())

@@ -38,11 +38,17 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         _LastUse.left[name] = sum(name in getattr(i, "fixturenames", ()) for i in session.items)
 
 
-def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
-    for name in set(getattr(item, "fixturenames", ())) & _LastUse.left.keys():
-        _LastUse.left[name] -= 1
-        if _LastUse.left[name] <= 0 and name in _LastUse.stop:
-            _LastUse.stop.pop(name)()
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    # after the test's own fixtures are torn down: they may still use the shared one (a
+    # fixture that holds an actor on the session's Ray kills it in its teardown)
+    try:
+        yield
+    finally:
+        for name in set(getattr(item, "fixturenames", ())) & _LastUse.left.keys():
+            _LastUse.left[name] -= 1
+            if _LastUse.left[name] <= 0 and name in _LastUse.stop:
+                _LastUse.stop.pop(name)()
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kiln.training import train
+from kiln.training import launch, train
 from kiln.training.checkpoint import checkpoints_dir
 from kiln.training.loop import FAULT_SIGKILL_RANK
 from tests.helpers_training import SHORT_RUN_STEPS as MAX_STEPS
@@ -41,8 +41,12 @@ def test_ray_train_matches_local_launcher_bitwise_through_resume_and_restart(
     short_reference: list[float],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
     ray_session: None,
 ) -> None:
+    # a line a second while the group starts (10 s, then 30 s, by default)
+    monkeypatch.setattr(launch, "_SAY_STARTING_AFTER_S", 1.0)
+    monkeypatch.setattr(launch, "_SAY_WAITING_EVERY_S", 1.0)
     # the local reference as it stood at step 2: Ray resumes a run it did not start
     run = rewind_run(short_reference_run, tmp_path / "ray", 2)
     # set after the session's Ray started: the launcher must pass it to the workers itself
@@ -58,6 +62,10 @@ def test_ray_train_matches_local_launcher_bitwise_through_resume_and_restart(
     )
     # resumed from step 2, trained 3..5, rank 1 killed, the group restarted from step 4
     check_healed(run, rest, short_reference)
+    # the start said what it waited for: the workers' processes, once Ray Train placed them
+    said = capfd.readouterr().out  # kiln's lines (`say`)
+    assert "Ray Train placed 2 workers with 1 CPUs each (placement pack) and is starting" in said
+    assert "waiting for the cluster to free" not in said  # nothing else holds the CPUs
     assert rest.launcher == "ray" and len(rest.nodes) == 2
     attempts_files = list((run / "ray_train").glob("*/kiln_attempts.jsonl"))
     attempts = [

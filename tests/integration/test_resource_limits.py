@@ -13,7 +13,7 @@ from kiln.data_curation import executors
 from kiln.data_curation.executors import RayExecutor
 from kiln.data_curation.stage import StageResources
 from kiln.resource_fit import ResourceFitError, WaitTimeout
-from kiln.training import train
+from kiln.training import launch, train
 from tests.helpers_training import short_run_config
 
 
@@ -96,3 +96,27 @@ def test_ray_train_start_times_out_when_another_job_holds_the_cpus(
             num_workers=2,
             start_timeout_s=5,
         )
+
+
+def test_a_start_tells_waiting_for_resources_from_starting_processes(
+    one_cpu_held: None,
+) -> None:
+    """The start's progress line reads the state of the run's placement group: pending
+    while another job holds the CPUs, created once the workers are placed."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    known = launch._placement_groups()
+    assert known is not None
+    assert launch._group_state(known, 2) == ""  # no group yet: the controller is starting
+    waiting = placement_group([{"CPU": 1}] * 2)  # 2 CPUs, one of them held
+    placed = placement_group([{"CPU": 1}])
+    try:
+        ray.get(placed.ready(), timeout=60)
+        assert launch._group_state(known, 2) == "PENDING"
+        assert launch._group_state(known, 1) == "CREATED"
+        said = launch._start_progress("PENDING", "2 workers", 12, 600)
+        assert said.startswith("waiting for the cluster to free the resources of 2 workers")
+    finally:
+        remove_placement_group(waiting)
+        remove_placement_group(placed)
