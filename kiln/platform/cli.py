@@ -14,15 +14,16 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from kiln.platform import signals
+from kiln.process_exit import exit_now
 from kiln.resource_fit import WaitTimeout
 
 if TYPE_CHECKING:
     from kiln.platform.recipes import Recipe
 
-__all__ = ["build_parser", "load_job", "main"]
+__all__ = ["build_parser", "load_job", "main", "run"]
 
 _USER_ERRORS: tuple[type[BaseException], ...] = (
     FileNotFoundError,
@@ -556,5 +557,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 143 if signals.terminated() else 130  # 128 + the signal, as a shell says
 
 
+def run() -> NoReturn:
+    """The `kiln` console script and ``python -m kiln``: `main`, then the process ends
+    without the interpreter's teardown of torch, DeepSpeed and Ray (`kiln.process_exit`)."""
+    exit_now(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

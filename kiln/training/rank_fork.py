@@ -370,7 +370,8 @@ def _become(request: dict[str, Any], server: int) -> None:
 
 if __name__ == "__main__":
     _request = _serve()
+    from kiln.process_exit import exit_now
     from kiln.training.launch import main
 
     sys.argv = [sys.modules["kiln.training.launch"].__file__ or "", *_request["argv"]]
-    sys.exit(main(_request["argv"]))
+    exit_now(main(_request["argv"]))
