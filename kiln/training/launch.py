@@ -661,8 +661,8 @@ def _launch_ray(
         ),
     )
     what = (
-        f"{world} workers with {cpus_per_worker:g} CPUs"
-        + (f" and {gpus_per_worker:g} GPUs" if gpus_per_worker else "")
+        f"{_count(world, 'worker')} with {_count(cpus_per_worker, 'CPU')}"
+        + (f" and {_count(gpus_per_worker, 'GPU')}" if gpus_per_worker else "")
         + f" each (placement {placement})"
     )
     try:
@@ -679,6 +679,11 @@ def _launch_ray(
             headline=f"Ray Train run failed{after}: {_ray_failure(e)}",
         ) from e
     return _read_attempts(attempts_file)
+
+
+def _count(n: float, noun: str) -> str:
+    """`n` `noun`s, as a person writes it: 1 CPU, 0.5 CPUs, 2 workers."""
+    return f"{n:g} {noun}{'' if n == 1 else 's'}"
 
 
 def _ray_failure(e: BaseException) -> str:

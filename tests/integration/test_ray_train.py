@@ -64,7 +64,7 @@ def test_ray_train_matches_local_launcher_bitwise_through_resume_and_restart(
     check_healed(run, rest, short_reference)
     # the start said what it waited for: the workers' processes, once Ray Train placed them
     said = capfd.readouterr().out  # kiln's lines (`say`)
-    assert "Ray Train placed 2 workers with 1 CPUs each (placement pack) and is starting" in said
+    assert "Ray Train placed 2 workers with 1 CPU each (placement pack) and is starting" in said
     assert "waiting for the cluster to free" not in said  # nothing else holds the CPUs
     assert rest.launcher == "ray" and len(rest.nodes) == 2
     attempts_files = list((run / "ray_train").glob("*/kiln_attempts.jsonl"))
