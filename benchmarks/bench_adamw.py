@@ -24,6 +24,7 @@ import torch
 from kiln.models.build import build_model
 from kiln.models.config import ModelConfig
 from kiln.training.config import OptimConfig
+from kiln.training.engine import adamw_args
 from kiln.training.optim import AdamW
 
 
@@ -66,13 +67,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    o = OptimConfig()
-    kw: dict[str, Any] = {
-        "lr": o.lr,
-        "betas": o.betas,
-        "eps": o.eps,
-        "weight_decay": o.weight_decay,
-    }
+    kw = adamw_args(OptimConfig())  # kiln's defaults, as `kiln train` passes them
     results = []
     for flat in (True, False):
         runs: dict[str, tuple[float, Any, list[torch.nn.Parameter]]] = {}

@@ -113,6 +113,7 @@ def _pure_rank(data: str, steps: int, flavor: str, reuse: bool, out: Any, barrie
         keep_freed_memory()
     from kiln.models.build import build_model
     from kiln.training.data import WebDatasetLoader
+    from kiln.training.engine import adamw_args
     from kiln.training.objectives.clip import clip_loss
     from kiln.training.optim import AdamW
 
@@ -121,7 +122,7 @@ def _pure_rank(data: str, steps: int, flavor: str, reuse: bool, out: Any, barrie
     torch.manual_seed(0)
     model = build_model(cfg.model).train()
     o = cfg.optim
-    opt = AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    opt = AdamW(model.parameters(), **adamw_args(o))
     loader = WebDatasetLoader(
         data, batch_size=BATCH, seed=0, image_size=cfg.model.image_size,
         context_length=cfg.model.context_length, fast_decode=cfg.data.fast_decode,

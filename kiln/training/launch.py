@@ -729,7 +729,8 @@ def _fit_interruptibly(
     timed_out = threading.Event()
     finished = threading.Event()
     controllers: list[Any] = []
-    known_groups = _placement_groups()
+    groups = _placement_groups()
+    known_groups = set(groups) if groups is not None else None
 
     def abort() -> None:
         with contextlib.suppress(Exception):
@@ -786,12 +787,12 @@ def _fit_interruptibly(
         raise _start_timeout(what, start_timeout_s)
 
 
-def _placement_groups() -> set[str] | None:
-    """The ids of the placement groups the cluster holds now; None where Ray cannot say."""
+def _placement_groups() -> dict[str, dict[str, Any]] | None:
+    """The cluster's placement groups now, by id; None where Ray cannot say."""
     from ray.util import placement_group_table
 
     try:
-        return set(placement_group_table())
+        return dict(placement_group_table())
     except Exception:  # a GCS that does not answer: the progress lines stay generic
         return None
 
@@ -801,13 +802,10 @@ def _group_state(known: set[str] | None, workers: int) -> str | None:
     bundles, not among the `known` ones): PENDING while the cluster lacks the resources,
     CREATED once the workers are placed; "" before Ray Train has made it (its controller is
     starting); None where Ray cannot say."""
-    from ray.util import placement_group_table
-
     if known is None:
         return None
-    try:
-        table = placement_group_table()
-    except Exception:
+    table = _placement_groups()
+    if table is None:
         return None
     states = [
         str(info.get("state", ""))

@@ -106,8 +106,9 @@ def test_a_start_tells_waiting_for_resources_from_starting_processes(
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    known = launch._placement_groups()
-    assert known is not None
+    groups = launch._placement_groups()
+    assert groups is not None
+    known = set(groups)
     assert launch._group_state(known, 2) == ""  # no group yet: the controller is starting
     waiting = placement_group([{"CPU": 1}] * 2)  # 2 CPUs, one of them held
     placed = placement_group([{"CPU": 1}])
