@@ -14,6 +14,9 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
+
+import psutil
 
 from kiln.console import say
 from kiln.platform import logs, signals
@@ -22,6 +25,10 @@ from kiln.resource_fit import WaitTimeout
 __all__ = ["JOIN_TIMEOUT_S", "LOOPBACK", "ray_session", "start_ray"]
 
 LOOPBACK = "127.0.0.1"
+#: Starts of a private Ray before kiln gives up on one whose processes miss Ray's deadline.
+_START_ATTEMPTS = 2
+#: What Ray's Exception says when the raylet did not register in time (ray._private.node).
+_STARTUP_TIMEOUT = "timed out during startup"
 #: How long joining a cluster waits for its address to answer before failing.
 JOIN_TIMEOUT_S = 10.0
 #: read by Ray's State API client (Ray Train's actors use it): without it a worker looks
@@ -80,13 +87,14 @@ def start_ray(
             kwargs["dashboard_port"] = free_port()
             os.environ[_API_SERVER_ENV] = f"http://{LOOPBACK}:{kwargs['dashboard_port']}"
         with logs.process_output_to_log():  # Ray's own processes log to the run dir
-            ray.init(
+            _init_private(
+                ray,
                 address="local",
                 num_cpus=num_cpus,
                 _node_ip_address=LOOPBACK,
                 include_dashboard=dashboard,
                 dashboard_host=LOOPBACK,
-                **kwargs,  # type: ignore[arg-type]
+                **kwargs,
             )
         node_ip = ray.util.get_node_ip_address()
         if node_ip != LOOPBACK:
@@ -104,6 +112,50 @@ def start_ray(
     logs.route_ray_worker_output()
     say(f"Ray ready ({time.perf_counter() - started:.0f}s)", stream=sys.stderr)
     return True
+
+
+def _init_private(ray: Any, **init_kwargs: Any) -> None:
+    """`ray.init` of a private Ray, started once more when its processes miss Ray's own
+    startup deadline (the raylet has 30 s to register, hard-coded in Ray; a machine busy
+    enough misses it, and Ray then raises a bare Exception and leaves the processes it
+    started running). The processes of the failed start are stopped first; a second miss
+    is a `WaitTimeout` that says what to do."""
+    for attempt in range(1, _START_ATTEMPTS + 1):
+        before = {p.pid for p in psutil.Process().children()}
+        try:
+            ray.init(**init_kwargs)
+            return
+        except Exception as e:
+            if _STARTUP_TIMEOUT not in str(e):
+                raise
+        _stop_new_children(before)
+        ray.shutdown()
+        load = os.getloadavg()[0]
+        missed = (
+            f"Ray's processes did not come up within the 30 s Ray gives them (load average "
+            f"{load:.1f} on {os.cpu_count()} cores)"
+        )
+        if attempt == _START_ATTEMPTS:
+            raise WaitTimeout(
+                f"{missed}, {attempt} times: this machine is too busy to start a Ray now; "
+                "run again when it is less loaded, or start one yourself (`ray start --head "
+                f"--node-ip-address {LOOPBACK}`) and pass its address (--address)"
+            )
+        say(f"{missed}; starting it once more", stream=sys.stderr)
+
+
+def _stop_new_children(before: set[int]) -> None:
+    """SIGKILL the child processes (and their own children) this process started since
+    `before` (a set of its children's pids): the remains of a failed Ray start."""
+    procs = []
+    for child in psutil.Process().children():
+        if child.pid not in before:
+            with contextlib.suppress(psutil.Error):
+                procs += [child, *child.children(recursive=True)]
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(procs, timeout=10)
 
 
 def _check_reachable(address: str, timeout_s: float = JOIN_TIMEOUT_S) -> None:
