@@ -34,10 +34,12 @@ demo: $(STAMP)
 # tests/integration/test_report.py renders reports in headless Chromium: installed here when
 # it is missing and we can (root with apt-get); otherwise that test skips, saying how.
 # The unit tests run on every core (pytest-xdist: pure functions, no shared state); the
-# integration and end-to-end tests one at a time, since each one uses the whole machine.
+# integration and end-to-end tests in two lanes, a test file at a time each, the files that
+# share a Ray, a cluster or a reference run in one lane (tests/conftest.py): one such test
+# alone keeps 1.4 of 2 cores busy on average, its process starts being single-threaded.
 test: $(STAMP) chromium
 	$(PY) -m pytest -q -n $(TEST_CPUS) tests/unit
-	$(PY) -m pytest -q --ignore=tests/unit
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --ignore=tests/unit
 
 chromium:
 	@command -v chromium >/dev/null 2>&1 || { \
