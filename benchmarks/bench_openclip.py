@@ -23,8 +23,9 @@ Tokens, two settings (``--tokens``):
   (``../shared/data/coco_captions_val2017``), tokenized by OpenCLIP's own tokenizer for
   the model in its worker; kiln gets the same ids. Padding is id 0 on both sides and the
   end-of-text token is the largest id, so both pool the same position of the same rows.
-  OpenCLIP computes all 77 positions of every row, kiln those up to the batch's longest
-  caption: what training on real captions costs each. Both use exact GELU, pre-LayerNorm blocks and no
+  OpenCLIP computes all 77 positions of every row, kiln each caption's own (its text
+  tower packs captions of mixed length, `kiln.models.layers.Packing`; attention alone runs
+  on the batch padded to its longest caption): what training on real captions costs each. Both use exact GELU, pre-LayerNorm blocks and no
 dropout; OpenCLIP runs its default attention path (``nn.MultiheadAttention``, which calls
 ``scaled_dot_product_attention`` with its float causal mask), kiln its own.
 
@@ -346,13 +347,20 @@ def compare(
 
 
 def _text_positions(tokens: Any, spec: dict[str, Any]) -> dict[str, float]:
-    """Positions each side's text tower computes per row: OpenCLIP the whole context,
-    kiln up to the batch's longest text; and the mean caption length, for scale."""
+    """Positions per row that each side's text tower runs its per-token layers on:
+    OpenCLIP the whole context; kiln the mean caption length when it packs the batch,
+    else the batch's longest caption; and the mean caption length, for scale."""
+    import torch
+
+    from kiln.models.text import worth_packing
+
     ctx = spec["context_length"]
     if tokens is None:
         return {"open_clip": ctx, "kiln": ctx, "mean_text": ctx}
-    lengths = [sum(1 for t in row if t != 0) for row in tokens]
-    return {"open_clip": ctx, "kiln": max(lengths), "mean_text": sum(lengths) / len(lengths)}
+    lengths = torch.as_tensor([sum(1 for t in row if t != 0) for row in tokens])
+    longest, mean = int(lengths.max()), float(lengths.float().mean())
+    packed = worth_packing(torch.arange(longest) < lengths[:, None])
+    return {"open_clip": ctx, "kiln": round(mean if packed else longest, 2), "mean_text": mean}
 
 
 def main() -> None:

@@ -15,7 +15,9 @@ ZeRO-2, torch's fused AdamW, gradient clipping), the loss from the flavor's obje
 ends; with N GPUs the slowest rank's time). MFU = samples/s x the flavor's training FLOPs
 per sample (`kiln.models.info.flops_per_sample`: 3x the forward, as `kiln model info`
 prints) / (GPUs x peak dense bf16 FLOP/s), the peak from the table below by device name,
-or ``--peak-tflops``. Prints one JSON line.
+or ``--peak-tflops``. In ``--mode loader`` the text tower computes each caption's own
+positions (it packs captions of mixed length), fewer than the full context that
+`flops_per_sample` counts, so MFU there is an upper bound. Prints one JSON line.
 
 Without CUDA the GPU part is skipped (a ``[kiln]`` line says so) and a CPU smoke
 configuration runs instead (tiny flavor, fp32, 1 process, a few steps) so the script itself

@@ -7,9 +7,12 @@ import math
 import pytest
 import torch
 
+import kiln.models.text as text_module
 from kiln.models import CLIP, MAX_LOGIT_SCALE
 from kiln.models.build import build_model, count_parameters
 from kiln.models.config import ModelConfig
+from kiln.models.layers import Attention, Packing
+from kiln.models.text import PACK_MIN_PADDING, worth_packing
 from kiln.models.tokenizer import (
     BOS_ID,
     BYTE_OFFSET,
@@ -210,6 +213,10 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(arch: str) -
         if arch == "mae"
         else torch.randint(3, 200, (4, flavor["text"]["context_length"]), generator=g)
     )
+    if arch != "mae":  # captions of mixed length (CLIP's and SigLIP's text towers pack them)
+        ctx = flavor["text"]["context_length"]
+        for row, length in enumerate((ctx, ctx // 2, ctx // 3, 3)):
+            second[row, length:] = PAD_ID
     grads = []
     for on in (False, True):
         torch.manual_seed(0)
@@ -265,3 +272,61 @@ def test_pooled_only_towers_equal_the_full_computation() -> None:
     with torch.no_grad():  # the EOS-only path trims the padding of the batch
         _, at_eos = model.text(tokens, pooled_only=True)
     assert at_eos.shape == (3, 1, 32)
+
+
+def test_packing_moves_rows_and_gradients_both_ways() -> None:
+    """`Packing` keeps the marked positions row after row and puts them back with zeros
+    at the padding; its hand-written backward is the gradient autograd would compute
+    (gradcheck in float64, both directions)."""
+    keep = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    packing = Packing(keep)
+    assert packing.tokens == 8 and packing.index.tolist() == [0, 1, 2, 4, 8, 9, 10, 11]
+    padded = torch.arange(3 * 4 * 2, dtype=torch.float64).reshape(3, 4, 2)
+    packed = packing.pack(padded)
+    assert torch.equal(packed, padded[keep])
+    back = packing.unpack(packed)
+    assert torch.equal(back[keep], padded[keep]) and not back[~keep].any()
+    x = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(packing.unpack, (x,))
+    y = torch.randn(3, 4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(packing.pack, (y,))
+
+
+def test_text_tower_packs_mixed_lengths_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Captions of mixed length are packed (a tenth or more of the positions would be
+    padding), a batch of equal lengths is not; packed or not, the pooled features and
+    their gradients agree up to float rounding."""
+    assert worth_packing(tokenize(["a", "a green dot"], SMALL.context_length)[:, :12] != PAD_ID)
+    assert not worth_packing(tokenize(["abc", "xyz"], SMALL.context_length)[:, :5] != PAD_ID)
+    model = _model(seed=3).train()
+    tokens = tokenize(["a", "a green dot", "red", "a long red line"], SMALL.context_length)
+    packed_tokens: list[int] = []
+
+    class Recorded(Packing):
+        def __init__(self, keep: torch.Tensor) -> None:
+            super().__init__(keep)
+            packed_tokens.append(self.tokens)
+
+    monkeypatch.setattr(text_module, "Packing", Recorded)
+    results = []
+    for threshold in (PACK_MIN_PADDING, 2.0):  # packed, then never packed
+        model.zero_grad()
+        monkeypatch.setattr(text_module, "PACK_MIN_PADDING", threshold)
+        pooled = model.text(tokens, pooled_only=True)[0]
+        (pooled * torch.linspace(-1, 1, pooled.numel()).reshape(pooled.shape)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((pooled.detach(), grads))
+    assert packed_tokens == [3 + 13 + 5 + 16]  # BOS + bytes + EOS of each (the last cut at 16)
+    (packed, packed_grads), (plain, plain_grads) = results
+    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-6)
+    assert packed_grads.keys() == plain_grads.keys() and packed_grads
+    for name, grad in packed_grads.items():
+        scale = plain_grads[name].abs().max()
+        assert (grad - plain_grads[name]).abs().max() <= 1e-5 * scale, name
+
+
+def test_attention_rejects_rows_with_packing() -> None:
+    attn = Attention(8, 2, std=0.1, out_std=0.1)
+    packing = Packing(torch.ones(1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="unpack x first"):
+        attn(torch.randn(3, 8), causal=True, rows=torch.tensor([2]), packing=packing)
