@@ -1,12 +1,13 @@
 """Training step on real web alt-texts: the text tower's packing against no packing.
 
-kiln's CLIP text tower runs its per-token layers on each caption's own tokens
+kiln's text towers run their per-token layers on each caption's own tokens
 (`kiln.models.layers.Packing`: the batch's padding is dropped, and only attention runs on
-the batch padded to its longest caption). This measures what that saves on the captions
-kiln's loader really feeds it: the 10,000 web alt-texts of ``../shared/data/laion_alttext``
-(in file order, cycled), tokenized by kiln's byte tokenizer at the flavor's context length.
+the batch padded to its longest caption; CoCa's decoder and vocabulary head too). This
+measures what that saves on the captions kiln's loader really feeds them: the 10,000 web
+alt-texts of ``../shared/data/laion_alttext`` (in file order, cycled), tokenized by kiln's
+byte tokenizer at the flavor's context length. Flavors with captions: CLIP, SigLIP, CoCa.
 
-What is timed: forward of both towers, CLIP's loss, backward and kiln's AdamW step, on
+What is timed: the forward, the loss of the flavor's objective, backward and kiln's AdamW step, on
 random images and ``--batches`` different batches of real captions, one process, CPU fp32,
 ``--threads`` torch threads, by process CPU time. The same model and batches run both ways,
 packed and never packed (`kiln.models.text.PACK_MIN_PADDING` above 1), in alternating
@@ -28,6 +29,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import torch
+from pydantic import TypeAdapter
 
 import kiln.models.text as text_module
 from kiln.models.build import build_model
@@ -35,7 +37,8 @@ from kiln.models.config import ModelConfig
 from kiln.models.tokenizer import PAD_ID, VOCAB_SIZE, tokenize
 from kiln.training.config import OptimConfig
 from kiln.training.engine import adamw_args
-from kiln.training.objectives.clip import clip_loss
+from kiln.training.objectives import build_objective
+from kiln.training.objectives.config import ObjectiveConfig
 from kiln.training.optim import AdamW
 
 ALT_TEXTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "laion_alttext"
@@ -55,12 +58,15 @@ def _padding(tokens: torch.Tensor) -> float:
     return 1 - float(lengths.sum()) / (len(lengths) * int(lengths.max()))
 
 
-def _round(model: Any, opt: Any, images: torch.Tensor, batches: list[torch.Tensor]) -> float:
+def _round(
+    model: Any, objective: Any, opt: Any, images: torch.Tensor, batches: list[torch.Tensor]
+) -> float:
     cpu = time.process_time()
     for tokens in batches:
         opt.zero_grad(set_to_none=True)
-        out = model(images, tokens)
-        clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"]).backward()
+        batch = {"images": images, "tokens": tokens}
+        outputs = model(**objective.model_inputs(batch))
+        objective.loss(outputs, batch)[0].backward()
         opt.step()
     return time.process_time() - cpu
 
@@ -79,8 +85,12 @@ def main() -> None:
     cfg = ModelConfig.model_validate(
         {"flavor": args.flavor, "text": {"tokenizer": "byte", "vocab_size": VOCAB_SIZE}}
     )
+    if cfg.text is None:
+        raise SystemExit(
+            f"flavor {args.flavor!r} has no text tower: pick a clip, siglip or coca one"
+        )
     model = build_model(cfg).train()
-    assert cfg.text is not None
+    objective = build_objective(TypeAdapter(ObjectiveConfig).validate_python({"name": cfg.arch}))
     ctx = cfg.text.context_length
     captions = _captions(args.batch * args.batches)
     batches = [
@@ -92,12 +102,14 @@ def main() -> None:
 
     default = text_module.PACK_MIN_PADDING
     best = {"packed": float("inf"), "unpacked": float("inf")}
-    _round(model, opt, images, batches[:1])  # warm-up: allocator, kernels, optimizer state
+    _round(
+        model, objective, opt, images, batches[:1]
+    )  # warm-up: allocator, kernels, optimizer state
     for _ in range(args.rounds):
         for mode, threshold in (("packed", default), ("unpacked", 2.0)):
             text_module.PACK_MIN_PADDING = threshold
             try:
-                best[mode] = min(best[mode], _round(model, opt, images, batches))
+                best[mode] = min(best[mode], _round(model, objective, opt, images, batches))
             finally:
                 text_module.PACK_MIN_PADDING = default
     samples = args.batch * args.batches
@@ -108,6 +120,7 @@ def main() -> None:
             {
                 "benchmark": "text_packing",
                 "flavor": args.flavor,
+                "objective": cfg.arch,
                 "batch": args.batch,
                 "batches": args.batches,
                 "threads": args.threads,

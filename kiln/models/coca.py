@@ -9,7 +9,15 @@
   per-position features and a cross-attention block over the pooled image tokens, then a
   LayerNorm and a linear head over the vocabulary (next-token logits).
 
-``forward(images, tokens)`` returns the CLIP outputs plus ``"caption_logits" [B, L, V]``.
+``forward(images, tokens)`` returns the CLIP outputs plus ``"caption_logits"`` and
+``"caption_targets"``: next-token logits and the id each one predicts (``PAD_ID``: nothing
+to predict, the loss skips it), for the positions up to each caption's end-of-text only.
+Nothing after a caption's end-of-text changes an earlier position (causal self-attention;
+cross-attention and MLPs are per position), so those positions are not computed: the batch
+is cut at its longest caption, and captions of mixed length are packed
+(`kiln.models.text.cut_captions`), so the towers, the decoder and the vocabulary head
+run on each caption's own tokens: ``[T, V]`` and ``[T]`` then, else ``[B, n, V]`` and
+``[B, n]``.
 `generate` captions images greedily or with beam search (eval; no KV cache, so it costs
 one decoder pass per generated token, fine for captions of tens of tokens).
 """
@@ -27,10 +35,11 @@ from kiln.models.layers import (
     AttentionalPooler,
     CrossAttentionBlock,
     Linear,
+    Packing,
     TransformerBlock,
     run_block,
 )
-from kiln.models.text import TextTransformer
+from kiln.models.text import TextTransformer, cut_captions
 from kiln.models.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from kiln.models.vit import VisionTransformer
 
@@ -84,14 +93,21 @@ class CoCa(nn.Module):
         emb = F.normalize(self.image_proj(self.ln_pool(pooled[:, 0])), dim=-1)
         return emb, pooled[:, 1:]
 
-    def _decode(self, text_features: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+    def _decode(
+        self,
+        text_features: torch.Tensor,
+        image_tokens: torch.Tensor,
+        packing: Packing | None = None,
+    ) -> torch.Tensor:
+        """Next-token logits ``[B, n, V]`` (``[T, V]`` for packed text features)."""
         x = text_features
         if self.text_to_decoder is not None:
             x = self.text_to_decoder(x)
         r = self.recompute_blocks
+        packed = {"packing": packing} if packing is not None else {}
         for self_block, cross_block in zip(self.self_blocks, self.cross_blocks, strict=True):
-            x = run_block(self_block, x, causal=True, recompute=r)
-            x = run_block(cross_block, x, image_tokens, recompute=r)
+            x = run_block(self_block, x, causal=True, recompute=r, **packed)
+            x = run_block(cross_block, x, image_tokens, recompute=r, **packed)
         logits: torch.Tensor = self.lm_head(self.ln_decoder(x))
         return logits
 
@@ -101,16 +117,19 @@ class CoCa(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens [B, L]`` -> unit-norm ``[B, embed_dim]`` (unimodal text tower)."""
-        return F.normalize(self.text(tokens)[0], dim=-1)
+        return F.normalize(self.text(tokens, pooled_only=True)[0], dim=-1)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         image_embeds, image_tokens = self._image(images)
-        pooled, features = self.text(tokens)
+        tokens, packing = cut_captions(tokens)
+        pooled, features = self.text(tokens, packing=packing)
+        targets = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], PAD_ID)], dim=1)
         return {
             "image_embeds": image_embeds,
             "text_embeds": F.normalize(pooled, dim=-1),
             "logit_scale": self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE).reshape(()),
-            "caption_logits": self._decode(features, image_tokens),
+            "caption_logits": self._decode(features, image_tokens, packing),
+            "caption_targets": targets if packing is None else packing.pack(targets),
         }
 
     # -- captioning ------------------------------------------------------------------------

@@ -120,6 +120,8 @@ class Packing:
         self.index = flat.nonzero().squeeze(1)
         self.tokens = int(self.index.numel())
         self.inverse = torch.where(flat, flat.cumsum(0) - 1, self.tokens)
+        #: packed row of each batch row's last kept position (a caption's end-of-text)
+        self.ends = keep.sum(dim=1).cumsum(0) - 1
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, n, ...] -> [T, ...]``."""
@@ -191,14 +193,23 @@ class CrossAttention(nn.Module):
         self.kv = Linear(kv_width, 2 * width, std=kv_width**-0.5)
         self.out = Linear(width, width, std=out_std)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        b, n, w = x.shape
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, packing: Packing | None = None
+    ) -> torch.Tensor:
+        """``[B, n, width] -> [B, n, width]``; with `packing`, `x` and the result are the
+        packed queries, ``[T, width]``."""
         k, v = self.kv(context).chunk(2, dim=-1)
-        q = _split_heads(self.q(x), self.heads)
+        q = self.q(x)
+        if packing is not None:
+            q = packing.unpack(q)
+        b, n, w = q.shape
         y = F.scaled_dot_product_attention(
-            q, _split_heads(k.contiguous(), self.heads), _split_heads(v.contiguous(), self.heads)
+            _split_heads(q, self.heads),
+            _split_heads(k.contiguous(), self.heads),
+            _split_heads(v.contiguous(), self.heads),
         )
-        return self.out(y.transpose(1, 2).reshape(b, n, w))
+        y = y.transpose(1, 2).reshape(b, n, w)
+        return self.out(y if packing is None else packing.pack(y))
 
 
 class MLP(nn.Module):
@@ -265,8 +276,11 @@ class CrossAttentionBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = MLP(width, std=fc_std, out_std=out_std, hidden=mlp_width)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), self.ln_kv(context))
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, packing: Packing | None = None
+    ) -> torch.Tensor:
+        """``[B, n, width] -> [B, n, width]``, or packed ``[T, width]`` with `packing`."""
+        x = x + self.attn(self.ln_1(x), self.ln_kv(context), packing)
         return x + self.mlp(self.ln_2(x))
 
 

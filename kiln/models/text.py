@@ -17,7 +17,7 @@ from kiln.models.config import TextConfig
 from kiln.models.layers import Embedding, Linear, Packing, Transformer
 from kiln.models.tokenizer import PAD_ID
 
-__all__ = ["TextTransformer", "worth_packing"]
+__all__ = ["TextTransformer", "cut_captions", "worth_packing"]
 
 #: Pack a batch's tokens when at least this share of its positions is padding: below it,
 #: the copies in and out of each attention cost about what the padding would.
@@ -27,6 +27,21 @@ PACK_MIN_PADDING = 0.05
 def worth_packing(keep: torch.Tensor) -> bool:
     """Whether the text tower packs a batch whose kept positions are `keep` (``[B, n]``)."""
     return bool(keep.numel()) and 1 - int(keep.sum()) / keep.numel() >= PACK_MIN_PADDING
+
+
+def cut_captions(tokens: torch.Tensor) -> tuple[torch.Tensor, Packing | None]:
+    """`tokens` ``[B, L]`` cut after the batch's last end-of-text token, and the `Packing`
+    of each row's tokens (through its end-of-text) when enough of the rest is padding.
+
+    What a causal tower needs when nothing after a caption's end-of-text is read: those
+    positions can change no earlier one. An empty batch is returned as it is.
+    """
+    if not tokens.shape[0]:
+        return tokens, None
+    lengths = (tokens != PAD_ID).sum(dim=1).clamp(min=1)  # BOS..EOS; EOS is the last non-pad
+    n = int(lengths.max())
+    keep = torch.arange(n, device=tokens.device) < lengths[:, None]
+    return tokens[:, :n], Packing(keep) if worth_packing(keep) else None
 
 
 class TextTransformer(nn.Module):
@@ -43,7 +58,11 @@ class TextTransformer(nn.Module):
         self.proj = Linear(width, embed_dim, std=width**-0.5, bias=False)
 
     def forward(
-        self, tokens: torch.Tensor, *, pooled_only: bool = False
+        self,
+        tokens: torch.Tensor,
+        *,
+        pooled_only: bool = False,
+        packing: Packing | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(pooled features [B, embed_dim], per-position features [B, L, width])``.
 
@@ -56,10 +75,14 @@ class TextTransformer(nn.Module):
         attention: they never reach an earlier position), and the last block runs
         attention and MLP for each row's end-of-text token only; the second value is then
         that token's features, ``[B, 1, width]``. The positions after the batch's last
-        end-of-text token are cut off; when a batch's captions differ in length the rest
-        are packed away too (`kiln.models.layers.Packing`), where their padding would be a
-        third or more of the tower's work on web alt-texts. The pooled features are those
-        of the full computation up to float rounding.
+        end-of-text token are cut off (`cut_captions`); when a batch's captions differ in
+        length the rest are packed away too (`kiln.models.layers.Packing`), where their
+        padding would be a third or more of the tower's work on web alt-texts. The pooled
+        features are those of the full computation up to float rounding.
+
+        `packing` (of `tokens`, from `cut_captions`: CoCa, whose decoder reads every
+        position) runs the tower on the packed tokens; the second value is then packed,
+        ``[T, width]``.
         """
         if tokens.ndim != 2 or tokens.shape[1] > self.context_length:
             raise ValueError(
@@ -67,21 +90,30 @@ class TextTransformer(nn.Module):
                 f"L <= context_length={self.context_length}: tokenize with "
                 f"kiln.models.tokenizer.tokenize(texts, {self.context_length})"
             )
+        if packing is not None and (
+            pooled_only or (packing.batch, packing.length) != tuple(tokens.shape)
+        ):
+            raise ValueError(
+                f"packing of a [{packing.batch}, {packing.length}] batch given with tokens "
+                f"{tuple(tokens.shape)}{' and pooled_only' if pooled_only else ''}: pass "
+                "the tokens and packing cut_captions returns, without pooled_only"
+            )
         # Last non-pad position = EOS (BOS guarantees at least one non-pad token).
         eos = ((tokens != PAD_ID).sum(dim=1) - 1).clamp(min=0)
-        if pooled_only and tokens.shape[0]:  # an empty batch has no last end-of-text
-            tokens = tokens[:, : int(eos.max()) + 1]
+        if pooled_only:
+            tokens, packing = cut_captions(tokens)
         n = tokens.shape[1]
         x = self.token_embedding(tokens)
         x = x + self.positional_embedding[:n].to(x.dtype)
-        packing = None
-        if pooled_only and tokens.shape[0]:
-            keep = torch.arange(n, device=tokens.device) <= eos[:, None]
-            if worth_packing(keep):
-                packing = Packing(keep)
-                x = packing.pack(x)
+        if packing is not None:
+            x = packing.pack(x)
         rows = eos if pooled_only else None
         x = self.ln_final(self.transformer(x, causal=True, rows=rows, packing=packing))
-        at_eos = x[:, 0] if pooled_only else x[torch.arange(x.shape[0], device=x.device), eos]
+        if pooled_only:
+            at_eos = x[:, 0]
+        elif packing is not None:
+            at_eos = x[packing.ends]
+        else:
+            at_eos = x[torch.arange(x.shape[0], device=x.device), eos]
         pooled: torch.Tensor = self.proj(at_eos)
         return pooled, x

@@ -330,3 +330,55 @@ def test_attention_rejects_rows_with_packing() -> None:
     packing = Packing(torch.ones(1, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="unpack x first"):
         attn(torch.randn(3, 8), causal=True, rows=torch.tensor([2]), packing=packing)
+
+
+def test_coca_computes_each_captions_own_positions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CoCa's towers and decoder run on each caption's tokens only (packed): one logit row
+    per token through its end-of-text, each with the next token as its target, and the
+    same contrastive and captioning losses and gradients as the padded computation."""
+    from kiln.training.objectives.clip import clip_loss
+    from kiln.training.objectives.coca import caption_loss
+    from tests.helpers_training import tiny_flavor
+
+    flavor = tiny_flavor("coca")
+    ctx, size = flavor["text"]["context_length"], flavor["vision"]["image_size"]
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.model_validate(flavor)).train()
+    images = torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(1))
+    tokens = tokenize(["a", "a green dot", "red", "two red lines"], ctx)
+    lengths = (tokens != PAD_ID).sum(dim=1)
+    results = []
+    for threshold in (PACK_MIN_PADDING, 2.0):  # packed, then padded
+        monkeypatch.setattr(text_module, "PACK_MIN_PADDING", threshold)
+        model.zero_grad()
+        out = model(images, tokens)
+        contrastive = clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"])
+        caption = caption_loss(out["caption_logits"], out["caption_targets"])
+        (contrastive + caption).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out["caption_targets"], contrastive.detach(), caption.detach(), grads))
+    with torch.no_grad():  # the whole context, every position (what CoCa computed before)
+        _, image_tokens = model._image(images)
+        logits = model._decode(model.text(tokens)[1], image_tokens)
+        full = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            tokens[:, 1:].reshape(-1),
+            ignore_index=PAD_ID,
+        )
+    (packed_targets, *packed), (padded_targets, *padded) = results
+    torch.testing.assert_close(packed[1], full, rtol=1e-5, atol=1e-6)
+    # packed: one row per token through EOS; padded: cut at the longest caption
+    assert packed_targets.shape == (int(lengths.sum()),)
+    assert padded_targets.shape == (4, int(lengths.max()))
+    assert torch.equal(
+        packed_targets, padded_targets[torch.arange(int(lengths.max())) < lengths[:, None]]
+    )
+    first = tokens[1, 1 : int(lengths[1])]  # "a green dot": its bytes then EOS, then nothing
+    row = packed_targets[int(lengths[0]) : int(lengths[:2].sum())]
+    assert torch.equal(row[:-1], first) and int(row[-1]) == PAD_ID
+    torch.testing.assert_close(packed[0], padded[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(packed[1], padded[1], rtol=1e-5, atol=1e-6)
+    assert packed[2].keys() == padded[2].keys() and packed[2]
+    for name, grad in packed[2].items():
+        scale = padded[2][name].abs().max()
+        assert (grad - padded[2][name]).abs().max() <= 1e-5 * scale, name
