@@ -6,7 +6,10 @@ kiln's AdamW (`kiln.training.optim`: torch's, bitwise, stepped in cache-sized sl
 one `kiln train` builds; kiln's hyperparameters) on batches already in memory (taken from
 the same dataset beforehand), one torch thread per process, no loader, no DeepSpeed, no
 collectives. For N ranks, N such processes run at once (N <= cores), and their rates add
-up: what the cores can do.
+up: what the cores can do. It is timed right before and right after the `kiln train` run,
+and the ratios are against the mean of the two (both are reported): this host's speed
+drifts by a tenth or more over minutes, which one pure step timed first would fold into
+the ratio.
 
 `kiln train`: the local launcher (what ``kiln train --launcher local`` runs; ``--launcher
 ray``: Ray Train workers on a private Ray started once beforehand, what ``kiln train``
@@ -255,8 +258,17 @@ def main() -> None:
         start_ray(num_cpus=os.cpu_count())  # once: its start is not the step's overhead
     results = []
     for ranks in args.ranks:
-        runs = {"pure_step": pure_rate(data, ranks, args.steps, flavor)}
-        runs["kiln_train"] = train_rate(data, ranks, args.steps, flavor, "default", args.launcher)
+        # The pure step before and after the run, their mean the baseline: this host's speed
+        # drifts by a tenth or more over minutes, and one side timed first would carry it.
+        before = pure_rate(data, ranks, args.steps, flavor)
+        train = train_rate(data, ranks, args.steps, flavor, "default", args.launcher)
+        after = pure_rate(data, ranks, args.steps, flavor)
+        runs = {
+            "pure_step": {k: (before[k] + after[k]) / 2 for k in before},
+            "pure_step_before": before,
+            "pure_step_after": after,
+            "kiln_train": train,
+        }
         if args.variants:
             runs["pure_step_reuse"] = pure_rate(data, ranks, args.steps, flavor, reuse=True)
             launcher = args.launcher
@@ -271,7 +283,7 @@ def main() -> None:
         row: dict[str, Any] = {"ranks": ranks}
         for k, v in runs.items():
             row[k] = {key: round(value, 2) for key, value in v.items()}
-            if k != "pure_step":
+            if k not in ("pure_step", "pure_step_before", "pure_step_after"):
                 row[k]["rate_over_pure"] = round(v["samples_per_s"] / pure["samples_per_s"], 3)
                 row[k]["pure_cpu_over_this_cpu"] = round(
                     pure["cpu_ms_per_sample"] / v["cpu_ms_per_sample"], 3
