@@ -17,7 +17,7 @@ from kiln.models.config import TextConfig
 from kiln.models.layers import Embedding, Linear, Packing, Transformer
 from kiln.models.tokenizer import PAD_ID
 
-__all__ = ["TextTransformer", "cut_captions", "worth_packing"]
+__all__ = ["PACK_MIN_PADDING", "TextTransformer", "cut_captions", "worth_packing"]
 
 #: Pack a batch's tokens when at least this share of its positions is padding: below it,
 #: the copies in and out of each attention cost about what the padding would.

@@ -382,3 +382,18 @@ def test_coca_computes_each_captions_own_positions(monkeypatch: pytest.MonkeyPat
     for name, grad in packed[2].items():
         scale = padded[2][name].abs().max()
         assert (grad - padded[2][name]).abs().max() <= 1e-5 * scale, name
+
+
+def test_text_tower_rejects_a_packing_of_other_tokens() -> None:
+    model = _model()
+    tokens, packing = text_module.cut_captions(tokenize(["a", "a green dot"], 16))
+    assert packing is not None and tokens.shape == (2, 13)
+    with pytest.raises(ValueError, match="pass the tokens and packing cut_captions returns"):
+        model.text(tokenize(["a", "a green dot"], 16), packing=packing)  # uncut tokens
+    with pytest.raises(ValueError, match="without pooled_only"):
+        model.text(tokens, packing=packing, pooled_only=True)
+    pooled, features = model.text(tokens, packing=packing)
+    assert pooled.shape == (2, SMALL.embed_dim) and features.shape == (
+        3 + 13,
+        32,
+    )  # packed: 3 + 13 tokens, width 32
