@@ -25,8 +25,9 @@ Tokens, two settings (``--tokens``):
   end-of-text token is the largest id, so both pool the same position of the same rows.
   OpenCLIP computes all 77 positions of every row, kiln each caption's own (its text
   tower packs captions of mixed length, `kiln.models.layers.Packing`; attention alone runs
-  on the batch padded to its longest caption): what training on real captions costs each. Both use exact GELU, pre-LayerNorm blocks and no
-dropout; OpenCLIP runs its default attention path (``nn.MultiheadAttention``, which calls
+  on the batch padded to its longest caption): what training on real captions costs each.
+
+Both use exact GELU, pre-LayerNorm blocks and no dropout; OpenCLIP runs its default attention path (``nn.MultiheadAttention``, which calls
 ``scaled_dot_product_attention`` with its float causal mask), kiln its own.
 
 OpenCLIP is never a kiln dependency: `--setup` (run automatically when missing) creates a
@@ -352,15 +353,15 @@ def _text_positions(tokens: Any, spec: dict[str, Any]) -> dict[str, float]:
     else the batch's longest caption; and the mean caption length, for scale."""
     import torch
 
-    from kiln.models.text import worth_packing
+    from kiln.models.text import cut_captions
 
     ctx = spec["context_length"]
     if tokens is None:
         return {"open_clip": ctx, "kiln": ctx, "mean_text": ctx}
-    lengths = torch.as_tensor([sum(1 for t in row if t != 0) for row in tokens])
-    longest, mean = int(lengths.max()), float(lengths.float().mean())
-    packed = worth_packing(torch.arange(longest) < lengths[:, None])
-    return {"open_clip": ctx, "kiln": round(mean if packed else longest, 2), "mean_text": mean}
+    cut, packing = cut_captions(torch.as_tensor(tokens, dtype=torch.long))
+    mean = float((cut != 0).sum()) / len(cut)  # padding is id 0 on both sides
+    kiln = mean if packing is not None else cut.shape[1]
+    return {"open_clip": ctx, "kiln": round(kiln, 2), "mean_text": mean}
 
 
 def main() -> None:
