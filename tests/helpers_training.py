@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 import torch
+import torch.multiprocessing as mp
 from torch import nn
 
 from kiln.models.build import build_model
@@ -19,6 +23,7 @@ from kiln.models.config import ModelConfig
 from kiln.models.tokenizer import tokenize
 from kiln.training import TrainSummary
 from kiln.training.config import TrainConfig
+from kiln.training.launch import free_port
 from kiln.training.objectives.clip import clip_loss
 
 __all__ = [
@@ -30,6 +35,7 @@ __all__ = [
     "run_world",
     "seeded_model",
     "short_run_config",
+    "spawn_gloo_ranks",
     "tiny_flavor",
     "word_batch",
 ]
@@ -95,6 +101,23 @@ def seeded_model(cfg: ModelConfig) -> nn.Module:
     """The model of `cfg` built from seed 0 (the same weights in every process)."""
     torch.manual_seed(0)
     return build_model(cfg)
+
+
+def spawn_gloo_ranks(
+    worker: Callable[..., None],
+    nprocs: int,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *args: Any,
+) -> Any:
+    """Run ``worker(rank, *args, port, out)`` in `nprocs` spawned processes that join one
+    gloo group on loopback (`port`); returns what rank 0 saved at `out` (``torch.save``)."""
+    out = tmp_path / "rank0.pt"
+    if sys.platform.startswith("linux") and "GLOO_SOCKET_IFNAME" not in os.environ:
+        # keep gloo on loopback even where the hostname resolves to a routable address
+        monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(worker, args=(*args, free_port(), str(out)), nprocs=nprocs, join=True)
+    return torch.load(out, weights_only=True)
 
 
 def word_batch(cfg: ModelConfig, words: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,20 +13,23 @@ common bug) must not match, which shows the comparison has the power to fail.
 from __future__ import annotations
 
 import os
-import sys
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from kiln.models.clip import CLIP
 from kiln.models.config import ModelConfig
-from kiln.training.launch import free_port
 from kiln.training.objectives.clip import clip_loss
-from tests.helpers_training import MICRO_MODEL, clip_loss_of, seeded_model, word_batch
+from tests.helpers_training import (
+    MICRO_MODEL,
+    clip_loss_of,
+    seeded_model,
+    spawn_gloo_ranks,
+    word_batch,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -110,12 +113,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 def test_two_rank_gradients_equal_global_batch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    out = tmp_path / "rank0.pt"
-    if sys.platform.startswith("linux") and "GLOO_SOCKET_IFNAME" not in os.environ:
-        # Keep gloo on loopback even where the hostname resolves to a routable address.
-        monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
-    result = torch.load(out, weights_only=True)
+    result = spawn_gloo_ranks(_worker, WORLD, tmp_path, monkeypatch)
 
     model = seeded_model(CFG)
     images, tokens = word_batch(CFG, WORDS)

@@ -12,22 +12,19 @@ does) does *not* equal the global token mean here, which shows the comparison ca
 from __future__ import annotations
 
 import os
-import sys
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from kiln.models.config import ModelConfig
 from kiln.models.tokenizer import PAD_ID, tokenize
-from kiln.training.launch import free_port
 from kiln.training.objectives import build_objective
 from kiln.training.objectives.config import CocaObjectiveConfig
-from tests.helpers_training import MICRO_MODEL, seeded_model
+from tests.helpers_training import MICRO_MODEL, seeded_model, spawn_gloo_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -98,11 +95,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 def test_coca_loss_equals_the_global_batch(
     world: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    out = tmp_path / "rank0.pt"
-    if sys.platform.startswith("linux") and "GLOO_SOCKET_IFNAME" not in os.environ:
-        monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_worker, args=(world, free_port(), str(out)), nprocs=world, join=True)
-    got = torch.load(out, weights_only=True)
+    got = spawn_gloo_ranks(_worker, world, tmp_path, monkeypatch, world)
     assert len(set(got["token_counts"])) == world, got["token_counts"]  # uneven on purpose
 
     ref = _loss(_batch())

@@ -10,21 +10,18 @@ single process on the whole batch (up to float rounding: reduction order differs
 from __future__ import annotations
 
 import os
-import sys
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from kiln.models.build import build_model
 from kiln.models.clip import CLIP
 from kiln.models.config import ModelConfig
 from kiln.models.tokenizer import tokenize
 from kiln.training.engine import param_groups
-from kiln.training.launch import free_port
-from tests.helpers_training import MICRO_MODEL, clip_loss_of
+from tests.helpers_training import MICRO_MODEL, clip_loss_of, spawn_gloo_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -90,12 +87,8 @@ def _worker(rank: int, port: int, out: str) -> None:
 def test_zero3_init_and_gradients_match_plain_torch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    out = tmp_path / "rank0.pt"
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    if sys.platform.startswith("linux") and "GLOO_SOCKET_IFNAME" not in os.environ:
-        monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
-    result = torch.load(out, weights_only=True)
+    result = spawn_gloo_ranks(_worker, WORLD, tmp_path, monkeypatch)
 
     model = _plain()
     for name, value in model.state_dict().items():

@@ -13,19 +13,16 @@ different order), not bitwise.
 from __future__ import annotations
 
 import os
-import sys
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from kiln.models.config import ModelConfig
-from kiln.training.launch import free_port
 from kiln.training.objectives.siglip import _pair_loss, siglip_loss
-from tests.helpers_training import MICRO_MODEL, seeded_model, word_batch
+from tests.helpers_training import MICRO_MODEL, seeded_model, spawn_gloo_ranks, word_batch
 
 pytestmark = pytest.mark.slow
 
@@ -110,11 +107,7 @@ def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 def test_siglip_ring_gradients_equal_global_batch(
     world: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    out = tmp_path / "rank0.pt"
-    if sys.platform.startswith("linux") and "GLOO_SOCKET_IFNAME" not in os.environ:
-        monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_worker, args=(world, free_port(), str(out)), nprocs=world, join=True)
-    result = torch.load(out, weights_only=True)
+    result = spawn_gloo_ranks(_worker, world, tmp_path, monkeypatch, world)
 
     model = seeded_model(CFG)
     images, tokens = word_batch(CFG, WORDS)
