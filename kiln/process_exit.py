@@ -33,14 +33,16 @@ import ctypes
 import os
 import sys
 import threading
+from collections.abc import Callable
 from typing import NoReturn
 
 __all__ = ["exit_now"]
 
 
-def exit_now(status: int | str | None = 0) -> NoReturn:
+def exit_now(status: int | str | None = 0, last: Callable[[], None] | None = None) -> NoReturn:
     """Exit with `status` as ``sys.exit(status)`` would (None: 0; a string is printed to
-    stderr and exits 1), after the observable part of interpreter shutdown (module doc)."""
+    stderr and exits 1), after the observable part of interpreter shutdown (module doc).
+    `last`: called after all of that, right before the process ends (its errors ignored)."""
     code = 0
     if isinstance(status, int):
         code = status
@@ -61,4 +63,7 @@ def exit_now(status: int | str | None = 0) -> NoReturn:
         with contextlib.suppress(Exception):  # C and C++ code's buffered printf output
             ctypes.CDLL(None).fflush(None)
     finally:
+        if last is not None:
+            with contextlib.suppress(Exception):
+                last()
         os._exit(code & 0xFF)  # the status the kernel keeps, as exit() does

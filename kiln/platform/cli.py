@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from kiln.console import say
 from kiln.platform import signals
 from kiln.process_exit import exit_now
 from kiln.resource_fit import WaitTimeout
@@ -559,8 +560,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run() -> NoReturn:
     """The `kiln` console script and ``python -m kiln``: `main`, then the process ends
-    without the interpreter's teardown of torch, DeepSpeed and Ray (`kiln.process_exit`)."""
-    exit_now(main())
+    without the interpreter's teardown of torch, DeepSpeed and Ray (`kiln.process_exit`);
+    as one rank of a multi-node torchrun world, in the order torchrun's agents need
+    (`kiln.training.torchrun.leave_in_order`)."""
+    code = main()
+    last = None
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE"):  # only torchrun's ranks import torch here
+        from kiln.training.torchrun import leave_in_order
+
+        last = leave_in_order(say=say)
+    exit_now(code, last)
 
 
 if __name__ == "__main__":

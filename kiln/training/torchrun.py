@@ -23,12 +23,24 @@ though: tried with torch 2.13 and gloo (``--rdzv-backend c10d``), the restarted 
 not form DeepSpeed's process groups (gloo read the dead ranks' addresses from the previous
 attempt's rendezvous keys; one node: connection refused, two nodes: a hang). Use kiln's
 ``ray`` or ``local`` launcher with ``max_restarts`` for that.
+
+`leave_in_order` ends a torchrun world's processes so that the lead's node leaves last.
+torchrun's agents meet in an exit barrier on a store that node 0's agent serves; when that
+agent gets through first, it exits and closes the store while another node's agent is
+still waiting on it, which then logs a traceback ("Error waiting on exit barrier ...
+Failed to recv", pytorch/pytorch#69520; harmless, but it is library noise at the end of a
+good run). So at the end of `kiln train` every other rank says on that store that it is
+ending, right before its process ends, and the lead waits for all of them, plus a grace
+for their agents to see them gone, before its own process ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping, MutableMapping
+import time
+from collections.abc import Callable, Mapping, MutableMapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -38,7 +50,24 @@ from kiln.training.checkpoint import latest_checkpoint
 from kiln.training.config import TrainConfig
 from kiln.training.remote_run import RUN_URL_ENV, check_node_staging
 
-__all__ = ["RankEnv", "export_rank_env", "rank_env", "run_rank"]
+__all__ = [
+    "CONNECT_TIMEOUT_S",
+    "LEAVE_GRACE_S",
+    "LEAVE_TIMEOUT_S",
+    "RankEnv",
+    "export_rank_env",
+    "leave_in_order",
+    "rank_env",
+    "run_rank",
+]
+
+#: how long the lead waits for the other ranks of a torchrun world to end
+LEAVE_TIMEOUT_S = 60.0
+#: after the last of them, for their agents to see them gone (torchrun checks its workers
+#: every 0.1 s by default, ``--monitor-interval``)
+LEAVE_GRACE_S = 1.0
+#: how long a rank tries to reach torchrun's store at its end (it is up while the lead runs)
+CONNECT_TIMEOUT_S = 5.0
 
 _HOW = (
     "start it with `torchrun --nnodes N --nproc_per_node M --node_rank I --master_addr HEAD "
@@ -189,3 +218,67 @@ def run_rank(
         if created and dist.is_initialized():
             dist.destroy_process_group()
     return restarts
+
+
+def _leave_key(environ: Mapping[str, str], rank: int) -> str:
+    run_id = environ.get("TORCHELASTIC_RUN_ID", "none")
+    attempt = environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return f"kiln/leave/{run_id}/{attempt}/{rank}"
+
+
+def leave_in_order(
+    environ: Mapping[str, str] | None = None,
+    *,
+    timeout_s: float = LEAVE_TIMEOUT_S,
+    grace_s: float = LEAVE_GRACE_S,
+    say: Callable[[str], None] | None = None,
+) -> Callable[[], None] | None:
+    """For the last moments of a ``kiln`` process that is one rank of a multi-node torchrun
+    world (module doc); elsewhere a no-op returning None.
+
+    The lead (rank 0) waits here until every other rank has said it is ending (at most
+    `timeout_s`; `say` tells the user when that takes more than a few seconds), then
+    `grace_s`. Any other rank gets back what to call right before its process ends.
+    Problems reaching torchrun's store are ignored: they must not fail a finished run.
+    """
+    env = os.environ if environ is None else environ
+    agents = env.get("GROUP_WORLD_SIZE", "1")
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not agents.isdigit():
+        return None
+    try:
+        ranks = rank_env(env)
+    except ValueError:
+        return None
+    if int(agents) < 2 or ranks.source != "torchrun":
+        return None  # one agent: its exit barrier waits for nobody
+    import torch.distributed as dist
+
+    def connect() -> dist.TCPStore:
+        return dist.TCPStore(
+            ranks.master_addr,
+            ranks.master_port,
+            is_master=False,
+            timeout=timedelta(seconds=CONNECT_TIMEOUT_S),
+        )
+
+    if ranks.rank != 0:
+
+        def ending() -> None:
+            with contextlib.suppress(Exception):
+                connect().set(_leave_key(env, ranks.rank), "1")
+
+        return ending
+    others = [_leave_key(env, r) for r in range(1, ranks.world_size)]
+    start = time.monotonic()
+    told = False
+    with contextlib.suppress(Exception):
+        store = connect()
+        while time.monotonic() - start < timeout_s:
+            if store.check(others):
+                time.sleep(grace_s)
+                break
+            if not told and say is not None and time.monotonic() - start > 3.0:
+                say("waiting for the other ranks' processes to end")
+                told = True
+            time.sleep(0.05)
+    return None

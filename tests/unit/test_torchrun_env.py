@@ -78,3 +78,98 @@ def test_nodes_sharing_a_staging_folder_are_told_to_set_their_own(tmp_path: Path
         check_node_staging(shared, 0)
     mark_node_staging(shared, 0)  # a later launch with one node: its own mark only
     check_node_staging(shared, 0)
+
+
+def _world_env(rank: int, port: int, **extra: str) -> dict[str, str]:
+    env = {
+        "RANK": str(rank),
+        "WORLD_SIZE": "3",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+        "GROUP_WORLD_SIZE": "3",
+        "TORCHELASTIC_RUN_ID": "job",
+        "TORCHELASTIC_RESTART_COUNT": "0",
+    }
+    return {**env, **extra}
+
+
+def test_the_lead_of_a_torchrun_world_leaves_after_the_others() -> None:
+    """torchrun's agents must reach their exit barrier after node 0's store has everyone
+    (pytorch/pytorch#69520): the lead's process waits for the others' word, on a real
+    TCPStore as torchrun's agent serves it."""
+    import threading
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from kiln.training.launch import free_port
+    from kiln.training.torchrun import leave_in_order
+
+    port = free_port()
+    server = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=10))
+    endings = [leave_in_order(_world_env(r, port)) for r in (1, 2)]
+    assert all(callable(e) for e in endings)
+    done: list[float] = []
+    lead = threading.Thread(
+        target=lambda: done.append(
+            leave_in_order(_world_env(0, port), timeout_s=20, grace_s=0.3) or time.monotonic()
+        )
+    )
+    lead.start()
+    time.sleep(0.5)
+    endings[0]()  # type: ignore[misc]
+    time.sleep(0.5)
+    assert not done  # one rank is still running
+    last = time.monotonic()
+    endings[1]()  # type: ignore[misc]
+    lead.join(timeout=10)
+    assert done and done[0] - last >= 0.3  # after the last word, and the grace
+    assert server.check(["kiln/leave/job/0/1", "kiln/leave/job/0/2"])
+
+
+def test_the_lead_gives_up_waiting_and_says_so_never_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from kiln.training.launch import free_port
+    from kiln.training.torchrun import leave_in_order
+
+    port = free_port()
+    server = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=10))
+    said: list[str] = []
+    start = time.monotonic()
+    assert leave_in_order(_world_env(0, port), timeout_s=3.5, grace_s=0, say=said.append) is None
+    assert 3.5 <= time.monotonic() - start < 8
+    assert said == ["waiting for the other ranks' processes to end"]
+    del server
+    # nobody serving the store: no error, and no longer than the connection's timeout
+    monkeypatch.setattr("kiln.training.torchrun.CONNECT_TIMEOUT_S", 0.5)
+    gone = _world_env(0, free_port())
+    assert leave_in_order(gone, timeout_s=30, grace_s=0) is None
+    assert leave_in_order(_world_env(1, free_port())) is not None  # its word is best-effort
+    leave_in_order(_world_env(1, free_port()))()  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"TORCHELASTIC_USE_AGENT_STORE": "False"},  # not torchrun's agent store
+        {"GROUP_WORLD_SIZE": "1"},  # one node: its agent's barrier waits for nobody
+        {"GROUP_WORLD_SIZE": "x"},
+    ],
+)
+def test_leaving_in_order_is_only_for_multinode_torchrun(change: dict[str, str]) -> None:
+    from kiln.training.torchrun import leave_in_order
+
+    assert leave_in_order(_world_env(1, 1, **change)) is None
+    assert leave_in_order(_world_env(0, 1, **change), timeout_s=30) is None
+    srun = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0"}
+    srun |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", "GROUP_WORLD_SIZE": "2"}
+    assert leave_in_order({**srun, "TORCHELASTIC_USE_AGENT_STORE": "True"}) is None
