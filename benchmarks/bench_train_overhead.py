@@ -6,7 +6,13 @@ kiln's AdamW (`kiln.training.optim`: torch's, bitwise, stepped in cache-sized sl
 one `kiln train` builds; kiln's hyperparameters) on batches already in memory (taken from
 the same dataset beforehand), one torch thread per process, no loader, no DeepSpeed, no
 collectives. For N ranks, N such processes run at once (N <= cores), and their rates add
-up: what the cores can do. It is timed right before and right after the `kiln train` run,
+up: what the cores can do. For N > 1 the benchmark also times ``pure_step_ddp``: the same
+N processes training one model the way plain PyTorch does, torch's
+`DistributedDataParallel` over gloo (gradients averaged in buckets during the backward),
+each on its own rank's batches, with the global-batch CLIP loss that `kiln train`
+computes; ``rate_over_pure_ddp`` is `kiln train`'s rate over it: the overhead of kiln's
+loader, DeepSpeed and launcher apart from what synchronous data parallelism itself costs
+on these cores (the gradient all-reduce, and every step waiting for the slower rank). It is timed right before and right after the `kiln train` run,
 and the ratios are against the mean of the two (both are reported): this host's speed
 drifts by a tenth or more over minutes, which one pure step timed first would fold into
 the ratio.
@@ -107,13 +113,27 @@ def dataset(flavor: str) -> str:
 # ------------------------------------------------------------------ the pure step
 
 
-def _pure_rank(data: str, steps: int, flavor: str, reuse: bool, out: Any, barrier: Any) -> None:
+def _pure_rank(
+    data: str,
+    steps: int,
+    flavor: str,
+    reuse: bool,
+    out: Any,
+    barrier: Any,
+    ddp: tuple[int, int, int] | None = None,
+) -> None:
     import torch
+    import torch.distributed as dist
 
     from kiln.training.host_memory import keep_freed_memory
 
     if reuse:
         keep_freed_memory()
+    if ddp is not None:  # (rank, world, port): one gloo group on loopback
+        rank, world, port = ddp
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        dist.init_process_group("gloo", rank=rank, world_size=world)
     from kiln.models.build import build_model
     from kiln.training.data import WebDatasetLoader
     from kiln.training.engine import adamw_args
@@ -123,12 +143,15 @@ def _pure_rank(data: str, steps: int, flavor: str, reuse: bool, out: Any, barrie
     torch.set_num_threads(1)
     cfg = _config(data, steps, flavor)
     torch.manual_seed(0)
-    model = build_model(cfg.model).train()
+    model: torch.nn.Module = build_model(cfg.model).train()
+    if ddp is not None:  # torch's own data parallelism: bucketed all-reduce during backward
+        model = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
     o = cfg.optim
     opt = AdamW(model.parameters(), **adamw_args(o))
     loader = WebDatasetLoader(
         data, batch_size=BATCH, seed=0, image_size=cfg.model.image_size,
         context_length=cfg.model.context_length, fast_decode=cfg.data.fast_decode,
+        rank=ddp[0] if ddp else 0, world_size=ddp[1] if ddp else 1,
     )  # fmt: skip
     stream = iter(loader)
     batches = [next(stream) for _ in range(8)]
@@ -150,19 +173,29 @@ def _pure_rank(data: str, steps: int, flavor: str, reuse: bool, out: Any, barrie
     for i in range(steps):
         step(i)
     out.put((steps * BATCH / (time.perf_counter() - start), time.process_time() - cpu))
+    if ddp is not None:
+        dist.destroy_process_group()
 
 
 def pure_rate(
-    data: str, ranks: int, steps: int, flavor: str, reuse: bool = False
+    data: str, ranks: int, steps: int, flavor: str, reuse: bool = False, ddp: bool = False
 ) -> dict[str, float]:
     """Samples/s of `ranks` concurrent pure-step processes, added up; and CPU seconds per
     sample (process CPU time over the timed steps). `reuse`: with kiln's `host_memory:
-    reuse` allocator setting (`kiln.training.host_memory`), which the plain loop lacks."""
+    reuse` allocator setting (`kiln.training.host_memory`), which the plain loop lacks.
+    `ddp`: the processes train one model together, as plain PyTorch data parallelism
+    does (module doc)."""
+    from kiln.training.launch import free_port
+
     ctx = mp.get_context("spawn")
     q, barrier = ctx.Queue(), ctx.Barrier(ranks)
+    port = free_port()
     procs = [
-        ctx.Process(target=_pure_rank, args=(data, steps, flavor, reuse, q, barrier))
-        for _ in range(ranks)
+        ctx.Process(
+            target=_pure_rank,
+            args=(data, steps, flavor, reuse, q, barrier, (r, ranks, port) if ddp else None),
+        )
+        for r in range(ranks)
     ]
     for p in procs:
         p.start()
@@ -269,6 +302,8 @@ def main() -> None:
             "pure_step_after": after,
             "kiln_train": train,
         }
+        if ranks > 1:
+            runs["pure_step_ddp"] = pure_rate(data, ranks, args.steps, flavor, ddp=True)
         if args.variants:
             runs["pure_step_reuse"] = pure_rate(data, ranks, args.steps, flavor, reuse=True)
             launcher = args.launcher
@@ -288,6 +323,10 @@ def main() -> None:
                 row[k]["pure_cpu_over_this_cpu"] = round(
                     pure["cpu_ms_per_sample"] / v["cpu_ms_per_sample"], 3
                 )
+        if "pure_step_ddp" in runs:  # kiln's own overhead, data parallelism's cost aside
+            row["kiln_train"]["rate_over_pure_ddp"] = round(
+                train["samples_per_s"] / runs["pure_step_ddp"]["samples_per_s"], 3
+            )
         results.append(row)
         print(json.dumps(row), flush=True)
     report = {
