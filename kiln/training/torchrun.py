@@ -221,9 +221,9 @@ def run_rank(
 
 
 def _leave_key(environ: Mapping[str, str], rank: int) -> str:
-    run_id = environ.get("TORCHELASTIC_RUN_ID", "none")
-    attempt = environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return f"kiln/leave/{run_id}/{attempt}/{rank}"
+    # not per attempt: torchrun counts restarts per node, so nodes may disagree on it (a
+    # stale key of an earlier attempt only lets the lead go a little early)
+    return f"kiln/leave/{environ.get('TORCHELASTIC_RUN_ID', 'none')}/{rank}"
 
 
 def leave_in_order(

@@ -90,7 +90,7 @@ def _world_env(rank: int, port: int, **extra: str) -> dict[str, str]:
         "TORCHELASTIC_USE_AGENT_STORE": "True",
         "GROUP_WORLD_SIZE": "3",
         "TORCHELASTIC_RUN_ID": "job",
-        "TORCHELASTIC_RESTART_COUNT": "0",
+        "TORCHELASTIC_RESTART_COUNT": str(rank),  # torchrun counts restarts per node
     }
     return {**env, **extra}
 
@@ -127,7 +127,7 @@ def test_the_lead_of_a_torchrun_world_leaves_after_the_others() -> None:
     endings[1]()  # type: ignore[misc]
     lead.join(timeout=10)
     assert done and done[0] - last >= 0.3  # after the last word, and the grace
-    assert server.check(["kiln/leave/job/0/1", "kiln/leave/job/0/2"])
+    assert server.check(["kiln/leave/job/1", "kiln/leave/job/2"])
 
 
 def test_the_lead_gives_up_waiting_and_says_so_never_fails(
