@@ -27,8 +27,9 @@ Tokens, two settings (``--tokens``):
   tower packs captions of mixed length, `kiln.models.layers.Packing`; attention alone runs
   on the batch padded to its longest caption): what training on real captions costs each.
 
-Both use exact GELU, pre-LayerNorm blocks and no dropout; OpenCLIP runs its default attention path (``nn.MultiheadAttention``, which calls
-``scaled_dot_product_attention`` with its float causal mask), kiln its own.
+Both use exact GELU, pre-LayerNorm blocks and no dropout; OpenCLIP runs its default
+attention path (``nn.MultiheadAttention``, which calls ``scaled_dot_product_attention``
+with its float causal mask), kiln its own.
 
 OpenCLIP is never a kiln dependency: `--setup` (run automatically when missing) creates a
 plain venv at ``benchmarks/.openclip-venv`` (gitignored; no system site packages, so it

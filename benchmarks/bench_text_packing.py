@@ -102,9 +102,8 @@ def main() -> None:
 
     default = text_module.PACK_MIN_PADDING
     best = {"packed": float("inf"), "unpacked": float("inf")}
-    _round(
-        model, objective, opt, images, batches[:1]
-    )  # warm-up: allocator, kernels, optimizer state
+    # warm-up: allocator, kernels, optimizer state
+    _round(model, objective, opt, images, batches[:1])
     for _ in range(args.rounds):
         for mode, threshold in (("packed", default), ("unpacked", 2.0)):
             text_module.PACK_MIN_PADDING = threshold

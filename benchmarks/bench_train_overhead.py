@@ -6,16 +6,18 @@ kiln's AdamW (`kiln.training.optim`: torch's, bitwise, stepped in cache-sized sl
 one `kiln train` builds; kiln's hyperparameters) on batches already in memory (taken from
 the same dataset beforehand), one torch thread per process, no loader, no DeepSpeed, no
 collectives. For N ranks, N such processes run at once (N <= cores), and their rates add
-up: what the cores can do. For N > 1 the benchmark also times ``pure_step_ddp``: the same
-N processes training one model the way plain PyTorch does, torch's
-`DistributedDataParallel` over gloo (gradients averaged in buckets during the backward),
-each on its own rank's batches, with the global-batch CLIP loss that `kiln train`
-computes; ``rate_over_pure_ddp`` is `kiln train`'s rate over it: the overhead of kiln's
-loader, DeepSpeed and launcher apart from what synchronous data parallelism itself costs
-on these cores (the gradient all-reduce, and every step waiting for the slower rank). It is timed right before and right after the `kiln train` run,
+up: what the cores can do. It is timed right before and right after the `kiln train` run,
 and the ratios are against the mean of the two (both are reported): this host's speed
 drifts by a tenth or more over minutes, which one pure step timed first would fold into
 the ratio.
+
+For N > 1 the benchmark also times ``pure_step_ddp`` once, after those: the same N
+processes training one model the way plain PyTorch does, torch's
+`DistributedDataParallel` over gloo (gradients averaged in buckets during the backward),
+each on its own rank's batches, with the global-batch CLIP loss that `kiln train`
+computes. ``rate_over_pure_ddp`` is `kiln train`'s rate over it: the overhead of kiln's
+loader, DeepSpeed and launcher apart from what synchronous data parallelism itself costs
+on these cores (the gradient all-reduce, and every step waiting for the slower rank).
 
 `kiln train`: the local launcher (what ``kiln train --launcher local`` runs; ``--launcher
 ray``: Ray Train workers on a private Ray started once beforehand, what ``kiln train``
