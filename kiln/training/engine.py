@@ -29,6 +29,7 @@ from torch import nn
 
 from kiln.console import say
 from kiln.training.config import OptimConfig, TrainConfig
+from kiln.training.gloo_gather import use_broadcast_gather
 from kiln.training.optim import AdamW
 
 _SLOW_OP_S = 3.0  # an op load longer than this is a compile: say so
@@ -370,7 +371,8 @@ def init_distributed() -> bool:
 
     Reuses a group someone else made (Ray Train does); otherwise reads RANK, WORLD_SIZE,
     LOCAL_RANK, MASTER_ADDR, MASTER_PORT from the environment (gloo on CPU, nccl on GPU).
-    With a loopback MASTER_ADDR nothing listens beyond loopback (`_loopback_store`).
+    With a loopback MASTER_ADDR nothing listens beyond loopback (`_loopback_store`). On
+    gloo, DeepSpeed's large all-gathers go by broadcasts (`kiln.training.gloo_gather`).
     """
     deepspeed = import_deepspeed()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -396,6 +398,10 @@ def init_distributed() -> bool:
             dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
         created = True
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    if dist.get_backend() == "gloo":
+        from deepspeed.comm import comm as ds_comm
+
+        use_broadcast_gather(ds_comm.cdb)  # ZeRO's weight all-gather, 3x faster on gloo
     return created
 
 
