@@ -375,6 +375,9 @@ def init_distributed() -> bool:
     gloo, DeepSpeed's large all-gathers go by broadcasts (`kiln.training.gloo_gather`).
     """
     deepspeed = import_deepspeed()
+    # DeepSpeed's comm layer loads its CPU collectives op below: loaded here first, under
+    # kiln's build lock like every kiln load of it (`op_build_lock`), then cached in-process
+    prebuild_comm_ops()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         # modulo: under Ray each worker may see only its own GPU(s) as device 0..
@@ -415,6 +418,7 @@ def build_engine(
     engine will load a universal checkpoint (an elastic resume, `kiln.training.checkpoint`).
     """
     deepspeed = import_deepspeed()
+    prebuild_offload_ops(cfg)  # CPU Adam's op under kiln's build lock (`op_build_lock`)
     schedule = WarmupCosine(cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.min_lr_ratio)
 
     def make_scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
@@ -460,7 +464,12 @@ def op_build_lock(cache: Path) -> Iterator[None]:
     load then waits for it forever. kiln's lock is an `flock`, which the kernel releases
     when its holder dies; whoever holds it is the only kiln process building this op, so a
     torch `lock` file found then is a killed build's leftover: it is removed, saying so.
-    (A non-kiln process building the same op at that moment would lose its lock.)
+    That holds only if every kiln process loads kiln's ops under this lock, ranks included
+    (torch takes its file lock on every load, not only to compile): a rank that let
+    DeepSpeed load the CPU collectives op itself, while another kiln run's launcher held
+    this lock, lost its torch lock and crashed (`init_distributed` and `build_engine` load
+    theirs here first since). A non-kiln process building the same op at that moment
+    would still lose its lock.
     """
     import fcntl
 
