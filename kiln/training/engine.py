@@ -375,9 +375,6 @@ def init_distributed() -> bool:
     gloo, DeepSpeed's large all-gathers go by broadcasts (`kiln.training.gloo_gather`).
     """
     deepspeed = import_deepspeed()
-    # DeepSpeed's comm layer loads its CPU collectives op below: loaded here first, under
-    # kiln's build lock like every kiln load of it (`op_build_lock`), then cached in-process
-    prebuild_comm_ops()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         # modulo: under Ray each worker may see only its own GPU(s) as device 0..
@@ -400,6 +397,11 @@ def init_distributed() -> bool:
             rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
             dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
         created = True
+    # DeepSpeed's comm layer loads its CPU collectives op: loaded here first, under kiln's
+    # build lock like every kiln load of it (`op_build_lock`), then cached in-process. Only
+    # now, with the group made: rank 0 binds MASTER_PORT above, and waiting for the lock
+    # before that left the launcher's free port to whoever took it first (seen in CI).
+    prebuild_comm_ops()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     if dist.get_backend() == "gloo":
         from deepspeed.comm import comm as ds_comm

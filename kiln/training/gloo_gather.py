@@ -72,8 +72,7 @@ def all_gather_into_tensor(
 ) -> Any:
     """`torch.distributed.all_gather_into_tensor`, by one broadcast per rank where that is
     faster (module doc); otherwise torch's own (``all_gather_single``, its current name).
-    Same arguments, same result, and with
-    `async_op` a handle whose ``wait()`` completes it."""
+    Same arguments and result; with `async_op`, a handle whose ``wait()`` completes it."""
     if not _by_broadcast(output_tensor, input_tensor, group):
         return dist.all_gather_single(output_tensor, input_tensor, group, async_op)
     world, rank, n = dist.get_world_size(group), dist.get_rank(group), input_tensor.numel()
