@@ -31,6 +31,7 @@ __all__ = [
     "SHORT_RUN_STEPS",
     "TINY_MODEL",
     "clip_loss_of",
+    "one_rank_env",
     "rewind_run",
     "run_world",
     "seeded_model",
@@ -118,6 +119,21 @@ def spawn_gloo_ranks(
         monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     mp.spawn(worker, args=(*args, free_port(), str(out)), nprocs=nprocs, join=True)
     return torch.load(out, weights_only=True)
+
+
+def one_rank_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`base` (default this process's environment) plus a one-rank world on 127.0.0.1 with
+    a free MASTER_PORT and the repository on PYTHONPATH: what a subprocess needs to call
+    `kiln.training.engine.init_distributed` as a rank."""
+    return {
+        **(os.environ if base is None else base),
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
 
 
 def word_batch(cfg: ModelConfig, words: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

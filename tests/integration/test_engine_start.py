@@ -6,7 +6,6 @@ this process may have loaded Inductor already."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,17 +41,9 @@ print("INDUCTOR", "torch._inductor.compile_fx" in sys.modules)
 
 @pytest.mark.slow
 def test_a_zero2_step_never_loads_torch_inductor() -> None:
-    from kiln.training.launch import free_port
+    from tests.helpers_training import one_rank_env
 
-    env = dict(
-        os.environ,
-        RANK="0",
-        WORLD_SIZE="1",
-        LOCAL_RANK="0",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port()),
-        PYTHONPATH=str(REPO),
-    )
+    env = one_rank_env()
     env.pop("LOCAL_SIZE", None)
     out = subprocess.run(
         [sys.executable, "-c", SCRIPT], env=env, cwd=REPO, capture_output=True, text=True

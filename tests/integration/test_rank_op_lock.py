@@ -19,11 +19,9 @@ from pathlib import Path
 import pytest
 
 from kiln.training.engine import op_build_lock, set_runtime_env
-from kiln.training.launch import free_port
+from tests.helpers_training import one_rank_env
 
 pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parents[2]
 
 RANK = """
 import sys
@@ -37,16 +35,7 @@ print("initialized", flush=True)
 
 
 def test_a_starting_rank_waits_for_kilns_op_build_lock() -> None:
-    env = set_runtime_env(dict(os.environ))
-    env.update(
-        DS_ACCELERATOR="cpu",
-        RANK="0",
-        LOCAL_RANK="0",
-        WORLD_SIZE="1",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port()),
-        PYTHONPATH=str(REPO),
-    )
+    env = one_rank_env(set_runtime_env(dict(os.environ, DS_ACCELERATOR="cpu")))
     rank = subprocess.Popen(
         [sys.executable, "-c", RANK],
         env=env,
