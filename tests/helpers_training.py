@@ -9,12 +9,14 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
@@ -31,7 +33,9 @@ __all__ = [
     "SHORT_RUN_STEPS",
     "TINY_MODEL",
     "clip_loss_of",
+    "join_gloo_group",
     "one_rank_env",
+    "rank_env",
     "rewind_run",
     "run_world",
     "seeded_model",
@@ -121,17 +125,33 @@ def spawn_gloo_ranks(
     return torch.load(out, weights_only=True)
 
 
+def join_gloo_group(rank: int, world: int, port: int) -> None:
+    """Join a `spawn_gloo_ranks` worker to its gloo group on loopback (`port`), one torch
+    thread per rank: for workers that call torch.distributed themselves."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+
+
+def rank_env(rank: int, world: int, port: int) -> dict[str, str]:
+    """The variables naming rank `rank` of a `world`-rank world on 127.0.0.1 (`port`):
+    what DeepSpeed and `kiln.training.engine.init_distributed` read to make the group."""
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+
+
 def one_rank_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     """`base` (default this process's environment) plus a one-rank world on 127.0.0.1 with
     a free MASTER_PORT and the repository on PYTHONPATH: what a subprocess needs to call
     `kiln.training.engine.init_distributed` as a rank."""
     return {
         **(os.environ if base is None else base),
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
+        **rank_env(0, 1, free_port()),
         "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
     }
 

@@ -12,8 +12,6 @@ common bug) must not match, which shows the comparison has the power to fail.
 
 from __future__ import annotations
 
-import os
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -26,6 +24,7 @@ from kiln.training.objectives.clip import clip_loss
 from tests.helpers_training import (
     MICRO_MODEL,
     clip_loss_of,
+    join_gloo_group,
     seeded_model,
     spawn_gloo_ranks,
     word_batch,
@@ -64,9 +63,7 @@ def _naive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> to
 
 
 def _worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
+    join_gloo_group(rank, WORLD, port)
     try:
         images, tokens = word_batch(CFG, WORDS)
         n = GLOBAL_BATCH // WORLD

@@ -11,8 +11,6 @@ does) does *not* equal the global token mean here, which shows the comparison ca
 
 from __future__ import annotations
 
-import os
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -24,7 +22,7 @@ from kiln.models.config import ModelConfig
 from kiln.models.tokenizer import PAD_ID, tokenize
 from kiln.training.objectives import build_objective
 from kiln.training.objectives.config import CocaObjectiveConfig
-from tests.helpers_training import MICRO_MODEL, seeded_model, spawn_gloo_ranks
+from tests.helpers_training import MICRO_MODEL, join_gloo_group, seeded_model, spawn_gloo_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -64,9 +62,7 @@ def _loss(fields: dict[str, torch.Tensor]) -> dict[str, object]:
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    join_gloo_group(rank, world, port)
     try:
         n = GLOBAL_BATCH // world
         mine = {k: v[rank * n : (rank + 1) * n] for k, v in _batch().items()}

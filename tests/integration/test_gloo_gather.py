@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from kiln.training import gloo_gather
-from tests.helpers_training import TINY_MODEL, spawn_gloo_ranks
+from tests.helpers_training import TINY_MODEL, join_gloo_group, rank_env, spawn_gloo_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -36,9 +36,7 @@ def _counting_broadcasts() -> list[int]:
 
 
 def _gather_worker(rank: int, world: int, port: int, out: str) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
+    join_gloo_group(rank, world, port)
     calls = _counting_broadcasts()
     results: dict[str, Any] = {}
 
@@ -92,13 +90,7 @@ def test_broadcast_gather_matches_torch_bitwise(
 
 
 def _zero_worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE="2",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    os.environ.update(rank_env(rank, 2, port))
     torch.set_num_threads(1)
     from deepspeed.comm import comm as ds_comm
 

@@ -21,7 +21,7 @@ from kiln.models.clip import CLIP
 from kiln.models.config import ModelConfig
 from kiln.models.tokenizer import tokenize
 from kiln.training.engine import param_groups
-from tests.helpers_training import MICRO_MODEL, clip_loss_of, spawn_gloo_ranks
+from tests.helpers_training import MICRO_MODEL, clip_loss_of, rank_env, spawn_gloo_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -47,13 +47,7 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    os.environ.update(rank_env(rank, WORLD, port))
     torch.set_num_threads(1)
     import deepspeed
     from deepspeed.utils import safe_get_full_grad

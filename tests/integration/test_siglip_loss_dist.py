@@ -12,8 +12,6 @@ different order), not bitwise.
 
 from __future__ import annotations
 
-import os
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,13 @@ import torch.distributed as dist
 
 from kiln.models.config import ModelConfig
 from kiln.training.objectives.siglip import _pair_loss, siglip_loss
-from tests.helpers_training import MICRO_MODEL, seeded_model, spawn_gloo_ranks, word_batch
+from tests.helpers_training import (
+    MICRO_MODEL,
+    join_gloo_group,
+    seeded_model,
+    spawn_gloo_ranks,
+    word_batch,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -73,9 +77,7 @@ def _detached_ring_loss(
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    join_gloo_group(rank, world, port)
     try:
         images, tokens = word_batch(CFG, WORDS)
         n = GLOBAL_BATCH // world
