@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from kiln.models.gemm import linear
+
 __all__ = [
     "MLP",
     "Attention",
@@ -40,7 +42,8 @@ __all__ = [
 
 
 class Linear(nn.Module):
-    """``y = x W^T + b`` with ``W ~ N(0, std^2)`` and ``b = 0``."""
+    """``y = x W^T + b`` with ``W ~ N(0, std^2)`` and ``b = 0``; computed by `kiln.models.gemm`
+    (oneDNN for CPU fp32, torch's own kernel elsewhere)."""
 
     def __init__(self, in_features: int, out_features: int, *, std: float, bias: bool = True):
         super().__init__()
@@ -49,7 +52,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class Embedding(nn.Module):
