@@ -29,7 +29,10 @@ Tokens, two settings (``--tokens``):
 
 Both use exact GELU, pre-LayerNorm blocks and no dropout; OpenCLIP runs its default
 attention path (``nn.MultiheadAttention``, which calls ``scaled_dot_product_attention``
-with its float causal mask), kiln its own.
+with its float causal mask), kiln its own. Both compute in fp32; kiln's linear maps run on
+oneDNN (`kiln.models.gemm`), OpenCLIP's on torch's default (MKL). ``KILN_CPU_GEMM=torch``
+in this process's environment puts kiln on torch's kernel too, which isolates that part
+of the ratio.
 
 OpenCLIP is never a kiln dependency: `--setup` (run automatically when missing) creates a
 plain venv at ``benchmarks/.openclip-venv`` (gitignored; no system site packages, so it

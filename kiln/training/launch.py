@@ -63,6 +63,7 @@ from kiln.training import rank_fork
 from kiln.training.checkpoint import latest_checkpoint
 from kiln.training.config import Launcher, Placement, TrainConfig
 from kiln.training.engine import prebuild_comm_ops, prebuild_offload_ops, set_runtime_env
+from kiln.training.host_memory import process_env
 from kiln.training.loop import SUMMARY_FILE, _log
 from kiln.training.preflight import preflight
 from kiln.training.rank_fork import RankProcess
@@ -627,10 +628,10 @@ def _launch_ray(
     # fault injection and a staged run's remote URL reach the workers even on a Ray that
     # started before they were set (Ray Train v2's RunConfig.worker_runtime_env; passed
     # only when there is one)
-    faults = {
-        k: v for k, v in os.environ.items() if k.startswith(_FAULT_PREFIX) or k == RUN_URL_ENV
-    }
-    worker_env: dict[str, Any] = {"worker_runtime_env": {"env_vars": faults}} if faults else {}
+    env = {k: v for k, v in os.environ.items() if k.startswith(_FAULT_PREFIX) or k == RUN_URL_ENV}
+    # Ray Train trains on a thread of its own: the allocator setting needs one arena there
+    env.update(process_env(cfg.host_memory))
+    worker_env: dict[str, Any] = {"worker_runtime_env": {"env_vars": env}} if env else {}
     trainer = TorchTrainer(
         _ray_train_loop,
         train_loop_config={

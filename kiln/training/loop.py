@@ -71,7 +71,7 @@ from kiln.training.engine import (
     init_distributed,
     use_bf16,
 )
-from kiln.training.host_memory import keep_freed_memory
+from kiln.training.host_memory import holds_on_this_thread, keep_freed_memory
 from kiln.training.remote_run import RUN_URL_ENV
 
 __all__ = [
@@ -271,6 +271,12 @@ def train_worker(
     rank, world = dist.get_rank(), dist.get_world_size()
     if num_threads:
         torch.set_num_threads(num_threads)
+    if cfg.host_memory == "reuse" and not holds_on_this_thread():
+        _log(
+            rank,
+            "host_memory: reuse does not hold on this thread (start the process with "
+            "MALLOC_ARENA_MAX=1): large freed blocks are faulted in again every step",
+        )
     run = Path(run_dir)
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)

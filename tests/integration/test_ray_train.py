@@ -66,6 +66,7 @@ def test_ray_train_matches_local_launcher_bitwise_through_resume_and_restart(
     said = capfd.readouterr().out  # kiln's lines (`say`)
     assert "Ray Train placed 2 workers with 1 CPU each (placement pack) and is starting" in said
     assert "waiting for the cluster to free" not in said  # nothing else holds the CPUs
+    assert "does not hold on this thread" not in said  # the workers got MALLOC_ARENA_MAX
     assert rest.launcher == "ray" and len(rest.nodes) == 2
     attempts_files = list((run / "ray_train").glob("*/kiln_attempts.jsonl"))
     attempts = [
