@@ -5,7 +5,7 @@ vendor, and on AMD CPUs it runs its AVX2 ones even where the core has AVX-512: o
 EPYC, 93-99 GFLOP/s a core at a ViT-S/32's shapes, where oneDNN (which torch also ships,
 for its bf16 and fused kernels) runs the same fp32 products at 160-210 GFLOP/s. GEMMs are
 80% or more of a CPU training step, so on such hosts the library is most of the step's
-speed (1.7x on `clip-vit-s-32`'s whole step: `benchmarks/bench_openclip.py`).
+speed (1.8x on `clip-vit-s-32`'s whole step: `benchmarks/bench_openclip.py`).
 
 So on CPU, fp32, outside autocast, kiln computes ``x W^T + b`` and both of its backward
 products (``grad W^T`` for the input, ``grad^T x`` for the weight) with oneDNN, through
