@@ -325,11 +325,14 @@ def write_json(
 
 
 def read_text(url: str) -> str | None:
-    """The text of file `url`, or None when it is missing."""
+    """The text of file `url`, or None when it is missing. One whole-object read: opening
+    a file on S3 and then reading it pins the version seen at open, and a writer replacing
+    the file in between (a run updating ``latest`` while ``kiln runs`` reads it) fails the
+    read with s3fs's FileExpired; each version is complete (atomic writes), so reading
+    whichever is current is right."""
     fs, path = fs_path(url)
     try:
-        with fs.open(path, "rb") as f:
-            return bytes(f.read()).decode()
+        return bytes(fs.cat_file(path)).decode()
     except FileNotFoundError:
         return None
 
