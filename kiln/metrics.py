@@ -54,12 +54,10 @@ def scalars_of(record: Mapping[str, Any]) -> dict[str, float]:
 def read_metrics(run_dir: str) -> list[dict[str, Any]]:
     """Every record of `{run_dir}/metrics.jsonl` in file order ([] without one); a line that
     is not a JSON object (a run killed mid-write) is skipped."""
-    fs, path = storage.fs_path(f"{str(run_dir).rstrip('/')}/{METRICS_FILE}")
-    try:
-        with fs.open(path, "rb") as f:
-            text = f.read().decode(errors="replace")
-    except FileNotFoundError:
+    data = storage.read_bytes(f"{str(run_dir).rstrip('/')}/{METRICS_FILE}")
+    if data is None:
         return []
+    text = data.decode(errors="replace")
     records = []
     for line in text.splitlines():
         try:

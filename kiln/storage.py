@@ -52,6 +52,7 @@ __all__ = [
     "list_files",
     "open_parquet",
     "parquet_metadata",
+    "read_bytes",
     "read_json",
     "read_text",
     "remove",
@@ -324,17 +325,23 @@ def write_json(
     atomic_write(url, text.encode(), durable=durable)
 
 
-def read_text(url: str) -> str | None:
-    """The text of file `url`, or None when it is missing. One whole-object read: opening
+def read_bytes(url: str) -> bytes | None:
+    """The bytes of file `url`, or None when it is missing. One whole-object read: opening
     a file on S3 and then reading it pins the version seen at open, and a writer replacing
     the file in between (a run updating ``latest`` while ``kiln runs`` reads it) fails the
     read with s3fs's FileExpired; each version is complete (atomic writes), so reading
     whichever is current is right."""
     fs, path = fs_path(url)
     try:
-        return bytes(fs.cat_file(path)).decode()
+        return bytes(fs.cat_file(path))
     except FileNotFoundError:
         return None
+
+
+def read_text(url: str) -> str | None:
+    """The text of file `url`, or None when it is missing (`read_bytes`)."""
+    data = read_bytes(url)
+    return None if data is None else data.decode()
 
 
 def upload(local: str | os.PathLike[str], url: str) -> None:
@@ -390,11 +397,10 @@ def download_tree(url: str, local: str | os.PathLike[str]) -> list[str]:
 
 def read_json(url: str) -> Any:
     """The JSON document at `url`, or None when it is missing or not valid JSON."""
-    fs, path = fs_path(url)
+    data = read_bytes(url)
     try:
-        with fs.open(path, "rb") as f:
-            return json.loads(f.read())
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None if data is None else json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return None
 
 
