@@ -23,6 +23,7 @@ bitwise comparisons with other torch code; ``onednn`` is the default.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -39,7 +40,6 @@ CPU_GEMMS = ("onednn", "torch")
 MIN_MACS = 1 << 20
 
 _choice: str | None = None
-_onednn: Any = None  # the op, once looked up; False when this torch has none
 
 
 def set_cpu_gemm(name: str) -> None:
@@ -64,15 +64,15 @@ def cpu_gemm() -> str:
     return _choice if _op() is not None else "torch"
 
 
+@functools.cache
 def _op() -> Any:
-    global _onednn
-    if _onednn is None:
-        try:
-            found = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._linear_pointwise
-        except (AttributeError, RuntimeError):
-            found = False
-        _onednn = found or False
-    return _onednn or None
+    """torch's oneDNN linear op, or None where this torch has none."""
+    try:
+        if torch.backends.mkldnn.is_available():
+            return torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        pass
+    return None
 
 
 def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

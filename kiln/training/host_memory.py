@@ -72,6 +72,6 @@ def process_env(mode: HostMemory) -> dict[str, str]:
 def holds_on_this_thread() -> bool:
     """Whether `keep_freed_memory`'s settings govern this thread's large blocks: on the
     main thread, or on any with ``MALLOC_ARENA_MAX=1`` in the process's environment."""
-    return threading.current_thread() is threading.main_thread() or (
-        os.environ.get("MALLOC_ARENA_MAX") == "1"
+    return threading.current_thread() is threading.main_thread() or all(
+        os.environ.get(k) == v for k, v in process_env("reuse").items()
     )
