@@ -4,8 +4,11 @@ The pure step: kiln's model (``--flavor``, default `clip-tiny`), CLIP loss, back
 the recipe's gradient clipping (``optim.grad_clip``, 1.0: torch's ``clip_grad_norm_``),
 kiln's AdamW (`kiln.training.optim`: torch's, bitwise, stepped in cache-sized slices; the
 one `kiln train` builds; kiln's hyperparameters) on batches already in memory (taken from
-the same dataset beforehand), one torch thread per process, no loader, no DeepSpeed, no
-collectives. For N ranks, N such processes run at once (N <= cores), and their rates add
+the same dataset beforehand, a different batch for every step, as a run has: packed
+captions make each batch's text shapes its own, and a loop that cycles a few batches lets
+the allocator settle on their shapes, which a run never does; ``--repeat-batches N``
+cycles N of them instead, to measure that), one torch thread per process, no loader, no
+DeepSpeed, no collectives. For N ranks, N such processes run at once (N <= cores), and their rates add
 up: what the cores can do. It is timed right before and right after the `kiln train` run,
 and the ratios are against the mean of the two (both are reported): this host's speed
 drifts by a tenth or more over minutes, which one pure step timed first would fold into
@@ -51,7 +54,7 @@ quickstart's pool image size), in shards of 256 (kiln's layout;
 with ``data.fast_decode: true``, the setting made for photos.
 Goal (issue 8): `kiln train` within 15% of the pure step (ratio >= 0.85). Prints JSON.
 Run: python benchmarks/bench_train_overhead.py [--ranks 1 2] [--steps 120] [--variants]
-[--flavor clip-vit-s-32 --steps 18] [--launcher ray]
+[--flavor clip-vit-s-32 --steps 18] [--launcher ray] [--repeat-batches N]
 """
 
 from __future__ import annotations
@@ -123,6 +126,7 @@ def _pure_rank(
     out: Any,
     barrier: Any,
     ddp: tuple[int, int, int] | None = None,
+    repeat: int = 0,
 ) -> None:
     import torch
     import torch.distributed as dist
@@ -156,11 +160,11 @@ def _pure_rank(
         rank=ddp[0] if ddp else 0, world_size=ddp[1] if ddp else 1,
     )  # fmt: skip
     stream = iter(loader)
-    batches = [next(stream) for _ in range(8)]
+    batches = [next(stream) for _ in range(repeat or WARMUP_STEPS + steps)]
     stream.close()  # type: ignore[attr-defined]
 
     def step(i: int) -> None:
-        b = batches[i % len(batches)]
+        b = batches[i % len(batches)]  # one batch a step unless `repeat` (module doc)
         opt.zero_grad(set_to_none=True)
         out_ = model(b.images, b.tokens)
         clip_loss(out_["image_embeds"], out_["text_embeds"], out_["logit_scale"]).backward()
@@ -172,7 +176,7 @@ def _pure_rank(
         step(i)
     barrier.wait()  # every process times the same stretch of wall-clock time
     start, cpu = time.perf_counter(), time.process_time()
-    for i in range(steps):
+    for i in range(WARMUP_STEPS, WARMUP_STEPS + steps):
         step(i)
     out.put((steps * BATCH / (time.perf_counter() - start), time.process_time() - cpu))
     if ddp is not None:
@@ -180,13 +184,19 @@ def _pure_rank(
 
 
 def pure_rate(
-    data: str, ranks: int, steps: int, flavor: str, reuse: bool = False, ddp: bool = False
+    data: str,
+    ranks: int,
+    steps: int,
+    flavor: str,
+    reuse: bool = False,
+    ddp: bool = False,
+    repeat: int = 0,
 ) -> dict[str, float]:
     """Samples/s of `ranks` concurrent pure-step processes, added up; and CPU seconds per
     sample (process CPU time over the timed steps). `reuse`: with kiln's `host_memory:
     reuse` allocator setting (`kiln.training.host_memory`), which the plain loop lacks.
     `ddp`: the processes train one model together, as plain PyTorch data parallelism
-    does (module doc)."""
+    does (module doc). `repeat`: cycle that many batches instead of one per step."""
     from kiln.training.launch import free_port
 
     ctx = mp.get_context("spawn")
@@ -195,7 +205,16 @@ def pure_rate(
     procs = [
         ctx.Process(
             target=_pure_rank,
-            args=(data, steps, flavor, reuse, q, barrier, (r, ranks, port) if ddp else None),
+            args=(
+                data,
+                steps,
+                flavor,
+                reuse,
+                q,
+                barrier,
+                (r, ranks, port) if ddp else None,
+                repeat,
+            ),
         )
         for r in range(ranks)
     ]
@@ -281,6 +300,10 @@ def main() -> None:
     ap.add_argument("--variants", action="store_true", help="also the diagnostic variants")
     ap.add_argument("--flavor", default=TINY, help="the model (`kiln model list`)")
     ap.add_argument("--launcher", default="local", choices=["local", "ray"])
+    ap.add_argument(
+        "--repeat-batches", type=int, default=0, metavar="N",
+        help="the pure step cycles N batches (default: a new batch every step, as a run)",
+    )  # fmt: skip
     args = ap.parse_args()
     if args.steps < 3 * WARMUP_STEPS:
         ap.error(f"--steps must be at least {3 * WARMUP_STEPS}: the rate skips the first steps")
@@ -295,9 +318,10 @@ def main() -> None:
     for ranks in args.ranks:
         # The pure step before and after the run, their mean the baseline: this host's speed
         # drifts by a tenth or more over minutes, and one side timed first would carry it.
-        before = pure_rate(data, ranks, args.steps, flavor)
+        rep = args.repeat_batches
+        before = pure_rate(data, ranks, args.steps, flavor, repeat=rep)
         train = train_rate(data, ranks, args.steps, flavor, "default", args.launcher)
-        after = pure_rate(data, ranks, args.steps, flavor)
+        after = pure_rate(data, ranks, args.steps, flavor, repeat=rep)
         runs = {
             "pure_step": {k: (before[k] + after[k]) / 2 for k in before},
             "pure_step_before": before,
@@ -305,9 +329,11 @@ def main() -> None:
             "kiln_train": train,
         }
         if ranks > 1:
-            runs["pure_step_ddp"] = pure_rate(data, ranks, args.steps, flavor, ddp=True)
+            runs["pure_step_ddp"] = pure_rate(data, ranks, args.steps, flavor, ddp=True, repeat=rep)
         if args.variants:
-            runs["pure_step_reuse"] = pure_rate(data, ranks, args.steps, flavor, reuse=True)
+            runs["pure_step_reuse"] = pure_rate(
+                data, ranks, args.steps, flavor, reuse=True, repeat=rep
+            )
             launcher = args.launcher
             runs["release"] = train_rate(
                 data, ranks, args.steps, flavor, "release", launcher, host_memory="release"
@@ -336,6 +362,7 @@ def main() -> None:
         "flavor": flavor,
         "launcher": args.launcher,
         "batch_per_rank": BATCH,
+        "pure_step_batches": args.repeat_batches or "one per step",
         "goal": "kiln_train rate_over_pure >= 0.85",
         "loader_samples_per_cpu_s": round(loader_rate(data, flavor), 1),
         "results": results,
