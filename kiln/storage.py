@@ -54,6 +54,7 @@ __all__ = [
     "parquet_metadata",
     "read_bytes",
     "read_json",
+    "read_tail",
     "read_text",
     "remove",
     "sample_key",
@@ -336,6 +337,24 @@ def read_bytes(url: str) -> bytes | None:
         return bytes(fs.cat_file(path))
     except FileNotFoundError:
         return None
+
+
+def read_tail(url: str, nbytes: int) -> bytes | None:
+    """The last `nbytes` bytes of file `url` (all of it if shorter), or None when it is
+    missing. One ranged read, for the reason `read_bytes` gives: seeking in an open file
+    on S3 reads the version seen at open, which a writer may have replaced since."""
+    if nbytes <= 0:
+        raise ValueError(f"read_tail: nbytes must be positive, got {nbytes}")
+    fs, path = fs_path(url)
+    try:
+        return bytes(fs.cat_file(path, start=-nbytes))
+    except FileNotFoundError:
+        return None
+    except OSError:
+        # a ranged read of an empty object is refused (HTTP 416); the file may be empty
+        if fs.isfile(path) and fs.size(path) == 0:
+            return b""
+        raise
 
 
 def read_text(url: str) -> str | None:

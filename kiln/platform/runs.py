@@ -218,15 +218,14 @@ def live_state(status: dict[str, Any], now: float | None = None) -> tuple[str, s
 
 def last_metrics(run_dir: str | Path) -> dict[str, Any] | None:
     """Last record of `metrics.jsonl` of a local run dir or a URL (reads only the file's
-    tail)."""
-    fs, path = storage.fs_path(_join(run_dir, "metrics.jsonl"))
+    tail, in one request: a live run rewrites the file on object storage)."""
     try:
-        with fs.open(path, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - 65536))
-            lines = bytes(f.read()).decode(errors="replace").splitlines()
-    except (FileNotFoundError, IsADirectoryError):
+        tail = storage.read_tail(_join(run_dir, "metrics.jsonl"), 65536)
+    except IsADirectoryError:
         return None
+    if tail is None:
+        return None
+    lines = tail.decode(errors="replace").splitlines()
     for line in reversed(lines):
         try:
             rec = json.loads(line)

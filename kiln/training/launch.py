@@ -625,9 +625,9 @@ def _launch_ray(
     attempts_file = run / "ray_train" / name / ATTEMPTS_FILE
     # made here, where the driver reads it: each worker looks for it (`_run_dir_unseen`)
     attempts_file.parent.mkdir(parents=True, exist_ok=True)
-    # fault injection and a staged run's remote URL reach the workers even on a Ray that
-    # started before they were set (Ray Train v2's RunConfig.worker_runtime_env; passed
-    # only when there is one)
+    # what the workers' environment must hold, even on a Ray that started before it was
+    # set: fault injection, a staged run's remote URL and the allocator setting (Ray Train
+    # v2's RunConfig.worker_runtime_env; passed only when there is one)
     env = {k: v for k, v in os.environ.items() if k.startswith(_FAULT_PREFIX) or k == RUN_URL_ENV}
     # Ray Train trains on a thread of its own: the allocator setting needs one arena there
     env.update(process_env(cfg.host_memory))

@@ -365,3 +365,21 @@ def test_bad_bucket_or_endpoint_is_one_clear_line(
     assert f"{ROOT}/bad" in err and "AWS_ACCESS_KEY_ID" in err, err
     assert "Traceback" not in err, err
     assert not any(p.name.startswith("s3:") for p in tmp_path.iterdir())
+
+
+def test_tail_of_a_file_and_last_metrics_on_s3(s3: dict[str, str]) -> None:
+    """`kiln runs` reads a live run's metrics tail with one ranged GET (a suffix range):
+    seeking in an open s3fs file pins the version seen at open, which the run replaces."""
+    from kiln.platform.runs import last_metrics
+
+    url = f"{ROOT}/tail"
+    records = [{"step": i, "loss": 1.0 / (i + 1), "pad": "x" * 200} for i in range(400)]
+    body = "".join(json.dumps(r) + "\n" for r in records).encode()  # > the 64 KiB tail
+    storage.atomic_write(f"{url}/metrics.jsonl", body)
+    assert storage.read_tail(f"{url}/metrics.jsonl", 100) == body[-100:]
+    assert storage.read_tail(f"{url}/metrics.jsonl", len(body) + 5) == body
+    assert last_metrics(url) == records[-1]
+    storage.atomic_write(f"{url}/empty", b"")
+    assert storage.read_tail(f"{url}/empty", 10) == b""
+    assert storage.read_tail(f"{url}/missing", 10) is None
+    assert last_metrics(f"{ROOT}/no-run-here") is None

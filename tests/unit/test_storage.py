@@ -110,3 +110,18 @@ def test_a_recipe_on_object_storage_resolves_its_paths_beside_it() -> None:
     assert (recipe.eval.zero_shot, recipe.eval.retrieval) == ("/abs/eval", "s3://b/ret")
     with pytest.raises(ValueError, match="does not exist"):
         load_recipe(f"{root}/recipes/missing.yaml")
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_read_tail_reads_the_end_in_one_request(where: str, tmp_path: Path) -> None:
+    root = str(tmp_path) if where == "local" else _mem()
+    storage.write_json(f"{root}/x", list(range(100)))
+    whole = storage.read_bytes(f"{root}/x")
+    assert whole is not None and len(whole) > 10
+    assert storage.read_tail(f"{root}/x", 10) == whole[-10:]
+    assert storage.read_tail(f"{root}/x", 10**6) == whole  # shorter than asked: all of it
+    storage.atomic_write(f"{root}/empty", b"")
+    assert storage.read_tail(f"{root}/empty", 10) == b""
+    assert storage.read_tail(f"{root}/missing", 10) is None
+    with pytest.raises(ValueError, match="nbytes must be positive"):
+        storage.read_tail(f"{root}/x", 0)
