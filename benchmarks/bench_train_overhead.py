@@ -8,8 +8,8 @@ the same dataset beforehand, a different batch for every step, as a run has: pac
 captions make each batch's text shapes its own, and a loop that cycles a few batches lets
 the allocator settle on their shapes, which a run never does; ``--repeat-batches N``
 cycles N of them instead, to measure that), one torch thread per process, no loader, no
-DeepSpeed, no collectives. For N ranks, N such processes run at once (N <= cores), and their rates add
-up: what the cores can do. It is timed right before and right after the `kiln train` run,
+DeepSpeed, no collectives. For N ranks, N such processes run at once (N <= cores), and
+their rates add up: what the cores can do. It is timed right before and right after the `kiln train` run,
 and the ratios are against the mean of the two (both are reported): this host's speed
 drifts by a tenth or more over minutes, which one pure step timed first would fold into
 the ratio.
