@@ -395,11 +395,12 @@ def curation_sections(run_dir: str, stats: Mapping[str, Any]) -> list[str]:
 def _read_yaml(url: str) -> dict[str, Any] | None:
     import yaml
 
-    fs, path = storage.fs_path(url)
+    raw = storage.read_bytes(url)
+    if raw is None:
+        return None
     try:
-        with fs.open(path, "rb") as f:
-            data = yaml.safe_load(f.read())
-    except (FileNotFoundError, yaml.YAMLError):
+        data = yaml.safe_load(raw)
+    except yaml.YAMLError:
         return None
     return data if isinstance(data, dict) else None
 
