@@ -16,8 +16,9 @@ Nothing after a caption's end-of-text changes an earlier position (causal self-a
 cross-attention and MLPs are per position), so those positions are not computed: the batch
 is cut at its longest caption, and captions of mixed length are packed
 (`kiln.models.text.cut_captions`), so the towers, the decoder and the vocabulary head
-run on each caption's own tokens: ``[T, V]`` and ``[T]`` then, else ``[B, n, V]`` and
-``[B, n]``.
+run on each caption's own tokens: ``[R, V]`` and ``[R]`` then (the ``T`` tokens, then
+rows up to `kiln.models.layers.Packing`'s rounded count whose targets are ``PAD_ID``),
+else ``[B, n, V]`` and ``[B, n]``.
 `generate` captions images greedily or with beam search (eval; no KV cache, so it costs
 one decoder pass per generated token, fine for captions of tens of tokens).
 """
@@ -99,7 +100,7 @@ class CoCa(nn.Module):
         image_tokens: torch.Tensor,
         packing: Packing | None = None,
     ) -> torch.Tensor:
-        """Next-token logits ``[B, n, V]`` (``[T, V]`` for packed text features)."""
+        """Next-token logits ``[B, n, V]`` (``[R, V]`` for packed text features)."""
         x = text_features
         if self.text_to_decoder is not None:
             x = self.text_to_decoder(x)
@@ -124,12 +125,15 @@ class CoCa(nn.Module):
         tokens, packing = cut_captions(tokens)
         pooled, features = self.text(tokens, packing=packing)
         targets = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], PAD_ID)], dim=1)
+        if packing is not None:
+            targets = packing.pack(targets)
+            targets[packing.tokens :] = PAD_ID  # the rows past the tokens: nothing to predict
         return {
             "image_embeds": image_embeds,
             "text_embeds": F.normalize(pooled, dim=-1),
             "logit_scale": self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE).reshape(()),
             "caption_logits": self._decode(features, image_tokens, packing),
-            "caption_targets": targets if packing is None else packing.pack(targets),
+            "caption_targets": targets,
         }
 
     # -- captioning ------------------------------------------------------------------------

@@ -36,6 +36,7 @@ __all__ = [
     "Packing",
     "Transformer",
     "TransformerBlock",
+    "packed_rows",
     "run_block",
     "set_activation_checkpointing",
 ]
@@ -72,11 +73,19 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.reshape(b, n, heads, w // heads).transpose(1, 2)
 
 
-def _rows(x: torch.Tensor, index: torch.Tensor, *, zero_row: bool) -> torch.Tensor:
-    """``x[index]`` along dim 0; with `zero_row`, index ``len(x)`` reads a row of zeros."""
+def _rows(
+    x: torch.Tensor, index: torch.Tensor, *, zero_row: bool, rows: int | None = None
+) -> torch.Tensor:
+    """``x[index]`` along dim 0; with `zero_row`, index ``len(x)`` reads a row of zeros;
+    with `rows` (at least ``len(index)``), followed by rows of zeros up to that many."""
     if zero_row:
         x = torch.cat([x, x.new_zeros((1, *x.shape[1:]))])
-    return x.index_select(0, index)
+    if rows is None or rows == len(index):
+        return x.index_select(0, index)
+    out = x.new_empty((rows, *x.shape[1:]))
+    torch.index_select(x, 0, index, out=out[: len(index)])
+    out[len(index) :].zero_()
+    return out
 
 
 class _MoveRows(torch.autograd.Function):
@@ -95,46 +104,77 @@ class _MoveRows(torch.autograd.Function):
         index: torch.Tensor,
         inverse: torch.Tensor,
         zero_row: bool,
+        rows: int,
     ) -> torch.Tensor:
-        ctx.inverse, ctx.zero_row = inverse, zero_row
-        return _rows(x, index, zero_row=zero_row)
+        # `rows`: the packed side's row count; the direction that gathers into the packed
+        # side (pack's forward, unpack's backward) pads it with zero rows to that many
+        ctx.inverse, ctx.zero_row, ctx.rows = inverse, zero_row, rows
+        return _rows(x, index, zero_row=zero_row, rows=None if zero_row else rows)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        return _rows(grad, ctx.inverse, zero_row=not ctx.zero_row), None, None, None
+        rows = ctx.rows if ctx.zero_row else None
+        moved = _rows(grad, ctx.inverse, zero_row=not ctx.zero_row, rows=rows)
+        return moved, None, None, None, None
+
+
+def packed_rows(tokens: int) -> int:
+    """`tokens` rounded up to a multiple of 8 and of ``2**(bit_length - 6)`` (64 for
+    2,048-4,095 tokens): 32 sizes per doubling, at most 1/32 more rows from 256 up."""
+    step = max(8, 1 << max(tokens.bit_length() - 6, 0))
+    return -(-tokens // step) * step
 
 
 class Packing:
     """Where the tokens of a padded batch ``[B, n, ...]`` sit once its padding is dropped.
 
     `keep` (``[B, n]`` bool) marks the positions that hold tokens. `pack` keeps those rows,
-    row after row (``[T, ...]``, ``T = keep.sum()``), and `unpack` puts them back in place with
-    zeros at the padding. Every per-token layer (LayerNorm, the linear maps, GELU) then runs on
-    ``T`` rows instead of ``B * n``; only attention, which mixes the positions of one row,
+    row after row (``T = keep.sum()`` of them, rounded up to ``R`` below), and `unpack` puts
+    them back in place with zeros at the padding. Every per-token layer (LayerNorm, the linear
+    maps, GELU) then runs on ``R`` rows instead of ``B * n``; only attention, which mixes the positions of one row,
     runs on the padded batch (`Attention` unpacks its q, k, v and packs its output).
     On captions of mixed length that is a third of a text tower's work or more.
+
+    A packed tensor has ``R >= T`` rows: the tokens, then rows of zeros that `unpack`
+    drops (no gradient reaches them). ``R`` is ``T`` rounded up to a multiple of
+    `multiple`, by default `packed_rows`'s few sizes. Every batch of captions has a token
+    count of its own, so unrounded, each step's per-token tensors have sizes no earlier
+    step had and the host allocator keeps growing its heap for them: in a CPU run, memory
+    grew 25-40 MB a step, with page faults in every step's large temporaries. Rounded, sizes
+    recur and the heap stops growing.
     """
 
-    def __init__(self, keep: torch.Tensor) -> None:
+    def __init__(self, keep: torch.Tensor, *, multiple: int | None = None) -> None:
+        if multiple is not None and multiple < 1:
+            raise ValueError(f"Packing: multiple={multiple} must be at least 1")
         self.batch, self.length = keep.shape
         flat = keep.reshape(-1)
-        #: packed row -> padded position, and padded position -> packed row (``T``: padding)
+        #: packed row -> padded position, and padded position -> packed row (``R``: padding)
         self.index = flat.nonzero().squeeze(1)
+        #: kept positions ``T``, and rows of a packed tensor ``R`` (``T`` rounded up)
         self.tokens = int(self.index.numel())
-        self.inverse = torch.where(flat, flat.cumsum(0) - 1, self.tokens)
+        if multiple is None:
+            self.rows = packed_rows(self.tokens)
+        else:
+            self.rows = -(-self.tokens // multiple) * multiple
+        self.inverse = torch.where(flat, flat.cumsum(0) - 1, self.rows)
         #: packed row of each batch row's last kept position (a caption's end-of-text)
         self.ends = keep.sum(dim=1).cumsum(0) - 1
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, n, ...] -> [T, ...]``."""
+        """``[B, n, ...] -> [R, ...]``: the ``T`` kept positions, then zeros."""
         flat = x.reshape(self.batch * self.length, *x.shape[2:])
-        out: torch.Tensor = _MoveRows.apply(flat, self.index, self.inverse, False)
+        out: torch.Tensor = _MoveRows.apply(flat, self.index, self.inverse, False, self.rows)
         return out
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """``[T, ...] -> [B, n, ...]``, zeros at the padding."""
-        full: torch.Tensor = _MoveRows.apply(x, self.inverse, self.index, True)
+        """``[R, ...] -> [B, n, ...]``, zeros at the padding."""
+        if x.shape[0] != self.rows:
+            raise ValueError(
+                f"Packing.unpack: {x.shape[0]} rows given, this packing has {self.rows}"
+            )
+        full: torch.Tensor = _MoveRows.apply(x, self.inverse, self.index, True, self.rows)
         return full.reshape(self.batch, self.length, *x.shape[1:])
 
 
@@ -160,7 +200,7 @@ class Attention(nn.Module):
         """``[B, n, width] -> [B, n, width]``; with `rows` (``[B]`` positions), only the
         output at row b's position ``rows[b]``, ``[B, 1, width]``: keys and values of every
         position, one query per row (causal: it sees positions up to its own). With
-        `packing`, `x` and the result are the packed tokens, ``[T, width]``."""
+        `packing`, `x` and the result are the packed tokens, ``[R, width]``."""
         qkv = self.qkv(x)
         if packing is not None:
             if rows is not None:
@@ -200,7 +240,7 @@ class CrossAttention(nn.Module):
         self, x: torch.Tensor, context: torch.Tensor, packing: Packing | None = None
     ) -> torch.Tensor:
         """``[B, n, width] -> [B, n, width]``; with `packing`, `x` and the result are the
-        packed queries, ``[T, width]``."""
+        packed queries, ``[R, width]``."""
         k, v = self.kv(context).chunk(2, dim=-1)
         q = self.q(x)
         if packing is not None:
@@ -256,7 +296,7 @@ class TransformerBlock(nn.Module):
         output at those positions, ``[B, 1, width]``: what a tower that reads one token
         of its last block needs (that token's attention, MLP and residual; the others'
         keys and values). The same values as the full block's row, up to float rounding.
-        With `packing` (not with `rows`), `x` and the result are packed, ``[T, width]``."""
+        With `packing` (not with `rows`), `x` and the result are packed, ``[R, width]``."""
         if rows is None:
             x = x + self.attn(self.ln_1(x), causal=causal, packing=packing)
             return x + self.mlp(self.ln_2(x))
@@ -282,7 +322,7 @@ class CrossAttentionBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, context: torch.Tensor, packing: Packing | None = None
     ) -> torch.Tensor:
-        """``[B, n, width] -> [B, n, width]``, or packed ``[T, width]`` with `packing`."""
+        """``[B, n, width] -> [B, n, width]``, or packed ``[R, width]`` with `packing`."""
         x = x + self.attn(self.ln_1(x), self.ln_kv(context), packing)
         return x + self.mlp(self.ln_2(x))
 
@@ -330,7 +370,7 @@ class Transformer(nn.Module):
         those positions only, ``[B, 1, width]``: the last block then computes attention
         and MLP for that one token per row (a CLIP tower pools one token).
 
-        With `packing`, `x` is the packed tokens ``[T, width]`` (see `Packing`), and so is
+        With `packing`, `x` is the packed tokens ``[R, width]`` (see `Packing`), and so is
         the result, unless `rows` is given: the last block then runs on the padded batch
         (its MLP sees one token per row anyway) and returns ``[B, 1, width]``."""
         last = len(self.blocks) - 1

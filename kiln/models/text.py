@@ -82,7 +82,7 @@ class TextTransformer(nn.Module):
 
         `packing` (of `tokens`, from `cut_captions`: CoCa, whose decoder reads every
         position) runs the tower on the packed tokens; the second value is then packed,
-        ``[T, width]``.
+        ``[R, width]`` (`kiln.models.layers.Packing`).
         """
         if tokens.ndim != 2 or tokens.shape[1] > self.context_length:
             raise ValueError(

@@ -11,7 +11,7 @@ import kiln.models.text as text_module
 from kiln.models import CLIP, MAX_LOGIT_SCALE
 from kiln.models.build import build_model, count_parameters
 from kiln.models.config import ModelConfig
-from kiln.models.layers import Attention, Packing
+from kiln.models.layers import Attention, Packing, packed_rows
 from kiln.models.text import PACK_MIN_PADDING, worth_packing
 from kiln.models.tokenizer import (
     BOS_ID,
@@ -300,6 +300,38 @@ def test_packing_moves_rows_and_gradients_both_ways() -> None:
     assert torch.autograd.gradcheck(packing.pack, (y,))
 
 
+def test_packing_rounds_its_rows_up_with_zero_rows() -> None:
+    """A packed tensor's row count is the token count rounded up (so a run's batches reuse
+    a few sizes): the rows past the tokens are zeros, `unpack` drops them and passes them
+    no gradient, and a tensor of any other row count is refused."""
+    keep = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    packing = Packing(keep, multiple=4)
+    assert (packing.tokens, packing.rows) == (7, 8)
+    padded = torch.randn(3, 4, 2, dtype=torch.float64)
+    packed = packing.pack(padded)
+    assert packed.shape == (8, 2) and torch.equal(packed[:7], padded[keep])
+    assert not packed[7:].any()
+    back = packing.unpack(packed)
+    assert torch.equal(back[keep], padded[keep]) and not back[~keep].any()
+    x = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(packing.unpack, (x,))
+    packing.unpack(x).sum().backward()
+    assert x.grad is not None and not x.grad[7:].any() and (x.grad[:7] == 1).all()
+    y = torch.randn(3, 4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(packing.pack, (y,))
+    with pytest.raises(ValueError, match="7 rows given, this packing has 8"):
+        packing.unpack(x[:7])
+    with pytest.raises(ValueError, match="multiple=0 must be at least 1"):
+        Packing(keep, multiple=0)
+    assert Packing(keep).rows == packed_rows(7) == 8  # the default: packed_rows's sizes
+    assert [packed_rows(t) for t in (1, 8, 9, 255, 256, 2048, 2049, 2100)] == [
+        8, 8, 16, 256, 256, 2048, 2112, 2112,
+    ]  # fmt: skip
+    for t in range(256, 70_000, 97):  # at most 1/32 more rows from 256 up
+        assert t <= packed_rows(t) <= t * 33 / 32
+    assert len({packed_rows(t) for t in range(2049, 4097)}) == 32  # 2112, ..., 4096
+
+
 def test_text_tower_packs_mixed_lengths_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """Captions of mixed length are packed (a tenth or more of the positions would be
     padding), a batch of equal lengths is not; packed or not, the pooled features and
@@ -372,11 +404,15 @@ def test_coca_computes_each_captions_own_positions(monkeypatch: pytest.MonkeyPat
         )
     (packed_targets, *packed), (padded_targets, *padded) = results
     torch.testing.assert_close(packed[1], full, rtol=1e-5, atol=1e-6)
-    # packed: one row per token through EOS; padded: cut at the longest caption
-    assert packed_targets.shape == (int(lengths.sum()),)
+    # packed: one row per token through EOS, then PAD_ID rows up to the rounded row count
+    # (which the losses above must skip); padded: cut at the longest caption
+    total = int(lengths.sum())
+    assert packed_rows(total) > total and packed_targets.shape == (packed_rows(total),)
+    assert (packed_targets[total:] == PAD_ID).all()
     assert padded_targets.shape == (4, int(lengths.max()))
     assert torch.equal(
-        packed_targets, padded_targets[torch.arange(int(lengths.max())) < lengths[:, None]]
+        packed_targets[:total],
+        padded_targets[torch.arange(int(lengths.max())) < lengths[:, None]],
     )
     first = tokens[1, 1 : int(lengths[1])]  # "a green dot": its bytes then EOS, then nothing
     row = packed_targets[int(lengths[0]) : int(lengths[:2].sum())]
