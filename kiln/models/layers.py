@@ -131,10 +131,11 @@ class Packing:
 
     `keep` (``[B, n]`` bool) marks the positions that hold tokens. `pack` keeps those rows,
     row after row (``T = keep.sum()`` of them, rounded up to ``R`` below), and `unpack` puts
-    them back in place with zeros at the padding. Every per-token layer (LayerNorm, the linear
-    maps, GELU) then runs on ``R`` rows instead of ``B * n``; only attention, which mixes the positions of one row,
-    runs on the padded batch (`Attention` unpacks its q, k, v and packs its output).
-    On captions of mixed length that is a third of a text tower's work or more.
+    them back in place with zeros at the padding. Every per-token layer (LayerNorm, the
+    linear maps, GELU) then runs on ``R`` rows instead of ``B * n``; only attention, which
+    mixes the positions of one row, runs on the padded batch (`Attention` unpacks its q, k,
+    v and packs its output). On captions of mixed length that is a third of a text tower's
+    work or more.
 
     A packed tensor has ``R >= T`` rows: the tokens, then rows of zeros that `unpack`
     drops (no gradient reaches them). ``R`` is ``T`` rounded up to a multiple of
