@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -149,8 +148,6 @@ def single_rank(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.delenv("LOCAL_SIZE", raising=False)
     yield
     if dist.is_initialized():
-        ds_comm = sys.modules.get("deepspeed.comm.comm")  # where its `cdb` global lives
-        if ds_comm is not None and getattr(ds_comm, "cdb", None) is not None:
-            ds_comm.destroy_process_group()  # also drops DeepSpeed's cached groups
-        else:
-            dist.destroy_process_group()
+        from tests.helpers_training import destroy_groups
+
+        destroy_groups()

@@ -8,7 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,9 @@ __all__ = [
     "SHORT_RUN_STEPS",
     "TINY_MODEL",
     "clip_loss_of",
-    "join_gloo_group",
+    "destroy_groups",
+    "gloo_group",
+    "leave_gloo_group",
     "one_rank_env",
     "rank_env",
     "rewind_run",
@@ -125,12 +127,40 @@ def spawn_gloo_ranks(
     return torch.load(out, weights_only=True)
 
 
-def join_gloo_group(rank: int, world: int, port: int) -> None:
-    """Join a `spawn_gloo_ranks` worker to its gloo group on loopback (`port`), one torch
-    thread per rank: for workers that call torch.distributed themselves."""
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, port: int) -> Iterator[None]:
+    """A `spawn_gloo_ranks` worker's gloo group on loopback (`port`), one torch thread per
+    rank, for workers that call torch.distributed themselves: left by
+    `leave_gloo_group` when the body succeeds, destroyed at once when it raises (a
+    barrier then would wait for ranks that may never come)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    try:
+        yield
+    except BaseException:
+        destroy_groups()
+        raise
+    leave_gloo_group()
+
+
+def leave_gloo_group() -> None:
+    """End a `spawn_gloo_ranks` worker's group the way `kiln.training.loop` ends a run's:
+    every rank reaches a barrier before any destroys its groups (DeepSpeed's cached ones
+    too). A rank that tore down and exited while its peer was still in gloo has died of
+    SIGABRT ("terminate called without an active exception") and failed the test."""
+    dist.barrier()
+    destroy_groups()
+
+
+def destroy_groups() -> None:
+    """Destroy this process's process groups, DeepSpeed's cached ones too when DeepSpeed
+    made them (a later world in the same process would otherwise reuse stale ones)."""
+    ds_comm = sys.modules.get("deepspeed.comm.comm")  # where its `cdb` global lives
+    if ds_comm is not None and getattr(ds_comm, "cdb", None) is not None:
+        ds_comm.destroy_process_group()
+    else:
+        dist.destroy_process_group()
 
 
 def rank_env(rank: int, world: int, port: int) -> dict[str, str]:

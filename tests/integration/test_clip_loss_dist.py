@@ -24,7 +24,7 @@ from kiln.training.objectives.clip import clip_loss
 from tests.helpers_training import (
     MICRO_MODEL,
     clip_loss_of,
-    join_gloo_group,
+    gloo_group,
     seeded_model,
     spawn_gloo_ranks,
     word_batch,
@@ -63,8 +63,7 @@ def _naive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> to
 
 
 def _worker(rank: int, port: int, out: str) -> None:
-    join_gloo_group(rank, WORLD, port)
-    try:
+    with gloo_group(rank, WORLD, port):
         images, tokens = word_batch(CFG, WORDS)
         n = GLOBAL_BATCH // WORLD
         local = slice(rank * n, (rank + 1) * n)
@@ -103,8 +102,6 @@ def _worker(rank: int, port: int, out: str) -> None:
                 },
                 out,
             )
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_rank_gradients_equal_global_batch(

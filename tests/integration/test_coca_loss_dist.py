@@ -22,7 +22,7 @@ from kiln.models.config import ModelConfig
 from kiln.models.tokenizer import PAD_ID, tokenize
 from kiln.training.objectives import build_objective
 from kiln.training.objectives.config import CocaObjectiveConfig
-from tests.helpers_training import MICRO_MODEL, join_gloo_group, seeded_model, spawn_gloo_ranks
+from tests.helpers_training import MICRO_MODEL, gloo_group, seeded_model, spawn_gloo_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -62,8 +62,7 @@ def _loss(fields: dict[str, torch.Tensor]) -> dict[str, object]:
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    join_gloo_group(rank, world, port)
-    try:
+    with gloo_group(rank, world, port):
         n = GLOBAL_BATCH // world
         mine = {k: v[rank * n : (rank + 1) * n] for k, v in _batch().items()}
         result = _loss(mine)
@@ -83,8 +82,6 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             g /= world
         if rank == 0:
             torch.save(result, out)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -17,7 +17,13 @@ import torch
 import torch.distributed as dist
 
 from kiln.training import gloo_gather
-from tests.helpers_training import TINY_MODEL, join_gloo_group, rank_env, spawn_gloo_ranks
+from tests.helpers_training import (
+    TINY_MODEL,
+    gloo_group,
+    leave_gloo_group,
+    rank_env,
+    spawn_gloo_ranks,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +42,12 @@ def _counting_broadcasts() -> list[int]:
 
 
 def _gather_worker(rank: int, world: int, port: int, out: str) -> None:
-    join_gloo_group(rank, world, port)
+    with gloo_group(rank, world, port):
+        _gather_cases(rank, world, out)
+
+
+def _gather_cases(rank: int, world: int, out: str) -> None:
+    """Each way of gathering this file checks, on this rank; the last rank saves them."""
     calls = _counting_broadcasts()
     results: dict[str, Any] = {}
 
@@ -72,7 +83,6 @@ def _gather_worker(rank: int, world: int, port: int, out: str) -> None:
     case("small", torch.empty(world * n), torch.full((n,), float(rank)))
     if rank == world - 1:
         torch.save(results, out)
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -143,7 +153,7 @@ def _zero_worker(rank: int, port: int, out: str) -> None:
             engine.destroy()
     if rank == 0:
         torch.save(results, out)
-    dist.destroy_process_group()
+    leave_gloo_group()
 
 
 def test_zero_trains_the_same_weights_with_broadcast_gathers(

@@ -21,7 +21,13 @@ from kiln.models.clip import CLIP
 from kiln.models.config import ModelConfig
 from kiln.models.tokenizer import tokenize
 from kiln.training.engine import param_groups
-from tests.helpers_training import MICRO_MODEL, clip_loss_of, rank_env, spawn_gloo_ranks
+from tests.helpers_training import (
+    MICRO_MODEL,
+    clip_loss_of,
+    leave_gloo_group,
+    rank_env,
+    spawn_gloo_ranks,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +81,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     if rank == 0:
         torch.save({"init": init, "grads": grads, "loss": logged / WORLD, "decay": decayed}, out)
     engine.destroy()
-    torch.distributed.destroy_process_group()
+    leave_gloo_group()
 
 
 def test_zero3_init_and_gradients_match_plain_torch(

@@ -22,7 +22,7 @@ from kiln.models.config import ModelConfig
 from kiln.training.objectives.siglip import _pair_loss, siglip_loss
 from tests.helpers_training import (
     MICRO_MODEL,
-    join_gloo_group,
+    gloo_group,
     seeded_model,
     spawn_gloo_ranks,
     word_batch,
@@ -77,8 +77,7 @@ def _detached_ring_loss(
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    join_gloo_group(rank, world, port)
-    try:
+    with gloo_group(rank, world, port):
         images, tokens = word_batch(CFG, WORDS)
         n = GLOBAL_BATCH // world
         local = slice(rank * n, (rank + 1) * n)
@@ -95,8 +94,6 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         result["naive"] = _grads(naive, world)
         if rank == 0:
             torch.save(result, out)
-    finally:
-        dist.destroy_process_group()
 
 
 def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
