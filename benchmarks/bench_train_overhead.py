@@ -52,9 +52,12 @@ quickstart's pool image size), in shards of 256 (kiln's layout;
 `tests/helpers_datasets.write_tiny_dataset`). For any other flavor (its own input size,
 224 px for the ViT-B/S ones): `bench_loader`'s 512 real web photos (~512-840 px), loaded
 with ``data.fast_decode: true``, the setting made for photos.
+``--batch B``: B samples per rank and step on both sides instead of the quickstart's 32. What
+`kiln train` adds to a step is mostly a fixed cost (DeepSpeed's per-parameter gradient
+handling, the loader's hand-over), so its share falls as the step grows.
 Goal (issue 8): `kiln train` within 15% of the pure step (ratio >= 0.85). Prints JSON.
 Run: python benchmarks/bench_train_overhead.py [--ranks 1 2] [--steps 120] [--variants]
-[--flavor clip-vit-s-32 --steps 18] [--launcher ray] [--repeat-batches N]
+[--flavor clip-vit-s-32 --steps 18] [--launcher ray] [--repeat-batches N] [--batch B]
 """
 
 from __future__ import annotations
@@ -79,10 +82,10 @@ WARMUP_STEPS = 5
 TINY = "clip-tiny"
 
 
-def _config(dataset: str, steps: int, flavor: str, **changes: Any) -> Any:
+def _config(dataset: str, steps: int, flavor: str, batch: int = BATCH, **changes: Any) -> Any:
     from kiln.training.config import TrainConfig
 
-    data = {"dataset": dataset, "batch_size": BATCH, "num_workers": 1, "shuffle_buffer": 256}
+    data = {"dataset": dataset, "batch_size": batch, "num_workers": 1, "shuffle_buffer": 256}
     data["fast_decode"] = flavor != TINY  # real photos: the setting made for them
     data.update(changes.get("loader", {}))
     return TrainConfig.model_validate(
@@ -127,6 +130,7 @@ def _pure_rank(
     barrier: Any,
     ddp: tuple[int, int, int] | None = None,
     repeat: int = 0,
+    batch: int = BATCH,
 ) -> None:
     import torch
     import torch.distributed as dist
@@ -147,7 +151,7 @@ def _pure_rank(
     from kiln.training.optim import AdamW
 
     torch.set_num_threads(1)
-    cfg = _config(data, steps, flavor)
+    cfg = _config(data, steps, flavor, batch)
     torch.manual_seed(0)
     model: torch.nn.Module = build_model(cfg.model).train()
     if ddp is not None:  # torch's own data parallelism: bucketed all-reduce during backward
@@ -155,7 +159,7 @@ def _pure_rank(
     o = cfg.optim
     opt = AdamW(model.parameters(), **adamw_args(o))
     loader = WebDatasetLoader(
-        data, batch_size=BATCH, seed=0, image_size=cfg.model.image_size,
+        data, batch_size=batch, seed=0, image_size=cfg.model.image_size,
         context_length=cfg.model.context_length, fast_decode=cfg.data.fast_decode,
         rank=ddp[0] if ddp else 0, world_size=ddp[1] if ddp else 1,
     )  # fmt: skip
@@ -178,7 +182,7 @@ def _pure_rank(
     start, cpu = time.perf_counter(), time.process_time()
     for i in range(WARMUP_STEPS, WARMUP_STEPS + steps):
         step(i)
-    out.put((steps * BATCH / (time.perf_counter() - start), time.process_time() - cpu))
+    out.put((steps * batch / (time.perf_counter() - start), time.process_time() - cpu))
     if ddp is not None:
         dist.destroy_process_group()
 
@@ -191,6 +195,7 @@ def pure_rate(
     reuse: bool = False,
     ddp: bool = False,
     repeat: int = 0,
+    batch: int = BATCH,
 ) -> dict[str, float]:
     """Samples/s of `ranks` concurrent pure-step processes, added up; and CPU seconds per
     sample (process CPU time over the timed steps). `reuse`: with kiln's `host_memory:
@@ -214,6 +219,7 @@ def pure_rate(
                 barrier,
                 (r, ranks, port) if ddp else None,
                 repeat,
+                batch,
             ),
         )
         for r in range(ranks)
@@ -225,7 +231,7 @@ def pure_rate(
         p.join()
     return {
         "samples_per_s": sum(r[0] for r in results),
-        "cpu_ms_per_sample": 1e3 * sum(r[1] for r in results) / (steps * BATCH * ranks),
+        "cpu_ms_per_sample": 1e3 * sum(r[1] for r in results) / (steps * batch * ranks),
     }
 
 
@@ -246,6 +252,7 @@ def train_rate(
     flavor: str,
     name: str,
     launcher: str = "local",
+    batch: int = BATCH,
     **changes: Any,
 ) -> dict[str, Any]:
     """Steady-state samples/s of a `kiln train` run (from its metrics), and the CPU seconds
@@ -259,15 +266,15 @@ def train_rate(
         run = WORK / f"run-{name}-{launcher}-{ranks}"
         shutil.rmtree(run, ignore_errors=True)
         before = _machine_cpu()
-        cfg = _config(data, n, flavor, **changes)
+        cfg = _config(data, n, flavor, batch, **changes)
         train(cfg, str(run), num_workers=ranks, launcher=launcher)  # type: ignore[arg-type]
         cpu.append(_machine_cpu() - before)
         lines = (run / "metrics.jsonl").read_text().splitlines()
         records = [json.loads(line) for line in lines]
         first, last = records[WARMUP_STEPS - 1], records[-1]
         span = last["elapsed_s"] - first["elapsed_s"]
-        rate = BATCH * ranks * (last["step"] - first["step"]) / span
-    extra = BATCH * ranks * (steps - steps // 3)
+        rate = batch * ranks * (last["step"] - first["step"]) / span
+    extra = batch * ranks * (steps - steps // 3)
     return {"samples_per_s": rate, "cpu_ms_per_sample": 1e3 * (cpu[1] - cpu[0]) / extra}
 
 
@@ -304,6 +311,10 @@ def main() -> None:
         "--repeat-batches", type=int, default=0, metavar="N",
         help="the pure step cycles N batches (default: a new batch every step, as a run)",
     )  # fmt: skip
+    ap.add_argument(
+        "--batch", type=int, default=BATCH,
+        help=f"samples per rank and step, both sides (default {BATCH}, the quickstart's)",
+    )  # fmt: skip
     args = ap.parse_args()
     if args.steps < 3 * WARMUP_STEPS:
         ap.error(f"--steps must be at least {3 * WARMUP_STEPS}: the rate skips the first steps")
@@ -319,9 +330,10 @@ def main() -> None:
         # The pure step before and after the run, their mean the baseline: this host's speed
         # drifts by a tenth or more over minutes, and one side timed first would carry it.
         rep = args.repeat_batches
-        before = pure_rate(data, ranks, args.steps, flavor, repeat=rep)
-        train = train_rate(data, ranks, args.steps, flavor, "default", args.launcher)
-        after = pure_rate(data, ranks, args.steps, flavor, repeat=rep)
+        bs = args.batch
+        before = pure_rate(data, ranks, args.steps, flavor, repeat=rep, batch=bs)
+        train = train_rate(data, ranks, args.steps, flavor, "default", args.launcher, bs)
+        after = pure_rate(data, ranks, args.steps, flavor, repeat=rep, batch=bs)
         runs = {
             "pure_step": {k: (before[k] + after[k]) / 2 for k in before},
             "pure_step_before": before,
@@ -329,19 +341,24 @@ def main() -> None:
             "kiln_train": train,
         }
         if ranks > 1:
-            runs["pure_step_ddp"] = pure_rate(data, ranks, args.steps, flavor, ddp=True, repeat=rep)
+            runs["pure_step_ddp"] = pure_rate(
+                data, ranks, args.steps, flavor, ddp=True, repeat=rep, batch=bs
+            )
         if args.variants:
             runs["pure_step_reuse"] = pure_rate(
-                data, ranks, args.steps, flavor, reuse=True, repeat=rep
+                data, ranks, args.steps, flavor, reuse=True, repeat=rep, batch=bs
             )
             launcher = args.launcher
             runs["release"] = train_rate(
-                data, ranks, args.steps, flavor, "release", launcher, host_memory="release"
+                data, ranks, args.steps, flavor, "release", launcher, bs, host_memory="release"
             )
-            runs["zero0"] = train_rate(data, ranks, args.steps, flavor, "zero0", launcher, stage=0)
+            runs["zero0"] = train_rate(
+                data, ranks, args.steps, flavor, "zero0", launcher, bs, stage=0
+            )
             runs["workers0"] = train_rate(
-                data, ranks, args.steps, flavor, "workers0", launcher, loader={"num_workers": 0}
-            )
+                data, ranks, args.steps, flavor, "workers0", launcher, bs,
+                loader={"num_workers": 0},
+            )  # fmt: skip
         pure = runs["pure_step"]
         row: dict[str, Any] = {"ranks": ranks}
         for k, v in runs.items():
@@ -361,7 +378,7 @@ def main() -> None:
         "benchmark": "train_overhead",
         "flavor": flavor,
         "launcher": args.launcher,
-        "batch_per_rank": BATCH,
+        "batch_per_rank": args.batch,
         "pure_step_batches": args.repeat_batches or "one per step",
         "goal": "kiln_train rate_over_pure >= 0.85",
         "loader_samples_per_cpu_s": round(loader_rate(data, flavor), 1),
