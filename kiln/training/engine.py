@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
-import io
 import ipaddress
 import math
 import os
@@ -403,10 +402,7 @@ def init_distributed() -> bool:
     # now, with the group made: rank 0 binds MASTER_PORT above, and waiting for the lock
     # before that left the launcher's free port to whoever took it first (seen in CI).
     prebuild_comm_ops()
-    # its comm layer prints "DeepSpeed ...shm_comm_op built successfully" on every start,
-    # onto stdout, which is the user's terminal or a benchmark's JSON
-    with contextlib.redirect_stdout(io.StringIO()):
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     if dist.get_backend() == "gloo":
         from deepspeed.comm import comm as ds_comm
 
