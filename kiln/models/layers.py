@@ -119,11 +119,14 @@ class _MoveRows(torch.autograd.Function):
         return moved, None, None, None, None
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def packed_rows(tokens: int) -> int:
     """`tokens` rounded up to a multiple of 8 and of ``2**(bit_length - 6)`` (64 for
     2,048-4,095 tokens): 32 sizes per doubling, at most 1/32 more rows from 256 up."""
-    step = max(8, 1 << max(tokens.bit_length() - 6, 0))
-    return -(-tokens // step) * step
+    return _round_up(tokens, max(8, 1 << max(tokens.bit_length() - 6, 0)))
 
 
 class Packing:
@@ -158,7 +161,7 @@ class Packing:
         if multiple is None:
             self.rows = packed_rows(self.tokens)
         else:
-            self.rows = -(-self.tokens // multiple) * multiple
+            self.rows = _round_up(self.tokens, multiple)
         self.inverse = torch.where(flat, flat.cumsum(0) - 1, self.rows)
         #: packed row of each batch row's last kept position (a caption's end-of-text)
         self.ends = keep.sum(dim=1).cumsum(0) - 1
