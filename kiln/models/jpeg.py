@@ -3,18 +3,21 @@
 PIL decodes JPEGs with the same library and the same settings (accurate integer IDCT,
 fancy upsampling), so the pixels are the same; going around PIL skips its image object,
 its chunked decoder feed and the export copy: 1.65 ms instead of 2.78 ms per 512-840 px
-web photo at full size, 1.26 instead of 1.54 at a quarter of it (one core). The training
-loader's fast decode (`kiln.training.transforms.image_pixels`) uses it for the JPEGs PIL
-would decode the same way, and picks the DCT scale PIL's ``Image.draft`` would
-(`draft_scale`); anything else (PNG, WebP, CMYK, multi-picture MPO files, images under
-`MIN_SIDE` pixels, data libjpeg-turbo warns about) goes through PIL, whose errors name
-what is wrong. ``tests/unit/test_jpeg.py`` checks the equality on real photos.
+web photo at full size, 1.26 instead of 1.54 at a quarter of it, 24 instead of 98 us per
+64 px image (one core). `kiln.models.preprocess.decode_rgb` (every full-size decode:
+training without fast decode, evaluation, inference) and the training loader's fast decode
+(`kiln.training.transforms.image_pixels`, at the DCT scale PIL's ``Image.draft`` would
+pick: `draft_scale`) use it for the JPEGs PIL would decode the same way; anything else
+(PNG, WebP, CMYK, multi-picture MPO files, images under `MIN_SIDE` pixels or over PIL's
+decompression-bomb limit, data libjpeg-turbo warns about) goes through PIL, whose errors
+name what is wrong. ``tests/unit/test_jpeg.py`` checks the equality on real photos.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import simplejpeg
+from PIL import Image
 
 __all__ = ["MIN_SIDE", "decode_jpeg", "draft_scale", "jpeg_size"]
 
@@ -29,7 +32,9 @@ _MPF_SCAN = 2 + 4 + 65535 + 16
 
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
     """``(width, height)`` of a JPEG this module decodes as PIL would (YCbCr or grayscale,
-    not MPO, at least `MIN_SIDE` pixels a side); None for anything else."""
+    not MPO, at least `MIN_SIDE` pixels a side, within PIL's decompression-bomb limit
+    ``Image.MAX_IMAGE_PIXELS``, so PIL warns or refuses as it would); None for anything
+    else."""
     if data[:2] != b"\xff\xd8" or b"MPF\x00" in data[:_MPF_SCAN]:
         return None
     try:
@@ -37,6 +42,8 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
     except ValueError:
         return None
     if colorspace not in ("YCbCr", "Gray") or min(width, height) < MIN_SIDE:
+        return None
+    if Image.MAX_IMAGE_PIXELS is not None and width * height > Image.MAX_IMAGE_PIXELS:
         return None
     return int(width), int(height)
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from kiln.models import jpeg
-from kiln.models.preprocess import load_rgb, open_image
+from kiln.models.preprocess import decode_rgb, load_rgb, open_image
 from kiln.training import transforms
 from kiln.training.transforms import image_pixels, sample_rng
 
@@ -51,6 +51,30 @@ def test_same_pixels_as_pil_at_every_draft_request(shared_data: Path) -> None:
             assert ours is not None
             theirs = pil_draft(data, factor)
             assert ours.shape == theirs.shape and np.array_equal(ours, theirs), (size, factor)
+
+
+def test_decode_rgb_gives_pils_pixels(shared_data: Path) -> None:
+    """Every full-size decode (training without fast decode, eval, inference) goes through
+    libjpeg-turbo directly where it can, with PIL's pixels: real photos, and the small
+    generated JPEGs of the quickstart's pool."""
+    rng = np.random.default_rng(0)
+    small = [
+        encoded(Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)), quality=q)
+        for q in (60, 95)
+    ]
+    for data in real_jpegs(shared_data)[::2] + small:
+        assert jpeg.jpeg_size(data) is not None  # decoded by libjpeg-turbo directly
+        ours = decode_rgb(data)
+        assert ours.mode == "RGB"
+        assert np.array_equal(np.asarray(ours), pil_draft(data, 1))
+
+
+def test_decompression_bombs_are_left_to_pil(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = encoded(Image.new("RGB", (64, 48), (10, 20, 30)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL warns above, refuses at 2x
+    assert jpeg.jpeg_size(data) is None
+    with pytest.raises(ValueError, match="DecompressionBombError"):
+        decode_rgb(data)
 
 
 def test_the_loaders_fast_decode_gives_the_pixels_of_the_pil_path(
