@@ -66,6 +66,7 @@ from kiln import storage
 from kiln.contracts import DatasetManifest, read_manifest
 from kiln.training.config import TrainConfig
 from kiln.training.online_balance import OnlineBalance, kept_positions
+from kiln.training.prefetch import Prefetched
 from kiln.training.transforms import FAST_DECODE_VERSION, FAST_DECODE_VERSIONS
 
 __all__ = [
@@ -753,11 +754,18 @@ class WebDatasetLoader:
         if self._iterating:
             raise RuntimeError("WebDatasetLoader supports one active iterator at a time")
         self._iterating = True
+        batches: Iterator[Batch] | None = None
         try:
             self._skip_spent_epochs()
             # one DataLoader for every epoch from here on (`_RunStream`); the position
             # counts batches handed to the consumer, not prefetched ones
-            for batch in self._dataloader(self.segment(), self.step_in_epoch):
+            loader = self._dataloader(self.segment(), self.step_in_epoch)
+            # with worker processes, each batch's hand-over (shared-memory file descriptors
+            # fetched from the worker) happens on a thread while the consumer computes
+            batches = iter(loader)  # (workers fork here, on the consumer's thread)
+            if self.num_workers:
+                batches = Prefetched(batches, name="kiln-loader")
+            for batch in batches:
                 self.step_in_epoch += 1
                 if self.step_in_epoch == self.segment().steps:
                     self._next_epoch()
@@ -765,4 +773,6 @@ class WebDatasetLoader:
                 yield batch
             raise RuntimeError("the loader's stream ended")  # pragma: no cover - endless
         finally:
+            if isinstance(batches, Prefetched):
+                batches.close()
             self._iterating = False

@@ -6,6 +6,7 @@ import io
 import itertools
 import json
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -324,6 +325,23 @@ def test_shard_that_disagrees_with_its_manifest_is_an_error(tmp_path: Path) -> N
     loader = WebDatasetLoader(str(root), batch_size=13, seed=0, image_size=16, context_length=8)
     with pytest.raises(ValueError, match=r"holds 1[34] samples but the manifest says 1[24]"):
         take(loader, 2)
+
+
+def test_a_workers_error_reaches_the_consumer_and_ends_the_hand_over(tmp_path: Path) -> None:
+    """With worker processes, batches are handed over on a thread (`kiln.training.prefetch`):
+    a worker's error is raised to the consumer, the thread ends and the loader can be
+    iterated again."""
+    root = write_tiny_dataset(tmp_path / "ds", num_samples=26, shard_sizes=[13, 13])
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["shards"][0]["num_samples"], manifest["shards"][1]["num_samples"] = 12, 14
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    loader = WebDatasetLoader(
+        str(root), batch_size=13, seed=0, image_size=16, context_length=8, num_workers=1
+    )
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"holds 1[34] samples but the manifest says 1[24]"):
+            take(loader, 2)
+        assert not [t for t in threading.enumerate() if t.name == "kiln-loader"]
 
 
 def test_resume_does_not_read_shards_it_has_consumed(tmp_path: Path) -> None:
