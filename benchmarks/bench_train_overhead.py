@@ -29,9 +29,10 @@ per rank, one DataLoader worker per rank, shuffle buffer 256, ZeRO-2), checkpoin
 at the end; its rate is read from the run's ``metrics.jsonl`` over the steps after the
 first few (start-up excluded, epoch boundaries included) - the figure the training log
 prints. Both sides also report CPU milliseconds per sample: the pure step its processes'
-CPU time over the timed steps; `kiln train` the whole machine's busy CPU (``/proc/stat``)
-over a run of ``steps`` minus that over a run of ``steps // 3``, per extra sample, so
-start-up and the final checkpoint cancel out. The machine's, because a run's processes are
+CPU time over the timed steps; `kiln train` the whole machine's busy CPU (``/proc/stat``,
+sampled every 20 ms beside the run's ``metrics.jsonl``) from when its first few steps are
+done to just before its last one is, per sample of the steps in between, so start-up and
+the final checkpoint are left out. The machine's, because a run's processes are
 not all this process's children: local ranks are forked by kiln's rank server
 (`kiln.training.rank_fork`), which outlives the run, and Ray Train workers are the
 raylet's. It counts everything the run costs (ranks, loader workers, the launcher, Ray's
@@ -245,6 +246,17 @@ def _machine_cpu() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def _sample_cpu(metrics: Path, stop: Any, out: list[tuple[float, int]]) -> None:
+    """Until `stop` is set, every 20 ms: the machine's busy CPU seconds and the size of the
+    run's metrics file (one line per finished step)."""
+    while not stop.wait(0.02):
+        try:
+            size = metrics.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        out.append((_machine_cpu(), size))
+
+
 def train_rate(
     data: str,
     ranks: int,
@@ -256,26 +268,45 @@ def train_rate(
     **changes: Any,
 ) -> dict[str, Any]:
     """Steady-state samples/s of a `kiln train` run (from its metrics), and the CPU seconds
-    a sample costs all its processes (ranks and loader workers): the CPU of a run of
-    `steps` steps minus that of a run of `steps // 3`, over the extra samples, so start-up
-    and the final checkpoint cancel out (the machine's CPU: module doc)."""
+    a sample costs all its processes (ranks and loader workers): the machine's busy CPU
+    (module doc), sampled every 20 ms beside the run's metrics file, between the sample
+    where the first `WARMUP_STEPS` steps are done and the last one before the final step
+    is (the final checkpoint follows it), over the samples of the steps finished between
+    the two, so start-up and the checkpoint are left out."""
+    import threading
+
     from kiln.training import train
 
-    cpu, rate = [], 0.0
-    for n in (steps // 3, steps):
-        run = WORK / f"run-{name}-{launcher}-{ranks}"
-        shutil.rmtree(run, ignore_errors=True)
-        before = _machine_cpu()
-        cfg = _config(data, n, flavor, batch, **changes)
+    run = WORK / f"run-{name}-{launcher}-{ranks}"
+    shutil.rmtree(run, ignore_errors=True)
+    metrics = run / "metrics.jsonl"
+    samples: list[tuple[float, int]] = []
+    stop = threading.Event()
+    sampler = threading.Thread(target=_sample_cpu, args=(metrics, stop, samples), daemon=True)
+    sampler.start()
+    try:
+        cfg = _config(data, steps, flavor, batch, **changes)
         train(cfg, str(run), num_workers=ranks, launcher=launcher)  # type: ignore[arg-type]
-        cpu.append(_machine_cpu() - before)
-        lines = (run / "metrics.jsonl").read_text().splitlines()
-        records = [json.loads(line) for line in lines]
-        first, last = records[WARMUP_STEPS - 1], records[-1]
-        span = last["elapsed_s"] - first["elapsed_s"]
-        rate = batch * ranks * (last["step"] - first["step"]) / span
-    extra = batch * ranks * (steps - steps // 3)
-    return {"samples_per_s": rate, "cpu_ms_per_sample": 1e3 * (cpu[1] - cpu[0]) / extra}
+    finally:
+        stop.set()
+        sampler.join()
+    text = metrics.read_bytes()
+    ends = [i + 1 for i, byte in enumerate(text) if byte == ord("\n")]  # each line's end
+    records = [json.loads(line) for line in text.splitlines()]
+    first, last = records[WARMUP_STEPS - 1], records[-1]
+    span = last["elapsed_s"] - first["elapsed_s"]
+    rate = batch * ranks * (last["step"] - first["step"]) / span
+
+    def done(size: int) -> int:  # steps whose line is whole at this file size
+        return sum(1 for end in ends if end <= size)
+
+    window = [(cpu, done(size)) for cpu, size in samples]
+    window = [(cpu, n) for cpu, n in window if WARMUP_STEPS <= n < len(records)]
+    (cpu0, n0), (cpu1, n1) = window[0], window[-1]
+    if n1 <= n0:
+        raise RuntimeError(f"run {run}: too few steps between CPU samples; raise --steps")
+    cpu_ms = 1e3 * (cpu1 - cpu0) / (batch * ranks * (n1 - n0))
+    return {"samples_per_s": rate, "cpu_ms_per_sample": cpu_ms}
 
 
 def loader_rate(data: str, flavor: str, seconds: float = 5.0) -> float:

@@ -23,6 +23,9 @@ Plan of one epoch (all index arithmetic, no I/O):
    it and skips that worker's batches below s0; the k-th batch out of the DataLoader in
    that epoch is then batch ``s0 + k`` of the epoch. Skipped samples are never decoded and
    their bytes never read: a worker walks tar headers up to the first sample it needs.
+   The consumer takes the DataLoader's batches through a thread that receives them two
+   ahead (`kiln.training.prefetch`), so a batch's hand-over from its worker process
+   happens while the consumer computes; the position still counts batches handed out.
 
 ``num_workers=0`` reads in-process and yields the same batches as ``num_workers=1``.
 
