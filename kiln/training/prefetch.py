@@ -92,9 +92,10 @@ class Prefetched(Generic[T]):
             raise value
         raise StopIteration
 
-    def close(self, timeout: float = 30.0) -> None:
+    def close(self, timeout: float = 5.0) -> None:
         """Stop the thread and let it close the source; waits up to `timeout` seconds for
-        the item it is taking to arrive (the thread is a daemon either way)."""
+        the item it is taking to arrive (a DataLoader notices a dead worker within 5 s);
+        the thread is a daemon, so it never holds up the process's exit."""
         self._done = True
         self._stop.set()
         while True:  # unblock a producer waiting for room
