@@ -73,6 +73,7 @@ from kiln.training.prefetch import Prefetched
 from kiln.training.transforms import FAST_DECODE_VERSION, FAST_DECODE_VERSIONS
 
 __all__ = [
+    "BY_VALUE_BYTES",
     "LOADER_STATE_VERSION",
     "Batch",
     "EpochPlan",
@@ -303,7 +304,8 @@ class Batch:
     ``images [B,3,S,S]`` float32; ``tokens [B,L]`` int64, or None when the run's objective
     reads no text (the loader then never decodes or tokenizes captions); ``sample_seeds
     [B]`` int64, a pure function of (seed, epoch, uid) for per-sample randomness in the
-    model (MAE's masks); ``uids``.
+    model (MAE's masks), or None when the objective reads none (``with_seeds=False``: the
+    loader then spends no time on them); ``uids``.
     """
 
     images: torch.Tensor
@@ -321,11 +323,45 @@ class Batch:
             if not isinstance(value, torch.Tensor):
                 raise ValueError(
                     f"batch field {name!r} is missing: the loader was built without it "
-                    "(with_text=False drops tokens)"
+                    "(with_text=False drops tokens, with_seeds=False sample_seeds)"
                 )
             dtype = image_dtype if name == "images" else None
             out[name] = value.to(device, dtype, non_blocking=True)
         return out
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """How a loader worker hands the batch to its rank (DataLoader pickles it): a batch
+        of at most `BY_VALUE_BYTES` goes by value, as numpy arrays written into the worker's
+        pipe; a larger one as torch tensors, which DataLoader moves into shared memory and
+        passes as file descriptors, each fetched from the worker over a socket. On this
+        2-core machine that costs the worker 1.3 ms and the rank 0.8 ms per batch of
+        `clip-tiny` (0.4 MiB), against 0.3-0.4 ms each by value; by value costs more from
+        about 0.5 MiB on (``benchmarks/README.md``). The values are the same either way."""
+        fields = (self.images, self.tokens, self.sample_seeds)
+        present = [t for t in fields if t is not None]
+        if sum(t.nbytes for t in present) <= BY_VALUE_BYTES and all(
+            t.dtype in _NUMPY_DTYPES and t.device.type == "cpu" for t in present
+        ):
+            arrays = [None if t is None else t.numpy() for t in fields]
+            return _batch_from_arrays, (arrays[0], arrays[1], self.uids, arrays[2])
+        return Batch, (self.images, self.tokens, self.uids, self.sample_seeds)
+
+
+#: The largest batch (bytes of its tensors) a loader worker hands over by value (`Batch`).
+BY_VALUE_BYTES = 512 * 1024
+_NUMPY_DTYPES = (torch.float32, torch.int64, torch.uint8)
+
+
+def _batch_from_arrays(
+    images: np.ndarray, tokens: np.ndarray | None, uids: list[str], seeds: np.ndarray | None
+) -> Batch:
+    """The `Batch` a by-value hand-over pickled (`Batch.__reduce__`), on the arrays it
+    unpickled (no copy)."""
+    return Batch(torch.from_numpy(images), _tensor(tokens), uids, _tensor(seeds))
+
+
+def _tensor(array: np.ndarray | None) -> torch.Tensor | None:
+    return None if array is None else torch.from_numpy(array)
 
 
 def sample_seed(seed: int, epoch: int, uid: str) -> int:
@@ -358,6 +394,7 @@ class _EpochStream:
         self.image_size = loader.image_size
         self.context_length = loader.context_length
         self.with_text = loader.with_text
+        self.with_seeds = loader.with_seeds
 
     # -- reading ---------------------------------------------------------------------------
     def _shard_url(self, order_index: int) -> str:
@@ -452,7 +489,9 @@ class _EpochStream:
             texts.append(text)
             uids.append(uid)
         tokens = tokenize(texts, self.context_length) if self.with_text else None
-        seeds = torch.tensor([sample_seed(self.seed, self.plan.epoch, u) for u in uids])
+        seeds = None
+        if self.with_seeds:
+            seeds = torch.tensor([sample_seed(self.seed, self.plan.epoch, u) for u in uids])
         return Batch(normalize_batch(images), tokens, uids, seeds)
 
     # -- one logical worker ----------------------------------------------------------------
@@ -540,6 +579,7 @@ class WebDatasetLoader:
         image_size: int = 32,
         context_length: int = 48,
         with_text: bool = True,
+        with_seeds: bool = True,
         balance_t: int | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
@@ -561,6 +601,7 @@ class WebDatasetLoader:
         self.image_size = image_size
         self.context_length = context_length
         self.with_text = with_text
+        self.with_seeds = with_seeds
         self._sizes = [s.num_samples for s in self.manifest.shards]
         self.balance = (
             OnlineBalance(dataset, self.manifest, balance_t) if balance_t is not None else None
@@ -588,7 +629,13 @@ class WebDatasetLoader:
 
     @classmethod
     def from_config(
-        cls, cfg: TrainConfig, *, rank: int = 0, world_size: int = 1, with_text: bool = True
+        cls,
+        cfg: TrainConfig,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        with_text: bool = True,
+        with_seeds: bool = True,
     ) -> WebDatasetLoader:
         """The loader a training run of `cfg` gives `rank` of `world_size` ranks (what the
         training loop reads, what a resume check or a test must read alike)."""
@@ -605,6 +652,7 @@ class WebDatasetLoader:
             image_size=cfg.model.image_size,
             context_length=cfg.model.context_length,
             with_text=with_text,
+            with_seeds=with_seeds,
             balance_t=cfg.data.balance.t if cfg.data.balance.mode == "online" else None,
         )
 
@@ -763,8 +811,8 @@ class WebDatasetLoader:
             # one DataLoader for every epoch from here on (`_RunStream`); the position
             # counts batches handed to the consumer, not prefetched ones
             loader = self._dataloader(self.segment(), self.step_in_epoch)
-            # with worker processes, each batch's hand-over (shared-memory file descriptors
-            # fetched from the worker) happens on a thread while the consumer computes
+            # with worker processes, each batch's hand-over (unpickling it from the worker's
+            # pipe, `Batch.__reduce__`) happens on a thread while the consumer computes
             batches = iter(loader)  # (workers fork here, on the consumer's thread)
             if self.num_workers:
                 batches = Prefetched(batches, name="kiln-loader")

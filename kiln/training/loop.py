@@ -317,7 +317,11 @@ def train_worker(
     device = engine.device
     image_dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
     loader = WebDatasetLoader.from_config(
-        cfg, rank=rank, world_size=world, with_text=objective.needs_text
+        cfg,
+        rank=rank,
+        world_size=world,
+        with_text=objective.needs_text,
+        with_seeds=objective.needs_sample_seeds,
     )
 
     step, resumed_from = 0, None

@@ -1,8 +1,9 @@
 """Take an iterator's items on a background thread, ahead of the consumer.
 
 A DataLoader with worker processes hands each batch over on the consumer's thread: the
-batch's tensors arrive as shared-memory file descriptors, fetched one by one from the
-worker over a socket, and the next index goes out through a feeder thread. That is 1-3 ms
+batch is unpickled from the worker's pipe (a large batch's tensors arrive as shared-memory
+file descriptors, fetched one by one from the worker over a socket), and the next index
+goes out through a feeder thread. That is 1-3 ms
 of a training rank's time per batch on a small machine, spent waiting, not computing (the
 rank's step is 20-40 ms on the quickstart's model). `Prefetched` does that hand-over on
 its own thread while the rank computes (torch releases the GIL inside its kernels), so

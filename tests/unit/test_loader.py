@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import pickle
 import tarfile
 import threading
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +17,13 @@ import torch
 
 from kiln.storage import sample_key
 from kiln.training.data import (
+    BY_VALUE_BYTES,
     Batch,
     WebDatasetLoader,
     buffer_shuffle,
     derive_rng,
     plan_epoch,
+    sample_seed,
 )
 from kiln.training.transforms import FAST_DECODE_VERSION
 from tests.helpers_datasets import write_tiny_dataset
@@ -60,8 +64,14 @@ def take(loader: WebDatasetLoader, n: int) -> list[Batch]:
 
 
 def same(a: list[Batch], b: list[Batch]) -> bool:
+    def equal(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
+        return x is y is None or (x is not None and y is not None and torch.equal(x, y))
+
     return len(a) == len(b) and all(
-        x.uids == y.uids and torch.equal(x.images, y.images) and torch.equal(x.tokens, y.tokens)
+        x.uids == y.uids
+        and equal(x.images, y.images)
+        and equal(x.tokens, y.tokens)
+        and equal(x.sample_seeds, y.sample_seeds)
         for x, y in zip(a, b, strict=True)
     )
 
@@ -140,6 +150,36 @@ def test_workers_zero_and_one_give_the_same_batches(dataset: str) -> None:
     assert same(
         take(make(dataset, workers=0), STEPS + 2), take(make(dataset, workers=1), STEPS + 2)
     )
+
+
+def test_batches_over_the_by_value_size_come_through_shared_memory_alike(dataset: str) -> None:
+    big = {"image_size": 112}  # 4 x 3 x 112 x 112 float32: 588 KiB > BY_VALUE_BYTES
+    assert BATCH * 3 * 112 * 112 * 4 > BY_VALUE_BYTES
+    assert same(take(make(dataset, workers=0, **big), 3), take(make(dataset, workers=1, **big), 3))
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 16, 16), (4, 3, 112, 112)])
+def test_a_batch_is_handed_over_by_value_only_when_small(shape: tuple[int, ...]) -> None:
+    batch = Batch(torch.rand(shape), torch.arange(8).reshape(4, 2), list("abcd"), None)
+    payload = ForkingPickler.dumps(batch)  # what a DataLoader worker sends its rank
+    by_value = len(payload) > batch.images.nbytes
+    assert by_value == (batch.images.nbytes + batch.tokens.nbytes <= BY_VALUE_BYTES)  # type: ignore[union-attr]
+    got = pickle.loads(payload)
+    assert got.uids == batch.uids and got.sample_seeds is None
+    assert torch.equal(got.images, batch.images) and torch.equal(got.tokens, batch.tokens)
+    assert got.images.is_shared() != by_value
+    got.images.add_(1)  # writable, as a shared-memory batch is
+
+
+def test_sample_seeds_only_when_asked_for(dataset: str) -> None:
+    with_seeds = take(make(dataset), 2)
+    without = take(make(dataset, with_seeds=False), 2)
+    for a, b in zip(with_seeds, without, strict=True):
+        assert b.sample_seeds is None and a.sample_seeds is not None
+        assert a.sample_seeds.tolist() == [sample_seed(7, 0, u) for u in a.uids]
+        assert a.uids == b.uids and torch.equal(a.images, b.images)
+    with pytest.raises(ValueError, match="with_seeds=False"):
+        without[0].to("cpu", torch.float32, ("images", "sample_seeds"))
 
 
 @pytest.mark.parametrize("workers", [0, 1, 2])

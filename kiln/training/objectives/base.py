@@ -34,6 +34,11 @@ class Objective(ABC):
         """True when batches must carry tokenized captions."""
         return "tokens" in self.batch_fields
 
+    @property
+    def needs_sample_seeds(self) -> bool:
+        """True when batches must carry per-sample seeds (the loader skips them otherwise)."""
+        return "sample_seeds" in self.batch_fields
+
     def model_inputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Keyword arguments of the model's forward, from the batch fields (default: same
         names)."""
