@@ -3,12 +3,11 @@
 A DataLoader with worker processes hands each batch over on the consumer's thread: the
 batch is unpickled from the worker's pipe (a large batch's tensors arrive as shared-memory
 file descriptors, fetched one by one from the worker over a socket), and the next index
-goes out through a feeder thread. That is 1-3 ms
-of a training rank's time per batch on a small machine, spent waiting, not computing (the
-rank's step is 20-40 ms on the quickstart's model). `Prefetched` does that hand-over on
-its own thread while the rank computes (torch releases the GIL inside its kernels), so
-the rank takes a batch that is already whole. PyTorch's own pin-memory thread does the
-same for GPUs.
+goes out through a feeder thread. That was 1-3 ms of a training rank's time per batch on a
+small machine, spent waiting, not computing (the rank's step is 20-40 ms on the
+quickstart's model). `Prefetched` does that hand-over on its own thread while the rank
+computes (torch releases the GIL inside its kernels), so the rank takes a batch that is
+already whole. PyTorch's own pin-memory thread does the same for GPUs.
 
 The items come in the iterator's order (one producer, one FIFO queue); an exception the
 iterator raises is raised to the consumer at the point it would have come, with its own
