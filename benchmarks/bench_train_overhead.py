@@ -122,6 +122,27 @@ def dataset(flavor: str) -> str:
 # ------------------------------------------------------------------ the pure step
 
 
+def pure_step(model: Any, opt: Any, optim: Any, batch: Any) -> tuple[float, float, float]:
+    """One pure step of `model` on `batch` (the module docstring's: CLIP loss, backward,
+    the recipe's gradient clipping from `optim`, `opt`'s step); its seconds in (forward +
+    loss, backward, optimizer step), which `bench_zero_step` reports."""
+    import torch
+
+    from kiln.training.objectives.clip import clip_loss
+
+    t0 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    out = model(batch.images, batch.tokens)
+    loss = clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"])
+    t1 = time.perf_counter()
+    loss.backward()
+    t2 = time.perf_counter()
+    if optim.grad_clip > 0:  # the recipe's math, which `kiln train` does too
+        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+    opt.step()
+    return t1 - t0, t2 - t1, time.perf_counter() - t2
+
+
 def _pure_rank(
     data: str,
     steps: int,
@@ -148,7 +169,6 @@ def _pure_rank(
     from kiln.models.build import build_model
     from kiln.training.data import WebDatasetLoader
     from kiln.training.engine import adamw_args
-    from kiln.training.objectives.clip import clip_loss
     from kiln.training.optim import AdamW
 
     torch.set_num_threads(1)
@@ -169,13 +189,7 @@ def _pure_rank(
     stream.close()  # type: ignore[attr-defined]
 
     def step(i: int) -> None:
-        b = batches[i % len(batches)]  # one batch a step unless `repeat` (module doc)
-        opt.zero_grad(set_to_none=True)
-        out_ = model(b.images, b.tokens)
-        clip_loss(out_["image_embeds"], out_["text_embeds"], out_["logit_scale"]).backward()
-        if o.grad_clip > 0:  # the recipe's math, which `kiln train` does too
-            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-        opt.step()
+        pure_step(model, opt, o, batches[i % len(batches)])  # one batch a step unless `repeat`
 
     for i in range(WARMUP_STEPS):
         step(i)

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train_overhead import BATCH, TINY, WARMUP_STEPS, _config, dataset
+from bench_train_overhead import BATCH, TINY, WARMUP_STEPS, _config, dataset, pure_step
 
 #: (module, class or None for a module function, name): DeepSpeed's per-step gradient work
 _DEEPSPEED_FUNCTIONS = [
@@ -91,27 +91,12 @@ def _plain(cfg: Any) -> Callable[[Any], Phases]:
 
     from kiln.models.build import build_model
     from kiln.training.engine import adamw_args
-    from kiln.training.objectives.clip import clip_loss
     from kiln.training.optim import AdamW
 
     torch.manual_seed(0)
     model = build_model(cfg.model).train()
     opt = AdamW(model.parameters(), **adamw_args(cfg.optim))
-
-    def step(b: Any) -> Phases:
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        out = model(b.images, b.tokens)
-        loss = clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"])
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
-        if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        opt.step()
-        return t1 - t0, t2 - t1, time.perf_counter() - t2
-
-    return step
+    return lambda b: pure_step(model, opt, cfg.optim, b)
 
 
 def _engine(cfg: Any) -> Callable[[Any], Phases]:
@@ -176,10 +161,10 @@ def main() -> None:
 
     keep_freed_memory()  # what a `kiln train` rank does (`host_memory: reuse`)
     torch.set_num_threads(1)
+    port = str(free_port())
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1"
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
     )
-    os.environ.update(LOCAL_RANK="0")
     init_distributed()
     data = dataset(args.flavor)
     total = WARMUP_STEPS + args.steps
