@@ -12,7 +12,9 @@ DeepSpeed, no collectives. For N ranks, N such processes run at once (N <= cores
 their rates add up: what the cores can do. It is timed right before and right after the `kiln train` run,
 and the ratios are against the mean of the two (both are reported): this host's speed
 drifts by a tenth or more over minutes, which one pure step timed first would fold into
-the ratio.
+the ratio. ``--rounds N``: N `kiln train` runs alternate with N + 1 pure-step timings, each
+run's ratio against the two around it, and the round with the median ratio is reported
+(every round's ratio beside it, ``rate_over_pure_rounds``).
 
 For N > 1 the benchmark also times ``pure_step_ddp`` once, after those: the same N
 processes training one model the way plain PyTorch does, torch's
@@ -59,15 +61,18 @@ handling, the loader's hand-over), so its share falls as the step grows.
 Goal (issue 8): `kiln train` within 15% of the pure step (ratio >= 0.85). Prints JSON.
 Run: python benchmarks/bench_train_overhead.py [--ranks 1 2] [--steps 120] [--variants]
 [--flavor clip-vit-s-32 --steps 18] [--launcher ray] [--repeat-batches N] [--batch B]
+[--rounds N]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing as mp
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -360,7 +365,14 @@ def main() -> None:
         "--batch", type=int, default=BATCH,
         help=f"samples per rank and step, both sides (default {BATCH}, the quickstart's)",
     )  # fmt: skip
+    ap.add_argument(
+        "--rounds", type=int, default=1,
+        help="kiln train runs per rank count, alternating with pure-step timings; the "
+        "median round is reported (default 1)",
+    )  # fmt: skip
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     if args.steps < 3 * WARMUP_STEPS:
         ap.error(f"--steps must be at least {3 * WARMUP_STEPS}: the rate skips the first steps")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -372,17 +384,31 @@ def main() -> None:
         start_ray(num_cpus=os.cpu_count())  # once: its start is not the step's overhead
     results = []
     for ranks in args.ranks:
-        # The pure step before and after the run, their mean the baseline: this host's speed
-        # drifts by a tenth or more over minutes, and one side timed first would carry it.
+        # Each `kiln train` run sits between two pure-step timings, their mean its baseline:
+        # this host's speed drifts by a tenth or more over minutes, and one side timed first
+        # would carry it. With --rounds N, N runs alternate with N + 1 timings, and the
+        # round with the median ratio is reported (all rounds' ratios beside it).
         rep = args.repeat_batches
         bs = args.batch
-        before = pure_rate(data, ranks, args.steps, flavor, repeat=rep, batch=bs)
-        train = train_rate(data, ranks, args.steps, flavor, "default", args.launcher, bs)
-        after = pure_rate(data, ranks, args.steps, flavor, repeat=rep, batch=bs)
+        pures = [pure_rate(data, ranks, args.steps, flavor, repeat=rep, batch=bs)]
+        trains = []
+        for _ in range(args.rounds):
+            trains.append(train_rate(data, ranks, args.steps, flavor, "default", args.launcher, bs))
+            pures.append(pure_rate(data, ranks, args.steps, flavor, repeat=rep, batch=bs))
+        baselines = [
+            {k: (before[k] + after[k]) / 2 for k in before}
+            for before, after in itertools.pairwise(pures)
+        ]
+        ratios = [
+            t["samples_per_s"] / b["samples_per_s"] for t, b in zip(trains, baselines, strict=True)
+        ]
+        median = statistics.median_low(ratios)
+        m = ratios.index(median)
+        train = trains[m]
         runs = {
-            "pure_step": {k: (before[k] + after[k]) / 2 for k in before},
-            "pure_step_before": before,
-            "pure_step_after": after,
+            "pure_step": baselines[m],
+            "pure_step_before": pures[m],
+            "pure_step_after": pures[m + 1],
             "kiln_train": train,
         }
         if ranks > 1:
@@ -417,6 +443,8 @@ def main() -> None:
             row["kiln_train"]["rate_over_pure_ddp"] = round(
                 train["samples_per_s"] / runs["pure_step_ddp"]["samples_per_s"], 3
             )
+        if args.rounds > 1:
+            row["kiln_train"]["rate_over_pure_rounds"] = [round(r, 3) for r in ratios]
         results.append(row)
         print(json.dumps(row), flush=True)
     report = {
@@ -425,6 +453,7 @@ def main() -> None:
         "launcher": args.launcher,
         "batch_per_rank": args.batch,
         "pure_step_batches": args.repeat_batches or "one per step",
+        "rounds": args.rounds,
         "goal": "kiln_train rate_over_pure >= 0.85",
         "loader_samples_per_cpu_s": round(loader_rate(data, flavor), 1),
         "results": results,
