@@ -14,7 +14,9 @@ and the ratios are against the mean of the two (both are reported): this host's 
 drifts by a tenth or more over minutes, which one pure step timed first would fold into
 the ratio. ``--rounds N``: N `kiln train` runs alternate with N + 1 pure-step timings, each
 run's ratio against the two around it, and the round with the median ratio is reported
-(every round's ratio beside it, ``rate_over_pure_rounds``).
+(every round's ratio beside it, ``rate_over_pure_rounds``). ``--bind-cores``: `kiln train`
+with ``resources.bind_cores`` (each rank on a core of its own, its loader worker on the
+cores left over; `kiln.training.cpu_binding`).
 
 For N > 1 the benchmark also times ``pure_step_ddp`` once, after those: the same N
 processes training one model the way plain PyTorch does, torch's
@@ -61,7 +63,7 @@ handling, the loader's hand-over), so its share falls as the step grows.
 Goal (issue 8): `kiln train` within 15% of the pure step (ratio >= 0.85). Prints JSON.
 Run: python benchmarks/bench_train_overhead.py [--ranks 1 2] [--steps 120] [--variants]
 [--flavor clip-vit-s-32 --steps 18] [--launcher ray] [--repeat-batches N] [--batch B]
-[--rounds N]
+[--rounds N] [--bind-cores]
 """
 
 from __future__ import annotations
@@ -284,6 +286,7 @@ def train_rate(
     name: str,
     launcher: str = "local",
     batch: int = BATCH,
+    bind_cores: bool = False,
     **changes: Any,
 ) -> dict[str, Any]:
     """Steady-state samples/s of a `kiln train` run (from its metrics), and the CPU seconds
@@ -305,7 +308,10 @@ def train_rate(
     sampler.start()
     try:
         cfg = _config(data, steps, flavor, batch, **changes)
-        train(cfg, str(run), num_workers=ranks, launcher=launcher)  # type: ignore[arg-type]
+        train(
+            cfg, str(run), num_workers=ranks, launcher=launcher,  # type: ignore[arg-type]
+            bind_cores=bind_cores,
+        )  # fmt: skip
     finally:
         stop.set()
         sampler.join()
@@ -370,6 +376,11 @@ def main() -> None:
         help="kiln train runs per rank count, alternating with pure-step timings; the "
         "median round is reported (default 1)",
     )  # fmt: skip
+    ap.add_argument(
+        "--bind-cores", action="store_true",
+        help="kiln train with resources.bind_cores (ranks and loader workers on cores of "
+        "their own)",
+    )  # fmt: skip
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
@@ -393,7 +404,11 @@ def main() -> None:
         pures = [pure_rate(data, ranks, args.steps, flavor, repeat=rep, batch=bs)]
         trains = []
         for _ in range(args.rounds):
-            trains.append(train_rate(data, ranks, args.steps, flavor, "default", args.launcher, bs))
+            run = train_rate(
+                data, ranks, args.steps, flavor, "default", args.launcher, bs,
+                bind_cores=args.bind_cores,
+            )  # fmt: skip
+            trains.append(run)
             pures.append(pure_rate(data, ranks, args.steps, flavor, repeat=rep, batch=bs))
         baselines = [
             {k: (before[k] + after[k]) / 2 for k in before}
@@ -454,6 +469,7 @@ def main() -> None:
         "batch_per_rank": args.batch,
         "pure_step_batches": args.repeat_batches or "one per step",
         "rounds": args.rounds,
+        "bind_cores": args.bind_cores,
         "goal": "kiln_train rate_over_pure >= 0.85",
         "loader_samples_per_cpu_s": round(loader_rate(data, flavor), 1),
         "results": results,

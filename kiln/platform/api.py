@@ -359,6 +359,7 @@ def run_train(recipe: TrainRecipe, *, resume: bool = False) -> Any:
                 placement=res.placement,
                 checked=True,
                 start_timeout_s=res.start_timeout_s,
+                bind_cores=res.bind_cores,
             )
         finished = summary.last_step >= recipe.max_steps
         eval_result = None

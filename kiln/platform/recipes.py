@@ -93,6 +93,13 @@ class Resources(StrictModel):
         description="Ray Train worker placement: pack (fewest nodes), spread, strict_pack "
         "(one node), strict_spread (each worker on its own node)",
     )
+    bind_cores: bool = Field(
+        default=False,
+        description="bind each rank to its own cpus_per_worker cores and its loader workers "
+        "to the cores no rank uses (all of them when none are left): fewer preemptions of "
+        "the rank on CPU. For a machine (or cpuset) the run has to itself: a bound rank "
+        "cannot move away from another busy process",
+    )
     start_timeout_s: float = Field(
         default=RAY_START_TIMEOUT_S,
         gt=0,

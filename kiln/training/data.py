@@ -55,6 +55,7 @@ scale, so the setting is part of the loader's identity), and a batch is normaliz
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Iterator, Sequence
@@ -68,6 +69,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from kiln import storage
 from kiln.contracts import DatasetManifest, read_manifest
 from kiln.training.config import TrainConfig
+from kiln.training.cpu_binding import bind_worker
 from kiln.training.online_balance import OnlineBalance, kept_positions
 from kiln.training.prefetch import Prefetched
 from kiln.training.transforms import FAST_DECODE_VERSION, FAST_DECODE_VERSIONS
@@ -581,6 +583,7 @@ class WebDatasetLoader:
         with_text: bool = True,
         with_seeds: bool = True,
         balance_t: int | None = None,
+        worker_cpus: tuple[int, ...] | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is outside world_size={world_size}")
@@ -602,6 +605,8 @@ class WebDatasetLoader:
         self.context_length = context_length
         self.with_text = with_text
         self.with_seeds = with_seeds
+        # the cores loader workers run on (`kiln.training.cpu_binding`); None: unbound
+        self.worker_cpus = worker_cpus
         self._sizes = [s.num_samples for s in self.manifest.shards]
         self.balance = (
             OnlineBalance(dataset, self.manifest, balance_t) if balance_t is not None else None
@@ -636,9 +641,12 @@ class WebDatasetLoader:
         world_size: int = 1,
         with_text: bool = True,
         with_seeds: bool = True,
+        worker_cpus: tuple[int, ...] | None = None,
     ) -> WebDatasetLoader:
         """The loader a training run of `cfg` gives `rank` of `world_size` ranks (what the
-        training loop reads, what a resume check or a test must read alike)."""
+        training loop reads, what a resume check or a test must read alike).
+        `worker_cpus`: the cores its worker processes run on (None: wherever the kernel
+        puts them)."""
         return cls(
             cfg.data.dataset,
             batch_size=cfg.data.batch_size,
@@ -654,6 +662,7 @@ class WebDatasetLoader:
             with_text=with_text,
             with_seeds=with_seeds,
             balance_t=cfg.data.balance.t if cfg.data.balance.mode == "online" else None,
+            worker_cpus=worker_cpus,
         )
 
     def plan(self, epoch: int) -> EpochPlan:
@@ -790,6 +799,9 @@ class WebDatasetLoader:
             in_order=True,
             persistent_workers=False,
             prefetch_factor=2 if self.num_workers else None,
+            worker_init_fn=(
+                functools.partial(bind_worker, self.worker_cpus) if self.worker_cpus else None
+            ),
         )
 
     def _next_epoch(self) -> None:

@@ -208,6 +208,7 @@ def train(
     placement: Placement = "pack",
     checked: bool = False,
     start_timeout_s: float = RAY_START_TIMEOUT_S,
+    bind_cores: bool = False,
 ) -> TrainSummary:
     """Train `cfg` on `num_workers` ranks into `run_dir` (resume: from its latest complete
     checkpoint). Returns when every rank is done; raises `TrainLaunchError` if one fails
@@ -217,7 +218,9 @@ def train(
     ``strict_spread`` for one worker per node. With ``launcher="torchrun"`` this process
     is one rank and torchrun / srun set the world size (`num_workers` is not used).
     `checked`: the caller already ran `kiln.training.preflight.preflight` for this launch
-    (`kiln train` does, before it starts Ray), so it is not run twice.
+    (`kiln train` does, before it starts Ray), so it is not run twice. `bind_cores`: each
+    local rank computes on cores of its own, its loader workers on the cores left over
+    (`kiln.training.cpu_binding`; for a machine the run has to itself).
 
     Ray: workers that can never all be placed (more CPUs than the cluster has, a worker
     bigger than any node) are refused before Ray Train starts (`ResourceFitError`); a
@@ -266,7 +269,13 @@ def train(
         # torchrun prints every rank's output: the libraries' goes to this rank's log file
         with library_output_to(run / "logs" / f"torchrun-rank{ranks.rank}.log"):
             restarts = run_rank(
-                cfg, run, ranks, num_threads=threads, resume=resume, recipe_hash=recipe_hash
+                cfg,
+                run,
+                ranks,
+                num_threads=threads,
+                resume=resume,
+                recipe_hash=recipe_hash,
+                bind_cores=bind_cores,
             )
         return _read_summary(run, launcher, started, restarts=restarts, rank=ranks.rank)
     if launcher == "local":
@@ -275,7 +284,7 @@ def train(
             f"{run / 'logs'}/trainNNN-rankR.log)"
         )
         restarts = _launch_local(
-            cfg, run, world, threads, gpus_per_worker, resume, recipe_hash, max_restarts
+            cfg, run, world, threads, gpus_per_worker, resume, recipe_hash, max_restarts, bind_cores
         )
         return _read_summary(run, launcher, started, restarts=restarts)
     say(f"starting {world} Ray Train worker(s), {cpus_per_worker:g} CPU each")
@@ -290,6 +299,7 @@ def train(
         max_restarts,
         placement,
         start_timeout_s,
+        bind_cores,
     )
     nodes = [str(w["node_id"]) for w in attempts[-1]["workers"]] if attempts else []
     return _read_summary(run, launcher, started, max(0, len(attempts) - 1), nodes)
@@ -371,6 +381,7 @@ def _launch_local(
     resume: bool,
     recipe_hash: str,
     max_restarts: int,
+    bind_cores: bool = False,
 ) -> int:
     """Run the ranks to the end, restarting all of them from the latest complete checkpoint
     after a failure, up to `max_restarts` times; returns the number of restarts."""
@@ -389,6 +400,7 @@ def _launch_local(
     base_env.pop("LOCAL_SIZE", None)  # keeps DeepSpeed's shared-memory allreduce off
     cmd = [*rank_fork.RANK_COMMAND, "--config", str(config_path)]
     cmd += ["--run-dir", str(run), "--threads", str(threads), "--recipe-hash", recipe_hash]
+    cmd += ["--bind-cores"] if bind_cores else []
     restarts = 0
     while True:
         failure = _run_local_ranks(
@@ -582,6 +594,7 @@ def _ray_train_loop(config: dict[str, Any]) -> None:
         resume=config["resume"] or tag is not None,
         recipe_hash=config["recipe_hash"],
         num_threads=config["num_threads"],
+        bind_cores=config.get("bind_cores", False),
     )
 
 
@@ -596,6 +609,7 @@ def _launch_ray(
     max_restarts: int,
     placement: Placement,
     start_timeout_s: float,
+    bind_cores: bool = False,
 ) -> list[dict[str, Any]]:
     """Run the Ray Train group to the end; returns the attempts it took (see
     `_record_attempt`), more than one when Ray Train restarted it."""
@@ -640,6 +654,7 @@ def _launch_ray(
             "resume": resume,
             "recipe_hash": recipe_hash,
             "num_threads": _threads(cpus_per_worker),
+            "bind_cores": bind_cores,
             "attempts_file": str(attempts_file),
             "max_restarts": max_restarts,
             "driver": identity(),
@@ -858,6 +873,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--recipe-hash", default="")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--bind-cores", action="store_true")
     args = parser.parse_args(argv)
     rank_fork.name_process(f"kiln-rank{os.environ.get('RANK', '')}")
     set_runtime_env()
@@ -870,6 +886,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         resume=args.resume,
         recipe_hash=args.recipe_hash,
         num_threads=args.threads,
+        bind_cores=args.bind_cores,
     )
     return 0
 

@@ -63,6 +63,7 @@ from kiln.training.checkpoint import (
     set_aside_damaged,
 )
 from kiln.training.config import TrainConfig
+from kiln.training.cpu_binding import bind_rank
 from kiln.training.data import Batch, WebDatasetLoader
 from kiln.training.engine import (
     build_ds_config,
@@ -257,11 +258,14 @@ def train_worker(
     resume: bool,
     recipe_hash: str = "",
     num_threads: int | None = None,
+    bind_cores: bool = False,
 ) -> dict[str, Any]:
     """Train in this rank (torch.distributed env set up by a launcher); returns a summary.
 
     Collective: every rank of the world calls it with the same arguments. `num_threads`
     pins torch's intra-op threads (results can depend on it, so both launchers set it).
+    `bind_cores`: this rank computes on cores of its own and its loader workers on the
+    cores left over (`kiln.training.cpu_binding`; numerics unchanged).
     """
     # DeepSpeed's ZeRO calls torch collectives torch has renamed; the warnings are not ours.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated")
@@ -271,6 +275,10 @@ def train_worker(
     rank, world = dist.get_rank(), dist.get_world_size()
     if num_threads:
         torch.set_num_threads(num_threads)
+    binding = None
+    if bind_cores:
+        binding, line = bind_rank(torch.get_num_threads())
+        _log(rank, line)
     if cfg.host_memory == "reuse" and not holds_on_this_thread():
         _log(
             rank,
@@ -322,6 +330,7 @@ def train_worker(
         world_size=world,
         with_text=objective.needs_text,
         with_seeds=objective.needs_sample_seeds,
+        worker_cpus=binding.loader if binding is not None else None,
     )
 
     step, resumed_from = 0, None

@@ -187,6 +187,7 @@ def run_rank(
     num_threads: int,
     resume: bool,
     recipe_hash: str,
+    bind_cores: bool = False,
 ) -> int:
     """Train this process's rank to the end (collective with the other processes); returns
     how many times the starter restarted the ranks (the largest count of any rank).
@@ -213,7 +214,14 @@ def run_rank(
         if restarts and latest_checkpoint(run) is not None:
             resume = True
         check_run_dir(run, resume)
-        train_worker(cfg, str(run), resume=resume, recipe_hash=recipe_hash, num_threads=num_threads)
+        train_worker(
+            cfg,
+            str(run),
+            resume=resume,
+            recipe_hash=recipe_hash,
+            num_threads=num_threads,
+            bind_cores=bind_cores,
+        )
     finally:
         if created and dist.is_initialized():
             dist.destroy_process_group()
