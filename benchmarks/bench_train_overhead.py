@@ -335,17 +335,20 @@ def train_rate(
 
 
 def loader_rate(data: str, flavor: str, seconds: float = 5.0) -> float:
-    """Samples/s of the kiln loader alone, in this process (one core)."""
+    """Samples/s of the kiln loader alone, in this process (one core): the loader `kiln
+    train` builds for this recipe's objective (`WebDatasetLoader.from_config` with the
+    objective's text and per-sample-seed needs: CLIP reads captions, no seeds)."""
     import torch
 
     from kiln.training.data import WebDatasetLoader
+    from kiln.training.objectives import build_objective
 
     torch.set_num_threads(1)
-    cfg = _config(data, 1, flavor)
-    loader = WebDatasetLoader(
-        data, batch_size=BATCH, seed=0, image_size=cfg.model.image_size,
-        context_length=cfg.model.context_length, fast_decode=cfg.data.fast_decode,
-    )  # fmt: skip
+    cfg = _config(data, 1, flavor, loader={"num_workers": 0})  # decoding here, timed
+    objective = build_objective(cfg.objective)
+    loader = WebDatasetLoader.from_config(
+        cfg, with_text=objective.needs_text, with_seeds=objective.needs_sample_seeds
+    )
     stream = iter(loader)
     next(stream)
     start, n = time.process_time(), 0

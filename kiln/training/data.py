@@ -28,6 +28,10 @@ Plan of one epoch (all index arithmetic, no I/O):
    happens while the consumer computes; the position still counts batches handed out.
 
 ``num_workers=0`` reads in-process and yields the same batches as ``num_workers=1``.
+``in_rank=True`` runs the W logical workers in the rank's process too, taking turns in
+DataLoader's round-robin order: the same batches as W worker processes, without the
+processes and each batch's hand-over (what a rank wants when the ranks fill the node's
+cores, `kiln.training.cpu_binding.loader_in_rank`).
 
 Elastic resume. The loader state records its *layout* (world size, workers, batch size,
 shuffle buffer) and the (seed, augmentation, fast decode, manifest hash) it is valid for.
@@ -542,12 +546,20 @@ class _RunStream(IterableDataset):
         self.start_step = start_step
 
     def __iter__(self) -> Iterator[Batch]:
-        loader = self.loader
         info = get_worker_info()
-        physical, count = (info.id, info.num_workers) if info is not None else (0, 1)
-        workers = loader.effective_workers
-        if count != workers:  # pragma: no cover - guarded by WebDatasetLoader
-            raise RuntimeError(f"expected {workers} workers, DataLoader has {count}")
+        workers = self.loader.effective_workers
+        if info is None:  # in the rank's process: the workers take turns, as processes do
+            streams = [self._worker(physical) for physical in range(workers)]
+            while True:
+                for stream in streams:
+                    yield next(stream)
+        if info.num_workers != workers:  # pragma: no cover - guarded by WebDatasetLoader
+            raise RuntimeError(f"expected {workers} workers, DataLoader has {info.num_workers}")
+        yield from self._worker(info.id)
+
+    def _worker(self, physical: int) -> Iterator[Batch]:
+        """The batches of physical worker `physical`, epoch after epoch."""
+        loader, workers = self.loader, self.loader.effective_workers
         segment, start, delivered = self.segment, self.start_step, 0
         while True:
             if start < segment.steps:  # (an elastic resume can leave less than a batch)
@@ -584,6 +596,7 @@ class WebDatasetLoader:
         with_seeds: bool = True,
         balance_t: int | None = None,
         worker_cpus: tuple[int, ...] | None = None,
+        in_rank: bool = False,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is outside world_size={world_size}")
@@ -607,6 +620,8 @@ class WebDatasetLoader:
         self.with_seeds = with_seeds
         # the cores loader workers run on (`kiln.training.cpu_binding`); None: unbound
         self.worker_cpus = worker_cpus
+        # the workers run in this process, taking turns (the same batches as processes)
+        self.in_rank = in_rank or num_workers == 0
         self._sizes = [s.num_samples for s in self.manifest.shards]
         self.balance = (
             OnlineBalance(dataset, self.manifest, balance_t) if balance_t is not None else None
@@ -642,11 +657,13 @@ class WebDatasetLoader:
         with_text: bool = True,
         with_seeds: bool = True,
         worker_cpus: tuple[int, ...] | None = None,
+        in_rank: bool = False,
     ) -> WebDatasetLoader:
         """The loader a training run of `cfg` gives `rank` of `world_size` ranks (what the
         training loop reads, what a resume check or a test must read alike).
         `worker_cpus`: the cores its worker processes run on (None: wherever the kernel
-        puts them)."""
+        puts them). `in_rank`: its workers run in this process instead (the same
+        batches; `kiln.training.cpu_binding.loader_in_rank` decides for a run)."""
         return cls(
             cfg.data.dataset,
             batch_size=cfg.data.batch_size,
@@ -663,6 +680,7 @@ class WebDatasetLoader:
             with_seeds=with_seeds,
             balance_t=cfg.data.balance.t if cfg.data.balance.mode == "online" else None,
             worker_cpus=worker_cpus,
+            in_rank=in_rank,
         )
 
     def plan(self, epoch: int) -> EpochPlan:
@@ -790,17 +808,20 @@ class WebDatasetLoader:
         # An explicit generator keeps DataLoader from drawing its worker base seed from the
         # global torch RNG, which would make the training RNG depend on when epochs start.
         gen = torch.Generator().manual_seed(int(derive_rng("dl", self.seed).integers(2**62)))
+        processes = 0 if self.in_rank else self.num_workers
         return DataLoader(
             stream,
             batch_size=None,
-            num_workers=self.num_workers,
+            num_workers=processes,
             collate_fn=_identity,
             generator=gen,
             in_order=True,
             persistent_workers=False,
-            prefetch_factor=2 if self.num_workers else None,
+            prefetch_factor=2 if processes else None,
             worker_init_fn=(
-                functools.partial(bind_worker, self.worker_cpus) if self.worker_cpus else None
+                functools.partial(bind_worker, self.worker_cpus)
+                if self.worker_cpus and processes
+                else None
             ),
         )
 
@@ -826,7 +847,7 @@ class WebDatasetLoader:
             # with worker processes, each batch's hand-over (unpickling it from the worker's
             # pipe, `Batch.__reduce__`) happens on a thread while the consumer computes
             batches = iter(loader)  # (workers fork here, on the consumer's thread)
-            if self.num_workers:
+            if not self.in_rank:
                 batches = Prefetched(batches, name="kiln-loader")
             for batch in batches:
                 self.step_in_epoch += 1

@@ -63,7 +63,7 @@ from kiln.training.checkpoint import (
     set_aside_damaged,
 )
 from kiln.training.config import TrainConfig
-from kiln.training.cpu_binding import bind_rank
+from kiln.training.cpu_binding import bind_rank, loader_in_rank
 from kiln.training.data import Batch, WebDatasetLoader
 from kiln.training.engine import (
     build_ds_config,
@@ -275,10 +275,16 @@ def train_worker(
     rank, world = dist.get_rank(), dist.get_world_size()
     if num_threads:
         torch.set_num_threads(num_threads)
+    # (before binding, which narrows this process's cores to the rank's own)
+    in_rank, why = loader_in_rank(
+        cfg.data.worker_processes, cfg.data.num_workers, torch.get_num_threads()
+    )
     binding = None
     if bind_cores:
         binding, line = bind_rank(torch.get_num_threads())
         _log(rank, line)
+    if why is not None:
+        _log(rank, why)
     if cfg.host_memory == "reuse" and not holds_on_this_thread():
         _log(
             rank,
@@ -331,6 +337,7 @@ def train_worker(
         with_text=objective.needs_text,
         with_seeds=objective.needs_sample_seeds,
         worker_cpus=binding.loader if binding is not None else None,
+        in_rank=in_rank,
     )
 
     step, resumed_from = 0, None

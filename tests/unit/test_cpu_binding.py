@@ -17,6 +17,7 @@ from kiln.training.cpu_binding import (
     allowed_cores,
     bind_process,
     bind_rank,
+    loader_in_rank,
     plan_cores,
 )
 from kiln.training.data import WebDatasetLoader
@@ -147,3 +148,53 @@ def test_loader_workers_run_on_their_cores_and_read_the_same_batches(tmp_path: P
         it.close()  # type: ignore[attr-defined]
     assert [b.uids for b in bound] == [b.uids for b in free]
     assert all((a.images == b.images).all() for a, b in zip(bound, free, strict=True))
+
+
+def test_auto_runs_the_loader_in_the_rank_when_the_ranks_fill_the_cores() -> None:
+    two = {"LOCAL_WORLD_SIZE": "2"}
+    in_rank, line = loader_in_rank("auto", 1, 1, two, cores=2)
+    assert in_rank and line == (
+        "loader: 1 worker(s) per rank in the rank's process (2 local rank(s) x 1 thread(s) "
+        "fill the 2 core(s); data.worker_processes: always forks them anyway)"
+    )
+    assert loader_in_rank("auto", 2, 2, two, cores=3)[0]  # 4 threads on 3 cores
+    assert loader_in_rank("auto", 1, 1, {"LOCAL_WORLD_SIZE": "1"}, cores=2) == (False, None)
+    assert loader_in_rank("auto", 1, 1, {}, cores=1) == (False, None)  # rank count unknown
+    mine = len(allowed_cores() or ())  # by default the cores this process may use
+    assert loader_in_rank("auto", 1, 1, {"LOCAL_WORLD_SIZE": str(mine)})[0]
+    assert not loader_in_rank("auto", 1, 1, {"LOCAL_WORLD_SIZE": "1"})[0] or mine == 1
+
+
+def test_worker_processes_always_and_never_and_zero_workers_decide_alone() -> None:
+    two = {"LOCAL_WORLD_SIZE": "2"}
+    assert loader_in_rank("always", 1, 1, two, cores=2) == (False, None)
+    assert loader_in_rank("never", 3, 1, {"LOCAL_WORLD_SIZE": "1"}, cores=64) == (True, None)
+    assert loader_in_rank("always", 0, 1, two, cores=2) == (True, None)  # 0: in the rank
+    with pytest.raises(ValueError, match="'auto', 'always', 'never'"):
+        loader_in_rank("sometimes", 1, 1, two, cores=2)
+
+
+def test_a_loader_in_the_rank_starts_no_process_and_reads_the_same_batches(
+    tmp_path: Path,
+) -> None:
+    dataset = str(write_tiny_dataset(tmp_path / "ds", num_samples=32))
+
+    def batches(**kw: Any) -> list[Any]:
+        it = iter(
+            WebDatasetLoader(
+                dataset, batch_size=4, seed=3, num_workers=2, image_size=16, context_length=24,
+                **kw,
+            )
+        )  # fmt: skip
+        try:
+            return list(itertools.islice(it, 6))
+        finally:
+            it.close()  # type: ignore[attr-defined]
+
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    inline = batches(in_rank=True)
+    assert {p.pid for p in me.children(recursive=True)} <= before
+    forked = batches()
+    assert [b.uids for b in inline] == [b.uids for b in forked]
+    assert all((a.images == b.images).all() for a, b in zip(inline, forked, strict=True))

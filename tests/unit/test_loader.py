@@ -212,6 +212,23 @@ def test_one_dataloader_serves_every_epoch_with_an_odd_number_of_steps(dataset: 
         assert same(head + take(resumed, 3 * steps - cut), reference), cut
 
 
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_workers_in_the_rank_give_the_worker_processes_batches(dataset: str, workers: int) -> None:
+    """`in_rank` (the workers taking turns in the consumer's process) over three epochs of
+    9 steps, whose boundaries fall mid-way through the round-robin: the batches of as many
+    worker processes, and a position either one saved resumes in the other exactly."""
+    kw = {"world_size": 1, "batch_size": 7, "workers": workers}
+    total = 3 * make(dataset, **kw).steps_per_epoch
+    reference = take(make(dataset, **kw), total)
+    assert same(take(make(dataset, in_rank=True, **kw), total), reference)
+    for cut, saver, resumer in ((4, False, True), (10, True, False), (19, True, True)):
+        first = make(dataset, in_rank=saver, **kw)
+        head = take(first, cut)
+        resumed = make(dataset, in_rank=resumer, **kw)
+        resumed.load_state_dict(first.state_dict())
+        assert same(head + take(resumed, total - cut), reference), (cut, saver, resumer)
+
+
 def test_state_from_another_run_is_refused(dataset: str) -> None:
     loader = make(dataset, workers=2)
     take(loader, 3)
