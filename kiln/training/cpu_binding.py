@@ -11,7 +11,7 @@ are left. The same idea as DeepSpeed's ``--bind_cores_to_rank``, for every kiln 
 A loader worker process earns its keep on a core the ranks leave free: it decodes while
 its rank computes. When the node's ranks have a thread on every core, it only takes turns
 with them, and costs its batches' hand-over and the switching: at 2 ranks of 1 thread on
-2 cores, `clip-tiny` trained 6-13% faster with the workers in the ranks' processes (the
+2 cores, `clip-tiny` trained 6-16% faster with the workers in the ranks' processes (the
 same batches), so ``data.worker_processes: auto`` puts them there (`loader_in_rank`).
 
 Binding assumes the run has these cores to itself (a machine, a container's cpuset, a
