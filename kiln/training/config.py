@@ -90,8 +90,8 @@ class DataConfig(StrictModel):
         description="where the loader workers run: 'always' as processes of their own, "
         "decoding while the rank computes; 'never' in the rank's process, taking turns as "
         "the processes would (the same batches, without the processes and each batch's "
-        "hand-over); 'auto' as processes when the node has more cores than its ranks have "
-        "threads, else in the rank's process (a worker process then only takes turns with "
+        "hand-over); 'auto' in the rank's process when CPU ranks have a thread on every core "
+        "of their node, else as processes (a worker process then only takes turns with "
         "the ranks for their cores: clip-tiny trained 6-16% slower with them at 2 ranks on 2 cores)",
     )
     shuffle_buffer: int = Field(

@@ -12,7 +12,8 @@ A loader worker process earns its keep on a core the ranks leave free: it decode
 its rank computes. When the node's ranks have a thread on every core, it only takes turns
 with them, and costs its batches' hand-over and the switching: at 2 ranks of 1 thread on
 2 cores, `clip-tiny` trained 6-16% faster with the workers in the ranks' processes (the
-same batches), so ``data.worker_processes: auto`` puts them there (`loader_in_rank`).
+same batches), so ``data.worker_processes: auto`` puts them there (`loader_in_rank`);
+GPU ranks keep worker processes, their threads mostly waiting on the GPU.
 
 Binding assumes the run has these cores to itself (a machine, a container's cpuset, a
 Slurm allocation): a bound rank cannot move away from another busy process on its core.
@@ -139,18 +140,24 @@ def loader_in_rank(
     threads: int,
     environ: Mapping[str, str] | None = None,
     cores: int | None = None,
+    *,
+    cpu_ranks: bool = True,
 ) -> tuple[bool, str | None]:
     """Whether this rank runs its loader workers in its own process (``data.worker_processes``
-    `mode`: 'always' processes, 'never', or 'auto': in the rank when its node's
-    ``LOCAL_WORLD_SIZE`` ranks of `threads` threads fill the `cores` it may use, by default
-    its affinity mask), and for 'auto' a line saying what it chose and why (None when it
-    keeps processes). ``num_workers=0`` is always in the rank."""
+    `mode`: 'always' processes, 'never', or 'auto': in the rank when the ranks compute on
+    the CPU (`cpu_ranks`; a GPU rank's threads mostly wait on the GPU, leaving the cores to
+    worker processes) and its node's ``LOCAL_WORLD_SIZE`` ranks of `threads` threads fill
+    the `cores` it may use, by default its affinity mask), and for 'auto' a line saying
+    what it chose and why (None when it keeps processes). ``num_workers=0`` is always in
+    the rank."""
     if num_workers == 0 or mode == "never":
         return True, None
     if mode == "always":
         return False, None
     if mode != "auto":
         raise ValueError(f"worker_processes={mode!r} is not one of 'auto', 'always', 'never'")
+    if not cpu_ranks:
+        return False, None
     env = os.environ if environ is None else environ
     try:
         local_world = int(env["LOCAL_WORLD_SIZE"])

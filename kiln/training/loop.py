@@ -278,7 +278,10 @@ def train_worker(
         torch.set_num_threads(num_threads)
     # (before binding, which narrows this process's cores to the rank's own)
     in_rank, why = loader_in_rank(
-        cfg.data.worker_processes, cfg.data.num_workers, torch.get_num_threads()
+        cfg.data.worker_processes,
+        cfg.data.num_workers,
+        torch.get_num_threads(),
+        cpu_ranks=not torch.cuda.is_available(),  # a GPU rank's device (`engine`)
     )
     binding = None
     if bind_cores:

@@ -160,6 +160,11 @@ def test_auto_runs_the_loader_in_the_rank_when_the_ranks_fill_the_cores() -> Non
     assert loader_in_rank("auto", 2, 2, two, cores=3)[0]  # 4 threads on 3 cores
     assert loader_in_rank("auto", 1, 1, {"LOCAL_WORLD_SIZE": "1"}, cores=2) == (False, None)
     assert loader_in_rank("auto", 1, 1, {}, cores=1) == (False, None)  # rank count unknown
+    # GPU ranks leave the cores to worker processes, however many threads they have
+    assert loader_in_rank("auto", 4, 8, {"LOCAL_WORLD_SIZE": "8"}, cores=64, cpu_ranks=False) == (
+        False,
+        None,
+    )
     mine = len(allowed_cores() or ())  # by default the cores this process may use
     assert loader_in_rank("auto", 1, 1, {"LOCAL_WORLD_SIZE": str(mine)})[0]
     assert not loader_in_rank("auto", 1, 1, {"LOCAL_WORLD_SIZE": "1"})[0] or mine == 1
