@@ -24,6 +24,7 @@ import shutil
 import struct
 import tarfile
 import uuid
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -584,7 +585,7 @@ def _tar_files(f: Any) -> Iterator[tuple[str, Callable[[], bytes]]]:
             if pos == 0:
                 raise tarfile.ReadError("invalid header") from e
             return
-        if stored != sum(block) - sum(block[148:156]) + 256 and stored != 256 + sum(
+        if stored != _byte_sum(block) - sum(block[148:156]) + 256 and stored != 256 + sum(
             struct.unpack_from("148b8x356b", block)  # the signed sum some old tars wrote
         ):
             if pos == 0:
@@ -601,6 +602,14 @@ def _tar_files(f: Any) -> Iterator[tuple[str, Callable[[], bytes]]]:
                 name = _text(block, 345, 500) + "/" + name
             yield name, functools.partial(_read_exact, f, data_at, size)
         f.seek(pos)
+
+
+def _byte_sum(block: bytes) -> int:
+    """``sum(block)`` of a 512-byte header, from Adler-32's running sum over each half: it is
+    1 + the half's byte sum modulo 65,521, and a half sums to at most 256 x 255 = 65,280,
+    so it is exact (0.5 us against 3 us a header; two or three headers a sample)."""
+    view = memoryview(block)
+    return (zlib.adler32(view[:256]) & 0xFFFF) + (zlib.adler32(view[256:]) & 0xFFFF) - 2
 
 
 def _number(block: bytes, start: int, end: int) -> int:

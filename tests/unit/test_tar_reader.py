@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import random
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -221,3 +222,12 @@ def test_base256_sizes_and_signed_checksums_read_as_tarfile_reads_them(tmp_path:
     assert_same(path)
     got = list(storage.tar_samples(str(path)))
     assert [(k, m) for _, k, m in got] == [("0001", {"txt": data}), ("0002é", {"txt": b"s"})]
+
+
+def test_header_byte_sum_is_exact_at_the_extremes() -> None:
+    """The Adler-32 shortcut for a header's checksum sum: exact up to all bytes 0xff."""
+    rng = random.Random(0)
+    blocks = [bytes(512), b"\xff" * 512, b"\xff" * 256 + bytes(256), bytes(256) + b"\xff" * 256]
+    blocks += [bytes(rng.randrange(256) for _ in range(512)) for _ in range(200)]
+    for block in blocks:
+        assert storage._byte_sum(block) == sum(block)
