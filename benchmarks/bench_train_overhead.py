@@ -31,9 +31,9 @@ ray``: Ray Train workers on a private Ray started once beforehand, what ``kiln t
 runs by default) with N ranks of one thread each, the quickstart's data settings (batch 32
 per rank, one loader worker per rank, shuffle buffer 256, ZeRO-2; ``data.worker_processes:
 auto`` runs the worker in the rank's process when the ranks fill the cores, as 2 ranks on 2
-cores do), checkpointing only at the end; its rate is read from the run's ``metrics.jsonl`` over the steps after the
-first few (start-up excluded, epoch boundaries included) - the figure the training log
-prints. Both sides also report CPU milliseconds per sample: the pure step its processes'
+cores do), checkpointing only at the end; its rate is read from the run's
+``metrics.jsonl`` over the steps after the first few (start-up excluded, epoch boundaries
+included) - the figure the training log prints. Both sides also report CPU milliseconds per sample: the pure step its processes'
 CPU time over the timed steps; `kiln train` the whole machine's busy CPU (``/proc/stat``,
 sampled every 20 ms beside the run's ``metrics.jsonl``) from when its first few steps are
 done to just before its last one is, per sample of the steps in between, so start-up and

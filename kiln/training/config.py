@@ -92,7 +92,8 @@ class DataConfig(StrictModel):
         "the processes would (the same batches, without the processes and each batch's "
         "hand-over); 'auto' in the rank's process when CPU ranks have a thread on every core "
         "of their node, else as processes (a worker process then only takes turns with "
-        "the ranks for their cores: clip-tiny trained 6-16% slower with them at 2 ranks on 2 cores)",
+        "the ranks for their cores: clip-tiny trained 6-16% slower with them at 2 ranks "
+        "on 2 cores)",
     )
     shuffle_buffer: int = Field(
         default=256, ge=1, description="samples each loader worker shuffles among (seeded)"

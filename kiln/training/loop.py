@@ -12,7 +12,8 @@ and appends one record per step to ``{run_dir}/metrics.jsonl`` (rank 0)::
 and writes the same scalars to TensorBoard event files in ``{run_dir}/tensorboard/``
 (`kiln.metrics`). ``data_wait_s`` is the time the step waited for its batches (a loader
 that cannot keep up shows here; with the loader workers in the rank's process,
-``data.worker_processes``, it is the time the rank spent making them), ``grad_norm`` the global gradient 2-norm before clipping.
+``data.worker_processes``, it is the time the rank spent making them), ``grad_norm``
+the global gradient 2-norm before clipping.
 The step line (``[kiln] step 120/400  61.3 samples/s  loss 2.3100  lr 0.001  ETA 1m20s``)
 is printed at the first and last step and every ``log_every`` steps, at most every
 ``STEP_LINE_EVERY_S`` seconds.
