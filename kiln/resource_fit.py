@@ -28,7 +28,17 @@ __all__ = [
     "embedded_capacity",
     "ray_capacity",
     "stage_fit_problem",
+    "usable_cpus",
 ]
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, not the machine's count; the
+    machine's count where there is no mask)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 #: How long Ray Train may take to start a run's workers (`resources.start_timeout_s`).

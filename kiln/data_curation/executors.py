@@ -44,7 +44,6 @@ __all__ = [
     "RayExecutor",
     "TaskJob",
     "choose_executor",
-    "local_workers",
     "ray_is_running",
 ]
 
@@ -76,14 +75,6 @@ class TaskJob(Protocol):
     def marker(self, phase: str, index: int) -> str: ...
 
     def context(self) -> Any: ...
-
-
-def local_workers() -> int:
-    """The CPUs this process may run on (its affinity mask, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def ray_is_running() -> bool:

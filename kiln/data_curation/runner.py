@@ -74,7 +74,6 @@ from kiln.data_curation.executors import (
     LocalExecutor,
     RayExecutor,
     choose_executor,
-    local_workers,
 )
 from kiln.data_curation.plan import PlanStep, step_names
 from kiln.data_curation.read_fingerprint import read_fingerprint
@@ -89,6 +88,7 @@ from kiln.data_curation.shard import (
 )
 from kiln.data_curation.stage import KeyedStage, get_stage, load_plugins
 from kiln.data_curation.stages import DROP_COLUMN, ensure_drop_column, split_dropped
+from kiln.resource_fit import usable_cpus
 
 __all__ = [
     "RUNNER_VERSION",
@@ -1219,7 +1219,7 @@ def make_executor(cfg: CurationConfig, plan: list[PlanStep]) -> Executor:
     """The executor `cfg.execution` asks for (see `executor_kind`)."""
     if executor_kind(cfg, plan) == "ray":
         return RayExecutor(_run_one)
-    return LocalExecutor(_run_one, cfg.execution.workers or local_workers())
+    return LocalExecutor(_run_one, cfg.execution.workers or usable_cpus())
 
 
 @dataclass

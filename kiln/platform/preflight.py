@@ -118,9 +118,9 @@ def _check_train_resources(recipe: TrainRecipe) -> str:
 
 def _curate(recipe: CurateRecipe, generate: bool) -> tuple[list[str], Any]:
     from kiln.data_curation.config import CurationConfig
-    from kiln.data_curation.executors import local_workers
     from kiln.data_curation.plan import step_names
     from kiln.data_curation.runner import check_curation, executor_kind
+    from kiln.resource_fit import usable_cpus
 
     cfg = CurationConfig.model_validate(recipe.model_dump(include=set(CurationConfig.model_fields)))
     plan = cfg.plan()
@@ -133,7 +133,7 @@ def _curate(recipe: CurateRecipe, generate: bool) -> tuple[list[str], Any]:
             + (f" ({have:g} CPUs)" if have is not None else f" at {recipe.ray.address}")
         )
     else:
-        workers = cfg.execution.workers or local_workers()
+        workers = cfg.execution.workers or usable_cpus()
         lines.append(f"executor: local ({workers} worker processes)")
     inputs = check_curation(cfg, generate=generate)
     if inputs.pending_pool is not None:

@@ -27,6 +27,8 @@ import dataclasses
 import os
 from collections.abc import Iterable, Mapping, Sequence
 
+from kiln.resource_fit import usable_cpus
+
 __all__ = [
     "CoreBinding",
     "allowed_cores",
@@ -164,8 +166,7 @@ def loader_in_rank(
     except (KeyError, ValueError):
         return False, None  # the node's rank count is unknown: keep the processes
     if cores is None:
-        allowed = allowed_cores()
-        cores = len(allowed) if allowed is not None else os.cpu_count() or 1
+        cores = usable_cpus()
     if local_world * threads < cores:
         return False, None
     return True, (

@@ -5,12 +5,12 @@ or in processes of their own train the same losses."""
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import pytest
 
+from kiln.resource_fit import usable_cpus
 from kiln.training import train
 from kiln.training.cpu_binding import allowed_cores, loader_in_rank
 from tests.helpers_training import short_run_config as config
@@ -56,7 +56,7 @@ def test_loader_workers_in_the_ranks_or_in_processes_train_the_same_losses(
 ) -> None:
     """The reference ran with ``worker_processes: auto``; this run takes the other side of
     what auto chose on this machine (in the ranks on 2 cores, processes on more)."""
-    cores = len(allowed_cores() or range(os.cpu_count() or 1))
+    cores = usable_cpus()
     auto_in_rank, line = loader_in_rank("auto", 1, 1, {"LOCAL_WORLD_SIZE": "2"}, cores=cores)
     cfg = config(short_dataset)
     cfg.data.worker_processes = "always" if auto_in_rank else "never"

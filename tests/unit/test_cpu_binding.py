@@ -12,6 +12,7 @@ from typing import Any
 import psutil
 import pytest
 
+from kiln.resource_fit import usable_cpus
 from kiln.training.cpu_binding import (
     CoreBinding,
     allowed_cores,
@@ -165,7 +166,7 @@ def test_auto_runs_the_loader_in_the_rank_when_the_ranks_fill_the_cores() -> Non
         False,
         None,
     )
-    mine = len(allowed_cores() or ())  # by default the cores this process may use
+    mine = usable_cpus()  # by default the cores this process may use
     assert loader_in_rank("auto", 1, 1, {"LOCAL_WORLD_SIZE": str(mine)})[0]
     assert not loader_in_rank("auto", 1, 1, {"LOCAL_WORLD_SIZE": "1"})[0] or mine == 1
 
