@@ -86,6 +86,7 @@ __all__ = [
     "resume_checkpoint",
     "rng_state",
     "save_checkpoint",
+    "saved_param_alignment",
     "seed_everything",
     "set_aside_damaged",
     "step_of_tag",
@@ -322,6 +323,7 @@ def save_checkpoint(
             "step": step,
             "world_size": world,
             "zero_stage": engine.zero_optimization_stage(),
+            "param_alignment": _param_alignment(engine),
             "model_config": model_config.model_dump(mode="json"),
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "files": files,
@@ -340,6 +342,18 @@ def save_checkpoint(
     elif mirror is not None and node_first:
         _prune_node_staging(run_dir, tag)
     return tag
+
+
+def _param_alignment(engine: Any) -> bool:
+    """Whether `engine`'s ZeRO 1-2 flat buffers pad each parameter to 16 bytes: the layout
+    its optimizer states are saved in, which a same-size resume must build again."""
+    return engine.zero_optimization_stage() in (1, 2) and bool(engine.zero_parameter_alignment())
+
+
+def saved_param_alignment(run_dir: str | Path, tag: str) -> bool:
+    """The ZeRO parameter layout checkpoint `tag` was written with (`save_checkpoint`); a
+    checkpoint from before kiln recorded it was written unaligned."""
+    return bool(read_complete_marker(run_dir, tag).get("param_alignment", False))
 
 
 def _tag_files(tag_dir: Path) -> tuple[dict[str, int], dict[str, str]]:

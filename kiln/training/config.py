@@ -176,14 +176,29 @@ class ZeroConfig(StrictModel):
         description="offloaded tensors live in page-locked memory (faster copies to and from "
         "the GPU; no effect on CPU-only runs)",
     )
+    align_params: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        description="ZeRO 1-2: start every parameter in DeepSpeed's flat parameter buffer on "
+        "a 16-byte boundary (DeepSpeed's parameter_alignment). Unaligned, a 1-element "
+        "logit_scale shifts every later bias and norm weight off the boundary and cuBLAS and "
+        "the layer-norm kernels take slow paths: ViT-B/16 CLIP steps 1.7x slower on an "
+        "H200. auto: with bf16 parameters. A resume at the same world size keeps the layout "
+        "its checkpoint was written with",
+    )
 
     @model_validator(mode="after")
-    def _check_offload(self) -> ZeroConfig:
+    def _check_stage_options(self) -> ZeroConfig:
         if self.offload_optimizer != "none" and self.stage == 0:
             raise ValueError(
                 f"zero.offload_optimizer={self.offload_optimizer!r} needs ZeRO stage 1, 2 or 3 "
                 "(DeepSpeed offloads the optimizer's partition): set zero.stage, or "
                 "offload_optimizer: none"
+            )
+        if self.align_params == "always" and self.stage not in (1, 2):
+            raise ValueError(
+                f"zero.align_params='always' needs ZeRO stage 1 or 2 (zero.stage is "
+                f"{self.stage}): DeepSpeed pads parameters only in those stages' flat "
+                "buffers; set align_params: auto, or zero.stage: 2"
             )
         if self.offload_param != "none" and self.stage != 3:
             raise ValueError(

@@ -37,6 +37,7 @@ _SLOW_OP_S = 3.0  # an op load longer than this is a compile: say so
 __all__ = [
     "WarmupCosine",
     "adamw_args",
+    "align_params",
     "build_ds_config",
     "build_engine",
     "default_extensions_dir",
@@ -219,11 +220,26 @@ def use_bf16(cfg: TrainConfig, *, cuda: bool | None = None) -> bool:
     return cfg.zero.precision == "auto" and on_gpu
 
 
+def align_params(cfg: TrainConfig, *, cuda: bool | None = None) -> bool:
+    """Whether DeepSpeed starts each parameter of its ZeRO 1-2 flat buffers on a 16-byte
+    boundary (`zero.align_params`; auto: with bf16 parameters, where an unaligned bias or
+    norm weight sends cuBLAS and the layer-norm kernels down slow paths)."""
+    z = cfg.zero
+    if z.stage not in (1, 2) or z.align_params == "never":
+        return False
+    return z.align_params == "always" or use_bf16(cfg, cuda=cuda)
+
+
 def build_ds_config(
-    cfg: TrainConfig, world_size: int, *, cuda: bool | None = None
+    cfg: TrainConfig,
+    world_size: int,
+    *,
+    cuda: bool | None = None,
+    aligned: bool | None = None,
 ) -> dict[str, Any]:
     """The DeepSpeed config dict for `cfg` on `world_size` ranks (`cuda`: whether the
-    ranks train on GPUs; default: whether this machine has one).
+    ranks train on GPUs; default: whether this machine has one). `aligned`: the parameter
+    layout to use instead of `align_params`'s choice (a resume keeps its checkpoint's).
 
     The config names an optimizer only with ``zero.offload_optimizer: cpu``: DeepSpeed then
     builds its vectorized DeepSpeedCPUAdam (AdamW mode), which steps the offloaded fp32
@@ -233,6 +249,8 @@ def build_ds_config(
     if cuda is None:
         cuda = torch.cuda.is_available()
     zero: dict[str, Any] = {"stage": z.stage}
+    if z.stage in (1, 2) and (align_params(cfg, cuda=cuda) if aligned is None else aligned):
+        zero["parameter_alignment"] = True
     if z.stage == 3 and z.param_persistence_threshold is not None:
         zero["stage3_param_persistence_threshold"] = z.param_persistence_threshold
     if z.offload_optimizer != "none":
@@ -376,10 +394,13 @@ def init_distributed() -> bool:
     """
     deepspeed = import_deepspeed()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    device: torch.device | None = None
     if torch.cuda.is_available():
         # modulo: under Ray each worker may see only its own GPU(s) as device 0..
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        # the group's GPU, named: NCCL otherwise guesses it from the rank, and says so
+        device = torch.device("cuda", torch.cuda.current_device())
     created = False
     if not dist.is_initialized():
         missing = [k for k in _REQUIRED_ENV if k not in os.environ]
@@ -392,10 +413,12 @@ def init_distributed() -> bool:
         # DeepSpeed's comm object behind) still gets a fresh group.
         store = _loopback_store()
         if store is None:
-            dist.init_process_group(backend=backend, init_method="env://")
+            dist.init_process_group(backend=backend, init_method="env://", device_id=device)
         else:
             rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
+            dist.init_process_group(
+                backend=backend, store=store, rank=rank, world_size=world, device_id=device
+            )
         created = True
     # DeepSpeed's comm layer loads its CPU collectives op: loaded here first, under kiln's
     # build lock like every kiln load of it (`op_build_lock`), then cached in-process. Only
@@ -411,13 +434,19 @@ def init_distributed() -> bool:
 
 
 def build_engine(
-    model: nn.Module, cfg: TrainConfig, world_size: int, *, load_universal: bool = False
+    model: nn.Module,
+    cfg: TrainConfig,
+    world_size: int,
+    *,
+    load_universal: bool = False,
+    aligned: bool | None = None,
 ) -> Any:
     """`deepspeed.initialize` with kiln's config, parameter groups and LR schedule.
 
     The schedule is a torch LambdaLR handed to DeepSpeed, so DeepSpeed steps it once per
     optimizer step and saves/loads its state with every checkpoint. `load_universal`: the
     engine will load a universal checkpoint (an elastic resume, `kiln.training.checkpoint`).
+    `aligned`: the ZeRO 1-2 parameter layout (`build_ds_config`; None: `align_params`).
     """
     deepspeed = import_deepspeed()
     prebuild_offload_ops(cfg)  # CPU Adam's op under kiln's build lock (`op_build_lock`)
@@ -426,7 +455,7 @@ def build_engine(
     def make_scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
-    config = build_ds_config(cfg, world_size)
+    config = build_ds_config(cfg, world_size, aligned=aligned)
     if load_universal:
         config["checkpoint"] = {"load_universal": True}
     engine, _, _, _ = deepspeed.initialize(

@@ -61,6 +61,7 @@ from kiln.training.checkpoint import (
     prepare_resume,
     resume_checkpoint,
     save_checkpoint,
+    saved_param_alignment,
     seed_everything,
     set_aside_damaged,
 )
@@ -68,6 +69,7 @@ from kiln.training.config import TrainConfig
 from kiln.training.cpu_binding import bind_rank, loader_in_rank
 from kiln.training.data import Batch, WebDatasetLoader
 from kiln.training.engine import (
+    align_params,
     build_ds_config,
     build_engine,
     import_deepspeed,
@@ -325,6 +327,18 @@ def train_worker(
     elastic = tag is not None and prepare_resume(
         run, tag, zero_stage=cfg.zero.stage, model=cfg.model, log=lambda m: _log(rank, m)
     )
+    aligned = None  # a new run's ZeRO parameter layout: zero.align_params chooses it
+    if tag is not None and not elastic:
+        aligned = saved_param_alignment(run, tag)  # the layout its optimizer states are in
+        if aligned != align_params(cfg):
+            _log(
+                rank,
+                f"resume: {tag} was written with ZeRO parameters "
+                f"{'aligned to 16 bytes' if aligned else 'unaligned'} and its optimizer "
+                "states are in that layout, so this run keeps it (zero.align_params="
+                f"{cfg.zero.align_params} would choose the other; a resume on another number "
+                "of ranks takes that one)",
+            )
     seed_everything(cfg.seed)  # every rank builds identical initial weights
     if cfg.zero.stage == 3:
         # partitioned as each module is built: no rank ever holds the whole model
@@ -332,7 +346,9 @@ def train_worker(
             model = build_model(cfg.model)
     else:
         model = build_model(cfg.model)
-    engine = build_engine(model, cfg, world, load_universal=elastic and cfg.zero.stage > 0)
+    engine = build_engine(
+        model, cfg, world, load_universal=elastic and cfg.zero.stage > 0, aligned=aligned
+    )
     device = engine.device
     image_dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
     loader = WebDatasetLoader.from_config(

@@ -49,13 +49,19 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(write_tiny_dataset(tmp_path_factory.mktemp("elastic") / "ds", num_samples=64))
 
 
-def _config(dataset: str, stage: int, stop_after: int | None = None) -> TrainConfig:
+def _config(
+    dataset: str, stage: int, stop_after: int | None = None, align: str = "auto"
+) -> TrainConfig:
     return TrainConfig.model_validate(
         {
             "data": {"dataset": dataset, "batch_size": 4, "num_workers": 1, "shuffle_buffer": 8},
             "model": TINY_MODEL,
             "optim": {"lr": 2e-3, "warmup_steps": 2},
-            "zero": {"stage": stage, "param_persistence_threshold": 0},
+            "zero": {
+                "stage": stage,
+                "param_persistence_threshold": 0,
+                "align_params": align,
+            },
             "checkpoint": {"every_steps": 2, "keep_last": 3},
             "max_steps": MAX_STEPS,
             "stop_after_step": stop_after,
@@ -90,15 +96,22 @@ def _first_step_loss_from_checkpoint(cfg: TrainConfig, run: Path, step: int, wor
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_resume_onto_another_world_size(stage: int, dataset: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("stage", "align"),
+    [(2, "auto"), (2, "always"), (3, "auto")],
+    ids=["zero2", "zero2-aligned", "zero3"],
+)
+def test_resume_onto_another_world_size(
+    stage: int, align: str, dataset: str, tmp_path: Path
+) -> None:
     run = tmp_path / "run"
-    first = train(_config(dataset, stage, stop_after=4), str(run), num_workers=2, launcher="local")
+    cfg = _config(dataset, stage, stop_after=4, align=align)
+    first = train(cfg, str(run), num_workers=2, launcher="local")
     assert first.last_step == 4
     assert read_complete_marker(run, tag_for_step(4))["world_size"] == 2
 
     # 2 -> 1: the first step's loss is the checkpoint's weights on the loader's next batch
-    cfg = _config(dataset, stage, stop_after=6)
+    cfg = _config(dataset, stage, stop_after=6, align=align)
     down = train(cfg, str(run), num_workers=1, launcher="local", resume=True)
     assert (down.resumed_from, down.first_step, down.last_step) == (4, 5, 6)
     assert (checkpoints_dir(run) / tag_for_step(4) / UNIVERSAL_DIR).is_dir()
@@ -109,7 +122,7 @@ def test_resume_onto_another_world_size(stage: int, dataset: str, tmp_path: Path
 
     # 1 -> 2 (ZeRO-2) or 1 -> 4 (ZeRO-3), to the end
     world = 2 if stage == 2 else 4
-    cfg = _config(dataset, stage)
+    cfg = _config(dataset, stage, align=align)
     up = train(cfg, str(run), num_workers=world, launcher="local", resume=True)
     assert (up.resumed_from, up.last_step) == (6, MAX_STEPS)
     assert up.losses[0] == pytest.approx(
@@ -135,16 +148,18 @@ def test_zero0_resumes_onto_another_world_size_without_conversion(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("align", ["auto", "always"])
 def test_universal_form_holds_the_engines_weights_and_adam_moments(
-    tmp_path: Path, single_rank: None
+    align: str, tmp_path: Path, single_rank: None
 ) -> None:
     """Saved by 1 rank, converted, loaded by 1 rank through the universal path: every
-    weight and both Adam moments of every parameter come back equal."""
+    weight and both Adam moments of every parameter come back equal (also from and into
+    flat buffers with each parameter padded to 16 bytes)."""
     from kiln.models.build import build_model
     from kiln.training.engine import build_engine, init_distributed
     from tests.helpers_training import word_batch
 
-    cfg = _config("unused", 2)
+    cfg = _config("unused", 2, align=align)
     init_distributed()
 
     def engine(universal: bool) -> Any:

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from kiln.training.config import TrainConfig
 from kiln.training.engine import (
+    align_params,
     build_ds_config,
     op_build_lock,
     optimizer_factory,
@@ -49,6 +50,24 @@ def test_gpu_ranks_get_fused_adamw_and_bf16_cpu_ranks_keep_exact_fp32() -> None:
     assert cpu["train_batch_size"] == 8 * 2 * 4
 
 
+def test_bf16_parameters_start_on_16_bytes_in_zero_1_and_2() -> None:
+    def aligned(cuda: bool, aligned: bool | None = None, **zero: object) -> bool:
+        ds = build_ds_config(_cfg(**zero), 2, cuda=cuda, aligned=aligned)
+        return bool(ds["zero_optimization"].get("parameter_alignment"))
+
+    # auto: with bf16 parameters (GPU ranks, or precision bf16), in stages 1 and 2
+    assert aligned(True) and aligned(True, stage=1) and aligned(False, precision="bf16")
+    assert not aligned(False) and not aligned(True, precision="fp32")
+    assert not aligned(True, stage=0) and not aligned(True, stage=3)
+    # always / never; a resume's layout (`aligned`) wins over the recipe's choice
+    assert aligned(False, align_params="always") and not aligned(True, align_params="never")
+    assert not aligned(True, aligned=False) and aligned(False, aligned=True)
+    assert not aligned(False, aligned=True, stage=3)  # stage 3 has no flat buffers to pad
+    assert align_params(_cfg(), cuda=True) and not align_params(_cfg(), cuda=False)
+    with pytest.raises(ValidationError, match=r"zero.align_params='always' needs ZeRO stage 1"):
+        _cfg(stage=3, align_params="always")
+
+
 def test_zero3_persistence_threshold_reaches_deepspeed() -> None:
     z = build_ds_config(_cfg(stage=3, param_persistence_threshold=0), 2, cuda=False)
     assert z["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 0}
@@ -60,6 +79,7 @@ def test_optimizer_offload_hands_deepspeed_its_cpu_adam_on_cpu_and_gpu() -> None
         assert ds["zero_optimization"] == {
             "stage": 2,
             "offload_optimizer": {"device": "cpu", "pin_memory": True},
+            **({"parameter_alignment": True} if cuda else {}),  # bf16 parameters: aligned
         }
         # no torch_adam: DeepSpeed then builds DeepSpeedCPUAdam for the offloaded partition
         params = ds["optimizer"]["params"]
