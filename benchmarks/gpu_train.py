@@ -25,7 +25,7 @@ stays tested; its MFU is null.
 
 Run: python benchmarks/gpu_train.py [--flavor clip-vit-b-16] [--batch-size 256]
      [--gpus N] [--warmup 10] [--steps 50] [--peak-tflops T] [--offload-optimizer]
-     [--mode synthetic|loader --dataset DIR [--loader-workers 6]]
+     [--mode synthetic|loader --dataset DIR [--loader-workers 6] [--fast-decode]]
 """
 
 from __future__ import annotations
@@ -86,6 +86,7 @@ def bench_config(
     max_steps: int,
     offload: bool,
     loader_workers: int = 1,
+    fast_decode: bool = False,
 ) -> TrainConfig:
     """The TrainConfig the benchmark trains: the flavor, ZeRO-2, precision auto (bf16 on
     GPU, fp32 on CPU), no checkpoints inside the timed steps."""
@@ -95,6 +96,7 @@ def bench_config(
                 "dataset": dataset,
                 "batch_size": batch_size,
                 "num_workers": loader_workers,
+                "fast_decode": fast_decode,
             },
             "model": {"flavor": flavor},
             "zero": {"stage": 2, "offload_optimizer": "cpu" if offload else "none"},
@@ -279,6 +281,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument(
         "--loader-workers", type=int, default=6, help="--mode loader: DataLoader workers per GPU"
     )
+    ap.add_argument(
+        "--fast-decode",
+        action="store_true",
+        help="--mode loader: data.fast_decode (reduced-size JPEG decode; changes pixels)",
+    )
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s per GPU")
     ap.add_argument("--offload-optimizer", action="store_true", help="zero.offload_optimizer: cpu")
     args = ap.parse_args(argv)
@@ -301,6 +308,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 max_steps=steps,
                 offload=args.offload_optimizer,
                 loader_workers=loader_workers,
+                fast_decode=args.fast_decode,
             )
         except ValidationError as e:  # e.g. an unknown --flavor: the message lists valid ones
             ap.error(str(e))
@@ -361,6 +369,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "precision": "bf16" if result["bf16"] else "fp32",
         "zero_stage": cfg.zero.stage,
         "offload_optimizer": cfg.zero.offload_optimizer,
+        "fast_decode": cfg.data.fast_decode,
         "world_size": result["world_size"],
         "batch_per_gpu": batch_size,
         "warmup_steps": warmup,

@@ -77,8 +77,9 @@ def test_without_cuda_it_skips_the_gpu_part_and_runs_the_smoke_configuration() -
 @cpu_only
 def test_loader_mode_times_kiln_train_on_a_real_dataset(tmp_path: Path) -> None:
     dataset = write_tiny_dataset(tmp_path / "ds", num_samples=48)
-    _, figures = _run("--mode", "loader", "--dataset", str(dataset))
+    _, figures = _run("--mode", "loader", "--dataset", str(dataset), "--fast-decode")
     _check_smoke(figures, "loader")
+    assert figures["fast_decode"] is True  # the recipe's data.fast_decode
     assert figures["mfu"] is None  # no GPU, no --peak-tflops: no peak to divide by
 
 
