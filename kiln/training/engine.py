@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import functools
 import ipaddress
 import math
 import os
@@ -29,6 +28,7 @@ from torch import nn
 
 from kiln.console import say
 from kiln.training.config import OptimConfig, TrainConfig
+from kiln.training.deepspeed_patches import apply_patches
 from kiln.training.gloo_gather import use_broadcast_gather
 from kiln.training.optim import AdamW
 
@@ -96,120 +96,8 @@ def import_deepspeed() -> ModuleType:
     set_runtime_env()
     import deepspeed
 
-    _patch_lazy_compile(deepspeed)
-    _patch_scalar_broadcast(deepspeed)
-    _patch_zero3_fp32_master(deepspeed)
-    _register_zero_optimizer()
+    apply_patches(deepspeed)
     return deepspeed
-
-
-def _register_zero_optimizer() -> None:
-    """List kiln's AdamW among the optimizers DeepSpeed's ZeRO has tested.
-
-    ZeRO checks the optimizer's exact type against that list (``type(opt) in ...``, not
-    ``isinstance``), so torch's AdamW passes and kiln's subclass of it, with the same
-    numbers, would put "untested optimizer, proceed with caution" in every rank-0 log.
-    DeepSpeed appends to the same list for its own Muon. Idempotent."""
-    from deepspeed.runtime.zero import utils
-
-    if AdamW not in utils.ZERO_SUPPORTED_OPTIMIZERS:
-        utils.ZERO_SUPPORTED_OPTIMIZERS.append(AdamW)
-
-
-def _patch_lazy_compile(deepspeed: ModuleType) -> None:
-    """Make DeepSpeed's ``compiler.compile()`` decorator compile on first call, not at import.
-
-    ``deepspeed.initialize`` and ZeRO's gradient reduction import DeepSpeed's Muon optimizer
-    module (to check whether the optimizer is Muon), and that import runs ``torch.compile`` on
-    three kernels, which loads TorchInductor: 2.7 s of every rank's start on a CPU core, for an
-    optimizer kiln never uses. Muon is only that decorator's user; with the patch its kernels
-    are compiled by ``torch.compile`` when first run. Idempotent; must run before Muon's import.
-    """
-    compiler = deepspeed.runtime.compiler
-    if getattr(compiler.compile, "_kiln_lazy", False):
-        return
-
-    def compile() -> Any:
-        def decorate(fn: Any) -> Any:
-            compiled: Any = None
-
-            @functools.wraps(fn)
-            def run(*args: Any, **kwargs: Any) -> Any:
-                nonlocal compiled
-                if compiled is None:
-                    compiled = torch.compile(fn)
-                return compiled(*args, **kwargs)
-
-            return run
-
-        return decorate
-
-    compile._kiln_lazy = True  # type: ignore[attr-defined]
-    compiler.compile = compile
-
-
-def _patch_scalar_broadcast(deepspeed: ModuleType) -> None:
-    """Let DeepSpeed's initial weight broadcast handle 0-dim parameters (CLIP's logit_scale).
-
-    DeepSpeed 0.19's ``DeepSpeedEngine._broadcast_model`` broadcasts ``p.data.view(uint8)``,
-    which raises for 0-dim tensors. While it runs, each 0-dim parameter's ``.data`` is a
-    1-element view of the same storage (so the broadcast still lands in the parameter),
-    then the original tensor is put back. Idempotent; a no-op once DeepSpeed fixes it.
-    """
-    engine_cls = deepspeed.runtime.engine.DeepSpeedEngine
-    original = getattr(engine_cls, "_broadcast_model", None)
-    if original is None or getattr(original, "_kiln_scalar_safe", False):
-        return
-
-    def _broadcast_model(self: Any) -> None:
-        scalars = [p for p in self.module.parameters() if p.dim() == 0]
-        saved = [p.data for p in scalars]
-        for p in scalars:
-            p.data = p.data.view(1)
-        try:
-            original(self)
-        finally:
-            for p, data in zip(scalars, saved, strict=True):
-                p.data = data
-
-    _broadcast_model._kiln_scalar_safe = True  # type: ignore[attr-defined]
-    engine_cls._broadcast_model = _broadcast_model
-
-
-def _patch_zero3_fp32_master(deepspeed: ModuleType) -> None:
-    """ZeRO-3 with fp32 parameters: let the rank's partition of the parameters be the fp32
-    master partition itself, as DeepSpeed intends, instead of a second copy of it.
-
-    DeepSpeed 0.19's ``DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions`` aliases the
-    master partition to the parameter partition when that is already in the master dtype
-    on the optimizer's device, but tests it with ``tensor.device == self.device``, where
-    ``self.device`` is a string (``get_accelerator().current_device_name()``) and a
-    ``torch.device`` never equals a string: it always clones, so every fp32 ZeRO-3 rank
-    held its parameter partition twice (per-rank parameters + optimizer state 4/3 of 1/N of
-    ZeRO-0's). While that method runs, ``self.device`` is made a ``torch.device``, so the
-    test holds and DeepSpeed's own alias branch runs (after each step it copies master ->
-    partition with ``.data.copy_``, a no-op on an alias, as its comment there says).
-    Values and losses are unchanged (the copy was exact). bf16 runs (different dtype) and
-    optimizer offload (its own branch, a CPU copy) are unaffected. Idempotent.
-    """
-    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-
-    cls: Any = DeepSpeedZeroOptimizer_Stage3
-    original = getattr(cls, "_create_fp32_partitions", None)
-    if original is None or getattr(original, "_kiln_fp32_alias", False):
-        return
-
-    def _create_fp32_partitions(self: Any) -> None:
-        saved = self.device
-        if isinstance(saved, str) and not self.offload_optimizer:
-            self.device = torch.device(saved)
-        try:
-            original(self)
-        finally:
-            self.device = saved
-
-    _create_fp32_partitions._kiln_fp32_alias = True  # type: ignore[attr-defined]
-    cls._create_fp32_partitions = _create_fp32_partitions
 
 
 def use_bf16(cfg: TrainConfig, *, cuda: bool | None = None) -> bool:

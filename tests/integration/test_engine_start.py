@@ -1,7 +1,7 @@
 """A rank's start pays only for what kiln trains with: building a real DeepSpeed ZeRO-2
 engine and taking a step never loads TorchInductor (DeepSpeed's Muon module compiles its
 kernels when imported; kiln makes that compile wait for Muon's first use,
-`kiln.training.engine._patch_lazy_compile`). A fresh interpreter, since another test in
+`kiln.training.deepspeed_patches._patch_lazy_compile`). A fresh interpreter, since another test in
 this process may have loaded Inductor already."""
 
 from __future__ import annotations

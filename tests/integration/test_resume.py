@@ -168,6 +168,6 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(
     assert (damaged / "rng_rank1.pt").stat().st_size == 100  # kept as it was, for a look
     log = next((run / "logs").glob("train002-rank0.log")).read_text()
     assert f"skipping damaged checkpoint {final} (rng_rank1.pt is 100 bytes" in log
-    # kiln's AdamW is on ZeRO's list of tested optimizers (engine._register_zero_optimizer)
+    # kiln's AdamW is on ZeRO's list of tested optimizers (deepspeed_patches._register_zero_optimizer)
     assert "untested optimizer" not in log
     assert latest_checkpoint(run) == final

@@ -1,6 +1,6 @@
 """ZeRO-3 in fp32 keeps one copy of each rank's parameter partition, not two: DeepSpeed's
 master partition is the parameter partition itself (kiln's fix of DeepSpeed's device test,
-`kiln.training.engine._patch_zero3_fp32_master`), and the optimizer step still moves the
+`kiln.training.deepspeed_patches._patch_zero3_fp32_master`), and the optimizer step still moves the
 weights the model computes with. In bf16 the fp32 master stays a separate copy, as it must.
 Real DeepSpeed, one gloo rank in this process."""
 
