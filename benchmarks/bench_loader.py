@@ -57,6 +57,7 @@ from PIL import Image
 
 from kiln.contracts import make_uid, read_manifest
 from kiln.data_curation.shard import write_shards
+from kiln.models.preprocess import normalize_pixels
 from kiln.models.tokenizer import tokenize
 from kiln.training.data import WebDatasetLoader
 from kiln.training.transforms import IMAGE_MEAN, IMAGE_STD
@@ -186,8 +187,8 @@ def kiln_batches(dataset: str, size: int, seed: int, fast: bool, workers: int = 
         image_size=size,
         context_length=CONTEXT,
     )
-    for batch in loader:
-        yield batch.images, batch.tokens
+    for batch in loader:  # normalized as its rank does on the CPU (`Batch.to`)
+        yield normalize_pixels(batch.images), batch.tokens
 
 
 class _Workers(torch.utils.data.IterableDataset):

@@ -130,6 +130,19 @@ def dataset(flavor: str) -> str:
 # ------------------------------------------------------------------ the pure step
 
 
+def in_memory(stream: Any, count: int) -> list[Any]:
+    """The next `count` batches of a loader's `stream`, their images normalized as a rank's
+    `Batch.to` makes them on the CPU: the model's inputs, already in memory. Closes the
+    stream."""
+    import dataclasses
+
+    from kiln.models.preprocess import normalize_pixels
+
+    batches = [next(stream) for _ in range(count)]
+    stream.close()
+    return [dataclasses.replace(b, images=normalize_pixels(b.images)) for b in batches]
+
+
 def pure_step(model: Any, opt: Any, optim: Any, batch: Any) -> tuple[float, float, float]:
     """One pure step of `model` on `batch` (the module docstring's: CLIP loss, backward,
     the recipe's gradient clipping from `optim`, `opt`'s step); its seconds in (forward +
@@ -192,9 +205,7 @@ def _pure_rank(
         context_length=cfg.model.context_length, fast_decode=cfg.data.fast_decode,
         rank=ddp[0] if ddp else 0, world_size=ddp[1] if ddp else 1,
     )  # fmt: skip
-    stream = iter(loader)
-    batches = [next(stream) for _ in range(repeat or WARMUP_STEPS + steps)]
-    stream.close()  # type: ignore[attr-defined]
+    batches = in_memory(iter(loader), repeat or WARMUP_STEPS + steps)
 
     def step(i: int) -> None:
         pure_step(model, opt, o, batches[i % len(batches)])  # one batch a step unless `repeat`

@@ -37,7 +37,15 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train_overhead import BATCH, TINY, WARMUP_STEPS, _config, dataset, pure_step
+from bench_train_overhead import (
+    BATCH,
+    TINY,
+    WARMUP_STEPS,
+    _config,
+    dataset,
+    in_memory,
+    pure_step,
+)
 
 #: (module, class or None for a module function, name): DeepSpeed's per-step gradient work
 _DEEPSPEED_FUNCTIONS = [
@@ -170,9 +178,7 @@ def main() -> None:
     total = WARMUP_STEPS + args.steps
     cfg = _config(data, total, args.flavor, args.batch, stage=args.stage)
     loader = WebDatasetLoader.from_config(cfg)
-    stream = iter(loader)
-    batches = [next(stream) for _ in range(total)]
-    stream.close()  # type: ignore[attr-defined]
+    batches = in_memory(iter(loader), total)
 
     rounds = []
     for r in range(args.rounds):

@@ -9,6 +9,7 @@ inference pixels are one piece of code.
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from collections.abc import Sequence
@@ -31,9 +32,11 @@ __all__ = [
     "decode_rgb",
     "load_rgb",
     "normalize_batch",
+    "normalize_pixels",
     "open_image",
     "preprocess_image",
     "resize_center_crop",
+    "stack_pixels",
 ]
 
 #: OpenAI CLIP's per-channel pixel statistics (RGB, on a 0-1 scale).
@@ -45,8 +48,17 @@ RESAMPLE = Image.Resampling.BICUBIC
 #: An image as kiln's Python API takes it: a PIL image, an image file's path, or its bytes.
 ImageLike = Image.Image | str | Path | bytes
 
-_MEAN = torch.tensor(IMAGE_MEAN, dtype=torch.float32).reshape(1, 3, 1, 1)
-_STD = torch.tensor(IMAGE_STD, dtype=torch.float32).reshape(1, 3, 1, 1)
+
+@functools.cache
+def _normalization(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(255, mean, std) as float32 tensors on `device`, made once per device. The divisor
+    is a tensor, not a Python number: CUDA divides by a number as a multiplication by its
+    reciprocal, which can round differently; by a tensor it divides, as the CPU does."""
+    return (
+        torch.tensor(255.0, dtype=torch.float32, device=device),
+        torch.tensor(IMAGE_MEAN, dtype=torch.float32, device=device).reshape(1, 3, 1, 1),
+        torch.tensor(IMAGE_STD, dtype=torch.float32, device=device).reshape(1, 3, 1, 1),
+    )
 
 
 def _bad_image(data: bytes, e: Exception) -> ValueError:
@@ -135,16 +147,29 @@ def chw(img: Image.Image | np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.asarray(img)).permute(2, 0, 1)
 
 
-def normalize_batch(pixels: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``uint8 [3, S, S]`` images -> normalized ``float32 [B, 3, S, S]`` (contiguous).
+def stack_pixels(pixels: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``uint8 [3, S, S]`` images -> one contiguous ``uint8 [B, 3, S, S]`` batch: what a
+    loader hands its rank (a quarter of the bytes of the normalized batch)."""
+    return torch.stack(list(pixels))
 
-    One gather of the images into a ``uint8`` batch, one conversion to float, then the
-    same float32 operations, in the same order, as ``((x / 255) - mean) / std`` on each
-    image (in place), so the values are bitwise those of the per-image formula.
+
+def normalize_pixels(batch: torch.Tensor) -> torch.Tensor:
+    """A ``uint8 [B, 3, S, S]`` batch -> normalized contiguous ``float32 [B, 3, S, S]`` on
+    the batch's device.
+
+    One conversion to float, then the same float32 operations, in the same order, as
+    ``((x / 255) - mean) / std`` on each image (in place), so the values are bitwise those
+    of the per-image formula, on a GPU as on the CPU (IEEE division and subtraction).
     """
-    batch = torch.stack(list(pixels))
+    scale, mean, std = _normalization(batch.device)
     out = batch.to(dtype=torch.float32, memory_format=torch.contiguous_format)
-    return out.div_(255.0).sub_(_MEAN).div_(_STD)
+    return out.div_(scale).sub_(mean).div_(std)
+
+
+def normalize_batch(pixels: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``uint8 [3, S, S]`` images -> normalized ``float32 [B, 3, S, S]`` (contiguous):
+    `normalize_pixels` of `stack_pixels`."""
+    return normalize_pixels(stack_pixels(pixels))
 
 
 def preprocess_image(img: Image.Image, image_size: int) -> torch.Tensor:

@@ -52,8 +52,9 @@ config is part of the loader's identity.
 
 Decoding (`kiln.training.transforms.image_pixels`): each sample's image becomes ``uint8``
 pixels at the model's input size (with ``fast_decode``, JPEGs are decoded at a reduced DCT
-scale, so the setting is part of the loader's identity), and a batch is normalized to
-``float32`` in one pass (`normalize_batch`).
+scale, so the setting is part of the loader's identity). A batch goes to its rank as those
+``uint8`` pixels, a quarter of the bytes of ``float32``; `Batch.to` normalizes them on the
+rank's device (`normalize_pixels`), from page-locked memory on a GPU (``pin_memory``).
 """
 
 from __future__ import annotations
@@ -307,7 +308,7 @@ def dataset_has_text(dataset: str) -> bool:
 class Batch:
     """One micro-batch of one rank.
 
-    ``images [B,3,S,S]`` float32; ``tokens [B,L]`` int64, or None when the run's objective
+    ``images [B,3,S,S]`` uint8 pixels (normalized by `to`); ``tokens [B,L]`` int64, or None when the run's objective
     reads no text (the loader then never decodes or tokenizes captions); ``sample_seeds
     [B]`` int64, a pure function of (seed, epoch, uid) for per-sample randomness in the
     model (MAE's masks), or None when the objective reads none (``with_seeds=False``: the
@@ -322,7 +323,11 @@ class Batch:
     def to(
         self, device: torch.device | str, image_dtype: torch.dtype, fields: Sequence[str]
     ) -> dict[str, torch.Tensor]:
-        """The named fields moved to `device` (images also cast to `image_dtype`)."""
+        """The named fields moved to `device`; images normalized there (`normalize_pixels`:
+        the same float32 values on every device) and cast to `image_dtype`. From a
+        `pinned` batch the copies to a GPU run asynchronously."""
+        from kiln.models.preprocess import normalize_pixels
+
         out: dict[str, torch.Tensor] = {}
         for name in fields:
             value = getattr(self, name, None)
@@ -331,17 +336,31 @@ class Batch:
                     f"batch field {name!r} is missing: the loader was built without it "
                     "(with_text=False drops tokens, with_seeds=False sample_seeds)"
                 )
-            dtype = image_dtype if name == "images" else None
-            out[name] = value.to(device, dtype, non_blocking=True)
+            value = value.to(device, non_blocking=True)
+            if name == "images":
+                value = normalize_pixels(value).to(image_dtype)
+            out[name] = value
         return out
+
+    def pinned(self) -> Batch:
+        """This batch with its tensors in page-locked memory (a copy), from which a GPU
+        copies asynchronously: from pageable memory ``non_blocking`` copies block."""
+
+        def pin(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.pin_memory()
+
+        images = pin(self.images)
+        assert images is not None
+        return Batch(images, pin(self.tokens), self.uids, pin(self.sample_seeds))
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         """How a loader worker hands the batch to its rank (DataLoader pickles it): a batch
         of at most `BY_VALUE_BYTES` goes by value, as numpy arrays written into the worker's
         pipe; a larger one as torch tensors, which DataLoader moves into shared memory and
         passes as file descriptors, each fetched from the worker over a socket. On this
-        2-core machine that costs the worker 1.3 ms and the rank 0.8 ms per batch of
-        `clip-tiny` (0.4 MiB), against 0.3-0.4 ms each by value; by value costs more from
+        2-core machine that cost the worker 1.3 ms and the rank 0.8 ms per 0.4-MiB batch
+        (`clip-tiny`'s when images went as float32), against 0.3-0.4 ms each by value
+        (its pixels are now 0.1 MiB); by value costs more from
         about 0.5 MiB on (``benchmarks/README.md``). The values are the same either way."""
         fields = (self.images, self.tokens, self.sample_seeds)
         present = [t for t in fields if t is not None]
@@ -486,7 +505,7 @@ class _EpochStream:
 
     def _batch(self, samples: list[tuple[str, dict[str, bytes], str]]) -> Batch:
         from kiln.models.tokenizer import tokenize
-        from kiln.training.transforms import normalize_batch
+        from kiln.training.transforms import stack_pixels
 
         images, texts, uids = [], [], []
         for uid, members, url in samples:
@@ -498,7 +517,7 @@ class _EpochStream:
         seeds = None
         if self.with_seeds:
             seeds = torch.tensor([sample_seed(self.seed, self.plan.epoch, u) for u in uids])
-        return Batch(normalize_batch(images), tokens, uids, seeds)
+        return Batch(stack_pixels(images), tokens, uids, seeds)
 
     # -- one logical worker ----------------------------------------------------------------
     def logical_stream(self, logical_worker: int) -> Iterator[Batch]:
@@ -597,6 +616,7 @@ class WebDatasetLoader:
         balance_t: int | None = None,
         worker_cpus: tuple[int, ...] | None = None,
         in_rank: bool = False,
+        pin_memory: bool = False,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is outside world_size={world_size}")
@@ -622,6 +642,8 @@ class WebDatasetLoader:
         self.worker_cpus = worker_cpus
         # the workers run in this process, taking turns (the same batches as processes)
         self.in_rank = in_rank or num_workers == 0
+        # batches come in page-locked memory (`Batch.pinned`), for a rank on a GPU
+        self.pin_memory = pin_memory
         self._sizes = [s.num_samples for s in self.manifest.shards]
         self.balance = (
             OnlineBalance(dataset, self.manifest, balance_t) if balance_t is not None else None
@@ -658,12 +680,14 @@ class WebDatasetLoader:
         with_seeds: bool = True,
         worker_cpus: tuple[int, ...] | None = None,
         in_rank: bool = False,
+        pin_memory: bool = False,
     ) -> WebDatasetLoader:
         """The loader a training run of `cfg` gives `rank` of `world_size` ranks (what the
         training loop reads, what a resume check or a test must read alike).
         `worker_cpus`: the cores its worker processes run on (None: wherever the kernel
         puts them). `in_rank`: its workers run in this process instead (the same
-        batches; `kiln.training.cpu_binding.loader_in_rank` decides for a run)."""
+        batches; `kiln.training.cpu_binding.loader_in_rank` decides for a run).
+        `pin_memory`: hand batches over in page-locked memory (a rank on a GPU)."""
         return cls(
             cfg.data.dataset,
             batch_size=cfg.data.batch_size,
@@ -681,6 +705,7 @@ class WebDatasetLoader:
             balance_t=cfg.data.balance.t if cfg.data.balance.mode == "online" else None,
             worker_cpus=worker_cpus,
             in_rank=in_rank,
+            pin_memory=pin_memory,
         )
 
     def plan(self, epoch: int) -> EpochPlan:
@@ -847,6 +872,8 @@ class WebDatasetLoader:
             # with worker processes, each batch's hand-over (unpickling it from the worker's
             # pipe, `Batch.__reduce__`) happens on a thread while the consumer computes
             batches = iter(loader)  # (workers fork here, on the consumer's thread)
+            if self.pin_memory:  # on the hand-over thread, with worker processes
+                batches = (batch.pinned() for batch in batches)
             if not self.in_rank:
                 batches = Prefetched(batches, name="kiln-loader")
             for batch in batches:

@@ -384,6 +384,7 @@ def train_worker(
         with_seeds=objective.needs_sample_seeds,
         worker_cpus=binding.loader if binding is not None else None,
         in_rank=in_rank,
+        pin_memory=device.type == "cuda",
     )
 
     step, resumed_from = 0, None

@@ -55,6 +55,7 @@ from kiln.models.preprocess import (
     open_image,
     preprocess_image,
     resize_center_crop,
+    stack_pixels,
 )
 
 __all__ = [
@@ -70,6 +71,7 @@ __all__ = [
     "open_image",
     "random_resized_crop_box",
     "sample_rng",
+    "stack_pixels",
 ]
 
 #: Versions of the fast-decode pixels (module docstring); new runs get the last.
