@@ -86,10 +86,9 @@ def _first_step_loss_from_checkpoint(cfg: TrainConfig, run: Path, step: int, wor
         it = iter(loader)
         parts.append(next(it))
         it.close()  # type: ignore[attr-defined]
-    fields = {
-        "images": torch.cat([b.images for b in parts]),
-        "tokens": torch.cat([b.tokens for b in parts if b.tokens is not None]),
-    }
+    # each rank's model input (`Batch.to`: its pixels normalized), in rank order
+    inputs = [b.to("cpu", torch.float32, objective.batch_fields) for b in parts]
+    fields = {name: torch.cat([x[name] for x in inputs]) for name in objective.batch_fields}
     with torch.no_grad():
         loss, _ = objective.loss(model(**objective.model_inputs(fields)), fields)
     return float(loss)
