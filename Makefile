@@ -83,6 +83,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_activation_memory.py
 	$(PY) benchmarks/bench_zero_memory.py
 	$(PY) benchmarks/gpu_train.py  # without CUDA: says so and runs its CPU smoke configuration
+	$(PY) benchmarks/gpu_step.py  # the same without CUDA
 	$(PY) benchmarks/bench_loader.py
 	$(PY) benchmarks/bench_openclip.py
 	$(PY) benchmarks/bench_download.py  # img2dataset in its own venv (benchmarks/.img2dataset-venv)

@@ -308,11 +308,11 @@ def dataset_has_text(dataset: str) -> bool:
 class Batch:
     """One micro-batch of one rank.
 
-    ``images [B,3,S,S]`` uint8 pixels (normalized by `to`); ``tokens [B,L]`` int64, or None when the run's objective
-    reads no text (the loader then never decodes or tokenizes captions); ``sample_seeds
-    [B]`` int64, a pure function of (seed, epoch, uid) for per-sample randomness in the
-    model (MAE's masks), or None when the objective reads none (``with_seeds=False``: the
-    loader then spends no time on them); ``uids``.
+    ``images [B,3,S,S]`` uint8 pixels (`to` normalizes them); ``tokens [B,L]`` int64, or
+    None when the run's objective reads no text (the loader then never decodes or
+    tokenizes captions); ``sample_seeds [B]`` int64, a pure function of (seed, epoch, uid)
+    for per-sample randomness in the model (MAE's masks), or None when the objective reads
+    none (``with_seeds=False``: the loader then spends no time on them); ``uids``.
     """
 
     images: torch.Tensor
@@ -359,9 +359,9 @@ class Batch:
         pipe; a larger one as torch tensors, which DataLoader moves into shared memory and
         passes as file descriptors, each fetched from the worker over a socket. On this
         2-core machine that cost the worker 1.3 ms and the rank 0.8 ms per 0.4-MiB batch
-        (`clip-tiny`'s when images went as float32), against 0.3-0.4 ms each by value
-        (its pixels are now 0.1 MiB); by value costs more from
-        about 0.5 MiB on (``benchmarks/README.md``). The values are the same either way."""
+        (`clip-tiny`'s when images went as float32; its pixels are now 0.1 MiB), against
+        0.3-0.4 ms each by value; by value costs more from about 0.5 MiB on
+        (``benchmarks/README.md``). The values are the same either way."""
         fields = (self.images, self.tokens, self.sample_seeds)
         present = [t for t in fields if t is not None]
         if sum(t.nbytes for t in present) <= BY_VALUE_BYTES and all(
