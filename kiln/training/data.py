@@ -349,9 +349,7 @@ class Batch:
         def pin(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.pin_memory()
 
-        images = pin(self.images)
-        assert images is not None
-        return Batch(images, pin(self.tokens), self.uids, pin(self.sample_seeds))
+        return Batch(self.images.pin_memory(), pin(self.tokens), self.uids, pin(self.sample_seeds))
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         """How a loader worker hands the batch to its rank (DataLoader pickles it): a batch

@@ -4,15 +4,10 @@ its `deepspeed_overflow_scan` variant and not in kiln's), and prints one JSON li
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.helpers_benchmarks import run_benchmark
 
 
 @pytest.mark.slow
@@ -20,21 +15,8 @@ from tests.conftest import REPO
     torch.cuda.is_available(), reason="tests the script's CPU fallback; this machine has CUDA"
 )
 def test_without_cuda_it_runs_the_smoke_configuration_with_each_overflow_check() -> None:
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    )
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "gpu_step.py")],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = proc.stdout.strip().splitlines()
+    lines, figures = run_benchmark("gpu_step.py")
     assert any(line.startswith("[kiln] no CUDA GPU") for line in lines), lines
-    figures = json.loads(lines[-1])
     assert (figures["benchmark"], figures["gpu"], figures["smoke"]) == ("gpu_step", False, True)
     assert (figures["flavor"], figures["precision"], figures["batch"]) == ("clip-tiny", "bf16", 8)
     variants = figures["variants"]

@@ -4,11 +4,7 @@ with the real loader), and prints one JSON line of figures. Plus the GPU peak ta
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +12,7 @@ import pytest
 import torch
 
 from benchmarks.gpu_train import peak_bf16_tflops
-from tests.conftest import REPO
+from tests.helpers_benchmarks import run_benchmark
 from tests.helpers_datasets import write_tiny_dataset
 
 cpu_only = pytest.mark.skipif(
@@ -25,20 +21,7 @@ cpu_only = pytest.mark.skipif(
 
 
 def _run(*args: str) -> tuple[list[str], dict[str, Any]]:
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    )
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "gpu_train.py"), *args],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = proc.stdout.strip().splitlines()
-    return lines, json.loads(lines[-1])
+    return run_benchmark("gpu_train.py", *args)
 
 
 def _check_smoke(figures: dict[str, Any], mode: str) -> None:
