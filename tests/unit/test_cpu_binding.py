@@ -68,7 +68,11 @@ def _threads_affinity(out: Any, cores: tuple[int, ...]) -> None:
     late.start()  # a thread started after binding inherits the mask
     late.join()
     for tid in os.listdir("/proc/self/task"):
-        out.put((tid, sorted(os.sched_getaffinity(int(tid)))))
+        try:
+            mask = sorted(os.sched_getaffinity(int(tid)))
+        except ProcessLookupError:  # a thread that ended since the listing (the late one)
+            continue
+        out.put((tid, mask))
     stop.set()
     t.join()
     out.put(None)
@@ -80,7 +84,7 @@ def test_binding_a_process_binds_every_thread_it_has_and_starts() -> None:
     out = ctx.Queue()
     child = ctx.Process(target=_threads_affinity, args=(out, (core,)))
     child.start()
-    masks = list(iter(out.get, None))
+    masks = list(iter(lambda: out.get(timeout=60), None))  # a dead child fails, not hangs
     child.join(30)
     assert child.exitcode == 0
     assert len(masks) >= 3  # the main thread, the idle thread, the late one
