@@ -88,6 +88,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_openclip.py
 	$(PY) benchmarks/bench_download.py  # img2dataset in its own venv (benchmarks/.img2dataset-venv)
 	$(PY) benchmarks/bench_train_overhead.py --variants
+	$(PY) benchmarks/bench_sync_cost.py
 	$(PY) benchmarks/reliability_campaign.py  # 20 + 20 training kills, 10 curation kills
 
 clean:

@@ -154,7 +154,10 @@ def pure_step(model: Any, opt: Any, optim: Any, batch: Any) -> tuple[float, floa
     t0 = time.perf_counter()
     opt.zero_grad(set_to_none=True)
     out = model(batch.images, batch.tokens)
-    loss = clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"])
+    # equal_batches: as `kiln train` calls it (no size check's all-gather under DDP)
+    loss = clip_loss(
+        out["image_embeds"], out["text_embeds"], out["logit_scale"], equal_batches=True
+    )
     t1 = time.perf_counter()
     loss.backward()
     t2 = time.perf_counter()

@@ -25,6 +25,7 @@ def apply_patches(deepspeed: ModuleType) -> None:
     _patch_scalar_broadcast(deepspeed)
     _patch_zero3_fp32_master(deepspeed)
     _patch_redundant_overflow_scan(deepspeed)
+    _patch_one_norm_all_reduce(deepspeed)
     _register_zero_optimizer()
 
 
@@ -176,3 +177,82 @@ def _patch_redundant_overflow_scan(deepspeed: ModuleType) -> None:
     check_overflow._kiln_norm_decides = True  # type: ignore[attr-defined]
     check_overflow._kiln_original = original  # type: ignore[attr-defined]
     cls.check_overflow = check_overflow
+
+
+def _patch_one_norm_all_reduce(deepspeed: ModuleType) -> None:
+    """ZeRO 1-2: one all-reduce for the global gradient norm, not one per parameter group.
+
+    ``DeepSpeedZeroOptimizer.scaled_global_norm`` calls ``get_grad_norm_direct`` for each
+    parameter group, and each call all-reduces its group's sum of squared gradient norms
+    over the data-parallel group, with a host sync on a GPU. kiln's optimizer has two groups
+    (weights with and without decay), so every step paid two collectives where one carries
+    both sums. The sums, the root, the inf/NaN masking and the combination are DeepSpeed's
+    own, term for term (fp64 per-gradient norms, `get_norm_dtype`), on a two-element tensor
+    instead of two scalars: an element-wise all-reduce sums each element as it would sum
+    the scalar, so the norm, the clipping and every weight are bitwise the same. On 2 CPU
+    ranks a gloo collective costs about a millisecond of wall time and 0.6 ms of CPU a call
+    even when no rank is late (`benchmarks/README.md`, "Fewer collectives a step").
+
+    Left as DeepSpeed has it: a norm other than L2, the optimizer offloaded (another code
+    path), MoE layers, model or pipeline parallelism, and Muon groups needing their loss
+    scale back.
+    """
+    from deepspeed.comm import pg_utils
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    cls: Any = DeepSpeedZeroOptimizer
+    original = getattr(cls, "scaled_global_norm", None)
+    if original is None or getattr(original, "_kiln_one_all_reduce", False):
+        return
+    if not hasattr(cls, "_muon_update_lacks_loss_scale"):  # not the 0.19 code this mirrors
+        return
+
+    def stock_path(self: Any, norm_type: float) -> bool:
+        return bool(
+            norm_type != 2
+            or self.cpu_offload
+            or self.has_moe_layers
+            or getattr(self, "model_parallel_rank", 0) != 0
+            or pg_utils.is_parallel(self.model_parallel_group)
+            or any(self._muon_update_lacks_loss_scale(i) for i in range(len(self.bit16_groups)))
+        )
+
+    def scaled_global_norm(self: Any, norm_type: float = 2) -> torch.Tensor:
+        if stock_path(self, norm_type):
+            return original(self, norm_type)
+        from deepspeed import comm as dist
+        from deepspeed.accelerator import get_accelerator
+        from deepspeed.runtime.constants import PIPE_REPLICATED
+        from deepspeed.runtime.utils import (
+            combine_grad_norm_groups,
+            mask_nan_or_inf_with_val_inplace,
+        )
+        from deepspeed.runtime.zero.utils import get_norm_dtype
+
+        norm_type = float(norm_type)
+        device = get_accelerator().current_device_name()
+        sums = []
+        for i in range(len(self.bit16_groups)):  # get_grad_norm_direct's local part
+            grads = (
+                g for g in self.averaged_gradients[i] if not getattr(g, "_zero_padding", False)
+            )
+            norms = [
+                torch.linalg.vector_norm(g.data.to(get_norm_dtype()).detach(), ord=norm_type).to(
+                    device
+                )
+                for g, p in zip(grads, self.params_in_partition[i], strict=False)
+                if not (hasattr(p, PIPE_REPLICATED) and p.ds_pipe_replicated)
+            ]
+            if norms:
+                sums.append(torch.stack(norms).pow(norm_type).sum().float())
+            else:
+                sums.append(torch.tensor(0.0, dtype=torch.float32).to(self.device))
+        total = torch.stack(sums)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.dp_process_group)
+        total = total.pow(1.0 / norm_type)
+        mask_nan_or_inf_with_val_inplace(total, device=self.device)
+        return combine_grad_norm_groups(list(total.unbind()), norm_type=norm_type)
+
+    scaled_global_norm._kiln_one_all_reduce = True  # type: ignore[attr-defined]
+    scaled_global_norm._kiln_original = original  # type: ignore[attr-defined]
+    cls.scaled_global_norm = scaled_global_norm

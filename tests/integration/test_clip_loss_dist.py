@@ -13,6 +13,7 @@ common bug) must not match, which shows the comparison has the power to fail.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -81,6 +82,26 @@ def _worker(rank: int, port: int, out: str) -> None:
         _naive_loss(o["image_embeds"], o["text_embeds"], o["logit_scale"]).backward()
         naive = _average(_grads(naive_model))
 
+        # The caller's word that batches are equal saves the size check's all-gather and
+        # changes no number.
+        gathers = [0]
+        all_gather = dist.all_gather
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            gathers[0] += 1
+            return all_gather(*args, **kwargs)
+
+        o = seeded_model(CFG)(images[local], tokens[local])
+        args = (o["image_embeds"], o["text_embeds"], o["logit_scale"])
+        dist.all_gather = counted  # type: ignore[assignment]
+        try:
+            checked = clip_loss(*args)
+            checked_gathers = gathers[0]
+            trusted = clip_loss(*args, equal_batches=True)
+            trusted_gathers = gathers[0] - checked_gathers
+        finally:
+            dist.all_gather = all_gather  # type: ignore[assignment]
+
         # Unequal local batches are refused on every rank, with the fix in the message.
         uneven = 2 + rank
         o = model(images[:uneven], tokens[:uneven])
@@ -99,6 +120,8 @@ def _worker(rank: int, port: int, out: str) -> None:
                     "loss": logged,
                     "local_loss": loss.detach(),
                     "uneven_error": uneven_error,
+                    "gathers": (checked_gathers, trusted_gathers),
+                    "trusted_equal": torch.equal(checked, trusted),
                 },
                 out,
             )
@@ -132,3 +155,4 @@ def test_two_rank_gradients_equal_global_batch(
         for name, g in ref.items()
     )
     assert "local batch sizes differ across ranks [2, 3]" in result["uneven_error"]
+    assert result["gathers"] == (2, 1) and result["trusted_equal"]

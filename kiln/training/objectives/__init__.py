@@ -31,10 +31,13 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'kiln.training.objectives' has no attribute {name!r}")
 
 
-def build_objective(cfg: Any, group: Any = None) -> Objective:
-    """The objective `cfg` (an objective config with a ``name``) describes."""
+def build_objective(cfg: Any, group: Any = None, *, equal_batches: bool = False) -> Objective:
+    """The objective `cfg` (an objective config with a ``name``) describes (`group`,
+    `equal_batches`: `Objective`'s)."""
     if cfg.name not in OBJECTIVES:
         raise ValueError(f"unknown objective {cfg.name!r}: valid ones are {sorted(OBJECTIVES)}")
     module, cls = OBJECTIVES[cfg.name].split(":")
-    objective: Objective = getattr(importlib.import_module(module), cls)(cfg, group)
+    objective: Objective = getattr(importlib.import_module(module), cls)(
+        cfg, group, equal_batches=equal_batches
+    )
     return objective

@@ -19,15 +19,21 @@ __all__ = ["Objective"]
 
 
 class Objective(ABC):
-    """Loss of one model family; `group` is the data-parallel process group (None: world)."""
+    """Loss of one model family; `group` is the data-parallel process group (None: world).
+
+    `equal_batches`: the caller's word that every rank's batch has as many samples (kiln's
+    loop checks each rank's against ``data.batch_size``); a global-batch loss then skips
+    its own check, a collective a step (`kiln.training.objectives.distributed`).
+    """
 
     name: ClassVar[str]
     batch_fields: ClassVar[tuple[str, ...]]
     model_outputs: ClassVar[tuple[str, ...]]
 
-    def __init__(self, cfg: Any, group: Any = None) -> None:
+    def __init__(self, cfg: Any, group: Any = None, *, equal_batches: bool = False) -> None:
         self.cfg = cfg
         self.group = group
+        self.equal_batches = equal_batches
 
     @property
     def needs_text(self) -> bool:

@@ -26,7 +26,12 @@ __all__ = ["ClipObjective", "clip_loss"]
 
 
 def clip_loss(
-    img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, group: Any = None
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    logit_scale: torch.Tensor,
+    group: Any = None,
+    *,
+    equal_batches: bool = False,
 ) -> torch.Tensor:
     """Symmetric InfoNCE of matched rows of `img` and `txt` (``[n, D]``, L2-normalized).
 
@@ -34,7 +39,8 @@ def clip_loss(
     return it). Computed in fp32. When torch.distributed is initialized with more than one
     rank, this is the rank's share of the global-batch loss (see the module docstring); the
     two towers' embeddings travel in one gather, so a step costs one all-gather forward and
-    one all-reduce backward (plus a tiny all-gather checking the batch sizes).
+    one all-reduce backward, plus a tiny all-gather checking the batch sizes unless
+    `equal_batches` (`gather_with_grad`).
     """
     if img.shape != txt.shape or img.ndim != 2:
         raise ValueError(
@@ -44,7 +50,7 @@ def clip_loss(
     img, txt, scale = img.float(), txt.float(), logit_scale.float()
     rank, _ = world_of(group)
     n, d = img.shape
-    both = gather_with_grad(torch.cat([img, txt], dim=1), group)
+    both = gather_with_grad(torch.cat([img, txt], dim=1), group, equal_batches=equal_batches)
     all_img, all_txt = both[:, :d], both[:, d:]
     labels = torch.arange(n, device=img.device) + rank * n
     logits_per_image = scale * img @ all_txt.T
@@ -65,5 +71,11 @@ class ClipObjective(Objective):
         self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         scale = outputs["logit_scale"]
-        loss = clip_loss(outputs["image_embeds"], outputs["text_embeds"], scale, self.group)
+        loss = clip_loss(
+            outputs["image_embeds"],
+            outputs["text_embeds"],
+            scale,
+            self.group,
+            equal_batches=self.equal_batches,
+        )
         return loss, {"logit_scale": scale.detach().float()}

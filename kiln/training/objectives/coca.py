@@ -60,7 +60,13 @@ class CocaObjective(Objective):
         self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         scale = outputs["logit_scale"]
-        contrastive = clip_loss(outputs["image_embeds"], outputs["text_embeds"], scale, self.group)
+        contrastive = clip_loss(
+            outputs["image_embeds"],
+            outputs["text_embeds"],
+            scale,
+            self.group,
+            equal_batches=self.equal_batches,
+        )
         caption = caption_loss(outputs["caption_logits"], outputs["caption_targets"], self.group)
         loss = self.cfg.contrastive_weight * contrastive + self.cfg.caption_weight * caption
         return loss, {

@@ -58,7 +58,8 @@ class _GatherWithGrad(torch.autograd.Function):
 
 
 def check_equal_batches(name: str, n: int, device: torch.device, group: Any = None) -> None:
-    """Refuse unequal local batches on every rank alike (one tiny all-gather)."""
+    """Refuse unequal local batches on every rank alike (one tiny all-gather, and a host
+    sync on a GPU: what `equal_batches` saves a caller that knows its batches are equal)."""
     _, world = world_of(group)
     if world == 1:
         return
@@ -74,15 +75,21 @@ def check_equal_batches(name: str, n: int, device: torch.device, group: Any = No
         )
 
 
-def gather_with_grad(x: torch.Tensor, group: Any = None) -> torch.Tensor:
+def gather_with_grad(
+    x: torch.Tensor, group: Any = None, *, equal_batches: bool = False, name: str = "clip_loss"
+) -> torch.Tensor:
     """Every rank's `x` concatenated along dim 0 in rank order, differentiable.
 
-    Every rank must pass the same shape (checked: a clear error rather than a hang).
+    Every rank must pass the same shape: checked by `check_equal_batches` (a clear error
+    rather than a hang, at the price of one more collective) unless `equal_batches`, the
+    caller's word that every rank passes as many rows (kiln's loop checks each rank's
+    batch against ``data.batch_size``, which is the same on every rank).
     """
     _, world = world_of(group)
     if world == 1:
         return x
-    check_equal_batches("clip_loss", x.shape[0], x.device, group)
+    if not equal_batches:
+        check_equal_batches(name, x.shape[0], x.device, group)
     out: torch.Tensor = _GatherWithGrad.apply(x, group)
     return out
 

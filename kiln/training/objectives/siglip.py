@@ -52,11 +52,14 @@ def siglip_loss(
     logit_bias: torch.Tensor,
     group: Any = None,
     exchange: str = "ring",
+    *,
+    equal_batches: bool = False,
 ) -> torch.Tensor:
     """This rank's share of the global-batch sigmoid loss (see the module docstring).
 
     `img`, `txt` are L2-normalized ``[n, D]``; `logit_scale` is already exponentiated.
-    Computed in fp32.
+    Computed in fp32. `equal_batches`: the caller's word that every rank passes as many
+    rows, which saves the check's collective (`gather_with_grad`).
     """
     if img.shape != txt.shape or img.ndim != 2:
         raise ValueError(
@@ -69,14 +72,15 @@ def siglip_loss(
     n = img.shape[0]
     total = _pair_loss(img, txt, scale, bias, matched=True)
     if world > 1:
-        check_equal_batches("siglip_loss", n, img.device, group)
+        if not equal_batches:
+            check_equal_batches("siglip_loss", n, img.device, group)
         if exchange == "ring":
             chunk = txt
             for _ in range(world - 1):
                 chunk = ring_shift(chunk, group)
                 total = total + _pair_loss(img, chunk, scale, bias, matched=False)
         else:
-            every = gather_with_grad(txt, group)
+            every = gather_with_grad(txt, group, equal_batches=True)  # checked above
             others = torch.cat([every[: rank * n], every[(rank + 1) * n :]])
             total = total + _pair_loss(img, others, scale, bias, matched=False)
     return total / n
@@ -100,5 +104,6 @@ class SiglipObjective(Objective):
             bias,
             self.group,
             self.cfg.exchange,
+            equal_batches=self.equal_batches,
         )
         return loss, {"logit_scale": scale.detach().float(), "logit_bias": bias.detach().float()}
