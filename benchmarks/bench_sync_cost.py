@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import sys
 import time
@@ -36,7 +35,15 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train_overhead import BATCH, TINY, WARMUP_STEPS, _config, dataset, in_memory
+from bench_train_overhead import (
+    BATCH,
+    TINY,
+    WARMUP_STEPS,
+    _config,
+    dataset,
+    in_memory,
+    spawn_rates,
+)
 
 MODES = ("independent", "barrier", "global_loss", "flat_all_reduce", "ddp")
 
@@ -113,23 +120,10 @@ def _rank(
 
 def rate(data: str, flavor: str, ranks: int, steps: int, mode: str) -> dict[str, float]:
     """Samples/s of `ranks` processes in `mode`, added up, and their CPU ms per sample."""
-    from kiln.training.launch import free_port
-
-    ctx = mp.get_context("spawn")
-    q, start, port = ctx.Queue(), ctx.Barrier(ranks), free_port()
-    procs = [
-        ctx.Process(target=_rank, args=(data, flavor, steps, mode, r, ranks, port, q, start))
-        for r in range(ranks)
-    ]
-    for p in procs:
-        p.start()
-    results = [q.get() for _ in procs]
-    for p in procs:
-        p.join()
-    return {
-        "samples_per_s": round(sum(r[0] for r in results), 1),
-        "cpu_ms_per_sample": round(1e3 * sum(r[1] for r in results) / (steps * BATCH * ranks), 3),
-    }
+    got = spawn_rates(
+        ranks, steps * BATCH, lambda r, port: (_rank, (data, flavor, steps, mode, r, ranks, port))
+    )
+    return {k: round(v, 3) for k, v in got.items()}
 
 
 def main() -> None:

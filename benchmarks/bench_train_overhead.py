@@ -78,6 +78,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -172,11 +173,11 @@ def _pure_rank(
     steps: int,
     flavor: str,
     reuse: bool,
+    ddp: tuple[int, int, int] | None,
+    repeat: int,
+    batch: int,
     out: Any,
     barrier: Any,
-    ddp: tuple[int, int, int] | None = None,
-    repeat: int = 0,
-    batch: int = BATCH,
 ) -> None:
     import torch
     import torch.distributed as dist
@@ -239,28 +240,31 @@ def pure_rate(
     reuse` allocator setting (`kiln.training.host_memory`), which the plain loop lacks.
     `ddp`: the processes train one model together, as plain PyTorch data parallelism
     does (module doc). `repeat`: cycle that many batches instead of one per step."""
+    return spawn_rates(
+        ranks,
+        steps * batch,
+        lambda r, port: (
+            _pure_rank,
+            (data, steps, flavor, reuse, (r, ranks, port) if ddp else None, repeat, batch),
+        ),
+    )
+
+
+def spawn_rates(
+    ranks: int, samples: int, target_of: Callable[[int, int], tuple[Callable[..., None], tuple]]
+) -> dict[str, float]:
+    """Start `ranks` spawned processes, ``target(*args, out, barrier)`` from
+    ``target_of(rank, port)`` (`port`: a free one for a process group); each times
+    `samples` samples after the barrier and puts ``(samples/s, CPU seconds)`` on `out`.
+    Their samples/s added up, and CPU milliseconds per sample over all of them."""
     from kiln.training.launch import free_port
 
     ctx = mp.get_context("spawn")
-    q, barrier = ctx.Queue(), ctx.Barrier(ranks)
-    port = free_port()
-    procs = [
-        ctx.Process(
-            target=_pure_rank,
-            args=(
-                data,
-                steps,
-                flavor,
-                reuse,
-                q,
-                barrier,
-                (r, ranks, port) if ddp else None,
-                repeat,
-                batch,
-            ),
-        )
-        for r in range(ranks)
-    ]
+    q, barrier, port = ctx.Queue(), ctx.Barrier(ranks), free_port()
+    procs = []
+    for r in range(ranks):
+        target, args = target_of(r, port)
+        procs.append(ctx.Process(target=target, args=(*args, q, barrier)))
     for p in procs:
         p.start()
     results = [q.get() for _ in procs]
@@ -268,7 +272,7 @@ def pure_rate(
         p.join()
     return {
         "samples_per_s": sum(r[0] for r in results),
-        "cpu_ms_per_sample": 1e3 * sum(r[1] for r in results) / (steps * batch * ranks),
+        "cpu_ms_per_sample": 1e3 * sum(r[1] for r in results) / (samples * ranks),
     }
 
 

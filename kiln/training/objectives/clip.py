@@ -14,7 +14,7 @@ loss. `tests/integration/test_clip_loss_dist.py` checks both with real gloo grou
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +65,7 @@ class ClipObjective(Objective):
 
     name = "clip"
     batch_fields = ("images", "tokens")
-    model_outputs = ("image_embeds", "text_embeds", "logit_scale")
+    model_outputs: ClassVar[tuple[str, ...]] = ("image_embeds", "text_embeds", "logit_scale")
 
     def loss(
         self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]

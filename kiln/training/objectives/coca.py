@@ -20,8 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from kiln.models.tokenizer import PAD_ID
-from kiln.training.objectives.base import Objective
-from kiln.training.objectives.clip import clip_loss
+from kiln.training.objectives.clip import ClipObjective
 from kiln.training.objectives.distributed import world_of
 
 __all__ = ["CocaObjective", "caption_loss"]
@@ -43,8 +42,8 @@ def caption_loss(logits: torch.Tensor, targets: torch.Tensor, group: Any = None)
     return total / count.clamp(min=1)
 
 
-class CocaObjective(Objective):
-    """CoCa: contrastive + captioning."""
+class CocaObjective(ClipObjective):
+    """CoCa: contrastive (CLIP's loss, `ClipObjective`) + captioning."""
 
     name = "coca"
     batch_fields = ("images", "tokens")
@@ -59,18 +58,11 @@ class CocaObjective(Objective):
     def loss(
         self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        scale = outputs["logit_scale"]
-        contrastive = clip_loss(
-            outputs["image_embeds"],
-            outputs["text_embeds"],
-            scale,
-            self.group,
-            equal_batches=self.equal_batches,
-        )
+        contrastive, logs = super().loss(outputs, batch)
         caption = caption_loss(outputs["caption_logits"], outputs["caption_targets"], self.group)
         loss = self.cfg.contrastive_weight * contrastive + self.cfg.caption_weight * caption
         return loss, {
             "contrastive_loss": contrastive.detach(),
             "caption_loss": caption.detach(),
-            "logit_scale": scale.detach().float(),
+            **logs,  # logit_scale
         }
