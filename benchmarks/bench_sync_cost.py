@@ -28,101 +28,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train_overhead import (
-    BATCH,
-    TINY,
-    WARMUP_STEPS,
-    _config,
-    dataset,
-    in_memory,
-    spawn_rates,
-)
+from bench_train_overhead import BATCH, SYNCS, TINY, dataset, pure_rate
 
-MODES = ("independent", "barrier", "global_loss", "flat_all_reduce", "ddp")
-
-
-def _rank(
-    data: str, flavor: str, steps: int, mode: str, rank: int, world: int, port: int, out: Any,
-    start: Any,
-) -> None:  # fmt: skip
-    import torch
-    import torch.distributed as dist
-
-    from kiln.models.build import build_model
-    from kiln.training.data import WebDatasetLoader
-    from kiln.training.engine import adamw_args
-    from kiln.training.host_memory import keep_freed_memory
-    from kiln.training.objectives.clip import clip_loss
-    from kiln.training.optim import AdamW
-
-    keep_freed_memory()
-    torch.set_num_threads(1)
-    grouped = mode != "independent"
-    if grouped:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-    cfg = _config(data, steps, flavor)
-    torch.manual_seed(0)
-    model: torch.nn.Module = build_model(cfg.model).train()
-    params = list(model.parameters())
-    if mode == "ddp":
-        model = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
-    opt = AdamW(params, **adamw_args(cfg.optim))
-    loader = WebDatasetLoader(
-        data, batch_size=BATCH, seed=0, image_size=cfg.model.image_size,
-        context_length=cfg.model.context_length, fast_decode=cfg.data.fast_decode,
-        rank=rank, world_size=world,
-    )  # fmt: skip
-    batches = in_memory(iter(loader), WARMUP_STEPS + steps)
-    # `barrier`'s loss is over the rank's own batch: a group of one (new_group is collective,
-    # so every rank makes every group); without a process group the loss is local anyway
-    loss_group = [dist.new_group([r]) for r in range(world)][rank] if mode == "barrier" else None
-
-    def step(i: int) -> None:
-        batch = batches[i]
-        opt.zero_grad(set_to_none=True)
-        o = model(batch.images, batch.tokens)
-        args = (o["image_embeds"], o["text_embeds"], o["logit_scale"])
-        loss = clip_loss(*args, loss_group, equal_batches=True)
-        loss.backward()
-        if mode == "flat_all_reduce":
-            grads = [p.grad for p in params if p.grad is not None]
-            flat = torch._utils._flatten_dense_tensors(grads)
-            dist.all_reduce(flat)
-            flat /= world
-            for g, avg in zip(
-                grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True
-            ):
-                g.copy_(avg)
-        elif mode == "barrier":
-            dist.barrier()
-        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-        opt.step()
-
-    for i in range(WARMUP_STEPS):
-        step(i)
-    start.wait()
-    wall, cpu = time.perf_counter(), time.process_time()
-    for i in range(WARMUP_STEPS, WARMUP_STEPS + steps):
-        step(i)
-    out.put((steps * BATCH / (time.perf_counter() - wall), time.process_time() - cpu))
-    if grouped:
-        dist.destroy_process_group()
+MODES = ("independent", *SYNCS)
 
 
 def rate(data: str, flavor: str, ranks: int, steps: int, mode: str) -> dict[str, float]:
-    """Samples/s of `ranks` processes in `mode`, added up, and their CPU ms per sample."""
-    got = spawn_rates(
-        ranks, steps * BATCH, lambda r, port: (_rank, (data, flavor, steps, mode, r, ranks, port))
-    )
+    """Samples/s of `ranks` processes in `mode`, added up, and their CPU ms per sample
+    (`bench_train_overhead.pure_rate`, with kiln's allocator setting)."""
+    sync = None if mode == "independent" else mode
+    got = pure_rate(data, ranks, steps, flavor, reuse=True, sync=sync)
     return {k: round(v, 3) for k, v in got.items()}
 
 

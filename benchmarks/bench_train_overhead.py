@@ -144,10 +144,19 @@ def in_memory(stream: Any, count: int) -> list[Any]:
     return [dataclasses.replace(b, images=normalize_pixels(b.images)) for b in batches]
 
 
-def pure_step(model: Any, opt: Any, optim: Any, batch: Any) -> tuple[float, float, float]:
+def pure_step(
+    model: Any,
+    opt: Any,
+    optim: Any,
+    batch: Any,
+    loss_group: Any = None,
+    after_backward: Callable[[], None] | None = None,
+) -> tuple[float, float, float]:
     """One pure step of `model` on `batch` (the module docstring's: CLIP loss, backward,
     the recipe's gradient clipping from `optim`, `opt`'s step); its seconds in (forward +
-    loss, backward, optimizer step), which `bench_zero_step` reports."""
+    loss, backward, optimizer step), which `bench_zero_step` reports. `loss_group`: the
+    CLIP loss's process group (`clip_loss`'s); `after_backward`: a synchronisation run
+    after the backward, in its time (`SYNCS`)."""
     import torch
 
     from kiln.training.objectives.clip import clip_loss
@@ -157,10 +166,16 @@ def pure_step(model: Any, opt: Any, optim: Any, batch: Any) -> tuple[float, floa
     out = model(batch.images, batch.tokens)
     # equal_batches: as `kiln train` calls it (no size check's all-gather under DDP)
     loss = clip_loss(
-        out["image_embeds"], out["text_embeds"], out["logit_scale"], equal_batches=True
+        out["image_embeds"],
+        out["text_embeds"],
+        out["logit_scale"],
+        loss_group,
+        equal_batches=True,
     )
     t1 = time.perf_counter()
     loss.backward()
+    if after_backward is not None:
+        after_backward()
     t2 = time.perf_counter()
     if optim.grad_clip > 0:  # the recipe's math, which `kiln train` does too
         torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
@@ -168,12 +183,32 @@ def pure_step(model: Any, opt: Any, optim: Any, batch: Any) -> tuple[float, floa
     return t1 - t0, t2 - t1, time.perf_counter() - t2
 
 
+#: How N pure-step processes synchronise (`pure_rate`'s `sync`; None: not at all). ``ddp``:
+#: torch's DistributedDataParallel and the global-batch loss (``pure_step_ddp``); the others
+#: `bench_sync_cost` times: one ``barrier`` a step with each rank's own loss, the global-batch
+#: loss alone (``global_loss``), and that plus one flat all-reduce of the gradients.
+SYNCS = ("barrier", "global_loss", "flat_all_reduce", "ddp")
+
+
+def _average_flat(params: list[Any], world: int) -> None:
+    """Average the gradients of `params` over the ranks by one all-reduce of them all."""
+    import torch
+    import torch.distributed as dist
+
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= world
+    for g, avg in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+        g.copy_(avg)
+
+
 def _pure_rank(
     data: str,
     steps: int,
     flavor: str,
     reuse: bool,
-    ddp: tuple[int, int, int] | None,
+    group: tuple[int, int, int, str] | None,
     repeat: int,
     batch: int,
     out: Any,
@@ -186,8 +221,9 @@ def _pure_rank(
 
     if reuse:
         keep_freed_memory()
-    if ddp is not None:  # (rank, world, port): one gloo group on loopback
-        rank, world, port = ddp
+    rank, world, sync = 0, 1, None
+    if group is not None:  # (rank, world, port, sync): one gloo group on loopback
+        rank, world, port, sync = group
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -200,19 +236,28 @@ def _pure_rank(
     cfg = _config(data, steps, flavor, batch)
     torch.manual_seed(0)
     model: torch.nn.Module = build_model(cfg.model).train()
-    if ddp is not None:  # torch's own data parallelism: bucketed all-reduce during backward
+    params = list(model.parameters())
+    if sync == "ddp":  # torch's own data parallelism: bucketed all-reduce during backward
         model = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
+    # `barrier`'s loss is over the rank's own batch: a group of one (new_group is
+    # collective, so every rank makes every group); with no process group it is anyway
+    loss_group = [dist.new_group([r]) for r in range(world)][rank] if sync == "barrier" else None
+    after_backward = {
+        "barrier": dist.barrier,
+        "flat_all_reduce": lambda: _average_flat(params, world),
+    }.get(sync or "")
     o = cfg.optim
-    opt = AdamW(model.parameters(), **adamw_args(o))
+    opt = AdamW(params, **adamw_args(o))
     loader = WebDatasetLoader(
         data, batch_size=batch, seed=0, image_size=cfg.model.image_size,
         context_length=cfg.model.context_length, fast_decode=cfg.data.fast_decode,
-        rank=ddp[0] if ddp else 0, world_size=ddp[1] if ddp else 1,
+        rank=rank, world_size=world,
     )  # fmt: skip
     batches = in_memory(iter(loader), repeat or WARMUP_STEPS + steps)
 
     def step(i: int) -> None:
-        pure_step(model, opt, o, batches[i % len(batches)])  # one batch a step unless `repeat`
+        # one batch a step unless `repeat`
+        pure_step(model, opt, o, batches[i % len(batches)], loss_group, after_backward)
 
     for i in range(WARMUP_STEPS):
         step(i)
@@ -221,7 +266,7 @@ def _pure_rank(
     for i in range(WARMUP_STEPS, WARMUP_STEPS + steps):
         step(i)
     out.put((steps * batch / (time.perf_counter() - start), time.process_time() - cpu))
-    if ddp is not None:
+    if group is not None:
         dist.destroy_process_group()
 
 
@@ -231,21 +276,24 @@ def pure_rate(
     steps: int,
     flavor: str,
     reuse: bool = False,
-    ddp: bool = False,
+    sync: str | None = None,
     repeat: int = 0,
     batch: int = BATCH,
 ) -> dict[str, float]:
     """Samples/s of `ranks` concurrent pure-step processes, added up; and CPU seconds per
     sample (process CPU time over the timed steps). `reuse`: with kiln's `host_memory:
     reuse` allocator setting (`kiln.training.host_memory`), which the plain loop lacks.
-    `ddp`: the processes train one model together, as plain PyTorch data parallelism
-    does (module doc). `repeat`: cycle that many batches instead of one per step."""
+    `sync` (one of `SYNCS`): how the processes synchronise, ``ddp`` to train one model
+    together as plain PyTorch data parallelism does (module doc); None: not at all.
+    `repeat`: cycle that many batches instead of one per step."""
+    if sync is not None and sync not in SYNCS:
+        raise ValueError(f"sync={sync!r}: one of {SYNCS} or None")
     return spawn_rates(
         ranks,
         steps * batch,
         lambda r, port: (
             _pure_rank,
-            (data, steps, flavor, reuse, (r, ranks, port) if ddp else None, repeat, batch),
+            (data, steps, flavor, reuse, (r, ranks, port, sync) if sync else None, repeat, batch),
         ),
     )
 
@@ -450,7 +498,7 @@ def main() -> None:
         }
         if ranks > 1:
             runs["pure_step_ddp"] = pure_rate(
-                data, ranks, args.steps, flavor, ddp=True, repeat=rep, batch=bs
+                data, ranks, args.steps, flavor, sync="ddp", repeat=rep, batch=bs
             )
         if args.variants:
             runs["pure_step_reuse"] = pure_rate(

@@ -76,7 +76,7 @@ def check_equal_batches(name: str, n: int, device: torch.device, group: Any = No
 
 
 def gather_with_grad(
-    x: torch.Tensor, group: Any = None, *, equal_batches: bool = False, name: str = "clip_loss"
+    x: torch.Tensor, group: Any = None, *, equal_batches: bool = False
 ) -> torch.Tensor:
     """Every rank's `x` concatenated along dim 0 in rank order, differentiable.
 
@@ -89,7 +89,7 @@ def gather_with_grad(
     if world == 1:
         return x
     if not equal_batches:
-        check_equal_batches(name, x.shape[0], x.device, group)
+        check_equal_batches("clip_loss", x.shape[0], x.device, group)
     out: torch.Tensor = _GatherWithGrad.apply(x, group)
     return out
 
