@@ -484,6 +484,8 @@ def main() -> None:
     if args.steps < 3 * WARMUP_STEPS:
         ap.error(f"--steps must be at least {3 * WARMUP_STEPS}: the rate skips the first steps")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from kiln.resource_fit import usable_cpus
+
     flavor = args.flavor
     data = dataset(flavor)
     if args.launcher == "ray":
@@ -491,7 +493,7 @@ def main() -> None:
 
         start_ray(num_cpus=os.cpu_count())  # once: its start is not the step's overhead
     loader_rates = [loader_rate(data, flavor)]  # and again after the last run
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cpus()
     results = []
     for ranks in args.ranks:
         # Each `kiln train` run sits between two pure-step timings, their mean its baseline:
